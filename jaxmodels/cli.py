@@ -1,0 +1,112 @@
+"""The `jaxmodels` command line.
+
+    jaxmodels train --config experiments/digits_cnn.py [--workdir DIR] [--config.train.steps=500 ...]
+
+Every experiment file also runs as a script with the same flags
+(`python experiments/digits_cnn.py --workdir DIR`). Overrides use the
+ml_collections/absl form `--config.GROUP.KEY=VALUE`; values are parsed by the
+type of the key they replace, and unknown keys are errors. Bad config, data or
+flags print one line (`jaxmodels: error: ...`) and exit with code 2.
+"""
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from jaxmodels import config as config_lib
+from jaxmodels.errors import UserError
+
+USAGE = """usage: jaxmodels COMMAND [FLAGS]
+
+commands:
+  train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
+
+Run `jaxmodels COMMAND --help` for a command's flags."""
+
+
+def _pop_config_path(args: list[str]) -> tuple[str, list[str]]:
+  """Takes `--config PATH` / `--config=PATH` out of args (overrides `--config.K=V` stay)."""
+  rest, path = [], None
+  it = iter(args)
+  for a in it:
+    if a in ("--config", "-config"):
+      path = next(it, None)
+    elif a.startswith(("--config=", "-config=")):
+      path = a.split("=", 1)[1]
+    else:
+      rest.append(a)
+  if not path:
+    raise UserError("missing --config PATH (an experiment file such as experiments/digits_cnn.py)")
+  return path, rest
+
+
+def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
+  """(config with overrides applied, parsed FlagValues) for `--config PATH` plus overrides.
+
+  `extra_flags(flag_values)` may define further command flags. The experiment's
+  stem names the default workdir: `runs/<stem>`.
+  """
+  path, rest = _pop_config_path(args)
+  config = config_lib.load_experiment(path)
+  fv = flags.FlagValues()
+  try:  # config_flags resolves every --config.K=V against the config here
+    config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
+                                    sys_argv=[prog, *rest])
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    message = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"")
+    raise UserError(f"bad config override: {message}") from None
+  stem = os.path.splitext(os.path.basename(path))[0]
+  flags.DEFINE_string("workdir", os.path.join("runs", stem), "run directory (outputs, checkpoints)",
+                      flag_values=fv)
+  if extra_flags:
+    extra_flags(fv)
+  try:
+    unparsed = fv([prog, *rest])
+  except flags.Error as e:
+    raise UserError(str(e).splitlines()[0]) from None
+  if len(unparsed) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(unparsed[1:])}")
+  return fv.config, fv
+
+
+def cmd_train(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.GROUP.KEY=VALUE ...]
+
+Trains the experiment into DIR (default runs/<experiment name>): config.json,
+metrics.jsonl and checkpoints/. A DIR that holds a checkpoint resumes from it.
+Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=500.
+"""
+  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  config, fv = parse_experiment_flags(prog, args)
+  train_and_evaluate(config, fv.workdir)
+  return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0 if len(argv) >= 2 else 2
+  command, args = argv[1], argv[2:]
+  if command not in COMMANDS:
+    print(f"jaxmodels: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+  if any(a in ("-h", "--help", "--helpfull") for a in args):
+    print(COMMANDS[command].__doc__ or USAGE)
+    return 0
+  try:
+    return COMMANDS[command](f"jaxmodels {command}", args)
+  except UserError as e:
+    print(f"jaxmodels: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_experiment(path: str) -> None:
+  """Entry point of an experiment file run as a script: `jaxmodels train --config <that file>`."""
+  sys.exit(main(["jaxmodels", "train", "--config", path, *sys.argv[1:]]))

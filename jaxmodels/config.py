@@ -1,0 +1,102 @@
+"""Every configuration key, its default, and how experiment files are loaded.
+
+An experiment file (`experiments/*.py`) defines `get_config()` that starts from
+`default_config()` and overrides only what differs, nanoGPT-style. The returned
+`ConfigDict` is locked, so a misspelled key, in the file or on the command line
+(`--config.train.steps=500`), is an error rather than a silently ignored value.
+"""
+
+import importlib.util
+import json
+import os
+from ml_collections import config_dict
+
+from jaxmodels.errors import UserError
+
+FAMILIES = ("mlp", "cnn")
+
+
+def default_config() -> config_dict.ConfigDict:
+  """All keys with their defaults. Groups: data.*, model.*, train.*."""
+  c = config_dict.ConfigDict()
+
+  c.data = config_dict.ConfigDict()
+  # `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no
+  # download). `npz`: the user's arrays in one .npz (x_train, y_train, x_test, y_test).
+  c.data.source = "digits"
+  c.data.path = ""  # the .npz file for source=npz; unused for digits
+  c.data.test_fraction = 0.2  # digits only: share of examples held out, split by train.seed
+  # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
+  # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
+  # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
+  c.data.spatial_dims = config_dict.placeholder(int)
+
+  c.model = config_dict.ConfigDict()
+  c.model.family = "cnn"  # one of FAMILIES
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
+  c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state)
+  c.model.dropout = 0.0
+  c.model.activation = "relu"  # any jax.nn activation name: relu, gelu, silu, tanh, ...
+  # MLP
+  c.model.hidden_sizes = (128,)
+  # CNN (conv dimensionality follows the input: 1-D signals, 2-D images)
+  c.model.features = (32, 64)  # channels of each conv layer
+  c.model.kernel_sizes = (3, 3)  # one per conv layer, same size on every spatial axis
+  c.model.strides = (1, 1)  # one per conv layer
+  c.model.pool = "max"  # after each conv layer: max | avg | none (window 2, stride 2)
+  c.model.norm = "batch"  # after each conv: batch | layer | none
+  c.model.head_sizes = (128,)  # dense layers between the pooled features and the logits
+
+  c.train = config_dict.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 64  # global batch per optimizer step
+  c.train.grad_accum_steps = 1  # split each batch into this many micro-batches
+  c.train.optimizer = "adamw"  # adamw | adam | sgd
+  c.train.learning_rate = 1e-3  # peak learning rate
+  c.train.schedule = "cosine"  # cosine (warmup + cosine decay) | linear | constant
+  c.train.warmup_steps = 0
+  c.train.end_lr_fraction = 0.0  # final learning rate as a fraction of the peak
+  c.train.weight_decay = 0.0  # adamw: decoupled; adam/sgd: L2 on the gradient; never on biases or norm scales
+  c.train.momentum = 0.9  # sgd only
+  c.train.nesterov = False  # sgd only
+  c.train.b1 = 0.9  # adam/adamw
+  c.train.b2 = 0.999  # adam/adamw
+  c.train.grad_clip = 0.0  # global-norm clip; 0 disables
+  c.train.seed = 0
+  c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
+  c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
+  c.train.eval_batch_size = 256
+  return c
+
+
+def load_experiment(path: str) -> config_dict.ConfigDict:
+  """Imports an experiment file and returns its (locked) `get_config()`."""
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("_jaxmodels_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"{path} defines no get_config()")
+  config = module.get_config()
+  config.lock()
+  return config
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Checks the keys every run needs, with one-line errors."""
+  if config.model.family not in FAMILIES:
+    raise UserError(f"model.family={config.model.family!r}: expected one of {', '.join(FAMILIES)}")
+  t = config.train
+  for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size", "grad_accum_steps"):
+    if t[key] <= 0:
+      raise UserError(f"train.{key} must be positive, got {t[key]}")
+  if t.batch_size % t.grad_accum_steps:
+    raise UserError(
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+  if not t.learning_rate > 0:
+    raise UserError(f"train.learning_rate must be positive, got {t.learning_rate}")
+
+
+def to_json(config: config_dict.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,22 @@
+"""Datasets: `load_dataset(config)` picks the source named by `data.source`.
+
+A dataset exposes `input_shape`, `num_outputs`, `describe()`,
+`train_batch(step, batch_size)` (a pure function of the step, so order is
+deterministic and resume is exact) and `eval_batches(batch_size)` (fixed-shape,
+padded batches carrying a `mask`).
+"""
+
+from jaxmodels.data.arrays import ArrayDataset, load_array_dataset, padded_batches, validate_arrays
+from jaxmodels.errors import UserError
+
+SOURCES = ("digits", "npz")
+
+
+def load_dataset(config):
+  source = config.data.source
+  if source in ("digits", "npz"):
+    return load_array_dataset(config.data, config.train.seed)
+  raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+
+
+__all__ = ["ArrayDataset", "SOURCES", "load_dataset", "padded_batches", "validate_arrays"]

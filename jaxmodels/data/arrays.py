@@ -1,0 +1,163 @@
+"""In-memory classification data: the bundled digits and the user's own `.npz`.
+
+Batches are written by hand rather than through grain: the arrays already sit in
+host memory, and making each training batch a pure function of (seed, step)
+gives deterministic order and exact resume with no iterator state to save.
+"""
+
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+
+from jaxmodels.errors import UserError
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclasses.dataclass
+class ArrayDataset:
+  """Train and test arrays, x as float32 (N, *spatial, C), y as int32 (N,)."""
+
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  seed: int
+  _epoch_perm: tuple = (None, None)
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """Shape of one example, channels last."""
+    return self.x_train.shape[1:]
+
+  @property
+  def num_outputs(self) -> int:
+    return self.num_classes
+
+  def describe(self) -> str:
+    return (f"{len(self.x_train)} train / {len(self.x_test)} test examples of shape "
+            f"{self.input_shape}, {self.num_classes} classes")
+
+  def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The batch for `step`: epoch-wise seeded shuffles, last partial batch dropped."""
+    n = len(self.x_train)
+    if batch_size > n:
+      raise UserError(f"train.batch_size={batch_size} exceeds the {n} training examples")
+    epoch, i = divmod(step, n // batch_size)
+    if self._epoch_perm[0] != epoch:
+      self._epoch_perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+    idx = self._epoch_perm[1][i * batch_size:(i + 1) * batch_size]
+    return {"x": self.x_train[idx], "y": self.y_train[idx]}
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape test batches; the last is padded and masked so each example counts once."""
+    yield from padded_batches(self.x_test, self.y_test, batch_size)
+
+
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of `batch_size` in order; padding rows have mask 0."""
+  for start in range(0, len(x), batch_size):
+    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    pad = batch_size - len(xb)
+    mask = np.ones(batch_size, np.float32)
+    if pad:
+      mask[len(xb):] = 0.0
+      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+      yb = np.concatenate([yb, np.zeros((pad,) + yb.shape[1:], yb.dtype)])
+    yield {"x": xb, "y": yb, "mask": mask}
+
+
+def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+  """scikit-learn's bundled 8x8 digits (shipped with the package), scaled to [0, 1]."""
+  from sklearn.datasets import load_digits as sk_load_digits  # pylint: disable=import-outside-toplevel
+
+  digits = sk_load_digits()
+  x = (digits.images / 16.0).astype(np.float32)
+  y = digits.target.astype(np.int32)
+  if not 0.0 < test_fraction < 1.0:
+    raise UserError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
+  perm = np.random.default_rng(seed).permutation(len(x))
+  n_test = int(round(len(x) * test_fraction))
+  test, train = perm[:n_test], perm[n_test:]
+  return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  if not path:
+    raise UserError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")
+  if not os.path.isfile(path):
+    raise UserError(f"data.path: file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = [k for k in NPZ_KEYS if k not in f.files]
+      if missing:
+        raise UserError(f"{path}: missing array {missing[0]!r} (found: {', '.join(f.files) or 'none'})")
+      return {k: f[k] for k in NPZ_KEYS}
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _labels(name: str, y: np.ndarray) -> np.ndarray:
+  if y.ndim != 1:
+    raise UserError(f"{name} must be a 1-D array of class labels, got shape {y.shape}")
+  if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+    raise UserError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+  if np.issubdtype(y.dtype, np.floating):
+    bad = ~np.isfinite(y) | (y != np.round(y))
+    if bad.any():
+      raise UserError(f"{name} must hold integer class labels, found {y[bad][0]!r}")
+  if (y < 0).any():
+    raise UserError(f"{name} has a negative label ({int(y.min())}); labels must lie in [0, num_classes)")
+  return y.astype(np.int32)
+
+
+def _examples(name: str, x: np.ndarray, spatial_dims: int | None) -> np.ndarray:
+  if x.ndim < 2 or x.ndim > 4:
+    raise UserError(f"{name} must have shape (N, L), (N, H, W) or either with a channel axis, got {x.shape}")
+  if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+    raise UserError(f"{name} must be numeric, got dtype {x.dtype}")
+  x = x.astype(np.float32)
+  bad = ~np.isfinite(x)
+  if bad.any():
+    raise UserError(f"{name} contains NaN or inf ({int(bad.sum())} entries)")
+  rank = x.ndim - 1
+  dims = spatial_dims or {1: 1, 2: 2, 3: 2}[rank]
+  if rank == dims:
+    x = x[..., None]  # one channel
+  elif rank != dims + 1:
+    raise UserError(f"{name} has shape {x.shape}, which does not fit data.spatial_dims={dims}")
+  return x
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None) -> dict:
+  """Checks and normalises the four arrays; raises UserError naming the array and the problem."""
+  out = {}
+  for split in ("train", "test"):
+    xn, yn = f"x_{split}", f"y_{split}"
+    x, y = np.asarray(arrays[xn]), np.asarray(arrays[yn])
+    if len(x) == 0:
+      raise UserError(f"{xn} has zero examples")
+    if len(x) != len(y):
+      raise UserError(f"{xn} has {len(x)} examples but {yn} has {len(y)}")
+    out[xn], out[yn] = _examples(xn, x, spatial_dims), _labels(yn, y)
+  if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
+    raise UserError(f"x_train examples have shape {out['x_train'].shape[1:]} "
+                    f"but x_test examples have shape {out['x_test'].shape[1:]}")
+  classes = int(out["y_train"].max()) + 1
+  for yn in ("y_train", "y_test"):
+    if out[yn].max() >= classes:
+      raise UserError(f"{yn} has label {int(out[yn].max())}, out of range for {classes} classes "
+                      f"(inferred from y_train)")
+  out["num_classes"] = classes
+  return out
+
+
+def load_array_dataset(data_config, seed: int) -> ArrayDataset:
+  if data_config.source == "digits":
+    arrays = load_digits(data_config.test_fraction, seed)
+  else:
+    arrays = load_npz(data_config.path)
+  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims), seed=seed)

@@ -1,0 +1,56 @@
+"""Run outputs: `metrics.jsonl` (one JSON object per line) and the terminal progress.
+
+A progress bar (tqdm) when stderr is a terminal, plain log lines otherwise.
+Values arrive here already fetched from the device: the training loop fetches
+only at log intervals, so nothing in this module syncs the host per step.
+"""
+
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+  """Appends records to `workdir/metrics.jsonl` and reports them on the terminal."""
+
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._bar = None
+    if sys.stderr.isatty():
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+    self._step = initial_step
+
+  def write(self, record: dict) -> None:
+    """One record: must hold `step` and `split`; numbers are rounded for the terminal only."""
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
+    if self._bar is not None:
+      self._bar.update(record["step"] - self._step)
+      self._step = record["step"]
+      if record["split"] == "train":
+        self._bar.set_postfix_str(shown)
+      else:
+        self._bar.write(f"step {record['step']} {record['split']}: {shown}")
+    else:
+      print(f"step {record['step']} {record['split']}: {shown}", flush=True)
+
+  def print(self, line: str) -> None:
+    if self._bar is not None:
+      self._bar.write(line)
+    else:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    self._file.close()
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)

@@ -1,0 +1,203 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+The NNX model is split once into a static graph definition and pure pytrees
+(parameters, other model state such as BatchNorm statistics). The train and eval
+steps are `jax.jit` functions of those pytrees: no NNX graph traversal happens per
+step, the train state is donated, and metrics stay on the device until a log
+interval fetches them.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxmodels import checkpoint
+from jaxmodels import config as config_lib
+from jaxmodels.data import load_dataset
+from jaxmodels.metrics import MetricsLogger
+from jaxmodels.models import build_model
+from jaxmodels.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: nnx.State  # nnx.Param variables
+  model_state: nnx.State  # every other variable (BatchNorm statistics, ...)
+  opt_state: optax.OptState
+  rng: jax.Array  # base PRNG key; step t uses fold_in(rng, t)
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params, model_state): the one place the parameter filter is written."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
+  """Summed float32 cross-entropy and correct predictions over unmasked positions.
+
+  Works for labels of any shape: (B,) for classification, (B, L) for sequences.
+  """
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the first step: data, model graph, optimizer, steps."""
+
+  config: Any
+  dataset: Any
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_step: Callable  # (state, batch) -> (state, metrics); donates state
+  eval_step: Callable  # (state, batch) -> summed metrics
+
+  def init_state(self) -> TrainState:
+    model = build_model(self.config.model, self.dataset.input_shape, self.dataset.num_outputs,
+                        nnx.Rngs(self.config.train.seed))
+    _, params, model_state = split_model(model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=self.tx.init(params), rng=jax.random.PRNGKey(self.config.train.seed + 1))
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Loss and accuracy over the whole test split; one host fetch at the end."""
+    totals = None
+    for batch in self.dataset.eval_batches(self.config.train.eval_batch_size):
+      sums = self.eval_step(state, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+def build_experiment(config) -> Experiment:
+  """Validates the config, loads the data and compiles nothing yet (steps compile on first call)."""
+  config_lib.validate(config)
+  dataset = load_dataset(config)
+  # Build once on abstract values to get the graph definition without allocating parameters.
+  abstract = nnx.eval_shape(lambda: build_model(config.model, dataset.input_shape, dataset.num_outputs,
+                                                nnx.Rngs(0)))
+  graphdef, _, _ = split_model(abstract)
+  tx, schedule = make_optimizer(config.train)
+  train_step, eval_step = make_steps(graphdef, tx, schedule, config.train.grad_accum_steps)
+  return Experiment(config, dataset, graphdef, tx, schedule, train_step, eval_step)
+
+
+def make_steps(graphdef, tx, schedule, grad_accum_steps: int = 1):
+  """The jitted (train_step, eval_step) pair for a model graph and an optimizer."""
+
+  def loss_fn(params, model_state, batch, rng):
+    # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    logits = model(batch["x"], train=True, rngs=nnx.Rngs(dropout=rng))
+    sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
+    _, _, new_model_state = split_model(model)
+    return sums["loss_sum"] / sums["count"], (sums, new_model_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      (_, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    else:
+      # Micro-batches run sequentially inside the one compiled step; their mean
+      # gradient equals the full batch's, at a fraction of the activation memory.
+      micro = jax.tree.map(lambda a: a.reshape(grad_accum_steps, -1, *a.shape[1:]), batch)
+
+      def body(carry, xs):
+        model_state, grads_acc, sums_acc = carry
+        mb, i = xs
+        (_, (sums, model_state)), grads = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
+        return (model_state, jax.tree.map(jnp.add, grads_acc, grads),
+                jax.tree.map(jnp.add, sums_acc, sums)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
+      (model_state, grads, sums), _ = jax.lax.scan(
+          body, (state.model_state, zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
+               "learning_rate": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  def eval_step(state: TrainState, batch):
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    return loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+
+  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` into `workdir` and returns the final eval metrics.
+
+  Writes `config.json`, `metrics.jsonl` and `checkpoints/`. A workdir that already
+  holds a checkpoint resumes from its newest step. Raises `UserError` for bad
+  config or data before anything is written.
+  """
+  exp = build_experiment(config)  # every config and data error surfaces here
+  t = config.train
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(config))
+
+  state = exp.init_state()
+  mngr = checkpoint.manager(workdir)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, mngr.latest_step(), state)
+  start = int(state.step)
+  logger = MetricsLogger(workdir, t.steps, start)
+  logger.print(f"{exp.dataset.describe()}; training steps {start}..{t.steps} into {workdir}")
+
+  pending, interval_start, interval_steps, eval_metrics = [], None, 0, {}
+  t0 = time.perf_counter()
+  for step in range(start, t.steps):
+    state, metrics = exp.train_step(state, exp.dataset.train_batch(step, t.batch_size))
+    pending.append(metrics)
+    done = step + 1
+    if interval_start is None:  # the first step includes compilation: throughput is timed from its end
+      record = _mean_metrics(pending)
+      logger.write({"step": done, "split": "train", **record, "first_step_s": time.perf_counter() - t0})
+      interval_start, pending = time.perf_counter(), []
+    elif done % t.log_every == 0 or done == t.steps:
+      record = _mean_metrics(pending)  # the host sync: once per log interval
+      elapsed = time.perf_counter() - interval_start
+      n = len(pending)
+      record.update(step_time_ms=1000 * elapsed / n, examples_per_sec=n * t.batch_size / elapsed)
+      logger.write({"step": done, "split": "train", **record})
+      pending, interval_start = [], time.perf_counter()
+    if done % t.eval_every == 0 or done == t.steps:
+      eval_metrics = exp.evaluate(state)
+      logger.write({"step": done, "split": "eval", **eval_metrics})
+  train_s = time.perf_counter() - t0
+
+  if not eval_metrics:  # resumed at the end: nothing trained, still report
+    eval_metrics = exp.evaluate(state)
+  if mngr.latest_step() != int(state.step):
+    checkpoint.save(mngr, int(state.step), state)
+  mngr.close()
+  summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
+  logger.print(f"final: step {int(state.step)} test {summary} (training {train_s:.1f} s)")
+  logger.close()
+  return eval_metrics
