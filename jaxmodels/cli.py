@@ -55,7 +55,7 @@ def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
     config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
                                     sys_argv=[prog, *rest])
   except (KeyError, AttributeError, TypeError, ValueError) as e:
-    message = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\"")
+    message = str(e).encode().decode("unicode_escape")[1:-1].replace("\n", " ")  # str(KeyError) is a repr
     raise UserError(f"bad config override: {message}") from None
   stem = os.path.splitext(os.path.basename(path))[0]
   flags.DEFINE_string("workdir", os.path.join("runs", stem), "run directory (outputs, checkpoints)",

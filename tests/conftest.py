@@ -1,0 +1,35 @@
+"""Shared fixtures. Compiles are the cost of this suite: runs are tiny and shared per session."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def experiment(name: str):
+  """The locked config of experiments/<name>.py."""
+  from jaxmodels.config import load_experiment  # pylint: disable=import-outside-toplevel
+  return load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_run(tmp_path_factory):
+  """digits_cnn trained for 150 steps (its loop runs under a transfer guard: no implicit host syncs)."""
+  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  config = experiment("digits_cnn")
+  config.train.steps = 150
+  config.train.log_every = 25
+  config.train.eval_every = 100
+  workdir = str(tmp_path_factory.mktemp("digits_cnn"))
+  final = train_and_evaluate(config, workdir)
+  return workdir, final, config

@@ -1,0 +1,85 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxmodels.config import default_config
+from jaxmodels.errors import UserError
+from jaxmodels.models import CNN
+from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
+
+
+def train_config(**kw):
+  t = default_config().train
+  for k, v in kw.items():
+    t[k] = v
+  return t
+
+
+def test_decay_mask_skips_biases_and_norm_scales():
+  model = CNN((8, 8, 1), (4,), (3,), (1,), 10, norm="layer", rngs=nnx.Rngs(0))
+  mask = decay_mask(nnx.state(model, nnx.Param))
+  assert mask["convs"][0]["kernel"].get_value() is True
+  assert mask["out"]["kernel"].get_value() is True
+  assert mask["convs"][0]["bias"].get_value() is False
+  assert mask["norms"][0]["scale"].get_value() is False
+  assert mask["norms"][0]["bias"].get_value() is False
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_weight_decay_changes_kernels_not_biases(optimizer):
+  params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones((3,))}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  tx, _ = make_optimizer(train_config(optimizer=optimizer, weight_decay=0.1, schedule="constant",
+                                      learning_rate=0.5))
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  assert np.all(np.asarray(updates["kernel"]) < 0)  # decayed towards zero
+  assert np.all(np.asarray(updates["bias"]) == 0)
+
+
+def test_warmup_cosine_schedule():
+  s = make_schedule(train_config(schedule="cosine", learning_rate=1.0, warmup_steps=10, steps=110,
+                                 end_lr_fraction=0.1))
+  assert float(s(0)) == 0.0
+  assert float(s(5)) == pytest.approx(0.5)
+  assert float(s(10)) == pytest.approx(1.0)
+  assert float(s(60)) == pytest.approx(0.55, abs=1e-6)  # halfway down the cosine to 0.1
+  assert float(s(110)) == pytest.approx(0.1)
+
+
+def test_linear_and_constant_schedules():
+  lin = make_schedule(train_config(schedule="linear", learning_rate=2.0, warmup_steps=4, steps=24))
+  assert [float(lin(i)) for i in (0, 2, 4, 14, 24)] == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0])
+  const = make_schedule(train_config(schedule="constant", learning_rate=0.3, warmup_steps=0))
+  assert float(const(0)) == float(const(1000)) == pytest.approx(0.3)
+
+
+def test_global_norm_clipping():
+  tx, _ = make_optimizer(train_config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1.0,
+                                      grad_clip=1.0))
+  params = {"w": jnp.zeros((4,))}
+  updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
+  assert float(optax.tree.norm(updates)) == pytest.approx(1.0)
+
+
+def test_nesterov_differs_from_plain_momentum():
+  params = {"w": jnp.zeros(())}
+  outs = []
+  for nesterov in (False, True):
+    tx, _ = make_optimizer(train_config(optimizer="sgd", nesterov=nesterov, schedule="constant"))
+    state = tx.init(params)
+    for _ in range(2):
+      upd, state = tx.update({"w": jnp.ones(())}, state, params)
+    outs.append(float(upd["w"]))
+  assert outs[0] != pytest.approx(outs[1])
+
+
+def test_bad_optimizer_and_schedule_names():
+  with pytest.raises(UserError, match="train.optimizer"):
+    make_optimizer(train_config(optimizer="lion"))
+  with pytest.raises(UserError, match="train.schedule"):
+    make_schedule(train_config(schedule="step"))
+  with pytest.raises(UserError, match="warmup_steps"):
+    make_schedule(train_config(warmup_steps=10, steps=10))
