@@ -13,6 +13,7 @@ from jaxmodels.config import default_config
 def get_config():
   config = default_config()
   config.model.family = "cnn"
+  config.model.norm = "batch"
   config.train.steps = 600
   config.train.learning_rate = 3e-3
   config.train.warmup_steps = 50

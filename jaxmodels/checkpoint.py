@@ -11,6 +11,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from jaxmodels.models.transformer import other_layer_layout
+
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -27,6 +29,20 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like):
-  """Restores `step` into the structure, shapes, dtypes and shardings of `like`."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  """Restores `step` into the structure, shapes, dtypes and shardings of `like`.
+
+  A Transformer checkpoint saved with the other `model.scan_layers` setting is
+  restored in its own layout and converted, so scanned and unrolled runs can
+  resume from each other.
+  """
+  def into(target):
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  try:
+    return into(like)
+  except ValueError:
+    other = other_layer_layout(like)
+    if other is None:
+      raise
+    return other_layer_layout(into(other))

@@ -1,6 +1,7 @@
 """The `jaxmodels` command line.
 
     jaxmodels train --config experiments/digits_cnn.py [--workdir DIR] [--config.train.steps=500 ...]
+    jaxmodels sample --workdir runs/text_transformer --prompt "def " --length 200
 
 Every experiment file also runs as a script with the same flags
 (`python experiments/digits_cnn.py --workdir DIR`). Overrides use the
@@ -22,6 +23,7 @@ USAGE = """usage: jaxmodels COMMAND [FLAGS]
 
 commands:
   train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
+  sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
 
@@ -85,7 +87,39 @@ Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=50
   return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_sample(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels sample --workdir DIR --prompt TEXT [--length N] [--temperature T] [--top-k K] [--seed S]
+
+Prints the prompt and N generated tokens from the newest checkpoint of a
+language-model run (data.source=text). Temperature 0 decodes greedily; top-k 0
+samples from the whole vocabulary.
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.sample import generate, load_language_model  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--prompt", required=True)
+  parser.add_argument("--length", type=int, default=200)
+  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--top-k", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0)
+  try:
+    a = parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels sample --help") from None
+  if not a.prompt:
+    raise UserError("--prompt must not be empty")
+  if a.length <= 0 or a.temperature < 0 or a.top_k < 0:
+    raise UserError("--length must be positive, --temperature and --top-k non-negative")
+  model, vocab = load_language_model(a.workdir)
+  tokens = generate(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k,
+                    seed=a.seed)
+  print(a.prompt + vocab.decode(tokens))
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

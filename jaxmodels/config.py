@@ -13,7 +13,7 @@ from ml_collections import config_dict
 
 from jaxmodels.errors import UserError
 
-FAMILIES = ("mlp", "cnn")
+FAMILIES = ("mlp", "cnn", "lstm", "transformer")
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -23,16 +23,23 @@ def default_config() -> config_dict.ConfigDict:
   c.data = config_dict.ConfigDict()
   # `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no
   # download). `npz`: the user's arrays in one .npz (x_train, y_train, x_test, y_test).
+  # `text`: a UTF-8 file for language modelling (data.path; empty = the embedded corpus).
   c.data.source = "digits"
-  c.data.path = ""  # the .npz file for source=npz; unused for digits
+  c.data.path = ""  # the .npz or text file; unused for digits
   c.data.test_fraction = 0.2  # digits only: share of examples held out, split by train.seed
   # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
   # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
   # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
   c.data.spatial_dims = config_dict.placeholder(int)
+  # Text only.
+  c.data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts the next of each)
+  c.data.val_fraction = 0.1  # the last fraction of the text validates
+  c.data.tokenizer = "char"  # char (vocabulary from the training text) | byte (256 values)
 
   c.model = config_dict.ConfigDict()
-  c.model.family = "cnn"  # one of FAMILIES
+  # mlp | cnn | lstm | transformer. lstm and transformer are language models on
+  # data.source=text and sequence classifiers on arrays (axis 1 of x is time).
+  c.model.family = "cnn"
   c.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
   c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state)
   c.model.dropout = 0.0
@@ -44,8 +51,25 @@ def default_config() -> config_dict.ConfigDict:
   c.model.kernel_sizes = (3, 3)  # one per conv layer, same size on every spatial axis
   c.model.strides = (1, 1)  # one per conv layer
   c.model.pool = "max"  # after each conv layer: max | avg | none (window 2, stride 2)
-  c.model.norm = "batch"  # after each conv: batch | layer | none
+  c.model.norm = "layer"  # CNN: batch | layer | none after each conv; transformer: layer | rms
   c.model.head_sizes = (128,)  # dense layers between the pooled features and the logits
+  # Transformer
+  c.model.num_layers = 2  # also the LSTM/GRU layer count
+  c.model.num_heads = 4
+  c.model.d_model = 128
+  c.model.d_ff = 512
+  c.model.max_len = 256  # longest sequence (positions) the model accepts
+  c.model.positions = "rotary"  # rotary | learned
+  c.model.mlp = "swiglu"  # swiglu | gelu
+  c.model.tie_embeddings = True  # LM head shares the token embedding
+  c.model.scan_layers = True  # stack the blocks and run them with one lax.scan (compile time flat in depth)
+  c.model.remat = "none"  # recompute activations in the backward pass: none | dots | full
+  c.model.attention_impl = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+  c.model.pooling = "mean"  # classifiers: mean | cls (transformer) | last (lstm)
+  # LSTM / GRU
+  c.model.cell = "lstm"  # lstm | gru
+  c.model.hidden_size = 256
+  c.model.bidirectional = False  # classifier only
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000

@@ -8,6 +8,7 @@ interval fetches them.
 """
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable
@@ -62,6 +63,11 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
+  """The config's model, sized for the dataset's inputs, outputs and task."""
+  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task)
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything built from a config before the first step: data, model graph, optimizer, steps."""
@@ -75,31 +81,36 @@ class Experiment:
   eval_step: Callable  # (state, batch) -> summed metrics
 
   def init_state(self) -> TrainState:
-    model = build_model(self.config.model, self.dataset.input_shape, self.dataset.num_outputs,
-                        nnx.Rngs(self.config.train.seed))
+    model = make_model(self.config, self.dataset, nnx.Rngs(self.config.train.seed))
     _, params, model_state = split_model(model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=self.tx.init(params))
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    """Loss and accuracy over the whole test split; one host fetch at the end."""
+    """Metrics over the whole test (validation) split; one host fetch at the end.
+
+    Loss is mean cross-entropy in nats per example (classification) or per token
+    (language models, which also report perplexity and bits per char or byte).
+    """
     totals = None
     for batch in self.dataset.eval_batches(self.config.train.eval_batch_size):
       sums = self.eval_step(state, jax.device_put(batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+    metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+    if self.dataset.task == "lm":
+      metrics["perplexity"] = math.exp(metrics["loss"])
+      metrics[f"bits_per_{self.dataset.vocab.kind}"] = metrics["loss"] / math.log(2)
+    return metrics
 
 
 def build_experiment(config) -> Experiment:
   """Validates the config, loads the data and compiles nothing yet (steps compile on first call)."""
   config_lib.validate(config)
   dataset = load_dataset(config)
-  # Build once on abstract values to get the graph definition without allocating parameters.
-  abstract = nnx.eval_shape(lambda: build_model(config.model, dataset.input_shape, dataset.num_outputs,
-                                                nnx.Rngs(0)))
-  graphdef, _, _ = split_model(abstract)
+  # Built on abstract values: the graph definition without allocating parameters.
+  graphdef, _, _ = split_model(nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0))))
   tx, schedule = make_optimizer(config.train)
   train_step, eval_step = make_steps(graphdef, tx, config.train.seed, config.train.grad_accum_steps)
   return Experiment(config, dataset, graphdef, tx, schedule, train_step, eval_step)
@@ -190,6 +201,8 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
         elapsed = time.perf_counter() - interval_start
         record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / len(pending),
                       examples_per_sec=len(pending) * t.batch_size / elapsed)
+        if exp.dataset.task == "lm":
+          record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
         logger.write({"step": done, "split": "train", **record})
         pending, interval_start = [], time.perf_counter()
       if done % t.eval_every == 0 or done == t.steps:
@@ -207,8 +220,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """
   exp = build_experiment(config)  # every config and data error surfaces here
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(config))
+  for name, text in {"config.json": config_lib.to_json(config), **exp.dataset.files()}.items():
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+      f.write(text)
 
   state = exp.init_state()
   mngr = checkpoint.manager(workdir)

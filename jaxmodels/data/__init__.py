@@ -1,22 +1,27 @@
 """Datasets: `load_dataset(config)` picks the source named by `data.source`.
 
-A dataset exposes `input_shape`, `num_outputs`, `describe()`,
+A dataset has `task` ("classify" or "lm"), `input_shape`, `num_outputs`,
+`describe()`, `files()` (name -> text to keep in the workdir),
 `train_batch(step, batch_size)` (a pure function of the step, so order is
 deterministic and resume is exact) and `eval_batches(batch_size)` (fixed-shape,
 padded batches carrying a `mask`).
 """
 
 from jaxmodels.data.arrays import ArrayDataset, load_array_dataset, padded_batches, validate_arrays
+from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
 from jaxmodels.errors import UserError
 
-SOURCES = ("digits", "npz")
+SOURCES = ("digits", "npz", "text")
 
 
 def load_dataset(config):
   source = config.data.source
   if source in ("digits", "npz"):
     return load_array_dataset(config.data, config.train.seed)
+  if source == "text":
+    return load_text_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "SOURCES", "load_dataset", "padded_batches", "validate_arrays"]
+__all__ = ["ArrayDataset", "SOURCES", "TextDataset", "Vocab", "load_dataset", "padded_batches",
+           "validate_arrays"]

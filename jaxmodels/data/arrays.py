@@ -20,6 +20,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 class ArrayDataset:
   """Train and test arrays, x as float32 (N, *spatial, C), y as int32 (N,)."""
 
+  task = "classify"
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
@@ -41,6 +43,10 @@ class ArrayDataset:
     return (f"{len(self.x_train)} train / {len(self.x_test)} test examples of shape "
             f"{self.input_shape}, {self.num_classes} classes")
 
+  def files(self) -> dict[str, str]:
+    """Files the run keeps in its workdir: none for arrays."""
+    return {}
+
   def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
     """The batch for `step`: epoch-wise seeded shuffles, last partial batch dropped."""
     n = len(self.x_train)
@@ -57,17 +63,20 @@ class ArrayDataset:
     yield from padded_batches(self.x_test, self.y_test, batch_size)
 
 
-def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of `batch_size` in order; padding rows have mask 0."""
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
+                   mask: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of `batch_size` in order, the last padded with zeros; `mask` is 0 on padding.
+
+  `mask` (shaped like `y`) can also zero real positions, e.g. past the end of a text.
+  """
+  mask = np.ones(y.shape, np.float32) if mask is None else mask
   for start in range(0, len(x), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-    pad = batch_size - len(xb)
-    mask = np.ones(batch_size, np.float32)
+    batch = {"x": x[start:start + batch_size], "y": y[start:start + batch_size],
+             "mask": mask[start:start + batch_size]}
+    pad = batch_size - len(batch["x"])
     if pad:
-      mask[len(xb):] = 0.0
-      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-      yb = np.concatenate([yb, np.zeros((pad,) + yb.shape[1:], yb.dtype)])
-    yield {"x": xb, "y": yb, "mask": mask}
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    yield batch
 
 
 def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:

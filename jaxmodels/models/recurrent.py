@@ -1,0 +1,139 @@
+"""LSTM and GRU families: a character language model and a sequence classifier.
+
+Cells come from Flax NNX (`OptimizedLSTMCell`, `GRUCell`); the time loop is a
+`jax.lax.scan`, never a Python loop over time steps. Layers are a Python list
+(layer 0 reads the input width, the rest the hidden width), each optionally
+bidirectional in the classifier. Shape suffixes: B batch, T time, F input
+features, H hidden size, V vocabulary, K classes.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.errors import UserError
+
+CELLS = {"lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}
+
+
+def make_cell(kind, in_features, hidden, dtype, param_dtype, rngs):
+  if kind not in CELLS:
+    raise UserError(f"model.cell={kind!r}: expected one of {', '.join(CELLS)}")
+  return CELLS[kind](in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def run_cell(cell, carry, x_BTF, reverse=False):
+  """Scans `cell` over time; returns (final carry, outputs_BTH)."""
+  def step(c, x_BF):
+    return cell(c, x_BF)
+  carry, y_TBH = jax.lax.scan(step, carry, jnp.swapaxes(x_BTF, 0, 1), reverse=reverse)
+  return carry, jnp.swapaxes(y_TBH, 0, 1)
+
+
+def zero_carry(kind, batch_size, hidden, dtype):
+  """The zero initial state: (c, h) for an LSTM, h for a GRU, in the compute dtype."""
+  h = jnp.zeros((batch_size, hidden), dtype)
+  return (h, h) if kind == "lstm" else h
+
+
+class RecurrentStack(nnx.Module):
+  """`num_layers` recurrent layers with dropout between them; optional backward direction."""
+
+  def __init__(self, cell, in_features, hidden_size, num_layers, *, bidirectional=False, dropout=0.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    width = 2 * hidden_size if bidirectional else hidden_size
+    ins = [in_features] + [width] * (num_layers - 1)
+    self.forward = nnx.List([make_cell(cell, i, hidden_size, dtype, param_dtype, rngs) for i in ins])
+    self.backward = (nnx.List([make_cell(cell, i, hidden_size, dtype, param_dtype, rngs) for i in ins])
+                     if bidirectional else None)
+    self.dropout = nnx.Dropout(dropout)
+    self.cell, self.hidden_size, self.dtype = cell, hidden_size, dtype
+
+  def init_carry(self, batch_size: int):
+    """Per-layer zero carries of the forward cells (what a language model carries while decoding)."""
+    return [zero_carry(self.cell, batch_size, self.hidden_size, self.dtype) for _ in self.forward]
+
+  def __call__(self, x_BTF, carries=None, rngs=None):
+    """Returns (outputs_BTH of the last layer, final forward carries, final backward carries or None)."""
+    B = x_BTF.shape[0]
+    carries = carries if carries is not None else self.init_carry(B)
+    new_fwd, new_bwd = [], []
+    for i, cell in enumerate(self.forward):
+      if i:
+        x_BTF = self.dropout(x_BTF, deterministic=rngs is None, rngs=rngs)
+      carry, y_BTH = run_cell(cell, carries[i], x_BTF)
+      new_fwd.append(carry)
+      if self.backward is not None:
+        bcarry, yb_BTH = run_cell(self.backward[i], zero_carry(self.cell, B, self.hidden_size, self.dtype),
+                                  x_BTF, reverse=True)
+        new_bwd.append(bcarry)
+        y_BTH = jnp.concatenate([y_BTH, yb_BTH], axis=-1)
+      x_BTF = y_BTH
+    return x_BTF, new_fwd, (new_bwd if self.backward is not None else None)
+
+
+class RecurrentLM(nnx.Module):
+  """Character (or byte) language model: embed -> recurrent layers -> logits_BTV."""
+
+  def __init__(self, vocab_size, cell, hidden_size, num_layers, *, dropout=0.0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(vocab_size, hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.rnn = RecurrentStack(cell, hidden_size, hidden_size, num_layers, dropout=dropout, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+    self.head = nnx.Linear(hidden_size, vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def _forward(self, tokens_BT, carries, rngs):
+    h_BTH, carries, _ = self.rnn(self.embed(tokens_BT), carries, rngs)
+    return self.head(self.dropout(h_BTH, deterministic=rngs is None, rngs=rngs)), carries
+
+  def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    return self._forward(tokens_BT, None, rngs if train else None)[0]
+
+  def init_cache(self, batch_size: int, length: int):  # pylint: disable=unused-argument
+    """The decoding state: per-layer carries (their size does not depend on the length)."""
+    return self.rnn.init_carry(batch_size)
+
+  def decode(self, tokens_BT, cache, index):  # pylint: disable=unused-argument
+    """Logits for `tokens_BT` continuing from the carried state; returns (logits, new carries)."""
+    return self._forward(tokens_BT, cache, None)
+
+
+class RecurrentClassifier(nnx.Module):
+  """Sequence classifier: x_BT... -> recurrent layers -> last-state or mean pooling -> logits_BK.
+
+  `input_shape` is one example's shape, (T, ...) with everything after T
+  flattened into features (digit rows: (8, 8, 1) -> 8 steps of 8 features).
+  """
+
+  def __init__(self, input_shape, num_classes, cell, hidden_size, num_layers, *, pooling="last",
+               bidirectional=False, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if pooling not in ("last", "mean"):
+      raise UserError(f"model.pooling={pooling!r}: the recurrent classifier takes last or mean")
+    self.rnn = RecurrentStack(cell, math.prod(input_shape[1:]), hidden_size, num_layers,
+                              bidirectional=bidirectional, dropout=dropout, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+    width = 2 * hidden_size if bidirectional else hidden_size
+    self.out = nnx.Linear(width, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+    self.pooling, self.dtype = pooling, dtype
+
+  def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    rngs = rngs if train else None
+    B, T = x.shape[:2]
+    y_BTH, fwd, bwd = self.rnn(x.reshape(B, T, -1).astype(self.dtype), rngs=rngs)
+    if self.pooling == "mean":
+      pooled = y_BTH.mean(axis=1)
+    else:  # the last forward output, and the backward direction's output at t=0 (its last step)
+      pooled = y_BTH[:, -1] if bwd is None else jnp.concatenate(
+          [y_BTH[:, -1, :y_BTH.shape[-1] // 2], y_BTH[:, 0, y_BTH.shape[-1] // 2:]], axis=-1)
+    return self.out(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
+
+
+def recurrent_param_count(cell: str, in_features: int, hidden: int, num_layers: int) -> int:
+  """Parameters of a unidirectional RecurrentStack: LSTM 4H(F + H + 1) per layer, GRU 3H(F + H + 1)."""
+  gates = {"lstm": 4, "gru": 3}[cell]
+  ins = [in_features] + [hidden] * (num_layers - 1)
+  return sum(gates * hidden * (i + hidden + 1) for i in ins)

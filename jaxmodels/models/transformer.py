@@ -1,0 +1,314 @@
+"""Transformers: a decoder-only language model and an encoder classifier.
+
+Both are pre-norm stacks of attention + MLP blocks. Attention runs through
+`jax.nn.dot_product_attention`, whose `implementation` is selectable (`cudnn`
+gives flash attention on NVIDIA GPUs; `xla` runs everywhere) and whose softmax
+is float32. With `scan_layers` (the default) the blocks' parameters are stacked
+on a leading layer axis and one `jax.lax.scan` runs them, so compile time does
+not grow with depth; `scan_to_unrolled` / `unrolled_to_scan` convert parameter
+trees between the two layouts.
+
+Shape suffixes: B batch, T query length, S key length, D d_model, N heads,
+H head dim, F d_ff, V vocabulary, L layers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.errors import UserError
+
+NORMS = ("layer", "rms")
+POSITIONS = ("learned", "rotary")
+MLPS = ("gelu", "swiglu")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _check(name, value, allowed):
+  if value not in allowed:
+    raise UserError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def make_norm(kind, d, param_dtype, rngs):
+  """LayerNorm or RMSNorm, computing in float32 whatever the compute dtype."""
+  _check("norm", kind, NORMS)
+  cls = nnx.LayerNorm if kind == "layer" else nnx.RMSNorm
+  return cls(d, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+
+def rotary(x_BTNH, positions_BT):
+  """Rotary position embedding (RoFormer), in float32, on the two halves of the head dim."""
+  h = x_BTNH.shape[-1] // 2
+  freqs_H = 1.0 / (10000.0 ** (jnp.arange(h, dtype=jnp.float32) / h))
+  angles_BTH = positions_BT[..., None].astype(jnp.float32) * freqs_H
+  sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; with a KV cache it attends to the cached prefix too."""
+
+  def __init__(self, d_model, num_heads, *, causal, rotary_positions, implementation, dtype, param_dtype,
+               rngs):
+    if d_model % num_heads:
+      raise UserError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
+    linear = lambda: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+    self.query, self.key, self.value, self.out = linear(), linear(), linear(), linear()
+    self.num_heads, self.head_dim = num_heads, d_model // num_heads
+    self.causal, self.rotary_positions = causal, rotary_positions
+    self.implementation = None if implementation == "auto" else implementation
+
+  def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None):
+    B, T, _ = x_BTD.shape
+    split = lambda y: y.reshape(B, T, self.num_heads, self.head_dim)
+    q_BTNH, k_BTNH, v_BTNH = split(self.query(x_BTD)), split(self.key(x_BTD)), split(self.value(x_BTD))
+    if self.rotary_positions:
+      q_BTNH, k_BTNH = rotary(q_BTNH, positions_BT), rotary(k_BTNH, positions_BT)
+    if cache is None:
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=self.causal,
+                                              implementation=self.implementation)
+      new_cache = None
+    else:  # decoding: write this chunk at cache_index, attend to every filled position <= own
+      k_BSNH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1)
+      v_BSNH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)
+      key_pos_S = jnp.arange(k_BSNH.shape[1])
+      mask_BNTS = (key_pos_S[None, :] <= positions_BT[0][:, None])[None, None]
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS)
+      new_cache = {"k": k_BSNH, "v": v_BSNH}
+    return self.out(out_BTNH.reshape(B, T, -1)), new_cache
+
+
+class FeedForward(nnx.Module):
+  """GELU MLP (D -> F -> D) or SwiGLU (silu(x W1) * x W3, then W2)."""
+
+  def __init__(self, d_model, d_ff, kind, *, dtype, param_dtype, rngs):
+    _check("mlp", kind, MLPS)
+    linear = lambda a, b: nnx.Linear(a, b, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up, self.down = linear(d_model, d_ff), linear(d_ff, d_model)
+    self.gate = linear(d_model, d_ff) if kind == "swiglu" else None
+
+  def __call__(self, x_BTD):
+    if self.gate is None:
+      return self.down(jax.nn.gelu(self.up(x_BTD)))
+    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch."""
+
+  def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
+               dropout, dtype, param_dtype, rngs):
+    self.attn_norm = make_norm(norm, d_model, param_dtype, rngs)
+    self.attn = Attention(d_model, num_heads, causal=causal, rotary_positions=rotary_positions,
+                          implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = make_norm(norm, d_model, param_dtype, rngs)
+    self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+    self.dtype = dtype
+
+  def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None, rngs=None):
+    deterministic = rngs is None
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD).astype(self.dtype), positions_BT, cache, cache_index)
+    x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
+    h_BTD = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype))
+    return x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs), cache
+
+
+class Stack(nnx.Module):
+  """`num_layers` blocks (stacked and scanned, or a list) followed by a final norm."""
+
+  def __init__(self, num_layers, *, scan_layers, remat, dropout, **block_kwargs):
+    _check("remat", remat, REMAT_POLICIES)
+    rngs = block_kwargs.pop("rngs")
+    make = lambda r: Block(dropout=dropout, rngs=r, **block_kwargs)
+    if scan_layers:
+      self.blocks = nnx.split_rngs(splits=num_layers)(nnx.vmap(make, in_axes=0, out_axes=0))(rngs)
+    else:
+      self.blocks = nnx.List([make(rngs) for _ in range(num_layers)])
+    self.final_norm = make_norm(block_kwargs["norm"], block_kwargs["d_model"], block_kwargs["param_dtype"],
+                                rngs)
+    self.num_layers, self.scan_layers, self.remat, self.dropout_rate = num_layers, scan_layers, remat, dropout
+    self.num_heads = block_kwargs["num_heads"]
+    self.head_dim = block_kwargs["d_model"] // self.num_heads
+
+  def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None, rngs=None):
+    """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis."""
+    use_dropout = rngs is not None and self.dropout_rate > 0
+    keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
+
+    def apply(graphdef, state, x, layer_cache, key):
+      block = nnx.merge(graphdef, state)
+      return block(x, positions_BT, layer_cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None)
+
+    if REMAT_POLICIES[self.remat] is not None:
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def body(x, xs):
+        state_l, cache_l, key_l = xs
+        return apply(graphdef, state_l, x, cache_l, key_l)
+
+      x_BTD, new_cache = jax.lax.scan(body, x_BTD, (state, cache, keys_L))
+    else:
+      caches = []
+      for i, block in enumerate(self.blocks):
+        graphdef, state = nnx.split(block)
+        layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
+        x_BTD, c = apply(graphdef, state, x_BTD, layer(cache), layer(keys_L))
+        caches.append(c)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+    return self.final_norm(x_BTD), new_cache
+
+
+def _stack_kwargs(m, *, causal, dtype, param_dtype, rngs):
+  _check("positions", m["positions"], POSITIONS)
+  _check("attention_impl", m["attention_impl"], ATTENTION_IMPLS)
+  return dict(num_layers=m["num_layers"], scan_layers=m["scan_layers"], remat=m["remat"], dropout=m["dropout"],
+              d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"], causal=causal, norm=m["norm"],
+              mlp=m["mlp"], rotary_positions=m["positions"] == "rotary", implementation=m["attention_impl"],
+              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only language model: tokens_BT -> logits_BTV.
+
+  `m` is the `model.*` config group (or a dict with the same keys): d_model,
+  num_heads, num_layers, d_ff, max_len, norm, mlp, positions, tie_embeddings,
+  dropout, scan_layers, remat, attention_impl.
+  """
+
+  def __init__(self, vocab_size, m, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    d = m["d_model"]
+    self.embed = nnx.Embed(vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      if m["positions"] == "learned" else None)
+    self.stack = Stack(**_stack_kwargs(m, causal=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.head = (None if m["tie_embeddings"] else
+                 nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.embed_dropout = nnx.Dropout(m["dropout"])
+    self.max_len, self.dtype = m["max_len"], dtype
+
+  def _forward(self, tokens_BT, positions_BT, cache, cache_index, rngs):
+    x_BTD = self.embed(tokens_BT)
+    if self.pos_embed is not None:
+      x_BTD = x_BTD + self.pos_embed(positions_BT)
+    x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
+    h_BTD, cache = self.stack(x_BTD, positions_BT, cache, cache_index, rngs)
+    h_BTD = h_BTD.astype(self.dtype)
+    logits_BTV = self.embed.attend(h_BTD) if self.head is None else self.head(h_BTD)
+    return logits_BTV, cache
+
+  def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return self._forward(tokens_BT, positions_BT, None, None, rngs if train else None)[0]
+
+  def init_cache(self, batch_size: int, length: int) -> dict:
+    """An empty KV cache for `length` positions: {'k', 'v'} of shape (L, B, S, N, H)."""
+    s = self.stack
+    shape = (s.num_layers, batch_size, length, s.num_heads, s.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+  def decode(self, tokens_BT, cache: dict, index):
+    """Logits for tokens at positions index..index+T-1, attending to the cache; returns (logits, cache)."""
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+    return self._forward(tokens_BT, positions_BT, cache, index, None)
+
+
+class TransformerClassifier(nnx.Module):
+  """Bidirectional encoder over a sequence: x_BLF (features) -> logits_BK, by CLS or mean pooling.
+
+  `input_shape` is one example's shape: (L, ...) with everything after L
+  flattened into features (digit rows: (8, 8, 1) -> 8 steps of 8 features).
+  """
+
+  def __init__(self, input_shape, num_classes, m, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    _check("pooling", m["pooling"], ("cls", "mean"))
+    d, length = m["d_model"], input_shape[0] + (m["pooling"] == "cls")
+    if length > m["max_len"]:
+      raise UserError(f"sequence length {length} exceeds model.max_len={m['max_len']}")
+    self.proj = nnx.Linear(math.prod(input_shape[1:]), d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cls = nnx.Param(jnp.zeros((1, 1, d), param_dtype)) if m["pooling"] == "cls" else None
+    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      if m["positions"] == "learned" else None)
+    self.stack = Stack(**_stack_kwargs(m, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.out = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    B, L = x.shape[:2]
+    x_BLD = self.proj(x.reshape(B, L, -1).astype(self.dtype))
+    if self.cls is not None:
+      x_BLD = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(self.dtype), (B, 1, x_BLD.shape[-1])),
+                               x_BLD], axis=1)
+    positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+    if self.pos_embed is not None:
+      x_BLD = x_BLD + self.pos_embed(positions_BL)
+    h_BLD, _ = self.stack(x_BLD, positions_BL, rngs=rngs if train else None)
+    pooled_BD = h_BLD[:, 0] if self.cls is not None else h_BLD.mean(axis=1)
+    return self.out(pooled_BD.astype(self.dtype))
+
+
+def _is_stack(tree) -> bool:
+  return isinstance(tree, dict) and "blocks" in tree and "final_norm" in tree
+
+
+def _map_stacks(fn, tree):
+  """Applies `fn` to every Stack subtree of a pure pytree (params, or optimizer state mirroring them)."""
+  return jax.tree.map(lambda t: fn(t) if _is_stack(t) else t, tree, is_leaf=_is_stack)
+
+
+def scan_to_unrolled(tree):
+  """Scanned layout (blocks stacked on a leading layer axis) -> unrolled ('blocks': {0: ..., 1: ...})."""
+  def convert(stack):
+    num_layers = jax.tree.leaves(stack["blocks"])[0].shape[0]
+    blocks = {i: jax.tree.map(lambda a, i=i: a[i], stack["blocks"]) for i in range(num_layers)}
+    return {**stack, "blocks": blocks}
+  return _map_stacks(convert, tree)
+
+
+def unrolled_to_scan(tree):
+  """Unrolled layout -> scanned layout. Works on parameter trees and on optimizer states."""
+  def convert(stack):
+    layers = [stack["blocks"][i] for i in sorted(stack["blocks"])]
+    return {**stack, "blocks": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+  return _map_stacks(convert, tree)
+
+
+def other_layer_layout(tree):
+  """The same tree in the other layer layout (scanned <-> unrolled), or None if it holds no Stack."""
+  stacks = [t for t in jax.tree.leaves(tree, is_leaf=_is_stack) if _is_stack(t)]
+  if not stacks:
+    return None
+  unrolled = all(isinstance(k, int) for k in stacks[0]["blocks"])
+  return unrolled_to_scan(tree) if unrolled else scan_to_unrolled(tree)
+
+
+def transformer_param_count(m, vocab_size: int) -> int:
+  """Parameters of TransformerLM from its config, by formula (checked against the module in tests).
+
+  Per layer: 4 D^2 attention projections (no biases), 2 D F (gelu) or 3 D F
+  (swiglu) MLP, two norms (2 D for LayerNorm, D for RMSNorm). Plus V D token
+  embedding, max_len D learned positions, a final norm, and D V for an untied head.
+  """
+  d, f = m["d_model"], m["d_ff"]
+  norm = 2 * d if m["norm"] == "layer" else d
+  per_layer = 4 * d * d + (3 if m["mlp"] == "swiglu" else 2) * d * f + 2 * norm
+  total = vocab_size * d + m["num_layers"] * per_layer + norm
+  if m["positions"] == "learned":
+    total += m["max_len"] * d
+  if not m["tie_embeddings"]:
+    total += d * vocab_size
+  return total

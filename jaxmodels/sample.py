@@ -1,0 +1,84 @@
+"""Compiled text generation from a trained language-model run.
+
+The prompt is fed once (prefill), then one token per step inside a
+`jax.lax.scan`: the Transformer attends to its KV cache, the LSTM carries its
+state. Temperature 0 is greedy decoding; top-k keeps the k likeliest tokens.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import config_dict
+
+from jaxmodels import checkpoint
+from jaxmodels.data.text import Vocab
+from jaxmodels.errors import UserError
+from jaxmodels.models import build_model
+from jaxmodels.optim import make_optimizer
+from jaxmodels.train import TrainState, split_model
+
+
+def sample_token(logits_BV, key, temperature: float, top_k: int):
+  """One token per row: argmax at temperature 0, else a draw from softmax(logits / T) over the top k."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+
+
+def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> np.ndarray:
+  """`length` new token ids continuing `prompt_ids` (1-D), decoded in one compiled call."""
+  prompt_1P = jnp.asarray(prompt_ids, jnp.int32)[None]
+  P = prompt_1P.shape[1]
+  max_len = getattr(model, "max_len", None)
+  if max_len is not None and P + length > max_len:
+    raise UserError(f"prompt ({P} tokens) + length ({length}) exceeds the model's max_len={max_len}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, prompt_1P, key):
+    model = nnx.merge(graphdef, state)
+    logits_1PV, cache = model.decode(prompt_1P, model.init_cache(1, P + length), 0)
+
+    def step(carry, i):
+      logits_1V, cache, key = carry
+      key, sub = jax.random.split(key)
+      token_1 = sample_token(logits_1V, sub, temperature, top_k)
+      logits_11V, cache = model.decode(token_1[:, None], cache, P + i)
+      return (logits_11V[:, -1], cache, key), token_1[0]
+
+    _, tokens = jax.lax.scan(step, (logits_1PV[:, -1], cache, key), jnp.arange(length))
+    return tokens
+
+  return np.asarray(run(state, prompt_1P, jax.random.PRNGKey(seed)))
+
+
+def load_language_model(workdir: str) -> tuple[nnx.Module, Vocab]:
+  """The model of a language-model run at its newest checkpoint, and its vocabulary."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} not found: is {workdir} a jaxmodels workdir?")
+  with open(path, encoding="utf-8") as f:
+    config = config_dict.ConfigDict(json.load(f))
+  vocab = Vocab.load(workdir)
+  mngr = checkpoint.manager(workdir)
+  step = mngr.latest_step()
+  if step is None:
+    raise UserError(f"{workdir} has no checkpoint to sample from")
+  model = build_model(config.model, (config.data.seq_len,), vocab.size, nnx.Rngs(0), task="lm")
+  graphdef, params, model_state = split_model(model)
+  tx, _ = make_optimizer(config.train)
+  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=jax.eval_shape(tx.init, params))
+  state = checkpoint.restore(mngr, step, like)
+  mngr.close()
+  return nnx.merge(graphdef, state.params, state.model_state), vocab

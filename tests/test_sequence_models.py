@@ -1,0 +1,151 @@
+"""Transformer and LSTM/GRU families: attention, causality, layouts, caches, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmodels.models import RecurrentClassifier, RecurrentLM, TransformerClassifier, TransformerLM
+from jaxmodels.models.recurrent import recurrent_param_count
+from jaxmodels.models.transformer import (Attention, rotary, scan_to_unrolled, transformer_param_count,
+                                          unrolled_to_scan)
+
+TINY = dict(d_model=32, num_heads=4, num_layers=2, d_ff=48, max_len=24, norm="rms", mlp="swiglu",
+            positions="rotary", tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none",
+            attention_impl="auto", pooling="mean")
+VOCAB = 17
+
+
+def tiny(**kw):
+  return {**TINY, **kw}
+
+
+def count(module):
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def tokens(shape, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
+
+
+def reference_attention(attn: Attention, x_BTD, causal):
+  """Plain einsum attention with the module's own projections."""
+  B, T, D = x_BTD.shape
+  N, H = attn.num_heads, attn.head_dim
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  q = rotary(attn.query(x_BTD).reshape(B, T, N, H), pos)
+  k = rotary(attn.key(x_BTD).reshape(B, T, N, H), pos)
+  v = attn.value(x_BTD).reshape(B, T, N, H)
+  scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+  if causal:
+    scores_BNTS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores_BNTS, -jnp.inf)
+  out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores_BNTS, axis=-1), v)
+  return attn.out(out.reshape(B, T, D))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_einsum_reference(causal):
+  attn = Attention(32, 4, causal=causal, rotary_positions=True, implementation="xla", dtype=jnp.float32,
+                   param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 7, 32))
+  out, _ = attn(x, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+  np.testing.assert_allclose(out, reference_attention(attn, x, causal), rtol=1e-5, atol=1e-5)
+
+
+def assert_causal(model):
+  a = tokens((2, 12))
+  b = a.at[:, 7:].set((a[:, 7:] + 3) % VOCAB)
+  la, lb = model(a), model(b)
+  np.testing.assert_allclose(la[:, :7], lb[:, :7], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(la[:, 7:], lb[:, 7:])
+
+
+def test_transformer_lm_is_causal():
+  assert_causal(TransformerLM(VOCAB, tiny(), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_lm_is_causal(cell):
+  assert_causal(RecurrentLM(VOCAB, cell, 16, 2, rngs=nnx.Rngs(0)))
+
+
+def test_scan_and_unrolled_give_same_outputs_and_convert_layouts():
+  scanned = TransformerLM(VOCAB, tiny(positions="learned", norm="layer", mlp="gelu"), rngs=nnx.Rngs(0))
+  unrolled = TransformerLM(VOCAB, tiny(positions="learned", norm="layer", mlp="gelu", scan_layers=False),
+                           rngs=nnx.Rngs(1))
+  t = tokens((2, 10))
+  gd_s, p_s = nnx.split(scanned)
+  gd_u, p_u = nnx.split(unrolled)
+  as_unrolled = nnx.merge(gd_u, scan_to_unrolled(nnx.to_pure_dict(p_s)))
+  np.testing.assert_allclose(as_unrolled(t), scanned(t), rtol=1e-5, atol=1e-5)
+  back = unrolled_to_scan(scan_to_unrolled(nnx.to_pure_dict(p_s)))
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(nnx.to_pure_dict(p_s))):
+    np.testing.assert_array_equal(x, y)
+  as_scanned = nnx.merge(gd_s, unrolled_to_scan(nnx.to_pure_dict(p_u)))
+  np.testing.assert_allclose(as_scanned(t), unrolled(t), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_keeps_gradients():
+  t = tokens((2, 8))
+
+  def grads(m):
+    model = TransformerLM(VOCAB, m, rngs=nnx.Rngs(0))
+    return nnx.grad(lambda mod: mod(t).astype(jnp.float32).mean())(model)
+
+  plain, remat = grads(tiny()), grads(tiny(remat="full"))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_fn", [
+    lambda: TransformerLM(VOCAB, tiny(), rngs=nnx.Rngs(0)),
+    lambda: TransformerLM(VOCAB, tiny(scan_layers=False, positions="learned"), rngs=nnx.Rngs(0)),
+    lambda: RecurrentLM(VOCAB, "lstm", 16, 2, rngs=nnx.Rngs(0)),
+], ids=["transformer-scan", "transformer-unrolled", "lstm"])
+def test_cached_decoding_matches_full_forward(model_fn):
+  model = model_fn()
+  t = tokens((2, 11))
+  full = model(t)
+  cache = model.init_cache(2, 11)
+  logits, cache = model.decode(t[:, :6], cache, 0)  # prefill
+  steps = [logits]
+  for i in range(6, 11):  # then one token at a time
+    logits, cache = model.decode(t[:, i:i + 1], cache, i)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(norm="layer", mlp="gelu"), dict(positions="learned"),
+                                dict(tie_embeddings=False, num_layers=3)])
+def test_transformer_param_count_formula(kw):
+  m = tiny(**kw)
+  assert count(TransformerLM(VOCAB, m, rngs=nnx.Rngs(0))) == transformer_param_count(m, VOCAB)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_param_count_formula(cell):
+  lm = RecurrentLM(VOCAB, cell, 16, 3, rngs=nnx.Rngs(0))
+  assert count(lm.rnn) == recurrent_param_count(cell, 16, 16, 3)
+
+
+def test_classifiers_shapes_pooling_and_bidirectional():
+  x = jnp.ones((3, 8, 8, 1))
+  for pooling in ("cls", "mean"):
+    model = TransformerClassifier((8, 8, 1), 10, tiny(pooling=pooling), rngs=nnx.Rngs(0))
+    assert model(x).shape == (3, 10)
+  bi = RecurrentClassifier((8, 8, 1), 10, "gru", 16, 2, bidirectional=True, rngs=nnx.Rngs(0))
+  assert bi(x).shape == (3, 10) and bi.out.kernel.shape == (32, 10)
+  # Bidirectional: the output depends on the first row through the backward direction too.
+  uni = RecurrentClassifier((8, 8, 1), 10, "lstm", 16, 1, pooling="last", rngs=nnx.Rngs(0))
+  assert uni(x).shape == (3, 10)
+
+
+def test_bfloat16_compute_float32_params_and_norms():
+  model = TransformerLM(VOCAB, tiny(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+  assert model(tokens((2, 8))).dtype == jnp.bfloat16
+  h = jax.random.normal(jax.random.key(0), (2, 8, 32)).astype(jnp.bfloat16)
+  assert model.stack.final_norm(h).dtype == jnp.float32  # norms compute in float32
+  lstm = RecurrentLM(VOCAB, "lstm", 16, 1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert lstm(tokens((2, 8))).dtype == jnp.bfloat16
