@@ -29,7 +29,7 @@ def jaxmodels_step():
   model = MLP((D_IN,), (HIDDEN,), CLASSES, rngs=nnx.Rngs(0))
   graphdef, params, model_state = split_model(model)
   tx = optax.adam(LR)
-  train_step, _ = make_steps(graphdef, tx, seed=0)
+  train_step = jax.jit(make_steps(graphdef, tx, seed=0)[0], donate_argnums=0)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                      opt_state=tx.init(params))
   return train_step, state

@@ -24,6 +24,7 @@ USAGE = """usage: jaxmodels COMMAND [FLAGS]
 commands:
   train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
+  launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
 
@@ -82,9 +83,41 @@ Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=50
 """
   from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
+  from jaxmodels import parallel  # pylint: disable=import-outside-toplevel
+
   config, fv = parse_experiment_flags(prog, args)
+  parallel.initialize(config.parallel)  # joins a multi-process job, if this is one, before any backend use
   train_and_evaluate(config, fv.workdir)
   return 0
+
+
+def cmd_launch(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels launch --processes N [--devices-per-process D] [--port P] -- COMMAND [ARGS ...]
+
+Simulates a multi-host job on this machine: N CPU processes, each with D CPU
+devices, joined through jax.distributed over 127.0.0.1 (gloo collectives), each
+running `jaxmodels COMMAND ARGS`. Output lines carry a [i] process prefix. If
+one process fails, the others are stopped and the launcher exits non-zero.
+Example: jaxmodels launch --processes 2 --devices-per-process 2 -- train
+  --config experiments/digits_cnn.py --config.parallel.strategy=dp
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.parallel.launch import launch  # pylint: disable=import-outside-toplevel
+
+  if "--" not in args:
+    raise UserError("launch needs `--` before the command to run, e.g. -- train --config ...")
+  split = args.index("--")
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("--processes", type=int, required=True)
+  parser.add_argument("--devices-per-process", type=int, default=1)
+  parser.add_argument("--port", type=int, default=0)
+  try:
+    a = parser.parse_args(args[:split])
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels launch --help") from None
+  if a.processes < 1 or a.devices_per_process < 1 or not args[split + 1:]:
+    raise UserError("--processes and --devices-per-process must be positive, and a command must follow --")
+  return launch(a.processes, args[split + 1:], a.devices_per_process, a.port or None)
 
 
 def cmd_sample(prog: str, args: list[str]) -> int:
@@ -119,7 +152,7 @@ samples from the whole vocabulary.
   return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,25 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
+
+  c.parallel = config_dict.ConfigDict()
+  # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and the README).
+  c.parallel.strategy = "single"
+  # Mesh axis sizes, e.g. "data=2,tensor=4"; -1 fills the remaining devices. Empty: the
+  # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1).
+  c.parallel.mesh = ""
+  # Logical parameter axis -> mesh axis (None: not split).
+  c.parallel.rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
+                      ("conv_in", None), ("conv_out", "fsdp"), ("layers", None))
+  # For parameters without logical names: (path regex, mesh axis); the first match splits the
+  # parameter's largest dimension divisible by that axis.
+  c.parallel.fallback_rules = ((".*", "fsdp"),)
+  # Multi-process jobs (set automatically by `jaxmodels launch`, TPU pod slices and SLURM).
+  c.parallel.coordinator_address = ""  # host:port of process 0
+  c.parallel.num_processes = 1
+  c.parallel.process_id = 0
+  c.parallel.init_timeout_s = 300
+  c.parallel.heartbeat_timeout_s = 100
   return c
 
 

@@ -15,16 +15,20 @@ from tqdm import tqdm
 class MetricsLogger:
   """Appends records to `workdir/metrics.jsonl` and reports them on the terminal."""
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: bool = True):
+    """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing."""
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self.enabled = enabled
+    self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # pylint: disable=consider-using-with
     self._bar = None
-    if sys.stderr.isatty():
+    if enabled and sys.stderr.isatty():
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
     self._step = initial_step
 
   def write(self, record: dict) -> None:
     """One record: must hold `step` and `split`; numbers are rounded for the terminal only."""
+    if not self.enabled:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
@@ -39,6 +43,8 @@ class MetricsLogger:
       print(f"step {record['step']} {record['split']}: {shown}", flush=True)
 
   def print(self, line: str) -> None:
+    if not self.enabled:
+      return
     if self._bar is not None:
       self._bar.write(line)
     else:
@@ -47,7 +53,8 @@ class MetricsLogger:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def _fmt(v) -> str:

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jaxmodels import checkpoint
+from jaxmodels import parallel
 from jaxmodels import config as config_lib
 from jaxmodels.data import load_dataset
 from jaxmodels.metrics import MetricsLogger
@@ -65,26 +66,30 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
-  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task)
+  axis_name = "data" if config.parallel.strategy == "pmap" else None  # BatchNorm syncs statistics over it
+  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task,
+                     axis_name=axis_name)
 
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything built from a config before the first step: data, model graph, optimizer, steps."""
+  """Everything built from a config before the first step: data, model graph, optimizer, layout, steps."""
 
   config: Any
   dataset: Any
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+  layout: Any  # parallel.Layout (jit strategies) or parallel.PmapLayout
+  init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
 
-  def init_state(self) -> TrainState:
-    model = make_model(self.config, self.dataset, nnx.Rngs(self.config.train.seed))
-    _, params, model_state = split_model(model)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=self.tx.init(params))
+  def batch(self, step: int) -> dict:
+    """Training batch `step` as global arrays; this process loads only its own rows."""
+    t = self.config.train
+    share = self.layout.local_share(t.batch_size)
+    return self.layout.global_batch(self.dataset.train_batch(step, t.batch_size, share))
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.
@@ -92,11 +97,13 @@ class Experiment:
     Loss is mean cross-entropy in nats per example (classification) or per token
     (language models, which also report perplexity and bits per char or byte).
     """
+    size = self.config.train.eval_batch_size
+    share = self.layout.local_share(size)
     totals = None
-    for batch in self.dataset.eval_batches(self.config.train.eval_batch_size):
-      sums = self.eval_step(state, jax.device_put(batch))
+    for batch in self.dataset.eval_batches(size, share):
+      sums = self.eval_step(state, self.layout.global_batch(batch))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    totals = self.layout.fetch(totals)
     count = float(totals["count"])
     metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
     if self.dataset.task == "lm":
@@ -106,21 +113,55 @@ class Experiment:
 
 
 def build_experiment(config) -> Experiment:
-  """Validates the config, loads the data and compiles nothing yet (steps compile on first call)."""
+  """Validates the config, loads the data, lays the state out over the mesh; compiles nothing yet."""
   config_lib.validate(config)
   dataset = load_dataset(config)
-  # Built on abstract values: the graph definition without allocating parameters.
-  graphdef, _, _ = split_model(nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0))))
   tx, schedule = make_optimizer(config.train)
-  train_step, eval_step = make_steps(graphdef, tx, config.train.seed, config.train.grad_accum_steps)
-  return Experiment(config, dataset, graphdef, tx, schedule, train_step, eval_step)
+  t = config.train
+
+  def fresh_state() -> TrainState:
+    _, params, model_state = split_model(make_model(config, dataset, nnx.Rngs(t.seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params))
+
+  # Built on abstract values: the graph definition and sharding annotations without allocating parameters.
+  abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
+  graphdef, _, _ = split_model(abstract_model)
+  abstract_state = jax.eval_shape(fresh_state)
+  if config.parallel.strategy == "pmap":
+    layout = parallel.PmapLayout(jax.local_devices())
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name="data")
+    pmapped = jax.pmap(train_fn, axis_name="data", donate_argnums=0)
+
+    def train_step(state, batch):
+      state, metrics = pmapped(state, batch)
+      return state, metrics[0]  # identical on every device after the pmean
+
+    eval_step = jax.pmap(eval_fn, axis_name="data")
+    init_state = lambda: layout.replicate(jax.jit(fresh_state)())
+  else:
+    mesh = parallel.make_mesh(config.parallel)
+    specs = parallel.partition_specs(nnx.state(abstract_model, nnx.Param), mesh, config.parallel.rules,
+                                     config.parallel.fallback_rules)
+    layout = parallel.Layout(mesh, specs)
+    state_sh = layout.state_shardings(TrainState, abstract_state, tx)
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps)
+    train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding),
+                         out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+    eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
+    init_state = jax.jit(fresh_state, out_shardings=state_sh)
+  layout.local_share(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
+  layout.local_share(t.eval_batch_size)
+  return Experiment(config, dataset, graphdef, tx, schedule, layout, init_state, train_step, eval_step)
 
 
-def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1):
-  """The jitted (train_step, eval_step) pair for a model graph and an optimizer.
+def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None):
+  """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
   so the RNG needs no state of its own and a resumed run draws the same masks.
+  With `axis_name` (the pmap strategy) gradients, metrics and model state are
+  averaged across that axis, and eval sums are summed over it.
   """
 
   def loss_fn(params, model_state, batch, rng):
@@ -154,6 +195,9 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1):
       (model_state, grads, sums), _ = jax.lax.scan(
           body, (state.model_state, zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    if axis_name is not None:
+      grads, model_state = jax.lax.pmean((grads, model_state), axis_name)
+      sums = jax.lax.psum(sums, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = jnp.stack([sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
@@ -164,14 +208,15 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1):
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    return loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+    sums = loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
-  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+  return train_step, eval_step
 
 
 def mean_train_metrics(pending: list[jax.Array]) -> dict[str, float]:
   """Fetches train-step metric vectors (one host sync) and averages them by name."""
-  means = np.mean(np.stack(jax.device_get(pending)), axis=0)
+  means = np.mean(np.stack(parallel.fetch(pending)), axis=0)
   return {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
 
 
@@ -189,7 +234,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   t0 = time.perf_counter()
   with jax.transfer_guard("disallow"):
     for step in range(start, t.steps):
-      state, metrics = exp.train_step(state, jax.device_put(exp.dataset.train_batch(step, t.batch_size)))
+      state, metrics = exp.train_step(state, exp.batch(step))
       pending.append(metrics)
       done = step + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end
@@ -219,26 +264,29 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   config or data before anything is written.
   """
   exp = build_experiment(config)  # every config and data error surfaces here
+  lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   os.makedirs(workdir, exist_ok=True)
   for name, text in {"config.json": config_lib.to_json(config), **exp.dataset.files()}.items():
-    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-      f.write(text)
+    if lead:
+      with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+        f.write(text)
 
   state = exp.init_state()
   mngr = checkpoint.manager(workdir)
   if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), state)
-  start = int(jax.device_get(state.step))
-  logger = MetricsLogger(workdir, config.train.steps, start)
+    restored = checkpoint.restore(mngr, mngr.latest_step(), exp.layout.for_checkpoint(state))
+    state = exp.layout.from_checkpoint(restored)
+  start = int(exp.layout.fetch(state.step))
+  logger = MetricsLogger(workdir, config.train.steps, start, enabled=lead)
   logger.print(f"{exp.dataset.describe()}; training steps {start}..{config.train.steps} into {workdir}")
   t0 = time.perf_counter()
   state, eval_metrics = train_loop(exp, state, start, logger)
   train_s = time.perf_counter() - t0
   if not eval_metrics:  # resumed at the end: nothing trained, still report
     eval_metrics = exp.evaluate(state)
-  final_step = int(jax.device_get(state.step))
+  final_step = int(exp.layout.fetch(state.step))
   if mngr.latest_step() != final_step:
-    checkpoint.save(mngr, final_step, state)
+    checkpoint.save(mngr, final_step, exp.layout.for_checkpoint(state))
   mngr.close()
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
   logger.print(f"final: step {final_step} test {summary} (training {train_s:.1f} s)")

@@ -6,6 +6,10 @@ import sys
 
 import pytest
 
+# 8 simulated CPU devices for the parallel tests, set before anything initialises JAX's backend.
+# Runs that do not ask for a mesh use one device, as on a laptop.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -47,20 +47,32 @@ class ArrayDataset:
     """Files the run keeps in its workdir: none for arrays."""
     return {}
 
-  def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-    """The batch for `step`: epoch-wise seeded shuffles, last partial batch dropped."""
+  def train_batch(self, step: int, batch_size: int, share: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """Rows `share` (index, count) of the global batch for `step`.
+
+    Epoch-wise seeded shuffles, last partial batch dropped; each process gathers
+    only its own rows.
+    """
     n = len(self.x_train)
     if batch_size > n:
       raise UserError(f"train.batch_size={batch_size} exceeds the {n} training examples")
     epoch, i = divmod(step, n // batch_size)
     if self._epoch_perm[0] != epoch:
       self._epoch_perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
-    idx = self._epoch_perm[1][i * batch_size:(i + 1) * batch_size]
+    idx = local_rows(self._epoch_perm[1][i * batch_size:(i + 1) * batch_size], share)
     return {"x": self.x_train[idx], "y": self.y_train[idx]}
 
-  def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-shape test batches; the last is padded and masked so each example counts once."""
-    yield from padded_batches(self.x_test, self.y_test, batch_size)
+  def eval_batches(self, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape test batches (this process's rows); padding is masked so each example counts once."""
+    for batch in padded_batches(self.x_test, self.y_test, batch_size):
+      yield {k: local_rows(v, share) for k, v in batch.items()}
+
+
+def local_rows(rows: np.ndarray, share: tuple[int, int]) -> np.ndarray:
+  """Process `index` of `count` takes the index-th contiguous slice of a global batch's rows."""
+  index, count = share
+  n = len(rows) // count
+  return rows[index * n:(index + 1) * n]
 
 
 def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int,

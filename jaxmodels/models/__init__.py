@@ -21,10 +21,12 @@ from jaxmodels.models.transformer import TransformerClassifier, TransformerLM
 TASKS = ("classify", "lm")
 
 
-def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, task: str = "classify"):
+def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, task: str = "classify",
+                axis_name: str | None = None):
   """The module named by `model.family` for `task`, sized for `input_shape` and `num_outputs`.
 
   For "lm", `input_shape` is (seq_len,) and `num_outputs` the vocabulary size.
+  `axis_name` (the pmap strategy) makes BatchNorm average its statistics over that axis.
   """
   m = model_config
   dtypes = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
@@ -41,7 +43,7 @@ def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, tas
     return MLP(input_shape, tuple(m.hidden_sizes), num_outputs, **common)
   if m.family == "cnn":
     return CNN(input_shape, tuple(m.features), tuple(m.kernel_sizes), tuple(m.strides), num_outputs,
-               head_sizes=tuple(m.head_sizes), pool=m.pool, norm=m.norm, **common)
+               head_sizes=tuple(m.head_sizes), pool=m.pool, norm=m.norm, axis_name=axis_name, **common)
   if m.family == "transformer":
     return TransformerClassifier(input_shape, num_outputs, m, **dtypes)
   if m.family == "lstm":

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.errors import UserError
-from jaxmodels.models.layers import activation
+from jaxmodels.models.layers import activation, axes
 
 POOLS = {"max": nnx.max_pool, "avg": nnx.avg_pool, "none": None}
 NORMS = ("batch", "layer", "none")
@@ -17,11 +17,12 @@ class CNN(nnx.Module):
 
   `input_shape` is one example's shape, channels last: (L, C) for a signal,
   (H, W, C) for an image. Pooling (window and stride 2) is skipped on a layer
-  whose spatial size has fallen below 2. Norms compute in float32.
+  whose spatial size has fallen below 2. Norms compute in float32; `axis_name`
+  makes BatchNorm average its batch statistics across a pmap axis.
   """
 
   def __init__(self, input_shape, features, kernel_sizes, strides, num_outputs, *, head_sizes=(),
-               pool="max", norm="batch", activation_name="relu", dropout=0.0,
+               pool="max", norm="batch", activation_name="relu", dropout=0.0, axis_name=None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not len(features) == len(kernel_sizes) == len(strides):
       raise UserError(f"model.features, model.kernel_sizes and model.strides need one entry per conv "
@@ -35,9 +36,10 @@ class CNN(nnx.Module):
     self.convs, self.norms, self.pool_after = nnx.List(), nnx.List(), []
     for f, k, s in zip(features, kernel_sizes, strides):
       self.convs.append(nnx.Conv(channels, f, (k,) * nd, (s,) * nd, dtype=dtype, param_dtype=param_dtype,
-                                 rngs=rngs))
+                                 kernel_metadata=axes(*(None,) * nd, "conv_in", "conv_out"), rngs=rngs))
       if norm == "batch":
-        self.norms.append(nnx.BatchNorm(f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs))
+        self.norms.append(nnx.BatchNorm(f, dtype=jnp.float32, param_dtype=param_dtype, axis_name=axis_name,
+                                        rngs=rngs))
       elif norm == "layer":
         self.norms.append(nnx.LayerNorm(f, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs))
       spatial = [-(-n // s) for n in spatial]  # SAME padding

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.errors import UserError
+from jaxmodels.models.layers import axes
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
@@ -39,8 +40,10 @@ def _check(name, value, allowed):
 def make_norm(kind, d, param_dtype, rngs):
   """LayerNorm or RMSNorm, computing in float32 whatever the compute dtype."""
   _check("norm", kind, NORMS)
-  cls = nnx.LayerNorm if kind == "layer" else nnx.RMSNorm
-  return cls(d, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+  if kind == "layer":
+    return nnx.LayerNorm(d, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"),
+                         bias_metadata=axes("embed"), rngs=rngs)
+  return nnx.RMSNorm(d, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"), rngs=rngs)
 
 
 def rotary(x_BTNH, positions_BT):
@@ -60,9 +63,11 @@ class Attention(nnx.Module):
                rngs):
     if d_model % num_heads:
       raise UserError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
-    linear = lambda: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs)
-    self.query, self.key, self.value, self.out = linear(), linear(), linear(), linear()
+    linear = lambda names: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                      kernel_metadata=axes(*names), rngs=rngs)
+    # Column-parallel projections into heads, row-parallel out of them (Megatron).
+    self.query, self.key, self.value = (linear(("embed", "heads")) for _ in range(3))
+    self.out = linear(("heads", "embed"))
     self.num_heads, self.head_dim = num_heads, d_model // num_heads
     self.causal, self.rotary_positions = causal, rotary_positions
     self.implementation = None if implementation == "auto" else implementation
@@ -92,9 +97,10 @@ class FeedForward(nnx.Module):
 
   def __init__(self, d_model, d_ff, kind, *, dtype, param_dtype, rngs):
     _check("mlp", kind, MLPS)
-    linear = lambda a, b: nnx.Linear(a, b, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.up, self.down = linear(d_model, d_ff), linear(d_ff, d_model)
-    self.gate = linear(d_model, d_ff) if kind == "swiglu" else None
+    linear = lambda a, b, names: nnx.Linear(a, b, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                            kernel_metadata=axes(*names), rngs=rngs)
+    self.up, self.down = linear(d_model, d_ff, ("embed", "mlp")), linear(d_ff, d_model, ("mlp", "embed"))
+    self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
 
   def __call__(self, x_BTD):
     if self.gate is None:
@@ -131,7 +137,8 @@ class Stack(nnx.Module):
     rngs = block_kwargs.pop("rngs")
     make = lambda r: Block(dropout=dropout, rngs=r, **block_kwargs)
     if scan_layers:
-      self.blocks = nnx.split_rngs(splits=num_layers)(nnx.vmap(make, in_axes=0, out_axes=0))(rngs)
+      stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      self.blocks = nnx.split_rngs(splits=num_layers)(stacked)(rngs)
     else:
       self.blocks = nnx.List([make(rngs) for _ in range(num_layers)])
     self.final_norm = make_norm(block_kwargs["norm"], block_kwargs["d_model"], block_kwargs["param_dtype"],
@@ -189,12 +196,15 @@ class TransformerLM(nnx.Module):
 
   def __init__(self, vocab_size, m, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     d = m["d_model"]
-    self.embed = nnx.Embed(vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed = nnx.Embed(vocab_size, d, dtype=dtype, param_dtype=param_dtype,
+                           embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype,
+                                embedding_metadata=axes(None, "embed"), rngs=rngs)
                       if m["positions"] == "learned" else None)
     self.stack = Stack(**_stack_kwargs(m, causal=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     self.head = (None if m["tie_embeddings"] else
-                 nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                 nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            kernel_metadata=axes("embed", "vocab"), rngs=rngs))
     self.embed_dropout = nnx.Dropout(m["dropout"])
     self.max_len, self.dtype = m["max_len"], dtype
 
@@ -241,7 +251,8 @@ class TransformerClassifier(nnx.Module):
       raise UserError(f"sequence length {length} exceeds model.max_len={m['max_len']}")
     self.proj = nnx.Linear(math.prod(input_shape[1:]), d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cls = nnx.Param(jnp.zeros((1, 1, d), param_dtype)) if m["pooling"] == "cls" else None
-    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype,
+                                embedding_metadata=axes(None, "embed"), rngs=rngs)
                       if m["positions"] == "learned" else None)
     self.stack = Stack(**_stack_kwargs(m, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     self.out = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

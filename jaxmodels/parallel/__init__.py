@@ -1,0 +1,15 @@
+"""Parallelism: device meshes, sharding rules, multi-process jobs and the local launcher.
+
+`parallel.strategy` picks the layout: `single` (one device), `dp` (batch over
+`data`, parameters replicated), `fsdp` (parameters and optimizer state sharded
+over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
+attention heads and MLPs over `tensor`; combine with dp/fsdp through
+`parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
+"""
+
+from jaxmodels.parallel.distributed import initialize
+from jaxmodels.parallel.sharding import (MESH_AXES, STRATEGIES, Layout, PmapLayout, fetch, make_mesh,
+                                         partition_specs, per_device_bytes)
+
+__all__ = ["MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "fetch", "initialize", "make_mesh",
+           "partition_specs", "per_device_bytes"]

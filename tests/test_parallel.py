@@ -1,0 +1,177 @@
+"""Sharded training on 8 simulated CPU devices: meshes, rules, equivalence of strategies, multi-process jobs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
+
+from jaxmodels import parallel
+from jaxmodels.errors import UserError
+from jaxmodels.train import build_experiment, mean_train_metrics
+from conftest import ROOT, experiment, read_metrics
+
+STEPS = 20
+
+
+def pconfig(strategy, mesh=""):
+  c = config_dict.ConfigDict({"strategy": strategy, "mesh": mesh})
+  return c
+
+
+def test_mesh_sizes_fill_and_errors():
+  assert jax.device_count() == 8
+  assert dict(parallel.make_mesh(pconfig("dp")).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(parallel.make_mesh(pconfig("tp", "data=2,tensor=-1")).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert parallel.make_mesh(pconfig("single")).size == 1
+  with pytest.raises(UserError, match="do not divide the 8 devices"):
+    parallel.make_mesh(pconfig("dp", "data=-1,tensor=3"))
+  with pytest.raises(UserError, match="needs 6 devices, but 8 are available"):
+    parallel.make_mesh(pconfig("dp", "data=2,tensor=3"))
+  with pytest.raises(UserError, match="only one axis may be -1"):
+    parallel.make_mesh(pconfig("dp", "data=-1,fsdp=-1"))
+  with pytest.raises(UserError, match="unknown axis 'model'"):
+    parallel.make_mesh(pconfig("dp", "model=8"))
+  with pytest.raises(UserError, match="parallel.strategy='zero'"):
+    parallel.make_mesh(pconfig("zero"))
+
+
+def small_transformer(strategy, mesh=""):
+  c = experiment("text_transformer")
+  c.data.seq_len = 16
+  c.model.update(dict(num_layers=2, num_heads=4, d_model=32, d_ff=64, max_len=16))
+  c.train.update(dict(batch_size=16, eval_batch_size=16, steps=STEPS, warmup_steps=5))
+  c.parallel.update(dict(strategy=strategy, mesh=mesh))
+  return c
+
+
+def small_cnn(strategy, mesh=""):
+  c = experiment("digits_cnn")
+  c.model.update(dict(features=(8, 16), head_sizes=(32,)))
+  # SGD: under Adam, the conv biases that BatchNorm cancels (gradient ~1e-9, pure rounding noise)
+  # take full-size steps of arbitrary sign, so no two reduction orders could agree on them.
+  c.train.update(dict(batch_size=32, steps=STEPS, warmup_steps=5, optimizer="sgd", learning_rate=0.05))
+  c.parallel.update(dict(strategy=strategy, mesh=mesh))
+  return c
+
+
+def run_steps(config):
+  exp = build_experiment(config)
+  state = exp.init_state()
+  losses = []
+  for step in range(STEPS):
+    state, metrics = exp.train_step(state, exp.batch(step))
+    losses.append(metrics)
+  losses = [mean_train_metrics([m])["loss"] for m in losses]
+  return exp, state, losses, jax.device_get(exp.layout.for_checkpoint(state).params)
+
+
+@pytest.fixture(scope="module")
+def baselines():
+  return {"cnn": run_steps(small_cnn("single")), "transformer": run_steps(small_transformer("single"))}
+
+
+def assert_same_run(run, baseline):
+  _, _, losses, params = run
+  np.testing.assert_allclose(losses, baseline[2], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(baseline[3])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "pmap"])
+def test_digits_cnn_strategies_match_single_device(baselines, strategy):
+  assert_same_run(run_steps(small_cnn(strategy)), baselines["cnn"])
+
+
+@pytest.mark.parametrize("strategy, mesh", [("dp", ""), ("fsdp", ""), ("tp", "tensor=4,data=2"),
+                                            ("fsdp", "fsdp=4,tensor=2"), ("pmap", "")])
+def test_text_transformer_strategies_match_single_device(baselines, strategy, mesh):
+  assert_same_run(run_steps(small_transformer(strategy, mesh)), baselines["transformer"])
+
+
+def test_fsdp_and_tp_really_shard_the_state(baselines):
+  single_bytes = parallel.per_device_bytes(baselines["transformer"][1].params)
+  fsdp = build_experiment(small_transformer("fsdp"))
+  state = fsdp.init_state()
+  q = state.params["stack"]["blocks"]["attn"]["query"]["kernel"]
+  assert q.sharding.spec == P(None, "fsdp", None)  # (layers, embed, heads)
+  for moment in ("mu", "nu"):  # Adam's moments are sharded like their parameters
+    tree = optax.tree_utils.tree_get(state.opt_state, moment)
+    assert tree["stack"]["blocks"]["attn"]["query"]["kernel"].sharding.spec == q.sharding.spec
+  assert parallel.per_device_bytes(state.params) <= single_bytes / 7
+  tp = build_experiment(small_transformer("tp", "tensor=4,data=2")).init_state()
+  blocks = tp.params["stack"]["blocks"]
+  assert blocks["attn"]["query"]["kernel"].sharding.spec == P(None, None, "tensor")  # column parallel
+  assert blocks["attn"]["out"]["kernel"].sharding.spec == P(None, "tensor", None)  # row parallel
+  assert blocks["mlp"]["down"]["kernel"].sharding.spec == P(None, "tensor", None)
+  assert parallel.per_device_bytes(tp.params) < single_bytes / 2
+  # Unannotated CNN dense layers fall back to splitting their largest divisible dimension over fsdp.
+  cnn = build_experiment(small_cnn("fsdp")).init_state()
+  assert cnn.params["head"][0]["kernel"].sharding.spec == P("fsdp", None)  # (64, 32): 64 is largest
+  assert cnn.params["convs"][0]["kernel"].sharding.spec == P(None, None, None, "fsdp")  # conv_out
+
+
+def test_clear_errors_for_batch_and_dimension_splits():
+  c = small_cnn("dp")
+  c.train.batch_size = 12
+  with pytest.raises(UserError, match="batch size 12 is not divisible by the data-parallel size 8"):
+    build_experiment(c)
+  c = small_transformer("tp", "tensor=8")
+  c.model.d_ff = 36
+  with pytest.raises(UserError, match=r"dimension 36 \(mlp\) cannot be split over mesh axis 'tensor' of size 8"):
+    build_experiment(c)
+
+
+def jaxmodels(*args, env=None, **kw):
+  return subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, check=False, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_launch_two_processes_matches_one_process_four_devices(tmp_path):
+  train = ["train", "--config", "experiments/digits_cnn.py", "--config.parallel.strategy=dp",
+           "--config.train.steps=50", "--config.train.warmup_steps=10", "--config.train.log_every=10",
+           "--config.train.eval_every=50",
+           "--config.train.optimizer=sgd", "--config.train.learning_rate=0.05"]  # see small_cnn
+  multi = jaxmodels("launch", "--processes", "2", "--devices-per-process", "2", "--", *train,
+                    f"--workdir={tmp_path / 'multi'}")
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  assert "[0] final: step 50" in multi.stdout and "[1] final" not in multi.stdout  # only process 0 logs
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  single = jaxmodels(*train, f"--workdir={tmp_path / 'single'}", env=env)
+  assert single.returncode == 0, single.stderr
+  a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)  # all-reduce order differs across processes
+  assert os.listdir(tmp_path / "multi" / "checkpoints") == ["50"]
+
+
+def test_killed_process_stops_the_whole_job(tmp_path):
+  cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", "train", "--config",
+         "experiments/digits_mlp.py", "--config.train.steps=100000", "--config.train.log_every=10",
+         "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
+  launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  pids, lines = {}, []
+  for line in launcher.stdout:
+    lines.append(line)
+    if line.startswith("[launch] process"):
+      pids[int(line.split()[2].rstrip(":"))] = int(line.split()[-1])
+    if line.startswith("[0] step 10 train"):  # both processes are inside the training loop
+      break
+  assert len(pids) == 2, "".join(lines)
+  os.kill(pids[1], signal.SIGKILL)
+  t0 = time.monotonic()
+  rest = launcher.communicate(timeout=60)[0]
+  assert launcher.returncode != 0
+  assert time.monotonic() - t0 < 30
+  assert "process 1 exited with -9; stopping the others" in rest
+  with pytest.raises(ProcessLookupError):
+    os.kill(pids[0], 0)
