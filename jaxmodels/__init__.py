@@ -6,3 +6,15 @@ with its default in `jaxmodels.config`.
 """
 
 __version__ = "0.1.0"
+
+
+def load_params(path: str) -> dict:
+  """Parameters written by `jaxmodels export`, as a pure nested dict."""
+  from jaxmodels.export import load_params as load  # pylint: disable=import-outside-toplevel
+  return load(path)
+
+
+def load_model(path: str):
+  """The module written by `jaxmodels export`, rebuilt with its trained parameters."""
+  from jaxmodels.export import load_model as load  # pylint: disable=import-outside-toplevel
+  return load(path)

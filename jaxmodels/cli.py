@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxmodels import config as config_lib
-from jaxmodels.errors import UserError
+from jaxmodels.errors import Preempted, UserError
 
 USAGE = """usage: jaxmodels COMMAND [FLAGS]
 
@@ -25,6 +25,7 @@ commands:
   train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
+  export  parameters for research code: jaxmodels export --workdir DIR --out PATH
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
 
@@ -152,7 +153,28 @@ samples from the whole vocabulary.
   return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch}
+def cmd_export(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels export --workdir DIR --out PATH
+
+Writes the parameters of DIR's newest checkpoint (no optimizer state) to PATH,
+with the config and model shape needed to rebuild the module; research code
+loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.export import export  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  try:
+    a = parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels export --help") from None
+  print(f"exported {a.workdir} to {export(a.workdir, a.out)}")
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     return COMMANDS[command](f"jaxmodels {command}", args)
-  except UserError as e:
+  except UserError as e:  # exit 2; 3 for a non-finite loss
     print(f"jaxmodels: error: {e}", file=sys.stderr)
-    return 2
+    return e.exit_code
+  except Preempted as e:  # a signal stopped training after a synchronous save: rerun to resume
+    return e.exit_code
 
 
 def run_experiment(path: str) -> None:

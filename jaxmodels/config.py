@@ -90,6 +90,17 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
+  # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
+  c.train.skip_nonfinite = False
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
+  c.checkpoint.keep = 3  # newest checkpoints kept
+  c.checkpoint.keep_best = ""  # also keep the best by this eval metric (e.g. "loss", "accuracy")
+  c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
+  # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.
+  c.checkpoint.restore_from = ""
+  c.checkpoint.restore_mode = "params"  # params (fresh optimizer, step 0) | full (continue its state)
 
   c.parallel = config_dict.ConfigDict()
   # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and the README).

@@ -15,15 +15,22 @@ from tqdm import tqdm
 class MetricsLogger:
   """Appends records to `workdir/metrics.jsonl` and reports them on the terminal."""
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: bool = True):
-    """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing."""
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing.
+
+    The file opens at `start()`, after a resumed run has trimmed it.
+    """
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = enabled
-    self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # pylint: disable=consider-using-with
-    self._bar = None
-    if enabled and sys.stderr.isatty():
-      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+    self.enabled, self.total_steps = enabled, total_steps
+    self._file, self._bar, self._step = None, None, 0
+
+  def start(self, initial_step: int) -> None:
+    if not self.enabled:
+      return
+    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     self._step = initial_step
+    if sys.stderr.isatty():
+      self._bar = tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
   def write(self, record: dict) -> None:
     """One record: must hold `step` and `split`; numbers are rounded for the terminal only."""

@@ -5,21 +5,14 @@ The prompt is fed once (prefill), then one token per step inside a
 state. Temperature 0 is greedy decoding; top-k keeps the k likeliest tokens.
 """
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import config_dict
 
-from jaxmodels import checkpoint
 from jaxmodels.data.text import Vocab
 from jaxmodels.errors import UserError
-from jaxmodels.models import build_model
-from jaxmodels.optim import make_optimizer
-from jaxmodels.train import TrainState, split_model
+from jaxmodels.export import load_run_model
 
 
 def sample_token(logits_BV, key, temperature: float, top_k: int):
@@ -64,21 +57,5 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperat
 
 def load_language_model(workdir: str) -> tuple[nnx.Module, Vocab]:
   """The model of a language-model run at its newest checkpoint, and its vocabulary."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path} not found: is {workdir} a jaxmodels workdir?")
-  with open(path, encoding="utf-8") as f:
-    config = config_dict.ConfigDict(json.load(f))
   vocab = Vocab.load(workdir)
-  mngr = checkpoint.manager(workdir)
-  step = mngr.latest_step()
-  if step is None:
-    raise UserError(f"{workdir} has no checkpoint to sample from")
-  model = build_model(config.model, (config.data.seq_len,), vocab.size, nnx.Rngs(0), task="lm")
-  graphdef, params, model_state = split_model(model)
-  tx, _ = make_optimizer(config.train)
-  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=jax.eval_shape(tx.init, params))
-  state = checkpoint.restore(mngr, step, like)
-  mngr.close()
-  return nnx.merge(graphdef, state.params, state.model_state), vocab
+  return load_run_model(workdir), vocab

@@ -8,8 +8,11 @@ interval fetches them.
 """
 
 import dataclasses
+import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,6 +27,7 @@ from jaxmodels import checkpoint
 from jaxmodels import parallel
 from jaxmodels import config as config_lib
 from jaxmodels.data import load_dataset
+from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.models import build_model
 from jaxmodels.optim import make_optimizer
@@ -39,7 +43,7 @@ class TrainState:
 
 # The train step returns its metrics stacked in one float32 vector in this order:
 # each output array costs dispatch time on every step, the stack costs one.
-TRAIN_METRICS = ("loss", "accuracy", "grad_norm")
+TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "skipped")
 
 
 def split_model(model: nnx.Module):
@@ -130,7 +134,8 @@ def build_experiment(config) -> Experiment:
   abstract_state = jax.eval_shape(fresh_state)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name="data")
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name="data",
+                                   skip_nonfinite=t.skip_nonfinite)
     pmapped = jax.pmap(train_fn, axis_name="data", donate_argnums=0)
 
     def train_step(state, batch):
@@ -145,7 +150,7 @@ def build_experiment(config) -> Experiment:
                                      config.parallel.fallback_rules)
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps)
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
     train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding),
                          out_shardings=(state_sh, layout.replicated), donate_argnums=0)
     eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
@@ -155,13 +160,16 @@ def build_experiment(config) -> Experiment:
   return Experiment(config, dataset, graphdef, tx, schedule, layout, init_state, train_step, eval_step)
 
 
-def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None):
+def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
+               skip_nonfinite: bool = False):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
   so the RNG needs no state of its own and a resumed run draws the same masks.
   With `axis_name` (the pmap strategy) gradients, metrics and model state are
-  averaged across that axis, and eval sums are summed over it.
+  averaged across that axis, and eval sums are summed over it. With
+  `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
+  state unchanged but for the step counter (metric `skipped` = 1).
   """
 
   def loss_fn(params, model_state, batch, rng):
@@ -200,8 +208,15 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
       sums = jax.lax.psum(sums, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = jnp.stack([sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
-                         optax.tree.norm(grads)]).astype(jnp.float32)
+    loss, grad_norm = sums["loss_sum"] / sums["count"], optax.tree.norm(grads)
+    skipped = jnp.zeros((), jnp.float32)
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, model_state, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
+          (state.params, state.model_state, state.opt_state))
+      skipped = 1.0 - ok.astype(jnp.float32)
+    metrics = jnp.stack([loss, sums["correct"] / sums["count"], grad_norm, skipped]).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
     return new_state, metrics
@@ -216,79 +231,186 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
 def mean_train_metrics(pending: list[jax.Array]) -> dict[str, float]:
   """Fetches train-step metric vectors (one host sync) and averages them by name."""
-  means = np.mean(np.stack(parallel.fetch(pending)), axis=0)
-  return {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
+  return summarize(np.stack(parallel.fetch(pending)))
 
 
-def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger):
-  """Steps `start`..`train.steps`; returns (state, last eval metrics or {}).
+def summarize(rows: np.ndarray) -> dict[str, float]:
+  """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
+  kept = rows[rows[:, TRAIN_METRICS.index("skipped")] == 0]
+  means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
+  out = {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
+  skipped = int(rows[:, TRAIN_METRICS.index("skipped")].sum())
+  if skipped:
+    out["skipped"] = skipped
+  else:
+    del out["skipped"]
+  return out
 
-  Metrics stay on the device until a log interval fetches them all at once. The
+
+class _Signals:
+  """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, _frame):
+    if self.received is not None:
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
+               unlogged: list | None = None):
+  """Steps `start`..`train.steps` with periodic async saves; returns (state, last eval metrics or {}).
+
+  Metrics stay on the device until a log interval or a save fetches them. The
   loop may move data only explicitly (device_put / device_get): an implicit
   transfer, a hidden per-step host sync, is an error rather than a slowdown.
+  A non-finite loss stops the run before any save of that state; a signal
+  ends it after the current step with a synchronous save. Each checkpoint also
+  keeps the metric rows not yet logged (`unlogged` on resume), so a resumed
+  run's log intervals average the same steps as an uninterrupted run's.
   """
-  t = exp.config.train
-  pending, interval_start, eval_metrics = [], None, {}
+  t, every = exp.config.train, exp.config.checkpoint.every
+  config_dict = exp.config.to_dict()
+  pending, interval_start, eval_metrics, timed = [], None, {}, 0
+  checked = list(unlogged or [])  # host metric rows since the last log line, checked for non-finite losses
   # Every step's learning rate, computed once here: schedules are jnp functions.
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
+
+  def check(done):
+    """Fetches pending metrics (one host sync) and stops on a non-finite loss unless skipping."""
+    if not pending:
+      return
+    rows = np.stack(parallel.fetch(pending))
+    losses = rows[:, 0]
+    if not t.skip_nonfinite and not np.all(np.isfinite(losses)):
+      bad = done - len(pending) + 1 + int(np.argmax(~np.isfinite(losses)))
+      raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
+                          f"that state (the newest checkpoint is {ckpts.latest_step()}). Lower "
+                          f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
+    checked.extend(rows.tolist())
+    pending.clear()
+
   t0 = time.perf_counter()
-  with jax.transfer_guard("disallow"):
+  with jax.transfer_guard("disallow"), _Signals() as signals:
     for step in range(start, t.steps):
       state, metrics = exp.train_step(state, exp.batch(step))
       pending.append(metrics)
-      done = step + 1
+      done, timed = step + 1, timed + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end
-        logger.write({"step": done, "split": "train", **mean_train_metrics(pending),
-                      "learning_rate": float(learning_rates[step]), "first_step_s": time.perf_counter() - t0})
-        pending, interval_start = [], time.perf_counter()
+        check(done)
+        first_step_s = time.perf_counter() - t0
+        if start == 0:  # a resumed run logs on the uninterrupted run's schedule instead
+          logger.write({"step": done, "split": "train", **summarize(np.asarray(checked)),
+                        "learning_rate": float(learning_rates[step]), "first_step_s": first_step_s})
+          checked.clear()
+        else:
+          logger.print(f"first step after resuming (compile + run) took {first_step_s:.2f} s")
+        interval_start, timed = time.perf_counter(), 0
       elif done % t.log_every == 0 or done == t.steps:
-        record = mean_train_metrics(pending)
+        check(done)
+        record = summarize(np.asarray(checked))
         elapsed = time.perf_counter() - interval_start
-        record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / len(pending),
-                      examples_per_sec=len(pending) * t.batch_size / elapsed)
+        record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / timed,
+                      examples_per_sec=timed * t.batch_size / elapsed)
         if exp.dataset.task == "lm":
           record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
         logger.write({"step": done, "split": "train", **record})
-        pending, interval_start = [], time.perf_counter()
-      if done % t.eval_every == 0 or done == t.steps:
+        checked.clear()
+        interval_start, timed = time.perf_counter(), 0
+      evaluated = done % t.eval_every == 0 or done == t.steps
+      if evaluated:
         eval_metrics = exp.evaluate(state)
         logger.write({"step": done, "split": "eval", **eval_metrics})
+      if (every and done % every == 0) or done == t.steps or signals.received:
+        check(done)
+        ckpts.save(done, exp.layout.for_checkpoint(state), config_dict, unlogged=checked,
+                   metrics=eval_metrics if evaluated else None, wait=bool(signals.received))
+      if signals.received:
+        logger.print(f"signal {signals.received}: saved step {done}; rerun the same command to resume")
+        raise Preempted(done)
   return state, eval_metrics
+
+
+def _restore(exp: Experiment, ckpts, state, logger_print):
+  """(state, start step, unlogged metric rows): the workdir's newest readable checkpoint, else
+  checkpoint.restore_from, else a fresh start."""
+  c = exp.config.checkpoint
+  like = exp.layout.for_checkpoint(state)
+  found = ckpts.restore_newest(like, exp.config.to_dict(), log=logger_print)
+  if found is not None:
+    return exp.layout.from_checkpoint(found[0]), found[1], ckpts.unlogged_metrics(found[1])
+  if c.restore_from:
+    if c.restore_mode not in ("params", "full"):
+      raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
+    directory, step = checkpoint.resolve_restore_from(c.restore_from)
+    try:
+      restored = checkpoint.Checkpoints(directory).restore(step, like, params_only=c.restore_mode == "params")
+    except ValueError as e:
+      raise UserError(f"cannot restore {directory}/{step} into this model: {str(e).splitlines()[0]}") from None
+    logger_print(f"started from {directory}/{step} ({c.restore_mode})")
+    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), []
+  return state, 0, []
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops records past `step`: a resumed run rewrites them, so metrics.jsonl reads as one run."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(lines)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` into `workdir` and returns the final eval metrics.
 
-  Writes `config.json`, `metrics.jsonl` and `checkpoints/`. A workdir that already
-  holds a checkpoint resumes from its newest step. Raises `UserError` for bad
-  config or data before anything is written.
+  Writes `config.json`, `model.json`, `metrics.jsonl` and `checkpoints/`. A
+  workdir that already holds a checkpoint resumes from its newest readable one.
+  Raises `UserError` for bad config or data before anything is written,
+  `NonFiniteLoss` if the loss diverges, and `Preempted` after a signal's save.
   """
   exp = build_experiment(config)  # every config and data error surfaces here
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
+  d = exp.dataset
+  files = {"config.json": config_lib.to_json(config), **d.files(),
+           "model.json": json.dumps({"input_shape": list(d.input_shape), "num_outputs": d.num_outputs,
+                                     "task": d.task})}
   os.makedirs(workdir, exist_ok=True)
-  for name, text in {"config.json": config_lib.to_json(config), **exp.dataset.files()}.items():
+  for name, text in files.items():
     if lead:
       with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
         f.write(text)
-
-  state = exp.init_state()
-  mngr = checkpoint.manager(workdir)
-  if mngr.latest_step() is not None:
-    restored = checkpoint.restore(mngr, mngr.latest_step(), exp.layout.for_checkpoint(state))
-    state = exp.layout.from_checkpoint(restored)
-  start = int(exp.layout.fetch(state.step))
-  logger = MetricsLogger(workdir, config.train.steps, start, enabled=lead)
-  logger.print(f"{exp.dataset.describe()}; training steps {start}..{config.train.steps} into {workdir}")
-  t0 = time.perf_counter()
-  state, eval_metrics = train_loop(exp, state, start, logger)
-  train_s = time.perf_counter() - t0
-  if not eval_metrics:  # resumed at the end: nothing trained, still report
-    eval_metrics = exp.evaluate(state)
-  final_step = int(exp.layout.fetch(state.step))
-  if mngr.latest_step() != final_step:
-    checkpoint.save(mngr, final_step, exp.layout.for_checkpoint(state))
-  mngr.close()
+  ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
+  logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
+  try:
+    state, start, unlogged = _restore(exp, ckpts, exp.init_state(), logger.print)
+    if lead:
+      _truncate_metrics(workdir, start)
+    logger.start(start)
+    logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
+    t0 = time.perf_counter()
+    state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
+    train_s = time.perf_counter() - t0
+    if not eval_metrics:  # resumed at the end: nothing trained, still report
+      eval_metrics = exp.evaluate(state)
+  finally:
+    ckpts.close()  # waits for the last async save; a failed save raises here
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
-  logger.print(f"final: step {final_step} test {summary} (training {train_s:.1f} s)")
+  logger.print(f"final: step {int(exp.layout.fetch(state.step))} test {summary} (training {train_s:.1f} s)")
   logger.close()
   return eval_metrics

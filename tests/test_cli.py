@@ -45,4 +45,4 @@ def test_experiment_runs_as_a_script_with_overrides(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "final: step 30 test" in r.stdout
   assert [m["step"] for m in read_metrics(workdir) if m["split"] == "train"] == [1, 10, 20, 30]
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl"]
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl", "model.json"]

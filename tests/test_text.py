@@ -176,10 +176,10 @@ def test_checkpoint_restores_across_scan_and_unrolled_layouts(tmp_path):
   config.train.warmup_steps = 1
   workdir = str(tmp_path / "run")
   train_and_evaluate(config, workdir)
-  mngr = checkpoint.manager(workdir)
-  saved = checkpoint.restore(mngr, 3, build_experiment(config).init_state())
+  ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+  saved = ckpts.restore(3, build_experiment(config).init_state())
   config.model.scan_layers = True
-  restored = checkpoint.restore(mngr, 3, build_experiment(config).init_state())
+  restored = ckpts.restore(3, build_experiment(config).init_state())
   assert restored.params["stack"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 32, 32)
   for a, b in zip(jax.tree.leaves(unrolled_to_scan((saved.params, saved.opt_state))),
                   jax.tree.leaves((restored.params, restored.opt_state))):

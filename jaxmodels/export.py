@@ -1,0 +1,94 @@
+"""Trained parameters for research code: export a run's parameters alone, load them back into a module.
+
+    jaxmodels export --workdir runs/digits_cnn --out exported/digits_cnn
+
+writes `OUT/params/` (Orbax, parameters only: no optimizer state), `OUT/config.json`
+and `OUT/model.json` (the input shape, output count and task the model was
+built for), plus `OUT/vocab.json` for language models. Then, anywhere:
+
+    import jaxmodels
+    model = jaxmodels.load_model("exported/digits_cnn")     # an nnx.Module, ready to call
+    params = jaxmodels.load_params("exported/digits_cnn")   # the pure parameter dict
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from ml_collections import config_dict
+
+from jaxmodels import checkpoint
+from jaxmodels.errors import UserError
+from jaxmodels.models import build_model
+
+
+def _read_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  if not os.path.isfile(path):
+    raise UserError(f"{path} not found: is {directory} a jaxmodels workdir or export?")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def build_saved_model(directory: str) -> nnx.Module:
+  """The (randomly initialised) model a workdir or export was trained with."""
+  config = config_dict.ConfigDict(_read_json(directory, "config.json"))
+  spec = _read_json(directory, "model.json")
+  return build_model(config.model, tuple(spec["input_shape"]), spec["num_outputs"], nnx.Rngs(0),
+                     task=spec["task"])
+
+
+def load_run_model(workdir: str) -> nnx.Module:
+  """The model of a training run, with the parameters of its newest checkpoint."""
+  model = build_saved_model(workdir)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+  ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+  step = ckpts.latest_step()
+  if step is None:
+    raise UserError(f"{workdir} has no checkpoint")
+  from jaxmodels.train import TrainState  # pylint: disable=import-outside-toplevel
+  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
+  restored = ckpts.restore(step, like, params_only=True)
+  ckpts.manager.close()
+  return nnx.merge(graphdef, restored.params, restored.model_state)
+
+
+def export(workdir: str, out: str) -> str:
+  """Writes the newest checkpoint's parameters (and non-parameter model state) of `workdir` to `out`."""
+  model = load_run_model(workdir)
+  if os.path.exists(out):
+    raise UserError(f"--out {out} already exists")
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(out, "params")),
+               {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)})
+  for name in ("config.json", "model.json", "vocab.json"):
+    if os.path.isfile(os.path.join(workdir, name)):
+      shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
+  return out
+
+
+def _load(path: str):
+  model = build_saved_model(path)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  like = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)}
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.abspath(os.path.join(path, "params")),
+                         jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+  return graphdef, tree
+
+
+def load_params(path: str) -> dict:
+  """The exported parameters as a pure nested dict (what `nnx.merge` and optax take)."""
+  return _load(path)[1]["params"]
+
+
+def load_model(path: str) -> nnx.Module:
+  """The exported model as an NNX module with its trained parameters."""
+  graphdef, tree = _load(path)
+  return nnx.merge(graphdef, tree["params"], tree["model_state"])

@@ -1,0 +1,219 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, torn and corrupt saves, retention, resharding, export."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxmodels
+from jaxmodels import checkpoint
+from jaxmodels.export import load_run_model
+from jaxmodels.train import build_experiment, train_and_evaluate
+from conftest import ROOT, experiment, read_metrics
+
+SCORES = ("loss", "accuracy", "perplexity", "bits_per_char")
+
+
+def command(config, workdir, *overrides):
+  return [sys.executable, f"experiments/{config}.py", f"--workdir={workdir}", *overrides]
+
+
+def run(cmd, **kw):
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, **kw)
+
+
+def run_until(cmd, line_prefix, sig):
+  """Starts `cmd`, sends `sig` once a stdout line starts with `line_prefix`, returns (code, output)."""
+  p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in p.stdout:
+    lines.append(line)
+    if line.startswith(line_prefix):
+      p.send_signal(sig)
+      break
+  out = p.communicate(timeout=300)[0]
+  return p.returncode, "".join(lines) + out
+
+
+def scores(workdir):
+  return [(r["step"], r["split"], *(r.get(k) for k in SCORES)) for r in read_metrics(workdir)]
+
+
+def final_params(workdir):
+  return jax.tree.leaves(jax.device_get(nnx_state(load_run_model(workdir))))
+
+
+def nnx_state(model):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+EXPERIMENTS = {
+    "digits_cnn": ["--config.train.steps=200"],
+    "text_transformer": ["--config.train.steps=200", "--config.data.seq_len=32", "--config.model.num_layers=2",
+                         "--config.model.d_model=64", "--config.model.d_ff=128", "--config.train.batch_size=16",
+                         "--config.train.eval_every=100", "--config.train.eval_batch_size=256"],
+}
+COMMON = ["--config.checkpoint.every=50", "--config.train.log_every=10"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_sigkill_after_step_120_resumes_bit_exactly(tmp_path, name):
+  args = EXPERIMENTS[name] + COMMON
+  assert run(command(name, tmp_path / "straight", *args)).returncode == 0
+  code, out = run_until(command(name, tmp_path / "killed", *args), "step 120 train", signal.SIGKILL)
+  assert code == -signal.SIGKILL, out
+  resumed = run(command(name, tmp_path / "killed", *args))
+  assert resumed.returncode == 0, resumed.stderr
+  assert "training steps 100..200" in resumed.stdout or "training steps 150..200" in resumed.stdout
+  assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
+  for a, b in zip(final_params(tmp_path / "killed"), final_params(tmp_path / "straight")):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path):
+  args = EXPERIMENTS["digits_cnn"] + COMMON
+  assert run(command("digits_cnn", tmp_path / "straight", *args)).returncode == 0
+  code, out = run_until(command("digits_cnn", tmp_path / "stopped", *args), "step 70 train", signal.SIGTERM)
+  assert code == 75, out
+  saved = checkpoint.Checkpoints(checkpoint.checkpoint_dir(tmp_path / "stopped")).latest_step()
+  assert 70 <= saved < 200 and saved % 50 != 0  # the signal's own save, not a periodic one
+  assert f"saved step {saved}; rerun the same command to resume" in out
+  assert run(command("digits_cnn", tmp_path / "stopped", *args)).returncode == 0
+  assert scores(tmp_path / "stopped") == scores(tmp_path / "straight")
+  for a, b in zip(final_params(tmp_path / "stopped"), final_params(tmp_path / "straight")):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_save_restarts_from_previous_checkpoint(tmp_path):
+  # A wide MLP, so each save (~70 MB with Adam's moments) is in flight long enough to be caught.
+  args = ["--config.model.hidden_sizes=(2048,2048)", "--config.train.steps=1000", "--config.checkpoint.every=20",
+          "--config.train.log_every=1000", "--config.train.eval_every=1000", "--config.checkpoint.keep=10"]
+  ckdir = tmp_path / "checkpoints"
+  p = subprocess.Popen(command("digits_mlp", tmp_path, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  in_flight = None
+  deadline = time.monotonic() + 240
+  while in_flight is None and time.monotonic() < deadline and p.poll() is None:
+    names = os.listdir(ckdir) if ckdir.is_dir() else []
+    done = [int(n) for n in names if n.isdigit()]
+    tmp = [n for n in names if "tmp" in n]
+    if done and tmp:
+      p.kill()
+      in_flight = tmp[0]
+    time.sleep(0.002)
+  p.wait()
+  assert in_flight is not None, "never saw a save in flight"
+  complete = max(int(n) for n in os.listdir(ckdir) if n.isdigit())
+  r = run(command("digits_mlp", tmp_path, *args[:1], "--config.train.steps=100", *args[2:]))
+  assert r.returncode == 0, r.stderr
+  assert f"training steps {complete}..100" in r.stdout
+  assert not [n for n in os.listdir(ckdir) if "tmp" in n]  # the torn write was cleaned up
+
+
+def small_run(workdir, steps, **overrides):
+  c = experiment("digits_mlp")
+  c.train.update(dict(steps=steps, warmup_steps=2, log_every=5, eval_every=5))
+  c.checkpoint.every = 10
+  for key, value in overrides.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c, train_and_evaluate(c, str(workdir))
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_skipped(tmp_path):
+  small_run(tmp_path, 20)
+  for f in (tmp_path / "checkpoints" / "20").rglob("*"):  # damage the newest checkpoint's files
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=30", "--config.train.warmup_steps=2",
+                  "--config.checkpoint.every=10", "--config.train.log_every=5", "--config.train.eval_every=5"))
+  assert r.returncode == 0, r.stderr
+  assert "checkpoint 20 is unreadable" in r.stdout and "training steps 10..30" in r.stdout
+  assert (tmp_path / "checkpoints_corrupt").is_dir()
+  assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [10, 20, 30]
+
+
+def test_config_mismatch_names_the_keys_and_exits_2(tmp_path):
+  small_run(tmp_path, 10)
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=20", "--config.model.hidden_sizes=(64,)",
+                  "--config.train.batch_size=32", "--config.train.warmup_steps=2"))
+  assert r.returncode == 2
+  assert "the config differs in keys that shape the state" in r.stderr
+  assert "model.hidden_sizes (saved [256, 128], now [64])" in r.stderr
+  assert "train.batch_size (saved 64, now 32)" in r.stderr
+
+
+def test_nonfinite_loss_stops_before_saving_and_skip_mode_counts(tmp_path):
+  overrides = ["--config.train.optimizer=sgd", "--config.train.learning_rate=1e12", "--config.train.steps=50",
+               "--config.train.warmup_steps=0", "--config.train.schedule=constant", "--config.checkpoint.every=1",
+               "--config.train.log_every=1000"]
+  r = run(command("digits_mlp", tmp_path / "stop", *overrides))
+  assert r.returncode == 3, r.stderr
+  assert "jaxmodels: error: loss is nan at step" in r.stderr or "jaxmodels: error: loss is inf at step" in r.stderr
+  bad_step = int(r.stderr.split(" at step ")[1].split(";")[0])
+  steps = [int(n) for n in os.listdir(tmp_path / "stop" / "checkpoints") if n.isdigit()]
+  assert steps and max(steps) < bad_step  # nothing saved from the diverged state
+  r = run(command("digits_mlp", tmp_path / "skip", *overrides, "--config.train.skip_nonfinite=true",
+                  "--config.train.log_every=10"))
+  assert r.returncode == 0, r.stderr
+  assert sum(m.get("skipped", 0) for m in read_metrics(tmp_path / "skip") if m["split"] == "train") > 0
+
+
+def test_keep_newest_and_best(tmp_path):
+  _, _ = small_run(tmp_path, 60, checkpoint__keep=2, checkpoint__keep_best="accuracy",
+                   checkpoint__best_mode="max", train__learning_rate=0.05, train__eval_every=10)
+  evals = {r["step"]: r["accuracy"] for r in read_metrics(tmp_path) if r["split"] == "eval"}
+  best = max(sorted(evals), key=lambda s: (evals[s], -s))
+  kept = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
+  assert kept == sorted({50, 60, best})
+
+
+def test_restore_from_another_run_params_or_full(tmp_path):
+  _, first = small_run(tmp_path / "a", 20)
+  c, _ = small_run(tmp_path / "b", 5, checkpoint__restore_from=str(tmp_path / "a"))
+  a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+  assert b[0]["step"] == 1  # trained parameters, fresh optimizer, step 0
+  assert b[0]["loss"] < a[0]["loss"] - 0.5 and b[0]["loss"] == pytest.approx(first["loss"], abs=0.1)
+  c, _ = small_run(tmp_path / "c", 25, checkpoint__restore_from=str(tmp_path / "a" / "checkpoints" / "20"),
+                   checkpoint__restore_mode="full")
+  assert read_metrics(tmp_path / "c")[0]["step"] == 21  # continues the other run's step count
+
+
+def test_export_and_load(tmp_path):
+  small_run(tmp_path / "run", 10)
+  out = tmp_path / "exported"
+  r = run([sys.executable, "-m", "jaxmodels", "export", "--workdir", str(tmp_path / "run"), "--out", str(out)])
+  assert r.returncode == 0, r.stderr
+  assert sorted(os.listdir(out)) == ["config.json", "model.json", "params"]
+  model, reference = jaxmodels.load_model(str(out)), load_run_model(str(tmp_path / "run"))
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(model(x), reference(x))
+  params = jaxmodels.load_params(str(out))
+  assert set(params) == {"hidden", "out"} and params["out"]["kernel"].shape == (128, 10)
+
+
+def test_fsdp_checkpoint_restores_onto_one_and_four_devices(tmp_path):
+  steps = dict(train__warmup_steps=0, train__schedule="constant")  # the schedule must not depend on train.steps
+  _, straight = small_run(tmp_path / "straight", 40, **steps)
+  small_run(tmp_path / "fsdp", 20, parallel__strategy="fsdp", **steps)
+  shutil.copytree(tmp_path / "fsdp", tmp_path / "dp4")
+  _, one = small_run(tmp_path / "fsdp", 40, **steps)  # 8 devices, fsdp -> 1 device
+  assert one["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  r = run(command("digits_mlp", tmp_path / "dp4", "--config.train.steps=40", "--config.train.warmup_steps=0",
+                  "--config.train.schedule=constant",
+                  "--config.train.log_every=5", "--config.train.eval_every=5", "--config.checkpoint.every=10",
+                  "--config.parallel.strategy=dp"), env=env)
+  assert r.returncode == 0, r.stderr
+  assert "training steps 20..40" in r.stdout
+  assert read_metrics(tmp_path / "dp4")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-4)
