@@ -16,10 +16,10 @@ train: $(STAMP)
 	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir runs/digits_cnn
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -186,7 +186,7 @@ def test_restore_from_another_run_params_or_full(tmp_path):
   assert b[0]["loss"] < a[0]["loss"] - 0.5 and b[0]["loss"] == pytest.approx(first["loss"], abs=0.1)
   c, _ = small_run(tmp_path / "c", 25, checkpoint__restore_from=str(tmp_path / "a" / "checkpoints" / "20"),
                    checkpoint__restore_mode="full")
-  assert read_metrics(tmp_path / "c")[0]["step"] == 21  # continues the other run's step count
+  assert read_metrics(tmp_path / "c")[0]["step"] == 25  # continues the other run's step count (21..25)
 
 
 def test_export_and_load(tmp_path):
