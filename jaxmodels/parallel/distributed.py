@@ -4,8 +4,9 @@ A process is part of a multi-process job when any of these says so:
 - the environment set by `jaxmodels launch` (or by hand): JAXMODELS_COORDINATOR
   (host:port), JAXMODELS_NUM_PROCESSES, JAXMODELS_PROCESS_ID;
 - the config: parallel.coordinator_address, parallel.num_processes > 1, parallel.process_id;
-- a Cloud TPU VM slice with several hosts (TPU_WORKER_HOSTNAMES lists more than
-  one) or a SLURM job with several tasks: JAX detects the coordinator itself.
+- JAXMODELS_DISTRIBUTED=auto (set by tpu/run.sh), a Cloud TPU VM slice with
+  several hosts (TPU_WORKER_HOSTNAMES lists more than one) or a SLURM job with
+  several tasks: JAX detects the coordinator and process ids itself.
 Otherwise nothing happens, and a single process sees its local devices.
 """
 
@@ -28,7 +29,8 @@ def job_settings(parallel_config) -> dict | None:
   if parallel_config.coordinator_address and parallel_config.num_processes > 1:
     return {"coordinator_address": parallel_config.coordinator_address,
             "num_processes": parallel_config.num_processes, "process_id": parallel_config.process_id}
-  if len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1:
+  if (env.get("JAXMODELS_DISTRIBUTED") == "auto" or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+      or int(env.get("SLURM_NTASKS", "1")) > 1):
     return {}
   return None
 
