@@ -86,8 +86,11 @@ Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=50
 
   from jaxmodels import parallel  # pylint: disable=import-outside-toplevel
 
+  from jaxmodels.compilation import enable_persistent_cache  # pylint: disable=import-outside-toplevel
+
   config, fv = parse_experiment_flags(prog, args)
   parallel.initialize(config.parallel)  # joins a multi-process job, if this is one, before any backend use
+  enable_persistent_cache()
   train_and_evaluate(config, fv.workdir)
   return 0
 

@@ -92,6 +92,10 @@ def default_config() -> config_dict.ConfigDict:
   c.train.eval_batch_size = 256
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
   c.train.skip_nonfinite = False
+  # A second compile of the train or eval step (changed shape, dtype, sharding) warns; true makes it an error.
+  c.train.fail_on_recompile = False
+  # (first, last) step of a jax.profiler trace written to workdir/profile (TensorBoard/XProf, Perfetto).
+  c.train.profile_steps = ()
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last

@@ -20,7 +20,7 @@ class MetricsLogger:
 
     The file opens at `start()`, after a resumed run has trimmed it.
     """
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir, self.path = workdir, os.path.join(workdir, "metrics.jsonl")
     self.enabled, self.total_steps = enabled, total_steps
     self._file, self._bar, self._step = None, None, 0
 

@@ -24,10 +24,12 @@ import optax
 from flax import nnx
 
 from jaxmodels import checkpoint
+from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import config as config_lib
 from jaxmodels.data import load_dataset
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
+from jaxmodels.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.models import build_model
 from jaxmodels.optim import make_optimizer
@@ -85,6 +87,7 @@ class Experiment:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   layout: Any  # parallel.Layout (jit strategies) or parallel.PmapLayout
+  model_flops: float  # analytic training FLOPs of one step (jaxmodels.flops)
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
@@ -95,7 +98,7 @@ class Experiment:
     share = self.layout.local_share(t.batch_size)
     return self.layout.global_batch(self.dataset.train_batch(step, t.batch_size, share))
 
-  def evaluate(self, state: TrainState) -> dict[str, float]:
+  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.
 
     Loss is mean cross-entropy in nats per example (classification) or per token
@@ -105,7 +108,10 @@ class Experiment:
     share = self.layout.local_share(size)
     totals = None
     for batch in self.dataset.eval_batches(size, share):
-      sums = self.eval_step(state, self.layout.global_batch(batch))
+      batch = self.layout.global_batch(batch)
+      sums = self.eval_step(state, batch)
+      if alarm is not None:
+        alarm.check("eval_step", self.eval_step, (state, batch), int(self.layout.fetch(state.step)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
@@ -157,7 +163,9 @@ def build_experiment(config) -> Experiment:
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
   layout.local_share(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
   layout.local_share(t.eval_batch_size)
-  return Experiment(config, dataset, graphdef, tx, schedule, layout, init_state, train_step, eval_step)
+  model_flops = flops.model_flops_per_step(config, dataset, abstract_model)
+  return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, train_step,
+                    eval_step)
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
@@ -288,6 +296,9 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   checked = list(unlogged or [])  # host metric rows since the last log line, checked for non-finite losses
   # Every step's learning rate, computed once here: schedules are jnp functions.
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
+  peak, _ = flops.peak_flops()
+  alarm = RecompileAlarm(fail=t.fail_on_recompile, log=logger.print)
+  profile = Profile(t.profile_steps, os.path.join(logger.workdir, "profile"), logger.print)
 
   def check(done):
     """Fetches pending metrics (one host sync) and stops on a non-finite loss unless skipping."""
@@ -306,25 +317,32 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   t0 = time.perf_counter()
   with jax.transfer_guard("disallow"), _Signals() as signals:
     for step in range(start, t.steps):
-      state, metrics = exp.train_step(state, exp.batch(step))
+      profile.at(step, state)
+      batch = exp.batch(step)
+      with CompileTimer() as compile_time:
+        state, metrics = exp.train_step(state, batch)
+      alarm.check("train_step", exp.train_step, (state, batch), step + 1)
       pending.append(metrics)
       done, timed = step + 1, timed + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end
         check(done)
         first_step_s = time.perf_counter() - t0
+        compile_record = {k: round(v, 4) for k, v in compile_time.seconds.items()}
         if start == 0:  # a resumed run logs on the uninterrupted run's schedule instead
           logger.write({"step": done, "split": "train", **summarize(np.asarray(checked)),
-                        "learning_rate": float(learning_rates[step]), "first_step_s": first_step_s})
+                        "learning_rate": float(learning_rates[step]), "first_step_s": first_step_s,
+                        **compile_record})
           checked.clear()
         else:
-          logger.print(f"first step after resuming (compile + run) took {first_step_s:.2f} s")
+          logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
         interval_start, timed = time.perf_counter(), 0
       elif done % t.log_every == 0 or done == t.steps:
         check(done)
         record = summarize(np.asarray(checked))
         elapsed = time.perf_counter() - interval_start
         record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / timed,
-                      examples_per_sec=timed * t.batch_size / elapsed)
+                      examples_per_sec=timed * t.batch_size / elapsed,
+                      mfu=exp.model_flops * timed / elapsed / peak)
         if exp.dataset.task == "lm":
           record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
         logger.write({"step": done, "split": "train", **record})
@@ -332,7 +350,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
         interval_start, timed = time.perf_counter(), 0
       evaluated = done % t.eval_every == 0 or done == t.steps
       if evaluated:
-        eval_metrics = exp.evaluate(state)
+        eval_metrics = exp.evaluate(state, alarm)
         logger.write({"step": done, "split": "eval", **eval_metrics})
       if (every and done % every == 0) or done == t.steps or signals.received:
         check(done)
@@ -341,7 +359,35 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
       if signals.received:
         logger.print(f"signal {signals.received}: saved step {done}; rerun the same command to resume")
         raise Preempted(done)
+    profile.stop(state)
   return state, eval_metrics
+
+
+class Profile:
+  """A jax.profiler trace of steps [first, last) of `train.profile_steps`, written to `directory`."""
+
+  def __init__(self, steps, directory: str, log):
+    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+      raise UserError(f"train.profile_steps={tuple(steps)}: expected (first, last) with 0 <= first < last")
+    self.steps, self.directory, self.log, self.active = tuple(steps), directory, log, False
+
+  def at(self, step: int, state) -> None:
+    if not self.steps:
+      return
+    if step == self.steps[0]:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    elif step == self.steps[1]:
+      self.stop(state)
+
+  def stop(self, state=None) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.directory} "
+               f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
 
 
 def _restore(exp: Experiment, ckpts, state, logger_print):

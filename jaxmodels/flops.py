@@ -1,0 +1,97 @@
+"""Model FLOPs per training step, device peaks, and model FLOP utilisation (MFU).
+
+Convention (PaLM, appendix B): a training step costs 6 FLOPs per parameter per
+token it touches (2 forward, 4 backward), plus, for attention, 6 x 2 x T x d_model
+per token per layer for the score and value products (`12 L T d` per token,
+halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
+
+- MLP: 6 x parameters x examples (every weight is used once per example).
+- CNN: 6 x (multiply-accumulates of each conv and dense layer per example) x examples.
+- LSTM/GRU: 6 x parameters x tokens (each weight is used once per time step).
+- Transformer: 6 x (parameters - embeddings) x tokens + 12 x L x T x d_model x tokens,
+  plus the LM head (2 x d_model x V per token, x3) when the embedding is tied.
+
+`jaxmodels bench step` cross-checks these against XLA's own count.
+"""
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
+_measured_cpu_peak = None
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large float32 matmul on the default device, measured here (once per process)."""
+  global _measured_cpu_peak  # pylint: disable=global-statement
+  if _measured_cpu_peak is None:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    _measured_cpu_peak = 2 * n**3 / best
+  return _measured_cpu_peak
+
+
+def peak_flops(device=None) -> tuple[float, str]:
+  """(peak FLOP/s, where it came from) for a device: the table, or a measured matmul on CPUs."""
+  device = device or jax.devices()[0]
+  for kind, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.lower() in device.device_kind.lower():
+      return peak, f"datasheet bf16 peak of {kind}"
+  return measure_matmul_peak(), "measured float32 2048x2048 matmul"
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def model_flops_per_step(config, dataset, abstract_model) -> float:
+  """Analytic training FLOPs of one optimizer step (see the module docstring)."""
+  m, batch = config.model, config.train.batch_size
+  params = nnx.state(abstract_model, nnx.Param)
+  n_params = _count(params)
+  if dataset.task == "lm":
+    tokens = batch * config.data.seq_len
+    if m.family == "transformer":
+      embed = _count(nnx.state(abstract_model.embed, nnx.Param))
+      if abstract_model.pos_embed is not None:
+        embed += _count(nnx.state(abstract_model.pos_embed, nnx.Param))
+      head = 2 * m.d_model * dataset.num_outputs * 3 if m.tie_embeddings else 0
+      attention = 12 * m.num_layers * config.data.seq_len * m.d_model
+      return tokens * (6 * (n_params - embed) + attention + head)
+    return 6.0 * n_params * tokens
+  if m.family == "cnn":
+    return 6.0 * batch * _cnn_macs(abstract_model, dataset.input_shape)
+  if m.family == "transformer":
+    length = dataset.input_shape[0] + (m.pooling == "cls")
+    return batch * length * (6 * n_params + 12 * m.num_layers * length * m.d_model)
+  if m.family == "lstm":
+    return 6.0 * n_params * batch * dataset.input_shape[0]
+  return 6.0 * n_params * batch
+
+
+def _cnn_macs(model, input_shape) -> float:
+  """Multiply-accumulates of one example through the CNN's convs and dense layers."""
+  *spatial, _ = input_shape
+  macs = 0.0
+  for i, conv in enumerate(model.convs):
+    k = conv.kernel.shape  # (*window, in, out)
+    spatial = [-(-n // s) for n, s in zip(spatial, conv.strides)]
+    macs += math.prod(spatial) * math.prod(k)
+    if model.pool_after[i]:
+      spatial = [n // 2 for n in spatial]
+  for layer in [*model.head, model.out]:
+    macs += math.prod(layer.kernel.shape)
+  return macs
