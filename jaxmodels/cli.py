@@ -26,6 +26,7 @@ commands:
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
+  bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
 
@@ -177,7 +178,53 @@ loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
   return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export}
+def cmd_bench(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels bench compile --config experiments/X.py [--config.K=V ...]
+             [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
+             [--topology v5e:2x2] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
+             [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
+       jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
+
+compile: for every point of the sweep (the cartesian product of the --sweep
+lists), builds the experiment's train step from abstract inputs and reports
+trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
+bytes_accessed, argument/output/temp/generated_code bytes, warm_cache_compile_s,
+and, unless --topology compiles ahead of time for an unattached TPU slice,
+step_s. --baseline exits 1 when a metric grew by more than --max-regression.
+step: median step time and spread, throughput, analytic model FLOPs (checked
+against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
+hand-written pure JAX + Optax step of the same math.
+"""
+  from jaxmodels import bench  # pylint: disable=import-outside-toplevel
+
+  if not args or args[0] not in ("compile", "step"):
+    raise UserError("bench needs a subcommand: compile or step (see jaxmodels bench --help)")
+  sub, rest = args[0], args[1:]
+
+  def extra(fv):
+    flags.DEFINE_integer("steps", 20, "timed steps", flag_values=fv)
+    if sub == "compile":
+      flags.DEFINE_multi_string("sweep", [], "GROUP.KEY=V1,V2,...", flag_values=fv)
+      flags.DEFINE_integer("repeat", 3, "cold compiles per point (median)", flag_values=fv)
+      for name in ("topology", "dump_hlo", "baseline", "out", "csv", "plot"):
+        flags.DEFINE_string(name, "", name, flag_values=fv)
+      flags.DEFINE_float("max_regression", 0.2, "allowed relative growth", flag_values=fv)
+    else:
+      flags.DEFINE_boolean("compare_pure_jax", False, "time a pure JAX step too", flag_values=fv)
+
+  rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
+          .replace("--compare-pure-jax", "--compare_pure_jax") for a in rest]
+  config, fv = parse_experiment_flags(f"{prog} {sub}", rest, extra)
+  if sub == "step":
+    bench.run_step(config, fv.steps, fv.compare_pure_jax)
+    return 0
+  return bench.run_compile(config, bench.CompileArgs(
+      sweeps=fv.sweep, repeat=fv.repeat, topology=fv.topology, dump_hlo=fv.dump_hlo, baseline=fv.baseline,
+      max_regression=fv.max_regression, out=fv.out, csv=fv.csv, plot=fv.plot, steps=fv.steps))
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

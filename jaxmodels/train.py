@@ -122,8 +122,12 @@ class Experiment:
     return metrics
 
 
-def build_experiment(config) -> Experiment:
-  """Validates the config, loads the data, lays the state out over the mesh; compiles nothing yet."""
+def build_experiment(config, devices=None) -> Experiment:
+  """Validates the config, loads the data, lays the state out over the mesh; compiles nothing yet.
+
+  `devices` (default: all) may be devices of a TPU topology that is not attached,
+  for ahead-of-time compiles (`jaxmodels bench compile --topology`).
+  """
   config_lib.validate(config)
   dataset = load_dataset(config)
   tx, schedule = make_optimizer(config.train)
@@ -151,7 +155,7 @@ def build_experiment(config) -> Experiment:
     eval_step = jax.pmap(eval_fn, axis_name="data")
     init_state = lambda: layout.replicate(jax.jit(fresh_state)())
   else:
-    mesh = parallel.make_mesh(config.parallel)
+    mesh = parallel.make_mesh(config.parallel, devices)
     specs = parallel.partition_specs(nnx.state(abstract_model, nnx.Param), mesh, config.parallel.rules,
                                      config.parallel.fallback_rules)
     layout = parallel.Layout(mesh, specs)

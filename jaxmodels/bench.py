@@ -1,0 +1,411 @@
+"""`jaxmodels bench`: how long a train step takes to trace, lower and compile, what it costs, how fast it runs.
+
+`compile_point` builds the experiment's real train step (the `train` code path,
+under its `parallel` settings) from abstract inputs and times each stage
+separately, each the median of `repeat` fresh runs with the in-memory caches
+cleared and the persistent cache off; then it reads XLA's own analyses of the
+optimized module. `step_point` times the compiled step on real data and
+reports model FLOP utilisation. Field names are stable: results files are
+compared across versions (`--baseline`).
+"""
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+
+from jaxmodels import flops
+from jaxmodels.errors import UserError
+from jaxmodels.train import build_experiment
+
+# Lower is better for each; --baseline compares these.
+COMPARED = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "step_s", "temp_bytes", "hlo_ops")
+TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "fusions", "flops", "temp_bytes",
+         "step_s")
+
+
+def topology_devices(name: str):
+  """The devices of a TPU topology that is not attached (e.g. 'v5e:2x2'), for ahead-of-time compiles."""
+  try:
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise UserError(f"--topology {name}: cannot describe this TPU topology ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}). It needs libtpu: pip install 'jaxmodels[tpu]'") from None
+
+
+def abstract_args(exp):
+  """(state, batch) as ShapeDtypeStructs carrying the layout's shardings."""
+  state = jax.eval_shape(exp.init_state)
+  local = exp.dataset.train_batch(0, exp.config.train.batch_size)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=exp.layout.batch_sharding) for k, v in local.items()}
+  return state, batch
+
+
+def hlo_counts(optimized_text: str) -> tuple[int, int]:
+  """(instructions, fusion instructions) of an optimized HLO module's text."""
+  instructions = re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\S.*?\s([\w\-]+)\(", optimized_text, re.M)
+  return len(instructions), sum(1 for op in instructions if op == "fusion")
+
+
+def _stages(config, devices):
+  """One cold trace / lower / compile of a freshly built step (fresh closures: no trace-cache hits)."""
+  jax.clear_caches()
+  exp = build_experiment(config, devices=devices)
+  args = abstract_args(exp)
+  t0 = time.perf_counter()
+  traced = exp.train_step.trace(*args)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  return exp, lowered, compiled, (t1 - t0, t2 - t1, t3 - t2)
+
+
+def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
+                  label: str = "point", steps: int = 10) -> dict:
+  """Compile (and, without a topology, run) the experiment's train step; returns one results record."""
+  devices = topology_devices(topology) if topology else None
+  if topology and config.parallel.strategy == "pmap":
+    raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
+  previous = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    runs = [_stages(config, devices) for _ in range(repeat)]
+  finally:
+    jax.config.update("jax_enable_compilation_cache", previous)
+  exp, lowered, compiled, _ = runs[-1]
+  trace_s, lower_s, compile_s = (statistics.median(r[3][i] for r in runs) for i in range(3))
+  optimized = compiled.as_text()
+  hlo_ops, fusions = hlo_counts(optimized)
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  record = {
+      "label": label, "trace_s": trace_s, "lower_s": lower_s, "compile_s": compile_s, "hlo_ops": hlo_ops,
+      "fusions": fusions, "flops": float(cost.get("flops", math.nan)),
+      "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
+      "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
+      "temp_bytes": int(memory.temp_size_in_bytes),
+      "generated_code_bytes": int(memory.generated_code_size_in_bytes),
+      "warm_cache_compile_s": warm_cache_compile_s(config, devices),
+      "model_flops": exp.model_flops,
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "backend": "tpu (ahead of time)" if topology else jax.default_backend(),
+      "device_kind": (devices or jax.devices())[0].device_kind, "device_count": len(devices or jax.devices()),
+      "topology": topology or "", "repeat": repeat,
+  }
+  if not topology:
+    record.update(step_point(exp, steps=steps, warmup=2))
+  if dump_dir:
+    os.makedirs(dump_dir, exist_ok=True)
+    with open(os.path.join(dump_dir, f"{label}.pre.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(lowered.as_text(dialect="hlo"))
+    with open(os.path.join(dump_dir, f"{label}.post.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(optimized)
+  return record
+
+
+def warm_cache_compile_s(config, devices) -> float:
+  """Seconds to compile with the persistent cache warm: populate a fresh cache dir, clear memory, compile.
+
+  JAX opens its persistent cache once per process, so switching directories needs
+  its (private) reset; there is no public API for it.
+  """
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+
+  saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+  compilation_cache.reset_cache()
+  with tempfile.TemporaryDirectory() as cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+      _stages(config, devices)
+      return _stages(config, devices)[3][2]
+    finally:
+      for k, v in saved.items():
+        jax.config.update(k, v)
+      compilation_cache.reset_cache()
+
+
+def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
+  """Median and spread of the compiled step's wall time on one device-resident batch, throughput and MFU."""
+  t = exp.config.train
+  state, batch = exp.init_state(), exp.batch(0)
+  for _ in range(warmup):
+    state, m = exp.train_step(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = exp.train_step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  peak, peak_source = flops.peak_flops()
+  out = {"step_s": step_s, "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+         "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "examples_per_sec": t.batch_size / step_s,
+         "model_flops": exp.model_flops, "peak_flops": peak, "peak_source": peak_source,
+         "mfu": exp.model_flops / step_s / peak}
+  if exp.dataset.task == "lm":
+    out["tokens_per_sec"] = t.batch_size * exp.config.data.seq_len / step_s
+  return out
+
+
+def xla_flops(exp) -> float:
+  """XLA's FLOP count of the compiled train step (the cross-check of the analytic count)."""
+  cost = exp.train_step.lower(*abstract_args(exp)).compile().cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", math.nan))
+
+
+def pure_jax_mlp_step(exp):
+  """A hand-written pure JAX + Optax train step with the same math as an MLP experiment's step.
+
+  Same parameters (as plain arrays), same optimizer (`exp.tx`), same outputs (the
+  state with its step counter, and loss, accuracy, gradient norm): what remains
+  of the difference in step time is the framework's host overhead.
+  """
+  m = exp.config.model
+  if m.family != "mlp" or m.dropout:
+    raise UserError("--compare-pure-jax needs model.family=mlp with model.dropout=0")
+  act = getattr(jax.nn, m.activation)
+  state = exp.init_state()
+  layers = [*state.params["hidden"].values(), state.params["out"]]
+  params = [(jnp.array(l["kernel"]), jnp.array(l["bias"])) for l in layers]
+
+  def loss_fn(params, batch):
+    h = batch["x"].reshape(batch["x"].shape[0], -1)
+    for w, b in params[:-1]:
+      h = act(h @ w + b)
+    logits = h @ params[-1][0] + params[-1][1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), logits
+
+  tx = exp.tx
+
+  def step(state, batch):
+    count, p, opt_state = state
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    metrics = jnp.stack([loss, accuracy, optax.tree.norm(grads), jnp.zeros(())])
+    return (count + 1, optax.apply_updates(p, updates), opt_state), metrics
+
+  return jax.jit(step, donate_argnums=0), (jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def time_steps(step, state, batch, steps: int) -> tuple[float, object]:
+  """Seconds per step over `steps` back-to-back calls (dispatch included), after one warm-up call."""
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready((state, m))
+  return (time.perf_counter() - t0) / steps, state
+
+
+def compare_pure_jax(exp, steps: int = 2000, repeats: int = 5) -> dict:
+  """Median seconds per step of the jaxmodels step and of `pure_jax_mlp_step`, interleaved, and their ratio."""
+  pure, pure_state = pure_jax_mlp_step(exp)
+  ours_state, batch = exp.init_state(), exp.batch(0)
+  ours_t, pure_t = [], []
+  for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+    t, ours_state = time_steps(exp.train_step, ours_state, batch, steps)
+    ours_t.append(t)
+    t, pure_state = time_steps(pure, pure_state, batch, steps)
+    pure_t.append(t)
+  ours, theirs = statistics.median(ours_t), statistics.median(pure_t)
+  return {"jaxmodels_us": 1e6 * ours, "pure_jax_us": 1e6 * theirs, "overhead_ratio": ours / theirs}
+
+
+def parse_sweeps(config, sweeps: list[str]) -> list[dict]:
+  """`["model.num_layers=1,2", "model.scan_layers=true,false"]` -> the cartesian product as dicts."""
+  axes = []
+  for s in sweeps:
+    key, _, values = s.partition("=")
+    group, _, name = key.partition(".")
+    if not values or group not in config or name not in config[group]:
+      raise UserError(f"--sweep {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
+    current = config[group][name]
+    axes.append([(key, _parse(v, current, key)) for v in values.split(",")])
+  return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
+
+
+def _parse(text: str, like, key: str):
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false"):
+      raise UserError(f"--sweep {key}: {text!r} is not true or false")
+    return text.lower() == "true"
+  try:
+    return type(like)(text) if isinstance(like, (int, float, str)) else text
+  except ValueError:
+    raise UserError(f"--sweep {key}: {text!r} is not a {type(like).__name__}") from None
+
+
+def apply(config, point: dict):
+  c = config.copy_and_resolve_references()
+  for key, value in point.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return c
+
+
+def regressions(results: list[dict], baseline: list[dict], threshold: float) -> list[str]:
+  """'label metric: old -> new (+x%)' for each compared metric that grew by more than `threshold`."""
+  old = {json.dumps(r["config"], sort_keys=True): r for r in baseline}
+  out = []
+  for r in results:
+    b = old.get(json.dumps(r["config"], sort_keys=True))
+    if b is None:
+      continue
+    for metric in COMPARED:
+      if metric in r and metric in b and b[metric] and r[metric] > b[metric] * (1 + threshold):
+        out.append(f"{r['label']} {metric}: {b[metric]:.4g} -> {r[metric]:.4g} "
+                   f"(+{100 * (r[metric] / b[metric] - 1):.0f}%)")
+  return out
+
+
+def table(results: list[dict]) -> str:
+  cols = [c for c in TABLE if any(c in r for r in results)]
+  rows = [["point", *cols]] + [[r["label"], *(_fmt(r.get(c)) for c in cols)] for r in results]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                   for row in rows)
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def write_csv(results: list[dict], path: str) -> None:
+  keys = sorted({k for r in results for k in r if k != "config"})
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fieldnames=["label", *(k for k in keys if k != "label")])
+    w.writeheader()
+    for r in results:
+      w.writerow({k: v for k, v in r.items() if k != "config"})
+
+
+def growth_exponent(xs, ys) -> float:
+  """Slope of log(y) against log(x): compile time ~ x ** exponent."""
+  return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def plot(results: list[dict], sweep_keys: list[str], path: str, metric: str = "compile_s") -> None:
+  """Compile time against the first numeric swept key, one series per value of the others."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError("--plot needs matplotlib: pip install 'jaxmodels[bench]'") from None
+  numeric = [k for k in sweep_keys
+             if all(isinstance(r["config"][k], (int, float)) and not isinstance(r["config"][k], bool)
+                    for r in results)]
+  if not numeric:
+    raise UserError("--plot needs a numeric --sweep key for its x axis")
+  x_key, others = numeric[0], [k for k in sweep_keys if k != numeric[0]]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for series_key, group in itertools.groupby(
+      sorted(results, key=lambda r: [str(r["config"][k]) for k in others]),
+      key=lambda r: tuple((k, r["config"][k]) for k in others)):
+    group = sorted(group, key=lambda r: r["config"][x_key])
+    xs, ys = [r["config"][x_key] for r in group], [r[metric] for r in group]
+    name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in series_key) or metric
+    exponent = f", ~x^{growth_exponent(xs, ys):.2f}" if len(xs) > 1 else ""
+    ax.plot(xs, ys, marker="o", label=f"{name}{exponent}")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel(x_key)
+  ax.set_ylabel(f"{metric} (median)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+@dataclasses.dataclass
+class CompileArgs:
+  sweeps: list
+  repeat: int
+  topology: str
+  dump_hlo: str
+  baseline: str
+  max_regression: float
+  out: str
+  csv: str
+  plot: str
+  steps: int
+
+
+def run_compile(config, a: CompileArgs, log=print) -> int:
+  """The `bench compile` command: every sweep point, the table, files, and the regression gate."""
+  if a.repeat < 1:
+    raise UserError("--repeat must be at least 1")
+  points = parse_sweeps(config, a.sweeps)
+  results = []
+  for i, point in enumerate(points):
+    label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or f"point{i}"
+    log(f"[{i + 1}/{len(points)}] {label}")
+    record = compile_point(apply(config, point), a.repeat, a.topology or None, a.dump_hlo or None,
+                           re.sub(r"[^\w.=,-]", "_", label), a.steps)
+    record["config"] = point
+    results.append(record)
+  log(table(results))
+  if a.out:
+    with open(a.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
+  if a.csv:
+    write_csv(results, a.csv)
+  if a.plot:
+    plot(results, [s.partition("=")[0] for s in a.sweeps], a.plot)
+  if a.baseline:
+    with open(a.baseline, encoding="utf-8") as f:
+      worse = regressions(results, json.load(f), a.max_regression)
+    if worse:
+      log(f"regressions beyond {100 * a.max_regression:.0f}% against {a.baseline}:\n  " + "\n  ".join(worse))
+      return 1
+    log(f"no regression beyond {100 * a.max_regression:.0f}% against {a.baseline}")
+  return 0
+
+
+def run_step(config, steps: int, compare: bool, log=print) -> dict:
+  """The `bench step` command: step time, throughput, MFU, XLA's FLOP count, optional pure-JAX overhead."""
+  exp = build_experiment(config)
+  r = step_point(exp, steps=steps)
+  r["xla_flops"] = xla_flops(exp)
+  lines = [f"step: {r['step_ms']:.3f} ms median (p10 {r['step_ms_p10']:.3f}, p90 {r['step_ms_p90']:.3f}) over "
+           f"{steps} steps on {jax.device_count()} x {jax.devices()[0].device_kind}",
+           f"throughput: {r['examples_per_sec']:.4g} examples/s"
+           + (f", {r['tokens_per_sec']:.4g} tokens/s" if "tokens_per_sec" in r else ""),
+           f"model FLOPs/step: {r['model_flops']:.4g} analytic, {r['xla_flops']:.4g} by XLA "
+           f"(ratio {r['model_flops'] / r['xla_flops']:.3f})",
+           f"MFU: {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['peak_source']})"]
+  if compare:
+    r.update(compare_pure_jax(exp))
+    lines.append(f"host overhead: jaxmodels {r['jaxmodels_us']:.1f} us/step, pure JAX {r['pure_jax_us']:.1f} "
+                 f"us/step, ratio {r['overhead_ratio']:.2f}x")
+  log("\n".join(lines))
+  return r
+
+
