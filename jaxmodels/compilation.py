@@ -70,9 +70,10 @@ class CompileTimer:
 
 
 def signature(tree) -> dict[str, str]:
-  """'path' -> 'dtype[shape] sharding' for every array leaf: what a jit cache is keyed on."""
+  """'path' -> 'dtype[shape] spec' for every array leaf: what a jit cache is keyed on."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)} {getattr(x, 'sharding', '')}"
+  spec = lambda x: getattr(getattr(x, "sharding", None), "spec", "")
+  return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)} {spec(x)}".strip()
           for path, x in leaves if hasattr(x, "shape")}
 
 

@@ -111,7 +111,8 @@ class Experiment:
       batch = self.layout.global_batch(batch)
       sums = self.eval_step(state, batch)
       if alarm is not None:
-        alarm.check("eval_step", self.eval_step, (state, batch), int(self.layout.fetch(state.step)))
+        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch},
+                    int(self.layout.fetch(state.step)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
@@ -325,7 +326,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
       batch = exp.batch(step)
       with CompileTimer() as compile_time:
         state, metrics = exp.train_step(state, batch)
-      alarm.check("train_step", exp.train_step, (state, batch), step + 1)
+      alarm.check("train_step", exp.train_step, {"state": state, "batch": batch}, step + 1)
       pending.append(metrics)
       done, timed = step + 1, timed + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end

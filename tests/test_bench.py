@@ -1,0 +1,164 @@
+"""Compile benchmarks, the regression gate, recompilation alarms, MFU and profiler traces."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmodels import bench, checkpoint
+from jaxmodels.errors import UserError
+from jaxmodels.metrics import MetricsLogger
+from jaxmodels.train import build_experiment, train_and_evaluate, train_loop
+from conftest import ROOT, experiment
+
+FIELDS = {"trace_s", "lower_s", "compile_s", "hlo_ops", "fusions", "flops", "bytes_accessed", "argument_bytes",
+          "output_bytes", "temp_bytes", "generated_code_bytes", "warm_cache_compile_s", "step_s", "jax", "jaxlib",
+          "backend", "device_kind", "device_count", "config"}
+
+
+def jaxmodels(*args):
+  return subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def compile_results(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  r = jaxmodels("bench", "compile", "--config", "experiments/digits_mlp.py", "--sweep",
+                "train.batch_size=32,64", "--repeat", "1",
+                "--steps", "2", "--out", str(tmp / "r.json"), "--dump-hlo", str(tmp / "hlo"),
+                "--csv", str(tmp / "r.csv"))
+  assert r.returncode == 0, r.stderr
+  with open(tmp / "r.json", encoding="utf-8") as f:
+    return tmp, json.load(f), r.stdout
+
+
+def test_compile_sweep_records_every_field(compile_results):
+  tmp, results, stdout = compile_results
+  assert [p["config"] for p in results] == [{"train.batch_size": 32}, {"train.batch_size": 64}]
+  for p in results:
+    assert FIELDS <= set(p)
+    assert p["compile_s"] > 0 and p["hlo_ops"] > p["fusions"] > 0 and p["flops"] > 0 and p["step_s"] > 0
+    assert p["warm_cache_compile_s"] < p["compile_s"]  # the persistent cache skips XLA's work
+  assert results[1]["flops"] > 1.5 * results[0]["flops"]  # twice the batch, about twice the work
+  assert "compile_s" in stdout.splitlines()[-3] and "batch_size=64" in stdout
+  assert (tmp / "r.csv").read_text().startswith("label,")
+
+
+def test_hlo_dump_has_pre_and_post_optimization_modules(compile_results):
+  tmp, _, _ = compile_results
+  names = sorted(os.listdir(tmp / "hlo"))
+  assert names == ["batch_size=32.post.hlo.txt", "batch_size=32.pre.hlo.txt", "batch_size=64.post.hlo.txt",
+                   "batch_size=64.pre.hlo.txt"]
+  pre, post = ((tmp / "hlo" / f"batch_size=32.{k}.hlo.txt").read_text() for k in ("pre", "post"))
+  assert pre.startswith("HloModule") and post.startswith("HloModule")
+  assert "fusion" in post and "fusion" not in pre
+
+
+def test_regression_gate(compile_results, tmp_path):
+  _, results, _ = compile_results
+  faster = [{**p, "compile_s": p["compile_s"] / 10} for p in results]  # the old run compiled 10x faster
+  assert bench.regressions(results, faster, 0.2)[0].startswith("batch_size=32 compile_s:")
+  assert bench.regressions(results, results, 0.2) == []
+  baseline = tmp_path / "old.json"
+  baseline.write_text(json.dumps(faster))
+  r = jaxmodels("bench", "compile", "--config", "experiments/digits_mlp.py", "--sweep", "train.batch_size=32",
+                "--repeat", "1", "--steps", "2", "--baseline", str(baseline), "--max-regression", "0.2")
+  assert r.returncode == 1
+  assert "regressions beyond 20%" in r.stdout and "compile_s" in r.stdout
+
+
+def test_sweep_values_are_typed_and_checked():
+  c = experiment("text_transformer")
+  points = bench.parse_sweeps(c, ["model.num_layers=1,2", "model.scan_layers=true,false"])
+  assert points[1] == {"model.num_layers": 1, "model.scan_layers": False} and len(points) == 4
+  with pytest.raises(UserError, match="not a int"):
+    bench.parse_sweeps(c, ["model.num_layers=two"])
+  with pytest.raises(UserError, match="GROUP.KEY"):
+    bench.parse_sweeps(c, ["model.layers=1"])
+
+
+def test_bench_step_mfu_and_pure_jax_overhead():
+  c = experiment("digits_mlp")
+  c.model.update(dict(dropout=0.0, hidden_sizes=(128,)))
+  c.train.update(dict(batch_size=32, optimizer="adam"))
+  lines = []
+  r = bench.run_step(c, steps=5, compare=False, log=lines.append)
+  assert 0 < r["mfu"] < 1 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
+  assert 0.5 < r["model_flops"] / r["xla_flops"] < 2  # the analytic count agrees with XLA's
+  assert "MFU:" in lines[0]
+  exp = build_experiment(c)
+  overhead = bench.compare_pure_jax(exp, steps=20, repeats=1)
+  assert overhead["overhead_ratio"] > 0
+  # The hand-written step really computes the same math: same loss from the same parameters.
+  pure, pure_state = bench.pure_jax_mlp_step(exp)
+  batch = exp.batch(0)
+  _, ours = exp.train_step(exp.init_state(), batch)
+  _, theirs = pure(pure_state, batch)
+  np.testing.assert_allclose(np.asarray(ours)[:3], np.asarray(theirs)[:3], rtol=1e-5)
+
+
+def test_transformer_flop_count_matches_xla_when_unrolled():
+  c = experiment("text_transformer")
+  c.model.update(dict(num_layers=2, d_model=64, d_ff=256, scan_layers=False))
+  c.data.seq_len = 32
+  c.train.batch_size = 8
+  exp = build_experiment(c)
+  assert 0.8 < exp.model_flops / bench.xla_flops(exp) < 1.25
+
+
+def test_topology_compile_ahead_of_time():
+  try:
+    bench.topology_devices("v5e:2x2")
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+  c = experiment("digits_mlp")
+  c.parallel.strategy = "dp"
+  record = bench.compile_point(c, repeat=1, topology="v5e:2x2")
+  assert record["device_count"] == 4 and "TPU" in record["device_kind"]
+  assert record["compile_s"] > 0 and record["temp_bytes"] >= 0 and "step_s" not in record
+
+
+def test_recompilation_warns_and_can_fail(tmp_path):
+  c = experiment("digits_mlp")
+  c.train.update(dict(steps=6, warmup_steps=1, log_every=100, eval_every=100))
+  for fail in (False, True):
+    c.train.fail_on_recompile = fail
+    exp = build_experiment(c)
+
+    def batch(step, exp=exp):  # from step 3 on, half the batch: a new shape, so a new compile
+      local = exp.dataset.train_batch(step, 64)
+      return exp.layout.global_batch({k: v[:32] for k, v in local.items()} if step >= 3 else local)
+
+    exp.batch = batch
+    logger = MetricsLogger(str(tmp_path), 6)
+    logger.start(0)
+    ckpts = checkpoint.Checkpoints(str(tmp_path / f"ck{fail}"), c.checkpoint)
+    if fail:
+      with pytest.raises(UserError, match=r"train_step recompiled \(compile #2\) at step 4: \['batch'\]\['x'\]: "
+                                          r"float32\[64, 8, 8, 1\] .* -> float32\[32, 8, 8, 1\]"):
+        train_loop(exp, exp.init_state(), 0, logger, ckpts)
+    else:
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_loop(exp, exp.init_state(), 0, logger, ckpts)
+      messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+      assert len(messages) == 1 and messages[0].startswith("train_step recompiled (compile #2) at step 4")
+    ckpts.close()
+
+
+def test_first_compile_timings_and_profiler_trace(tmp_path):
+  c = experiment("digits_mlp")
+  c.train.update(dict(steps=8, warmup_steps=1, log_every=4, eval_every=8, profile_steps=(2, 5)))
+  train_and_evaluate(c, str(tmp_path))
+  first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["trace_s"] > 0 and first["lower_s"] > 0 and first["compile_s"] >= 0
+  second = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+  assert 0 < second["mfu"] < 1
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files if f.endswith(".xplane.pb")]
+  assert traces
