@@ -8,25 +8,15 @@ Expected: validation loss 1.18 nats/char (perplexity 3.3, 1.71 bits/char) after
 90 s of training on a 2-core CPU (140 ms/step).
 """
 
-from jaxmodels.config import default_config
+from jaxmodels.config import text_lm_config
 
 
 def get_config():
-  config = default_config()
-  config.data.source = "text"
-  config.data.seq_len = 64
+  config = text_lm_config()  # text data, seq_len 64, 600 steps of batch 32 (see jaxmodels/config.py)
   config.model.family = "lstm"
   config.model.cell = "lstm"
   config.model.num_layers = 2
   config.model.hidden_size = 256
-  config.train.steps = 600
-  config.train.batch_size = 32
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 100
-  config.train.grad_clip = 1.0
-  config.train.log_every = 100
-  config.train.eval_every = 200
-  config.train.eval_batch_size = 64
   return config
 
 

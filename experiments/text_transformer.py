@@ -8,30 +8,19 @@ Expected: validation loss 1.02 nats/char (perplexity 2.8, 1.48 bits/char) after
 200 s of training on a 2-core CPU (330 ms/step, 6.2 K tokens/s).
 """
 
-from jaxmodels.config import default_config
+from jaxmodels.config import text_lm_config
 
 
 def get_config():
-  config = default_config()
-  config.data.source = "text"
-  config.data.seq_len = 64
+  config = text_lm_config()  # text data, seq_len 64, 600 steps of batch 32 (see jaxmodels/config.py)
   config.model.family = "transformer"
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.d_model = 128
   config.model.d_ff = 512
   config.model.norm = "rms"
-  config.model.dropout = 0.0
-  config.train.steps = 600
-  config.train.batch_size = 32
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 100
   config.train.weight_decay = 0.1
-  config.train.grad_clip = 1.0
   config.train.b2 = 0.95
-  config.train.log_every = 100
-  config.train.eval_every = 200
-  config.train.eval_batch_size = 64
   return config
 
 

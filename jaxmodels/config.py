@@ -127,6 +127,16 @@ def default_config() -> config_dict.ConfigDict:
   return c
 
 
+def text_lm_config() -> config_dict.ConfigDict:
+  """Defaults shared by the character language-model experiments (text_transformer, text_lstm)."""
+  c = default_config()
+  c.data.source = "text"
+  c.data.seq_len = 64
+  c.train.update(dict(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=100, grad_clip=1.0,
+                      log_every=100, eval_every=200, eval_batch_size=64))
+  return c
+
+
 def load_experiment(path: str) -> config_dict.ConfigDict:
   """Imports an experiment file and returns its (locked) `get_config()`."""
   if not os.path.isfile(path):

@@ -30,6 +30,13 @@ need_value() {
   [[ -n "${2:-}" && "${2:0:2}" != "--" ]] || die "$1 needs a value"
 }
 
+# require_name_zone NAME ZONE: the two arguments every script needs, then gcloud itself.
+require_name_zone() {
+  [[ -n "$1" ]] || die "missing NAME (see --help)"
+  [[ -n "$2" ]] || die "missing --zone (e.g. us-west4-a)"
+  need_gcloud
+}
+
 # tpu_state NAME ZONE: the VM's state (READY, CREATING, PREEMPTED, ...), or NOT_FOUND.
 tpu_state() {
   gcloud compute tpus tpu-vm describe "$1" --zone "$2" --format='value(state)' 2>/dev/null || echo NOT_FOUND

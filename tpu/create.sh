@@ -31,10 +31,8 @@ while [[ $# -gt 0 ]]; do
     *) [[ -z "$name" ]] || die "unexpected argument $1"; name="$1"; shift ;;
   esac
 done
-[[ -n "$name" ]] || die "missing NAME (see --help)"
-[[ -n "$zone" ]] || die "missing --zone (e.g. us-west4-a)"
+require_name_zone "$name" "$zone"
 [[ -n "$type" ]] || die "missing --type (e.g. v5litepod-8)"
-need_gcloud
 
 if [[ -n "$capacity" ]]; then
   gc compute tpus queued-resources create "$name" --node-id "$name" --zone "$zone" \

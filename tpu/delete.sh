@@ -23,9 +23,7 @@ while [[ $# -gt 0 ]]; do
     *) [[ -z "$name" ]] || die "unexpected argument $1"; name="$1"; shift ;;
   esac
 done
-[[ -n "$name" ]] || die "missing NAME (see --help)"
-[[ -n "$zone" ]] || die "missing --zone"
-need_gcloud
+require_name_zone "$name" "$zone"
 
 gc compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
 if [[ "${DRY_RUN:-0}" == 1 ]] || gcloud compute tpus queued-resources describe "$name" --zone "$zone" \

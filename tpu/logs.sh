@@ -25,9 +25,7 @@ while [[ $# -gt 0 ]]; do
     *) [[ -z "$name" ]] || die "unexpected argument $1"; name="$1"; shift ;;
   esac
 done
-[[ -n "$name" ]] || die "missing NAME (see --help)"
-[[ -n "$zone" ]] || die "missing --zone"
+require_name_zone "$name" "$zone"
 [[ "$lines" =~ ^[0-9]+$ ]] || die "--lines must be a number, got $lines"
-need_gcloud
 
 gc compute tpus tpu-vm ssh "$name" --worker=all --zone "$zone" --command "tail -n $lines $follow ~/jaxmodels/run.log"

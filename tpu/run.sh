@@ -38,14 +38,12 @@ while [[ $# -gt 0 ]]; do
     *) [[ -z "$name" ]] || die "unexpected argument $1"; name="$1"; shift ;;
   esac
 done
-[[ -n "$name" ]] || die "missing NAME (see --help)"
-[[ -n "$zone" ]] || die "missing --zone"
+require_name_zone "$name" "$zone"
 [[ $# -gt 0 ]] || die "missing the experiment after -- (e.g. -- experiments/text_transformer.py --workdir gs://b/r)"
 [[ "$retries" =~ ^[0-9]+$ ]] || die "--retries must be a number, got $retries"
 if ((retries > 0)); then
   [[ -n "$type" ]] || die "--retries needs --type to recreate the VM after a preemption"
 fi
-need_gcloud
 
 here="$(cd "$(dirname "$0")" && pwd)"
 printf -v experiment ' %q' "$@"

@@ -25,9 +25,7 @@ while [[ $# -gt 0 ]]; do
     *) [[ -z "$name" ]] || die "unexpected argument $1"; name="$1"; shift ;;
   esac
 done
-[[ -n "$name" ]] || die "missing NAME (see --help)"
-[[ -n "$zone" ]] || die "missing --zone"
-need_gcloud
+require_name_zone "$name" "$zone"
 
 if [[ $# -gt 0 ]]; then
   gc compute tpus tpu-vm ssh "$name" --worker="$worker" --zone "$zone" --command "$*"
