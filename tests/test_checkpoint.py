@@ -72,7 +72,8 @@ def test_sigkill_after_step_120_resumes_bit_exactly(tmp_path, name):
   assert code == -signal.SIGKILL, out
   resumed = run(command(name, tmp_path / "killed", *args))
   assert resumed.returncode == 0, resumed.stderr
-  assert "training steps 100..200" in resumed.stdout or "training steps 150..200" in resumed.stdout
+  # The newest committed save: 100 normally, 50 if the kill beat the async write of 100 to its commit.
+  assert any(f"training steps {s}..200" in resumed.stdout for s in (50, 100, 150)), resumed.stdout
   assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
   for a, b in zip(final_params(tmp_path / "killed"), final_params(tmp_path / "straight")):
     np.testing.assert_array_equal(a, b)
