@@ -107,12 +107,12 @@ class Experiment:
     size = self.config.train.eval_batch_size
     share = self.layout.local_share(size)
     totals = None
+    step = int(self.layout.fetch(state.step)) if alarm is not None else 0  # one fetch, not one per batch
     for batch in self.dataset.eval_batches(size, share):
       batch = self.layout.global_batch(batch)
       sums = self.eval_step(state, batch)
       if alarm is not None:
-        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch},
-                    int(self.layout.fetch(state.step)))
+        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch}, step)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
