@@ -19,6 +19,7 @@ import re
 import statistics
 import tempfile
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from jaxmodels import compilation
 from jaxmodels import flops
 from jaxmodels.errors import UserError
 from jaxmodels.train import build_experiment
@@ -38,6 +40,8 @@ TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "
 
 def topology_devices(name: str):
   """The devices of a TPU topology that is not attached (e.g. 'v5e:2x2'), for ahead-of-time compiles."""
+  if problem := compilation.libtpu_problem():
+    warnings.warn(f"--topology {name}: {problem}", RuntimeWarning, stacklevel=2)
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
@@ -101,7 +105,8 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
       "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
       "temp_bytes": int(memory.temp_size_in_bytes),
       "generated_code_bytes": int(memory.generated_code_size_in_bytes),
-      "warm_cache_compile_s": warm_cache_compile_s(config, devices),
+      # An ahead-of-time executable has no client to load into, so the persistent cache cannot serve it.
+      "warm_cache_compile_s": math.nan if topology else warm_cache_compile_s(config, devices),
       "model_flops": exp.model_flops,
       "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "backend": "tpu (ahead of time)" if topology else jax.default_backend(),

@@ -8,7 +8,9 @@ and raises instead under `train.fail_on_recompile`. No per-step host sync is
 involved: the check reads the jit cache size, a C++ counter.
 """
 
+import importlib.metadata
 import os
+import re
 import warnings
 
 import jax
@@ -34,6 +36,29 @@ def enable_persistent_cache(directory: str | None = None) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return directory
+
+
+def libtpu_problem() -> str | None:
+  """Why the installed libtpu does not fit this jax (None when it does, or when none is installed).
+
+  jax pins the libtpu it was built against (its `tpu` extra). A different libtpu
+  still loads, but its profiler plugin has another ABI and `jax.profiler`
+  segfaults once the plugin is loaded (seen with jax 0.10.2 + libtpu 0.0.52:
+  "Unexpected PLUGIN_Profiler_Api size"). Neither jax nor libtpu checks this.
+  """
+  try:
+    installed = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for requirement in importlib.metadata.requires("jax") or []:
+    pin = re.match(r"libtpu\s*==\s*([\w.]+?)(\.\*)?\s*;.*extra\s*==\s*.tpu.", requirement)
+    if pin:
+      version, wildcard = pin.groups()
+      if installed == version or (wildcard and installed.startswith(version + ".")):
+        return None
+      return (f"libtpu {installed} is installed, but jax {jax.__version__} is built for libtpu "
+              f"{version}{wildcard or ''}; fix it with: pip install 'jax[tpu]=={jax.__version__}'")
+  return None
 
 
 _EVENTS = {TRACE_EVENT: "trace_s", LOWER_EVENT: "lower_s", COMPILE_EVENT: "compile_s"}

@@ -29,7 +29,7 @@ from jaxmodels import parallel
 from jaxmodels import config as config_lib
 from jaxmodels.data import load_dataset
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
-from jaxmodels.compilation import CompileTimer, RecompileAlarm
+from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.models import build_model
 from jaxmodels.optim import make_optimizer
@@ -374,6 +374,8 @@ class Profile:
   def __init__(self, steps, directory: str, log):
     if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
       raise UserError(f"train.profile_steps={tuple(steps)}: expected (first, last) with 0 <= first < last")
+    if steps and (problem := libtpu_problem()):
+      raise UserError(f"train.profile_steps: {problem} (a mismatched libtpu crashes jax.profiler)")
     self.steps, self.directory, self.log, self.active = tuple(steps), directory, log, False
 
   def at(self, step: int, state) -> None:

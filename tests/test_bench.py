@@ -1,6 +1,8 @@
 """Compile benchmarks, the regression gate, recompilation alarms, MFU and profiler traces."""
 
+import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmodels import bench, checkpoint
+from jaxmodels import bench, checkpoint, compilation
 from jaxmodels.errors import UserError
 from jaxmodels.metrics import MetricsLogger
-from jaxmodels.train import build_experiment, train_and_evaluate, train_loop
+from jaxmodels.train import Profile, build_experiment, train_and_evaluate, train_loop
 from conftest import ROOT, experiment
 
 FIELDS = {"trace_s", "lower_s", "compile_s", "hlo_ops", "fusions", "flops", "bytes_accessed", "argument_bytes",
@@ -122,6 +124,19 @@ def test_topology_compile_ahead_of_time():
   record = bench.compile_point(c, repeat=1, topology="v5e:2x2")
   assert record["device_count"] == 4 and "TPU" in record["device_kind"]
   assert record["compile_s"] > 0 and record["temp_bytes"] >= 0 and "step_s" not in record
+  assert math.isnan(record["warm_cache_compile_s"])  # an AOT executable cannot be loaded from the cache
+
+
+def test_mismatched_libtpu_is_named(monkeypatch):
+  real_version = importlib.metadata.version
+  monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['libtpu==0.0.42.*; extra == "tpu"'])
+  for installed, expected in (("0.0.42.1", None), ("0.0.42", None), ("0.0.52", "libtpu 0.0.52 is installed")):
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name, v=installed: v if name == "libtpu" else real_version(name))
+    problem = compilation.libtpu_problem()
+    assert problem == expected if expected is None else problem.startswith(expected)
+  with pytest.raises(UserError, match=r"train.profile_steps: libtpu 0.0.52 .* pip install 'jax\[tpu\]=="):
+    Profile((1, 2), "unused", print)
 
 
 def test_recompilation_warns_and_can_fail(tmp_path):
