@@ -42,6 +42,9 @@ def topology_devices(name: str):
   """The devices of a TPU topology that is not attached (e.g. 'v5e:2x2'), for ahead-of-time compiles."""
   if problem := compilation.libtpu_problem():
     warnings.warn(f"--topology {name}: {problem}", RuntimeWarning, stacklevel=2)
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, so a second process with
+  # libtpu loaded could not describe a topology; an ahead-of-time compile claims no chip, so allow it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices

@@ -70,7 +70,9 @@ def _restore_item(mngr, step: int, name: str, like):
     other = other_layer_layout(like)
     if other is None:
       raise
-    return other_layer_layout(into(other))
+    # Stacking/unstacking leaves the converted arrays with equivalent but differently spelled shardings
+    # (P() for P(None, None, None)), which jit keys apart: put them exactly where `like` lives.
+    return jax.device_put(other_layer_layout(into(other)), jax.tree.map(lambda x: x.sharding, like))
 
 
 class Checkpoints:

@@ -324,9 +324,10 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
     for step in range(start, t.steps):
       profile.at(step, state)
       batch = exp.batch(step)
+      inputs = {"state": state, "batch": batch}  # donated, but their shapes and shardings stay readable
       with CompileTimer() as compile_time:
         state, metrics = exp.train_step(state, batch)
-      alarm.check("train_step", exp.train_step, {"state": state, "batch": batch}, step + 1)
+      alarm.check("train_step", exp.train_step, inputs, step + 1)
       pending.append(metrics)
       done, timed = step + 1, timed + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end

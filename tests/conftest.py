@@ -9,6 +9,9 @@ import pytest
 # 8 simulated CPU devices for the parallel tests, set before anything initialises JAX's backend.
 # Runs that do not ask for a mesh use one device, as on a laptop.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite runs on the CPU. The dev extra installs libtpu (for the ahead-of-time topology test); without
+# this every test process would probe for a TPU, print libtpu's warnings and take its machine-wide lock.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -184,6 +184,7 @@ def test_checkpoint_restores_across_scan_and_unrolled_layouts(tmp_path):
   for a, b in zip(jax.tree.leaves(unrolled_to_scan((saved.params, saved.opt_state))),
                   jax.tree.leaves((restored.params, restored.opt_state))):
     np.testing.assert_array_equal(a, b)
-  config.train.steps = 5  # and training resumes in the other layout
+  config.train.steps = 5  # and training resumes in the other layout, compiling its step once
+  config.train.fail_on_recompile = True
   assert np.isfinite(train_and_evaluate(config, workdir)["loss"])
   assert [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"] == [3, 5]
