@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxmodels import config as config_lib
+from jaxmodels import host
 from jaxmodels.errors import Preempted, UserError
 
 USAGE = """usage: jaxmodels COMMAND [FLAGS]
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in args):
     print(COMMANDS[command].__doc__ or USAGE)
     return 0
+  host.keep_freed_memory()  # before JAX starts its runtime threads
   try:
     return COMMANDS[command](f"jaxmodels {command}", args)
   except UserError as e:  # exit 2; 3 for a non-finite loss

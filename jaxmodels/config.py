@@ -64,7 +64,8 @@ def default_config() -> config_dict.ConfigDict:
   c.model.tie_embeddings = True  # LM head shares the token embedding
   c.model.scan_layers = True  # stack the blocks and run them with one lax.scan (compile time flat in depth)
   c.model.remat = "none"  # recompute activations in the backward pass: none | dots | full
-  c.model.attention_impl = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+  # auto (einsum; on GPUs jax.nn.dot_product_attention's choice) | einsum | xla | cudnn (jax.nn's implementations)
+  c.model.attention_impl = "auto"
   c.model.pooling = "mean"  # classifiers: mean | cls (transformer) | last (lstm)
   # LSTM / GRU
   c.model.cell = "lstm"  # lstm | gru

@@ -26,30 +26,44 @@ from flax import nnx
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
 _measured_cpu_peak = None
+_matmuls = {}
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large float32 matmul on the default device, measured here (once per process)."""
-  global _measured_cpu_peak  # pylint: disable=global-statement
-  if _measured_cpu_peak is None:
+def matmul_flops(n: int = 2048) -> float:
+  """FLOP/s of one float32 n x n matmul on the default device (compiled and warmed up once per process)."""
+  if n not in _matmuls:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    _measured_cpu_peak = 2 * n**3 / best
+    _matmuls[n] = (f, a)
+  f, a = _matmuls[n]
+  t0 = time.perf_counter()
+  f(a).block_until_ready()
+  return 2 * n**3 / (time.perf_counter() - t0)
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """The best of `repeats` `matmul_flops` runs, measured once per process (the peak training logs use)."""
+  global _measured_cpu_peak  # pylint: disable=global-statement
+  if _measured_cpu_peak is None:
+    _measured_cpu_peak = max(matmul_flops(n) for _ in range(repeats))
   return _measured_cpu_peak
+
+
+def datasheet_peak(device=None) -> tuple[float, str] | None:
+  """(peak FLOP/s, device kind) from the table, or None for devices it does not list (CPUs)."""
+  device = device or jax.devices()[0]
+  for kind, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.lower() in device.device_kind.lower():
+      return peak, kind
+  return None
 
 
 def peak_flops(device=None) -> tuple[float, str]:
   """(peak FLOP/s, where it came from) for a device: the table, or a measured matmul on CPUs."""
-  device = device or jax.devices()[0]
-  for kind, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if kind.lower() in device.device_kind.lower():
-      return peak, f"datasheet bf16 peak of {kind}"
+  listed = datasheet_peak(device)
+  if listed:
+    return listed[0], f"datasheet bf16 peak of {listed[1]}"
   return measure_matmul_peak(), "measured float32 2048x2048 matmul"
 
 

@@ -8,8 +8,8 @@ from flax import nnx
 
 from jaxmodels.models import RecurrentClassifier, RecurrentLM, TransformerClassifier, TransformerLM
 from jaxmodels.models.recurrent import recurrent_param_count
-from jaxmodels.models.transformer import (Attention, rotary, scan_to_unrolled, transformer_param_count,
-                                          unrolled_to_scan)
+from jaxmodels.models.transformer import (Attention, attention, rotary, scan_to_unrolled,
+                                          transformer_param_count, unrolled_to_scan)
 
 TINY = dict(d_model=32, num_heads=4, num_layers=2, d_ff=48, max_len=24, norm="rms", mlp="swiglu",
             positions="rotary", tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none",
@@ -44,13 +44,22 @@ def reference_attention(attn: Attention, x_BTD, causal):
   return attn.out(out.reshape(B, T, D))
 
 
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_matches_einsum_reference(causal):
-  attn = Attention(32, 4, causal=causal, rotary_positions=True, implementation="xla", dtype=jnp.float32,
+def test_attention_matches_einsum_reference(causal, impl):
+  attn = Attention(32, 4, causal=causal, rotary_positions=True, implementation=impl, dtype=jnp.float32,
                    param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (2, 7, 32))
-  out, _ = attn(x, jnp.broadcast_to(jnp.arange(7), (2, 7)))
-  np.testing.assert_allclose(out, reference_attention(attn, x, causal), rtol=1e-5, atol=1e-5)
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 7, 32))
+  out_MD, _ = attn(x_BTD.reshape(14, 32), jnp.broadcast_to(jnp.arange(7), (2, 7)))  # token rows, M = B x T
+  np.testing.assert_allclose(out_MD.reshape(2, 7, 32), reference_attention(attn, x_BTD, causal), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_einsum_attention_agrees_with_jax_nn_under_a_mask():
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 5, 3, 8))
+  mask_BNTS = jax.random.bernoulli(jax.random.key(3), 0.6, (2, 1, 5, 5)) | jnp.eye(5, dtype=bool)
+  np.testing.assert_allclose(attention(q, k, v, "einsum", mask_BNTS=mask_BNTS),
+                             jax.nn.dot_product_attention(q, k, v, mask=mask_BNTS), rtol=1e-5, atol=1e-6)
 
 
 def assert_causal(model):
