@@ -19,6 +19,9 @@ def get_config():
   config.model.d_model = 128
   config.model.d_ff = 512
   config.model.norm = "rms"
+  # Keep only matmul outputs for the backward pass and recompute the rest: on the development CPU
+  # the scanned stack's saved activations cost more memory traffic than recomputing them (60 -> 56 ms/step).
+  config.model.remat = "dots"
   config.train.weight_decay = 0.1
   config.train.b2 = 0.95
   return config

@@ -1,7 +1,5 @@
 """`python -m jaxmodels` is the `jaxmodels` command."""
 
-import sys
+from jaxmodels.cli import entry
 
-from jaxmodels.cli import main
-
-sys.exit(main())
+entry()

@@ -240,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in args):
     print(COMMANDS[command].__doc__ or USAGE)
     return 0
-  host.keep_freed_memory()  # before JAX starts its runtime threads
   try:
     return COMMANDS[command](f"jaxmodels {command}", args)
   except UserError as e:  # exit 2; 3 for a non-finite loss
@@ -250,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     return e.exit_code
 
 
+def entry() -> None:
+  """The `jaxmodels` console script and `python -m jaxmodels`."""
+  host.reexec_with_huge_pages()
+  sys.exit(main())
+
+
 def run_experiment(path: str) -> None:
   """Entry point of an experiment file run as a script: `jaxmodels train --config <that file>`."""
+  host.reexec_with_huge_pages()
   sys.exit(main(["jaxmodels", "train", "--config", path, *sys.argv[1:]]))
