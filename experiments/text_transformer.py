@@ -5,7 +5,7 @@
 
 Expected: validation loss 1.02 nats/char (perplexity 2.8, 1.48 bits/char) after
 600 steps, against a unigram entropy of 3.09 nats/char for the corpus; about
-200 s of training on a 2-core CPU (330 ms/step, 6.2 K tokens/s).
+105 s of training on a 2-core CPU (~150 ms/step, 13 K tokens/s).
 """
 
 from jaxmodels.config import text_lm_config
@@ -20,7 +20,8 @@ def get_config():
   config.model.d_ff = 512
   config.model.norm = "rms"
   # Keep only matmul outputs for the backward pass and recompute the rest: on the development CPU
-  # the scanned stack's saved activations cost more memory traffic than recomputing them (60 -> 56 ms/step).
+  # the scanned stack's saved activations cost more memory traffic than recomputing them
+  # (batch 12: 52.8 against 63.7 ms/step with remat=none; docs/benchmarks.md).
   config.model.remat = "dots"
   config.train.weight_decay = 0.1
   config.train.b2 = 0.95
