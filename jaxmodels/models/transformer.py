@@ -2,16 +2,16 @@
 
 Both are pre-norm stacks of attention + MLP blocks. Attention (`attention`)
 computes its softmax in float32, by two einsums or through
-`jax.nn.dot_product_attention` (`model.attention_impl`: `cudnn` gives flash
-attention on NVIDIA GPUs). With `scan_layers` (the default) the blocks' parameters are stacked
-on a leading layer axis and one `jax.lax.scan` runs them, so compile time does
-not grow with depth; `scan_to_unrolled` / `unrolled_to_scan` convert parameter
-trees between the two layouts.
+`jax.nn.dot_product_attention` (`model.attention_impl`; `cudnn` gives flash
+attention on NVIDIA GPUs). With `scan_layers` (the default) the blocks'
+parameters are stacked on a leading layer axis and one `jax.lax.scan` runs
+them, so compile time does not grow with depth; `scan_to_unrolled` /
+`unrolled_to_scan` convert parameter trees between the two layouts.
 
 Inside the stack, activations are token rows x_MD (M = B x T): every
 projection is then a 2-D matmul, whose weight gradient XLA computes without
 the transposing copies that the 3-D form costs it (on the CPU those copies took
-a fifth of a text_transformer step). Attention alone reshapes to heads.
+over a quarter of a text_transformer step). Attention alone reshapes to heads.
 
 Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
