@@ -177,7 +177,7 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
   if listed is None:
     peak, peak_source = statistics.median(peaks), f"float32 2048x2048 matmul, median of {len(peaks)} between steps"
   else:
-    peak, peak_source = listed[0], f"datasheet bf16 peak of {listed[1]}"
+    peak, peak_source = flops.peak_flops()
   out = {"step_s": step_s, "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
          "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "examples_per_sec": t.batch_size / step_s,
          "model_flops": exp.model_flops, "peak_flops": peak, "peak_source": peak_source,

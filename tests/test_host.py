@@ -48,7 +48,8 @@ def test_restart_with_huge_pages_cuts_page_faults():
   tunables, faults = probe("")
   untouched, system_faults = probe("system")
   assert (tunables, untouched) == ("glibc.malloc.hugetlb=1", "-")
+  if "[always]" in transparent_huge_pages():
+    return  # the kernel gives huge pages unasked: there are no 4 KiB faults to save
   pages = 10 * 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-  if "[always]" not in transparent_huge_pages():  # with `always`, the kernel gives huge pages unasked
-    assert system_faults > pages / 2
+  assert system_faults > pages / 2
   assert 4 * faults < system_faults
