@@ -7,8 +7,9 @@ Prints, for the backend JAX finds:
      implementation="cudnn" and "xla" on the same bf16 inputs (GPU only);
   2. the median step time, tokens/s and model FLOP utilisation of the compiled
      train step of `experiments/text_transformer.py` scaled up by the flags,
-     for each attention implementation (MFU = XLA's FLOP count of the step /
-     step time / the device's dense bf16 peak from PEAK_BF16);
+     for each attention implementation (MFU = the analytic model FLOPs of the
+     step / step time / the device's dense bf16 peak from `jaxmodels.flops`;
+     XLA's count is printed next to it, but counts a scanned layer once);
   3. a short full training run (`train_and_evaluate`, bf16 + cuDNN attention)
      with its final validation loss, so the whole pipeline ran on the device.
 On a CPU it runs the XLA implementation alone, as a smoke test of the script.
@@ -26,17 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxmodels import flops as flops_lib  # pylint: disable=wrong-import-position
 from jaxmodels.config import load_experiment  # pylint: disable=wrong-import-position
 from jaxmodels.train import build_experiment, train_and_evaluate  # pylint: disable=wrong-import-position
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                           "text_transformer.py")
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor datasheets
-
-
-def peak_flops(device) -> float | None:
-  return next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
-
 
 def attention_difference() -> float:
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -74,9 +70,10 @@ def time_step(args, impl: str) -> dict:
     times.append(time.perf_counter() - t0)
     losses.append(float(m[0]))
   step_s = statistics.median(times)
-  peak = peak_flops(jax.devices()[0])
+  listed = flops_lib.datasheet_peak()
   return {"impl": impl, "step_ms": 1e3 * step_s, "tokens_per_s": args.batch * args.seq_len / step_s,
-          "flops": flops, "mfu": flops / step_s / peak if peak else float("nan"),
+          "flops": flops, "model_flops": exp.model_flops,
+          "mfu": exp.model_flops / step_s / listed[0] if listed else float("nan"),
           "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -99,7 +96,8 @@ def main():
     r = time_step(args, impl)
     print(f"train step [{impl:5s}] layers={args.layers} d_model={args.d_model} seq={args.seq_len} "
           f"batch={args.batch}: {r['step_ms']:.2f} ms/step, {r['tokens_per_s']:.4g} tokens/s, "
-          f"{r['flops'] / 1e12:.3f} TFLOP/step, MFU {100 * r['mfu']:.1f}%, "
+          f"{r['model_flops'] / 1e12:.3f} model TFLOP/step ({r['flops'] / 1e12:.3f} by XLA), "
+          f"MFU {100 * r['mfu']:.1f}%, "
           f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} over {args.steps} steps", flush=True)
   config = load_experiment(EXPERIMENT)
   config.model.dtype = "bfloat16"

@@ -58,8 +58,7 @@ def abstract_args(exp):
   """(state, batch) as ShapeDtypeStructs carrying the layout's shardings."""
   state = jax.eval_shape(exp.init_state)
   local = exp.dataset.train_batch(0, exp.config.train.batch_size)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=exp.layout.batch_sharding) for k, v in local.items()}
-  return state, batch
+  return state, exp.layout.abstract_batch(local)
 
 
 def hlo_counts(optimized_text: str) -> tuple[int, int]:
@@ -74,9 +73,14 @@ def _stages(config, devices):
   exp = build_experiment(config, devices=devices)
   args = abstract_args(exp)
   t0 = time.perf_counter()
-  traced = exp.train_step.trace(*args)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
+  if hasattr(exp.train_step, "trace"):
+    traced = exp.train_step.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+  else:  # jax.pmap's wrapper traces inside `lower`: its trace seconds are the ones JAX reports
+    with compilation.CompileTimer() as timer:
+      lowered = exp.train_step.lower(*args)
+    t1 = t0 + timer.seconds["trace_s"]
   t2 = time.perf_counter()
   compiled = lowered.compile()
   t3 = time.perf_counter()
@@ -177,7 +181,7 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
   if listed is None:
     peak, peak_source = statistics.median(peaks), f"float32 2048x2048 matmul, median of {len(peaks)} between steps"
   else:
-    peak, peak_source = flops.peak_flops()
+    peak, peak_source = flops.peak_flops(exp.layout.device_count)
   out = {"step_s": step_s, "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
          "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "examples_per_sec": t.batch_size / step_s,
          "model_flops": exp.model_flops, "peak_flops": peak, "peak_source": peak_source,
@@ -188,10 +192,13 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
 
 
 def xla_flops(exp) -> float:
-  """XLA's FLOP count of the compiled train step (the cross-check of the analytic count)."""
+  """XLA's FLOP count of the compiled train step on all its devices (the cross-check of the analytic count).
+
+  XLA counts the program one device runs, so this multiplies by the step's devices.
+  """
   cost = exp.train_step.lower(*abstract_args(exp)).compile().cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", math.nan))
+  return float(cost.get("flops", math.nan)) * exp.layout.device_count
 
 
 def pure_jax_mlp_step(exp):
@@ -415,7 +422,7 @@ def run_step(config, steps: int, compare: bool, log=print) -> dict:
   r = step_point(exp, steps=steps)
   r["xla_flops"] = xla_flops(exp)
   lines = [f"step: {r['step_ms']:.3f} ms median (p10 {r['step_ms_p10']:.3f}, p90 {r['step_ms_p90']:.3f}) over "
-           f"{steps} steps on {jax.device_count()} x {jax.devices()[0].device_kind}",
+           f"{steps} steps on {exp.layout.device_count} x {jax.devices()[0].device_kind}",
            f"throughput: {r['examples_per_sec']:.4g} examples/s"
            + (f", {r['tokens_per_sec']:.4g} tokens/s" if "tokens_per_sec" in r else ""),
            f"model FLOPs/step: {r['model_flops']:.4g} analytic, {r['xla_flops']:.4g} by XLA "

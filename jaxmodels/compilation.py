@@ -1,16 +1,19 @@
 """Compile observability: the persistent compilation cache, compile timings and recompilation alarms.
 
 JAX reports the time of each tracing, lowering and XLA compilation through
-`jax.monitoring`; `CompileTimer` collects them. `RecompileAlarm` watches jitted
-functions: when one compiles again after its first compile (a changed shape,
-dtype, sharding or static argument), it names the function and what changed,
-and raises instead under `train.fail_on_recompile`. No per-step host sync is
-involved: the check reads the jit cache size, a C++ counter.
+`jax.monitoring`; `CompileTimer` collects them. `RecompileAlarm` watches the
+train and eval steps: when one compiles again after its first compile (a changed
+shape, dtype, sharding or static argument), it names the function and what
+changed, and raises instead under `train.fail_on_recompile`. No per-step host
+sync is involved: the check reads the jit cache size, a C++ counter, or for a
+pmapped step (a plain Python function over an inner jit) whether the call
+reported a trace, lowering or compile event.
 """
 
 import importlib.metadata
 import os
 import re
+import threading
 import warnings
 
 import jax
@@ -68,25 +71,34 @@ _listening = False
 
 def _listener(event: str, duration: float, **_) -> None:
   if event in _EVENTS:
+    thread = threading.get_ident()
     for timer in _active_timers:
-      timer.seconds[_EVENTS[event]] += duration
+      if timer.thread == thread:
+        timer.seconds[_EVENTS[event]] += duration
+        timer.events += 1
 
 
 class CompileTimer:
   """Sums the trace / lower / compile seconds JAX reports while it is active (a context manager).
 
-  One process-wide listener feeds every active timer: jax.monitoring listeners
-  cannot be removed, so they are registered once.
+  Only compiles run by the thread that entered it count (JAX reports them on the
+  compiling thread), so a background thread's compile, such as an async
+  checkpoint's, is not mistaken for the step's. One process-wide listener feeds
+  every active timer: jax.monitoring listeners cannot be removed, so they are
+  registered once.
   """
 
   def __init__(self):
     self.seconds = dict.fromkeys(_EVENTS.values(), 0.0)
+    self.events = 0  # trace, lower and compile events seen
+    self.thread = threading.get_ident()
 
   def __enter__(self):
     global _listening  # pylint: disable=global-statement
     if not _listening:
       monitoring.register_event_duration_secs_listener(_listener)
       _listening = True
+    self.thread = threading.get_ident()
     _active_timers.append(self)
     return self
 
@@ -110,15 +122,20 @@ class RecompileAlarm:
     self.compiles: dict[str, int] = {}
     self._first: dict[str, dict] = {}
 
-  def check(self, name: str, fn, args, step: int) -> None:
+  def check(self, name: str, fn, args, step: int, timer: CompileTimer | None = None) -> None:
     """Call after `fn(*args)`; compares the jit cache size with the last call's.
 
-    Functions without a jit cache counter (the pmap strategy's step) are not watched.
+    A function without a jit cache counter (`jax.pmap`'s wrapper) counts as
+    compiled when `timer`, a CompileTimer around the call, saw a trace, lowering
+    or compile event; without a timer it is not watched.
     """
-    if not hasattr(fn, "_cache_size"):
-      return
-    size = fn._cache_size()  # pylint: disable=protected-access
     seen = self.compiles.get(name, 0)
+    if hasattr(fn, "_cache_size"):
+      size = fn._cache_size()  # pylint: disable=protected-access
+    elif timer is not None:
+      size = seen + (timer.events > 0)
+    else:
+      return
     if size == seen:
       return
     self.compiles[name] = size

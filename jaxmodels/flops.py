@@ -59,11 +59,16 @@ def datasheet_peak(device=None) -> tuple[float, str] | None:
   return None
 
 
-def peak_flops(device=None) -> tuple[float, str]:
-  """(peak FLOP/s, where it came from) for a device: the table, or a measured matmul on CPUs."""
+def peak_flops(devices: int = 1, device=None) -> tuple[float, str]:
+  """(peak FLOP/s of a step on `devices` devices, where it came from).
+
+  Model FLOPs count the global batch, so a listed chip's peak is multiplied by the
+  devices the step runs on. A CPU's peak is a measured matmul, not multiplied:
+  simulated CPU devices share the host's cores.
+  """
   listed = datasheet_peak(device)
   if listed:
-    return listed[0], f"datasheet bf16 peak of {listed[1]}"
+    return listed[0] * devices, f"datasheet bf16 peak of {listed[1]}" + (f" x {devices}" if devices > 1 else "")
   return measure_matmul_peak(), "measured float32 2048x2048 matmul"
 
 

@@ -98,8 +98,10 @@ class Experiment:
     share = self.layout.local_share(t.batch_size)
     return self.layout.global_batch(self.dataset.train_batch(step, t.batch_size, share))
 
-  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None) -> dict[str, float]:
+  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.
+
+    `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
     Loss is mean cross-entropy in nats per example (classification) or per token
     (language models, which also report perplexity and bits per char or byte).
@@ -107,12 +109,12 @@ class Experiment:
     size = self.config.train.eval_batch_size
     share = self.layout.local_share(size)
     totals = None
-    step = int(self.layout.fetch(state.step)) if alarm is not None else 0  # one fetch, not one per batch
     for batch in self.dataset.eval_batches(size, share):
       batch = self.layout.global_batch(batch)
-      sums = self.eval_step(state, batch)
+      with CompileTimer() as compile_time:
+        sums = self.eval_step(state, batch)
       if alarm is not None:
-        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch}, step)
+        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch}, step, compile_time)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
@@ -145,15 +147,11 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_state = jax.eval_shape(fresh_state)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name="data",
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
                                    skip_nonfinite=t.skip_nonfinite)
-    pmapped = jax.pmap(train_fn, axis_name="data", donate_argnums=0)
-
-    def train_step(state, batch):
-      state, metrics = pmapped(state, batch)
-      return state, metrics[0]  # identical on every device after the pmean
-
-    eval_step = jax.pmap(eval_fn, axis_name="data")
+    # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
+    train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
+    eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
     init_state = lambda: layout.replicate(jax.jit(fresh_state)())
   else:
     mesh = parallel.make_mesh(config.parallel, devices)
@@ -180,7 +178,9 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
   so the RNG needs no state of its own and a resumed run draws the same masks.
   With `axis_name` (the pmap strategy) gradients, metrics and model state are
-  averaged across that axis, and eval sums are summed over it. With
+  averaged across that axis, eval sums are summed over it, and each device folds
+  its axis index into the dropout key (otherwise all would draw the same
+  masks). With
   `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1).
   """
@@ -197,6 +197,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if grad_accum_steps == 1:
       (_, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
     else:
@@ -301,7 +303,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   checked = list(unlogged or [])  # host metric rows since the last log line, checked for non-finite losses
   # Every step's learning rate, computed once here: schedules are jnp functions.
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
-  peak, _ = flops.peak_flops()
+  peak, _ = flops.peak_flops(exp.layout.device_count)
   alarm = RecompileAlarm(fail=t.fail_on_recompile, log=logger.print)
   profile = Profile(t.profile_steps, os.path.join(logger.workdir, "profile"), logger.print)
 
@@ -327,7 +329,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
       inputs = {"state": state, "batch": batch}  # donated, but their shapes and shardings stay readable
       with CompileTimer() as compile_time:
         state, metrics = exp.train_step(state, batch)
-      alarm.check("train_step", exp.train_step, inputs, step + 1)
+      alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
       pending.append(metrics)
       done, timed = step + 1, timed + 1
       if interval_start is None:  # the first step includes compilation: throughput is timed from its end
@@ -356,7 +358,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
         interval_start, timed = time.perf_counter(), 0
       evaluated = done % t.eval_every == 0 or done == t.steps
       if evaluated:
-        eval_metrics = exp.evaluate(state, alarm)
+        eval_metrics = exp.evaluate(state, alarm, done)
         logger.write({"step": done, "split": "eval", **eval_metrics})
       if (every and done % every == 0) or done == t.steps or signals.received:
         check(done)
@@ -465,6 +467,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   finally:
     ckpts.close()  # waits for the last async save; a failed save raises here
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
-  logger.print(f"final: step {int(exp.layout.fetch(state.step))} test {summary} (training {train_s:.1f} s)")
+  logger.print(f"final: step {config.train.steps} test {summary} (training {train_s:.1f} s)")
   logger.close()
   return eval_metrics

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmodels import bench, checkpoint, compilation
+from jaxmodels import bench, checkpoint, compilation, flops
 from jaxmodels.errors import UserError
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.train import Profile, build_experiment, train_and_evaluate, train_loop
@@ -105,6 +105,22 @@ def test_bench_step_mfu_and_pure_jax_overhead():
   np.testing.assert_allclose(np.asarray(ours)[:3], np.asarray(theirs)[:3], rtol=1e-5)
 
 
+def test_peaks_and_xla_flops_count_every_device_of_the_step(monkeypatch):
+  c = experiment("digits_mlp")
+  counts = {}
+  for strategy in ("single", "dp", "pmap"):
+    c.parallel.strategy = strategy
+    counts[strategy] = build_experiment(c).layout.device_count
+  assert counts == {"single": 1, "dp": 8, "pmap": 8}
+  monkeypatch.setattr(flops, "datasheet_peak", lambda device=None: (1e12, "H100"))
+  assert flops.peak_flops(8) == (8e12, "datasheet bf16 peak of H100 x 8")
+  assert flops.peak_flops(1) == (1e12, "datasheet bf16 peak of H100")
+  c.parallel.strategy = "dp"  # XLA counts one device's share of the batch; xla_flops counts all 8
+  c.model.dropout = 0.0
+  exp = build_experiment(c)
+  assert 0.5 < exp.model_flops / bench.xla_flops(exp) < 2
+
+
 def test_transformer_flop_count_matches_xla_when_unrolled():
   c = experiment("text_transformer")
   c.model.update(dict(num_layers=2, d_model=64, d_ff=256, scan_layers=False))
@@ -139,10 +155,14 @@ def test_mismatched_libtpu_is_named(monkeypatch):
     Profile((1, 2), "unused", print)
 
 
-def test_recompilation_warns_and_can_fail(tmp_path):
+@pytest.mark.parametrize("strategy", ["single", "pmap"])  # pmap's step is a Python wrapper, watched by events
+def test_recompilation_warns_and_can_fail(tmp_path, strategy):
   c = experiment("digits_mlp")
   c.train.update(dict(steps=6, warmup_steps=1, log_every=100, eval_every=100))
-  for fail in (False, True):
+  c.parallel.strategy = strategy
+  # pmap splits the batch over the 8 simulated devices: (8, 8, ...) then (8, 4, ...)
+  shapes = {"single": ("64, 8, 8, 1", "32, 8, 8, 1"), "pmap": ("8, 8, 8, 8, 1", "8, 4, 8, 8, 1")}[strategy]
+  for fail in (False, True) if strategy == "single" else (False,):
     c.train.fail_on_recompile = fail
     exp = build_experiment(c)
 
@@ -153,7 +173,7 @@ def test_recompilation_warns_and_can_fail(tmp_path):
     exp.batch = batch
     logger = MetricsLogger(str(tmp_path), 6)
     logger.start(0)
-    ckpts = checkpoint.Checkpoints(str(tmp_path / f"ck{fail}"), c.checkpoint)
+    ckpts = checkpoint.Checkpoints(str(tmp_path / f"ck{strategy}{fail}"), c.checkpoint)
     if fail:
       with pytest.raises(UserError, match=r"train_step recompiled \(compile #2\) at step 4: \['batch'\]\['x'\]: "
                                           r"float32\[64, 8, 8, 1\] .* -> float32\[32, 8, 8, 1\]"):
@@ -163,7 +183,11 @@ def test_recompilation_warns_and_can_fail(tmp_path):
         warnings.simplefilter("always")
         train_loop(exp, exp.init_state(), 0, logger, ckpts)
       messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
-      assert len(messages) == 1 and messages[0].startswith("train_step recompiled (compile #2) at step 4")
+      # exactly one: neither the first compile of the train and eval steps nor the final evaluation warns
+      assert len(messages) == 1, messages
+      assert messages[0].startswith("train_step recompiled (compile #2) at step 4: ['batch']['x']: "
+                                    f"float32[{shapes[0]}]"), messages
+      assert f"-> float32[{shapes[1]}]" in messages[0]
     ckpts.close()
 
 

@@ -203,16 +203,22 @@ def test_export_and_load(tmp_path):
   assert set(params) == {"hidden", "out"} and params["out"]["kernel"].shape == (128, 10)
 
 
-def test_fsdp_checkpoint_restores_onto_one_and_four_devices(tmp_path):
-  steps = dict(train__warmup_steps=0, train__schedule="constant")  # the schedule must not depend on train.steps
+def test_fsdp_checkpoint_restores_onto_one_and_four_devices_and_pmap(tmp_path):
+  # The schedule must not depend on train.steps; no dropout: pmap draws its masks per device.
+  steps = dict(train__warmup_steps=0, train__schedule="constant", model__dropout=0.0)
   _, straight = small_run(tmp_path / "straight", 40, **steps)
   small_run(tmp_path / "fsdp", 20, parallel__strategy="fsdp", **steps)
   shutil.copytree(tmp_path / "fsdp", tmp_path / "dp4")
+  shutil.copytree(tmp_path / "fsdp", tmp_path / "pmap")
   _, one = small_run(tmp_path / "fsdp", 40, **steps)  # 8 devices, fsdp -> 1 device
   assert one["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+  # -> the pmap strategy on 8 devices: its loop (transfer guard, saves, evaluation) compiles each step once
+  _, pmapped = small_run(tmp_path / "pmap", 40, parallel__strategy="pmap", train__fail_on_recompile=True, **steps)
+  assert pmapped["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+  assert [r["step"] for r in read_metrics(tmp_path / "pmap")][-2:] == [40, 40]  # train and eval rows
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   r = run(command("digits_mlp", tmp_path / "dp4", "--config.train.steps=40", "--config.train.warmup_steps=0",
-                  "--config.train.schedule=constant",
+                  "--config.train.schedule=constant", "--config.model.dropout=0.0",
                   "--config.train.log_every=5", "--config.train.eval_every=5", "--config.checkpoint.every=10",
                   "--config.parallel.strategy=dp"), env=env)
   assert r.returncode == 0, r.stderr

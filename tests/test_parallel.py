@@ -154,6 +154,25 @@ def test_launch_two_processes_matches_one_process_four_devices(tmp_path):
   assert os.listdir(tmp_path / "multi" / "checkpoints") == ["50"]
 
 
+@pytest.mark.slow
+def test_pmap_across_two_processes_saves_resumes_and_matches_one_process(tmp_path):
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=pmap",
+           "--config.model.dropout=0.0", "--config.train.schedule=constant", "--config.train.warmup_steps=0",
+           "--config.train.log_every=10", "--config.train.eval_every=20", "--config.train.fail_on_recompile=true"]
+  for steps in (20, 40):  # the second run resumes from the first one's checkpoint
+    multi = jaxmodels("launch", "--processes", "2", "--devices-per-process", "2", "--", *train,
+                      f"--config.train.steps={steps}", f"--workdir={tmp_path / 'multi'}")
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+  assert "[0] first step after resuming" in multi.stdout
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  single = jaxmodels(*train, "--config.train.steps=40", f"--workdir={tmp_path / 'single'}", env=env)
+  assert single.returncode == 0, single.stderr
+  a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+
+
 def test_killed_process_stops_the_whole_job(tmp_path):
   cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", "train", "--config",
          "experiments/digits_mlp.py", "--config.train.steps=100000", "--config.train.log_every=10",

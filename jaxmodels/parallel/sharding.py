@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmodels.errors import UserError
@@ -156,6 +157,11 @@ class Layout(_Share):
   def data_parallel_size(self) -> int:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+  @property
+  def device_count(self) -> int:
+    """Devices the step runs on, over all processes."""
+    return self.mesh.size
+
   def state_shardings(self, state_cls, abstract_state, tx):
     """Shardings for a TrainState: params by the rules, optimizer moments like their params."""
     params = jax.tree.map(self.named, self.param_specs, is_leaf=lambda x: isinstance(x, P))
@@ -164,6 +170,10 @@ class Layout(_Share):
     return state_cls(step=self.replicated, params=params,
                      model_state=jax.tree.map(lambda _: self.replicated, abstract_state.model_state),
                      opt_state=opt_state)
+
+  def abstract_batch(self, local_batch: dict) -> dict:
+    """ShapeDtypeStructs of `global_batch(local_batch)` (single process), for lowering without data."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in local_batch.items()}
 
   def global_batch(self, local_batch: dict) -> dict:
     """Global arrays sharded over data x fsdp, each process contributing its own rows."""
@@ -182,27 +192,64 @@ class PmapLayout(_Share):
   """The pmap strategy: the state replicated on every local device, batches split on a leading device axis."""
 
   devices: list
+  axis_name: str = "data"  # the step's jax.pmap axis_name
 
   @property
   def data_parallel_size(self) -> int:
     return len(self.devices) * jax.process_count()
 
+  device_count = data_parallel_size
+
+  @property
+  def sharding(self) -> NamedSharding:
+    """A leading device axis, one slice per local device (what pmap takes).
+
+    Over a mesh like the one jax.pmap builds (same devices, its axis name), so
+    inputs and the step's outputs have one sharding and the step compiles once.
+    """
+    return NamedSharding(Mesh(np.asarray(self.devices), (self.axis_name,)), P(self.axis_name))
+
   def _put(self, x):
-    """An array with a leading device axis, one slice per local device (what pmap takes)."""
-    return jax.device_put(x, NamedSharding(Mesh(np.asarray(self.devices), ("device",)), P("device")))
+    return jax.device_put(x, self.sharding)
+
+  def _split(self, shape) -> tuple:
+    n = len(self.devices)
+    return (n, shape[0] // n, *shape[1:])
 
   def global_batch(self, local_batch: dict) -> dict:
-    n = len(self.devices)
-    return {k: self._put(v.reshape(n, v.shape[0] // n, *v.shape[1:])) for k, v in local_batch.items()}
+    return {k: self._put(v.reshape(self._split(v.shape))) for k, v in local_batch.items()}
+
+  def abstract_batch(self, local_batch: dict) -> dict:
+    return {k: jax.ShapeDtypeStruct(self._split(v.shape), v.dtype, sharding=self.sharding)
+            for k, v in local_batch.items()}
 
   def replicate(self, state):
+    """One copy per local device of a single-copy state."""
     return jax.tree.map(lambda x: self._put(jax.numpy.stack([x] * len(self.devices))), state)
 
   def for_checkpoint(self, state):
-    return jax.tree.map(lambda x: x[0], state)
+    """The first device's copy; with several processes, as arrays replicated over all of them.
+
+    pmap's outputs are host-local arrays in a multi-process job, which Orbax
+    cannot save; the copies on each process's devices are rewrapped (no data
+    moves) as one global array over every device, in pmap's process-major order.
+    """
+    local = _first_copy(state)
+    if jax.process_count() == 1:
+      return local
+    devices = [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+    return multihost_utils.host_local_array_to_global_array(local, Mesh(np.asarray(devices), (self.axis_name,)),
+                                                            P())
 
   def from_checkpoint(self, state):
-    return self.replicate(state)
+    """Restored arrays are replicated over every process's devices; each process copies its own."""
+    return self.replicate(jax.tree.map(lambda x: x.addressable_data(0), state))
+
+
+@jax.jit
+def _first_copy(tree):
+  """Each leaf's first device copy (all are equal), compiled: an eager x[0] would send its index to the device."""
+  return jax.tree.map(lambda x: x[0], tree)
 
 
 def per_device_bytes(tree) -> int:
