@@ -103,6 +103,7 @@ def main():
   config.model.dtype = "bfloat16"
   config.model.attention_impl = "cudnn" if gpu else "xla"
   config.train.steps = args.train_steps
+  config.train.warmup_steps = min(config.train.warmup_steps, args.train_steps // 10)  # short smoke runs too
   config.train.eval_every = args.train_steps
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
