@@ -72,7 +72,8 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
-  axis_name = "data" if config.parallel.strategy == "pmap" else None  # BatchNorm syncs statistics over it
+  # BatchNorm syncs statistics over the pmap axis
+  axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
   return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task,
                      axis_name=axis_name)
 

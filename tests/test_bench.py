@@ -121,6 +121,14 @@ def test_peaks_and_xla_flops_count_every_device_of_the_step(monkeypatch):
   assert 0.5 < exp.model_flops / bench.xla_flops(exp) < 2
 
 
+def test_compile_point_of_the_pmap_step():
+  c = experiment("digits_mlp")
+  c.parallel.strategy = "pmap"  # jax.pmap's wrapper traces inside `lower`
+  record = bench.compile_point(c, repeat=1, steps=2)
+  assert record["trace_s"] > 0 and record["lower_s"] > 0 and record["compile_s"] > 0 and record["step_s"] > 0
+  assert record["device_count"] == 8 and record["hlo_ops"] > 0
+
+
 def test_transformer_flop_count_matches_xla_when_unrolled():
   c = experiment("text_transformer")
   c.model.update(dict(num_layers=2, d_model=64, d_ff=256, scan_layers=False))

@@ -96,6 +96,21 @@ def test_text_transformer_strategies_match_single_device(baselines, strategy, me
   assert_same_run(run_steps(small_transformer(strategy, mesh)), baselines["transformer"])
 
 
+def test_pmap_devices_draw_their_own_dropout_masks():
+  # Every device gets the same 8 rows: with one shared dropout key all 8 would compute the single-device loss.
+  c = experiment("digits_mlp")
+  c.model.dropout = 0.5
+  losses = {}
+  for strategy in ("single", "pmap"):
+    c.parallel.strategy = strategy
+    exp = build_experiment(c)
+    rows = exp.dataset.train_batch(0, 8)
+    local = rows if strategy == "single" else {k: np.concatenate([v] * 8) for k, v in rows.items()}
+    _, metrics = exp.train_step(exp.init_state(), exp.layout.global_batch(local))
+    losses[strategy] = mean_train_metrics([metrics])["loss"]
+  assert np.isfinite(losses["pmap"]) and abs(losses["pmap"] - losses["single"]) > 1e-3 * losses["single"]
+
+
 def test_fsdp_and_tp_really_shard_the_state(baselines):
   single_bytes = parallel.per_device_bytes(baselines["transformer"][1].params)
   fsdp = build_experiment(small_transformer("fsdp"))
