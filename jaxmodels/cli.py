@@ -74,6 +74,7 @@ def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
     raise UserError(str(e).splitlines()[0]) from None
   if len(unparsed) > 1:
     raise UserError(f"unexpected arguments: {' '.join(unparsed[1:])}")
+  config_lib.validate(fv.config)  # before a multi-process job is joined or anything is loaded
   return fv.config, fv
 
 

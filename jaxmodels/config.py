@@ -8,7 +8,9 @@ An experiment file (`experiments/*.py`) defines `get_config()` that starts from
 
 import importlib.util
 import json
+import math
 import os
+import re
 from ml_collections import config_dict
 
 from jaxmodels.errors import UserError
@@ -30,7 +32,7 @@ def default_config() -> config_dict.ConfigDict:
   # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
   # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
   # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
-  c.data.spatial_dims = config_dict.placeholder(int)
+  c.data.spatial_dims = config_dict.placeholder(int)  # unset | 1 | 2
   # Text only.
   c.data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts the next of each)
   c.data.val_fraction = 0.1  # the last fraction of the text validates
@@ -40,8 +42,8 @@ def default_config() -> config_dict.ConfigDict:
   # mlp | cnn | lstm | transformer. lstm and transformer are language models on
   # data.source=text and sequence classifiers on arrays (axis 1 of x is time).
   c.model.family = "cnn"
-  c.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
-  c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (mixed precision) | float16 (no loss scaling)
+  c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state): float32 | bfloat16
   c.model.dropout = 0.0
   c.model.activation = "relu"  # any jax.nn activation name: relu, gelu, silu, tanh, ...
   # MLP
@@ -87,7 +89,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.b1 = 0.9  # adam/adamw
   c.train.b2 = 0.999  # adam/adamw
   c.train.grad_clip = 0.0  # global-norm clip; 0 disables
-  c.train.seed = 0
+  c.train.seed = 0  # in [0, 2**31): parameters, data order and dropout
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
@@ -101,7 +103,7 @@ def default_config() -> config_dict.ConfigDict:
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
   c.checkpoint.keep = 3  # newest checkpoints kept
-  c.checkpoint.keep_best = ""  # also keep the best by this eval metric (e.g. "loss", "accuracy")
+  c.checkpoint.keep_best = ""  # also keep the best by this eval metric: loss, accuracy (LMs: perplexity, bits_per_*)
   c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
   # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.
   c.checkpoint.restore_from = ""
@@ -152,19 +154,148 @@ def load_experiment(path: str) -> config_dict.ConfigDict:
   return config
 
 
+# Compute dtypes that train today: float16 computes without loss scaling (issue 16 adds it). Parameters and the
+# optimizer state in float16 turn Adam's update NaN within steps, and float64 silently becomes float32 while
+# jax_enable_x64 is off, so neither is offered.
+DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (test, what the error says was expected) for the kinds of value a key can take.
+POSITIVE = (lambda v: _is_int(v) and v > 0, "a positive integer")
+NON_NEGATIVE = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+OPEN_UNIT = (lambda v: _is_real(v) and 0 < v < 1, "a number in (0, 1)")
+RATE = (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)")
+FRACTION = (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
+NON_NEGATIVE_REAL = (lambda v: _is_real(v) and v >= 0, "a finite number >= 0")
+POSITIVE_REAL = (lambda v: _is_real(v) and v > 0, "a finite number > 0")
+SIZES = (lambda v: isinstance(v, (tuple, list)) and all(POSITIVE[0](n) for n in v), "a tuple of positive integers")
+SEED = (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)")
+
+
+def one_of(allowed) -> tuple:
+  allowed = tuple(allowed)
+  return (lambda v: v in allowed, f"one of {', '.join(map(str, allowed))}")
+
+
+def _check(config, key: str, rule: tuple) -> None:
+  group, name = key.split(".")
+  value = config[group][name]
+  test, expected = rule
+  if not test(value):
+    raise UserError(f"{key}={value!r}: expected {expected}")
+
+
+def _check_rules(key: str, rules, first_ok, first_expected: str, mesh_axes) -> None:
+  """`parallel.rules` / `parallel.fallback_rules`: pairs of (name or pattern, mesh axis or None)."""
+  for rule in rules:
+    ok = (isinstance(rule, (tuple, list)) and len(rule) == 2 and first_ok(rule[0])
+          and (rule[1] is None or rule[1] in mesh_axes))
+    if not ok:
+      raise UserError(f"{key}: {rule!r} is not a pair ({first_expected}, mesh axis or None); mesh axes: "
+                      f"{', '.join(mesh_axes)}")
+
+
+def _is_regex(pattern) -> bool:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError):
+    return False
+  return True
+
+
 def validate(config: config_dict.ConfigDict) -> None:
-  """Checks the keys every run needs, with one-line errors."""
-  if config.model.family not in FAMILIES:
-    raise UserError(f"model.family={config.model.family!r}: expected one of {', '.join(FAMILIES)}")
-  t = config.train
-  for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size", "grad_accum_steps"):
-    if t[key] <= 0:
-      raise UserError(f"train.{key} must be positive, got {t[key]}")
+  """Checks every key of the config up front, so a bad value never reaches data loading or model building.
+
+  Raises `UserError` naming the first bad key, its value and what it accepts. Free-form strings
+  (`data.path`, `checkpoint.restore_from`) are checked where they are read; booleans by the ConfigDict's types.
+  """
+  # The modules that consume a key own its allowed values; imported here, not at the top, because they import
+  # JAX, which the CLI must not load before it has re-executed itself (jaxmodels.host).
+  # pylint: disable=import-outside-toplevel
+  from jaxmodels.data import SOURCES
+  from jaxmodels.data.text import TOKENIZERS
+  from jaxmodels.models import cnn, layers, recurrent, transformer
+  from jaxmodels.optim import OPTIMIZERS, SCHEDULES
+  from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, parse_mesh
+
+  d, m, t, p = config.data, config.model, config.train, config.parallel
+  rules = {
+      "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
+      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS),
+      "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
+      "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
+      "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
+      "model.strides": SIZES, "model.pool": one_of(cnn.POOLS), "model.head_sizes": SIZES,
+      "model.norm": one_of(dict.fromkeys(cnn.NORMS + transformer.NORMS)), "model.num_layers": POSITIVE,
+      "model.num_heads": POSITIVE, "model.d_model": POSITIVE, "model.d_ff": POSITIVE, "model.max_len": POSITIVE,
+      "model.positions": one_of(transformer.POSITIONS), "model.mlp": one_of(transformer.MLPS),
+      "model.remat": one_of(transformer.REMAT_POLICIES), "model.attention_impl": one_of(transformer.ATTENTION_IMPLS),
+      "model.pooling": one_of(("mean", "cls", "last")), "model.cell": one_of(recurrent.CELLS),
+      "model.hidden_size": POSITIVE,
+      "train.steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
+      "train.optimizer": one_of(OPTIMIZERS), "train.learning_rate": POSITIVE_REAL,
+      "train.schedule": one_of(SCHEDULES), "train.warmup_steps": NON_NEGATIVE, "train.end_lr_fraction": FRACTION,
+      "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
+      "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
+      "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
+      "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
+                              "() or (first, last) with 0 <= first < last"),
+      "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
+      "checkpoint.restore_mode": one_of(("params", "full")),
+      "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
+      "parallel.process_id": (lambda v: _is_int(v) and 0 <= v < p.num_processes,
+                              f"an integer in [0, parallel.num_processes={p.num_processes})"),
+      "parallel.coordinator_address": (lambda v: not v or re.fullmatch(r"[^\s:]+:[0-9]+", v) is not None,
+                                       "empty or HOST:PORT"),
+      "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
+  }
+  task = "lm" if d.source == "text" else "classify"
+  metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{d.tokenizer}") if task == "lm" else ())
+  rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
+  for key, rule in rules.items():
+    _check(config, key, rule)
+
+  # Keys whose allowed values depend on others.
+  if d.source == "digits" and d.path:
+    raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
+                    f"or text, or leave data.path empty")
+  layers.activation(m.activation)
+  if m.family == "cnn":
+    _check(config, "model.norm", one_of(cnn.NORMS))
+    if not len(m.features) == len(m.kernel_sizes) == len(m.strides):
+      raise UserError(f"model.features, model.kernel_sizes and model.strides need one entry per conv layer, "
+                      f"got {len(m.features)}, {len(m.kernel_sizes)}, {len(m.strides)}")
+  if m.family == "transformer":
+    _check(config, "model.norm", one_of(transformer.NORMS))
+    if m.d_model % m.num_heads:
+      raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    if m.positions == "rotary" and (m.d_model // m.num_heads) % 2:
+      raise UserError(f"model.positions=rotary needs an even head size, but model.d_model / model.num_heads = "
+                      f"{m.d_model // m.num_heads}")
+  if task == "lm" and m.family not in ("transformer", "lstm"):
+    raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
+  if task == "classify":
+    _check(config, "model.pooling", one_of({"transformer": ("mean", "cls"), "lstm": ("last", "mean")}
+                                           .get(m.family, ("mean", "cls", "last"))))
   if t.batch_size % t.grad_accum_steps:
     raise UserError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-  if not t.learning_rate > 0:
-    raise UserError(f"train.learning_rate must be positive, got {t.learning_rate}")
+  if t.warmup_steps >= t.steps and t.schedule != "constant":
+    raise UserError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
+  sizes = parse_mesh(p.mesh, p.strategy)
+  if any(n != -1 and n < 1 for n in sizes.values()):
+    raise UserError(f"parallel.mesh={p.mesh!r}: every axis size must be a positive integer or -1")
+  _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
+  _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
 
 
 def to_json(config: config_dict.ConfigDict) -> str:

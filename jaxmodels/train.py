@@ -27,7 +27,7 @@ from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import config as config_lib
-from jaxmodels.data import load_dataset
+from jaxmodels.data import check_batch_size, load_dataset
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
 from jaxmodels.metrics import MetricsLogger
@@ -134,8 +134,10 @@ def build_experiment(config, devices=None) -> Experiment:
   """
   config_lib.validate(config)
   dataset = load_dataset(config)
-  tx, schedule = make_optimizer(config.train)
   t = config.train
+  if dataset.task == "classify":  # text batches are random windows, any number of them
+    check_batch_size(t.batch_size, len(dataset.x_train))
+  tx, schedule = make_optimizer(t)
 
   def fresh_state() -> TrainState:
     _, params, model_state = split_model(make_model(config, dataset, nnx.Rngs(t.seed)))

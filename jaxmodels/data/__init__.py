@@ -7,7 +7,8 @@ deterministic and resume is exact) and `eval_batches(batch_size)` (fixed-shape,
 padded batches carrying a `mask`).
 """
 
-from jaxmodels.data.arrays import ArrayDataset, load_array_dataset, padded_batches, validate_arrays
+from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_dataset, padded_batches,
+                                   validate_arrays)
 from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
 from jaxmodels.errors import UserError
 
@@ -15,13 +16,17 @@ SOURCES = ("digits", "npz", "text")
 
 
 def load_dataset(config):
+  """The dataset of `data.*`; arrays are checked against `model.dtype` too.
+
+  Raises UserError for data that cannot train or would train on nonsense (see validate_arrays, load_text_dataset).
+  """
   source = config.data.source
   if source in ("digits", "npz"):
-    return load_array_dataset(config.data, config.train.seed)
+    return load_array_dataset(config.data, config.train.seed, config.model.dtype)
   if source == "text":
     return load_text_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "SOURCES", "TextDataset", "Vocab", "load_dataset", "padded_batches",
+__all__ = ["ArrayDataset", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset", "padded_batches",
            "validate_arrays"]

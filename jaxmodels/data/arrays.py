@@ -7,8 +7,10 @@ gives deterministic order and exact resume with no iterator state to save.
 
 import dataclasses
 import os
+import zipfile
 from typing import Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.errors import UserError
@@ -54,8 +56,7 @@ class ArrayDataset:
     only its own rows.
     """
     n = len(self.x_train)
-    if batch_size > n:
-      raise UserError(f"train.batch_size={batch_size} exceeds the {n} training examples")
+    check_batch_size(batch_size, n)
     epoch, i = divmod(step, n // batch_size)
     if self._epoch_perm[0] != epoch:
       self._epoch_perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
@@ -112,16 +113,25 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise UserError(f"data.path: file not found: {path}")
   try:
-    with np.load(path, allow_pickle=False) as f:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file holds one bare array
+      raise UserError(f"{path}: one array (.npy), not an .npz archive of {', '.join(NPZ_KEYS)} "
+                      f"(write one with np.savez)")
+    with loaded as f:
       missing = [k for k in NPZ_KEYS if k not in f.files]
       if missing:
         raise UserError(f"{path}: missing array {missing[0]!r} (found: {', '.join(f.files) or 'none'})")
       return {k: f[k] for k in NPZ_KEYS}
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a readable .npz file ({e})") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated, pickled, empty
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"{path}: not a readable .npz file ({reason})") from None
+
+
+INT32_MAX = np.iinfo(np.int32).max
 
 
 def _labels(name: str, y: np.ndarray) -> np.ndarray:
+  """Class labels as int32, checked before the cast: integral, non-negative and within int32."""
   if y.ndim != 1:
     raise UserError(f"{name} must be a 1-D array of class labels, got shape {y.shape}")
   if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
@@ -129,21 +139,30 @@ def _labels(name: str, y: np.ndarray) -> np.ndarray:
   if np.issubdtype(y.dtype, np.floating):
     bad = ~np.isfinite(y) | (y != np.round(y))
     if bad.any():
-      raise UserError(f"{name} must hold integer class labels, found {y[bad][0]!r}")
+      raise UserError(f"{name} must hold integer class labels, found {y[bad][0]}")
   if (y < 0).any():
-    raise UserError(f"{name} has a negative label ({int(y.min())}); labels must lie in [0, num_classes)")
+    raise UserError(f"{name} has a negative label ({y.min()}); labels must lie in [0, num_classes)")
+  if y.max() > INT32_MAX:
+    raise UserError(f"{name} has label {y.max()}, beyond int32: labels must be class indices 0..num_classes-1")
   return y.astype(np.int32)
 
 
-def _examples(name: str, x: np.ndarray, spatial_dims: int | None) -> np.ndarray:
+def _examples(name: str, x: np.ndarray, spatial_dims: int | None, compute_dtype) -> np.ndarray:
+  """Examples as float32, channels last; every value must be finite and within `compute_dtype`'s range."""
   if x.ndim < 2 or x.ndim > 4:
     raise UserError(f"{name} must have shape (N, L), (N, H, W) or either with a channel axis, got {x.shape}")
-  if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-    raise UserError(f"{name} must be numeric, got dtype {x.dtype}")
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+    raise UserError(f"{name} must hold real numbers, got dtype {x.dtype}")
+  if np.issubdtype(x.dtype, np.floating):
+    bad = ~np.isfinite(x)
+    if bad.any():
+      raise UserError(f"{name} contains NaN or inf ({int(bad.sum())} entries)")
+  # Checked before the cast, which would turn values beyond the range into inf without an error.
+  limit, largest = float(jnp.finfo(compute_dtype).max), max(abs(float(x.min())), abs(float(x.max())))
+  if largest > limit:
+    raise UserError(f"{name} has values up to {largest:.3g} in magnitude, beyond the {limit:.3g} that "
+                    f"{jnp.dtype(compute_dtype).name} (model.dtype) holds: rescale the data")
   x = x.astype(np.float32)
-  bad = ~np.isfinite(x)
-  if bad.any():
-    raise UserError(f"{name} contains NaN or inf ({int(bad.sum())} entries)")
   rank = x.ndim - 1
   dims = spatial_dims or {1: 1, 2: 2, 3: 2}[rank]
   if rank == dims:
@@ -153,21 +172,31 @@ def _examples(name: str, x: np.ndarray, spatial_dims: int | None) -> np.ndarray:
   return x
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None) -> dict:
-  """Checks and normalises the four arrays; raises UserError naming the array and the problem."""
+def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None, compute_dtype="float32") -> dict:
+  """Checks and normalises the four arrays; raises UserError naming the array and the problem.
+
+  Rejects what would train without an error but mean nothing: empty splits, a single class, values the
+  cast to float32 (x) or int32 (y), or the model's `compute_dtype`, would change.
+  """
   out = {}
   for split in ("train", "test"):
     xn, yn = f"x_{split}", f"y_{split}"
     x, y = np.asarray(arrays[xn]), np.asarray(arrays[yn])
+    for name, a in ((xn, x), (yn, y)):
+      if a.ndim == 0:
+        raise UserError(f"{name} is a scalar ({a!r}), not an array of examples")
     if len(x) == 0:
       raise UserError(f"{xn} has zero examples")
     if len(x) != len(y):
       raise UserError(f"{xn} has {len(x)} examples but {yn} has {len(y)}")
-    out[xn], out[yn] = _examples(xn, x, spatial_dims), _labels(yn, y)
+    out[xn], out[yn] = _examples(xn, x, spatial_dims, compute_dtype), _labels(yn, y)
   if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
     raise UserError(f"x_train examples have shape {out['x_train'].shape[1:]} "
                     f"but x_test examples have shape {out['x_test'].shape[1:]}")
-  classes = int(out["y_train"].max()) + 1
+  present = np.unique(out["y_train"])
+  if len(present) < 2:
+    raise UserError(f"y_train holds one class ({present[0]}): a classifier needs examples of at least two")
+  classes = int(present[-1]) + 1
   for yn in ("y_train", "y_test"):
     if out[yn].max() >= classes:
       raise UserError(f"{yn} has label {int(out[yn].max())}, out of range for {classes} classes "
@@ -176,9 +205,14 @@ def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None) -> 
   return out
 
 
-def load_array_dataset(data_config, seed: int) -> ArrayDataset:
+def check_batch_size(batch_size: int, num_examples: int) -> None:
+  if batch_size > num_examples:
+    raise UserError(f"train.batch_size={batch_size} exceeds the {num_examples} training examples")
+
+
+def load_array_dataset(data_config, seed: int, compute_dtype="float32") -> ArrayDataset:
   if data_config.source == "digits":
     arrays = load_digits(data_config.test_fraction, seed)
   else:
     arrays = load_npz(data_config.path)
-  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims), seed=seed)
+  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims, compute_dtype), seed=seed)

@@ -159,4 +159,7 @@ def load_text_dataset(data_config, seed: int) -> TextDataset:
     if len(ids) < d.seq_len + 1:
       raise UserError(f"the {name} split of {source} has {len(ids)} tokens, shorter than one window of "
                       f"data.seq_len + 1 = {d.seq_len + 1}")
+  if len(np.unique(train_ids)) < 2:  # the language-model analogue of a dataset with one class
+    raise UserError(f"the training split of {source} repeats one token ({vocab.decode(train_ids[:1])!r}): "
+                    f"there is nothing to learn")
   return TextDataset(train_ids, val_ids, vocab, d.seq_len, seed, source)
