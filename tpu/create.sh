@@ -12,9 +12,11 @@ Creates the TPU VM (or pod slice) NAME of accelerator TYPE (e.g. v5litepod-8,
 v4-32) in ZONE and waits until it is READY. With --spot or --reserved the VM is
 requested as a queued resource (spot capacity is the cheap default for
 experiments; reserved uses your reservation). --version is the TPU software
-runtime (default: tpu-ubuntu2204-base). Every gcloud command is printed first;
-DRY_RUN=1 prints them without running. Waits up to TPU_CREATE_TIMEOUT_S
-(default 1800) seconds, polling every TPU_POLL_S (default 15).
+runtime (default: tpu-ubuntu2204-base). A queued resource that ends FAILED or
+SUSPENDED is reported with its reason and deleted (exit 2), not waited on. Every
+gcloud command that changes something is printed first; DRY_RUN=1 prints them
+without running. Waits up to TPU_CREATE_TIMEOUT_S (default 1800) seconds,
+polling every TPU_POLL_S (default 15).
 USAGE
 }
 
@@ -43,6 +45,24 @@ fi
 [[ "${DRY_RUN:-0}" == 1 ]] && exit 0
 
 deadline=$((SECONDS + ${TPU_CREATE_TIMEOUT_S:-1800}))
+if [[ -n "$capacity" ]]; then  # a queued resource: it may wait for capacity, then fail or be suspended
+  while true; do
+    state="$(gcloud compute tpus queued-resources describe "$name" --zone "$zone" --format='value(state.state)' \
+      2>/dev/null || echo NOT_FOUND)"
+    echo "$name (queued resource): $state" >&2
+    case "$state" in
+      ACTIVE) break ;;
+      FAILED | SUSPENDED | SUSPENDING | NOT_FOUND)
+        reason="$(gcloud compute tpus queued-resources describe "$name" --zone "$zone" \
+          --format='value(state.failedData.error.message)' 2>/dev/null || true)"
+        [[ "$state" == NOT_FOUND ]] || gc compute tpus queued-resources delete "$name" --zone "$zone" --quiet --force
+        die "queued resource $name is $state${reason:+ ($reason)}; deleted it, nothing is billed" ;;
+    esac
+    ((SECONDS < deadline)) || die "queued resource $name not ACTIVE after ${TPU_CREATE_TIMEOUT_S:-1800} s \
+(last state: $state); it stays queued: tpu/delete.sh $name --zone $zone to withdraw it"
+    sleep "${TPU_POLL_S:-15}"
+  done
+fi
 while true; do
   state="$(tpu_state "$name" "$zone")"
   echo "$name: $state" >&2

@@ -28,4 +28,4 @@ done
 require_name_zone "$name" "$zone"
 [[ "$lines" =~ ^[0-9]+$ ]] || die "--lines must be a number, got $lines"
 
-gc compute tpus tpu-vm ssh "$name" --worker=all --zone "$zone" --command "tail -n $lines $follow ~/jaxmodels/run.log"
+gc compute tpus tpu-vm ssh "$name" --worker=all --zone "$zone" --command "tail -n $lines $follow ~/jaxmodels/$JOB_LOG"
