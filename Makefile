@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.jaxmodels-installed
+WORKDIR ?= runs/digits_cnn
 
 .PHONY: train test test-fast clean
 
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir runs/digits_cnn
+	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

@@ -9,6 +9,7 @@ reports model FLOP utilisation. Field names are stable: results files are
 compared across versions (`--baseline`).
 """
 
+import ast
 import csv
 import dataclasses
 import itertools
@@ -179,7 +180,7 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   if listed is None:
-    peak, peak_source = statistics.median(peaks), f"float32 2048x2048 matmul, median of {len(peaks)} between steps"
+    peak, peak_source = statistics.median(peaks), f"a float32 2048x2048 matmul timed in this process, median of {len(peaks)} between steps"
   else:
     peak, peak_source = flops.peak_flops(exp.layout.device_count)
   out = {"step_s": step_s, "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
@@ -204,22 +205,28 @@ def xla_flops(exp) -> float:
 def pure_jax_mlp_step(exp):
   """A hand-written pure JAX + Optax train step with the same math as an MLP experiment's step.
 
-  Same parameters (as plain arrays), same optimizer (`exp.tx`), same outputs (the
-  state with its step counter, and loss, accuracy, gradient norm): what remains
-  of the difference in step time is the framework's host overhead.
+  Same parameters (as plain arrays), same optimizer (`exp.tx`), same dropout
+  masks (the key of step s is `fold_in(PRNGKey(seed + 1), s)`, and hidden layer
+  i draws `bernoulli(fold_in(key, i))`, as nnx.Dropout does from that key), same
+  outputs (the state with its step counter, and loss, accuracy, gradient norm):
+  what remains of the difference in step time is the framework's host overhead.
+  Raises UserError for a family other than mlp.
   """
   m = exp.config.model
-  if m.family != "mlp" or m.dropout:
-    raise UserError("--compare-pure-jax needs model.family=mlp with model.dropout=0")
-  act = getattr(jax.nn, m.activation)
+  if m.family != "mlp":
+    raise UserError("--compare-pure-jax needs model.family=mlp")
+  act, keep = getattr(jax.nn, m.activation), 1.0 - m.dropout
+  seed = exp.config.train.seed
   state = exp.init_state()
   layers = [*state.params["hidden"].values(), state.params["out"]]
   params = [(jnp.array(l["kernel"]), jnp.array(l["bias"])) for l in layers]
 
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, key):
     h = batch["x"].reshape(batch["x"].shape[0], -1)
-    for w, b in params[:-1]:
+    for i, (w, b) in enumerate(params[:-1]):
       h = act(h @ w + b)
+      if m.dropout:
+        h = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, i), keep, h.shape), h / keep, 0)
     logits = h @ params[-1][0] + params[-1][1]
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), logits
 
@@ -227,7 +234,8 @@ def pure_jax_mlp_step(exp):
 
   def step(state, batch):
     count, p, opt_state = state
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), count)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
     updates, opt_state = tx.update(grads, opt_state, p)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     metrics = jnp.stack([loss, accuracy, optax.tree.norm(grads), jnp.zeros(())])
@@ -262,27 +270,73 @@ def compare_pure_jax(exp, steps: int = 2000, repeats: int = 5) -> dict:
 
 
 def parse_sweeps(config, sweeps: list[str]) -> list[dict]:
-  """`["model.num_layers=1,2", "model.scan_layers=true,false"]` -> the cartesian product as dicts."""
+  """`["model.num_layers=1,2", "model.scan_layers=true,false"]` -> the cartesian product as dicts.
+
+  Each sweep is `GROUP.KEY=V1,V2,...`, its values parsed by the key's type (see
+  `split_values` for the quoting rule). Raises UserError naming the sweep for an
+  unknown key or a value of the wrong type.
+  """
   axes = []
   for s in sweeps:
     key, _, values = s.partition("=")
     group, _, name = key.partition(".")
     if not values or group not in config or name not in config[group]:
       raise UserError(f"--sweep {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
-    current = config[group][name]
-    axes.append([(key, _parse(v, current, key)) for v in values.split(",")])
+    kind = config[group].get_type(name)
+    axes.append([(key, _parse(v, kind, key)) for v in split_values(values, key)])
   return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
 
 
-def _parse(text: str, like, key: str):
-  if isinstance(like, bool):
+def split_values(text: str, key: str = "") -> list[str]:
+  """A sweep's values: split on commas outside brackets and quotes; one pair of quotes around a value is removed.
+
+  `1,2,4` -> ['1', '2', '4']; `(64,),(128,64)` -> ['(64,)', '(128,64)'];
+  `'data=2,tensor=4','data=8'` -> ['data=2,tensor=4', 'data=8'] (a string
+  holding a comma must be quoted, inside the shell's own quotes). Raises
+  UserError for unbalanced brackets or quotes.
+  """
+  values, current, depth, quote = [], "", 0, None
+  for ch in text:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      values.append(current)
+      current = ""
+      continue
+    current += ch
+  if quote or depth:
+    raise UserError(f"--sweep {key}: unbalanced {'quote' if quote else 'brackets'} in {text!r}")
+  values.append(current)
+  return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
+
+
+def _parse(text: str, kind: type, key: str):
+  """One sweep value as the config key's type: bool (true/false), int, float, str, tuple/list (a Python
+  literal), or None (`none`) for any key."""
+  if text.strip().lower() == "none":
+    return None
+  if kind is bool:
     if text.lower() not in ("true", "false"):
       raise UserError(f"--sweep {key}: {text!r} is not true or false")
     return text.lower() == "true"
+  if kind in (tuple, list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, (tuple, list)):
+      raise UserError(f"--sweep {key}: {text!r} is not a {kind.__name__} literal such as (64,) or (128,64)")
+    return kind(value)
   try:
-    return type(like)(text) if isinstance(like, (int, float, str)) else text
+    return kind(text) if kind in (int, float, str) else text
   except ValueError:
-    raise UserError(f"--sweep {key}: {text!r} is not a {type(like).__name__}") from None
+    raise UserError(f"--sweep {key}: {text!r} is not of type {kind.__name__}") from None
 
 
 def apply(config, point: dict):
@@ -390,9 +444,11 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   if a.repeat < 1:
     raise UserError("--repeat must be at least 1")
   points = parse_sweeps(config, a.sweeps)
+  labels = [" ".join(f"{k.split('.')[-1]}={v!r}" for k, v in point.items()) or f"point{i}"
+            for i, point in enumerate(points)]
+  log(f"{len(points)} sweep point(s):\n" + "\n".join(f"  [{i + 1}] {l}" for i, l in enumerate(labels)))
   results = []
-  for i, point in enumerate(points):
-    label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or f"point{i}"
+  for i, (point, label) in enumerate(zip(points, labels)):
     log(f"[{i + 1}/{len(points)}] {label}")
     record = compile_point(apply(config, point), a.repeat, a.topology or None, a.dump_hlo or None,
                            re.sub(r"[^\w.=,-]", "_", label), a.steps)
@@ -421,13 +477,19 @@ def run_step(config, steps: int, compare: bool, log=print) -> dict:
   exp = build_experiment(config)
   r = step_point(exp, steps=steps)
   r["xla_flops"] = xla_flops(exp)
-  lines = [f"step: {r['step_ms']:.3f} ms median (p10 {r['step_ms_p10']:.3f}, p90 {r['step_ms_p90']:.3f}) over "
+  scanned = [what for what, on in (("the scanned layers' body", config.model.family == "transformer"
+                                    and config.model.scan_layers),
+                                   ("the micro-batch loop's body", config.train.grad_accum_steps > 1)) if on]
+  lines = [f"step: {r['step_ms']:.3f} ms median (p10 {r['step_ms_p10']:.3f}, p90 {r['step_ms_p90']:.3f} ms) over "
            f"{steps} steps on {exp.layout.device_count} x {jax.devices()[0].device_kind}",
            f"throughput: {r['examples_per_sec']:.4g} examples/s"
            + (f", {r['tokens_per_sec']:.4g} tokens/s" if "tokens_per_sec" in r else ""),
-           f"model FLOPs/step: {r['model_flops']:.4g} analytic, {r['xla_flops']:.4g} by XLA "
-           f"(ratio {r['model_flops'] / r['xla_flops']:.3f})",
-           f"MFU: {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['peak_source']})"]
+           f"model FLOPs/step: {r['model_flops']:.4g} FLOP analytic (jaxmodels.flops: matmuls and attention, "
+           f"forward + backward), {r['xla_flops']:.4g} FLOP by XLA's cost analysis "
+           f"(analytic / XLA = {r['model_flops'] / r['xla_flops']:.3f})"
+           + (f"; XLA counts {' and '.join(scanned)} once, so its figure is low by about that many iterations"
+              if scanned else ""),
+           f"MFU: {100 * r['mfu']:.1f}% of a peak of {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['peak_source']})"]
   if compare:
     r.update(compare_pure_jax(exp))
     lines.append(f"host overhead: jaxmodels {r['jaxmodels_us']:.1f} us/step, pure JAX {r['pure_jax_us']:.1f} "

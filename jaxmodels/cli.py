@@ -193,6 +193,11 @@ trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
 bytes_accessed, argument/output/temp/generated_code bytes, warm_cache_compile_s,
 and, unless --topology compiles ahead of time for an unattached TPU slice,
 step_s. --baseline exits 1 when a metric grew by more than --max-regression.
+--sweep takes any config key; values are parsed by the key's type: true/false,
+numbers, strings, tuples as Python literals ('(64,)','(128,64)'), none. Commas
+outside brackets separate values, so a string holding a comma is quoted inside
+the shell's quotes: --sweep "parallel.mesh='data=2,tensor=4','data=8'". The
+points are listed before the first compile.
 step: median step time and spread, throughput, analytic model FLOPs (checked
 against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
 hand-written pure JAX + Optax step of the same math.
@@ -253,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
   """The `jaxmodels` console script and `python -m jaxmodels`."""
   host.reexec_with_huge_pages()
+  host.cpu_only_platform()
   sys.exit(main())
 
 
 def run_experiment(path: str) -> None:
   """Entry point of an experiment file run as a script: `jaxmodels train --config <that file>`."""
   host.reexec_with_huge_pages()
+  host.cpu_only_platform()
   sys.exit(main(["jaxmodels", "train", "--config", path, *sys.argv[1:]]))

@@ -81,7 +81,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.optimizer = "adamw"  # adamw | adam | sgd
   c.train.learning_rate = 1e-3  # peak learning rate
   c.train.schedule = "cosine"  # cosine (warmup + cosine decay) | linear | constant
-  c.train.warmup_steps = 0
+  c.train.warmup_steps = 0  # linear warmup; one not below train.steps (a shortened run) becomes steps // 10, with a note
   c.train.end_lr_fraction = 0.0  # final learning rate as a fraction of the peak
   c.train.weight_decay = 0.0  # adamw: decoupled; adam/sgd: L2 on the gradient; never on biases or norm scales
   c.train.momentum = 0.9  # sgd only
@@ -296,6 +296,26 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"parallel.mesh={p.mesh!r}: every axis size must be a positive integer or -1")
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
+
+
+def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
+  """Adjusts keys that must stay below `train.steps`, so that `--config.train.steps=N` alone always runs.
+
+  A `train.warmup_steps` that is not below `train.steps` (an experiment's warmup
+  after a shortening override) becomes a tenth of the run; a `train.profile_steps`
+  window that starts past the run is reported. Returns one notice per adjustment,
+  for the caller to print; the config records the values the run uses.
+  """
+  t, notices = config.train, []
+  if t.warmup_steps >= t.steps and t.schedule != "constant":
+    warmup = t.steps // 10
+    notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "
+                   f"{warmup} steps (a tenth of the run) instead")
+    t.warmup_steps = warmup
+  if t.profile_steps and t.profile_steps[0] >= t.steps:
+    notices.append(f"train.profile_steps={tuple(t.profile_steps)} starts at or after train.steps={t.steps}: "
+                   f"no profile will be written")
+  return notices
 
 
 def to_json(config: config_dict.ConfigDict) -> str:

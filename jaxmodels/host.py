@@ -14,8 +14,11 @@ Tunables are read when a process starts, so the entry points re-execute the
 process once with the tunable set. (Keeping freed memory instead, through
 mallopt's one-arena/no-mmap settings, saved as much step time but made XLA's
 multi-threaded compiles ~40% slower.)
+
+`cpu_only_platform` keeps libtpu quiet on machines without accelerators (see there).
 """
 
+import glob
 import os
 import platform
 import sys
@@ -40,3 +43,23 @@ def reexec_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+# Device files of accelerators: TPU chips (/dev/accel*, or /dev/vfio/N on newer TPU VMs), NVIDIA and AMD GPUs.
+ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/kfd")
+
+
+def cpu_only_platform() -> None:
+  """Sets JAX_PLATFORMS=cpu when the user has not chosen platforms and the machine has no accelerator.
+
+  The `dev` extra installs libtpu (ahead-of-time TPU compiles need it). Left to
+  itself, JAX then starts libtpu's runtime on every CPU machine, which prints an
+  `E0000 ... INVALID_ARGUMENT: unexpected worker hostname` line and a source
+  trace before falling back to the CPU: noise that reads as a failure. Checked
+  from the device files alone, so it runs before JAX is imported (jax reads
+  JAX_PLATFORMS at import). AOT topology compiles load libtpu explicitly and are
+  unaffected.
+  """
+  if "JAX_PLATFORMS" in os.environ or any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"

@@ -133,6 +133,9 @@ def build_experiment(config, devices=None) -> Experiment:
   for ahead-of-time compiles (`jaxmodels bench compile --topology`).
   """
   config_lib.validate(config)
+  for notice in config_lib.fit_to_steps(config):
+    if jax.process_index() == 0:
+      print(f"note: {notice}", flush=True)
   dataset = load_dataset(config)
   t = config.train
   if dataset.task == "classify":  # text batches are random windows, any number of them

@@ -79,21 +79,38 @@ def test_sweep_values_are_typed_and_checked():
   c = experiment("text_transformer")
   points = bench.parse_sweeps(c, ["model.num_layers=1,2", "model.scan_layers=true,false"])
   assert points[1] == {"model.num_layers": 1, "model.scan_layers": False} and len(points) == 4
-  with pytest.raises(UserError, match="not a int"):
+  with pytest.raises(UserError, match="not of type int"):
     bench.parse_sweeps(c, ["model.num_layers=two"])
   with pytest.raises(UserError, match="GROUP.KEY"):
     bench.parse_sweeps(c, ["model.layers=1"])
 
 
-def test_bench_step_mfu_and_pure_jax_overhead():
+def test_sweeps_over_tuples_mesh_strings_booleans_and_none():
   c = experiment("digits_mlp")
-  c.model.update(dict(dropout=0.0, hidden_sizes=(128,)))
+  points = bench.parse_sweeps(c, ["model.hidden_sizes=(64,),(128,64)", "parallel.mesh='data=2,tensor=4','data=8'",
+                                  "model.scan_layers=true,false", "data.spatial_dims=none,1"])
+  assert len(points) == 16
+  assert {p["model.hidden_sizes"] for p in points} == {(64,), (128, 64)}
+  assert {p["parallel.mesh"] for p in points} == {"data=2,tensor=4", "data=8"}
+  assert {p["data.spatial_dims"] for p in points} == {None, 1}
+  applied = bench.apply(c, points[-1])
+  assert applied.model.hidden_sizes == (128, 64) and applied.parallel.mesh == "data=8"
+  with pytest.raises(UserError, match="tuple literal"):
+    bench.parse_sweeps(c, ["model.hidden_sizes=64"])
+  with pytest.raises(UserError, match="unbalanced"):
+    bench.parse_sweeps(c, ["model.hidden_sizes=(64,"])
+
+
+def test_bench_step_mfu_and_pure_jax_overhead():
+  c = experiment("digits_mlp")  # with its dropout: the pure step draws the same masks
+  assert c.model.dropout > 0
+  c.model.update(dict(hidden_sizes=(128,)))
   c.train.update(dict(batch_size=32, optimizer="adam"))
   lines = []
   r = bench.run_step(c, steps=5, compare=False, log=lines.append)
   assert 0 < r["mfu"] < 1 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
   assert 0.5 < r["model_flops"] / r["xla_flops"] < 2  # the analytic count agrees with XLA's
-  assert "MFU:" in lines[0]
+  assert "MFU:" in lines[0] and "FLOP by XLA" in lines[0] and "counts" not in lines[0]  # no scan: no note
   exp = build_experiment(c)
   overhead = bench.compare_pure_jax(exp, steps=20, repeats=1)
   assert overhead["overhead_ratio"] > 0

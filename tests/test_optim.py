@@ -83,3 +83,16 @@ def test_bad_optimizer_and_schedule_names():
     make_schedule(train_config(schedule="step"))
   with pytest.raises(UserError, match="warmup_steps"):
     make_schedule(train_config(warmup_steps=10, steps=10))
+
+
+def test_shortened_runs_keep_a_valid_warmup():
+  from conftest import experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.config import fit_to_steps  # pylint: disable=import-outside-toplevel
+  c = experiment("text_transformer")
+  assert c.train.warmup_steps == 100
+  c.train.steps = 20
+  notices = fit_to_steps(c)
+  assert c.train.warmup_steps == 2 and "warming up over 2 steps" in notices[0]
+  make_schedule(c.train)  # valid now
+  c.train.update(steps=1000, warmup_steps=100, profile_steps=(2000, 2001))
+  assert len(fit_to_steps(c)) == 1 and c.train.warmup_steps == 100  # only the profile window is reported
