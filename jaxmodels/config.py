@@ -289,8 +289,6 @@ def validate(config: config_dict.ConfigDict) -> None:
   if t.batch_size % t.grad_accum_steps:
     raise UserError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-  if t.warmup_steps >= t.steps and t.schedule != "constant":
-    raise UserError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
   sizes = parse_mesh(p.mesh, p.strategy)
   if any(n != -1 and n < 1 for n in sizes.values()):
     raise UserError(f"parallel.mesh={p.mesh!r}: every axis size must be a positive integer or -1")
