@@ -1,6 +1,7 @@
 """Sharded training on 8 simulated CPU devices: meshes, rules, equivalence of strategies, multi-process jobs."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,19 +215,45 @@ def test_pmap_across_two_processes_saves_resumes_and_matches_one_process(tmp_pat
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
 
 
-def test_killed_process_stops_the_whole_job(tmp_path):
-  cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", "train", "--config",
-         "experiments/digits_mlp.py", "--config.train.steps=100000", "--config.train.log_every=10",
-         "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
+def start_launch(train, until):
+  """Starts `jaxmodels launch --processes 2 -- TRAIN`; reads its output up to a line starting `until`."""
+  cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", *train]
   launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   pids, lines = {}, []
   for line in launcher.stdout:
     lines.append(line)
     if line.startswith("[launch] process"):
       pids[int(line.split()[2].rstrip(":"))] = int(line.split()[-1])
-    if line.startswith("[0] step 10 train"):  # both processes are inside the training loop
+    if line.startswith(until):
       break
   assert len(pids) == 2, "".join(lines)
+  return launcher, pids, lines
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes(tmp_path):
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=dp",
+           "--config.train.warmup_steps=5", "--config.train.log_every=10", "--config.train.eval_every=100000",
+           "--config.checkpoint.every=0",
+           f"--workdir={tmp_path}"]
+  launcher, pids, lines = start_launch([*train, "--config.train.steps=100000"], "[0] step 10 train")
+  os.kill(pids[1], signal.SIGTERM)  # process 0 hears of it only through the job's preemption service
+  out = "".join(lines) + launcher.communicate(timeout=300)[0]
+  assert launcher.returncode == 75, out
+  saved = dict(re.findall(r"^\[(\d)\] preemption notice: saved step (\d+); rerun", out, re.M))
+  assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
+  assert os.listdir(tmp_path / "checkpoints") == [saved["0"]]
+  step = int(saved["0"])
+  resumed = jaxmodels("launch", "--processes", "2", "--", *train, f"--config.train.steps={step + 10}")
+  assert resumed.returncode == 0, resumed.stdout
+  assert "[0] first step after resuming" in resumed.stdout
+  assert f"training steps {step}..{step + 10}" in resumed.stdout
+
+
+def test_killed_process_stops_the_whole_job(tmp_path):
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.train.steps=100000",
+           "--config.train.log_every=10", "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
+  launcher, pids, _ = start_launch(train, "[0] step 10 train")  # both processes are inside the training loop
   os.kill(pids[1], signal.SIGKILL)
   t0 = time.monotonic()
   rest = launcher.communicate(timeout=60)[0]
