@@ -275,8 +275,9 @@ class PmapLayout(_Share):
     n = global_batch_size // jax.process_count()
     return np.arange(jax.process_index() * n, (jax.process_index() + 1) * n)
 
-  def global_batch(self, local_batch: dict, global_batch_size: int | None = None) -> dict:  # pylint: disable=unused-argument
-    """Each process's rows, split over its local devices (pmap's inputs are per process)."""
+  def global_batch(self, local_batch: dict, global_batch_size: int | None = None) -> dict:
+    """Each process's rows, split over its local devices; pmap's inputs are per process (no global shape)."""
+    del global_batch_size
     return {k: self._put(v.reshape(self._split(v.shape))) for k, v in local_batch.items()}
 
   def abstract_batch(self, local_batch: dict) -> dict:
