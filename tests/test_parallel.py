@@ -42,6 +42,13 @@ def test_mesh_sizes_fill_and_errors():
     parallel.make_mesh(pconfig("dp", "model=8"))
   with pytest.raises(UserError, match="parallel.strategy='zero'"):
     parallel.make_mesh(pconfig("zero"))
+  c = pconfig("dp")
+  c.dcn_mesh = "data=2"  # one process, no slices: a single granule cannot be split in two
+  with pytest.raises(UserError, match="parallel.dcn_mesh='data=2' does not fit the devices"):
+    parallel.make_mesh(c)
+  c.dcn_mesh = "model=2"
+  with pytest.raises(UserError, match="parallel.dcn_mesh: unknown axis 'model'"):
+    parallel.make_mesh(c)
 
 
 def small_transformer(strategy, mesh=""):
