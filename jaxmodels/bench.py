@@ -41,15 +41,22 @@ TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "
 
 
 def topology_devices(name: str):
-  """The devices of a TPU topology that is not attached (e.g. 'v5e:2x2'), for ahead-of-time compiles."""
+  """The devices of a TPU topology that is not attached, for ahead-of-time compiles.
+
+  `name` is a slice ('v5e:2x2') or several identical slices joined over DCN ('v5e:2x2,slices=2'); a
+  multislice mesh needs `parallel.dcn_mesh` to say which axis crosses the slices.
+  """
   if problem := compilation.libtpu_problem():
     warnings.warn(f"--topology {name}: {problem}", RuntimeWarning, stacklevel=2)
+  topology, _, slices = name.partition(",slices=")
+  if slices and not (slices.isdigit() and int(slices) > 0):
+    raise UserError(f"--topology {name}: expected NAME or NAME,slices=N with N a positive integer")
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, so a second process with
   # libtpu loaded could not describe a topology; an ahead-of-time compile claims no chip, so allow it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=int(slices or 1)).devices
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise UserError(f"--topology {name}: cannot describe this TPU topology ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}). It needs libtpu: pip install 'jaxmodels[tpu]'") from None

@@ -183,7 +183,7 @@ loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
 def cmd_bench(prog: str, args: list[str]) -> int:
   """usage: jaxmodels bench compile --config experiments/X.py [--config.K=V ...]
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
-             [--topology v5e:2x2] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
+             [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
        jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
 
@@ -191,7 +191,8 @@ compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
 trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
 bytes_accessed, argument/output/temp/generated_code bytes, warm_cache_compile_s,
-and, unless --topology compiles ahead of time for an unattached TPU slice,
+and, unless --topology compiles ahead of time for an unattached TPU slice (or
+several: `v5e:2x2,slices=2`, with --config.parallel.dcn_mesh=data=2),
 step_s. --baseline exits 1 when a metric grew by more than --max-regression.
 --sweep takes any config key; values are parsed by the key's type: true/false,
 numbers, strings, tuples as Python literals ('(64,)','(128,64)'), none. Commas

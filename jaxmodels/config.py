@@ -115,6 +115,10 @@ def default_config() -> config_dict.ConfigDict:
   # Mesh axis sizes, e.g. "data=2,tensor=4"; -1 fills the remaining devices. Empty: the
   # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1).
   c.parallel.mesh = ""
+  # Mesh axes that cross TPU slices (the slower DCN network), e.g. "data=2" for two slices: each size
+  # divides that axis of parallel.mesh, whose rest stays inside a slice (ICI). On platforms without
+  # slices (CPU, GPU) each process stands for one. Empty: a single slice.
+  c.parallel.dcn_mesh = ""
   # Logical parameter axis -> mesh axis (None: not split).
   c.parallel.rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
                       ("conv_in", None), ("conv_out", "fsdp"), ("layers", None))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxmodels import checkpoint
 from jaxmodels import flops
@@ -94,10 +95,9 @@ class Experiment:
   eval_step: Callable  # (state, batch) -> summed metrics
 
   def batch(self, step: int) -> dict:
-    """Training batch `step` as global arrays; this process loads only its own rows."""
-    t = self.config.train
-    share = self.layout.local_share(t.batch_size)
-    return self.layout.global_batch(self.dataset.train_batch(step, t.batch_size, share))
+    """Training batch `step` as global arrays; this process loads only the rows its devices hold."""
+    size = self.config.train.batch_size
+    return self.layout.global_batch(self.dataset.train_batch(step, size, self.layout.local_rows(size)), size)
 
   def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.
@@ -108,10 +108,10 @@ class Experiment:
     (language models, which also report perplexity and bits per char or byte).
     """
     size = self.config.train.eval_batch_size
-    share = self.layout.local_share(size)
     totals = None
-    for batch in self.dataset.eval_batches(size, share):
-      batch = self.layout.global_batch(batch)
+    # Every process iterates the same batches (the padded split's count), so each enters every step's collectives.
+    for batch in self.dataset.eval_batches(size, self.layout.local_rows(size)):
+      batch = self.layout.global_batch(batch, size)
       with CompileTimer() as compile_time:
         sums = self.eval_step(state, batch)
       if alarm is not None:
@@ -170,8 +170,8 @@ def build_experiment(config, devices=None) -> Experiment:
                          out_shardings=(state_sh, layout.replicated), donate_argnums=0)
     eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
-  layout.local_share(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
-  layout.local_share(t.eval_batch_size)
+  layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
+  layout.check_batch_size(t.eval_batch_size)
   model_flops = flops.model_flops_per_step(config, dataset, abstract_model)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, train_step,
                     eval_step)
@@ -269,15 +269,27 @@ def summarize(rows: np.ndarray) -> dict[str, float]:
 
 
 class _Signals:
-  """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
+  """SIGTERM/SIGINT ask the loop to stop after a step; `stop_after(step)` says whether this is that step.
+
+  One process: the step the signal arrived in; a second signal exits at once.
+  Several processes (jax.distributed with its preemption service): a signal on
+  any one of them stops all of them after the same step, so every process
+  saves that step and none enters a collective the others never reach. JAX's
+  coordination service owns SIGTERM there (its C++ handler tells every process
+  of the notice); SIGINT is turned into a SIGTERM to this process.
+  `reached_preemption_sync_point` must be called once per step on every process;
+  it reads a flag set in the background, so the hot path holds no host sync.
+  """
 
   def __init__(self):
     self.received = None
     self._previous = {}
+    self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
+                    and jax.config.jax_enable_preemption_service)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -285,6 +297,14 @@ class _Signals:
     if self.received is not None:
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.received = signum
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells the other processes
+
+  def stop_after(self, step: int) -> bool:
+    """Whether the loop stops after `step`; with several processes, call it once per step on each."""
+    if self._synced:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -299,7 +319,8 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   loop may move data only explicitly (device_put / device_get): an implicit
   transfer, a hidden per-step host sync, is an error rather than a slowdown.
   A non-finite loss stops the run before any save of that state; a signal
-  ends it after the current step with a synchronous save. Each checkpoint also
+  ends it after the current step (with several processes, after a step all agree
+  on) with a synchronous save. Each checkpoint also
   keeps the metric rows not yet logged (`unlogged` on resume), so a resumed
   run's log intervals average the same steps as an uninterrupted run's.
   """
@@ -366,12 +387,18 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
       if evaluated:
         eval_metrics = exp.evaluate(state, alarm, done)
         logger.write({"step": done, "split": "eval", **eval_metrics})
-      if (every and done % every == 0) or done == t.steps or signals.received:
+      stop = signals.stop_after(done)
+      if (every and done % every == 0) or done == t.steps or stop:
         check(done)
         ckpts.save(done, exp.layout.for_checkpoint(state), config_dict, unlogged=checked,
-                   metrics=eval_metrics if evaluated else None, wait=bool(signals.received))
-      if signals.received:
-        logger.print(f"signal {signals.received}: saved step {done}; rerun the same command to resume")
+                   metrics=eval_metrics if evaluated else None, wait=stop)
+      if stop:
+        cause = f"signal {signals.received}" if signals.received else "preemption notice"
+        message = f"{cause}: saved step {done}; rerun the same command to resume"
+        if logger.enabled:
+          logger.print(message)
+        else:  # every process says so, not only the lead: each saved this same step
+          print(message, flush=True)
         raise Preempted(done)
     profile.stop(state)
   return state, eval_metrics

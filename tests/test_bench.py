@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmodels import bench, checkpoint, compilation, flops
+from jaxmodels import bench, checkpoint, compilation, flops, parallel
 from jaxmodels.errors import UserError
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.train import Profile, build_experiment, train_and_evaluate, train_loop
@@ -166,6 +166,26 @@ def test_topology_compile_ahead_of_time():
   assert record["device_count"] == 4 and "TPU" in record["device_kind"]
   assert record["compile_s"] > 0 and record["temp_bytes"] >= 0 and "step_s" not in record
   assert math.isnan(record["warm_cache_compile_s"])  # an AOT executable cannot be loaded from the cache
+
+
+def test_two_slice_topology_compiles_with_a_dcn_axis():
+  try:
+    devices = bench.topology_devices("v5e:2x2,slices=2")
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+  c = experiment("digits_mlp")
+  c.parallel.strategy = "dp"
+  with pytest.raises(UserError, match="the devices span 2 TPU slices: set parallel.dcn_mesh"):
+    parallel.make_mesh(c.parallel, devices)
+  c.parallel.dcn_mesh = "data=2"
+  mesh = parallel.make_mesh(c.parallel, devices)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert [d.slice_index for d in mesh.devices.flat] == [0] * 4 + [1] * 4  # `data` crosses the slices once
+  record = bench.compile_point(c, repeat=1, topology="v5e:2x2,slices=2")
+  assert record["device_count"] == 8 and "TPU" in record["device_kind"] and record["compile_s"] > 0
+  c.parallel.dcn_mesh = "data=3"
+  with pytest.raises(UserError, match="mesh axis 'data' of size 8 cannot be split 3 ways across slices"):
+    parallel.make_mesh(c.parallel, devices)
 
 
 def test_mismatched_libtpu_is_named(monkeypatch):

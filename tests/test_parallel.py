@@ -1,6 +1,7 @@
 """Sharded training on 8 simulated CPU devices: meshes, rules, equivalence of strategies, multi-process jobs."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,13 @@ def test_mesh_sizes_fill_and_errors():
     parallel.make_mesh(pconfig("dp", "model=8"))
   with pytest.raises(UserError, match="parallel.strategy='zero'"):
     parallel.make_mesh(pconfig("zero"))
+  c = pconfig("dp")
+  c.dcn_mesh = "data=2"  # one process, no slices: a single granule cannot be split in two
+  with pytest.raises(UserError, match="parallel.dcn_mesh='data=2' does not fit the devices"):
+    parallel.make_mesh(c)
+  c.dcn_mesh = "model=2"
+  with pytest.raises(UserError, match="parallel.dcn_mesh: unknown axis 'model'"):
+    parallel.make_mesh(c)
 
 
 def small_transformer(strategy, mesh=""):
@@ -144,9 +152,9 @@ def test_clear_errors_for_batch_and_dimension_splits():
     build_experiment(c)
 
 
-def jaxmodels(*args, env=None, **kw):
+def jaxmodels(*args, env=None, timeout=600, **kw):
   return subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, check=False, env=env, **kw)
+                        timeout=timeout, check=False, env=env, **kw)
 
 
 @pytest.mark.slow
@@ -169,6 +177,32 @@ def test_launch_two_processes_matches_one_process_four_devices(tmp_path):
   assert os.listdir(tmp_path / "multi" / "checkpoints") == ["50"]
 
 
+TINY_TEXT = ["train", "--config", "experiments/text_transformer.py", "--config.data.seq_len=16",
+             "--config.data.val_fraction=0.02", "--config.model.num_layers=2", "--config.model.d_model=32",
+             "--config.model.d_ff=64", "--config.model.max_len=16", "--config.train.batch_size=16",
+             "--config.train.eval_batch_size=128", "--config.train.steps=10", "--config.train.warmup_steps=2",
+             "--config.train.log_every=5", "--config.train.eval_every=5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, mesh", [("tp", "tensor=4"), ("fsdp", "fsdp=2,tensor=2")])
+def test_launch_mesh_axes_across_processes_match_one_process(tmp_path, strategy, mesh):
+  # tensor=4 spans both processes (each holds 2 of the 4 replicas of every batch row); under fsdp=2,tensor=2
+  # fsdp crosses the processes. Each process must load the rows its devices hold, replicas the same rows.
+  train = [*TINY_TEXT, f"--config.parallel.strategy={strategy}", f"--config.parallel.mesh={mesh}"]
+  multi = jaxmodels("launch", "--processes", "2", "--devices-per-process", "2", "--", *train,
+                    f"--workdir={tmp_path / 'multi'}", timeout=300)
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  single = jaxmodels(*train, f"--workdir={tmp_path / 'single'}", env=env)
+  assert single.returncode == 0, single.stderr
+  a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  assert [r["split"] for r in a].count("eval") == 2
+  for ra, rb in zip(a, b):
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_pmap_across_two_processes_saves_resumes_and_matches_one_process(tmp_path):
   train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=pmap",
@@ -188,19 +222,45 @@ def test_pmap_across_two_processes_saves_resumes_and_matches_one_process(tmp_pat
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
 
 
-def test_killed_process_stops_the_whole_job(tmp_path):
-  cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", "train", "--config",
-         "experiments/digits_mlp.py", "--config.train.steps=100000", "--config.train.log_every=10",
-         "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
+def start_launch(train, until):
+  """Starts `jaxmodels launch --processes 2 -- TRAIN`; reads its output up to a line starting `until`."""
+  cmd = [sys.executable, "-m", "jaxmodels", "launch", "--processes", "2", "--", *train]
   launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   pids, lines = {}, []
   for line in launcher.stdout:
     lines.append(line)
     if line.startswith("[launch] process"):
       pids[int(line.split()[2].rstrip(":"))] = int(line.split()[-1])
-    if line.startswith("[0] step 10 train"):  # both processes are inside the training loop
+    if line.startswith(until):
       break
   assert len(pids) == 2, "".join(lines)
+  return launcher, pids, lines
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes(tmp_path):
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=dp",
+           "--config.train.warmup_steps=5", "--config.train.log_every=10", "--config.train.eval_every=100000",
+           "--config.checkpoint.every=0",
+           f"--workdir={tmp_path}"]
+  launcher, pids, lines = start_launch([*train, "--config.train.steps=100000"], "[0] step 10 train")
+  os.kill(pids[1], signal.SIGTERM)  # process 0 hears of it only through the job's preemption service
+  out = "".join(lines) + launcher.communicate(timeout=300)[0]
+  assert launcher.returncode == 75, out
+  saved = dict(re.findall(r"^\[(\d)\] preemption notice: saved step (\d+); rerun", out, re.M))
+  assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
+  assert os.listdir(tmp_path / "checkpoints") == [saved["0"]]
+  step = int(saved["0"])
+  resumed = jaxmodels("launch", "--processes", "2", "--", *train, f"--config.train.steps={step + 10}")
+  assert resumed.returncode == 0, resumed.stdout
+  assert "[0] first step after resuming" in resumed.stdout
+  assert f"training steps {step}..{step + 10}" in resumed.stdout
+
+
+def test_killed_process_stops_the_whole_job(tmp_path):
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.train.steps=100000",
+           "--config.train.log_every=10", "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
+  launcher, pids, _ = start_launch(train, "[0] step 10 train")  # both processes are inside the training loop
   os.kill(pids[1], signal.SIGKILL)
   t0 = time.monotonic()
   rest = launcher.communicate(timeout=60)[0]
@@ -209,3 +269,44 @@ def test_killed_process_stops_the_whole_job(tmp_path):
   assert "process 1 exited with -9; stopping the others" in rest
   with pytest.raises(ProcessLookupError):
     os.kill(pids[0], 0)
+
+
+def pretended_process_rows(strategy, mesh, batch_size=16, processes=2):
+  """Rows each of `processes` would load, pretending the 8 devices split evenly over processes in id order."""
+  exp_mesh = parallel.make_mesh(pconfig(strategy, mesh))
+  sharding = parallel.Layout(exp_mesh, {}).batch_sharding
+  devices = sorted(exp_mesh.devices.flat, key=lambda d: d.id)
+  per = len(devices) // processes
+  return sharding, [parallel.process_rows(sharding, batch_size, devices[i * per:(i + 1) * per])
+                    for i in range(processes)]
+
+
+@pytest.mark.parametrize("strategy, mesh, expected", [
+    ("tp", "tensor=8", [range(16), range(16)]),  # the batch is replicated: both processes load every row
+    ("tp", "data=2,tensor=4", [range(8), range(8, 16)]),  # tensor spans a process's 4 devices
+    ("fsdp", "fsdp=2,tensor=4", [range(8), range(8, 16)]),
+    ("tp", "tensor=2,data=4", [range(8), range(8, 16)]),
+    ("dp", "", [range(8), range(8, 16)]),
+])
+def test_each_process_loads_exactly_the_rows_its_devices_hold(strategy, mesh, expected):
+  sharding, rows = pretended_process_rows(strategy, mesh)
+  assert [r.tolist() for r in rows] == [list(e) for e in expected]
+  # Every device's rows come from the process that holds it, and replicas of a row hold the same row.
+  index_map = sharding.devices_indices_map((16,))
+  devices = sorted(index_map, key=lambda d: d.id)
+  for i, d in enumerate(devices):
+    assert set(range(16)[index_map[d][0]]) <= set(rows[i // 4].tolist())
+
+
+def test_tensor_axis_across_processes_gives_replicas_identical_rows():
+  # With 4 processes of 2 devices, `tensor=4` spans two processes: each pair must load the same rows.
+  _, rows = pretended_process_rows("tp", "data=2,tensor=4", processes=4)
+  assert [r.tolist() for r in rows] == [list(range(8))] * 2 + [list(range(8, 16))] * 2
+  ds = build_experiment(small_transformer("tp", "data=2,tensor=4")).dataset
+  batches = [ds.train_batch(3, 16, r)["x"] for r in rows]
+  np.testing.assert_array_equal(batches[0], batches[1])
+  np.testing.assert_array_equal(np.concatenate([batches[1], batches[2]]), ds.train_batch(3, 16)["x"])
+  evals = [next(ds.eval_batches(16, r)) for r in rows]  # and the same eval rows, with their mask
+  for k in ("x", "y", "mask"):
+    np.testing.assert_array_equal(evals[0][k], evals[1][k])
+  assert [len(list(ds.eval_batches(16, r))) for r in rows] == [len(list(ds.eval_batches(16)))] * 4

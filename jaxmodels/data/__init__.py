@@ -2,9 +2,10 @@
 
 A dataset has `task` ("classify" or "lm"), `input_shape`, `num_outputs`,
 `describe()`, `files()` (name -> text to keep in the workdir),
-`train_batch(step, batch_size)` (a pure function of the step, so order is
-deterministic and resume is exact) and `eval_batches(batch_size)` (fixed-shape,
-padded batches carrying a `mask`).
+`train_batch(step, batch_size, rows)` (a pure function of the step, so order is
+deterministic and resume is exact) and `eval_batches(batch_size, rows)`
+(fixed-shape, padded batches carrying a `mask`); `rows` picks the rows of the
+global batch this process loads (default: all).
 """
 
 from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_dataset, padded_batches,

@@ -16,6 +16,8 @@ import numpy as np
 from jaxmodels.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+Rows = np.ndarray | slice  # which rows of a global batch a process loads: indices (Layout.local_rows) or a slice
+ALL_ROWS = slice(None)
 
 
 @dataclasses.dataclass
@@ -49,31 +51,27 @@ class ArrayDataset:
     """Files the run keeps in its workdir: none for arrays."""
     return {}
 
-  def train_batch(self, step: int, batch_size: int, share: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
-    """Rows `share` (index, count) of the global batch for `step`.
+  def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
+    """Rows `rows` (indices into the global batch) of the global batch for `step`.
 
     Epoch-wise seeded shuffles, last partial batch dropped; each process gathers
-    only its own rows.
+    only the rows its devices hold.
     """
     n = len(self.x_train)
     check_batch_size(batch_size, n)
     epoch, i = divmod(step, n // batch_size)
     if self._epoch_perm[0] != epoch:
       self._epoch_perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
-    idx = local_rows(self._epoch_perm[1][i * batch_size:(i + 1) * batch_size], share)
+    idx = self._epoch_perm[1][i * batch_size:(i + 1) * batch_size][rows]
     return {"x": self.x_train[idx], "y": self.y_train[idx]}
 
-  def eval_batches(self, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-shape test batches (this process's rows); padding is masked so each example counts once."""
+  def eval_batches(self, batch_size: int, rows: Rows = ALL_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape test batches (rows `rows` of each); padding is masked so each example counts once.
+
+    Every process iterates the same number of batches, whatever its rows.
+    """
     for batch in padded_batches(self.x_test, self.y_test, batch_size):
-      yield {k: local_rows(v, share) for k, v in batch.items()}
-
-
-def local_rows(rows: np.ndarray, share: tuple[int, int]) -> np.ndarray:
-  """Process `index` of `count` takes the index-th contiguous slice of a global batch's rows."""
-  index, count = share
-  n = len(rows) // count
-  return rows[index * n:(index + 1) * n]
+      yield {k: v[rows] for k, v in batch.items()}
 
 
 def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int,

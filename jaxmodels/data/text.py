@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxmodels.data.arrays import local_rows, padded_batches
+from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
 from jaxmodels.errors import UserError
 
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "dataclasses", "inspect")
@@ -129,14 +129,15 @@ class TextDataset:
     """Files the run keeps in its workdir: the vocabulary, for evaluation and sampling."""
     return {VOCAB_FILE: self.vocab.to_json()}
 
-  def train_batch(self, step: int, batch_size: int, share: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
-    """Rows `share` (index, count) of the global batch of random windows for `step`."""
+  def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
+    """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
     rng = np.random.default_rng([self.seed, step])
-    starts = local_rows(rng.integers(0, len(self.train_ids) - self.seq_len, size=batch_size), share)
+    starts = rng.integers(0, len(self.train_ids) - self.seq_len, size=batch_size)[rows]
     windows = self.train_ids[starts[:, None] + np.arange(self.seq_len + 1)]
     return {"x": windows[:, :-1], "y": windows[:, 1:]}
 
-  def eval_batches(self, batch_size: int, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(self, batch_size: int, rows: Rows = ALL_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive validation windows, rows `rows` of each padded batch; the same count on every process."""
     ids, L = self.val_ids, self.seq_len
     n = math.ceil((len(ids) - 1) / L)
     padded = np.concatenate([ids, np.zeros(n * L + 1 - len(ids), np.int32)])
@@ -144,7 +145,7 @@ class TextDataset:
     y = np.stack([padded[i * L + 1:(i + 1) * L + 1] for i in range(n)])
     mask = (np.arange(n * L).reshape(n, L) < len(ids) - 1).astype(np.float32)  # real targets only
     for batch in padded_batches(x, y, batch_size, mask):
-      yield {k: local_rows(v, share) for k, v in batch.items()}
+      yield {k: v[rows] for k, v in batch.items()}
 
 
 def load_text_dataset(data_config, seed: int) -> TextDataset:

@@ -8,8 +8,8 @@ attention heads and MLPs over `tensor`; combine with dp/fsdp through
 """
 
 from jaxmodels.parallel.distributed import initialize
-from jaxmodels.parallel.sharding import (MESH_AXES, STRATEGIES, Layout, PmapLayout, fetch, make_mesh,
+from jaxmodels.parallel.sharding import (MESH_AXES, STRATEGIES, Layout, PmapLayout, fetch, make_mesh, process_rows,
                                          partition_specs, per_device_bytes)
 
 __all__ = ["MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "fetch", "initialize", "make_mesh",
-           "partition_specs", "per_device_bytes"]
+           "partition_specs", "per_device_bytes", "process_rows"]

@@ -3,8 +3,12 @@
 Each process runs `python -m jaxmodels COMMAND ...` with the JAXMODELS_* job
 variables (see `distributed.py`) pointing at a coordinator on 127.0.0.1, its
 own number of CPU devices, and its output forwarded line by line behind a
-`[i]` prefix. If any process exits non-zero, the others are stopped (SIGTERM,
-then SIGKILL) and the launcher exits with that code.
+`[i]` prefix. If any process fails, the others are stopped (SIGTERM, then
+SIGKILL) and the launcher exits with its code. A process that exits 75 (it was
+preempted and saved) is not a failure: every process saves the same step and
+exits 75 (see `train._Signals`), so the launcher waits for the others to finish
+their saves. A signal to the launcher is passed on to every process, which save
+and exit 75 in the same way.
 """
 
 import os
@@ -15,7 +19,10 @@ import sys
 import threading
 import time
 
+from jaxmodels.errors import Preempted
 from jaxmodels.parallel.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+SAVE_GRACE_S = 300.0  # how long preempted processes may take to agree on a step and save it
 
 
 def free_port() -> int:
@@ -64,14 +71,25 @@ def launch(num_processes: int, args: list[str], devices_per_process: int = 1, po
     threads.append(t)
 
   def on_signal(signum, _frame):
-    _stop(procs)
-    sys.exit(128 + signum)
+    _stop(procs, SAVE_GRACE_S)  # each process saves the step all of them agree on, then exits 75
+    codes = {p.returncode for p in procs}
+    sys.exit(Preempted.exit_code if codes == {Preempted.exit_code} else 128 + signum)
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     code = 0
+    preempted_at = None
     while any(p.poll() is None for p in procs):
-      failed = [p for p in procs if p.poll() not in (None, 0)]
+      failed = [p for p in procs if p.poll() not in (None, 0, Preempted.exit_code)]
+      if preempted_at is None and any(p.poll() == Preempted.exit_code for p in procs):
+        preempted_at = time.monotonic()  # the others are saving the same step: let them finish
+      if preempted_at is not None and time.monotonic() - preempted_at > SAVE_GRACE_S:
+        with lock:
+          print(f"jaxmodels launch: a process was preempted, the others did not save within {SAVE_GRACE_S:.0f} s; "
+                "stopping them", file=sys.stderr, flush=True)
+        _stop(procs)
+        code = 1
+        break
       if failed:
         code = failed[0].returncode
         with lock:

@@ -11,7 +11,13 @@ size 1), so one set of rules serves every strategy:
   regex that matches its path picks a mesh axis, and the parameter's largest
   dimension divisible by that axis is split over it (big_vision-style), so CNN,
   MLP and LSTM weights can be FSDP-sharded too;
-- batches split their leading axis over `data` x `fsdp`.
+- batches split their leading axis over `data` x `fsdp`; each process loads
+  exactly the rows its devices hold (`process_rows`), so replicas of a row on
+  different processes always hold the same data.
+
+Meshes come from `jax.make_mesh` (which orders TPU devices by their ICI
+topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
+without slices, processes) through `mesh_utils.create_hybrid_device_mesh`.
 """
 
 import dataclasses
@@ -22,8 +28,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmodels.errors import UserError
 
@@ -33,17 +39,17 @@ STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
 
 
-def parse_mesh(spec: str, strategy: str) -> dict[str, int]:
+def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str, int]:
   """`"data=2,tensor=4"` -> {'data': 2, 'fsdp': 1, 'tensor': 4}; empty: the strategy's default."""
   sizes = dict.fromkeys(MESH_AXES, 1)
   for part in filter(None, (spec or DEFAULT_MESH[strategy]).replace(" ", "").split(",")):
     name, _, value = part.partition("=")
     if name not in MESH_AXES:
-      raise UserError(f"parallel.mesh: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+      raise UserError(f"{key}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
     try:
       sizes[name] = int(value)
     except ValueError:
-      raise UserError(f"parallel.mesh: {part!r} is not AXIS=SIZE") from None
+      raise UserError(f"{key}: {part!r} is not AXIS=SIZE") from None
   return sizes
 
 
@@ -72,8 +78,41 @@ def make_mesh(parallel_config, devices=None) -> Mesh:
                     f"but {len(devices)} are available")
   if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
-  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  dcn_spec = parallel_config.get("dcn_mesh", "")
+  dcn = parse_mesh(dcn_spec, "single", "parallel.dcn_mesh")
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if math.prod(dcn.values()) == 1:
+    if len(slices) > 1:
+      raise UserError(f"the devices span {len(slices)} TPU slices: set parallel.dcn_mesh (e.g. "
+                      f"data={len(slices)}) to say which mesh axis crosses them")
+    # Auto axes: shardings stay hints that XLA propagates (jax.make_mesh's default is Explicit).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  bad = [a for a in MESH_AXES if sizes[a] % dcn[a]]
+  if bad:
+    raise UserError(f"parallel.dcn_mesh={dcn_spec!r}: mesh axis {bad[0]!r} of size "
+                    f"{sizes[bad[0]]} cannot be split {dcn[bad[0]]} ways across slices")
+  ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+  try:
+    # Devices without slice_index (CPU, GPU) or a single slice: each process is a granule.
+    grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices,
+                                                process_is_granule=len(slices) == 1)
+  except ValueError as e:
+    raise UserError(f"parallel.dcn_mesh={dcn_spec!r} does not fit the devices: "
+                    f"{str(e).splitlines()[0]}") from None
   return Mesh(grid, MESH_AXES)
+
+
+def process_rows(sharding: NamedSharding, batch_size: int, devices) -> np.ndarray:
+  """Sorted indices of the global batch rows that `devices` hold under `sharding` (int64, (R,)).
+
+  A pure function of the sharding and a device list (a process's devices), so
+  it can be checked for any pretended split of devices over processes. Rows of
+  a replicated or partly replicated batch appear once however many of the
+  devices hold them, and every process that holds a row loads it.
+  """
+  index_map = sharding.devices_indices_map((batch_size,))
+  return np.unique(np.concatenate([np.arange(batch_size)[index_map[d][0]] for d in devices]))
 
 
 def _names(variable) -> tuple | None:
@@ -125,12 +164,11 @@ class _Share:
 
   data_parallel_size: int
 
-  def local_share(self, global_batch_size: int) -> tuple[int, int]:
-    """(index, count): this process loads rows [index*B/count, (index+1)*B/count) of each batch."""
+  def check_batch_size(self, global_batch_size: int) -> None:
+    """Raises UserError unless the batch splits evenly over the data-parallel devices."""
     if global_batch_size % self.data_parallel_size:
       raise UserError(f"batch size {global_batch_size} is not divisible by the data-parallel size "
                       f"{self.data_parallel_size}")
-    return jax.process_index(), jax.process_count()
 
   fetch = staticmethod(fetch)
 
@@ -141,6 +179,7 @@ class Layout(_Share):
 
   mesh: Mesh
   param_specs: dict
+  _rows: dict = dataclasses.field(default_factory=dict, repr=False)  # batch size -> local_rows
 
   def named(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)
@@ -175,10 +214,24 @@ class Layout(_Share):
     """ShapeDtypeStructs of `global_batch(local_batch)` (single process), for lowering without data."""
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in local_batch.items()}
 
-  def global_batch(self, local_batch: dict) -> dict:
-    """Global arrays sharded over data x fsdp, each process contributing its own rows."""
+  def local_rows(self, global_batch_size: int) -> np.ndarray:
+    """Indices of the rows of each global batch this process loads: those its devices hold (sorted)."""
+    if global_batch_size not in self._rows:
+      self.check_batch_size(global_batch_size)
+      self._rows[global_batch_size] = process_rows(self.batch_sharding, global_batch_size, self.mesh.local_devices)
+    return self._rows[global_batch_size]
+
+  def global_batch(self, local_batch: dict, global_batch_size: int | None = None) -> dict:
+    """Global arrays of `global_batch_size` rows (default: the local rows are the whole batch).
+
+    `local_batch` holds rows `local_rows(global_batch_size)` in that order.
+    """
+    def put(v):
+      shape = (global_batch_size or len(v), *v.shape[1:])
+      return jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
+
     with jax.transfer_guard("allow"):  # an explicit transfer, which the guard cannot tell from an implicit one
-      return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+      return {k: put(v) for k, v in local_batch.items()}
 
   def for_checkpoint(self, state):
     return state
@@ -216,7 +269,15 @@ class PmapLayout(_Share):
     n = len(self.devices)
     return (n, shape[0] // n, *shape[1:])
 
-  def global_batch(self, local_batch: dict) -> dict:
+  def local_rows(self, global_batch_size: int) -> np.ndarray:
+    """pmap's devices are process-major: process i loads the i-th contiguous slice of each batch."""
+    self.check_batch_size(global_batch_size)
+    n = global_batch_size // jax.process_count()
+    return np.arange(jax.process_index() * n, (jax.process_index() + 1) * n)
+
+  def global_batch(self, local_batch: dict, global_batch_size: int | None = None) -> dict:
+    """Each process's rows, split over its local devices; pmap's inputs are per process (no global shape)."""
+    del global_batch_size
     return {k: self._put(v.reshape(self._split(v.shape))) for k, v in local_batch.items()}
 
   def abstract_batch(self, local_batch: dict) -> dict:
