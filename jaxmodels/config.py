@@ -296,6 +296,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   sizes = parse_mesh(p.mesh, p.strategy)
   if any(n != -1 and n < 1 for n in sizes.values()):
     raise UserError(f"parallel.mesh={p.mesh!r}: every axis size must be a positive integer or -1")
+  dcn = parse_mesh(p.dcn_mesh, "single", "parallel.dcn_mesh")
+  if any(n < 1 for n in dcn.values()):
+    raise UserError(f"parallel.dcn_mesh={p.dcn_mesh!r}: every axis size must be a positive integer")
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
 

@@ -91,6 +91,8 @@ BAD_VALUES = [
     ("parallel.strategy", "ddp", "parallel.strategy='ddp'"),
     ("parallel.mesh", "data=0", "parallel.mesh='data=0': every axis size must be a positive integer or -1"),
     ("parallel.mesh", "model=2", "parallel.mesh: unknown axis 'model'"),
+    ("parallel.dcn_mesh", "data=-1", "parallel.dcn_mesh='data=-1': every axis size must be a positive integer"),
+    ("parallel.dcn_mesh", "slice=2", "parallel.dcn_mesh: unknown axis 'slice'"),
     ("parallel.rules", (("embed", "model"),), "parallel.rules: ('embed', 'model') is not a pair"),
     ("parallel.fallback_rules", (("(", "fsdp"),), "parallel.fallback_rules: ('(', 'fsdp') is not a pair (path regex"),
     ("parallel.coordinator_address", "host", "parallel.coordinator_address='host': expected empty or HOST:PORT"),
