@@ -267,7 +267,8 @@ class TransformerLM(nnx.Module):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
-    x_BTD = constrain(self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs), (BATCH, LENGTH, EMBED))
+    x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
+    x_BTD = constrain(x_BTD, (BATCH, LENGTH, EMBED))
     h_BTD, cache = self.stack(x_BTD, positions_BT, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (BATCH, EMBED))  # a 2-D head matmul
