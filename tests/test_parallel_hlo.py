@@ -16,8 +16,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from jaxmodels import parallel
 from jaxmodels.bench import abstract_args
+from jaxmodels.errors import UserError
+from jaxmodels.parallel.sharding import activation_rules, activation_spec
 from jaxmodels.train import TrainState, build_experiment, loss_sums, make_steps
 from conftest import experiment
 
@@ -119,3 +123,17 @@ def test_accumulated_gradient_is_the_full_batch_token_mean_under_uneven_masks():
     new = jax.jit(train_fn)(state, batch)[0].params
     for p, q, g in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(expected)):
       np.testing.assert_allclose(p - q, g, rtol=1e-4, atol=1e-7)
+
+
+def test_activation_specs_follow_the_rules_and_vanish_without_a_mesh():
+  c = text_config("tp", TP_MESH)
+  mesh, rules = parallel.make_mesh(c.parallel), activation_rules(c.parallel.activation_rules)
+  spec = lambda shape, names: activation_spec(shape, names, mesh, rules)
+  assert spec((8, 16, 4, 8), ("activation_batch", "activation_length", "activation_heads")) == P("data", None,
+                                                                                                "tensor", None)
+  assert spec((3, 16), ("activation_batch", "activation_vocab")) == P(None, "tensor")  # 2 does not divide 3
+  x = jnp.ones((4, 6))
+  assert parallel.constrain(x, ("activation_batch", "activation_mlp")) is x  # no mesh: research code
+  c.parallel.activation_rules = (("activation_batch", "model"),)
+  with pytest.raises(UserError, match=r"activation_batch maps to unknown mesh axes \['model'\]"):
+    build_experiment(c)

@@ -130,6 +130,18 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", 
 _ACTIVATIONS = contextvars.ContextVar("jaxmodels_activation_sharding", default=None)
 
 
+def activation_rules(rules) -> dict[str, tuple[str, ...]]:
+  """`parallel.activation_rules` pairs -> {logical activation axis: mesh axes}; UserError for unknown axes."""
+  rules = {name: (axes,) if isinstance(axes, str) else tuple(axes or ()) for name, axes in rules}
+  for name, axes in rules.items():
+    if name not in ACTIVATION_AXES:
+      raise UserError(f"parallel.activation_rules: unknown axis {name!r} (axes: {', '.join(ACTIVATION_AXES)})")
+    if unknown := [a for a in axes if a not in MESH_AXES]:
+      raise UserError(f"parallel.activation_rules: {name} maps to unknown mesh axes {unknown} "
+                      f"(axes: {', '.join(MESH_AXES)})")
+  return rules
+
+
 def activation_sharding(mesh: Mesh, rules):
   """A context (or function decorator) within which `constrain` pins activations to `mesh` by `rules`.
 
@@ -138,13 +150,7 @@ def activation_sharding(mesh: Mesh, rules):
   UserError at once for an unknown logical or mesh axis. The train and eval
   steps are traced inside it, so the pins land in the compiled program.
   """
-  rules = {name: (axes,) if isinstance(axes, str) else tuple(axes or ()) for name, axes in rules}
-  for name, axes in rules.items():
-    if name not in ACTIVATION_AXES:
-      raise UserError(f"parallel.activation_rules: unknown axis {name!r} (axes: {', '.join(ACTIVATION_AXES)})")
-    if unknown := [a for a in axes if a not in MESH_AXES]:
-      raise UserError(f"parallel.activation_rules: {name} maps to unknown mesh axes {unknown} "
-                      f"(axes: {', '.join(MESH_AXES)})")
+  rules = activation_rules(rules)
 
   @contextlib.contextmanager
   def active():
@@ -160,9 +166,10 @@ def activation_sharding(mesh: Mesh, rules):
 def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
   """The PartitionSpec of an activation of `shape` whose leading dimensions have logical `names`.
 
-  Dimensions past `names`, names mapped to None, and mesh axes of size 1 are
-  unsplit; a dimension takes its mesh axes in order while their product still
-  divides it (an eval batch of 4 on 8 devices is split 4 ways, or not at all).
+  `rules` as `activation_rules` returns them. Dimensions past `names`, names
+  mapped to None, and mesh axes of size 1 are unsplit; a dimension takes its
+  mesh axes in order while their product still divides it (a batch of 4 on
+  data=2 x fsdp=4 is split over `data` only).
   """
   spec = []
   for dim, name in zip(shape, tuple(names) + (None,) * (len(shape) - len(names))):
