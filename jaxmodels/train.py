@@ -185,13 +185,13 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   falls. With `grad_accum_steps` = k, micro-batch i is rows i, i+k, i+2k, ...:
   each device holds its share of every micro-batch (a contiguous split would
   put each on a fraction of the devices), and the gradients add up in float32.
+
   Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
   so the RNG needs no state of its own and a resumed run draws the same masks.
-  With `axis_name` (the pmap strategy) gradients, metrics and model state are
-  averaged across that axis, eval sums are summed over it, and each device folds
-  its axis index into the dropout key (otherwise all would draw the same
-  masks). With
-  `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
+  With `axis_name` (the pmap strategy) gradient and metric sums are summed
+  across that axis (so the target count is global), model state is averaged,
+  eval sums are summed, and each device folds its axis index into the dropout
+  key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1).
   """
 
