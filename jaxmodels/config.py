@@ -84,6 +84,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.warmup_steps = 0  # linear warmup; one not below train.steps (a shortened run) becomes steps // 10, with a note
   c.train.end_lr_fraction = 0.0  # final learning rate as a fraction of the peak
   c.train.weight_decay = 0.0  # adamw: decoupled; adam/sgd: L2 on the gradient; never on biases or norm scales
+  c.train.decay_embeddings = True  # weight decay on embedding tables (and a CLS token) too, as GPT-2/nanoGPT
   c.train.momentum = 0.9  # sgd only
   c.train.nesterov = False  # sgd only
   c.train.b1 = 0.9  # adam/adamw
@@ -122,6 +123,12 @@ def default_config() -> config_dict.ConfigDict:
   # Logical parameter axis -> mesh axis (None: not split).
   c.parallel.rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
                       ("conv_in", None), ("conv_out", "fsdp"), ("layers", None))
+  # Logical activation axis -> mesh axis, tuple of mesh axes, or None (not split). Pins the
+  # activations (MaxText's names) so each device computes on its share of the batch; under fsdp
+  # the weights are then gathered, never the batch. A dimension the axes do not divide stays whole.
+  c.parallel.activation_rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
+                                 ("activation_embed", None), ("activation_heads", "tensor"),
+                                 ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
   # For parameters without logical names: (path regex, mesh axis); the first match splits the
   # parameter's largest dimension divisible by that axis.
   c.parallel.fallback_rules = ((".*", "fsdp"),)

@@ -6,6 +6,8 @@ compiled step (see `jaxmodels.train`), so one optimizer step always sees the
 whole `train.batch_size`.
 """
 
+import functools
+
 import jax
 import optax
 
@@ -34,23 +36,39 @@ def make_schedule(t) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def decay_mask(params):
-  """True for parameters that take weight decay: matrices and kernels, never biases or norm scales."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+NO_DECAY = ("bias", "scale")  # biases, and the scales of LayerNorm, RMSNorm and BatchNorm
+EMBEDDINGS = ("embedding", "cls")  # nnx.Embed tables and the classifier's learned CLS token
+
+
+def decay_mask(params, decay_embeddings: bool = True):
+  """True for parameters that take weight decay, by role (each leaf's name), never by rank.
+
+  Kernels (and any other weight) decay; biases and norm scales never do;
+  embeddings do when `decay_embeddings` (`train.decay_embeddings`). A
+  Transformer's scanned (layers, d_model) norm scales thus get the same mask
+  as the unrolled layout's (d_model,) ones. `params`: a pure dict or nnx.State.
+  """
+  def decays(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+    name = names[-1] if names else ""
+    return name not in NO_DECAY and (decay_embeddings or name not in EMBEDDINGS)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, learning-rate schedule) for the `train.*` config group."""
   schedule = make_schedule(t)
+  decay_mask_fn = functools.partial(decay_mask, decay_embeddings=t.decay_embeddings)
   if t.optimizer == "adamw":
-    tx = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+    tx = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask_fn)
   elif t.optimizer in ("adam", "sgd"):
     if t.optimizer == "adam":
       tx = optax.adam(schedule, b1=t.b1, b2=t.b2)
     else:
       tx = optax.sgd(schedule, momentum=t.momentum or None, nesterov=t.nesterov)
     if t.weight_decay:  # classic L2 decay added to the gradient (PyTorch semantics); adamw decouples it
-      tx = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask), tx)
+      tx = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask_fn), tx)
   else:
     raise UserError(f"train.optimizer={t.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
   if t.grad_clip:

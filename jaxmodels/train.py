@@ -166,6 +166,9 @@ def build_experiment(config, devices=None) -> Experiment:
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
+    # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
+    pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
+    train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
     train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding),
                          out_shardings=(state_sh, layout.replicated), donate_argnums=0)
     eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
@@ -181,52 +184,64 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
                skip_nonfinite: bool = False):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
+  The gradient is that of the summed loss divided once by the number of
+  targets (unmasked positions) in the whole batch, over every micro-batch and
+  device: the full batch's token-mean gradient, exactly, however the mask
+  falls. With `grad_accum_steps` = k, micro-batch i is rows i, i+k, i+2k, ...:
+  each device holds its share of every micro-batch (a contiguous split would
+  put each on a fraction of the devices), and the gradients add up in float32.
+
   Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
   so the RNG needs no state of its own and a resumed run draws the same masks.
-  With `axis_name` (the pmap strategy) gradients, metrics and model state are
-  averaged across that axis, eval sums are summed over it, and each device folds
-  its axis index into the dropout key (otherwise all would draw the same
-  masks). With
-  `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
+  With `axis_name` (the pmap strategy) gradient and metric sums are summed
+  across that axis (so the target count is global), model state is averaged,
+  eval sums are summed, and each device folds its axis index into the dropout
+  key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1).
   """
 
   def loss_fn(params, model_state, batch, rng):
+    """(summed loss, (sums, model state)): the sum, so that micro-batches and devices add up exactly."""
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
     logits = model(batch["x"], train=True, rngs=nnx.Rngs(dropout=rng))
     sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
     _, _, new_model_state = split_model(model)
-    return sums["loss_sum"] / sums["count"], (sums, new_model_state)
+    return sums["loss_sum"], (sums, new_model_state)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if grad_accum_steps == 1:
-      (_, (sums, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+      grads, (sums, model_state) = grad_fn(state.params, state.model_state, batch, rng)
+      grads = f32(grads)
     else:
-      # Micro-batches run sequentially inside the one compiled step; their mean
-      # gradient equals the full batch's, at a fraction of the activation memory.
-      micro = jax.tree.map(lambda a: a.reshape(grad_accum_steps, -1, *a.shape[1:]), batch)
+      # Micro-batches run sequentially inside the one compiled step, at a fraction of the activation
+      # memory. Strided: (B, ...) -> (B/k, k, ...) -> (k, B/k, ...) keeps every device's rows on it.
+      micro = jax.tree.map(lambda a: parallel.constrain(
+          jnp.moveaxis(a.reshape(-1, grad_accum_steps, *a.shape[1:]), 1, 0), (None, "activation_batch")), batch)
 
       def body(carry, xs):
         model_state, grads_acc, sums_acc = carry
         mb, i = xs
-        (_, (sums, model_state)), grads = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
-        return (model_state, jax.tree.map(jnp.add, grads_acc, grads),
+        mb = jax.tree.map(lambda a: parallel.constrain(a, ("activation_batch",)), mb)
+        grads, (sums, model_state) = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
+        return (model_state, jax.tree.map(jnp.add, grads_acc, f32(grads)),
                 jax.tree.map(jnp.add, sums_acc, sums)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
       (model_state, grads, sums), _ = jax.lax.scan(
           body, (state.model_state, zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
-      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     if axis_name is not None:
-      grads, model_state = jax.lax.pmean((grads, model_state), axis_name)
-      sums = jax.lax.psum(sums, axis_name)
+      grads, sums = jax.lax.psum((grads, sums), axis_name)
+      model_state = jax.lax.pmean(model_state, axis_name)
+    # One division by the global target count, then back to the parameters' dtype for the optimizer.
+    grads = jax.tree.map(lambda g, p: (g / sums["count"]).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss, grad_norm = sums["loss_sum"] / sums["count"], optax.tree.norm(grads)

@@ -7,8 +7,11 @@ from flax import nnx
 
 from jaxmodels.config import default_config
 from jaxmodels.errors import UserError
-from jaxmodels.models import CNN
+from jaxmodels.models import CNN, TransformerLM
+from jaxmodels.models.transformer import scan_to_unrolled
 from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
+from jaxmodels.train import build_experiment, mean_train_metrics
+from conftest import experiment
 
 
 def train_config(**kw):
@@ -26,6 +29,42 @@ def test_decay_mask_skips_biases_and_norm_scales():
   assert mask["convs"][0]["bias"].get_value() is False
   assert mask["norms"][0]["scale"].get_value() is False
   assert mask["norms"][0]["bias"].get_value() is False
+
+
+def test_decay_mask_goes_by_role_not_rank():
+  m = dict(d_model=8, num_heads=2, num_layers=2, d_ff=16, max_len=8, norm="rms", mlp="swiglu", positions="learned",
+           tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none", attention_impl="einsum")
+  params = nnx.to_pure_dict(nnx.state(TransformerLM(11, m, rngs=nnx.Rngs(0)), nnx.Param))
+  for decay_embeddings in (True, False):
+    mask = decay_mask(params, decay_embeddings)
+    blocks = mask["stack"]["blocks"]
+    assert blocks["attn"]["query"]["kernel"] and blocks["mlp"]["down"]["kernel"]  # (layers, in, out)
+    assert not blocks["attn_norm"]["scale"] and not mask["stack"]["final_norm"]["scale"]  # (layers, d) and (d,)
+    assert mask["embed"]["embedding"] is mask["pos_embed"]["embedding"] is decay_embeddings
+    unrolled = decay_mask(scan_to_unrolled(params), decay_embeddings)
+    assert unrolled["stack"]["blocks"][0] == unrolled["stack"]["blocks"][1] == blocks
+
+
+def test_scanned_and_unrolled_transformers_train_alike_under_weight_decay():
+  # Same parameters, same batches, weight_decay=0.1: a mask by rank decayed the scanned (layers, d) norm
+  # scales only, and the two runs drifted 1e-4 apart in 30 steps.
+  runs = {}
+  for scan in (True, False):
+    c = experiment("text_transformer")
+    c.data.seq_len = 16
+    c.model.update(dict(num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=16, scan_layers=scan))
+    c.train.update(dict(batch_size=8, steps=30, warmup_steps=5, weight_decay=0.1))
+    runs[scan] = build_experiment(c)
+  scanned = runs[True].init_state()
+  params = jax.device_get(scan_to_unrolled(scanned.params))
+  unrolled = runs[False].init_state().replace(params=params, opt_state=runs[False].tx.init(params))
+  losses = {}
+  for scan, state in ((True, scanned), (False, unrolled)):
+    exp = runs[scan]
+    for step in range(30):
+      state, metrics = exp.train_step(state, exp.batch(step))
+    losses[scan] = mean_train_metrics([metrics])["loss"]
+  assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])

@@ -7,6 +7,9 @@ from flax import nnx
 
 from jaxmodels.errors import UserError
 from jaxmodels.models.layers import activation, axes
+from jaxmodels.parallel.sharding import constrain
+
+BATCH = ("activation_batch",)  # the batch axis of every activation (see jaxmodels.parallel.constrain)
 
 POOLS = {"max": nnx.max_pool, "avg": nnx.avg_pool, "none": None}
 NORMS = ("batch", "layer", "none")
@@ -18,7 +21,8 @@ class CNN(nnx.Module):
   `input_shape` is one example's shape, channels last: (L, C) for a signal,
   (H, W, C) for an image. Pooling (window and stride 2) is skipped on a layer
   whose spatial size has fallen below 2. Norms compute in float32; `axis_name`
-  makes BatchNorm average its batch statistics across a pmap axis.
+  makes BatchNorm average its batch statistics across a pmap axis. Every
+  layer's output is pinned to the batch's sharding under a mesh.
   """
 
   def __init__(self, input_shape, features, kernel_sizes, strides, num_outputs, *, head_sizes=(),
@@ -56,10 +60,10 @@ class CNN(nnx.Module):
     self.pool_fn, self.norm_kind, self.nd, self.dtype = POOLS[pool], norm, nd, dtype
 
   def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
-    h = x.astype(self.dtype)  # (B, *spatial, C)
+    h = constrain(x.astype(self.dtype), BATCH)  # (B, *spatial, C)
     window = (2,) * self.nd
     for i, conv in enumerate(self.convs):
-      h = conv(h)
+      h = constrain(conv(h), BATCH)
       if self.norm_kind == "batch":
         h = self.norms[i](h, use_running_average=not train)
       elif self.norm_kind == "layer":
@@ -67,7 +71,8 @@ class CNN(nnx.Module):
       h = self.act(h.astype(self.dtype))
       if self.pool_after[i]:
         h = self.pool_fn(h, window, strides=window)
+      h = constrain(h, BATCH)
     h_BD = h.reshape(h.shape[0], -1)
     for layer in self.head:
-      h_BD = self.dropout(self.act(layer(h_BD)), deterministic=not train, rngs=rngs)
-    return self.out(h_BD)
+      h_BD = constrain(self.dropout(self.act(layer(h_BD)), deterministic=not train, rngs=rngs), BATCH)
+    return constrain(self.out(h_BD), BATCH)

@@ -4,7 +4,9 @@ Cells come from Flax NNX (`OptimizedLSTMCell`, `GRUCell`); the time loop is a
 `jax.lax.scan`, never a Python loop over time steps. Layers are a Python list
 (layer 0 reads the input width, the rest the hidden width), each optionally
 bidirectional in the classifier. Shape suffixes: B batch, T time, F input
-features, H hidden size, V vocabulary, K classes.
+features, H hidden size, V vocabulary, K classes. Under a mesh the inputs,
+carries, each layer's outputs and the logits are pinned to the batch's
+sharding (`jaxmodels.parallel.constrain`).
 """
 
 import math
@@ -14,6 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.errors import UserError
+from jaxmodels.parallel.sharding import constrain
+
+BATCH, LENGTH = "activation_batch", "activation_length"
 
 CELLS = {"lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}
 
@@ -27,9 +32,11 @@ def make_cell(kind, in_features, hidden, dtype, param_dtype, rngs):
 def run_cell(cell, carry, x_BTF, reverse=False):
   """Scans `cell` over time; returns (final carry, outputs_BTH)."""
   def step(c, x_BF):
-    return cell(c, x_BF)
+    c, y_BH = cell(c, x_BF)
+    return jax.tree.map(lambda a: constrain(a, (BATCH,)), c), constrain(y_BH, (BATCH,))
+  carry = jax.tree.map(lambda a: constrain(a, (BATCH,)), carry)
   carry, y_TBH = jax.lax.scan(step, carry, jnp.swapaxes(x_BTF, 0, 1), reverse=reverse)
-  return carry, jnp.swapaxes(y_TBH, 0, 1)
+  return carry, constrain(jnp.swapaxes(y_TBH, 0, 1), (BATCH, LENGTH))
 
 
 def zero_carry(kind, batch_size, hidden, dtype):
@@ -86,8 +93,9 @@ class RecurrentLM(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
 
   def _forward(self, tokens_BT, carries, rngs):
-    h_BTH, carries, _ = self.rnn(self.embed(tokens_BT), carries, rngs)
-    return self.head(self.dropout(h_BTH, deterministic=rngs is None, rngs=rngs)), carries
+    h_BTH, carries, _ = self.rnn(constrain(self.embed(tokens_BT), (BATCH, LENGTH)), carries, rngs)
+    logits_BTV = self.head(self.dropout(h_BTH, deterministic=rngs is None, rngs=rngs))
+    return constrain(logits_BTV, (BATCH, LENGTH, "activation_vocab")), carries
 
   def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
     return self._forward(tokens_BT, None, rngs if train else None)[0]
@@ -123,13 +131,13 @@ class RecurrentClassifier(nnx.Module):
   def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
     rngs = rngs if train else None
     B, T = x.shape[:2]
-    y_BTH, fwd, bwd = self.rnn(x.reshape(B, T, -1).astype(self.dtype), rngs=rngs)
+    y_BTH, fwd, bwd = self.rnn(constrain(x.reshape(B, T, -1).astype(self.dtype), (BATCH, LENGTH)), rngs=rngs)
     if self.pooling == "mean":
       pooled = y_BTH.mean(axis=1)
     else:  # the last forward output, and the backward direction's output at t=0 (its last step)
       pooled = y_BTH[:, -1] if bwd is None else jnp.concatenate(
           [y_BTH[:, -1, :y_BTH.shape[-1] // 2], y_BTH[:, 0, y_BTH.shape[-1] // 2:]], axis=-1)
-    return self.out(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
+    return constrain(self.out(self.dropout(pooled, deterministic=rngs is None, rngs=rngs)), (BATCH,))
 
 
 def recurrent_param_count(cell: str, in_features: int, hidden: int, num_layers: int) -> int:

@@ -12,6 +12,11 @@ Inside the stack, activations are token rows x_MD (M = B x T): every
 projection is then a 2-D matmul, whose weight gradient XLA computes without
 the transposing copies that the 3-D form costs it (on the CPU those copies took
 over a quarter of a text_transformer step). Attention alone reshapes to heads.
+The rows are batch-major, so splitting M over the batch's mesh axes gives each
+device its own examples' tokens. Activations are pinned with
+`jaxmodels.parallel.constrain` (logical axes `activation_batch`, `_embed`,
+`_heads`, `_mlp`, `_vocab`) at the embedding output, every block boundary,
+inside attention and the MLP, and at the logits.
 
 Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
@@ -25,6 +30,10 @@ from flax import nnx
 
 from jaxmodels.errors import UserError
 from jaxmodels.models.layers import axes
+from jaxmodels.parallel.sharding import constrain
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
@@ -87,6 +96,16 @@ def attention(q_BTNH, k_BSNH, v_BSNH, implementation: str = "auto", *, is_causal
   return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
 
 
+def lookup(embed: nnx.Embed, ids, dtype):
+  """`embed(ids)`, from the whole table: under FSDP the table (split over `embed`) is all-gathered.
+
+  Left to itself XLA may instead all-gather the ids of the whole batch, look up
+  every token's slice of the table on every device and reshuffle the result.
+  """
+  table = constrain(embed.embedding[...], (None, None))  # unsplit: the whole table on every device
+  return jnp.take(table, ids, axis=0).astype(dtype)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention; with a KV cache it attends to the cached prefix too."""
 
@@ -105,12 +124,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_MD, positions_BT, cache=None, cache_index=None):
     B, T = positions_BT.shape
-    split = lambda y: y.reshape(B, T, self.num_heads, self.head_dim)
+    split = lambda y: constrain(y.reshape(B, T, self.num_heads, self.head_dim), (BATCH, LENGTH, HEADS))
     q_BTNH, k_BTNH, v_BTNH = split(self.query(x_MD)), split(self.key(x_MD)), split(self.value(x_MD))
     if self.rotary_positions:
       q_BTNH, k_BTNH = rotary(q_BTNH, positions_BT), rotary(k_BTNH, positions_BT)
     if cache is None:
-      out_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, self.implementation, is_causal=self.causal)
+      out_BTNH = constrain(attention(q_BTNH, k_BTNH, v_BTNH, self.implementation, is_causal=self.causal),
+                           (BATCH, LENGTH, HEADS))
       new_cache = None
     else:  # decoding: write this chunk at cache_index, attend to every filled position <= own
       k_BSNH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1)
@@ -121,7 +141,8 @@ class Attention(nnx.Module):
       impl = "auto" if self.implementation == "cudnn" else self.implementation
       out_BTNH = attention(q_BTNH, k_BSNH, v_BSNH, impl, mask_BNTS=mask_BNTS)
       new_cache = {"k": k_BSNH, "v": v_BSNH}
-    return self.out(out_BTNH.reshape(B * T, -1)), new_cache
+    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
+    return constrain(out_MD, (BATCH, EMBED)), new_cache
 
 
 class FeedForward(nnx.Module):
@@ -135,9 +156,9 @@ class FeedForward(nnx.Module):
     self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
 
   def __call__(self, x_MD):
-    if self.gate is None:
-      return self.down(jax.nn.gelu(self.up(x_MD)))
-    return self.down(jax.nn.silu(self.gate(x_MD)) * self.up(x_MD))
+    hidden = lambda layer: constrain(layer(x_MD), (BATCH, MLP_AXIS))
+    h_MF = jax.nn.gelu(hidden(self.up)) if self.gate is None else jax.nn.silu(hidden(self.gate)) * hidden(self.up)
+    return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (BATCH, EMBED))
 
 
 class Block(nnx.Module):
@@ -156,9 +177,9 @@ class Block(nnx.Module):
   def __call__(self, x_MD, positions_BT, cache=None, cache_index=None, rngs=None):
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, cache, cache_index)
-    x_MD = x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs)
+    x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
-    return x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), cache
+    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
 
 
 class Stack(nnx.Module):
@@ -182,7 +203,7 @@ class Stack(nnx.Module):
   def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None, rngs=None):
     """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis."""
     B, T, D = x_BTD.shape
-    x_MD = x_BTD.reshape(B * T, D)
+    x_MD = constrain(x_BTD.reshape(B * T, D), (BATCH, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
@@ -208,7 +229,7 @@ class Stack(nnx.Module):
         x_MD, c = apply(graphdef, state, x_MD, layer(cache), layer(keys_L))
         caches.append(c)
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
-    return self.final_norm(x_MD).reshape(B, T, D), new_cache
+    return constrain(self.final_norm(x_MD).reshape(B, T, D), (BATCH, LENGTH, EMBED)), new_cache
 
 
 def _stack_kwargs(m, *, causal, dtype, param_dtype, rngs):
@@ -243,15 +264,16 @@ class TransformerLM(nnx.Module):
     self.max_len, self.dtype = m["max_len"], dtype
 
   def _forward(self, tokens_BT, positions_BT, cache, cache_index, rngs):
-    x_BTD = self.embed(tokens_BT)
+    x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.pos_embed is not None:
-      x_BTD = x_BTD + self.pos_embed(positions_BT)
+      x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
+    x_BTD = constrain(x_BTD, (BATCH, LENGTH, EMBED))
     h_BTD, cache = self.stack(x_BTD, positions_BT, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
-    h_MD = h_BTD.reshape(B * T, D).astype(self.dtype)  # a 2-D head matmul, as in the stack
-    logits_MV = self.embed.attend(h_MD) if self.head is None else self.head(h_MD)
-    return logits_MV.reshape(B, T, -1), cache
+    h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (BATCH, EMBED))  # a 2-D head matmul
+    logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (BATCH, VOCAB))
+    return constrain(logits_MV.reshape(B, T, -1), (BATCH, LENGTH, VOCAB)), cache
 
   def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
     B, T = tokens_BT.shape
@@ -295,16 +317,18 @@ class TransformerClassifier(nnx.Module):
 
   def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
     B, L = x.shape[:2]
-    x_BLD = self.proj(x.reshape(B, L, -1).astype(self.dtype))
+    x_BLD = constrain(self.proj(constrain(x.reshape(B, L, -1).astype(self.dtype), (BATCH,))),
+                      (BATCH, LENGTH, EMBED))
     if self.cls is not None:
       x_BLD = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(self.dtype), (B, 1, x_BLD.shape[-1])),
                                x_BLD], axis=1)
     positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
     if self.pos_embed is not None:
-      x_BLD = x_BLD + self.pos_embed(positions_BL)
+      x_BLD = x_BLD + lookup(self.pos_embed, positions_BL, self.dtype)
+    x_BLD = constrain(x_BLD, (BATCH, LENGTH, EMBED))
     h_BLD, _ = self.stack(x_BLD, positions_BL, rngs=rngs if train else None)
-    pooled_BD = h_BLD[:, 0] if self.cls is not None else h_BLD.mean(axis=1)
-    return self.out(pooled_BD.astype(self.dtype))
+    pooled_BD = constrain(h_BLD[:, 0] if self.cls is not None else h_BLD.mean(axis=1), (BATCH, EMBED))
+    return constrain(self.out(pooled_BD.astype(self.dtype)), (BATCH,))
 
 
 def _is_stack(tree) -> bool:

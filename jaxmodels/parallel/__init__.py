@@ -8,8 +8,9 @@ attention heads and MLPs over `tensor`; combine with dp/fsdp through
 """
 
 from jaxmodels.parallel.distributed import initialize
-from jaxmodels.parallel.sharding import (MESH_AXES, STRATEGIES, Layout, PmapLayout, fetch, make_mesh, process_rows,
-                                         partition_specs, per_device_bytes)
+from jaxmodels.parallel.sharding import (ACTIVATION_AXES, MESH_AXES, STRATEGIES, Layout, PmapLayout,
+                                         activation_sharding, constrain, fetch, make_mesh, partition_specs,
+                                         per_device_bytes, process_rows)
 
-__all__ = ["MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "fetch", "initialize", "make_mesh",
-           "partition_specs", "per_device_bytes", "process_rows"]
+__all__ = ["ACTIVATION_AXES", "MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "activation_sharding",
+           "constrain", "fetch", "initialize", "make_mesh", "partition_specs", "per_device_bytes", "process_rows"]

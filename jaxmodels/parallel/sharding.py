@@ -13,13 +13,22 @@ size 1), so one set of rules serves every strategy:
   MLP and LSTM weights can be FSDP-sharded too;
 - batches split their leading axis over `data` x `fsdp`; each process loads
   exactly the rows its devices hold (`process_rows`), so replicas of a row on
-  different processes always hold the same data.
+  different processes always hold the same data;
+- activations are pinned too: modules call `constrain(x, ("activation_batch",
+  ...))` on their activations, and `parallel.activation_rules` maps those
+  logical names to mesh axes inside `activation_sharding(mesh, rules)`, the
+  context the train and eval steps are traced in. Without the pins XLA may
+  settle a clash (batch split over `fsdp`, weights' `embed` split over `fsdp`)
+  by gathering the batch instead of the weights. Outside that context (research
+  code, pmap) `constrain` returns its input.
 
 Meshes come from `jax.make_mesh` (which orders TPU devices by their ICI
 topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
 without slices, processes) through `mesh_utils.create_hybrid_device_mesh`.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -152,6 +161,77 @@ def partition_specs(abstract_state: nnx.State, mesh: Mesh, rules, fallback_rules
           spec = tuple(axis if i == largest else None for i in range(len(shape)))
     _set(specs, path, P(*spec))
   return specs
+
+
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_heads",
+                   "activation_mlp", "activation_vocab")
+# (mesh, {logical activation axis: mesh axes}) while a step is traced; None outside.
+_ACTIVATIONS = contextvars.ContextVar("jaxmodels_activation_sharding", default=None)
+
+
+def activation_rules(rules) -> dict[str, tuple[str, ...]]:
+  """`parallel.activation_rules` pairs -> {logical activation axis: mesh axes}; UserError for unknown axes."""
+  rules = {name: (axes,) if isinstance(axes, str) else tuple(axes or ()) for name, axes in rules}
+  for name, axes in rules.items():
+    if name not in ACTIVATION_AXES:
+      raise UserError(f"parallel.activation_rules: unknown axis {name!r} (axes: {', '.join(ACTIVATION_AXES)})")
+    if unknown := [a for a in axes if a not in MESH_AXES]:
+      raise UserError(f"parallel.activation_rules: {name} maps to unknown mesh axes {unknown} "
+                      f"(axes: {', '.join(MESH_AXES)})")
+  return rules
+
+
+def activation_sharding(mesh: Mesh, rules):
+  """A context (or function decorator) within which `constrain` pins activations to `mesh` by `rules`.
+
+  `rules` (`parallel.activation_rules`) maps each logical activation axis to a
+  mesh axis, a tuple of mesh axes (split over their product) or None. Raises
+  UserError at once for an unknown logical or mesh axis. The train and eval
+  steps are traced inside it, so the pins land in the compiled program.
+  """
+  rules = activation_rules(rules)
+
+  @contextlib.contextmanager
+  def active():
+    token = _ACTIVATIONS.set((mesh, rules))
+    try:
+      yield
+    finally:
+      _ACTIVATIONS.reset(token)
+
+  return active()
+
+
+def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
+  """The PartitionSpec of an activation of `shape` whose leading dimensions have logical `names`.
+
+  `rules` as `activation_rules` returns them. Dimensions past `names`, names
+  mapped to None, and mesh axes of size 1 are unsplit; a dimension takes its
+  mesh axes in order while their product still divides it (a batch of 4 on
+  data=2 x fsdp=4 is split over `data` only).
+  """
+  spec = []
+  for dim, name in zip(shape, tuple(names) + (None,) * (len(shape) - len(names))):
+    axes, size = [], 1
+    for axis in rules.get(name, ()) if name is not None else ():
+      if mesh.shape[axis] > 1 and dim % (size * mesh.shape[axis]) == 0:
+        axes.append(axis)
+        size *= mesh.shape[axis]
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*spec)
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+  """`x` pinned to the sharding its logical axis `names` (`activation_batch`, ...; None: unsplit) map to.
+
+  `names` covers the leading dimensions (the rest are unsplit). A no-op outside
+  `activation_sharding`, so modules work unchanged without a mesh.
+  """
+  active = _ACTIVATIONS.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh, rules)))
 
 
 def fetch(tree):
