@@ -6,11 +6,11 @@ gives deterministic order and exact resume with no iterator state to save.
 """
 
 import dataclasses
-import os
 from typing import Iterator
 
 import numpy as np
 
+from jaxmodels import storage
 from jaxmodels.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -109,10 +109,10 @@ def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
 def load_npz(path: str) -> dict[str, np.ndarray]:
   if not path:
     raise UserError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise UserError(f"data.path: file not found: {path}")
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with storage.path(path).open("rb") as fh, np.load(fh, allow_pickle=False) as f:
       missing = [k for k in NPZ_KEYS if k not in f.files]
       if missing:
         raise UserError(f"{path}: missing array {missing[0]!r} (found: {', '.join(f.files) or 'none'})")
