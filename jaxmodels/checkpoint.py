@@ -40,7 +40,7 @@ FREE_MODEL_KEYS = ("model.dtype", "model.scan_layers", "model.remat", "model.att
 # Keys a resume may always change: where and how the state is laid out and saved.
 LAYOUT_KEYS = ("parallel.", "checkpoint.")
 # Tensorstore's status prefixes for files that are damaged or missing (not a transient storage error).
-_DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
+_DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT")
 
 
 def checkpoint_dir(workdir):
@@ -156,7 +156,9 @@ class Checkpoints:
         if md[name] is None:
           raise FileNotFoundError(f"no readable {name!r} item in {self.directory}/{step}")
         trees[name] = _shapes(getattr(md[name], "tree", md[name]))
-      config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      # The handler, not the manager: the manager's restore waits at a barrier for every process,
+      # and process 0 reads metadata alone when it picks the step.
+      config = ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "config")
       self._metadata[step] = (config, trees)
     return self._metadata[step]
 

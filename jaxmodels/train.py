@@ -454,7 +454,7 @@ def schedule_change(exp: Experiment, saved_config: dict | None, start: int) -> s
   if saved_config is None or start >= t.steps:
     return None
   saved = config_lib.default_config().train
-  saved.update({k: v for k, v in saved_config.get("train", {}).items() if k in saved})
+  saved.update({k: v for k, v in saved_config.get("train", {}).items() if f"train.{k}" in SCHEDULE_KEYS})
   steps = jnp.arange(start, t.steps)
   old = np.asarray(jax.jit(jax.vmap(make_optimizer(saved)[1]))(steps))
   new = np.asarray(jax.jit(jax.vmap(exp.schedule))(steps))

@@ -4,6 +4,7 @@ discard, torn logs, and a whole run on gs:// against a local GCS emulator (fake-
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -34,8 +35,7 @@ def small(steps, **overrides):
 
 def snapshot(workdir) -> dict:
   """Every file under `workdir` with its bytes."""
-  return {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
-          for d, _, files in os.walk(workdir) for f in files}
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
 
 
 def test_a_resume_that_changes_the_optimizer_tree_is_refused_and_nothing_moves(tmp_path, monkeypatch, capsys):
