@@ -12,6 +12,7 @@ compared across versions (`--baseline`).
 import ast
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -30,6 +31,7 @@ import optax
 
 from jaxmodels import compilation
 from jaxmodels import flops
+from jaxmodels import storage
 from jaxmodels.errors import UserError
 from jaxmodels.train import build_experiment
 
@@ -57,7 +59,7 @@ def topology_devices(name: str):
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=int(slices or 1)).devices
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except (RuntimeError, ValueError, ImportError) as e:  # JaxRuntimeError is a RuntimeError; no libtpu: ImportError
     raise UserError(f"--topology {name}: cannot describe this TPU topology ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}). It needs libtpu: pip install 'jaxmodels[tpu]'") from None
 
@@ -132,11 +134,10 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
   if not topology:
     record.update(step_point(exp, steps=steps, warmup=2))
   if dump_dir:
-    os.makedirs(dump_dir, exist_ok=True)
-    with open(os.path.join(dump_dir, f"{label}.pre.hlo.txt"), "w", encoding="utf-8") as f:
-      f.write(lowered.as_text(dialect="hlo"))
-    with open(os.path.join(dump_dir, f"{label}.post.hlo.txt"), "w", encoding="utf-8") as f:
-      f.write(optimized)
+    dump = storage.path(dump_dir)
+    dump.mkdir(parents=True, exist_ok=True)
+    (dump / f"{label}.pre.hlo.txt").write_text(lowered.as_text(dialect="hlo"))
+    (dump / f"{label}.post.hlo.txt").write_text(optimized)
   return record
 
 
@@ -387,11 +388,12 @@ def _fmt(v) -> str:
 
 def write_csv(results: list[dict], path: str) -> None:
   keys = sorted({k for r in results for k in r if k != "config"})
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.DictWriter(f, fieldnames=["label", *(k for k in keys if k != "label")])
-    w.writeheader()
-    for r in results:
-      w.writerow({k: v for k, v in r.items() if k != "config"})
+  text = io.StringIO()
+  w = csv.DictWriter(text, fieldnames=["label", *(k for k in keys if k != "label")])
+  w.writeheader()
+  for r in results:
+    w.writerow({k: v for k, v in r.items() if k != "config"})
+  storage.path(path).write_text(text.getvalue())
 
 
 def growth_exponent(xs, ys) -> float:
@@ -429,7 +431,8 @@ def plot(results: list[dict], sweep_keys: list[str], path: str, metric: str = "c
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with storage.path(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
 
 
 @dataclasses.dataclass
@@ -463,15 +466,13 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
     results.append(record)
   log(table(results))
   if a.out:
-    with open(a.out, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    storage.path(a.out).write_text(json.dumps(results, indent=1))
   if a.csv:
     write_csv(results, a.csv)
   if a.plot:
     plot(results, [s.partition("=")[0] for s in a.sweeps], a.plot)
   if a.baseline:
-    with open(a.baseline, encoding="utf-8") as f:
-      worse = regressions(results, json.load(f), a.max_regression)
+    worse = regressions(results, json.loads(storage.path(a.baseline).read_text()), a.max_regression)
     if worse:
       log(f"regressions beyond {100 * a.max_regression:.0f}% against {a.baseline}:\n  " + "\n  ".join(worse))
       return 1

@@ -1,8 +1,8 @@
-"""Checkpoints through Orbax, under `workdir/checkpoints/<step>/`.
+"""Checkpoints through Orbax, under `workdir/checkpoints/<step>/` (local or gs://).
 
-Each checkpoint holds three items: `model` (parameters and non-parameter model
+Each checkpoint holds four items: `model` (parameters and non-parameter model
 state such as BatchNorm statistics: all a model needs to run), `train` (step
-and optimizer state) `config` (the resolved config, JSON) and `loop` (the training loop's metric
+and optimizer state), `config` (the resolved config, JSON) and `loop` (the training loop's metric
 rows not yet logged, so a resumed run logs exactly what an uninterrupted one would). The RNG
 and the data position need no item: dropout keys and batches are pure
 functions of (seed, step), so the step restores both exactly.
@@ -10,20 +10,25 @@ functions of (seed, step), so the step restores both exactly.
 Orbax writes each save into a temporary directory and renames it on commit, so
 a step directory that exists was complete when written; temporary leftovers of
 a killed save are removed on the next start. Saves are asynchronous: training
-goes on while they are written. A committed checkpoint that cannot be read
-(truncated or damaged files) is moved to `workdir/checkpoints_corrupt/` and the
-next older one is used.
+goes on while they are written.
+
+Nothing here moves or deletes a checkpoint except retention (`checkpoint.keep`).
+Before restoring, the saved trees (from Orbax's metadata) are compared with the
+state the current config builds: a mismatch is a UserError naming the paths and
+config keys that differ. A checkpoint whose metadata cannot be read at all
+(damaged files) is skipped with a warning and left in place; process 0 decides
+which step every process restores.
 """
 
 import json
-import os
-import shutil
-import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from jaxmodels import storage
 from jaxmodels.errors import UserError
 from jaxmodels.models.transformer import other_layer_layout
 
@@ -32,10 +37,26 @@ STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenize
                       "train.optimizer", "train.batch_size", "model.")
 # model.* keys that do not change the state (or that restore converts, like scan_layers).
 FREE_MODEL_KEYS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention_impl", "model.dropout")
+# Keys a resume may always change: where and how the state is laid out and saved.
+LAYOUT_KEYS = ("parallel.", "checkpoint.")
+# Tensorstore's status prefixes for files that are damaged or missing (not a transient storage error).
+_DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT")
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir):
+  return storage.path(workdir) / "checkpoints"
+
+
+def _handlers() -> dict:
+  return {"model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()}
+
+
+def damaged(e: Exception) -> bool:
+  """Whether an error reading a checkpoint means its files are damaged or missing (not, e.g., a network error)."""
+  if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
+    return True
+  return isinstance(e, ValueError) and str(e).startswith(_DAMAGED)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -48,11 +69,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """'key (saved X, now Y)' for every state-shaping key on which two configs disagree."""
+def config_differences(saved: dict, current: dict, prefixes=STATE_SHAPING_KEYS, free=FREE_MODEL_KEYS) -> list[str]:
+  """'key (saved X, now Y)' for every key under `prefixes` (and not under `free`) on which two configs disagree."""
   a, b = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
-  keys = sorted(k for k in set(a) | set(b)
-                if k.startswith(STATE_SHAPING_KEYS) and not k.startswith(FREE_MODEL_KEYS))
+  keys = sorted(k for k in set(a) | set(b) if k.startswith(prefixes) and not k.startswith(free))
   return [f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -60,44 +80,50 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _restore_item(mngr, step: int, name: str, like):
-  """Restores one item into `like`'s structure and shardings, converting scanned <-> unrolled layouts."""
-  def into(target):
-    return mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(target))}))[name]
-  try:
-    return into(like)
-  except ValueError:
-    other = other_layer_layout(like)
-    if other is None:
-      raise
-    # Stacking/unstacking leaves the converted arrays with equivalent but differently spelled shardings
-    # (P() for P(None, None, None)), which jit keys apart: put them exactly where `like` lives.
-    return jax.device_put(other_layer_layout(into(other)), jax.tree.map(lambda x: x.sharding, like))
+def _key(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{'params/conv/kernel': shape, ...} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata.
+
+  Names are the same for a state and its saved metadata (Orbax keeps a
+  namedtuple's fields as dict keys, a tuple's positions as indices).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key(k) for k in path): tuple(getattr(x, "shape", ())) for path, x in leaves}
+
+
+def _tree_differences(saved: dict, current: dict) -> list[str]:
+  """Paths only in `saved`, only in `current`, or shaped differently: each kind counted, with examples."""
+  def kind(paths, what):
+    if not paths:
+      return []
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return [f"{len(paths)} {'path' if len(paths) == 1 else 'paths'} {what} ({shown})"]
+  return (kind(sorted(set(saved) - set(current)), "only in the checkpoint")
+          + kind(sorted(set(current) - set(saved)), "only in this config's state")
+          + kind([f"{k} saved {saved[k]}, now {current[k]}" for k in sorted(set(saved) & set(current))
+                  if saved[k] != current[k]], "shaped differently"))
 
 
 class Checkpoints:
   """Periodic async saves, newest-N and best-by-metric retention, resume, and preemption-safe final saves."""
 
-  def __init__(self, directory: str, ckpt_config=None):
-    """Manages `directory`; without `ckpt_config` it only reads (a run to restore from)."""
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, ckpt_config=None):
+    """Manages `directory` (local or gs://); without `ckpt_config` it only reads and creates nothing."""
+    self.directory = storage.path(directory)
+    self._metadata = {}
     if ckpt_config is None:
-      self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
-      return
-    c = ckpt_config
-    if c.keep < 1:
-      raise UserError(f"checkpoint.keep must be at least 1, got {c.keep}")
-    policies = [checkpoint_managers.LatestN(n=c.keep)]
-    if c.keep_best:
-      if c.best_mode not in ("min", "max"):
-        raise UserError(f"checkpoint.best_mode={c.best_mode!r}: expected min or max")
-      policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m[c.keep_best], n=1,
-                                                reverse=c.best_mode == "min",
-                                                keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True,
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+      options = ocp.CheckpointManagerOptions(create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True,
+          preservation_policy=retention_policy(ckpt_config))
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -118,50 +144,99 @@ class Checkpoints:
     if wait:
       self.manager.wait_until_finished()
 
-  def restore(self, step: int, like, config_dict: dict | None = None, params_only: bool = False):
-    """`like` (a TrainState) filled from `step`; with `config_dict`, refuses a state-shaping mismatch.
+  def metadata(self, step: int) -> tuple[dict, dict]:
+    """(saved config, {'model': shapes, 'train': shapes}) of `step`, read without reading its arrays.
 
-    `params_only` restores the model item alone (parameters and model state), keeping
-    `like`'s step and optimizer state.
+    Raises what reading raised: `damaged(e)` tells a damaged checkpoint from other errors.
     """
+    if step not in self._metadata:
+      md = self.manager.item_metadata(step)
+      trees = {}
+      for name in ("model", "train"):
+        if md[name] is None:
+          raise FileNotFoundError(f"no readable {name!r} item in {self.directory}/{step}")
+        trees[name] = _shapes(getattr(md[name], "tree", md[name]))
+      # The handler, not the manager: the manager's restore waits at a barrier for every process,
+      # and process 0 reads metadata alone when it picks the step.
+      config = ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "config")
+      self._metadata[step] = (config, trees)
+    return self._metadata[step]
+
+  def newest_readable_step(self, log=print) -> int | None:
+    """The newest step whose metadata reads, the same on every process (process 0 decides), or None.
+
+    A damaged checkpoint is skipped with a warning and left where it is; any
+    other error (a storage outage, a permission) propagates.
+    """
+    chosen = -1
+    if jax.process_index() == 0:
+      for step in sorted(self.manager.all_steps(), reverse=True):
+        try:
+          self.metadata(step)
+        except (OSError, ValueError) as e:
+          if not damaged(e):
+            raise
+          log(f"warning: checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}); left in place, trying the previous one")
+          continue
+        chosen = step
+        break
+    if jax.process_count() > 1:
+      chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+    return None if chosen < 0 else chosen
+
+  def restore(self, step: int, like, config_dict: dict | None = None, params_only: bool = False):
+    """`like` (a TrainState of arrays or of ShapeDtypeStructs with shardings) filled from `step`.
+
+    Each array is read straight into `like`'s sharding. Raises UserError, reading
+    no array, when the saved trees do not match `like`'s (naming the paths, and
+    with `config_dict` the config keys that differ) or, with `config_dict`,
+    when a state-shaping key differs. `params_only` restores the model item
+    alone, keeping `like`'s step and optimizer state.
+    """
+    saved_config, trees = self.metadata(step)
+    where = f"{self.directory}/{step}"
     if config_dict is not None:
-      saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-      diffs = config_differences(saved, config_dict)
+      diffs = config_differences(saved_config, config_dict)
       if diffs:
-        raise UserError(f"cannot resume from {self.directory}/{step}: the config differs in keys "
-                        f"that shape the state: {'; '.join(diffs)}. Use a new --workdir, or "
-                        f"--config.checkpoint.restore_from to start from this run's parameters.")
-    model = _restore_item(self.manager, step, "model", {"params": like.params, "model_state": like.model_state})
-    if params_only:
-      return like.replace(**model)
-    train = _restore_item(self.manager, step, "train", {"step": like.step, "opt_state": like.opt_state})
-    return like.replace(**model, **train)
+        raise UserError(f"cannot resume from {where}: the config differs in keys that shape the state: "
+                        f"{'; '.join(diffs)}. Use a new --workdir, or --config.checkpoint.restore_from to start "
+                        f"from this run's parameters.")
+    items = {"model": {"params": like.params, "model_state": like.model_state}}
+    if not params_only:
+      items["train"] = {"step": like.step, "opt_state": like.opt_state}
+    targets, problems = {}, []
+    for name, tree in items.items():
+      targets[name] = _target(_abstract(tree), trees[name])
+      if targets[name] is None:
+        problems += _tree_differences(trees[name], _shapes(tree))
+    if problems:
+      changed = ("" if config_dict is None else "; config keys that changed: " + (
+          "; ".join(config_differences(saved_config, config_dict, ("data.", "model.", "train."), ()))
+          or "none (did the code change?)"))
+      raise UserError(f"cannot restore {where}: its saved state does not match the state this config builds: "
+                      f"{'; '.join(problems)}{changed}. Use a new --workdir, or "
+                      f"--config.checkpoint.restore_from with restore_mode=params to start from its parameters.")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(target) for name, (target, _) in targets.items()}))
+    except ValueError as e:
+      if not damaged(e):
+        raise
+      raise UserError(f"checkpoint {where} cannot be read ({str(e).splitlines()[0][:200]}). Move it out of "
+                      f"{self.directory} to resume from the previous one.") from None
+    out = {}
+    for name, (target, convert) in targets.items():
+      tree = restored[name]
+      if convert:  # saved in the other layer layout (scanned <-> unrolled): convert, then place like `like`
+        tree = jax.device_put(other_layer_layout(tree), jax.tree.map(lambda x: x.sharding, _abstract(items[name])))
+      out.update(tree)
+    return like.replace(**out)
 
   def unlogged_metrics(self, step: int) -> list:
     """The metric rows the loop had not logged when it saved `step`."""
     loop = self.manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
     return loop["unlogged_metrics"]
-
-  def restore_newest(self, like, config_dict: dict, log=print):
-    """The newest readable checkpoint as (state, step), or None; unreadable ones are moved aside."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        return self.restore(step, like, config_dict), step
-      except UserError:
-        raise
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        moved = self._quarantine(step)
-        log(f"checkpoint {step} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"moved to {moved}, trying the previous one")
-    return None
-
-  def _quarantine(self, step: int) -> str:
-    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", f"{step}-{int(time.time())}")
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
-    self.manager.reload()
-    return target
 
   def close(self) -> None:
     """Waits for the last async save (raising if it failed) and releases the manager."""
@@ -169,13 +244,45 @@ class Checkpoints:
     self.manager.close()
 
 
-def resolve_restore_from(path: str) -> tuple[str, int]:
+def _target(abstract, saved_shapes: dict):
+  """(restore target, whether to convert layouts) for an item saved with `saved_shapes`, or None if none fits.
+
+  A tree saved in the other layer layout (scanned <-> unrolled) restores
+  replicated in that layout, then converts.
+  """
+  if _shapes(abstract) == saved_shapes:
+    return abstract, False
+  other = jax.eval_shape(other_layer_layout, abstract)
+  if other is None or _shapes(other) != saved_shapes:
+    return None
+  sharding = jax.tree.leaves(abstract)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), other), True
+
+
+def retention_policy(c):
+  """Orbax's preservation policy for `checkpoint.keep` and `checkpoint.keep_best`; UserError for bad values."""
+  if c.keep < 1:
+    raise UserError(f"checkpoint.keep must be at least 1, got {c.keep}")
+  policies = [checkpoint_managers.LatestN(n=c.keep)]
+  if c.keep_best:
+    if c.best_mode not in ("min", "max"):
+      raise UserError(f"checkpoint.best_mode={c.best_mode!r}: expected min or max")
+    policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m[c.keep_best], n=1,
+                                              reverse=c.best_mode == "min", keep_checkpoints_without_metrics=False))
+  return checkpoint_managers.AnyPreservationPolicy(policies)
+
+
+def resolve_restore_from(path: str):
   """(checkpoints directory, step) for --config.checkpoint.restore_from: a workdir, its checkpoints/, or a step."""
-  path = os.path.abspath(path)
-  if os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
-  directory = path if os.path.basename(path) == "checkpoints" else checkpoint_dir(path)
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
+  p = storage.path(path)
+  if p.name.isdigit():
+    return p.parent, int(p.name)
+  directory = p if p.name == "checkpoints" else checkpoint_dir(p)
+  reader = Checkpoints(directory)
+  step = reader.latest_step()
+  reader.close()
+  if step is None:
     raise UserError(f"checkpoint.restore_from={path!r}: no checkpoint found")
-  return directory, steps[-1]
+  return directory, step

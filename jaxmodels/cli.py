@@ -81,8 +81,9 @@ def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
 def cmd_train(prog: str, args: list[str]) -> int:
   """usage: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.GROUP.KEY=VALUE ...]
 
-Trains the experiment into DIR (default runs/<experiment name>): config.json,
-metrics.jsonl and checkpoints/. A DIR that holds a checkpoint resumes from it.
+Trains the experiment into DIR (default runs/<experiment name>; a local path or
+gs://bucket/dir): config.json, metrics.jsonl and checkpoints/. A DIR that holds a
+checkpoint resumes from it; DIR/LOCK keeps a second run out while one runs.
 Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=500.
 """
   from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel

@@ -12,8 +12,6 @@ built for), plus `OUT/vocab.json` for language models. Then, anywhere:
 """
 
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,19 +20,19 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import storage
 from jaxmodels.errors import UserError
 from jaxmodels.models import build_model
 
 
-def _read_json(directory: str, name: str) -> dict:
-  path = os.path.join(directory, name)
-  if not os.path.isfile(path):
+def _read_json(directory, name: str) -> dict:
+  path = storage.path(directory) / name
+  if not path.is_file():
     raise UserError(f"{path} not found: is {directory} a jaxmodels workdir or export?")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
-def build_saved_model(directory: str) -> nnx.Module:
+def build_saved_model(directory) -> nnx.Module:
   """The (randomly initialised) model a workdir or export was trained with."""
   config = config_dict.ConfigDict(_read_json(directory, "config.json"))
   spec = _read_json(directory, "model.json")
@@ -42,8 +40,8 @@ def build_saved_model(directory: str) -> nnx.Module:
                      task=spec["task"])
 
 
-def load_run_model(workdir: str) -> nnx.Module:
-  """The model of a training run, with the parameters of its newest checkpoint."""
+def load_run_model(workdir) -> nnx.Module:
+  """The model of a training run (local or gs://), with the parameters of its newest checkpoint."""
   model = build_saved_model(workdir)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
@@ -54,41 +52,45 @@ def load_run_model(workdir: str) -> nnx.Module:
   from jaxmodels.train import TrainState  # pylint: disable=import-outside-toplevel
   like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
   restored = ckpts.restore(step, like, params_only=True)
-  ckpts.manager.close()
+  ckpts.close()
   return nnx.merge(graphdef, restored.params, restored.model_state)
 
 
-def export(workdir: str, out: str) -> str:
-  """Writes the newest checkpoint's parameters (and non-parameter model state) of `workdir` to `out`."""
-  model = load_run_model(workdir)
-  if os.path.exists(out):
+def export(workdir, out) -> str:
+  """Writes the newest checkpoint's parameters (and non-parameter model state) of `workdir` to `out`.
+
+  Both may be local paths or gs:// URLs. Raises UserError if `out` exists or `workdir` has no checkpoint.
+  """
+  out_path = storage.path(out)
+  if out_path.exists():
     raise UserError(f"--out {out} already exists")
+  model = load_run_model(workdir)
   _, params, model_state = nnx.split(model, nnx.Param, ...)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(out, "params")),
-               {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)})
+    ckptr.save(out_path / "params", {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)})
   for name in ("config.json", "model.json", "vocab.json"):
-    if os.path.isfile(os.path.join(workdir, name)):
-      shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
-  return out
+    source = storage.path(workdir) / name
+    if source.is_file():
+      (out_path / name).write_text(source.read_text())
+  return str(out)
 
 
-def _load(path: str):
+def _load(path):
   model = build_saved_model(path)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   like = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)}
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.abspath(os.path.join(path, "params")),
+    tree = ckptr.restore(storage.path(path) / "params",
                          jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
   return graphdef, tree
 
 
-def load_params(path: str) -> dict:
-  """The exported parameters as a pure nested dict (what `nnx.merge` and optax take)."""
+def load_params(path) -> dict:
+  """The exported parameters (local path or gs:// URL) as a pure nested dict (what `nnx.merge` and optax take)."""
   return _load(path)[1]["params"]
 
 
-def load_model(path: str) -> nnx.Module:
-  """The exported model as an NNX module with its trained parameters."""
+def load_model(path) -> nnx.Module:
+  """The exported model (local path or gs:// URL) as an NNX module with its trained parameters."""
   graphdef, tree = _load(path)
   return nnx.merge(graphdef, tree["params"], tree["model_state"])

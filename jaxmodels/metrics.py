@@ -3,6 +3,13 @@
 A progress bar (tqdm) when stderr is a terminal, plain log lines otherwise.
 Values arrive here already fetched from the device: the training loop fetches
 only at log intervals, so nothing in this module syncs the host per step.
+
+Crash consistency: on a local disk each record is appended with one unbuffered
+write, so a kill leaves at most one torn last line, which the next resume drops
+with a warning. A GCS object cannot be appended to: on gs:// the file is kept in
+memory and the whole object is rewritten at each record (an upload replaces the
+object atomically, so readers see a complete file; the file is small: a record
+per log interval).
 """
 
 import json
@@ -11,33 +18,68 @@ import sys
 
 from tqdm import tqdm
 
+from jaxmodels import storage
+
 
 class MetricsLogger:
   """Appends records to `workdir/metrics.jsonl` and reports them on the terminal."""
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir, total_steps: int, enabled: bool = True):
     """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing.
 
-    The file opens at `start()`, after a resumed run has trimmed it.
+    The file opens at `start()`, once the run is accepted.
     """
-    self.workdir, self.path = workdir, os.path.join(workdir, "metrics.jsonl")
+    self.workdir = storage.path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
     self.enabled, self.total_steps = enabled, total_steps
-    self._file, self._bar, self._step = None, None, 0
+    self._file, self._lines, self._bar, self._step = None, None, None, 0
 
   def start(self, initial_step: int) -> None:
+    """Keeps an earlier run's records up to `initial_step` (a resume rewrites the rest), then appends."""
     if not self.enabled:
       return
-    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    kept = self._earlier_records(initial_step)
+    if storage.is_remote(self.path):
+      self._lines = kept
+      self.path.write_text("".join(kept))
+    else:
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, self.path)  # a kill leaves the old file or the new one, never half of each
+      self._file = open(self.path, "ab", buffering=0)  # pylint: disable=consider-using-with
     self._step = initial_step
     if sys.stderr.isatty():
       self._bar = tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+  def _earlier_records(self, step: int) -> list[str]:
+    """Lines of metrics.jsonl with step <= `step`; lines that are not JSON records (torn by a kill) dropped."""
+    if not self.path.exists():
+      return []
+    kept = []
+    for i, line in enumerate(self.path.read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        self.print(f"warning: dropped line {i} of {self.path}, a torn or damaged record: {line[:80]!r}")
+        continue
+      if record["step"] <= step:
+        kept.append(line + "\n")
+    return kept
 
   def write(self, record: dict) -> None:
     """One record: must hold `step` and `split`; numbers are rounded for the terminal only."""
     if not self.enabled:
       return
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(line.encode())  # one write: a record lands whole or (killed) torn at the very end
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
     if self._bar is not None:
       self._bar.update(record["step"] - self._step)

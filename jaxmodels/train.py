@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import storage
 from jaxmodels import config as config_lib
 from jaxmodels.data import check_batch_size, load_dataset
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
@@ -91,6 +92,7 @@ class Experiment:
   layout: Any  # parallel.Layout (jit strategies) or parallel.PmapLayout
   model_flops: float  # analytic training FLOPs of one step (jaxmodels.flops)
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
+  checkpoint_state: TrainState  # ShapeDtypeStructs with shardings: where a restore puts each array
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
 
@@ -158,7 +160,11 @@ def build_experiment(config, devices=None) -> Experiment:
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
-    init_state = lambda: layout.replicate(jax.jit(fresh_state)())
+    n = len(layout.devices)
+    # Each device computes the fresh state and keeps its own copy: no device holds the stacked copies.
+    init_state = jax.jit(lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), fresh_state()),
+                         out_shardings=layout.sharding)
+    state_sh = jax.tree.map(lambda _: layout.checkpoint_sharding(), abstract_state)
   else:
     mesh = parallel.make_mesh(config.parallel, devices)
     specs = parallel.partition_specs(nnx.state(abstract_model, nnx.Param), mesh, config.parallel.rules,
@@ -176,8 +182,10 @@ def build_experiment(config, devices=None) -> Experiment:
   layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
   layout.check_batch_size(t.eval_batch_size)
   model_flops = flops.model_flops_per_step(config, dataset, abstract_model)
-  return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, train_step,
-                    eval_step)
+  checkpoint_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  abstract_state, state_sh)
+  return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
+                    train_step, eval_step)
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
@@ -347,7 +355,7 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
   peak, _ = flops.peak_flops(exp.layout.device_count)
   alarm = RecompileAlarm(fail=t.fail_on_recompile, log=logger.print)
-  profile = Profile(t.profile_steps, os.path.join(logger.workdir, "profile"), logger.print)
+  profile = Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print)
 
   def check(done):
     """Fetches pending metrics (one host sync) and stops on a non-finite loss unless skipping."""
@@ -448,64 +456,99 @@ class Profile:
                f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
 
 
-def _restore(exp: Experiment, ckpts, state, logger_print):
-  """(state, start step, unlogged metric rows): the workdir's newest readable checkpoint, else
-  checkpoint.restore_from, else a fresh start."""
+def _restore(exp: Experiment, ckpts, log):
+  """(state, start step, unlogged metric rows, saved config or None): the workdir's newest readable
+  checkpoint, else checkpoint.restore_from, else a fresh start.
+
+  Arrays are read straight into `exp.checkpoint_state`'s shardings; a fresh
+  state is built only when nothing is restored, so a resume never holds two.
+  """
   c = exp.config.checkpoint
-  like = exp.layout.for_checkpoint(state)
-  found = ckpts.restore_newest(like, exp.config.to_dict(), log=logger_print)
-  if found is not None:
-    return exp.layout.from_checkpoint(found[0]), found[1], ckpts.unlogged_metrics(found[1])
+  step = ckpts.newest_readable_step(log)
+  if step is not None:
+    restored = ckpts.restore(step, exp.checkpoint_state, exp.config.to_dict())
+    return exp.layout.from_checkpoint(restored), step, ckpts.unlogged_metrics(step), ckpts.metadata(step)[0]
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
     directory, step = checkpoint.resolve_restore_from(c.restore_from)
+    source = checkpoint.Checkpoints(directory)
     try:
-      restored = checkpoint.Checkpoints(directory).restore(step, like, params_only=c.restore_mode == "params")
-    except ValueError as e:
-      raise UserError(f"cannot restore {directory}/{step} into this model: {str(e).splitlines()[0]}") from None
-    logger_print(f"started from {directory}/{step} ({c.restore_mode})")
-    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), []
-  return state, 0, []
+      restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
+    finally:
+      source.close()
+    if c.restore_mode == "params":  # a new optimizer state (and step 0) for the restored parameters
+      sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
+      step0, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), exp.tx.init(p)),
+                                 out_shardings=(sh.step, sh.opt_state))(restored.params)
+      restored = restored.replace(step=step0, opt_state=opt_state)
+    log(f"started from {directory}/{step} ({c.restore_mode})")
+    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), [], None
+  return exp.init_state(), 0, [], None
 
 
-def _truncate_metrics(workdir: str, step: int) -> None:
-  """Drops records past `step`: a resumed run rewrites them, so metrics.jsonl reads as one run."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(lines)
+SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
+                 "train.end_lr_fraction")
+
+
+def schedule_change(exp: Experiment, saved_config: dict | None, start: int) -> str | None:
+  """A one-line note when the saved run's learning-rate schedule differs from this one's over steps start.., else None.
+
+  E.g. a longer train.steps restarts the cosine decay from a higher rate.
+  """
+  t = exp.config.train
+  if saved_config is None or start >= t.steps:
+    return None
+  saved = config_lib.default_config().train
+  saved.update({k: v for k, v in saved_config.get("train", {}).items() if f"train.{k}" in SCHEDULE_KEYS})
+  steps = jnp.arange(start, t.steps)
+  old = np.asarray(jax.jit(jax.vmap(make_optimizer(saved)[1]))(steps))
+  new = np.asarray(jax.jit(jax.vmap(exp.schedule))(steps))
+  if np.allclose(old, new, rtol=1e-6, atol=1e-12):
+    return None
+  keys = "; ".join(checkpoint.config_differences(saved_config, exp.config.to_dict(), SCHEDULE_KEYS, ()))
+  return (f"resuming at step {start} with a changed learning-rate schedule ({keys}): the rate at step {start} "
+          f"is {new[0]:.4g} (the saved run's schedule gives {old[0]:.4g})")
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` into `workdir` and returns the final eval metrics.
+  """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics.
 
   Writes `config.json`, `model.json`, `metrics.jsonl` and `checkpoints/`. A
   workdir that already holds a checkpoint resumes from its newest readable one.
-  Raises `UserError` for bad config or data before anything is written,
-  `NonFiniteLoss` if the loss diverges, and `Preempted` after a signal's save.
+  Holds `workdir/LOCK` while it runs. Raises `UserError` for a bad workdir,
+  config or data, a workdir in use by another run, or a checkpoint this config
+  cannot resume, all before anything is written; `NonFiniteLoss` if the loss
+  diverges, and `Preempted` after a signal's save.
   """
-  exp = build_experiment(config)  # every config and data error surfaces here
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
+  log = print if lead else lambda _line: None
+  storage.check_workdir(workdir)
+  exp = build_experiment(config)  # every config and data error surfaces here
+  checkpoint.retention_policy(config.checkpoint)
   d = exp.dataset
   files = {"config.json": config_lib.to_json(config), **d.files(),
            "model.json": json.dumps({"input_shape": list(d.input_shape), "num_outputs": d.num_outputs,
                                      "task": d.task})}
-  os.makedirs(workdir, exist_ok=True)
-  for name, text in files.items():
-    if lead:
-      with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-        f.write(text)
-  ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
-  logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
+  lock = storage.WorkdirLock(workdir, log)
+  ckpts = None
   try:
-    state, start, unlogged = _restore(exp, ckpts, exp.init_state(), logger.print)
+    _agree(lock.acquire if lead else None)
+    reader = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+    try:
+      state, start, unlogged, saved_config = _restore(exp, ckpts=reader, log=log)
+    finally:
+      reader.close()
+    # Accepted: from here on the run writes.
+    note = schedule_change(exp, saved_config, start)
     if lead:
-      _truncate_metrics(workdir, start)
+      for name, text in files.items():
+        (storage.path(workdir) / name).write_text(text)
+    ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
+    logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
     logger.start(start)
+    if note:
+      logger.write({"step": start, "split": "note", "note": note})
     logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
     t0 = time.perf_counter()
     state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
@@ -513,8 +556,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if not eval_metrics:  # resumed at the end: nothing trained, still report
       eval_metrics = exp.evaluate(state)
   finally:
-    ckpts.close()  # waits for the last async save; a failed save raises here
+    try:
+      if ckpts is not None:
+        ckpts.close()  # waits for the last async save; a failed save raises here
+    finally:
+      lock.release()
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
   logger.print(f"final: step {config.train.steps} test {summary} (training {train_s:.1f} s)")
   logger.close()
   return eval_metrics
+
+
+def _agree(lead_action) -> None:
+  """Runs `lead_action` on process 0 (None elsewhere); every process raises if it failed, so none waits alone."""
+  error = None
+  if lead_action is not None:
+    try:
+      lead_action()
+    except UserError as e:
+      error = e
+  if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+    raise error or UserError("process 0 could not start the run (see its message)")
+  if error is not None:
+    raise error

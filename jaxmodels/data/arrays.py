@@ -6,13 +6,13 @@ gives deterministic order and exact resume with no iterator state to save.
 """
 
 import dataclasses
-import os
 import zipfile
 from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels import storage
 from jaxmodels.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -108,18 +108,19 @@ def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
 def load_npz(path: str) -> dict[str, np.ndarray]:
   if not path:
     raise UserError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise UserError(f"data.path: file not found: {path}")
   try:
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file holds one bare array
-      raise UserError(f"{path}: one array (.npy), not an .npz archive of {', '.join(NPZ_KEYS)} "
-                      f"(write one with np.savez)")
-    with loaded as f:
-      missing = [k for k in NPZ_KEYS if k not in f.files]
-      if missing:
-        raise UserError(f"{path}: missing array {missing[0]!r} (found: {', '.join(f.files) or 'none'})")
-      return {k: f[k] for k in NPZ_KEYS}
+    with storage.path(path).open("rb") as fh:
+      loaded = np.load(fh, allow_pickle=False)
+      if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file holds one bare array
+        raise UserError(f"{path}: one array (.npy), not an .npz archive of {', '.join(NPZ_KEYS)} "
+                        f"(write one with np.savez)")
+      with loaded as f:
+        missing = [k for k in NPZ_KEYS if k not in f.files]
+        if missing:
+          raise UserError(f"{path}: missing array {missing[0]!r} (found: {', '.join(f.files) or 'none'})")
+        return {k: f[k] for k in NPZ_KEYS}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated, pickled, empty
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UserError(f"{path}: not a readable .npz file ({reason})") from None

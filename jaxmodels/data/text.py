@@ -15,11 +15,11 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 from typing import Iterator
 
 import numpy as np
 
+from jaxmodels import storage
 from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
 from jaxmodels.errors import UserError
 
@@ -32,8 +32,7 @@ def default_corpus() -> str:
   """The embedded corpus: the concatenated source of CORPUS_MODULES."""
   parts = []
   for name in CORPUS_MODULES:
-    with open(importlib.util.find_spec(name).origin, encoding="utf-8") as f:
-      parts.append(f.read())
+    parts.append(storage.path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8"))
   return "\n".join(parts)
 
 
@@ -69,20 +68,18 @@ class Vocab:
     return json.dumps({"kind": self.kind, "chars": self.chars})
 
   @classmethod
-  def load(cls, workdir: str) -> "Vocab":
-    path = os.path.join(workdir, VOCAB_FILE)
-    if not os.path.isfile(path):
+  def load(cls, workdir) -> "Vocab":
+    path = storage.path(workdir) / VOCAB_FILE
+    if not path.is_file():
       raise UserError(f"{path} not found: is {workdir} the workdir of a language-model run?")
-    with open(path, encoding="utf-8") as f:
-      d = json.load(f)
+    d = json.loads(path.read_text())
     return cls(d["kind"], d["chars"])
 
 
 def read_text(path: str) -> str:
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise UserError(f"data.path: file not found: {path}")
-  with open(path, "rb") as f:
-    raw = f.read()
+  raw = storage.path(path).read_bytes()
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:

