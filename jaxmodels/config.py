@@ -236,7 +236,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, layers, recurrent, transformer
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
-  from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, parse_mesh
+  from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, activation_rules, parse_mesh
 
   d, m, t, p = config.data, config.model, config.train, config.parallel
   rules = {
@@ -308,6 +308,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"parallel.dcn_mesh={p.dcn_mesh!r}: every axis size must be a positive integer")
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
+  activation_rules(p.activation_rules)
 
 
 def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:

@@ -82,7 +82,7 @@ def test_a_refused_resume_and_a_bad_config_write_nothing(tmp_path):
   with pytest.raises(UserError, match="data.path"):
     train_and_evaluate(text_config(b), str(run))
   assert snapshot(run) == before  # old code rewrote vocab.json, config.json and model.json first
-  with pytest.raises(UserError, match="checkpoint.keep must be at least 1"):
+  with pytest.raises(UserError, match="checkpoint.keep=0"):
     train_and_evaluate(small(10, checkpoint__keep=0), str(tmp_path / "fresh"))
   assert not (tmp_path / "fresh").exists()  # old code had written config.json and model.json
 

@@ -171,6 +171,9 @@ _ACTIVATIONS = contextvars.ContextVar("jaxmodels_activation_sharding", default=N
 
 def activation_rules(rules) -> dict[str, tuple[str, ...]]:
   """`parallel.activation_rules` pairs -> {logical activation axis: mesh axes}; UserError for unknown axes."""
+  if bad := [r for r in rules if not (isinstance(r, (tuple, list)) and len(r) == 2)]:
+    raise UserError(f"parallel.activation_rules: {bad[0]!r} is not a pair (activation axis, mesh axis, "
+                    f"tuple of mesh axes, or None)")
   rules = {name: (axes,) if isinstance(axes, str) else tuple(axes or ()) for name, axes in rules}
   for name, axes in rules.items():
     if name not in ACTIVATION_AXES:
