@@ -5,6 +5,10 @@ Model families live in `jaxmodels.models`, the optimizer factory in
 with its default in `jaxmodels.config`.
 """
 
+from jaxmodels import host as _host
+
+_host.cpu_only_platform()  # no accelerator: keep libtpu (the dev extra) from starting a TPU runtime and its noise
+
 __version__ = "0.1.0"
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxmodels import compilation
+from jaxmodels import config as config_lib
 from jaxmodels import flops
 from jaxmodels import storage
 from jaxmodels.errors import UserError
@@ -284,9 +285,12 @@ def parse_sweeps(config, sweeps: list[str]) -> list[dict]:
   `split_values` for the quoting rule). Raises UserError naming the sweep for an
   unknown key or a value of the wrong type.
   """
-  axes = []
+  axes, seen = [], set()
   for s in sweeps:
     key, _, values = s.partition("=")
+    if key in seen:
+      raise UserError(f"--sweep {key} is given twice: list all its values in one --sweep")
+    seen.add(key)
     group, _, name = key.partition(".")
     if not values or group not in config or name not in config[group]:
       raise UserError(f"--sweep {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
@@ -454,6 +458,11 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   if a.repeat < 1:
     raise UserError("--repeat must be at least 1")
   points = parse_sweeps(config, a.sweeps)
+  for point in points:  # every point's config is checked before the first compile writes anything
+    try:
+      config_lib.validate(apply(config, point))
+    except UserError as e:
+      raise UserError(f"sweep point {point}: {e}") from None
   labels = [" ".join(f"{k.split('.')[-1]}={v!r}" for k, v in point.items()) or f"point{i}"
             for i, point in enumerate(points)]
   log(f"{len(points)} sweep point(s):\n" + "\n".join(f"  [{i + 1}] {l}" for i, l in enumerate(labels)))
@@ -483,6 +492,8 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
 def run_step(config, steps: int, compare: bool, log=print) -> dict:
   """The `bench step` command: step time, throughput, MFU, XLA's FLOP count, optional pure-JAX overhead."""
   exp = build_experiment(config)
+  for notice in exp.notices:
+    log(f"note: {notice}")
   r = step_point(exp, steps=steps)
   r["xla_flops"] = xla_flops(exp)
   scanned = [what for what, on in (("the scanned layers' body", config.model.family == "transformer"

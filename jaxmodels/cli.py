@@ -78,6 +78,23 @@ def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
   return fv.config, fv
 
 
+def _parse_args(prog: str, args: list[str], arguments: list[tuple]) -> "argparse.Namespace":
+  """Parses a command's flags, each `(name, kwargs)`; any problem (missing, unknown, mistyped) is a UserError."""
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; the CLI's way is one line, exit 2
+      raise UserError(f"{message} (see {prog} --help)")
+
+  parser = Parser(prog=prog, add_help=False, exit_on_error=False)
+  for name, kwargs in arguments:
+    parser.add_argument(name, **kwargs)
+  try:
+    return parser.parse_args(args)
+  except argparse.ArgumentError as e:
+    raise UserError(f"{e} (see {prog} --help)") from None
+
+
 def cmd_train(prog: str, args: list[str]) -> int:
   """usage: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.GROUP.KEY=VALUE ...]
 
@@ -109,20 +126,14 @@ one process fails, the others are stopped and the launcher exits non-zero.
 Example: jaxmodels launch --processes 2 --devices-per-process 2 -- train
   --config experiments/digits_cnn.py --config.parallel.strategy=dp
 """
-  import argparse  # pylint: disable=import-outside-toplevel
   from jaxmodels.parallel.launch import launch  # pylint: disable=import-outside-toplevel
 
   if "--" not in args:
     raise UserError("launch needs `--` before the command to run, e.g. -- train --config ...")
   split = args.index("--")
-  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
-  parser.add_argument("--processes", type=int, required=True)
-  parser.add_argument("--devices-per-process", type=int, default=1)
-  parser.add_argument("--port", type=int, default=0)
-  try:
-    a = parser.parse_args(args[:split])
-  except (argparse.ArgumentError, SystemExit) as e:
-    raise UserError(str(e) or "bad arguments; see jaxmodels launch --help") from None
+  a = _parse_args(prog, args[:split], [("--processes", dict(type=int, required=True)),
+                                       ("--devices-per-process", dict(type=int, default=1)),
+                                       ("--port", dict(type=int, default=0))])
   if a.processes < 1 or a.devices_per_process < 1 or not args[split + 1:]:
     raise UserError("--processes and --devices-per-process must be positive, and a command must follow --")
   return launch(a.processes, args[split + 1:], a.devices_per_process, a.port or None)
@@ -135,25 +146,20 @@ Prints the prompt and N generated tokens from the newest checkpoint of a
 language-model run (data.source=text). Temperature 0 decodes greedily; top-k 0
 samples from the whole vocabulary.
 """
-  import argparse  # pylint: disable=import-outside-toplevel
+  import math  # pylint: disable=import-outside-toplevel
   from jaxmodels.sample import generate, load_language_model  # pylint: disable=import-outside-toplevel
 
-  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--prompt", required=True)
-  parser.add_argument("--length", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=0.8)
-  parser.add_argument("--top-k", type=int, default=0)
-  parser.add_argument("--seed", type=int, default=0)
-  try:
-    a = parser.parse_args(args)
-  except (argparse.ArgumentError, SystemExit) as e:
-    raise UserError(str(e) or "bad arguments; see jaxmodels sample --help") from None
+  a = _parse_args(prog, args, [("--workdir", dict(required=True)), ("--prompt", dict(required=True)),
+                               ("--length", dict(type=int, default=200)),
+                               ("--temperature", dict(type=float, default=0.8)),
+                               ("--top-k", dict(type=int, default=0)), ("--seed", dict(type=int, default=0))])
   if not a.prompt:
     raise UserError("--prompt must not be empty")
-  if a.length <= 0 or a.temperature < 0 or a.top_k < 0:
-    raise UserError("--length must be positive, --temperature and --top-k non-negative")
+  if a.length <= 0 or not (math.isfinite(a.temperature) and a.temperature >= 0) or a.top_k < 0:
+    raise UserError("--length must be positive, --temperature a finite number >= 0, --top-k non-negative")
   model, vocab = load_language_model(a.workdir)
+  if a.top_k > vocab.size:
+    raise UserError(f"--top-k {a.top_k} exceeds the run's vocabulary of {vocab.size} tokens")
   tokens = generate(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k,
                     seed=a.seed)
   print(a.prompt + vocab.decode(tokens))
@@ -167,16 +173,9 @@ Writes the parameters of DIR's newest checkpoint (no optimizer state) to PATH,
 with the config and model shape needed to rebuild the module; research code
 loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
 """
-  import argparse  # pylint: disable=import-outside-toplevel
   from jaxmodels.export import export  # pylint: disable=import-outside-toplevel
 
-  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True)
-  try:
-    a = parser.parse_args(args)
-  except (argparse.ArgumentError, SystemExit) as e:
-    raise UserError(str(e) or "bad arguments; see jaxmodels export --help") from None
+  a = _parse_args(prog, args, [("--workdir", dict(required=True)), ("--out", dict(required=True))])
   print(f"exported {a.workdir} to {export(a.workdir, a.out)}")
   return 0
 
@@ -224,6 +223,8 @@ hand-written pure JAX + Optax step of the same math.
   rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
           .replace("--compare-pure-jax", "--compare_pure_jax") for a in rest]
   config, fv = parse_experiment_flags(f"{prog} {sub}", rest, extra)
+  if fv.steps < 1:
+    raise UserError(f"--steps {fv.steps}: expected at least 1")
   if sub == "step":
     bench.run_step(config, fv.steps, fv.compare_pure_jax)
     return 0

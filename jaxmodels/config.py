@@ -320,7 +320,7 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
   for the caller to print; the config records the values the run uses.
   """
   t, notices = config.train, []
-  if t.warmup_steps >= t.steps and t.schedule != "constant":
+  if t.warmup_steps >= t.steps:
     warmup = t.steps // 10
     notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "
                    f"{warmup} steps (a tenth of the run) instead")

@@ -57,9 +57,16 @@ def cpu_only_platform() -> None:
   `E0000 ... INVALID_ARGUMENT: unexpected worker hostname` line and a source
   trace before falling back to the CPU: noise that reads as a failure. Checked
   from the device files alone, so it runs before JAX is imported (jax reads
-  JAX_PLATFORMS at import). AOT topology compiles load libtpu explicitly and are
-  unaffected.
+  JAX_PLATFORMS at import); when JAX is already imported but has not started a
+  backend, its `jax_platforms` flag is set instead. The entry points and
+  `import jaxmodels` call it. AOT topology compiles load libtpu explicitly and
+  are unaffected.
   """
   if "JAX_PLATFORMS" in os.environ or any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
+  jax = sys.modules.get("jax")
+  if jax is not None:  # imported already (research code importing jax first): set its flag while it still counts
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if not jax.config.jax_platforms and not xla_bridge.backends_are_initialized():
+      jax.config.update("jax_platforms", "cpu")

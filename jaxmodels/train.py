@@ -7,6 +7,7 @@ step, the train state is donated, and metrics stay on the device until a log
 interval fetches them.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -95,6 +96,7 @@ class Experiment:
   checkpoint_state: TrainState  # ShapeDtypeStructs with shardings: where a restore puts each array
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
+  notices: list[str] = dataclasses.field(default_factory=list)  # config adjustments (config.fit_to_steps) to print
 
   def batch(self, step: int) -> dict:
     """Training batch `step` as global arrays; this process loads only the rows its devices hold."""
@@ -135,9 +137,7 @@ def build_experiment(config, devices=None) -> Experiment:
   for ahead-of-time compiles (`jaxmodels bench compile --topology`).
   """
   config_lib.validate(config)
-  for notice in config_lib.fit_to_steps(config):
-    if jax.process_index() == 0:
-      print(f"note: {notice}", flush=True)
+  notices = config_lib.fit_to_steps(config)
   dataset = load_dataset(config)
   t = config.train
   if dataset.task == "classify":  # text batches are random windows, any number of them
@@ -185,7 +185,7 @@ def build_experiment(config, devices=None) -> Experiment:
   checkpoint_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
-                    train_step, eval_step)
+                    train_step, eval_step, notices)
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
@@ -532,39 +532,70 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                      "task": d.task})}
   lock = storage.WorkdirLock(workdir, log)
   ckpts = None
-  try:
-    _agree(lock.acquire if lead else None)
-    reader = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+  with _stop_on_signals_until_the_loop(log):  # SIGTERM before the loop: release the lock, exit 75
     try:
-      state, start, unlogged, saved_config = _restore(exp, ckpts=reader, log=log)
+      _agree(lock.acquire if lead else None)
+      reader = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+      try:
+        state, start, unlogged, saved_config = _restore(exp, ckpts=reader, log=log)
+      finally:
+        reader.close()
+      if start > config.train.steps:
+        raise UserError(f"--workdir {workdir} holds a checkpoint at step {start}, past train.steps="
+                        f"{config.train.steps}: set train.steps to at least {start}, or use a new --workdir")
+      # Accepted: from here on the run writes.
+      note = schedule_change(exp, saved_config, start)
+      if lead:
+        for name, text in files.items():
+          (storage.path(workdir) / name).write_text(text)
+      ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
+      logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
+      logger.start(start)
+      for notice in exp.notices:
+        logger.print(f"note: {notice}")
+      if note:
+        logger.write({"step": start, "split": "note", "note": note})
+      logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
+      t0 = time.perf_counter()
+      state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
+      train_s = time.perf_counter() - t0
+      if not eval_metrics:  # resumed at the end: nothing trained, still report
+        eval_metrics = exp.evaluate(state)
     finally:
-      reader.close()
-    # Accepted: from here on the run writes.
-    note = schedule_change(exp, saved_config, start)
-    if lead:
-      for name, text in files.items():
-        (storage.path(workdir) / name).write_text(text)
-    ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
-    logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
-    logger.start(start)
-    if note:
-      logger.write({"step": start, "split": "note", "note": note})
-    logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
-    t0 = time.perf_counter()
-    state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
-    train_s = time.perf_counter() - t0
-    if not eval_metrics:  # resumed at the end: nothing trained, still report
-      eval_metrics = exp.evaluate(state)
-  finally:
-    try:
-      if ckpts is not None:
-        ckpts.close()  # waits for the last async save; a failed save raises here
-    finally:
-      lock.release()
+      try:
+        if ckpts is not None:
+          ckpts.close()  # waits for the last async save; a failed save raises here
+      finally:
+        lock.release()
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
   logger.print(f"final: step {config.train.steps} test {summary} (training {train_s:.1f} s)")
   logger.close()
   return eval_metrics
+
+
+@contextlib.contextmanager
+def _stop_on_signals_until_the_loop(log):
+  """SIGTERM/SIGINT before the loop takes signals over (`_Signals`) end the run at once, through `Preempted`.
+
+  Raised in the main thread, it passes through the run's `finally` blocks, so the
+  workdir lock is released, and the CLI exits 75 (nothing was trained since the
+  newest checkpoint; rerunning resumes it). One process only: in a multi-process
+  job JAX's preemption service owns SIGTERM.
+  """
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield
+    return
+
+  def handle(signum, _frame):
+    log(f"signal {signum} before training started: stopped; rerun the same command to start or resume")
+    raise Preempted(0)
+
+  previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def _agree(lead_action) -> None:

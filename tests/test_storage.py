@@ -118,8 +118,35 @@ def test_one_run_per_workdir_and_a_dead_holder_is_taken_over(tmp_path, capsys):
   dead.wait()
   (tmp_path / "LOCK").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
   train_and_evaluate(small(10), str(tmp_path))
-  assert f"taking over {tmp_path}/LOCK from process {dead.pid}" in capsys.readouterr().out
+  assert f"taking over {tmp_path}/LOCK: process {dead.pid} on this host has ended" in capsys.readouterr().out
   assert not (tmp_path / "LOCK").exists()  # released at the end
+
+
+def test_the_lock_renews_its_heartbeat_and_a_stale_lock_of_another_host_is_taken_over(tmp_path, capsys):
+  lock = storage.WorkdirLock(tmp_path, refresh_s=0.05)
+  lock.acquire()
+  first = json.loads((tmp_path / "LOCK").read_text())["heartbeat"]
+  time.sleep(0.3)
+  assert json.loads((tmp_path / "LOCK").read_text())["heartbeat"] > first  # renewed while held
+  lock.release()
+  assert not (tmp_path / "LOCK").exists()
+  other = storage.WorkdirLock(tmp_path, refresh_s=0.05)
+  other.record = {"pid": 1, "host": "other-vm"}
+  other.acquire()  # a live run on another host, renewing its heartbeat
+  with pytest.raises(UserError, match="in use by process 1 on other-vm"):
+    storage.WorkdirLock(tmp_path, refresh_s=0.2).acquire()
+  other.release()
+  (tmp_path / "LOCK").write_text(json.dumps({"pid": 1, "host": "old-vm", "heartbeat": time.time()}))
+  lock = storage.WorkdirLock(tmp_path, refresh_s=0.2)
+  lock.acquire()  # a preempted VM's lock: recent, but no longer renewed
+  assert "process 1 on old-vm did not renew it for 0 s" in capsys.readouterr().out
+  lock.release()
+  (tmp_path / "LOCK").write_text(json.dumps({"pid": 1, "host": "old-vm", "heartbeat": time.time() - 3600}))
+  lock = storage.WorkdirLock(tmp_path)
+  lock.acquire()  # not renewed for an hour: taken over at once
+  assert "process 1 on old-vm has not renewed it for 3600 s" in capsys.readouterr().out
+  assert json.loads((tmp_path / "LOCK").read_text())["host"] == socket.gethostname()
+  lock.release()
 
 
 def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, capsys):
@@ -209,7 +236,7 @@ def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_p
   assert p.returncode == -signal.SIGKILL
   resumed = _jaxmodels(gcs_env, *TEXT, "--workdir=gs://bkt/run")
   assert resumed.returncode == 0, resumed.stderr
-  assert "taking over gs://bkt/run/LOCK" in resumed.stdout
+  assert "taking over gs://bkt/run/LOCK: process" in resumed.stdout
   assert any(f"training steps {s}..60" in resumed.stdout for s in (20, 40)), resumed.stdout
   check = _python(gcs_env, "import json; from etils import epath; p = epath.Path('gs://bkt/run');"
                            "print(json.dumps(sorted(x.name for x in p.iterdir())));"
@@ -231,3 +258,33 @@ def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_p
                           "print(m(np.zeros((1, 32), np.int32)).shape)")
   assert load.returncode == 0, load.stderr
   assert load.stdout.strip().splitlines()[-1].startswith("(1, 32, ")
+
+
+def test_an_empty_workdir_and_a_resume_past_train_steps_are_refused_writing_nothing(tmp_path):
+  with pytest.raises(UserError, match="--workdir is empty"):
+    train_and_evaluate(small(10), "")
+  run = tmp_path / "run"
+  train_and_evaluate(small(20), str(run))
+  before = snapshot(run)
+  with pytest.raises(UserError, match="checkpoint at step 20, past train.steps=10"):
+    train_and_evaluate(small(10), str(run))
+  assert snapshot(run) == before  # config.json still says 20 steps
+
+
+def test_a_signal_before_the_loop_releases_the_lock_and_exits_75(tmp_path):
+  """SIGTERM while the run restores (the lock held, nothing trained): exit 75 and no LOCK left behind."""
+  script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+from jaxmodels import cli, train
+def restore(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(30)
+train._restore = restore
+sys.exit(cli.main(["jaxmodels", "train", "--config", "experiments/digits_mlp.py", "--workdir", {str(tmp_path)!r}]))
+"""
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     check=False)
+  assert r.returncode == 75, r.stdout + r.stderr
+  assert "signal 15 before training started" in r.stdout
+  assert os.listdir(tmp_path) == []  # the lock is released; nothing was written

@@ -123,6 +123,8 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in NPZ_KEYS}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated, pickled, empty
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "allow_pickle" in reason:  # numpy's guess for any bytes that are not .npy/.npz: text, pickles, ...
+      reason = "not a NumPy .npz archive"
     raise UserError(f"{path}: not a readable .npz file ({reason})") from None
 
 

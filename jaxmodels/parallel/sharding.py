@@ -50,11 +50,14 @@ DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=
 
 def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str, int]:
   """`"data=2,tensor=4"` -> {'data': 2, 'fsdp': 1, 'tensor': 4}; empty: the strategy's default."""
-  sizes = dict.fromkeys(MESH_AXES, 1)
+  sizes, seen = dict.fromkeys(MESH_AXES, 1), set()
   for part in filter(None, (spec or DEFAULT_MESH[strategy]).replace(" ", "").split(",")):
     name, _, value = part.partition("=")
     if name not in MESH_AXES:
       raise UserError(f"{key}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+    if name in seen:
+      raise UserError(f"{key}: axis {name!r} is given twice")
+    seen.add(name)
     try:
       sizes[name] = int(value)
     except ValueError:
