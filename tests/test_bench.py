@@ -246,3 +246,15 @@ def test_first_compile_timings_and_profiler_trace(tmp_path):
   assert 0 < second["mfu"] < 1
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files if f.endswith(".xplane.pb")]
   assert traces
+
+
+def test_every_sweep_point_is_checked_before_the_first_compile(tmp_path):
+  c = experiment("digits_mlp")
+  with pytest.raises(UserError, match="given twice"):
+    bench.parse_sweeps(c, ["train.batch_size=32", "train.batch_size=64"])
+  out = tmp_path / "r.json"
+  args = bench.CompileArgs(sweeps=["train.learning_rate=1e-3,nan"], repeat=1, topology="", dump_hlo=str(tmp_path / "h"),
+                           baseline="", max_regression=0.2, out=str(out), csv="", plot="", steps=1)
+  with pytest.raises(UserError, match=r"sweep point .*train.learning_rate=nan"):
+    bench.run_compile(c, args, log=lambda _: None)
+  assert not out.exists() and not (tmp_path / "h").exists()  # nothing compiled, nothing written

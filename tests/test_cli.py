@@ -46,3 +46,16 @@ def test_experiment_runs_as_a_script_with_overrides(tmp_path):
   assert "final: step 30 test" in r.stdout
   assert [m["step"] for m in read_metrics(workdir) if m["split"] == "train"] == [1, 10, 20, 30]
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl", "model.json"]
+
+
+def test_command_flag_errors_are_one_line(capsys, tmp_path):
+  from jaxmodels import cli  # pylint: disable=import-outside-toplevel
+  assert cli.main(["jaxmodels", "sample", "--prompt", "x"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "the following arguments are required: --workdir" in err[0]
+  assert cli.main(["jaxmodels", "sample", "--workdir", str(tmp_path), "--prompt", "x", "--temperature", "nan"]) == 2
+  assert "--temperature a finite number" in capsys.readouterr().err
+  assert cli.main(["jaxmodels", "launch", "--processes", "two", "--", "train"]) == 2
+  assert "invalid int value: 'two'" in capsys.readouterr().err
+  assert cli.main(["jaxmodels", "bench", "step", "--config", "experiments/digits_mlp.py", "--steps", "0"]) == 2
+  assert "--steps 0: expected at least 1" in capsys.readouterr().err

@@ -91,6 +91,7 @@ BAD_VALUES = [
     ("parallel.strategy", "ddp", "parallel.strategy='ddp'"),
     ("parallel.mesh", "data=0", "parallel.mesh='data=0': every axis size must be a positive integer or -1"),
     ("parallel.mesh", "model=2", "parallel.mesh: unknown axis 'model'"),
+    ("parallel.mesh", "data=1,data=1", "parallel.mesh: axis 'data' is given twice"),
     ("parallel.dcn_mesh", "data=-1", "parallel.dcn_mesh='data=-1': every axis size must be a positive integer"),
     ("parallel.dcn_mesh", "slice=2", "parallel.dcn_mesh: unknown axis 'slice'"),
     ("parallel.activation_rules", (("activation_batch",),), "parallel.activation_rules: ('activation_batch',) is not"),
