@@ -25,6 +25,7 @@ USAGE = """usage: jaxmodels COMMAND [FLAGS]
 commands:
   train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
+  prepare tokenize a text corpus into shards: jaxmodels prepare FILES... --out DIR [--train-tokenizer bpe]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
@@ -131,7 +132,8 @@ def cmd_sample(prog: str, args: list[str]) -> int:
   """usage: jaxmodels sample --workdir DIR --prompt TEXT [--length N] [--temperature T] [--top-k K] [--seed S]
 
 Prints the prompt and N generated tokens from the newest checkpoint of a
-language-model run (data.source=text). Temperature 0 decodes greedily; top-k 0
+language-model run (data.source=text or tokens), encoded and decoded with the
+run's tokenizer (its vocab.json). Temperature 0 decodes greedily; top-k 0
 samples from the whole vocabulary.
 """
   import argparse  # pylint: disable=import-outside-toplevel
@@ -156,6 +158,45 @@ samples from the whole vocabulary.
   tokens = generate(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k,
                     seed=a.seed)
   print(a.prompt + vocab.decode(tokens))
+  return 0
+
+
+def cmd_prepare(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels prepare INPUT [INPUT ...] --out DIR [--field text]
+             [--tokenizer char|byte|FILE | --train-tokenizer bpe --vocab-size N]
+             [--val-fraction F] [--workers W] [--shard-tokens T]
+
+Tokenizes a corpus into DIR for data.source=tokens: flat uint16 (or uint32)
+token shards and index.json. INPUTs are text files (one document each), .jsonl
+files (one document per line, its --field), directories or globs (quote them).
+Documents are separated by the tokenizer's end-of-text token.
+  --tokenizer: byte (default) or char, or a local tokenizer file: a Hugging Face
+    tokenizer.json, a SentencePiece .model or a tiktoken .tiktoken file
+  --train-tokenizer bpe: train a byte-level BPE of --vocab-size (default 8192)
+    ids on the corpus first, saved as DIR/tokenizer.json
+  --val-fraction: the last share of the tokens validates (default 0.005)
+  --workers: tokenizing processes (default: the CPU count; 0: this process)
+  --shard-tokens: ids per shard file (default 2**28)
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.data.prepare import SHARD_TOKENS, prepare  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("inputs", nargs="+")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--field", default="text")
+  parser.add_argument("--tokenizer", default="byte")
+  parser.add_argument("--train-tokenizer", default="")
+  parser.add_argument("--vocab-size", type=int, default=8192)
+  parser.add_argument("--val-fraction", type=float, default=0.005)
+  parser.add_argument("--workers", type=int, default=None)
+  parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+  try:
+    a = parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels prepare --help") from None
+  prepare(a.inputs, a.out, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer, vocab_size=a.vocab_size,
+          field=a.field, val_fraction=a.val_fraction, workers=a.workers, shard_tokens=a.shard_tokens)
   return 0
 
 
@@ -231,8 +272,8 @@ hand-written pure JAX + Optax step of the same math.
       max_regression=fv.max_regression, out=fv.out, csv=fv.csv, plot=fv.plot, steps=fv.steps))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export,
-            "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
+            "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

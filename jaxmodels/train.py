@@ -122,7 +122,7 @@ class Experiment:
     metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
     if self.dataset.task == "lm":
       metrics["perplexity"] = math.exp(metrics["loss"])
-      metrics[f"bits_per_{self.dataset.vocab.kind}"] = metrics["loss"] / math.log(2)
+      metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
     return metrics
 
 
