@@ -71,6 +71,11 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def model_input(x):
+  """The model's input: uint8 images (data.source=images, moved as bytes) scaled to float32 [0, 1] on the device."""
+  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
+
+
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
@@ -194,7 +199,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   def loss_fn(params, model_state, batch, rng):
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits = model(batch["x"], train=True, rngs=nnx.Rngs(dropout=rng))
+    logits = model(model_input(batch["x"]), train=True, rngs=nnx.Rngs(dropout=rng))
     sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
     _, _, new_model_state = split_model(model)
     return sums["loss_sum"] / sums["count"], (sums, new_model_state)
@@ -244,7 +249,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+    sums = loss_sums(model(model_input(batch["x"]), train=False), batch["y"], batch["mask"])
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step

@@ -13,7 +13,7 @@ from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_da
 from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
 from jaxmodels.errors import UserError
 
-SOURCES = ("digits", "npz", "text", "tokens")
+SOURCES = ("digits", "npz", "text", "tokens", "images")
 LM_SOURCES = ("text", "tokens")
 
 
@@ -30,6 +30,9 @@ def load_dataset(config):
   if source == "tokens":
     from jaxmodels.data.tokens import load_token_dataset  # pylint: disable=import-outside-toplevel
     return load_token_dataset(config.data, config.train.seed)
+  if source == "images":
+    from jaxmodels.data.images import load_image_dataset  # pylint: disable=import-outside-toplevel
+    return load_image_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
