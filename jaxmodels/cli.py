@@ -227,6 +227,7 @@ def cmd_bench(prog: str, args: list[str]) -> int:
              [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
        jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
+       jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N]
 
 compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
@@ -243,11 +244,14 @@ points are listed before the first compile.
 step: median step time and spread, throughput, analytic model FLOPs (checked
 against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
 hand-written pure JAX + Optax step of the same math.
+data: the loader's batches/s and tokens/s (images/s, examples/s), with and
+without its prefetch and device transfer, next to the rate at which the step
+consumes them: whether the input pipeline keeps up.
 """
   from jaxmodels import bench  # pylint: disable=import-outside-toplevel
 
-  if not args or args[0] not in ("compile", "step"):
-    raise UserError("bench needs a subcommand: compile or step (see jaxmodels bench --help)")
+  if not args or args[0] not in ("compile", "step", "data"):
+    raise UserError("bench needs a subcommand: compile, step or data (see jaxmodels bench --help)")
   sub, rest = args[0], args[1:]
 
   def extra(fv):
@@ -258,7 +262,7 @@ hand-written pure JAX + Optax step of the same math.
       for name in ("topology", "dump_hlo", "baseline", "out", "csv", "plot"):
         flags.DEFINE_string(name, "", name, flag_values=fv)
       flags.DEFINE_float("max_regression", 0.2, "allowed relative growth", flag_values=fv)
-    else:
+    elif sub == "step":
       flags.DEFINE_boolean("compare_pure_jax", False, "time a pure JAX step too", flag_values=fv)
 
   rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
@@ -266,6 +270,9 @@ hand-written pure JAX + Optax step of the same math.
   config, fv = parse_experiment_flags(f"{prog} {sub}", rest, extra)
   if sub == "step":
     bench.run_step(config, fv.steps, fv.compare_pure_jax)
+    return 0
+  if sub == "data":
+    bench.run_data(config, fv.steps)
     return 0
   return bench.run_compile(config, bench.CompileArgs(
       sweeps=fv.sweep, repeat=fv.repeat, topology=fv.topology, dump_hlo=fv.dump_hlo, baseline=fv.baseline,

@@ -43,6 +43,9 @@ def default_config() -> config_dict.ConfigDict:
   c.data.image_size = 0  # side of the square crops the model sees; 0 = the (shorter) side of the first image
   c.data.augment = True  # training: random resized crop + horizontal flip; off: the evaluation's centre crop
   c.data.workers = 2  # grain worker processes decoding and augmenting images; 0 = the training process
+  # Every source: training batches loaded and put on the devices this many steps ahead, on a loader thread
+  # (batches stay a function of the step, so resume is exact); 0 = load each when the step needs it.
+  c.data.prefetch = 2
   # Tokens only. Model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
   # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded).
   c.data.vocab_size = 0
@@ -246,6 +249,7 @@ def validate(config: config_dict.ConfigDict) -> None:
       "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
       "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
       "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
+      "data.prefetch": NON_NEGATIVE,
       "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
       "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
       "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,

@@ -28,7 +28,7 @@ from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import config as config_lib
-from jaxmodels.data import check_batch_size, load_dataset
+from jaxmodels.data import check_batch_size, load_dataset, loader
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
 from jaxmodels.metrics import MetricsLogger
@@ -98,11 +98,29 @@ class Experiment:
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
+  _loader: Any = None  # jaxmodels.data.loader.StepStream of device batches, made data.prefetch steps ahead
+
+  def host_batch(self, step: int) -> dict:
+    """This process's rows of training batch `step`, as host arrays."""
+    size = self.config.train.batch_size
+    return self.dataset.train_batch(step, size, self.layout.local_rows(size))
 
   def batch(self, step: int) -> dict:
-    """Training batch `step` as global arrays; this process loads only the rows its devices hold."""
-    size = self.config.train.batch_size
-    return self.layout.global_batch(self.dataset.train_batch(step, size, self.layout.local_rows(size)), size)
+    """Training batch `step` as global arrays; this process loads only the rows its devices hold.
+
+    Consecutive steps are loaded and put on the devices `data.prefetch` steps ahead, on a loader thread.
+    """
+    put = lambda s: self.layout.global_batch(self.host_batch(s), self.config.train.batch_size)
+    if not self.config.data.prefetch:
+      return put(step)
+    if self._loader is None:
+      self._loader = loader.StepStream(put, workers=0, buffer=self.config.data.prefetch)
+    return self._loader.get(step)
+
+  def stop_loader(self) -> None:
+    """Stops the prefetching of training batches; the next `batch` starts it again."""
+    if self._loader is not None:
+      self._loader.close()
 
   def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.

@@ -25,6 +25,7 @@ BAD_VALUES = [
     ("data.source", "csv", "data.source='csv': expected one of digits, npz, text, tokens, images"),
     ("data.image_size", -1, "data.image_size=-1: expected an integer >= 0"),
     ("data.workers", -2, "data.workers=-2: expected an integer >= 0"),
+    ("data.prefetch", -1, "data.prefetch=-1: expected an integer >= 0"),
     ("data.vocab_size", -1, "data.vocab_size=-1: expected an integer >= 0"),
     ("data.eval_windows", -3, "data.eval_windows=-3: expected an integer >= 0"),
     ("data.path", "mine.npz", "data.path='mine.npz' is set but data.source=digits reads no file"),

@@ -36,5 +36,5 @@ def load_dataset(config):
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "LM_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset", "padded_batches",
-           "validate_arrays"]
+__all__ = ["ArrayDataset", "LM_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset",
+           "padded_batches", "validate_arrays"]

@@ -140,6 +140,8 @@ class ImageDataset:
     rows = np.arange(batch_size)[rows]
     key = (batch_size, rows.tobytes())
     if self._stream[0] != key:
+      if self._stream[1] is not None:
+        self._stream[1].close()
       fn = functools.partial(_train_batch, self.loader, batch_size, rows)
       self._stream = (key, loader.StepStream(fn, self.workers))
     return self._stream[1].get(step)

@@ -200,7 +200,7 @@ def resolve_tokenizer(tokenizer: str, train: str, vocab_size: int, files, field:
     return Vocab("byte", with_eot=True), None
   if tokenizer == "char":
     chars = set()
-    for found, _, _ in _map(_chars_task, tasks(files, field), workers, Vocab("byte").to_json()):
+    for found, _, _ in _map(_chars_task, tasks(files, field), workers, Vocab("byte").to_json()):  # spec unused
       chars |= found
     return Vocab("char", "".join(sorted(chars)), with_eot=True), None
   tok = tokenizers.from_file(tokenizer)
