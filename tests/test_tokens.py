@@ -213,3 +213,60 @@ def test_given_tokenizer_files_prepare_and_round_trip(tmp_path, kind):
   # The run's vocab.json (the spec) rebuilds the same tokenizer.
   again = from_spec(json.loads(tok.to_json()))
   assert again.encode(texts[0]).tolist() == tok.encode(texts[0]).tolist()
+
+
+COUNTING_SITECUSTOMIZE = '''
+import atexit, json, os
+import jaxmodels.data.tokens as tokens
+reads = {"train": 0, "val": 0}
+_read = tokens.TokenStream.read
+def read(self, start, n):
+  reads["val" if getattr(self, "is_val", False) else "train"] += 1
+  return _read(self, start, n)
+tokens.TokenStream.read = read
+_load = tokens.load_token_dataset
+def load(*a, **kw):
+  ds = _load(*a, **kw)
+  ds.val.is_val = True
+  return ds
+tokens.load_token_dataset = load
+atexit.register(lambda: reads["train"] and open(os.path.join(os.environ["READS_DIR"], f"{os.getpid()}.json"),
+                                                "w").write(json.dumps(reads)))
+'''
+
+
+@pytest.mark.slow
+def test_two_process_launch_reads_only_its_rows_and_equals_one_process(tmp_path):
+  write_corpus(tmp_path, 200)
+  prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False,
+          val_fraction=0.02)
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE)  # counts windows read, per process
+  train = ["train", "--config", "experiments/text_transformer.py", "--config.data.source=tokens",
+           f"--config.data.path={tmp_path / 'out'}", "--config.data.seq_len=16", "--config.model.num_layers=1",
+           "--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.max_len=16",
+           "--config.train.batch_size=8", "--config.train.eval_batch_size=16", "--config.train.steps=10",
+           "--config.train.warmup_steps=2", "--config.train.log_every=5", "--config.train.eval_every=10",
+           "--config.parallel.strategy=dp", "--config.data.prefetch=0", "--config.data.eval_windows=20"]
+
+  def jaxmodels(name, *args, devices=None):
+    (tmp_path / name).mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "READS_DIR": str(tmp_path / name),
+           "JAX_PLATFORMS": "cpu"}
+    if devices:
+      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    r = subprocess.run([sys.executable, "-m", "jaxmodels", *args, f"--workdir={tmp_path / name / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads(p.read_text()) for p in (tmp_path / name).glob("*.json")]
+
+  multi = jaxmodels("multi", "launch", "--processes", "2", "--devices-per-process", "2", "--", *train)
+  single = jaxmodels("single", *train, devices=4)
+  # 10 steps of 8 rows: each process reads its 4 rows of each. 20 evaluation windows in 2 batches of 16 rows:
+  # 8 + 8 of the first, and the second's 4 real windows all lie in process 0's rows 16..23 (the rest is padding).
+  assert sorted(r["train"] for r in multi) == [40, 40] and single[0]["train"] == 80
+  assert sorted(r["val"] for r in multi) == [8, 12] and single[0]["val"] == 20
+  a, b = read_metrics(tmp_path / "multi" / "run"), read_metrics(tmp_path / "single" / "run")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)  # all-reduce order differs across processes
