@@ -2,4 +2,5 @@
 
 from jaxmodels.cli import entry
 
-entry()
+if __name__ == "__main__":  # not when a spawned worker process (jaxmodels prepare) re-imports this module
+  entry()

@@ -517,3 +517,41 @@ def run_step(config, steps: int, compare: bool, log=print) -> dict:
   return r
 
 
+
+
+def data_point(exp, steps: int = 20) -> dict:
+  """The input pipeline's rate against the step's: batches/s of host loading alone, of the loader as training
+  runs it (prefetch thread, device transfer), and of the compiled step on a device-resident batch."""
+  def rate(load, first: int) -> float:
+    load(first)  # start-up (worker processes, first file reads) is not throughput
+    t0 = time.perf_counter()
+    for s in range(first + 1, first + 1 + steps):
+      jax.block_until_ready(load(s))
+    return steps / (time.perf_counter() - t0)
+
+  host = rate(exp.host_batch, 0)
+  loader = rate(exp.batch, steps + 1)
+  exp.stop_loader()  # before step_point's batch 0 restarts it: image workers are stopped from one thread at a time
+  step = 1.0 / step_point(exp, steps=steps)["step_s"]
+  return {"host_batches_per_sec": host, "loader_batches_per_sec": loader, "step_batches_per_sec": step}
+
+
+def run_data(config, steps: int, log=print) -> dict:
+  """The `bench data` command: does the loader keep up with the step?"""
+  exp = build_experiment(config)
+  r = data_point(exp, steps)
+  t = config.train
+  unit, per_batch = {"lm": ("tokens", t.batch_size * config.data.seq_len)}.get(
+      exp.dataset.task, ("images" if config.data.source == "images" else "examples", t.batch_size))
+  ratio = r["loader_batches_per_sec"] / r["step_batches_per_sec"]
+  verdict = (f"the loader keeps up ({ratio:.2f}x the step's rate)" if ratio >= 1 else
+             f"the input pipeline is the bottleneck ({ratio:.2f}x the step's rate): raise data.workers (images) or "
+             f"data.prefetch, or prepare the data ahead")
+  log("\n".join([
+      f"loader: {r['loader_batches_per_sec']:.4g} batches/s, {r['loader_batches_per_sec'] * per_batch:.4g} {unit}/s "
+      f"(data.prefetch={config.data.prefetch}, put on {exp.layout.device_count} device(s); host loading alone "
+      f"{r['host_batches_per_sec']:.4g} batches/s)",
+      f"step:   {r['step_batches_per_sec']:.4g} batches/s, {r['step_batches_per_sec'] * per_batch:.4g} {unit}/s "
+      f"consumed (median of {steps} steps)",
+      verdict]))
+  return {**r, "unit": unit, "per_batch": per_batch}

@@ -34,7 +34,7 @@ from jaxmodels.models.transformer import other_layer_layout
 
 # Config keys that shape the saved state: a resumed run must agree on them.
 STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.spatial_dims",
-                      "train.optimizer", "train.batch_size", "model.")
+                      "data.vocab_size", "train.optimizer", "train.batch_size", "model.")
 # model.* keys that do not change the state (or that restore converts, like scan_layers).
 FREE_MODEL_KEYS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention_impl", "model.dropout")
 # Keys a resume may always change: where and how the state is laid out and saved.

@@ -25,6 +25,7 @@ USAGE = """usage: jaxmodels COMMAND [FLAGS]
 commands:
   train   train an experiment: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.K=V ...]
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
+  prepare tokenize a text corpus into shards: jaxmodels prepare FILES... --out DIR [--train-tokenizer bpe]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
@@ -143,7 +144,8 @@ def cmd_sample(prog: str, args: list[str]) -> int:
   """usage: jaxmodels sample --workdir DIR --prompt TEXT [--length N] [--temperature T] [--top-k K] [--seed S]
 
 Prints the prompt and N generated tokens from the newest checkpoint of a
-language-model run (data.source=text). Temperature 0 decodes greedily; top-k 0
+language-model run (data.source=text or tokens), encoded and decoded with the
+run's tokenizer (its vocab.json). Temperature 0 decodes greedily; top-k 0
 samples from the whole vocabulary.
 """
   import math  # pylint: disable=import-outside-toplevel
@@ -163,6 +165,45 @@ samples from the whole vocabulary.
   tokens = generate(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k,
                     seed=a.seed)
   print(a.prompt + vocab.decode(tokens))
+  return 0
+
+
+def cmd_prepare(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels prepare INPUT [INPUT ...] --out DIR [--field text]
+             [--tokenizer char|byte|FILE | --train-tokenizer bpe --vocab-size N]
+             [--val-fraction F] [--workers W] [--shard-tokens T]
+
+Tokenizes a corpus into DIR for data.source=tokens: flat uint16 (or uint32)
+token shards and index.json. INPUTs are text files (one document each), .jsonl
+files (one document per line, its --field), directories or globs (quote them).
+Documents are separated by the tokenizer's end-of-text token.
+  --tokenizer: byte (default) or char, or a local tokenizer file: a Hugging Face
+    tokenizer.json, a SentencePiece .model or a tiktoken .tiktoken file
+  --train-tokenizer bpe: train a byte-level BPE of --vocab-size (default 8192)
+    ids on the corpus first, saved as DIR/tokenizer.json
+  --val-fraction: the last share of the tokens validates (default 0.005)
+  --workers: tokenizing processes (default: the CPU count; 0: this process)
+  --shard-tokens: ids per shard file (default 2**28)
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.data.prepare import SHARD_TOKENS, prepare  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("inputs", nargs="+")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--field", default="text")
+  parser.add_argument("--tokenizer", default="byte")
+  parser.add_argument("--train-tokenizer", default="")
+  parser.add_argument("--vocab-size", type=int, default=8192)
+  parser.add_argument("--val-fraction", type=float, default=0.005)
+  parser.add_argument("--workers", type=int, default=None)
+  parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+  try:
+    a = parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels prepare --help") from None
+  prepare(a.inputs, a.out, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer, vocab_size=a.vocab_size,
+          field=a.field, val_fraction=a.val_fraction, workers=a.workers, shard_tokens=a.shard_tokens)
   return 0
 
 
@@ -186,6 +227,7 @@ def cmd_bench(prog: str, args: list[str]) -> int:
              [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
        jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
+       jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N]
 
 compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
@@ -202,11 +244,14 @@ points are listed before the first compile.
 step: median step time and spread, throughput, analytic model FLOPs (checked
 against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
 hand-written pure JAX + Optax step of the same math.
+data: the loader's batches/s and tokens/s (images/s, examples/s), with and
+without its prefetch and device transfer, next to the rate at which the step
+consumes them: whether the input pipeline keeps up.
 """
   from jaxmodels import bench  # pylint: disable=import-outside-toplevel
 
-  if not args or args[0] not in ("compile", "step"):
-    raise UserError("bench needs a subcommand: compile or step (see jaxmodels bench --help)")
+  if not args or args[0] not in ("compile", "step", "data"):
+    raise UserError("bench needs a subcommand: compile, step or data (see jaxmodels bench --help)")
   sub, rest = args[0], args[1:]
 
   def extra(fv):
@@ -217,7 +262,7 @@ hand-written pure JAX + Optax step of the same math.
       for name in ("topology", "dump_hlo", "baseline", "out", "csv", "plot"):
         flags.DEFINE_string(name, "", name, flag_values=fv)
       flags.DEFINE_float("max_regression", 0.2, "allowed relative growth", flag_values=fv)
-    else:
+    elif sub == "step":
       flags.DEFINE_boolean("compare_pure_jax", False, "time a pure JAX step too", flag_values=fv)
 
   rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
@@ -228,13 +273,16 @@ hand-written pure JAX + Optax step of the same math.
   if sub == "step":
     bench.run_step(config, fv.steps, fv.compare_pure_jax)
     return 0
+  if sub == "data":
+    bench.run_data(config, fv.steps)
+    return 0
   return bench.run_compile(config, bench.CompileArgs(
       sweeps=fv.sweep, repeat=fv.repeat, topology=fv.topology, dump_hlo=fv.dump_hlo, baseline=fv.baseline,
       max_regression=fv.max_regression, out=fv.out, csv=fv.csv, plot=fv.plot, steps=fv.steps))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export,
-            "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
+            "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

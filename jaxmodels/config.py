@@ -26,9 +26,11 @@ def default_config() -> config_dict.ConfigDict:
   # `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no
   # download). `npz`: the user's arrays in one .npz (x_train, y_train, x_test, y_test).
   # `text`: a UTF-8 file for language modelling (data.path; empty = the embedded corpus).
+  # `images`: uint8 images from class sub-directories (the ImageNet layout) or an .npz, decoded by grain workers.
+  # `tokens`: token ids memory-mapped from a `jaxmodels prepare` directory or nanoGPT's train.bin/val.bin.
   c.data.source = "digits"
-  c.data.path = ""  # the .npz or text file; unused for digits
-  c.data.test_fraction = 0.2  # digits only: share of examples held out, split by train.seed
+  c.data.path = ""  # the .npz or text file, or the tokens directory (local disk); unused for digits
+  c.data.test_fraction = 0.2  # digits, and image folders without train/ and val/: share held out, split by train.seed
   # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
   # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
   # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
@@ -37,6 +39,17 @@ def default_config() -> config_dict.ConfigDict:
   c.data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts the next of each)
   c.data.val_fraction = 0.1  # the last fraction of the text validates
   c.data.tokenizer = "char"  # char (vocabulary from the training text) | byte (256 values)
+  # Images only (data.path: a directory of class sub-directories, or an .npz of uint8 images).
+  c.data.image_size = 0  # side of the square crops the model sees; 0 = the (shorter) side of the first image
+  c.data.augment = True  # training: random resized crop + horizontal flip; off: the evaluation's centre crop
+  c.data.workers = 2  # grain worker processes decoding and augmenting images; 0 = the training process
+  # Every source: training batches loaded and put on the devices this many steps ahead, on a loader thread
+  # (batches stay a function of the step, so resume is exact); 0 = load each when the step needs it.
+  c.data.prefetch = 2
+  # Tokens only. Model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
+  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded).
+  c.data.vocab_size = 0
+  c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split
 
   c.model = config_dict.ConfigDict()
   # mlp | cnn | lstm | transformer. lstm and transformer are language models on
@@ -232,7 +245,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   # The modules that consume a key own its allowed values; imported here, not at the top, because they import
   # JAX, which the CLI must not load before it has re-executed itself (jaxmodels.host).
   # pylint: disable=import-outside-toplevel
-  from jaxmodels.data import SOURCES
+  from jaxmodels.data import LM_SOURCES, SOURCES
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, layers, recurrent, transformer
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
@@ -241,7 +254,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   d, m, t, p = config.data, config.model, config.train, config.parallel
   rules = {
       "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
-      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS),
+      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
+      "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
+      "data.prefetch": NON_NEGATIVE,
       "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
       "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
       "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
@@ -269,8 +284,9 @@ def validate(config: config_dict.ConfigDict) -> None:
                                        "empty or HOST:PORT"),
       "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
   }
-  task = "lm" if d.source == "text" else "classify"
-  metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{d.tokenizer}") if task == "lm" else ())
+  task = "lm" if d.source in LM_SOURCES else "classify"
+  unit = d.tokenizer if d.source == "text" else "token"
+  metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{unit}") if task == "lm" else ())
   rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
   for key, rule in rules.items():
     _check(config, key, rule)

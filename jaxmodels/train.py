@@ -30,7 +30,7 @@ from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import storage
 from jaxmodels import config as config_lib
-from jaxmodels.data import check_batch_size, load_dataset
+from jaxmodels.data import check_batch_size, load_dataset, loader
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
 from jaxmodels.metrics import MetricsLogger
@@ -73,6 +73,11 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def model_input(x):
+  """The model's input: uint8 images (data.source=images, moved as bytes) scaled to float32 [0, 1] on the device."""
+  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
+
+
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
@@ -97,11 +102,29 @@ class Experiment:
   train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
   notices: list[str] = dataclasses.field(default_factory=list)  # config adjustments (config.fit_to_steps) to print
+  _loader: Any = None  # jaxmodels.data.loader.StepStream of device batches, made data.prefetch steps ahead
+
+  def host_batch(self, step: int) -> dict:
+    """This process's rows of training batch `step`, as host arrays."""
+    size = self.config.train.batch_size
+    return self.dataset.train_batch(step, size, self.layout.local_rows(size))
 
   def batch(self, step: int) -> dict:
-    """Training batch `step` as global arrays; this process loads only the rows its devices hold."""
-    size = self.config.train.batch_size
-    return self.layout.global_batch(self.dataset.train_batch(step, size, self.layout.local_rows(size)), size)
+    """Training batch `step` as global arrays; this process loads only the rows its devices hold.
+
+    Consecutive steps are loaded and put on the devices `data.prefetch` steps ahead, on a loader thread.
+    """
+    put = lambda s: self.layout.global_batch(self.host_batch(s), self.config.train.batch_size)
+    if not self.config.data.prefetch:
+      return put(step)
+    if self._loader is None:
+      self._loader = loader.StepStream(put, workers=0, buffer=self.config.data.prefetch)
+    return self._loader.get(step)
+
+  def stop_loader(self) -> None:
+    """Stops the prefetching of training batches; the next `batch` starts it again."""
+    if self._loader is not None:
+      self._loader.close()
 
   def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
     """Metrics over the whole test (validation) split; one host fetch at the end.
@@ -126,7 +149,7 @@ class Experiment:
     metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
     if self.dataset.task == "lm":
       metrics["perplexity"] = math.exp(metrics["loss"])
-      metrics[f"bits_per_{self.dataset.vocab.kind}"] = metrics["loss"] / math.log(2)
+      metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
     return metrics
 
 
@@ -212,7 +235,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     """(summed loss, (sums, model state)): the sum, so that micro-batches and devices add up exactly."""
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits = model(batch["x"], train=True, rngs=nnx.Rngs(dropout=rng))
+    logits = model(model_input(batch["x"]), train=True, rngs=nnx.Rngs(dropout=rng))
     sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
     _, _, new_model_state = split_model(model)
     return sums["loss_sum"], (sums, new_model_state)
@@ -267,7 +290,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+    sums = loss_sums(model(model_input(batch["x"]), train=False), batch["y"], batch["mask"])
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step

@@ -22,7 +22,12 @@ NAN, INF = math.nan, math.inf
 
 # (key, a value the ConfigDict's types accept but the run cannot use, the start of the expected message).
 BAD_VALUES = [
-    ("data.source", "csv", "data.source='csv': expected one of digits, npz, text"),
+    ("data.source", "csv", "data.source='csv': expected one of digits, npz, text, tokens, images"),
+    ("data.image_size", -1, "data.image_size=-1: expected an integer >= 0"),
+    ("data.workers", -2, "data.workers=-2: expected an integer >= 0"),
+    ("data.prefetch", -1, "data.prefetch=-1: expected an integer >= 0"),
+    ("data.vocab_size", -1, "data.vocab_size=-1: expected an integer >= 0"),
+    ("data.eval_windows", -3, "data.eval_windows=-3: expected an integer >= 0"),
     ("data.path", "mine.npz", "data.path='mine.npz' is set but data.source=digits reads no file"),
     ("data.test_fraction", 1.0, "data.test_fraction=1.0: expected a number in (0, 1)"),
     ("data.test_fraction", NAN, "data.test_fraction=nan"),

@@ -1,7 +1,7 @@
 """Datasets: `load_dataset(config)` picks the source named by `data.source`.
 
 A dataset has `task` ("classify" or "lm"), `input_shape`, `num_outputs`,
-`describe()`, `files()` (name -> text to keep in the workdir),
+`describe()`, `files()` (name -> text to keep in the workdir), language models a `unit` (bits_per_<unit>),
 `train_batch(step, batch_size, rows)` (a pure function of the step, so order is
 deterministic and resume is exact) and `eval_batches(batch_size, rows)`
 (fixed-shape, padded batches carrying a `mask`); `rows` picks the rows of the
@@ -13,7 +13,8 @@ from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_da
 from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
 from jaxmodels.errors import UserError
 
-SOURCES = ("digits", "npz", "text")
+SOURCES = ("digits", "npz", "text", "tokens", "images")
+LM_SOURCES = ("text", "tokens")
 
 
 def load_dataset(config):
@@ -26,8 +27,14 @@ def load_dataset(config):
     return load_array_dataset(config.data, config.train.seed, config.model.dtype)
   if source == "text":
     return load_text_dataset(config.data, config.train.seed)
+  if source == "tokens":
+    from jaxmodels.data.tokens import load_token_dataset  # pylint: disable=import-outside-toplevel
+    return load_token_dataset(config.data, config.train.seed)
+  if source == "images":
+    from jaxmodels.data.images import load_image_dataset  # pylint: disable=import-outside-toplevel
+    return load_image_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset", "padded_batches",
-           "validate_arrays"]
+__all__ = ["ArrayDataset", "LM_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset",
+           "padded_batches", "validate_arrays"]

@@ -1,0 +1,202 @@
+"""Token corpora read from disk, memory-mapped: `data.source=tokens`.
+
+`data.path` is a directory prepared by `jaxmodels prepare` (index.json, token
+shards, tokenizer) or in nanoGPT's layout (`train.bin`, `val.bin`: flat uint16
+ids, read as they are; `data.vocab_size` gives the vocabulary, since nanoGPT's
+meta.pkl is a pickle and is not loaded). The files are `np.memmap`ed, never read
+whole: a batch reads its windows' pages only, and each process reads only the
+rows it feeds (`rows`), so a corpus of any size trains in little host memory.
+
+Training windows start at `default_rng([seed, step]).integers(0, n - seq_len)`
+(the same draw as `data.source=text`): a pure function of (seed, step, row), so
+resume is exact with no iterator state. Evaluation reads consecutive windows of
+the validation split, or `data.eval_windows` of them evenly spaced, so the cost
+of evaluating a large corpus is known.
+
+np.memmap needs a local file: shards on gs:// are refused with a message (copy
+them to a local disk first, e.g. `gsutil -m cp -r`), rather than copied
+silently onto a disk that may not hold them.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Iterator
+
+import numpy as np
+from etils import epath
+
+from jaxmodels import storage
+from jaxmodels.data import tokenizers
+from jaxmodels.data.arrays import ALL_ROWS, Rows
+from jaxmodels.data.prepare import FORMAT, INDEX_FILE
+from jaxmodels.data.text import VOCAB_FILE
+from jaxmodels.errors import UserError
+
+NANOGPT_FILES = ("train.bin", "val.bin")
+
+
+class TokenStream:
+  """The ids of one split: `[file, start, count]` segments of flat id files, read as one sequence."""
+
+  def __init__(self, directory: epath.Path, segments: list, dtype):
+    self.dtype = np.dtype(dtype).newbyteorder("<")
+    self.arrays = []
+    for name, start, count in segments:
+      path = directory / name
+      if not path.is_file():
+        raise UserError(f"{path}: token file not found")
+      if path.stat().length < (start + count) * self.dtype.itemsize:
+        raise UserError(f"{path} holds {path.stat().length // self.dtype.itemsize} {self.dtype.name} ids, fewer "
+                        f"than the {start + count} its index lists: truncated?")
+      if count:
+        self.arrays.append(np.memmap(path, self.dtype, mode="r", offset=start * self.dtype.itemsize, shape=(count,)))
+    self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+    self.windows_read = 0  # read() calls: a test counts that each process reads only its own rows
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def read(self, start: int, n: int) -> np.ndarray:
+    """ids [start, start + n) as int32; only those pages of the files are touched."""
+    self.windows_read += 1
+    parts, i = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+    while n > 0:
+      lo = start - int(self.offsets[i])
+      piece = self.arrays[i][lo:lo + n]
+      parts.append(piece)
+      start, n, i = start + len(piece), n - len(piece), i + 1
+    return np.concatenate(parts).astype(np.int32)
+
+
+@dataclasses.dataclass
+class TokenDataset:
+  """Memory-mapped train and validation ids; batches are {'x', 'y'} int32 of shape (B, seq_len)."""
+
+  task = "lm"
+  unit = "token"  # the eval metric bits_per_token
+
+  train: TokenStream
+  val: TokenStream
+  vocab: object  # a tokenizer (jaxmodels.data.tokenizers)
+  vocab_size: int  # the model's output count: the tokenizer's size, or data.vocab_size when larger (padding)
+  seq_len: int
+  seed: int
+  eval_windows: int  # 0: the whole validation split
+  source: str
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return (self.seq_len,)
+
+  @property
+  def num_outputs(self) -> int:
+    return self.vocab_size
+
+  def describe(self) -> str:
+    n = self.num_eval_windows()
+    return (f"{self.source}: {len(self.train):,} train / {len(self.val):,} validation tokens "
+            f"({self.train.dtype.name}, memory-mapped), {self.vocab.kind} vocabulary of {self.vocab.size:,}"
+            f"{f' (model outputs {self.vocab_size:,})' if self.vocab_size != self.vocab.size else ''}, "
+            f"{n:,} evaluation windows")
+
+  def files(self) -> dict[str, str]:
+    """Files the run keeps in its workdir: the tokenizer's self-contained spec, for sampling."""
+    return {VOCAB_FILE: self.vocab.to_json()}
+
+  def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+    if ids.size and ids.max() >= self.vocab_size:
+      raise UserError(f"{self.source} holds token id {int(ids.max())}, beyond the vocabulary of {self.vocab_size} "
+                      f"(set data.vocab_size to the corpus's vocabulary)")
+    return ids
+
+  def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
+    """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
+    rng = np.random.default_rng([self.seed, step])
+    starts = rng.integers(0, len(self.train) - self.seq_len, size=batch_size)[rows]
+    windows = self._check_ids(np.stack([self.train.read(int(s), self.seq_len + 1) for s in starts]))
+    return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+  def num_eval_windows(self) -> int:
+    n = math.ceil((len(self.val) - 1) / self.seq_len)
+    return min(n, self.eval_windows) if self.eval_windows else n
+
+  def eval_batches(self, batch_size: int, rows: Rows = ALL_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """Validation windows, rows `rows` of each padded batch; the same batch count on every process.
+
+    Window i starts at token i * stride * seq_len (stride 1 for the whole split, n // data.eval_windows
+    otherwise); `mask` is 0 past the split's last target and on padding rows, so each target counts once.
+    """
+    L, n_val, k = self.seq_len, len(self.val), self.num_eval_windows()
+    stride = math.ceil((n_val - 1) / L) // k
+    for b in range(math.ceil(k / batch_size)):
+      index = (b * batch_size + np.arange(batch_size))[rows]
+      x, y = np.zeros((2, len(index), L), np.int32)
+      mask = np.zeros((len(index), L), np.float32)
+      for r, i in enumerate(index):
+        if i < k:
+          start = int(i) * stride * L
+          window = self.val.read(start, min(L + 1, n_val - start))
+          x[r, :len(window) - 1], y[r, :len(window) - 1] = window[:-1], window[1:]
+          mask[r, :len(window) - 1] = 1
+      yield {"x": self._check_ids(x), "y": self._check_ids(y), "mask": mask}
+
+
+def _local_directory(path: str) -> epath.Path:
+  if not path:
+    raise UserError("data.source=tokens needs data.path: a directory from `jaxmodels prepare`, or nanoGPT's "
+                    "train.bin and val.bin")
+  if "://" in path:
+    raise UserError(f"data.path={path}: token files are memory-mapped (np.memmap), which needs a local disk; copy "
+                    f"them to one first (e.g. gsutil -m cp -r {path} /local/dir)")
+  directory = storage.path(path)
+  if not directory.is_dir():
+    raise UserError(f"data.path: directory not found: {path}")
+  return directory
+
+
+def load_index(directory: epath.Path) -> dict:
+  index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+  if index.get("format") != FORMAT:
+    raise UserError(f"{directory / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r} "
+                    f"(written by jaxmodels prepare)")
+  return index
+
+
+def load_tokenizer(directory: epath.Path, spec: dict):
+  """The tokenizer an index names: a file beside the shards, or an inline spec (char, byte)."""
+  if "file" in spec:
+    return tokenizers.from_file(str(directory / spec["file"]), spec["kind"])
+  return tokenizers.from_spec(spec)
+
+
+def load_token_dataset(data_config, seed: int) -> TokenDataset:
+  """The corpus at `data.path`; raises UserError for a missing or malformed directory, a vocabulary that does not
+  hold the corpus's ids, or splits shorter than one window."""
+  d = data_config
+  directory = _local_directory(d.path)
+  if (directory / INDEX_FILE).is_file():
+    index = load_index(directory)
+    tok = load_tokenizer(directory, index["tokenizer"])
+    if d.vocab_size and d.vocab_size < index["vocab_size"]:
+      raise UserError(f"data.vocab_size={d.vocab_size} is below the corpus's vocabulary of {index['vocab_size']} "
+                      f"({d.path}/{INDEX_FILE}); 0 takes the corpus's")
+    vocab_size, dtype = max(d.vocab_size, index["vocab_size"]), index["dtype"]
+    train = TokenStream(directory, index["train"]["segments"], dtype)
+    val = TokenStream(directory, index["validation"]["segments"], dtype)
+  elif all((directory / name).is_file() for name in NANOGPT_FILES):
+    if not d.vocab_size:
+      raise UserError(f"{d.path} holds nanoGPT's train.bin/val.bin: set data.vocab_size to its vocabulary size "
+                      f"(meta.pkl's vocab_size; 50257 for GPT-2 BPE), since pickles are not loaded")
+    vocab_size, tok = d.vocab_size, tokenizers.IdTokenizer(d.vocab_size)
+    streams = [TokenStream(directory, [[name, 0, (directory / name).stat().length // 2]], np.uint16)
+               for name in NANOGPT_FILES]
+    train, val = streams
+  else:
+    raise UserError(f"{d.path} holds neither {INDEX_FILE} (jaxmodels prepare) nor {' and '.join(NANOGPT_FILES)} "
+                    f"(nanoGPT)")
+  for name, stream in (("training", train), ("validation", val)):
+    if len(stream) < d.seq_len + 1:
+      raise UserError(f"the {name} split of {d.path} has {len(stream)} tokens, shorter than one window of "
+                      f"data.seq_len + 1 = {d.seq_len + 1}")
+  return TokenDataset(train, val, tok, vocab_size, d.seq_len, seed, d.eval_windows, d.path)
