@@ -64,13 +64,17 @@ def export(workdir: str, out: str) -> str:
   if os.path.exists(out):
     raise UserError(f"--out {out} already exists")
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(out, "params")),
-               {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)})
+  save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
   for name in ("config.json", "model.json", "vocab.json"):
     if os.path.isfile(os.path.join(workdir, name)):
       shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
   return out
+
+
+def save_params(out: str, params: dict, model_state: dict) -> None:
+  """Writes `out/params/` (Orbax): the pure parameter and model-state dicts that `load_model` reads."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(out, "params")), {"params": params, "model_state": model_state})
 
 
 def _load(path: str):
