@@ -132,8 +132,8 @@ def rotary(x_BTNH, positions_BT, theta: float = 10000.0):
 def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
   """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
 
-  `mask_BNTS` (bool, True = attend) broadcasts over batch and heads (its N may be 1).
-  `implementation`:
+  `mask_BNTS` (bool, True = attend) broadcasts over batch and heads (its N may be 1); with
+  `is_causal` both apply. `implementation`:
 
   - `einsum`: two einsums, written here. jax.nn.dot_product_attention's XLA path
     (which reshapes to 5-D for grouped queries) ran forward + backward 2x slower
@@ -141,7 +141,11 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   - `xla` / `cudnn`: jax.nn.dot_product_attention with that implementation.
   - `auto`: `einsum`, except on GPUs, where jax.nn.dot_product_attention picks
     (cuDNN flash attention where it supports the shapes and dtype).
+
+  cuDNN's kernels take no arbitrary mask: with a mask, `cudnn` runs jax.nn's choice instead.
   """
+  if implementation == "cudnn" and mask_BNTS is not None:
+    implementation = "auto"
   if implementation == "auto" and jax.default_backend() == "gpu":
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BNTS, is_causal=is_causal)
   if implementation in ("xla", "cudnn"):
@@ -153,13 +157,27 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS * H ** -0.5
   if is_causal:
-    mask_BNTS = jnp.tril(jnp.ones(scores_BKGTS.shape[-2:], bool))[None, None]
+    causal_TS = jnp.tril(jnp.ones(scores_BKGTS.shape[-2:], bool))
+    mask_BNTS = causal_TS[None, None] if mask_BNTS is None else mask_BNTS & causal_TS
   if mask_BNTS is not None:
     b, n = mask_BNTS.shape[:2]
     mask_BKGTS = mask_BNTS[:, :, None] if n == 1 else mask_BNTS.reshape(b, K, N // K, *mask_BNTS.shape[2:])
     scores_BKGTS = jnp.where(mask_BKGTS, scores_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
   return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+
+
+def segment_positions(segment_ids_BT):
+  """Each token's index within its segment (packed document): positions restart where the id changes."""
+  t_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+  starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                               segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return t_BT - jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+
+
+def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
+  """mask_B1TS: a query attends only to keys of its own segment (document; 0 marks padding by convention)."""
+  return (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
 
 
 def lookup(embed: nnx.Embed, ids, dtype):
@@ -195,7 +213,12 @@ class Attention(nnx.Module):
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.implementation = implementation
 
-  def __call__(self, x_MD, positions_BT, cache=None, cache_index=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None):
+    """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
+
+    With `cache` ({'k', 'v'}: (B, S, K, H)), this chunk's keys and values are written at `cache_index` and the
+    queries attend to the cache under `mask_B1TS`; returns (out_MD, new cache or None).
+    """
     B, T = positions_BT.shape
     split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
     q_BTNH = split(self.query(x_MD), self.num_heads)
@@ -204,17 +227,13 @@ class Attention(nnx.Module):
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
       k_BTKH = rotary(k_BTKH, positions_BT, self.rope_theta)
     if cache is None:
-      out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal),
-                           (BATCH, LENGTH, HEADS))
+      out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
+                                     mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
       new_cache = None
-    else:  # decoding: write this chunk at cache_index, attend to every filled position <= own
+    else:  # decoding: write this chunk at cache_index, attend where the caller's mask allows
       k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), cache_index, 1)
       v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), cache_index, 1)
-      key_pos_S = jnp.arange(k_BSKH.shape[1])
-      mask_BNTS = (key_pos_S[None, :] <= positions_BT[0][:, None])[None, None]
-      # cuDNN's kernels take no arbitrary mask: decoding leaves cudnn to jax.nn's own choice
-      impl = "auto" if self.implementation == "cudnn" else self.implementation
-      out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, impl, mask_BNTS=mask_BNTS)
+      out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, self.implementation, mask_BNTS=mask_B1TS)
       new_cache = {"k": k_BSKH, "v": v_BSKH}
     out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
     return constrain(out_MD, (BATCH, EMBED)), new_cache
@@ -249,9 +268,9 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x_MD, positions_BT, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
     deterministic = rngs is None
-    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, cache, cache_index)
+    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
@@ -281,7 +300,7 @@ class Stack(nnx.Module):
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
     self.head_dim = c.d_model // c.num_heads
 
-  def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
     """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis."""
     B, T, D = x_BTD.shape
     x_MD = constrain(x_BTD.reshape(B * T, D), (BATCH, EMBED))
@@ -290,7 +309,8 @@ class Stack(nnx.Module):
 
     def apply(graphdef, state, x, layer_cache, key):
       block = nnx.merge(graphdef, state)
-      return block(x, positions_BT, layer_cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None)
+      return block(x, positions_BT, mask_B1TS, layer_cache, cache_index,
+                   nnx.Rngs(dropout=key) if use_dropout else None)
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
@@ -339,34 +359,52 @@ class TransformerLM(nnx.Module):
     self.embed_dropout = nnx.Dropout(c.dropout)
     self.max_len, self.dtype = c.max_len, dtype
 
-  def _forward(self, tokens_BT, positions_BT, cache, cache_index, rngs):
+  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
     x_BTD = constrain(x_BTD, (BATCH, LENGTH, EMBED))
-    h_BTD, cache = self.stack(x_BTD, positions_BT, cache, cache_index, rngs)
+    h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (BATCH, EMBED))  # a 2-D head matmul
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (BATCH, VOCAB))
     return constrain(logits_MV.reshape(B, T, -1), (BATCH, LENGTH, VOCAB)), cache
 
-  def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+    """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
+    its own segment, and positions restart at each segment's first token."""
     B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    return self._forward(tokens_BT, positions_BT, None, None, rngs if train else None)[0]
+    if segment_ids_BT is None:
+      positions_BT, mask_B1TS = jnp.broadcast_to(jnp.arange(T), (B, T)), None
+    else:
+      positions_BT, mask_B1TS = segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
+    return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
 
   def init_cache(self, batch_size: int, length: int) -> dict:
-    """An empty KV cache for `length` positions: {'k', 'v'} of shape (L, B, S, K, H)."""
+    """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S)."""
     s = self.stack
     shape = (s.num_layers, batch_size, length, s.num_kv_heads, s.head_dim)
-    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "segment_ids": jnp.zeros((batch_size, length), jnp.int32)}
 
-  def decode(self, tokens_BT, cache: dict, index):
-    """Logits for tokens at positions index..index+T-1, attending to the cache; returns (logits, cache)."""
+  def decode(self, tokens_BT, cache: dict, index, *, segment_ids_BT=None, positions_BT=None):
+    """Logits for the tokens in cache slots index..index+T-1, attending to the filled slots; returns (logits, cache).
+
+    Each query attends to slots up to its own that hold its segment id (default 1 for every token). Batched
+    prompts of different lengths: left-pad them with segment id 0 and pass `positions_BT` counting each row's
+    real tokens from 0 (default: the slot index), so every row decodes as if it were alone.
+    """
     B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-    return self._forward(tokens_BT, positions_BT, cache, index, None)
+    slots_T = index + jnp.arange(T)
+    segment_ids_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    positions_BT = jnp.broadcast_to(slots_T, (B, T)) if positions_BT is None else positions_BT
+    kv_segment_ids_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BT, index, 1)
+    causal_TS = jnp.arange(kv_segment_ids_BS.shape[1])[None, :] <= slots_T[:, None]
+    mask_B1TS = segment_mask(segment_ids_BT, kv_segment_ids_BS) & causal_TS
+    logits_BTV, kv = self._forward(tokens_BT, positions_BT, mask_B1TS, {"k": cache["k"], "v": cache["v"]}, index,
+                                   None)
+    return logits_BTV, {**kv, "segment_ids": kv_segment_ids_BS}
 
 
 class TransformerClassifier(nnx.Module):
@@ -393,7 +431,8 @@ class TransformerClassifier(nnx.Module):
     self.out = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
 
-  def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, x, *, mask_BL=None, train: bool = False, rngs: nnx.Rngs | None = None):
+    """logits_BK; `mask_BL` (bool, True = a real step) leaves padding out of attention and mean pooling."""
     B, L = x.shape[:2]
     x_BLD = constrain(self.proj(constrain(x.reshape(B, L, -1).astype(self.dtype), (BATCH,))),
                       (BATCH, LENGTH, EMBED))
@@ -404,9 +443,20 @@ class TransformerClassifier(nnx.Module):
     if self.pos_embed is not None:
       x_BLD = x_BLD + lookup(self.pos_embed, positions_BL, self.dtype)
     x_BLD = constrain(x_BLD, (BATCH, LENGTH, EMBED))
-    h_BLD, _ = self.stack(x_BLD, positions_BL, rngs=rngs if train else None)
-    pooled_BD = constrain(h_BLD[:, 0] if self.cls is not None else h_BLD.mean(axis=1), (BATCH, EMBED))
-    return constrain(self.out(pooled_BD.astype(self.dtype)), (BATCH,))
+    mask_B1LL = None  # (B, 1, 1, L): broadcast over heads and queries
+    if mask_BL is not None:
+      if self.cls is not None:  # the class token is always real
+        mask_BL = jnp.concatenate([jnp.ones((B, 1), bool), mask_BL.astype(bool)], axis=1)
+      mask_B1LL = mask_BL[:, None, None, :]  # keys: every step attends to the real ones only
+    h_BLD, _ = self.stack(x_BLD, positions_BL, mask_B1LL, rngs=rngs if train else None)
+    if self.cls is not None:
+      pooled_BD = h_BLD[:, 0]
+    elif mask_BL is None:
+      pooled_BD = h_BLD.mean(axis=1)
+    else:
+      weights_BL = mask_BL.astype(h_BLD.dtype)
+      pooled_BD = jnp.einsum("bld,bl->bd", h_BLD, weights_BL) / weights_BL.sum(axis=1, keepdims=True)
+    return constrain(self.out(constrain(pooled_BD, (BATCH, EMBED)).astype(self.dtype)), (BATCH,))
 
 
 def _is_stack(tree) -> bool:
