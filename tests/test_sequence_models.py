@@ -159,3 +159,17 @@ def test_bfloat16_compute_float32_params_and_norms():
   assert model.stack.final_norm(h).dtype == jnp.float32  # norms compute in float32
   lstm = RecurrentLM(VOCAB, hidden_size=16, num_layers=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert lstm(tokens((2, 8))).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decoding_writes_the_kv_cache_in_place(scan_layers):
+  # Re-stacking each layer's updated cache cost a full copy per token: 6.5 MB (scanned) and 4.7 MB (unrolled) of
+  # temporaries for this 4.2 MB cache. Written in place, a step needs about one layer's keys and values (1.1 MB).
+  model = TransformerLM(VOCAB, tiny(num_layers=4, max_len=1024, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(2, 1024)
+  step = jax.jit(lambda s, t, c, i: nnx.merge(graphdef, s).decode(t, c, i), donate_argnums=2)
+  memory = step.lower(state, jnp.zeros((2, 1), jnp.int32), cache, 5).compile().memory_analysis()
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  assert memory.alias_size_in_bytes == cache_bytes  # the new cache lives in the donated one
+  assert memory.temp_size_in_bytes < 0.4 * cache_bytes, (memory.temp_size_in_bytes, cache_bytes)

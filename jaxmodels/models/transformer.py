@@ -213,11 +213,12 @@ class Attention(nnx.Module):
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.implementation = implementation
 
-  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
     """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
 
-    With `cache` ({'k', 'v'}: (B, S, K, H)), this chunk's keys and values are written at `cache_index` and the
-    queries attend to the cache under `mask_B1TS`; returns (out_MD, new cache or None).
+    With `cache` ({'k', 'v'}: every layer's (L, B, S, K, H)), this chunk's keys and values are written in place
+    at (`layer`, slots `cache_index`..), and the queries attend to the layer's slots under `mask_B1TS`; returns
+    (out_MD, the updated cache), or (out_MD, None) without a cache.
     """
     B, T = positions_BT.shape
     split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
@@ -230,11 +231,11 @@ class Attention(nnx.Module):
       out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
                                      mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
       new_cache = None
-    else:  # decoding: write this chunk at cache_index, attend where the caller's mask allows
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), cache_index, 1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), cache_index, 1)
-      out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, self.implementation, mask_BNTS=mask_B1TS)
-      new_cache = {"k": k_BSKH, "v": v_BSKH}
+    else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
+      write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
+      new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
+      out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
+                           mask_BNTS=mask_B1TS)
     out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
     return constrain(out_MD, (BATCH, EMBED)), new_cache
 
@@ -268,9 +269,10 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0):
     deterministic = rngs is None
-    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index)
+    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
+                            layer)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
@@ -301,35 +303,37 @@ class Stack(nnx.Module):
     self.head_dim = c.d_model // c.num_heads
 
   def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
-    """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis."""
+    """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis.
+
+    The cache is carried through the layers and each layer writes only its new (B, T, K, H) chunk, in place
+    (`dynamic_update_slice` on the carried buffer): a decoding step never copies the whole cache (with the
+    cache donated, a step's temporary memory is about one layer's keys and values; tests/test_sequence_models.py).
+    """
     B, T, D = x_BTD.shape
     x_MD = constrain(x_BTD.reshape(B * T, D), (BATCH, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
-    def apply(graphdef, state, x, layer_cache, key):
+    def apply(graphdef, state, x, cache, key, i):
       block = nnx.merge(graphdef, state)
-      return block(x, positions_BT, mask_B1TS, layer_cache, cache_index,
-                   nnx.Rngs(dropout=key) if use_dropout else None)
+      return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
+                   layer=i)
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
     if self.scan_layers:
       graphdef, state = nnx.split(self.blocks)
 
-      def body(x, xs):
-        state_l, cache_l, key_l = xs
-        return apply(graphdef, state_l, x, cache_l, key_l)
+      def body(carry, xs):
+        state_l, key_l, i = xs
+        return apply(graphdef, state_l, *carry, key_l, i), None
 
-      x_MD, new_cache = jax.lax.scan(body, x_MD, (state, cache, keys_L))
+      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache), (state, keys_L, jnp.arange(self.num_layers)))
     else:
-      caches = []
+      new_cache = cache
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
-        x_MD, c = apply(graphdef, state, x_MD, layer(cache), layer(keys_L))
-        caches.append(c)
-      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i)
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (BATCH, LENGTH, EMBED)), new_cache
 
 
