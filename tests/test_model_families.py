@@ -1,6 +1,7 @@
 """Typed module configs, presets at published parameter counts, grouped-query attention, ResNet and ViT."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmodels.config import default_config, validate
+from jaxmodels.checkpoint import config_differences
+from jaxmodels.config import default_config, to_json, validate
 from jaxmodels.errors import UserError
 from jaxmodels.models import (FAMILIES, ResNet, ResNetConfig, TransformerConfig, TransformerLM, ViT, ViTConfig,
                               build_model, family_config, presets)
@@ -157,3 +159,14 @@ def test_resnet_flops_count_every_convolution_at_its_resolution():
   for name, macs in published.items():
     model = nnx.eval_shape(lambda name=name: presets.build(name, rngs=nnx.Rngs(0)))
     assert _resnet_macs(model, (224, 224, 3)) == pytest.approx(macs, rel=0.01)
+
+
+def test_runs_saved_before_the_new_model_keys_still_resume():
+  c = default_config()
+  saved = json.loads(to_json(c))
+  for key in ("preset", "num_kv_heads", "rope_theta", "norm_eps", "use_bias", "stage_sizes", "block", "width",
+              "stem", "patch_size"):
+    del saved["model"][key]  # a config.json written before these keys existed
+  assert not config_differences(saved, c.to_dict())
+  c.model.rope_theta = 500000.0
+  assert config_differences(saved, c.to_dict()) == ["model.rope_theta (saved 10000.0, now 500000.0)"]

@@ -39,7 +39,8 @@ def test_cnn_pooling_stops_when_spatial_size_is_one():
 
 def test_bfloat16_compute_keeps_float32_params():
   for model in (MLP((8, 8, 1), 10, hidden_sizes=(16,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
-                CNN((8, 8, 1), 10, features=(8,), kernel_sizes=(3,), strides=(1,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))):
+                CNN((8, 8, 1), 10, features=(8,), kernel_sizes=(3,), strides=(1,), dtype=jnp.bfloat16,
+                    rngs=nnx.Rngs(0))):
     assert param_dtypes(model) == {jnp.dtype(jnp.float32)}
     assert model(jnp.ones((2, 8, 8, 1))).dtype == jnp.bfloat16
 
