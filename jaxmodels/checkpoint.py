@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from jaxmodels import storage
+from jaxmodels import config as config_lib
 from jaxmodels.errors import UserError
 from jaxmodels.models.transformer import other_layer_layout
 
@@ -72,6 +73,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(saved: dict, current: dict, prefixes=STATE_SHAPING_KEYS, free=FREE_MODEL_KEYS) -> list[str]:
   """'key (saved X, now Y)' for every key under `prefixes` (and not under `free`) on which two configs disagree."""
   a, b = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
+  a = {**_flat(json.loads(config_lib.to_json(config_lib.default_config()))), **a}  # newer keys: saved at default
   keys = sorted(k for k in set(a) | set(b) if k.startswith(prefixes) and not k.startswith(free))
   return [f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 

@@ -28,6 +28,8 @@ commands:
   prepare tokenize a text corpus into shards: jaxmodels prepare FILES... --out DIR [--train-tokenizer bpe]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
+  import-hf  a Hugging Face GPT-2 or Llama directory as an export: jaxmodels import-hf DIR --out PATH
+  export-hf  an export or run as a Hugging Face directory: jaxmodels export-hf --model PATH --out DIR
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
@@ -221,6 +223,44 @@ loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
   return 0
 
 
+def _parse(prog: str, args: list[str], *flags_):
+  """argparse over `args` with the given (name, required) arguments; bad arguments are a UserError."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  for name in flags_:
+    parser.add_argument(name, **({} if not name.startswith("--") else {"required": True}))
+  try:
+    return parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or f"bad arguments; see {prog} --help") from None
+
+
+def cmd_import_hf(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels import-hf DIR --out PATH
+
+Reads a local Hugging Face GPT-2 or Llama-family directory (config.json +
+*.safetensors; nothing is downloaded) and writes its weights to PATH in the
+format `jaxmodels export` writes: jaxmodels.load_model(PATH) returns the model.
+"""
+  from jaxmodels.hf import import_hf  # pylint: disable=import-outside-toplevel
+  a = _parse(prog, args, "dir", "--out")
+  print(f"imported {a.dir} to {import_hf(a.dir, a.out)}")
+  return 0
+
+
+def cmd_export_hf(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels export-hf --model PATH --out DIR
+
+Writes the Transformer language model at PATH (an export, an import-hf output or
+a training workdir) as a Hugging Face directory (config.json + model.safetensors)
+of the GPT-2 or Llama family, whichever layout the model has.
+"""
+  from jaxmodels.hf import export_hf  # pylint: disable=import-outside-toplevel
+  a = _parse(prog, args, "--model", "--out")
+  print(f"exported {a.model} to {export_hf(a.model, a.out)}")
+  return 0
+
+
 def cmd_bench(prog: str, args: list[str]) -> int:
   """usage: jaxmodels bench compile --config experiments/X.py [--config.K=V ...]
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
@@ -282,7 +322,7 @@ consumes them: whether the input pipeline keeps up.
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
-            "export": cmd_export, "bench": cmd_bench}
+            "export": cmd_export, "bench": cmd_bench, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ An experiment file (`experiments/*.py`) defines `get_config()` that starts from
 (`--config.train.steps=500`), is an error rather than a silently ignored value.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,7 +16,7 @@ from ml_collections import config_dict
 
 from jaxmodels.errors import UserError
 
-FAMILIES = ("mlp", "cnn", "lstm", "transformer")
+FAMILIES = ("mlp", "cnn", "lstm", "transformer", "resnet", "vit")
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -52,9 +53,15 @@ def default_config() -> config_dict.ConfigDict:
   c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split
 
   c.model = config_dict.ConfigDict()
-  # mlp | cnn | lstm | transformer. lstm and transformer are language models on
-  # data.source=text and sequence classifiers on arrays (axis 1 of x is time).
+  # mlp | cnn | lstm | transformer | resnet | vit. lstm and transformer are language models on
+  # data.source=text and sequence classifiers on arrays (axis 1 of x is time); resnet and vit read images.
+  # Each family takes the keys that are fields of its typed config (jaxmodels.models.FAMILIES); a key
+  # of another family set to a value other than its default here is an error.
   c.model.family = "cnn"
+  # A named configuration (jaxmodels.models.presets): gpt2, gpt2-medium, llama-tiny, llama-small,
+  # tinyllama-1.1b, llama3.2-1b, resnet18, resnet50, vit-s16, vit-b16. It sets model.family and every
+  # key of that family left at its default here; keys set in the experiment or on the command line win.
+  c.model.preset = ""
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (mixed precision) | float16 (no loss scaling)
   c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state): float32 | bfloat16
   c.model.dropout = 0.0
@@ -72,20 +79,33 @@ def default_config() -> config_dict.ConfigDict:
   c.model.num_layers = 2  # also the LSTM/GRU layer count
   c.model.num_heads = 4
   c.model.d_model = 128
+  # Key/value heads (grouped-query attention), a divisor of num_heads; unset: num_heads (multi-head attention).
+  c.model.num_kv_heads = config_dict.placeholder(int)
   c.model.d_ff = 512
   c.model.max_len = 256  # longest sequence (positions) the model accepts
   c.model.positions = "rotary"  # rotary | learned
-  c.model.mlp = "swiglu"  # swiglu | gelu
+  c.model.rope_theta = 10000.0  # rotary base wavelength (Llama 3: 500000)
+  c.model.mlp = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2)
+  c.model.norm_eps = 1e-6  # transformer and vit norms' epsilon (GPT-2 and Llama: 1e-5)
+  c.model.use_bias = False  # biases on the attention and MLP projections (GPT-2, ViT)
   c.model.tie_embeddings = True  # LM head shares the token embedding
   c.model.scan_layers = True  # stack the blocks and run them with one lax.scan (compile time flat in depth)
   c.model.remat = "none"  # recompute activations in the backward pass: none | dots | full
   # auto (einsum; on GPUs jax.nn.dot_product_attention's choice) | einsum | xla | cudnn (jax.nn's implementations)
   c.model.attention_impl = "auto"
-  c.model.pooling = "mean"  # classifiers: mean | cls (transformer) | last (lstm)
+  c.model.pooling = "mean"  # classifiers: mean | cls (transformer, vit) | last (lstm)
   # LSTM / GRU
   c.model.cell = "lstm"  # lstm | gru
   c.model.hidden_size = 256
   c.model.bidirectional = False  # classifier only
+  # ResNet (v1.5; torchvision's layout): BatchNorm after every conv, global average pool, one dense head
+  c.model.stage_sizes = (2, 2, 2, 2)  # residual blocks per stage (ResNet-18; ResNet-50: (3, 4, 6, 3) bottleneck)
+  c.model.block = "basic"  # basic (two 3x3 convs) | bottleneck (1x1, 3x3, 1x1, 4x wider output)
+  c.model.width = 64  # channels of the first stage, doubled at each later stage
+  c.model.stem = "imagenet"  # imagenet (7x7/2 conv + 3x3/2 max pool) | small (one 3x3/1 conv: 32x32 images)
+  # ViT: patch embedding + the transformer keys above (d_model, num_heads, num_layers, d_ff, mlp, norm,
+  # norm_eps, use_bias, pooling (cls | mean), dropout, scan_layers, remat, attention_impl)
+  c.model.patch_size = 4  # square patches, one token each; divides the image height and width
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000
@@ -247,7 +267,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   # pylint: disable=import-outside-toplevel
   from jaxmodels.data import LM_SOURCES, SOURCES
   from jaxmodels.data.text import TOKENIZERS
-  from jaxmodels.models import cnn, layers, recurrent, transformer
+  from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
   from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, activation_rules, parse_mesh
 
@@ -267,6 +287,10 @@ def validate(config: config_dict.ConfigDict) -> None:
       "model.remat": one_of(transformer.REMAT_POLICIES), "model.attention_impl": one_of(transformer.ATTENTION_IMPLS),
       "model.pooling": one_of(("mean", "cls", "last")), "model.cell": one_of(recurrent.CELLS),
       "model.hidden_size": POSITIVE,
+      "model.num_kv_heads": (lambda v: v is None or POSITIVE[0](v), "unset or a positive integer"),
+      "model.norm_eps": POSITIVE_REAL, "model.rope_theta": POSITIVE_REAL, "model.patch_size": POSITIVE,
+      "model.stage_sizes": (lambda v: SIZES[0](v) and len(v) > 0, "a non-empty tuple of positive integers"),
+      "model.block": one_of(resnet.BLOCKS), "model.width": POSITIVE, "model.stem": one_of(resnet.STEMS),
       "train.steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
       "train.optimizer": one_of(OPTIMIZERS), "train.learning_rate": POSITIVE_REAL,
       "train.schedule": one_of(SCHEDULES), "train.warmup_steps": NON_NEGATIVE, "train.end_lr_fraction": FRACTION,
@@ -284,6 +308,8 @@ def validate(config: config_dict.ConfigDict) -> None:
                                        "empty or HOST:PORT"),
       "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
   }
+  _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
+  expand_preset(config)
   task = "lm" if d.source in LM_SOURCES else "classify"
   unit = d.tokenizer if d.source == "text" else "token"
   metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{unit}") if task == "lm" else ())
@@ -295,24 +321,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
-  layers.activation(m.activation)
-  if m.family == "cnn":
-    _check(config, "model.norm", one_of(cnn.NORMS))
-    if not len(m.features) == len(m.kernel_sizes) == len(m.strides):
-      raise UserError(f"model.features, model.kernel_sizes and model.strides need one entry per conv layer, "
-                      f"got {len(m.features)}, {len(m.kernel_sizes)}, {len(m.strides)}")
-  if m.family == "transformer":
-    _check(config, "model.norm", one_of(transformer.NORMS))
-    if m.d_model % m.num_heads:
-      raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    if m.positions == "rotary" and (m.d_model // m.num_heads) % 2:
-      raise UserError(f"model.positions=rotary needs an even head size, but model.d_model / model.num_heads = "
-                      f"{m.d_model // m.num_heads}")
+  family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
-  if task == "classify":
-    _check(config, "model.pooling", one_of({"transformer": ("mean", "cls"), "lstm": ("last", "mean")}
-                                           .get(m.family, ("mean", "cls", "last"))))
   if t.batch_size % t.grad_accum_steps:
     raise UserError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
@@ -325,6 +336,25 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
   activation_rules(p.activation_rules)
+
+
+def expand_preset(config: config_dict.ConfigDict) -> None:
+  """Writes `model.preset`'s family and fields into the `model.*` keys still at their defaults (idempotent).
+
+  The config then records the values the run uses (config.json, resume checks).
+  Raises UserError if `model.family` was set to another family than the preset's.
+  """
+  m = config.model
+  if not m.preset:
+    return
+  from jaxmodels.models import presets  # pylint: disable=import-outside-toplevel
+  preset, defaults = presets.get(m.preset), default_config().model
+  if m.family not in (defaults.family, preset.family):
+    raise UserError(f"model.family={m.family!r} contradicts model.preset={m.preset!r}, a {preset.family} preset")
+  m.family = preset.family
+  for field in dataclasses.fields(preset.config):
+    if m[field.name] == defaults[field.name]:
+      m[field.name] = getattr(preset.config, field.name)
 
 
 def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:

@@ -66,13 +66,19 @@ def export(workdir, out) -> str:
     raise UserError(f"--out {out} already exists")
   model = load_run_model(workdir)
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out_path / "params", {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)})
+  save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
   for name in ("config.json", "model.json", "vocab.json"):
     source = storage.path(workdir) / name
     if source.is_file():
       (out_path / name).write_text(source.read_text())
   return str(out)
+
+
+def save_params(out, params: dict, model_state: dict) -> None:
+  """Writes `out/params/` (Orbax; `out` local or gs://): the pure parameter and model-state dicts that `load_model`
+  reads."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(storage.path(out) / "params", {"params": params, "model_state": model_state})
 
 
 def _load(path):

@@ -8,8 +8,10 @@ halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
 - MLP: 6 x parameters x examples (every weight is used once per example).
 - CNN: 6 x (multiply-accumulates of each conv and dense layer per example) x examples.
 - LSTM/GRU: 6 x parameters x tokens (each weight is used once per time step).
+- ResNet: as the CNN (each convolution's multiply-accumulates at its output resolution).
 - Transformer: 6 x (parameters - embeddings) x tokens + 12 x L x T x d_model x tokens,
   plus the LM head (2 x d_model x V per token, x3) when the embedding is tied.
+- ViT: the Transformer classifier's count over its patches (+ class token).
 
 `jaxmodels bench step` cross-checks these against XLA's own count.
 """
@@ -93,8 +95,11 @@ def model_flops_per_step(config, dataset, abstract_model) -> float:
     return 6.0 * n_params * tokens
   if m.family == "cnn":
     return 6.0 * batch * _cnn_macs(abstract_model, dataset.input_shape)
-  if m.family == "transformer":
-    length = dataset.input_shape[0] + (m.pooling == "cls")
+  if m.family == "resnet":
+    return 6.0 * batch * _resnet_macs(abstract_model, dataset.input_shape)
+  if m.family in ("transformer", "vit"):  # a ViT's tokens are its patches
+    patches = math.prod(n // m.patch_size for n in dataset.input_shape[:2]) if m.family == "vit" else None
+    length = (patches or dataset.input_shape[0]) + (m.pooling == "cls")
     return batch * length * (6 * n_params + 12 * m.num_layers * length * m.d_model)
   if m.family == "lstm":
     return 6.0 * n_params * batch * dataset.input_shape[0]
@@ -114,3 +119,20 @@ def _cnn_macs(model, input_shape) -> float:
   for layer in [*model.head, model.out]:
     macs += math.prod(layer.kernel.shape)
   return macs
+
+
+def _resnet_macs(model, input_shape) -> float:
+  """Multiply-accumulates of one example through a ResNet (its convs pad k // 2: outputs are ceil(n / stride))."""
+  def conv(unit, spatial):
+    spatial = [-(-n // s) for n, s in zip(spatial, unit.conv.strides)]
+    return spatial, math.prod(spatial) * math.prod(unit.conv.kernel.shape)
+  spatial, macs = conv(model.stem, input_shape[:2])
+  if model.max_pool:
+    spatial = [-(-n // 2) for n in spatial]
+  for block in model.blocks:
+    if block.shortcut is not None:
+      macs += conv(block.shortcut, spatial)[1]
+    for unit in block.convs:
+      spatial, m = conv(unit, spatial)
+      macs += m
+  return macs + math.prod(model.head.kernel.shape)

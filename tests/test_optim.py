@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxmodels.config import default_config
 from jaxmodels.errors import UserError
-from jaxmodels.models import CNN, TransformerLM
+from jaxmodels.models import CNN, TransformerConfig, TransformerLM
 from jaxmodels.models.transformer import scan_to_unrolled
 from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
 from jaxmodels.train import build_experiment, mean_train_metrics
@@ -22,7 +22,7 @@ def train_config(**kw):
 
 
 def test_decay_mask_skips_biases_and_norm_scales():
-  model = CNN((8, 8, 1), (4,), (3,), (1,), 10, norm="layer", rngs=nnx.Rngs(0))
+  model = CNN((8, 8, 1), 10, features=(4,), kernel_sizes=(3,), strides=(1,), norm="layer", rngs=nnx.Rngs(0))
   mask = decay_mask(nnx.state(model, nnx.Param))
   assert mask["convs"][0]["kernel"].get_value() is True
   assert mask["out"]["kernel"].get_value() is True
@@ -32,8 +32,9 @@ def test_decay_mask_skips_biases_and_norm_scales():
 
 
 def test_decay_mask_goes_by_role_not_rank():
-  m = dict(d_model=8, num_heads=2, num_layers=2, d_ff=16, max_len=8, norm="rms", mlp="swiglu", positions="learned",
-           tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none", attention_impl="einsum")
+  m = TransformerConfig(d_model=8, num_heads=2, num_layers=2, d_ff=16, max_len=8, norm="rms", mlp="swiglu",
+                        positions="learned", tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none",
+                        attention_impl="einsum")
   params = nnx.to_pure_dict(nnx.state(TransformerLM(11, m, rngs=nnx.Rngs(0)), nnx.Param))
   for decay_embeddings in (True, False):
     mask = decay_mask(params, decay_embeddings)

@@ -92,7 +92,8 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 def tiny_lm(family, workdir_text, steps):
   c = text_config(workdir_text, seq_len=16, val_fraction=0.2)
   c.model.family = family
-  c.model.update(dict(num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=64, hidden_size=64))
+  c.model.update(dict(num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=64) if family == "transformer" else
+                 dict(num_layers=2, hidden_size=64))  # a key of the other family would be refused
   c.train.update(dict(steps=steps, batch_size=16, learning_rate=1e-2, warmup_steps=10, log_every=50,
                       eval_every=steps))
   return c

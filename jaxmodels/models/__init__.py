@@ -1,24 +1,106 @@
 """Flax NNX model families. Research code imports them directly:
 
-    from jaxmodels.models import CNN, MLP, TransformerLM, RecurrentLM
+    from jaxmodels.models import TransformerConfig, TransformerLM, presets
+    model = TransformerLM(vocab_size, TransformerConfig(d_model=256, num_layers=4), rngs=nnx.Rngs(0))
+    gpt2 = TransformerLM(50257, presets.config("gpt2"), rngs=nnx.Rngs(0))
 
-Every module takes a compute `dtype` and a `param_dtype` and is called as
+Each family has a frozen dataclass config (`MLPConfig`, `CNNConfig`, `LSTMConfig`,
+`TransformerConfig`, `ResNetConfig`, `ViTConfig`) that validates its fields
+(ValueError naming the field); modules take it, or its fields as keyword
+arguments, plus a compute `dtype` and a `param_dtype`, and are called as
 `model(x, train=..., rngs=...)`, where `rngs` (an `nnx.Rngs` with a `dropout`
 stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
-sampling. `build_model` makes one from the `model.*` config group.
+sampling. `build_model` is the command line's bridge: it maps the flat
+`model.*` config group onto the family's dataclass (`family_config`).
 """
+
+import dataclasses
+import re
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.errors import UserError
-from jaxmodels.models.cnn import CNN
-from jaxmodels.models.mlp import MLP
-from jaxmodels.models.recurrent import RecurrentClassifier, RecurrentLM
-from jaxmodels.models.transformer import TransformerClassifier, TransformerLM
+from jaxmodels.models import presets
+from jaxmodels.models.cnn import CNN, CNNConfig
+from jaxmodels.models.mlp import MLP, MLPConfig
+from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
+from jaxmodels.models.resnet import ResNet, ResNetConfig
+from jaxmodels.models.transformer import TransformerClassifier, TransformerConfig, TransformerLM
+from jaxmodels.models.vit import ViT, ViTConfig
 
 TASKS = ("classify", "lm")
+
+
+class Family(NamedTuple):
+  config: type  # the typed config
+  classifier: type  # module for task "classify": (input_shape, num_classes, config, ...)
+  lm: type | None  # module for task "lm": (vocab_size, config, ...), if the family models text
+
+
+FAMILIES = {
+    "mlp": Family(MLPConfig, MLP, None),
+    "cnn": Family(CNNConfig, CNN, None),
+    "lstm": Family(LSTMConfig, RecurrentClassifier, RecurrentLM),
+    "transformer": Family(TransformerConfig, TransformerClassifier, TransformerLM),
+    "resnet": Family(ResNetConfig, ResNet, None),
+    "vit": Family(ViTConfig, ViT, None),
+}
+# model.* keys of every family (the rest are fields of one or more families' configs).
+COMMON_KEYS = ("family", "preset", "dtype", "param_dtype")
+BATCH_NORM_FAMILIES = ("cnn", "resnet")  # modules that take `axis_name` for BatchNorm under pmap
+
+
+def _cli_message(message: str, fields) -> str:
+  """A config's ValueError with its field names spelled as CLI keys: 'd_model=30 ...' -> 'model.d_model=30 ...'.
+
+  Field names are rewritten where followed by =, /, a comma, a colon or 'and' (how the configs' messages name them).
+  """
+  names = "|".join(sorted(fields, key=len, reverse=True))
+  return re.sub(rf"(?<![\w.])({names})(?=\s*[=/,:]|\s+and\s)", r"model.\1", message)
+
+
+def family_config(model_config, defaults=None):
+  """(family name, typed config) from the flat `model.*` group (a ConfigDict or dict).
+
+  Every `model.*` key that is a field of the family's config is passed to it
+  (keys missing from an older saved config take the field's default). A key
+  with a value other than its default in `defaults` (the `model` group of
+  `jaxmodels.config.default_config()`) that is not a field of the chosen family
+  is an error. Raises UserError naming `model.<key>`.
+  """
+  m = dict(model_config)
+  family = m["family"]
+  if family not in FAMILIES:
+    raise UserError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}")
+  cls = FAMILIES[family].config
+  fields = {f.name for f in dataclasses.fields(cls)}
+  if defaults is not None:
+    for key in sorted(m):
+      if key not in COMMON_KEYS and key not in fields and key in defaults and m[key] != defaults[key]:
+        raise UserError(f"model.{key}={m[key]!r} does not apply to model.family={family} (its keys: "
+                        f"{', '.join(sorted(fields))}); leave it at its default {defaults[key]!r}")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in fields}
+  try:
+    return family, cls(**values)
+  except ValueError as e:
+    raise UserError(_cli_message(str(e), fields)) from None
+
+
+def build_family(family: str, config, input_shape, num_outputs: int, *, task: str = "classify", rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32, axis_name: str | None = None) -> nnx.Module:
+  """The module of `family` for `task`, from its typed config. ValueError if the family has no such task."""
+  f = FAMILIES[family]
+  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if family in BATCH_NORM_FAMILIES:
+    kw["axis_name"] = axis_name
+  if task == "lm":
+    if f.lm is None:
+      raise ValueError(f"family={family!r} is not a language model: use transformer or lstm for text")
+    return f.lm(num_outputs, config, **kw)
+  return f.classifier(tuple(input_shape), num_outputs, config, **kw)
 
 
 def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, task: str = "classify",
@@ -27,30 +109,20 @@ def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, tas
 
   For "lm", `input_shape` is (seq_len,) and `num_outputs` the vocabulary size.
   `axis_name` (the pmap strategy) makes BatchNorm average its statistics over that axis.
+  Raises UserError naming the `model.*` key at fault.
   """
-  m = model_config
-  dtypes = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-  if task == "lm":
-    if m.family == "transformer":
-      if input_shape[0] > m.max_len:
-        raise UserError(f"data.seq_len={input_shape[0]} exceeds model.max_len={m.max_len}")
-      return TransformerLM(num_outputs, m, **dtypes)
-    if m.family == "lstm":
-      return RecurrentLM(num_outputs, m.cell, m.hidden_size, m.num_layers, dropout=m.dropout, **dtypes)
-    raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
-  common = dict(activation_name=m.activation, dropout=m.dropout, **dtypes)
-  if m.family == "mlp":
-    return MLP(input_shape, tuple(m.hidden_sizes), num_outputs, **common)
-  if m.family == "cnn":
-    return CNN(input_shape, tuple(m.features), tuple(m.kernel_sizes), tuple(m.strides), num_outputs,
-               head_sizes=tuple(m.head_sizes), pool=m.pool, norm=m.norm, axis_name=axis_name, **common)
-  if m.family == "transformer":
-    return TransformerClassifier(input_shape, num_outputs, m, **dtypes)
-  if m.family == "lstm":
-    return RecurrentClassifier(input_shape, num_outputs, m.cell, m.hidden_size, m.num_layers, pooling=m.pooling,
-                               bidirectional=m.bidirectional, dropout=m.dropout, **dtypes)
-  raise UserError(f"model.family={m.family!r} is not a known family")
+  family, config = family_config(model_config)
+  if task == "lm" and family == "transformer" and input_shape[0] > config.max_len:
+    raise UserError(f"data.seq_len={input_shape[0]} exceeds model.max_len={config.max_len}")
+  try:
+    return build_family(family, config, input_shape, num_outputs, task=task, rngs=rngs,
+                        dtype=jnp.dtype(model_config["dtype"]), param_dtype=jnp.dtype(model_config["param_dtype"]),
+                        axis_name=axis_name)
+  except ValueError as e:
+    fields = [f.name for f in dataclasses.fields(config)] + ["family"]
+    raise UserError(_cli_message(str(e), fields)) from None
 
 
-__all__ = ["CNN", "MLP", "RecurrentClassifier", "RecurrentLM", "TransformerClassifier", "TransformerLM",
-           "build_model"]
+__all__ = ["CNN", "CNNConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig", "RecurrentClassifier", "RecurrentLM",
+           "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
+           "build_family", "build_model", "family_config", "presets"]

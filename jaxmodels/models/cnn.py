@@ -1,12 +1,12 @@
 """Convolutional classifier; conv dimensionality follows the input (1-D signals, 2-D images)."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.errors import UserError
-from jaxmodels.models.layers import activation, axes
+from jaxmodels.models.layers import RATE, SIZES, activation, axes, choice, require, resolve, tuples
 from jaxmodels.parallel.sharding import constrain
 
 BATCH = ("activation_batch",)  # the batch axis of every activation (see jaxmodels.parallel.constrain)
@@ -15,26 +15,49 @@ POOLS = {"max": nnx.max_pool, "avg": nnx.avg_pool, "none": None}
 NORMS = ("batch", "layer", "none")
 
 
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+  """A plain conv stack; raises ValueError naming the first bad field."""
+
+  features: tuple = (32, 64)  # output channels of each conv layer
+  kernel_sizes: tuple = (3, 3)  # one per conv layer, the same on every spatial axis
+  strides: tuple = (1, 1)  # one per conv layer
+  pool: str = "max"  # after each conv layer: max | avg | none (window 2, stride 2)
+  norm: str = "layer"  # after each conv: batch | layer | none
+  head_sizes: tuple = (128,)  # dense layers between the flattened features and the logits
+  activation: str = "relu"  # any jax.nn activation
+  dropout: float = 0.0  # after each dense head layer, in training only
+
+  def __post_init__(self):
+    tuples(self, "features", "kernel_sizes", "strides", "head_sizes")
+    for name in ("features", "kernel_sizes", "strides", "head_sizes"):
+      require(self, name, SIZES)
+    choice(self, "pool", POOLS)
+    choice(self, "norm", NORMS)
+    require(self, "dropout", RATE)
+    activation(self.activation)
+    if not len(self.features) == len(self.kernel_sizes) == len(self.strides):
+      raise ValueError(f"features, kernel_sizes and strides: need one entry per conv layer, got "
+                       f"{len(self.features)}, {len(self.kernel_sizes)}, {len(self.strides)}")
+
+
 class CNN(nnx.Module):
-  """[Conv -> norm -> activation -> pool] per feature size -> flatten -> dense head -> logits.
+  """[Conv -> norm -> activation -> pool] per feature size -> flatten -> dense head -> logits_BK.
 
   `input_shape` is one example's shape, channels last: (L, C) for a signal,
   (H, W, C) for an image. Pooling (window and stride 2) is skipped on a layer
   whose spatial size has fallen below 2. Norms compute in float32; `axis_name`
   makes BatchNorm average its batch statistics across a pmap axis. Every
   layer's output is pinned to the batch's sharding under a mesh.
+
+      CNN((8, 8, 1), 10, CNNConfig(features=(16, 32)), rngs=nnx.Rngs(0))
+      CNN((8, 8, 1), 10, features=(16, 32), norm="batch", rngs=nnx.Rngs(0))
   """
 
-  def __init__(self, input_shape, features, kernel_sizes, strides, num_outputs, *, head_sizes=(),
-               pool="max", norm="batch", activation_name="relu", dropout=0.0, axis_name=None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if not len(features) == len(kernel_sizes) == len(strides):
-      raise UserError(f"model.features, model.kernel_sizes and model.strides need one entry per conv "
-                      f"layer, got {len(features)}, {len(kernel_sizes)}, {len(strides)}")
-    if pool not in POOLS:
-      raise UserError(f"model.pool={pool!r}: expected one of {', '.join(POOLS)}")
-    if norm not in NORMS:
-      raise UserError(f"model.norm={norm!r}: expected one of {', '.join(NORMS)}")
+  def __init__(self, input_shape, num_outputs: int, config: CNNConfig | None = None, *, axis_name=None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
+    c = self.config = resolve(CNNConfig, config, fields)
+    features, kernel_sizes, strides, pool, norm = c.features, c.kernel_sizes, c.strides, c.pool, c.norm
     *spatial, channels = input_shape
     nd = len(spatial)
     self.convs, self.norms, self.pool_after = nnx.List(), nnx.List(), []
@@ -51,12 +74,12 @@ class CNN(nnx.Module):
       if self.pool_after[-1]:
         spatial = [n // 2 for n in spatial]
       channels = f
-    sizes = [math.prod(spatial) * channels, *head_sizes]
+    sizes = [math.prod(spatial) * channels, *c.head_sizes]
     self.head = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
     self.out = nnx.Linear(sizes[-1], num_outputs, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
-    self.act = activation(activation_name)
+    self.dropout = nnx.Dropout(c.dropout)
+    self.act = activation(c.activation)
     self.pool_fn, self.norm_kind, self.nd, self.dtype = POOLS[pool], norm, nd, dtype
 
   def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):

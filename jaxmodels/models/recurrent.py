@@ -9,23 +9,43 @@ carries, each layer's outputs and the logits are pinned to the batch's
 sharding (`jaxmodels.parallel.constrain`).
 """
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.errors import UserError
+from jaxmodels.models.layers import POSITIVE, RATE, choice, require, resolve
 from jaxmodels.parallel.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
 
 CELLS = {"lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}
+POOLINGS = ("last", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMConfig:
+  """LSTM or GRU layers (language model or classifier); raises ValueError naming the first bad field."""
+
+  cell: str = "lstm"  # lstm | gru
+  hidden_size: int = 256  # H, each direction's state width
+  num_layers: int = 2  # stacked recurrent layers
+  bidirectional: bool = False  # classifier only: a backward direction too, outputs concatenated
+  pooling: str = "mean"  # classifier: last (final states) | mean (over time)
+  dropout: float = 0.0  # between layers and before the head, in training only
+
+  def __post_init__(self):
+    choice(self, "cell", CELLS)
+    require(self, "hidden_size", POSITIVE)
+    require(self, "num_layers", POSITIVE)
+    require(self, "bidirectional", (lambda v: isinstance(v, bool), "True or False"))
+    choice(self, "pooling", POOLINGS)
+    require(self, "dropout", RATE)
 
 
 def make_cell(kind, in_features, hidden, dtype, param_dtype, rngs):
-  if kind not in CELLS:
-    raise UserError(f"model.cell={kind!r}: expected one of {', '.join(CELLS)}")
   return CELLS[kind](in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -82,10 +102,15 @@ class RecurrentStack(nnx.Module):
 
 
 class RecurrentLM(nnx.Module):
-  """Character (or byte) language model: embed -> recurrent layers -> logits_BTV."""
+  """Character (or byte) language model: tokens_BT -> embed -> recurrent layers -> logits_BTV.
 
-  def __init__(self, vocab_size, cell, hidden_size, num_layers, *, dropout=0.0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+      RecurrentLM(vocab_size, LSTMConfig(cell="gru", hidden_size=128), rngs=nnx.Rngs(0))
+  """
+
+  def __init__(self, vocab_size: int, config: LSTMConfig | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
+    c = self.config = resolve(LSTMConfig, config, fields)
+    cell, hidden_size, num_layers, dropout = c.cell, c.hidden_size, c.num_layers, c.dropout
     self.embed = nnx.Embed(vocab_size, hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rnn = RecurrentStack(cell, hidden_size, hidden_size, num_layers, dropout=dropout, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
@@ -114,12 +139,15 @@ class RecurrentClassifier(nnx.Module):
 
   `input_shape` is one example's shape, (T, ...) with everything after T
   flattened into features (digit rows: (8, 8, 1) -> 8 steps of 8 features).
+
+      RecurrentClassifier((8, 8, 1), 10, LSTMConfig(pooling="last", bidirectional=True), rngs=nnx.Rngs(0))
   """
 
-  def __init__(self, input_shape, num_classes, cell, hidden_size, num_layers, *, pooling="last",
-               bidirectional=False, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if pooling not in ("last", "mean"):
-      raise UserError(f"model.pooling={pooling!r}: the recurrent classifier takes last or mean")
+  def __init__(self, input_shape, num_classes: int, config: LSTMConfig | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
+    c = self.config = resolve(LSTMConfig, config, fields)
+    cell, hidden_size, num_layers, pooling = c.cell, c.hidden_size, c.num_layers, c.pooling
+    bidirectional, dropout = c.bidirectional, c.dropout
     self.rnn = RecurrentStack(cell, math.prod(input_shape[1:]), hidden_size, num_layers,
                               bidirectional=bidirectional, dropout=dropout, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)

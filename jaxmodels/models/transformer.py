@@ -22,14 +22,14 @@ Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
 """
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.errors import UserError
-from jaxmodels.models.layers import axes
+from jaxmodels.models.layers import POSITIVE, POSITIVE_REAL, RATE, axes, choice, require, resolve
 from jaxmodels.parallel.sharding import constrain
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
@@ -38,40 +38,102 @@ HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
 MLPS = ("gelu", "swiglu")
+POOLINGS = ("mean", "cls")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+BOOL = (lambda v: isinstance(v, bool), "True or False")
 
 
-def _check(name, value, allowed):
-  if value not in allowed:
-    raise UserError(f"model.{name}={value!r}: expected one of {', '.join(allowed)}")
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A Transformer stack: the decoder LM, the sequence classifier (and, with `ViTConfig`, the ViT encoder).
+
+  GPT-2 style: norm="layer", mlp="gelu", positions="learned", use_bias=True, tie_embeddings=True.
+  Llama style: norm="rms", mlp="swiglu", positions="rotary", num_kv_heads < num_heads (grouped-query
+  attention), tie_embeddings=False. `jaxmodels.models.presets` holds both at published sizes.
+  Raises ValueError naming the first bad field.
+  """
+
+  d_model: int = 128  # D, the residual width
+  num_heads: int = 4  # N query heads; head size H = d_model / num_heads
+  num_kv_heads: int | None = None  # K key/value heads (grouped-query attention), dividing num_heads; None: N
+  num_layers: int = 2  # L blocks
+  d_ff: int = 512  # F, the MLP's hidden width
+  max_len: int = 256  # longest sequence (learned positions; the LM refuses longer inputs)
+  norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm), computed in float32
+  norm_eps: float = 1e-6  # the norms' epsilon (GPT-2 1e-5, Llama 1e-5 or 1e-6)
+  mlp: str = "swiglu"  # gelu (tanh approximation, as GPT-2) | swiglu (silu(x W_gate) * x W_up)
+  positions: str = "rotary"  # rotary (RoFormer, on q and k) | learned (an embedding table of max_len rows)
+  rope_theta: float = 10000.0  # rotary base wavelength (Llama 3: 500000)
+  use_bias: bool = False  # biases on the attention and MLP projections (GPT-2, ViT)
+  tie_embeddings: bool = True  # LM head = the token embedding, transposed
+  dropout: float = 0.0  # on the embeddings and each residual branch, in training only
+  scan_layers: bool = True  # stack the blocks and run one lax.scan (compile time flat in depth)
+  remat: str = "none"  # recompute in the backward pass: none | dots | full
+  attention_impl: str = "auto"  # auto | einsum | xla | cudnn (see `attention`)
+  pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
+
+  def __post_init__(self):
+    for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+      require(self, name, POSITIVE)
+    for name in ("use_bias", "tie_embeddings", "scan_layers"):
+      require(self, name, BOOL)
+    require(self, "norm_eps", POSITIVE_REAL)
+    require(self, "rope_theta", POSITIVE_REAL)
+    require(self, "dropout", RATE)
+    choice(self, "norm", NORMS)
+    choice(self, "mlp", MLPS)
+    choice(self, "positions", POSITIONS)
+    choice(self, "remat", REMAT_POLICIES)
+    choice(self, "attention_impl", ATTENTION_IMPLS)
+    choice(self, "pooling", POOLINGS)
+    check_heads(self.d_model, self.num_heads, self.num_kv_heads, self.positions == "rotary")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
 
-def make_norm(kind, d, param_dtype, rngs):
+def check_heads(d_model, num_heads, num_kv_heads, rotary_positions):
+  """ValueError unless the heads split d_model (into even sizes for rotary) and K divides N."""
+  if d_model % num_heads:
+    raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+  if num_kv_heads is not None and not (POSITIVE[0](num_kv_heads) and num_heads % num_kv_heads == 0):
+    raise ValueError(f"num_kv_heads={num_kv_heads!r}: expected unset or a positive divisor of "
+                     f"num_heads={num_heads}")
+  if rotary_positions and (d_model // num_heads) % 2:
+    raise ValueError(f"positions=rotary needs an even head size, but d_model / num_heads = "
+                     f"{d_model // num_heads}")
+
+
+def make_norm(kind, d, eps, param_dtype, rngs):
   """LayerNorm or RMSNorm, computing in float32 whatever the compute dtype."""
-  _check("norm", kind, NORMS)
   if kind == "layer":
-    return nnx.LayerNorm(d, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"),
+    return nnx.LayerNorm(d, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"),
                          bias_metadata=axes("embed"), rngs=rngs)
-  return nnx.RMSNorm(d, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"), rngs=rngs)
+  return nnx.RMSNorm(d, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, scale_metadata=axes("embed"),
+                     rngs=rngs)
 
 
-def rotary(x_BTNH, positions_BT):
-  """Rotary position embedding (RoFormer), in float32, on the two halves of the head dim."""
+def rotary(x_BTNH, positions_BT, theta: float = 10000.0):
+  """Rotary position embedding (RoFormer), in float32, on the two halves of the head dim (Llama's layout)."""
   h = x_BTNH.shape[-1] // 2
-  freqs_H = 1.0 / (10000.0 ** (jnp.arange(h, dtype=jnp.float32) / h))
+  freqs_H = 1.0 / (theta ** (jnp.arange(h, dtype=jnp.float32) / h))
   angles_BTH = positions_BT[..., None].astype(jnp.float32) * freqs_H
   sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
 
-def attention(q_BTNH, k_BSNH, v_BSNH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
-  """Softmax attention with a float32 softmax. `implementation`:
+def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
+  """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
+
+  `mask_BNTS` (bool, True = attend) broadcasts over batch and heads (its N may be 1); with
+  `is_causal` both apply. `implementation`:
 
   - `einsum`: two einsums, written here. jax.nn.dot_product_attention's XLA path
     (which reshapes to 5-D for grouped queries) ran forward + backward 2x slower
@@ -79,21 +141,43 @@ def attention(q_BTNH, k_BSNH, v_BSNH, implementation: str = "auto", *, is_causal
   - `xla` / `cudnn`: jax.nn.dot_product_attention with that implementation.
   - `auto`: `einsum`, except on GPUs, where jax.nn.dot_product_attention picks
     (cuDNN flash attention where it supports the shapes and dtype).
+
+  cuDNN's kernels take no arbitrary mask: with a mask, `cudnn` runs jax.nn's choice instead.
   """
-  _check("attention_impl", implementation, ATTENTION_IMPLS)
+  if implementation == "cudnn" and mask_BNTS is not None:
+    implementation = "auto"
   if implementation == "auto" and jax.default_backend() == "gpu":
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS, is_causal=is_causal)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BNTS, is_causal=is_causal)
   if implementation in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS, is_causal=is_causal,
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BNTS, is_causal=is_causal,
                                         implementation=implementation)
-  scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
-  scores_BNTS = scores_BNTS * q_BTNH.shape[-1] ** -0.5
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  scores_BKGTS = scores_BKGTS * H ** -0.5
   if is_causal:
-    mask_BNTS = jnp.tril(jnp.ones(scores_BNTS.shape[-2:], bool))
+    causal_TS = jnp.tril(jnp.ones(scores_BKGTS.shape[-2:], bool))
+    mask_BNTS = causal_TS[None, None] if mask_BNTS is None else mask_BNTS & causal_TS
   if mask_BNTS is not None:
-    scores_BNTS = jnp.where(mask_BNTS, scores_BNTS, jnp.finfo(jnp.float32).min)
-  probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BSNH.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+    b, n = mask_BNTS.shape[:2]
+    mask_BKGTS = mask_BNTS[:, :, None] if n == 1 else mask_BNTS.reshape(b, K, N // K, *mask_BNTS.shape[2:])
+    scores_BKGTS = jnp.where(mask_BKGTS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+
+
+def segment_positions(segment_ids_BT):
+  """Each token's index within its segment (packed document): positions restart where the id changes."""
+  t_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+  starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                               segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return t_BT - jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+
+
+def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
+  """mask_B1TS: a query attends only to keys of its own segment (document; 0 marks padding by convention)."""
+  return (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
 
 
 def lookup(embed: nnx.Embed, ids, dtype):
@@ -106,52 +190,61 @@ def lookup(embed: nnx.Embed, ids, dtype):
   return jnp.take(table, ids, axis=0).astype(dtype)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention; with a KV cache it attends to the cached prefix too."""
+def _linear(a, b, names, use_bias, dtype, param_dtype, rngs):
+  return nnx.Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_metadata=axes(*names),
+                    bias_metadata=axes(names[-1]), rngs=rngs)
 
-  def __init__(self, d_model, num_heads, *, causal, rotary_positions, implementation, dtype, param_dtype,
-               rngs):
-    if d_model % num_heads:
-      raise UserError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
-    linear = lambda names: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                      kernel_metadata=axes(*names), rngs=rngs)
-    # Column-parallel projections into heads, row-parallel out of them (Megatron).
-    self.query, self.key, self.value = (linear(("embed", "heads")) for _ in range(3))
-    self.out = linear(("heads", "embed"))
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with `num_kv_heads` key/value heads; with a KV cache it attends to the prefix too."""
+
+  def __init__(self, d_model, num_heads, *, causal, rotary_positions, implementation, dtype, param_dtype, rngs,
+               num_kv_heads=None, use_bias=False, rope_theta=10000.0):
+    check_heads(d_model, num_heads, num_kv_heads, rotary_positions)
     self.num_heads, self.head_dim = num_heads, d_model // num_heads
-    self.causal, self.rotary_positions = causal, rotary_positions
+    self.num_kv_heads = num_kv_heads or num_heads
+    kv_width = self.num_kv_heads * self.head_dim
+    linear = lambda a, b, names: _linear(a, b, names, use_bias, dtype, param_dtype, rngs)
+    # Column-parallel projections into heads, row-parallel out of them (Megatron).
+    self.query = linear(d_model, d_model, ("embed", "heads"))
+    self.key = linear(d_model, kv_width, ("embed", "heads"))
+    self.value = linear(d_model, kv_width, ("embed", "heads"))
+    self.out = linear(d_model, d_model, ("heads", "embed"))
+    self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.implementation = implementation
 
-  def __call__(self, x_MD, positions_BT, cache=None, cache_index=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
+    """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
+
+    With `cache` ({'k', 'v'}: every layer's (L, B, S, K, H)), this chunk's keys and values are written in place
+    at (`layer`, slots `cache_index`..), and the queries attend to the layer's slots under `mask_B1TS`; returns
+    (out_MD, the updated cache), or (out_MD, None) without a cache.
+    """
     B, T = positions_BT.shape
-    split = lambda y: constrain(y.reshape(B, T, self.num_heads, self.head_dim), (BATCH, LENGTH, HEADS))
-    q_BTNH, k_BTNH, v_BTNH = split(self.query(x_MD)), split(self.key(x_MD)), split(self.value(x_MD))
+    split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
+    q_BTNH = split(self.query(x_MD), self.num_heads)
+    k_BTKH, v_BTKH = split(self.key(x_MD), self.num_kv_heads), split(self.value(x_MD), self.num_kv_heads)
     if self.rotary_positions:
-      q_BTNH, k_BTNH = rotary(q_BTNH, positions_BT), rotary(k_BTNH, positions_BT)
+      q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
+      k_BTKH = rotary(k_BTKH, positions_BT, self.rope_theta)
     if cache is None:
-      out_BTNH = constrain(attention(q_BTNH, k_BTNH, v_BTNH, self.implementation, is_causal=self.causal),
-                           (BATCH, LENGTH, HEADS))
+      out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
+                                     mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
       new_cache = None
-    else:  # decoding: write this chunk at cache_index, attend to every filled position <= own
-      k_BSNH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), cache_index, 1)
-      v_BSNH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), cache_index, 1)
-      key_pos_S = jnp.arange(k_BSNH.shape[1])
-      mask_BNTS = (key_pos_S[None, :] <= positions_BT[0][:, None])[None, None]
-      # cuDNN's kernels take no arbitrary mask: decoding leaves cudnn to jax.nn's own choice
-      impl = "auto" if self.implementation == "cudnn" else self.implementation
-      out_BTNH = attention(q_BTNH, k_BSNH, v_BSNH, impl, mask_BNTS=mask_BNTS)
-      new_cache = {"k": k_BSNH, "v": v_BSNH}
+    else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
+      write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
+      new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
+      out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
+                           mask_BNTS=mask_B1TS)
     out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
     return constrain(out_MD, (BATCH, EMBED)), new_cache
 
 
 class FeedForward(nnx.Module):
-  """GELU MLP (D -> F -> D) or SwiGLU (silu(x W1) * x W3, then W2)."""
+  """GELU MLP (D -> F -> D) or SwiGLU (silu(x W_gate) * x W_up, then W_down)."""
 
-  def __init__(self, d_model, d_ff, kind, *, dtype, param_dtype, rngs):
-    _check("mlp", kind, MLPS)
-    linear = lambda a, b, names: nnx.Linear(a, b, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                            kernel_metadata=axes(*names), rngs=rngs)
+  def __init__(self, d_model, d_ff, kind, *, dtype, param_dtype, rngs, use_bias=False):
+    linear = lambda a, b, names: _linear(a, b, names, use_bias, dtype, param_dtype, rngs)
     self.up, self.down = linear(d_model, d_ff, ("embed", "mlp")), linear(d_ff, d_model, ("mlp", "embed"))
     self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
 
@@ -165,132 +258,157 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch."""
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
-               dropout, dtype, param_dtype, rngs):
-    self.attn_norm = make_norm(norm, d_model, param_dtype, rngs)
+               dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
+               rope_theta=10000.0):
+    self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     self.attn = Attention(d_model, num_heads, causal=causal, rotary_positions=rotary_positions,
-                          implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mlp_norm = make_norm(norm, d_model, param_dtype, rngs)
-    self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          num_kv_heads=num_kv_heads, use_bias=use_bias, rope_theta=rope_theta)
+    self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
+    self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x_MD, positions_BT, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0):
     deterministic = rngs is None
-    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, cache, cache_index)
+    h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
+                            layer)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
 
 
 class Stack(nnx.Module):
-  """`num_layers` blocks (stacked and scanned, or a list) followed by a final norm."""
+  """`config.num_layers` blocks (stacked and scanned, or a list) followed by a final norm.
 
-  def __init__(self, num_layers, *, scan_layers, remat, dropout, **block_kwargs):
-    _check("remat", remat, REMAT_POLICIES)
-    rngs = block_kwargs.pop("rngs")
-    make = lambda r: Block(dropout=dropout, rngs=r, **block_kwargs)
-    if scan_layers:
+  `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
+  """
+
+  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs):
+    c = config
+    block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, d_ff=c.d_ff, causal=causal, norm=c.norm,
+                        mlp=c.mlp, rotary_positions=rotary_positions, implementation=c.attention_impl,
+                        dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
+                        num_kv_heads=getattr(c, "num_kv_heads", None), use_bias=c.use_bias, norm_eps=c.norm_eps,
+                        rope_theta=getattr(c, "rope_theta", 10000.0))
+    make = lambda r: Block(rngs=r, **block_kwargs)
+    if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      self.blocks = nnx.split_rngs(splits=num_layers)(stacked)(rngs)
+      self.blocks = nnx.split_rngs(splits=c.num_layers)(stacked)(rngs)
     else:
-      self.blocks = nnx.List([make(rngs) for _ in range(num_layers)])
-    self.final_norm = make_norm(block_kwargs["norm"], block_kwargs["d_model"], block_kwargs["param_dtype"],
-                                rngs)
-    self.num_layers, self.scan_layers, self.remat, self.dropout_rate = num_layers, scan_layers, remat, dropout
-    self.num_heads = block_kwargs["num_heads"]
-    self.head_dim = block_kwargs["d_model"] // self.num_heads
+      self.blocks = nnx.List([make(rngs) for _ in range(c.num_layers)])
+    self.final_norm = make_norm(c.norm, c.d_model, c.norm_eps, param_dtype, rngs)
+    self.num_layers, self.scan_layers, self.remat, self.dropout_rate = c.num_layers, c.scan_layers, c.remat, c.dropout
+    self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
+    self.head_dim = c.d_model // c.num_heads
 
-  def __call__(self, x_BTD, positions_BT, cache=None, cache_index=None, rngs=None):
-    """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis."""
+  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
+    """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis.
+
+    The cache is carried through the layers and each layer writes only its new (B, T, K, H) chunk, in place
+    (`dynamic_update_slice` on the carried buffer): a decoding step never copies the whole cache (with the
+    cache donated, a step's temporary memory is about one layer's keys and values; tests/test_sequence_models.py).
+    """
     B, T, D = x_BTD.shape
     x_MD = constrain(x_BTD.reshape(B * T, D), (BATCH, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
-    def apply(graphdef, state, x, layer_cache, key):
+    def apply(graphdef, state, x, cache, key, i):
       block = nnx.merge(graphdef, state)
-      return block(x, positions_BT, layer_cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None)
+      return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
+                   layer=i)
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
     if self.scan_layers:
       graphdef, state = nnx.split(self.blocks)
 
-      def body(x, xs):
-        state_l, cache_l, key_l = xs
-        return apply(graphdef, state_l, x, cache_l, key_l)
+      def body(carry, xs):
+        state_l, key_l, i = xs
+        return apply(graphdef, state_l, *carry, key_l, i), None
 
-      x_MD, new_cache = jax.lax.scan(body, x_MD, (state, cache, keys_L))
+      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache), (state, keys_L, jnp.arange(self.num_layers)))
     else:
-      caches = []
+      new_cache = cache
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # pylint: disable=cell-var-from-loop
-        x_MD, c = apply(graphdef, state, x_MD, layer(cache), layer(keys_L))
-        caches.append(c)
-      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i)
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (BATCH, LENGTH, EMBED)), new_cache
 
 
-def _stack_kwargs(m, *, causal, dtype, param_dtype, rngs):
-  _check("positions", m["positions"], POSITIONS)
-  _check("attention_impl", m["attention_impl"], ATTENTION_IMPLS)
-  return dict(num_layers=m["num_layers"], scan_layers=m["scan_layers"], remat=m["remat"], dropout=m["dropout"],
-              d_model=m["d_model"], num_heads=m["num_heads"], d_ff=m["d_ff"], causal=causal, norm=m["norm"],
-              mlp=m["mlp"], rotary_positions=m["positions"] == "rotary", implementation=m["attention_impl"],
-              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
 class TransformerLM(nnx.Module):
-  """Decoder-only language model: tokens_BT -> logits_BTV.
+  """Decoder-only language model: tokens_BT (int32) -> logits_BTV (the compute dtype).
 
-  `m` is the `model.*` config group (or a dict with the same keys): d_model,
-  num_heads, num_layers, d_ff, max_len, norm, mlp, positions, tie_embeddings,
-  dropout, scan_layers, remat, attention_impl.
+      TransformerLM(vocab_size, TransformerConfig(d_model=256, num_layers=4), rngs=nnx.Rngs(0))
+      TransformerLM(vocab_size, num_layers=4, rngs=nnx.Rngs(0))  # fields as keyword arguments
+
+  Raises ValueError (a bad field) or TypeError (a config of another family).
   """
 
-  def __init__(self, vocab_size, m, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    d = m["d_model"]
+  def __init__(self, vocab_size: int, config: TransformerConfig | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
+    c = self.config = resolve(TransformerConfig, config, fields)
+    d = c.d_model
     self.embed = nnx.Embed(vocab_size, d, dtype=dtype, param_dtype=param_dtype,
                            embedding_metadata=axes("vocab", "embed"), rngs=rngs)
-    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype,
+    self.pos_embed = (nnx.Embed(c.max_len, d, dtype=dtype, param_dtype=param_dtype,
                                 embedding_metadata=axes(None, "embed"), rngs=rngs)
-                      if m["positions"] == "learned" else None)
-    self.stack = Stack(**_stack_kwargs(m, causal=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
-    self.head = (None if m["tie_embeddings"] else
+                      if c.positions == "learned" else None)
+    self.stack = Stack(c, causal=True, rotary_positions=c.positions == "rotary", dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    self.head = (None if c.tie_embeddings else
                  nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                             kernel_metadata=axes("embed", "vocab"), rngs=rngs))
-    self.embed_dropout = nnx.Dropout(m["dropout"])
-    self.max_len, self.dtype = m["max_len"], dtype
+    self.embed_dropout = nnx.Dropout(c.dropout)
+    self.max_len, self.dtype = c.max_len, dtype
 
-  def _forward(self, tokens_BT, positions_BT, cache, cache_index, rngs):
+  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
     x_BTD = constrain(x_BTD, (BATCH, LENGTH, EMBED))
-    h_BTD, cache = self.stack(x_BTD, positions_BT, cache, cache_index, rngs)
+    h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (BATCH, EMBED))  # a 2-D head matmul
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (BATCH, VOCAB))
     return constrain(logits_MV.reshape(B, T, -1), (BATCH, LENGTH, VOCAB)), cache
 
-  def __call__(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+    """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
+    its own segment, and positions restart at each segment's first token."""
     B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    return self._forward(tokens_BT, positions_BT, None, None, rngs if train else None)[0]
+    if segment_ids_BT is None:
+      positions_BT, mask_B1TS = jnp.broadcast_to(jnp.arange(T), (B, T)), None
+    else:
+      positions_BT, mask_B1TS = segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
+    return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
 
   def init_cache(self, batch_size: int, length: int) -> dict:
-    """An empty KV cache for `length` positions: {'k', 'v'} of shape (L, B, S, N, H)."""
+    """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S)."""
     s = self.stack
-    shape = (s.num_layers, batch_size, length, s.num_heads, s.head_dim)
-    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+    shape = (s.num_layers, batch_size, length, s.num_kv_heads, s.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "segment_ids": jnp.zeros((batch_size, length), jnp.int32)}
 
-  def decode(self, tokens_BT, cache: dict, index):
-    """Logits for tokens at positions index..index+T-1, attending to the cache; returns (logits, cache)."""
+  def decode(self, tokens_BT, cache: dict, index, *, segment_ids_BT=None, positions_BT=None):
+    """Logits for the tokens in cache slots index..index+T-1, attending to the filled slots; returns (logits, cache).
+
+    Each query attends to slots up to its own that hold its segment id (default 1 for every token). Batched
+    prompts of different lengths: left-pad them with segment id 0 and pass `positions_BT` counting each row's
+    real tokens from 0 (default: the slot index), so every row decodes as if it were alone.
+    """
     B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-    return self._forward(tokens_BT, positions_BT, cache, index, None)
+    slots_T = index + jnp.arange(T)
+    segment_ids_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    positions_BT = jnp.broadcast_to(slots_T, (B, T)) if positions_BT is None else positions_BT
+    kv_segment_ids_BS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BT, index, 1)
+    causal_TS = jnp.arange(kv_segment_ids_BS.shape[1])[None, :] <= slots_T[:, None]
+    mask_B1TS = segment_mask(segment_ids_BT, kv_segment_ids_BS) & causal_TS
+    logits_BTV, kv = self._forward(tokens_BT, positions_BT, mask_B1TS, {"k": cache["k"], "v": cache["v"]}, index,
+                                   None)
+    return logits_BTV, {**kv, "segment_ids": kv_segment_ids_BS}
 
 
 class TransformerClassifier(nnx.Module):
@@ -298,24 +416,27 @@ class TransformerClassifier(nnx.Module):
 
   `input_shape` is one example's shape: (L, ...) with everything after L
   flattened into features (digit rows: (8, 8, 1) -> 8 steps of 8 features).
+  Raises ValueError if the sequence (plus a class token) exceeds `max_len`.
   """
 
-  def __init__(self, input_shape, num_classes, m, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    _check("pooling", m["pooling"], ("cls", "mean"))
-    d, length = m["d_model"], input_shape[0] + (m["pooling"] == "cls")
-    if length > m["max_len"]:
-      raise UserError(f"sequence length {length} exceeds model.max_len={m['max_len']}")
+  def __init__(self, input_shape, num_classes: int, config: TransformerConfig | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
+    c = self.config = resolve(TransformerConfig, config, fields)
+    d, length = c.d_model, input_shape[0] + (c.pooling == "cls")
+    if length > c.max_len:
+      raise ValueError(f"max_len={c.max_len} is below the sequence length {length}")
     self.proj = nnx.Linear(math.prod(input_shape[1:]), d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.cls = nnx.Param(jnp.zeros((1, 1, d), param_dtype)) if m["pooling"] == "cls" else None
-    self.pos_embed = (nnx.Embed(m["max_len"], d, dtype=dtype, param_dtype=param_dtype,
+    self.cls = nnx.Param(jnp.zeros((1, 1, d), param_dtype)) if c.pooling == "cls" else None
+    self.pos_embed = (nnx.Embed(c.max_len, d, dtype=dtype, param_dtype=param_dtype,
                                 embedding_metadata=axes(None, "embed"), rngs=rngs)
-                      if m["positions"] == "learned" else None)
-    self.stack = Stack(**_stack_kwargs(m, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                      if c.positions == "learned" else None)
+    self.stack = Stack(c, causal=False, rotary_positions=c.positions == "rotary", dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
     self.out = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
 
-  def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, x, *, mask_BL=None, train: bool = False, rngs: nnx.Rngs | None = None):
+    """logits_BK; `mask_BL` (bool, True = a real step) leaves padding out of attention and mean pooling."""
     B, L = x.shape[:2]
     x_BLD = constrain(self.proj(constrain(x.reshape(B, L, -1).astype(self.dtype), (BATCH,))),
                       (BATCH, LENGTH, EMBED))
@@ -326,9 +447,20 @@ class TransformerClassifier(nnx.Module):
     if self.pos_embed is not None:
       x_BLD = x_BLD + lookup(self.pos_embed, positions_BL, self.dtype)
     x_BLD = constrain(x_BLD, (BATCH, LENGTH, EMBED))
-    h_BLD, _ = self.stack(x_BLD, positions_BL, rngs=rngs if train else None)
-    pooled_BD = constrain(h_BLD[:, 0] if self.cls is not None else h_BLD.mean(axis=1), (BATCH, EMBED))
-    return constrain(self.out(pooled_BD.astype(self.dtype)), (BATCH,))
+    mask_B1LL = None  # (B, 1, 1, L): broadcast over heads and queries
+    if mask_BL is not None:
+      if self.cls is not None:  # the class token is always real
+        mask_BL = jnp.concatenate([jnp.ones((B, 1), bool), mask_BL.astype(bool)], axis=1)
+      mask_B1LL = mask_BL[:, None, None, :]  # keys: every step attends to the real ones only
+    h_BLD, _ = self.stack(x_BLD, positions_BL, mask_B1LL, rngs=rngs if train else None)
+    if self.cls is not None:
+      pooled_BD = h_BLD[:, 0]
+    elif mask_BL is None:
+      pooled_BD = h_BLD.mean(axis=1)
+    else:
+      weights_BL = mask_BL.astype(h_BLD.dtype)
+      pooled_BD = jnp.einsum("bld,bl->bd", h_BLD, weights_BL) / weights_BL.sum(axis=1, keepdims=True)
+    return constrain(self.out(constrain(pooled_BD, (BATCH, EMBED)).astype(self.dtype)), (BATCH,))
 
 
 def _is_stack(tree) -> bool:
@@ -366,19 +498,24 @@ def other_layer_layout(tree):
   return unrolled_to_scan(tree) if unrolled else scan_to_unrolled(tree)
 
 
-def transformer_param_count(m, vocab_size: int) -> int:
+def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
   """Parameters of TransformerLM from its config, by formula (checked against the module in tests).
 
-  Per layer: 4 D^2 attention projections (no biases), 2 D F (gelu) or 3 D F
-  (swiglu) MLP, two norms (2 D for LayerNorm, D for RMSNorm). Plus V D token
-  embedding, max_len D learned positions, a final norm, and D V for an untied head.
+  Per layer: 2 D^2 + 2 D K H attention projections (K H = D without GQA), 2 D F (gelu)
+  or 3 D F (swiglu) MLP, their biases if any, two norms (2 D for LayerNorm, D for
+  RMSNorm). Plus V D token embedding, max_len D learned positions, a final norm,
+  and D V for an untied head.
   """
-  d, f = m["d_model"], m["d_ff"]
-  norm = 2 * d if m["norm"] == "layer" else d
-  per_layer = 4 * d * d + (3 if m["mlp"] == "swiglu" else 2) * d * f + 2 * norm
-  total = vocab_size * d + m["num_layers"] * per_layer + norm
-  if m["positions"] == "learned":
-    total += m["max_len"] * d
-  if not m["tie_embeddings"]:
+  c = config
+  d, f, kv = c.d_model, c.d_ff, c.kv_heads * (c.d_model // c.num_heads)
+  norm = 2 * d if c.norm == "layer" else d
+  mlp_mats = 3 if c.mlp == "swiglu" else 2
+  per_layer = 2 * d * d + 2 * d * kv + mlp_mats * d * f + 2 * norm
+  if c.use_bias:
+    per_layer += 2 * d + 2 * kv + (mlp_mats - 1) * f + d
+  total = vocab_size * d + c.num_layers * per_layer + norm
+  if c.positions == "learned":
+    total += c.max_len * d
+  if not c.tie_embeddings:
     total += d * vocab_size
   return total

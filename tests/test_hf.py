@@ -1,0 +1,95 @@
+"""Hugging Face interop: small random GPT-2 and Llama models built by `transformers` from a config (nothing is
+downloaded), imported, compared logit by logit, and exported back to identical tensors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxmodels
+from jaxmodels.errors import UserError
+from jaxmodels.hf import export_hf, import_hf
+from conftest import ROOT
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+VOCAB = 67
+
+
+def gpt2():
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+      attn_pdrop=0.0))
+
+
+def llama():  # grouped-query attention (4 query heads, 2 key/value heads), untied head, a non-default rope_theta
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0,
+      tie_word_embeddings=False))
+
+
+def saved(make, directory):
+  torch.manual_seed(0)
+  model = make().eval()
+  with torch.no_grad():  # norms away from their ones/zeros init, so that a mixed-up norm parameter shows
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory, safe_serialization=True)
+  return model
+
+
+def tensors(directory):
+  return safetensors_numpy.load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("make, scan_layers", [(gpt2, True), (llama, False), (llama, True)],
+                         ids=["gpt2-scanned", "llama-unrolled", "llama-scanned"])
+def test_import_matches_transformers_logits_and_export_round_trips(tmp_path, make, scan_layers):
+  reference = saved(make, tmp_path / "hf")
+  import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), scan_layers=scan_layers)
+  model = jaxmodels.load_model(str(tmp_path / "imported"))
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+  with torch.no_grad():
+    expected = reference(torch.tensor(tokens)).logits.numpy()
+  got = np.asarray(model(tokens))
+  assert np.abs(got - expected).max() < 1e-4
+
+  export_hf(str(tmp_path / "imported"), str(tmp_path / "back"))
+  original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
+  assert sorted(back) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  again = type(reference).from_pretrained(tmp_path / "back").eval()  # transformers reads our config.json
+  with torch.no_grad():
+    np.testing.assert_array_equal(again(torch.tensor(tokens)).logits.numpy(), expected)
+
+
+def test_unsupported_models_are_one_line_errors(tmp_path):
+  (tmp_path / "bert").mkdir()
+  (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(UserError, match="model_type='bert' is not supported"):
+    import_hf(str(tmp_path / "bert"), str(tmp_path / "out"))
+  (tmp_path / "scaled").mkdir()
+  (tmp_path / "scaled" / "config.json").write_text(json.dumps(
+      {**llama().config.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None}))
+  with pytest.raises(UserError, match="rope_type='llama3' is not supported"):
+    import_hf(str(tmp_path / "scaled"), str(tmp_path / "out"))
+
+
+def test_cli_import_hf_then_export_hf(tmp_path):
+  saved(gpt2, tmp_path / "hf")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "jaxmodels", *a], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300, check=False)
+  r = run("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
+  assert r.returncode == 0, r.stderr
+  r = run("export-hf", "--model", str(tmp_path / "x"), "--out", str(tmp_path / "y"))
+  assert r.returncode == 0, r.stderr
+  assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "gpt2"
+  r = run("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
+  assert r.returncode == 2 and r.stderr.strip() == f"jaxmodels: error: --out {tmp_path / 'x'} already exists"
