@@ -24,14 +24,16 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxmodels import actions as actions_lib
 from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import storage
 from jaxmodels import config as config_lib
 from jaxmodels.data import check_batch_size, load_dataset
-from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
-from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
+from jaxmodels.actions import Run, summarize
+from jaxmodels.errors import UserError
+from jaxmodels.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.models import build_model
 from jaxmodels.optim import make_optimizer
@@ -43,11 +45,6 @@ class TrainState:
   params: dict  # nnx.Param variables as a pure nested dict of arrays
   model_state: dict  # every other variable (BatchNorm statistics, ...), likewise
   opt_state: optax.OptState
-
-
-# The train step returns its metrics stacked in one float32 vector in this order:
-# each output array costs dispatch time on every step, the stack costs one.
-TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "skipped")
 
 
 def split_model(model: nnx.Module):
@@ -93,7 +90,7 @@ class Experiment:
   model_flops: float  # analytic training FLOPs of one step (jaxmodels.flops)
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   checkpoint_state: TrainState  # ShapeDtypeStructs with shardings: where a restore puts each array
-  train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
+  train_step: Callable  # (state, batch) -> (state, metrics vector, see actions.TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
 
   def batch(self, step: int) -> dict:
@@ -278,19 +275,6 @@ def mean_train_metrics(pending: list[jax.Array]) -> dict[str, float]:
   return summarize(np.stack(parallel.fetch(pending)))
 
 
-def summarize(rows: np.ndarray) -> dict[str, float]:
-  """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
-  kept = rows[rows[:, TRAIN_METRICS.index("skipped")] == 0]
-  means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
-  out = {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
-  skipped = int(rows[:, TRAIN_METRICS.index("skipped")].sum())
-  if skipped:
-    out["skipped"] = skipped
-  else:
-    del out["skipped"]
-  return out
-
-
 class _Signals:
   """SIGTERM/SIGINT ask the loop to stop after a step; `stop_after(step)` says whether this is that step.
 
@@ -336,124 +320,40 @@ class _Signals:
 
 def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
                unlogged: list | None = None):
-  """Steps `start`..`train.steps` with periodic async saves; returns (state, last eval metrics or {}).
+  """Steps `start`..`train.steps`, each followed by the actions due (jaxmodels.actions); returns
+  (state, last eval metrics or {}).
 
   Metrics stay on the device until a log interval or a save fetches them. The
   loop may move data only explicitly (device_put / device_get): an implicit
   transfer, a hidden per-step host sync, is an error rather than a slowdown.
   A non-finite loss stops the run before any save of that state; a signal
   ends it after the current step (with several processes, after a step all agree
-  on) with a synchronous save. Each checkpoint also
-  keeps the metric rows not yet logged (`unlogged` on resume), so a resumed
-  run's log intervals average the same steps as an uninterrupted run's.
+  on) with a synchronous save. Each checkpoint also keeps the metric rows not
+  yet logged (`unlogged` on resume), so a resumed run's log intervals average
+  the same steps as an uninterrupted run's.
   """
-  t, every = exp.config.train, exp.config.checkpoint.every
-  config_dict = exp.config.to_dict()
-  pending, interval_start, eval_metrics, timed = [], None, {}, 0
-  checked = list(unlogged or [])  # host metric rows since the last log line, checked for non-finite losses
-  # Every step's learning rate, computed once here: schedules are jnp functions.
-  learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
-  peak, _ = flops.peak_flops(exp.layout.device_count)
-  alarm = RecompileAlarm(fail=t.fail_on_recompile, log=logger.print)
-  profile = Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print)
-
-  def check(done):
-    """Fetches pending metrics (one host sync) and stops on a non-finite loss unless skipping."""
-    if not pending:
-      return
-    rows = np.stack(parallel.fetch(pending))
-    losses = rows[:, 0]
-    if not t.skip_nonfinite and not np.all(np.isfinite(losses)):
-      bad = done - len(pending) + 1 + int(np.argmax(~np.isfinite(losses)))
-      raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
-                          f"that state (the newest checkpoint is {ckpts.latest_step()}). Lower "
-                          f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
-    checked.extend(rows.tolist())
-    pending.clear()
-
-  t0 = time.perf_counter()
-  with jax.transfer_guard("disallow"), _Signals() as signals:
+  t = exp.config.train
+  run = Run(exp, state, start, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
+            rows=list(unlogged or []))
+  signals = _Signals()
+  actions = actions_lib.default_actions(exp, start, logger, signals)
+  with jax.transfer_guard("disallow"), signals:
+    for action in actions:
+      action.begin(run)
     for step in range(start, t.steps):
-      profile.at(step, state)
       batch = exp.batch(step)
-      inputs = {"state": state, "batch": batch}  # donated, but their shapes and shardings stay readable
+      inputs = {"state": run.state, "batch": batch}  # donated, but their shapes and shardings stay readable
       with CompileTimer() as compile_time:
-        state, metrics = exp.train_step(state, batch)
-      alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
-      pending.append(metrics)
-      done, timed = step + 1, timed + 1
-      if interval_start is None:  # the first step includes compilation: throughput is timed from its end
-        check(done)
-        first_step_s = time.perf_counter() - t0
-        compile_record = {k: round(v, 4) for k, v in compile_time.seconds.items()}
-        if start == 0:  # a resumed run logs on the uninterrupted run's schedule instead
-          logger.write({"step": done, "split": "train", **summarize(np.asarray(checked)),
-                        "learning_rate": float(learning_rates[step]), "first_step_s": first_step_s,
-                        **compile_record})
-          checked.clear()
-        else:
-          logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
-        interval_start, timed = time.perf_counter(), 0
-      elif done % t.log_every == 0 or done == t.steps:
-        check(done)
-        record = summarize(np.asarray(checked))
-        elapsed = time.perf_counter() - interval_start
-        record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / timed,
-                      examples_per_sec=timed * t.batch_size / elapsed,
-                      mfu=exp.model_flops * timed / elapsed / peak)
-        if exp.dataset.task == "lm":
-          record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
-        logger.write({"step": done, "split": "train", **record})
-        checked.clear()
-        interval_start, timed = time.perf_counter(), 0
-      evaluated = done % t.eval_every == 0 or done == t.steps
-      if evaluated:
-        eval_metrics = exp.evaluate(state, alarm, done)
-        logger.write({"step": done, "split": "eval", **eval_metrics})
-      stop = signals.stop_after(done)
-      if (every and done % every == 0) or done == t.steps or stop:
-        check(done)
-        ckpts.save(done, exp.layout.for_checkpoint(state), config_dict, unlogged=checked,
-                   metrics=eval_metrics if evaluated else None, wait=stop)
-      if stop:
-        cause = f"signal {signals.received}" if signals.received else "preemption notice"
-        message = f"{cause}: saved step {done}; rerun the same command to resume"
-        if logger.enabled:
-          logger.print(message)
-        else:  # every process says so, not only the lead: each saved this same step
-          print(message, flush=True)
-        raise Preempted(done)
-    profile.stop(state)
-  return state, eval_metrics
-
-
-class Profile:
-  """A jax.profiler trace of steps [first, last) of `train.profile_steps`, written to `directory`."""
-
-  def __init__(self, steps, directory: str, log):
-    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
-      raise UserError(f"train.profile_steps={tuple(steps)}: expected (first, last) with 0 <= first < last")
-    if steps and (problem := libtpu_problem()):
-      raise UserError(f"train.profile_steps: {problem} (a mismatched libtpu crashes jax.profiler)")
-    self.steps, self.directory, self.log, self.active = tuple(steps), directory, log, False
-
-  def at(self, step: int, state) -> None:
-    if not self.steps:
-      return
-    if step == self.steps[0]:
-      jax.block_until_ready(state)
-      jax.profiler.start_trace(self.directory)
-      self.active = True
-    elif step == self.steps[1]:
-      self.stop(state)
-
-  def stop(self, state=None) -> None:
-    if self.active:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.active = False
-      self.log(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.directory} "
-               f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
+        run.state, metrics = exp.train_step(run.state, batch)
+      run.alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
+      run.pending.append(metrics)
+      run.done, run.compile_seconds = step + 1, compile_time.seconds
+      for action in actions:
+        if action.due(run):
+          action(run)
+    for action in actions:
+      action.end(run)
+  return run.state, run.eval_metrics
 
 
 def _restore(exp: Experiment, ckpts, log):
