@@ -14,6 +14,7 @@ that log or save, at their intervals, under the loop's transfer guard.
 """
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -42,6 +43,11 @@ def summarize(rows: np.ndarray) -> dict[str, float]:
   else:
     del out["skipped"]
   return out
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+  """The float metrics of an evaluation (no per-class lists, no confusion matrix)."""
+  return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 @dataclasses.dataclass
@@ -142,14 +148,21 @@ class LogTrain(Action):
 
 
 class Evaluate(Action):
-  """Metrics over the whole eval split, written as an `eval` record and kept in `run.eval_metrics`."""
+  """Metrics over the whole eval split, written as an `eval` record and kept in `run.eval_metrics`; a
+  classifier's confusion matrix goes to `confusion_<step>.json` (with its classes' scores) instead."""
 
   def __init__(self, every: int):
     self.every = every
 
   def __call__(self, run: Run) -> None:
-    run.eval_metrics, run.eval_step = run.exp.evaluate(run.state, run.alarm, run.done), run.done
-    run.logger.write({"step": run.done, "split": "eval", **run.eval_metrics})
+    metrics = run.exp.evaluate(run.state, run.alarm, run.done)
+    confusion = metrics.pop("confusion", None)
+    run.eval_metrics, run.eval_step = metrics, run.done
+    run.logger.write({"step": run.done, "split": "eval", **metrics})
+    if confusion is not None and run.logger.enabled:
+      per_class = {k: v for k, v in metrics.items() if k.endswith("_per_class")}
+      (run.logger.workdir / f"confusion_{run.done}.json").write_text(
+          json.dumps({"step": run.done, "confusion": confusion, **per_class}))
 
 
 class WatchSignals(Action):
@@ -183,7 +196,7 @@ class Save(Action):
   def __call__(self, run: Run) -> None:
     run.fetch()
     run.ckpts.save(run.done, run.exp.layout.for_checkpoint(run.state), self.config_dict, unlogged=run.rows,
-                   metrics=run.eval_metrics if run.eval_step == run.done else None, wait=bool(run.stop))
+                   metrics=scalars(run.eval_metrics) if run.eval_step == run.done else None, wait=bool(run.stop))
 
 
 class Preempt(Action):

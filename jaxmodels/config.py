@@ -94,6 +94,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
+  c.train.eval_top_k = 5  # eval metric top<k>_accuracy: the label among the k highest logits; 0 (or k >= classes): none
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
   c.train.skip_nonfinite = False
   # A second compile of the train or eval step (changed shape, dtype, sharding) warns; true makes it an error.
@@ -104,7 +105,9 @@ def default_config() -> config_dict.ConfigDict:
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
   c.checkpoint.keep = 3  # newest checkpoints kept
-  c.checkpoint.keep_best = ""  # also keep the best by this eval metric: loss, accuracy (LMs: perplexity, bits_per_*)
+  # Also keep the best by this eval metric: loss, accuracy, top<k>_accuracy; classifiers: {precision,recall,f1}_{macro,
+  # weighted}; LMs: perplexity, bits_per_*.
+  c.checkpoint.keep_best = ""
   c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
   # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.
   c.checkpoint.restore_from = ""
@@ -258,6 +261,7 @@ def validate(config: config_dict.ConfigDict) -> None:
       "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
       "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
       "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
+      "train.eval_top_k": NON_NEGATIVE,
       "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
                               "() or (first, last) with 0 <= first < last"),
       "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
@@ -270,7 +274,10 @@ def validate(config: config_dict.ConfigDict) -> None:
       "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
   }
   task = "lm" if d.source == "text" else "classify"
-  metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{d.tokenizer}") if task == "lm" else ())
+  metrics = ("loss", "accuracy") + (
+      ("perplexity", f"bits_per_{d.tokenizer}") if task == "lm" else
+      tuple(f"{s}_{a}" for s in ("precision", "recall", "f1") for a in ("macro", "weighted"))) + (
+      (f"top{t.eval_top_k}_accuracy",) if t.eval_top_k > 1 else ())
   rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
   for key, rule in rules.items():
     _check(config, key, rule)

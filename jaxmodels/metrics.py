@@ -109,4 +109,6 @@ class MetricsLogger:
 def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
+  if isinstance(v, list):  # per-class values
+    return "[" + " ".join(_fmt(x) for x in v) + "]"
   return str(v)

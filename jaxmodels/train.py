@@ -28,10 +28,11 @@ from jaxmodels import actions as actions_lib
 from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import scores
 from jaxmodels import storage
 from jaxmodels import config as config_lib
 from jaxmodels.data import check_batch_size, load_dataset
-from jaxmodels.actions import Run, summarize
+from jaxmodels.actions import Run, scalars, summarize
 from jaxmodels.errors import UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.metrics import MetricsLogger
@@ -69,6 +70,22 @@ def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
+def eval_sums(logits, labels, mask, top_k: int = 0, confusion: bool = False) -> dict[str, jax.Array]:
+  """`loss_sums`, plus the top-k hit count (float32, `top_k` > 0) and the (C, C) int32 confusion matrix
+  (rows the true class, columns the predicted one; `confusion`) over unmasked positions."""
+  sums = loss_sums(logits, labels, mask)
+  if top_k:
+    _, top_BK = jax.lax.top_k(logits.astype(jnp.float32), top_k)
+    hits = jnp.any(top_BK == labels[..., None], axis=-1).astype(jnp.float32)
+    sums["top_k_correct"] = jnp.sum(hits * mask)
+  if confusion:
+    num_classes = logits.shape[-1]
+    predicted = jnp.argmax(logits, -1)
+    sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predicted].add(
+        (mask > 0).astype(jnp.int32))
+  return sums
+
+
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
@@ -98,13 +115,17 @@ class Experiment:
     size = self.config.train.batch_size
     return self.layout.global_batch(self.dataset.train_batch(step, size, self.layout.local_rows(size)), size)
 
-  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
+  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict:
     """Metrics over the whole test (validation) split; one host fetch at the end.
 
     `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
     Loss is mean cross-entropy in nats per example (classification) or per token
-    (language models, which also report perplexity and bits per char or byte).
+    (language models, which also report perplexity and bits per char or byte);
+    `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
+    F1 (macro and weighted floats, per-class lists; jaxmodels.scores) and `confusion`,
+    the (C, C) matrix of counts as nested lists (rows true class, columns predicted).
+    `scalars(metrics)` keeps the floats.
     """
     size = self.config.train.eval_batch_size
     totals = None
@@ -119,9 +140,14 @@ class Experiment:
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
     metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+    if "top_k_correct" in totals:
+      metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
     if self.dataset.task == "lm":
       metrics["perplexity"] = math.exp(metrics["loss"])
       metrics[f"bits_per_{self.dataset.vocab.kind}"] = metrics["loss"] / math.log(2)
+    if "confusion" in totals:
+      confusion = np.asarray(totals["confusion"], np.int64)
+      metrics.update(scores.confusion_scores(confusion), confusion=confusion.tolist())
     return metrics
 
 
@@ -150,10 +176,13 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
+  # Top-k accuracy only where k leaves classes out; a confusion matrix for classifiers (not for a vocabulary).
+  eval_options = dict(eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0,
+                      confusion=dataset.task == "classify")
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
-                                   skip_nonfinite=t.skip_nonfinite)
+                                   skip_nonfinite=t.skip_nonfinite, **eval_options)
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
@@ -168,7 +197,8 @@ def build_experiment(config, devices=None) -> Experiment:
                                      config.parallel.fallback_rules)
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
+                                   **eval_options)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
@@ -186,7 +216,7 @@ def build_experiment(config, devices=None) -> Experiment:
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, eval_top_k: int = 0, confusion: bool = False):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -202,7 +232,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   across that axis (so the target count is global), model state is averaged,
   eval sums are summed, and each device folds its axis index into the dropout
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
-  state unchanged but for the step counter (metric `skipped` = 1).
+  state unchanged but for the step counter (metric `skipped` = 1). The eval step
+  returns `eval_sums` (top-k hits for `eval_top_k` > 0, a confusion matrix with `confusion`).
   """
 
   def loss_fn(params, model_state, batch, rng):
@@ -264,7 +295,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = loss_sums(model(batch["x"], train=False), batch["y"], batch["mask"])
+    sums = eval_sums(model(batch["x"], train=False), batch["y"], batch["mask"], eval_top_k, confusion)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step
@@ -412,9 +443,10 @@ def schedule_change(exp: Experiment, saved_config: dict | None, start: int) -> s
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics.
+  """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics
+  (the floats; see Experiment.evaluate).
 
-  Writes `config.json`, `model.json`, `metrics.jsonl` and `checkpoints/`. A
+  Writes `config.json`, `model.json`, `metrics.jsonl`, `confusion_<step>.json` (classifiers) and `checkpoints/`. A
   workdir that already holds a checkpoint resumes from its newest readable one.
   Holds `workdir/LOCK` while it runs. Raises `UserError` for a bad workdir,
   config or data, a workdir in use by another run, or a checkpoint this config
@@ -455,6 +487,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_s = time.perf_counter() - t0
     if not eval_metrics:  # resumed at the end: nothing trained, still report
       eval_metrics = exp.evaluate(state)
+    eval_metrics = scalars(eval_metrics)
   finally:
     try:
       if ckpts is not None:

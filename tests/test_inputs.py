@@ -82,6 +82,7 @@ BAD_VALUES = [
     ("train.log_every", 0, "train.log_every=0"),
     ("train.eval_every", 0, "train.eval_every=0"),
     ("train.eval_batch_size", 0, "train.eval_batch_size=0"),
+    ("train.eval_top_k", -1, "train.eval_top_k=-1: expected an integer >= 0"),
     ("train.profile_steps", (5, 2), r"train.profile_steps=(5, 2): expected () or (first, last)"),
     ("checkpoint.every", -1, "checkpoint.every=-1"),
     ("checkpoint.keep", 0, "checkpoint.keep=0"),
