@@ -26,18 +26,19 @@ from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels.compilation import RecompileAlarm, libtpu_problem
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
+from jaxmodels.tasks import train_metric_names
 
-# The train step returns its metrics stacked in one float32 vector in this order:
+# The train step returns its metrics stacked in one float32 vector in this order (regression: mae for accuracy):
 # each output array costs dispatch time on every step, the stack costs one.
-TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "skipped")
+TRAIN_METRICS = train_metric_names("classify")
 
 
-def summarize(rows: np.ndarray) -> dict[str, float]:
+def summarize(rows: np.ndarray, names: tuple[str, ...] = TRAIN_METRICS) -> dict[str, float]:
   """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
-  kept = rows[rows[:, TRAIN_METRICS.index("skipped")] == 0]
+  kept = rows[rows[:, names.index("skipped")] == 0]
   means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
-  out = {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
-  skipped = int(rows[:, TRAIN_METRICS.index("skipped")].sum())
+  out = {name: float(v) for name, v in zip(names, means)}
+  skipped = int(rows[:, names.index("skipped")].sum())
   if skipped:
     out["skipped"] = skipped
   else:
@@ -125,7 +126,7 @@ class LogTrain(Action):
 
   def __call__(self, run: Run) -> None:
     run.fetch()
-    record = summarize(np.asarray(run.rows))
+    record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
     record["learning_rate"] = float(self.learning_rates[run.done - 1])
     if self.interval_start is None:
       first_step_s = time.perf_counter() - self.t0

@@ -28,6 +28,9 @@ def default_config() -> config_dict.ConfigDict:
   # `text`: a UTF-8 file for language modelling (data.path; empty = the embedded corpus).
   c.data.source = "digits"
   c.data.path = ""  # the .npz or text file; unused for digits
+  # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks.py). Empty: inferred from
+  # y_train where unambiguous: (N, C) of 0/1 -> multilabel, else classify. Text is always lm.
+  c.data.task = ""
   c.data.test_fraction = 0.2  # digits only: share of examples held out, split by train.seed
   # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
   # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
@@ -94,6 +97,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
+  c.train.loss = "mse"  # data.task=regress: mse | mae | huber (delta 1); other tasks have their own loss
   c.train.eval_top_k = 5  # eval metric top<k>_accuracy: the label among the k highest logits; 0 (or k >= classes): none
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
   c.train.skip_nonfinite = False
@@ -239,12 +243,14 @@ def validate(config: config_dict.ConfigDict) -> None:
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, layers, recurrent, transformer
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
+  from jaxmodels.tasks import LOSSES, TASKS
   from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, activation_rules, parse_mesh
 
   d, m, t, p = config.data, config.model, config.train, config.parallel
   rules = {
       "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
-      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS),
+      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.task": one_of(("",) + TASKS),
+      "train.loss": one_of(LOSSES),
       "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
       "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
       "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
@@ -273,16 +279,25 @@ def validate(config: config_dict.ConfigDict) -> None:
                                        "empty or HOST:PORT"),
       "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
   }
-  task = "lm" if d.source == "text" else "classify"
-  metrics = ("loss", "accuracy") + (
-      ("perplexity", f"bits_per_{d.tokenizer}") if task == "lm" else
-      tuple(f"{s}_{a}" for s in ("precision", "recall", "f1") for a in ("macro", "weighted"))) + (
-      (f"top{t.eval_top_k}_accuracy",) if t.eval_top_k > 1 else ())
+  task = "lm" if d.source == "text" else d.task if d.task in TASKS else "classify"
+  by_task = {"lm": ("loss", "accuracy", "perplexity", f"bits_per_{d.tokenizer}"),
+             "classify": ("loss", "accuracy") + tuple(f"{s}_{a}" for s in ("precision", "recall", "f1")
+                                                      for a in ("macro", "weighted")),
+             "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
+             "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
+             "regress": ("loss", "mse", "mae", "r2")}
+  # An npz file's task is inferred when the data loads: any array task's metric may be named until then.
+  inferred = d.source == "npz" and not d.task
+  metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
+  if task in ("lm", "classify") and t.eval_top_k > 1:
+    metrics += (f"top{t.eval_top_k}_accuracy",)
   rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
   for key, rule in rules.items():
     _check(config, key, rule)
 
   # Keys whose allowed values depend on others.
+  if d.source == "text" and d.task:
+    raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
@@ -301,7 +316,7 @@ def validate(config: config_dict.ConfigDict) -> None:
                       f"{m.d_model // m.num_heads}")
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
-  if task == "classify":
+  if task != "lm":
     _check(config, "model.pooling", one_of({"transformer": ("mean", "cls"), "lstm": ("last", "mean")}
                                            .get(m.family, ("mean", "cls", "last"))))
   if t.batch_size % t.grad_accum_steps:

@@ -37,3 +37,45 @@ def confusion_scores(confusion_CC: np.ndarray) -> dict:
   for name, per_class in (("precision", precision), ("recall", recall), ("f1", f1)):
     out[f"{name}_per_class"] = [float(v) for v in per_class]
   return out
+
+
+def binary_scores(confusion_22: np.ndarray, auc_hist_2N: np.ndarray) -> dict[str, float]:
+  """`precision`, `recall`, `f1` of the positive class (scikit-learn's average="binary") and `roc_auc`.
+
+  ROC AUC from the two classes' logit histograms: the probability that a positive
+  outranks a negative, ties (the same bin) counted half, as scikit-learn counts
+  equal scores; bins of 1/128 of a logit unit make it equal sklearn's to about 1e-3.
+  """
+  cm = np.asarray(confusion_22, np.float64)
+  true_pos, predicted, actual = cm[1, 1], cm[:, 1].sum(), cm[1].sum()
+  precision = true_pos / predicted if predicted else 0.0
+  recall = true_pos / actual if actual else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  negatives, positives = np.asarray(auc_hist_2N, np.float64)
+  below = np.cumsum(negatives) - negatives  # negatives in lower bins than each bin
+  pairs = positives.sum() * negatives.sum()
+  auc = float(np.sum(positives * (below + 0.5 * negatives)) / pairs) if pairs else float("nan")
+  return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "roc_auc": auc}
+
+
+def multilabel_scores(label_counts_3C: np.ndarray) -> dict:
+  """From per-label (true positives, predicted, actual) counts: `f1_micro`, `precision_macro`, `recall_macro`,
+  `f1_macro` (the mean over labels, scikit-learn's average="macro" with zero_division=0) and `f1_per_label`."""
+  true_pos, predicted, actual = np.asarray(label_counts_3C, np.float64)
+  safe = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+  precision, recall = safe(true_pos, predicted), safe(true_pos, actual)
+  f1 = safe(2 * precision * recall, precision + recall)
+  micro = 2 * true_pos.sum() / (predicted.sum() + actual.sum()) if predicted.sum() + actual.sum() else 0.0
+  return {"f1_micro": float(micro), "precision_macro": float(precision.mean()), "recall_macro": float(recall.mean()),
+          "f1_macro": float(f1.mean()), "f1_per_label": [float(v) for v in f1]}
+
+
+def regression_scores(totals: dict) -> dict[str, float]:
+  """`mse`, `mae` (over every target element) and `r2`, the coefficient of determination of each output
+  averaged over outputs (scikit-learn's r2_score, multioutput="uniform_average"), from per-output sums."""
+  get = lambda k: np.asarray(totals[k], np.float64).ravel()
+  n, y_sum, y_sq_sum, sq_error = get("target_count"), get("y_sum"), get("y_sq_sum"), get("sq_error_sum")
+  total_sq = y_sq_sum - y_sum ** 2 / n  # sum of squares about each output's mean
+  r2 = np.where(total_sq > 0, 1 - sq_error / np.where(total_sq > 0, total_sq, 1), 0.0)
+  return {"mse": float(sq_error.sum() / n.sum()), "mae": float(get("abs_error_sum").sum() / n.sum()),
+          "r2": float(r2.mean())}

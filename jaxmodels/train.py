@@ -29,6 +29,7 @@ from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import scores
+from jaxmodels import tasks
 from jaxmodels import storage
 from jaxmodels import config as config_lib
 from jaxmodels.data import check_batch_size, load_dataset
@@ -59,39 +60,12 @@ def split_model(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
 
 
-def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
-  """Summed float32 cross-entropy and correct predictions over unmasked positions.
-
-  Works for labels of any shape: (B,) for classification, (B, L) for sequences.
-  """
-  logits = logits.astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
-
-
-def eval_sums(logits, labels, mask, top_k: int = 0, confusion: bool = False) -> dict[str, jax.Array]:
-  """`loss_sums`, plus the top-k hit count (float32, `top_k` > 0) and the (C, C) int32 confusion matrix
-  (rows the true class, columns the predicted one; `confusion`) over unmasked positions."""
-  sums = loss_sums(logits, labels, mask)
-  if top_k:
-    _, top_BK = jax.lax.top_k(logits.astype(jnp.float32), top_k)
-    hits = jnp.any(top_BK == labels[..., None], axis=-1).astype(jnp.float32)
-    sums["top_k_correct"] = jnp.sum(hits * mask)
-  if confusion:
-    num_classes = logits.shape[-1]
-    predicted = jnp.argmax(logits, -1)
-    sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predicted].add(
-        (mask > 0).astype(jnp.int32))
-  return sums
-
-
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
-  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task,
-                     axis_name=axis_name)
+  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs,
+                     task="lm" if dataset.task == "lm" else "classify", axis_name=axis_name)
 
 
 @dataclasses.dataclass
@@ -120,9 +94,11 @@ class Experiment:
 
     `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
-    Loss is mean cross-entropy in nats per example (classification) or per token
-    (language models, which also report perplexity and bits per char or byte);
-    `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
+    Loss is the mean per target of the task's loss (jaxmodels.tasks): cross-entropy
+    in nats per example (classification) or per token (language models, which also
+    report perplexity and bits per char or byte). Regression reports mse, mae and r2;
+    binary precision, recall, f1 and roc_auc; multilabel f1_micro, *_macro and
+    f1_per_label; `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
     F1 (macro and weighted floats, per-class lists; jaxmodels.scores) and `confusion`,
     the (C, C) matrix of counts as nested lists (rows true class, columns predicted).
     `scalars(metrics)` keeps the floats.
@@ -139,13 +115,22 @@ class Experiment:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
-    metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+    metrics = {"loss": float(totals["loss_sum"]) / count}
+    task = self.dataset.task
+    if task == "regress":
+      metrics.update(scores.regression_scores(totals))
+    else:
+      metrics["accuracy"] = float(totals["correct"]) / count  # multilabel: the share of labels right
+    if task == "binary":
+      metrics.update(scores.binary_scores(totals["confusion"], totals["auc_hist"]))
+    if task == "multilabel":
+      metrics.update(scores.multilabel_scores(totals["label_counts"]))
     if "top_k_correct" in totals:
       metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
     if self.dataset.task == "lm":
       metrics["perplexity"] = math.exp(metrics["loss"])
       metrics[f"bits_per_{self.dataset.vocab.kind}"] = metrics["loss"] / math.log(2)
-    if "confusion" in totals:
+    if task == "classify":
       confusion = np.asarray(totals["confusion"], np.int64)
       metrics.update(scores.confusion_scores(confusion), confusion=confusion.tolist())
     return metrics
@@ -163,7 +148,7 @@ def build_experiment(config, devices=None) -> Experiment:
       print(f"note: {notice}", flush=True)
   dataset = load_dataset(config)
   t = config.train
-  if dataset.task == "classify":  # text batches are random windows, any number of them
+  if dataset.task != "lm":  # text batches are random windows, any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
   tx, schedule = make_optimizer(t)
 
@@ -177,8 +162,8 @@ def build_experiment(config, devices=None) -> Experiment:
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
   # Top-k accuracy only where k leaves classes out; a confusion matrix for classifiers (not for a vocabulary).
-  eval_options = dict(eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0,
-                      confusion=dataset.task == "classify")
+  eval_options = dict(task=dataset.task, loss=t.loss,
+                      eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
@@ -216,7 +201,7 @@ def build_experiment(config, devices=None) -> Experiment:
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
-               skip_nonfinite: bool = False, eval_top_k: int = 0, confusion: bool = False):
+               skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -232,8 +217,9 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   across that axis (so the target count is global), model state is averaged,
   eval sums are summed, and each device folds its axis index into the dropout
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
-  state unchanged but for the step counter (metric `skipped` = 1). The eval step
-  returns `eval_sums` (top-k hits for `eval_top_k` > 0, a confusion matrix with `confusion`).
+  state unchanged but for the step counter (metric `skipped` = 1). `task` and
+  `loss` (regression) pick the loss (jaxmodels.tasks); the eval step returns
+  `tasks.eval_sums` (top-k hits for `eval_top_k` > 0).
   """
 
   def loss_fn(params, model_state, batch, rng):
@@ -241,7 +227,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
     logits = model(batch["x"], train=True, rngs=nnx.Rngs(dropout=rng))
-    sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
+    sums = tasks.loss_sums(task, logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)),
+                           loss)
     _, _, new_model_state = split_model(model)
     return sums["loss_sum"], (sums, new_model_state)
 
@@ -295,7 +282,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = eval_sums(model(batch["x"], train=False), batch["y"], batch["mask"], eval_top_k, confusion)
+    sums = tasks.eval_sums(task, model(batch["x"], train=False), batch["y"], batch["mask"], eval_top_k, loss)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step

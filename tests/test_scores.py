@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from jaxmodels.scores import confusion_scores
-from jaxmodels.train import eval_sums
+from jaxmodels.tasks import eval_sums
 
 
 def _sklearn_scores(y_true, y_pred) -> dict:
@@ -41,7 +41,7 @@ def test_eval_sums_count_top_k_hits_and_confusion_over_unmasked_rows():
   logits = rng.normal(size=(64, 7)).astype(np.float32)
   labels = rng.integers(0, 7, 64).astype(np.int32)
   mask = (np.arange(64) < 50).astype(np.float32)  # the last 14 rows are padding
-  sums = eval_sums(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), top_k=3, confusion=True)
+  sums = eval_sums("classify", jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), top_k=3)
   kept_logits, kept_labels = logits[:50], labels[:50]
   assert float(sums["top_k_correct"]) == 50 * skm.top_k_accuracy_score(kept_labels, kept_logits, k=3,
                                                                         labels=range(7))
