@@ -139,7 +139,8 @@ class LogTrain(Action):
         run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
     else:
       exp, elapsed, timed = run.exp, time.perf_counter() - self.interval_start, run.done - self.interval_step
-      record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * exp.config.train.batch_size / elapsed,
+      record.update(step_time_ms=1000 * elapsed / timed,
+                    examples_per_sec=timed * exp.config.train.batch_size / elapsed,
                     mfu=exp.model_flops * timed / elapsed / self.peak_flops)
       if exp.dataset.task == "lm":
         record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len

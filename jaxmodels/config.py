@@ -98,7 +98,8 @@ def default_config() -> config_dict.ConfigDict:
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
   c.train.loss = "mse"  # data.task=regress: mse | mae | huber (delta 1); other tasks have their own loss
-  c.train.eval_top_k = 5  # eval metric top<k>_accuracy: the label among the k highest logits; 0 (or k >= classes): none
+  # Eval metric top<k>_accuracy (classify, lm): the label among the k highest logits; 0 (or k >= classes): none.
+  c.train.eval_top_k = 5
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
   c.train.skip_nonfinite = False
   # A second compile of the train or eval step (changed shape, dtype, sharding) warns; true makes it an error.
@@ -109,8 +110,9 @@ def default_config() -> config_dict.ConfigDict:
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
   c.checkpoint.keep = 3  # newest checkpoints kept
-  # Also keep the best by this eval metric: loss, accuracy, top<k>_accuracy; classifiers: {precision,recall,f1}_{macro,
-  # weighted}; LMs: perplexity, bits_per_*.
+  # Also keep the best by this eval metric (Experiment.evaluate lists them): loss, accuracy, top<k>_accuracy;
+  # classify: {precision,recall,f1}_{macro,weighted}; binary: f1, roc_auc, ...; regress: mse, mae, r2;
+  # LMs: perplexity, bits_per_*.
   c.checkpoint.keep_best = ""
   c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
   # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.

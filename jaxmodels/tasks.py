@@ -58,7 +58,8 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> 
   binary: `confusion` (2, 2) at logit 0 and `auc_hist` (2, AUC_BINS) int32, the
     logit histogram of each true class;
   multilabel: `label_counts` (3, C) int32, true positives, predicted and true positives per label;
-  regress: per output (y.shape[1:]) float32 sums `target_count`, `y_sum`, `y_sq_sum`, `sq_error_sum`, `abs_error_sum`.
+  regress: per output (y.shape[1:]) float32 sums `target_count`, `y_sum`, `y_sq_sum`, `sq_error_sum`,
+    `abs_error_sum`.
   """
   sums = loss_sums(task, logits, y, mask, loss)
   logits, kept = logits.astype(jnp.float32), mask > 0

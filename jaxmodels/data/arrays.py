@@ -48,7 +48,8 @@ class ArrayDataset:
 
   def describe(self) -> str:
     what = {"classify": f"{self.num_classes} classes", "binary": "binary labels",
-            "multilabel": f"{self.num_classes} labels", "regress": f"float targets of shape {self.y_train.shape[1:]}"}
+            "multilabel": f"{self.num_classes} labels",
+            "regress": f"float targets of shape {self.y_train.shape[1:]}"}
     return (f"{len(self.x_train)} train / {len(self.x_test)} test examples of shape "
             f"{self.input_shape}, {what[self.task]}")
 
@@ -201,8 +202,9 @@ def _targets(name: str, y: np.ndarray, task: str) -> np.ndarray:
   expected = {"binary": 1, "multilabel": 2}[task]
   if y.ndim != expected or not np.isin(values, (0, 1)).all():
     shape = "(N,)" if task == "binary" else "(N, num_labels)"
-    raise UserError(f"{name} must hold 0/1 labels of shape {shape} for data.task={task}, got shape {y.shape} "
-                    f"with values such as {values[~np.isin(values, (0, 1))][:1].tolist() or values.ravel()[:1].tolist()}")
+    other = values[~np.isin(values, (0, 1))]
+    found = f" and value {other[0]}" if len(other) else ""
+    raise UserError(f"{name} must hold 0/1 labels of shape {shape} for data.task={task}, got shape {y.shape}{found}")
   return y.astype(np.int32 if task == "binary" else np.float32)
 
 
