@@ -66,7 +66,9 @@ class Run:
   compile_seconds: dict = dataclasses.field(default_factory=dict)  # the last step's trace/lower/compile times
   eval_metrics: dict = dataclasses.field(default_factory=dict)  # the newest evaluation
   eval_step: int = -1  # the step `eval_metrics` was computed at
-  stop: str = ""  # why the run stops after this step: "" (it does not), "signal ..." or "preemption notice"
+  stop: str = ""  # why the run stops after this step: "" (it does not), a signal, or early stopping
+  preempted: bool = False  # the stop is a signal's or a preemption notice's: the process exits to be rerun
+  early_stopping: dict | None = None  # EarlyStop's record, saved in each checkpoint
 
   @property
   def last(self) -> int:
@@ -181,31 +183,71 @@ class WatchSignals(Action):
   def __call__(self, run: Run) -> None:
     if self.signals.stop_after(run.done):  # with several processes: once per step on each, a sync point
       run.stop = f"signal {self.signals.received}" if self.signals.received else "preemption notice"
+      run.preempted = True
+
+
+class EarlyStop(Action):
+  """After an evaluation: stops the run when `metric` has not improved on its best by more than `min_delta`
+  for `patience` evaluations in a row (`train.early_stopping`).
+
+  Its record (best value and step, evaluations since, why it stopped) goes into every
+  checkpoint, so a resumed run continues the count, and one that had stopped takes no
+  further step. The step of each new best is saved (Save), and checkpoint.keep_best keeps it.
+  """
+
+  def __init__(self, metric: str, mode: str, patience: int, min_delta: float, resumed: dict | None):
+    self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+    self.resumed = resumed
+
+  def begin(self, run: Run) -> None:
+    run.early_stopping = self.resumed or {"metric": self.metric, "best": None, "best_step": None,
+                                          "evals_since_best": 0, "stopped": ""}
+    run.stop = run.early_stopping["stopped"]  # a run restored after stopping early takes no step
+
+  def due(self, run: Run) -> bool:
+    return run.eval_step == run.done
+
+  def __call__(self, run: Run) -> None:
+    record, value = run.early_stopping, run.eval_metrics[self.metric]
+    best = record["best"]
+    sign = 1 if self.mode == "max" else -1
+    if best is None or sign * (value - best) > self.min_delta:
+      record.update(best=value, best_step=run.done, evals_since_best=0)
+      return
+    record["evals_since_best"] += 1
+    if record["evals_since_best"] >= self.patience:
+      record["stopped"] = run.stop = (
+          f"early stopping: eval {self.metric} has not improved on {best:.6g} (step {record['best_step']}) by more "
+          f"than {self.min_delta:g} in {self.patience} evaluations")
+      run.logger.write({"step": run.done, "split": "stop", "reason": run.stop})
 
 
 class Save(Action):
   """An async checkpoint with the unlogged metric rows (and this step's eval metrics, for keep_best).
 
-  Also due when the run stops: then synchronous, so the process may exit right after.
+  Also due when the run stops (then synchronous, so the process may exit right after) and at early stopping's
+  new best.
   """
 
   def __init__(self, every: int, config_dict: dict):
     self.every, self.config_dict = every, config_dict
 
   def due(self, run: Run) -> bool:
-    return super().due(run) or bool(run.stop)
+    best = run.early_stopping is not None and run.early_stopping["best_step"] == run.done
+    return super().due(run) or bool(run.stop) or best
 
   def __call__(self, run: Run) -> None:
     run.fetch()
     run.ckpts.save(run.done, run.exp.layout.for_checkpoint(run.state), self.config_dict, unlogged=run.rows,
-                   metrics=scalars(run.eval_metrics) if run.eval_step == run.done else None, wait=bool(run.stop))
+                   metrics=scalars(run.eval_metrics) if run.eval_step == run.done else None, wait=bool(run.stop),
+                   early_stopping=run.early_stopping)
 
 
 class Preempt(Action):
   """After a signal's save: says so (on every process: each saved this step) and raises Preempted."""
 
   def due(self, run: Run) -> bool:
-    return bool(run.stop)
+    return run.preempted
 
   def __call__(self, run: Run) -> None:
     message = f"{run.stop}: saved step {run.done}; rerun the same command to resume"
@@ -253,9 +295,9 @@ class Profile(Action):
                f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
 
 
-def default_actions(exp, start: int, logger, signals) -> list[Action]:
-  """The loop's actions in the order they run after a step."""
-  t = exp.config.train
+def default_actions(exp, start: int, logger, signals, resumed: dict | None = None) -> list[Action]:
+  """The loop's actions in the order they run after a step; `resumed`: the checkpoint's loop state, if any."""
+  t, es = exp.config.train, exp.config.train.early_stopping
   # Every step's learning rate, computed once here (schedules are jnp functions), before the transfer guard.
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jax.numpy.arange(t.steps)))
   return [
@@ -263,6 +305,8 @@ def default_actions(exp, start: int, logger, signals) -> list[Action]:
       LogTrain(t.log_every, learning_rates, start, flops.peak_flops(exp.layout.device_count)[0]),
       Evaluate(t.eval_every),
       WatchSignals(signals),
+      *([EarlyStop(es.metric, es.mode, es.patience, es.min_delta, (resumed or {}).get("early_stopping"))]
+        if es.metric else []),
       Save(exp.config.checkpoint.every, exp.config.to_dict()),
       Preempt(),
   ]

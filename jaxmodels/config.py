@@ -106,6 +106,12 @@ def default_config() -> config_dict.ConfigDict:
   c.train.fail_on_recompile = False
   # (first, last) step of a jax.profiler trace written to workdir/profile (TensorBoard/XProf, Perfetto).
   c.train.profile_steps = ()
+  # Stop when an eval metric stops improving; the run saves, logs why, exits 0, and keeps its best checkpoint.
+  c.train.early_stopping = config_dict.ConfigDict()
+  c.train.early_stopping.metric = ""  # an eval metric (as checkpoint.keep_best); empty: never stop early
+  c.train.early_stopping.mode = "min"  # min | max: which way is better
+  c.train.early_stopping.patience = 3  # evaluations in a row without improvement before stopping
+  c.train.early_stopping.min_delta = 0.0  # an improvement is a change beyond this, in the metric's units
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
@@ -207,8 +213,9 @@ def one_of(allowed) -> tuple:
 
 
 def _check(config, key: str, rule: tuple) -> None:
-  group, name = key.split(".")
-  value = config[group][name]
+  value = config
+  for name in key.split("."):
+    value = value[name]
   test, expected = rule
   if not test(value):
     raise UserError(f"{key}={value!r}: expected {expected}")
@@ -272,6 +279,8 @@ def validate(config: config_dict.ConfigDict) -> None:
       "train.eval_top_k": NON_NEGATIVE,
       "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
                               "() or (first, last) with 0 <= first < last"),
+      "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
+      "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
       "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
       "checkpoint.restore_mode": one_of(("params", "full")),
       "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
@@ -293,11 +302,16 @@ def validate(config: config_dict.ConfigDict) -> None:
   metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
   if task in ("lm", "classify") and t.eval_top_k > 1:
     metrics += (f"top{t.eval_top_k}_accuracy",)
-  rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
+  rules["checkpoint.keep_best"] = rules["train.early_stopping.metric"] = one_of(("",) + metrics)  # the task's
   for key, rule in rules.items():
     _check(config, key, rule)
 
   # Keys whose allowed values depend on others.
+  es, ck = t.early_stopping, config.checkpoint
+  if es.metric and ck.keep_best and (ck.keep_best, ck.best_mode) != (es.metric, es.mode):
+    raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
+                    f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
+                    f"names as best must be kept; leave checkpoint.keep_best empty or make them agree")
   if d.source == "text" and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source == "digits" and d.path:
@@ -336,7 +350,8 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
-  """Adjusts keys that must stay below `train.steps`, so that `--config.train.steps=N` alone always runs.
+  """Adjusts keys that must stay below `train.steps`, so that `--config.train.steps=N` alone always runs, and
+  fills `checkpoint.keep_best` from `train.early_stopping`.
 
   A `train.warmup_steps` that is not below `train.steps` (an experiment's warmup
   after a shortening override) becomes a tenth of the run; a `train.profile_steps`
@@ -344,6 +359,8 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
   for the caller to print; the config records the values the run uses.
   """
   t, notices = config.train, []
+  if t.early_stopping.metric and not config.checkpoint.keep_best:  # early stopping's best checkpoint is kept
+    config.checkpoint.keep_best, config.checkpoint.best_mode = t.early_stopping.metric, t.early_stopping.mode
   if t.warmup_steps >= t.steps and t.schedule != "constant":
     warmup = t.steps // 10
     notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "

@@ -337,9 +337,9 @@ class _Signals:
 
 
 def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
-               unlogged: list | None = None):
-  """Steps `start`..`train.steps`, each followed by the actions due (jaxmodels.actions); returns
-  (state, last eval metrics or {}).
+               resumed: dict | None = None) -> Run:
+  """Steps `start`..`train.steps`, each followed by the actions due (jaxmodels.actions); returns the Run
+  (its `state`, last `eval_metrics` or {}, and `stop`, why it stopped early, or "").
 
   Metrics stay on the device until a log interval or a save fetches them. The
   loop may move data only explicitly (device_put / device_get): an implicit
@@ -347,18 +347,21 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   A non-finite loss stops the run before any save of that state; a signal
   ends it after the current step (with several processes, after a step all agree
   on) with a synchronous save. Each checkpoint also keeps the metric rows not
-  yet logged (`unlogged` on resume), so a resumed run's log intervals average
-  the same steps as an uninterrupted run's.
+  yet logged and the early-stopping record (`resumed`, Checkpoints.loop_state),
+  so a resumed run's log intervals average the same steps as an uninterrupted
+  run's, and an early-stopped run stays stopped.
   """
   t = exp.config.train
   run = Run(exp, state, start, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
-            rows=list(unlogged or []))
+            rows=list((resumed or {}).get("unlogged_metrics") or []))
   signals = _Signals()
-  actions = actions_lib.default_actions(exp, start, logger, signals)
+  actions = actions_lib.default_actions(exp, start, logger, signals, resumed)
   with jax.transfer_guard("disallow"), signals:
     for action in actions:
       action.begin(run)
     for step in range(start, t.steps):
+      if run.stop:  # stopped early (or restored so)
+        break
       batch = exp.batch(step)
       inputs = {"state": run.state, "batch": batch}  # donated, but their shapes and shardings stay readable
       with CompileTimer() as compile_time:
@@ -371,11 +374,12 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
           action(run)
     for action in actions:
       action.end(run)
-  return run.state, run.eval_metrics
+  return run
 
 
 def _restore(exp: Experiment, ckpts, log):
-  """(state, start step, unlogged metric rows, saved config or None): the workdir's newest readable
+  """(state, start step, the loop's saved state (Checkpoints.loop_state) or {}, saved config or None): the
+  workdir's newest readable
   checkpoint, else checkpoint.restore_from, else a fresh start.
 
   Arrays are read straight into `exp.checkpoint_state`'s shardings; a fresh
@@ -385,7 +389,7 @@ def _restore(exp: Experiment, ckpts, log):
   step = ckpts.newest_readable_step(log)
   if step is not None:
     restored = ckpts.restore(step, exp.checkpoint_state, exp.config.to_dict())
-    return exp.layout.from_checkpoint(restored), step, ckpts.unlogged_metrics(step), ckpts.metadata(step)[0]
+    return exp.layout.from_checkpoint(restored), step, ckpts.loop_state(step), ckpts.metadata(step)[0]
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
@@ -401,8 +405,8 @@ def _restore(exp: Experiment, ckpts, log):
                                  out_shardings=(sh.step, sh.opt_state))(restored.params)
       restored = restored.replace(step=step0, opt_state=opt_state)
     log(f"started from {directory}/{step} ({c.restore_mode})")
-    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), [], None
-  return exp.init_state(), 0, [], None
+    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
+  return exp.init_state(), 0, {}, None
 
 
 SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
@@ -438,7 +442,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Holds `workdir/LOCK` while it runs. Raises `UserError` for a bad workdir,
   config or data, a workdir in use by another run, or a checkpoint this config
   cannot resume, all before anything is written; `NonFiniteLoss` if the loss
-  diverges, and `Preempted` after a signal's save.
+  diverges, and `Preempted` after a signal's save. Early stopping
+  (`train.early_stopping`) returns normally, before `train.steps`.
   """
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   log = print if lead else lambda _line: None
@@ -455,7 +460,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     _agree(lock.acquire if lead else None)
     reader = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
     try:
-      state, start, unlogged, saved_config = _restore(exp, ckpts=reader, log=log)
+      state, start, resumed, saved_config = _restore(exp, ckpts=reader, log=log)
     finally:
       reader.close()
     # Accepted: from here on the run writes.
@@ -470,11 +475,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       logger.write({"step": start, "split": "note", "note": note})
     logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
     t0 = time.perf_counter()
-    state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
+    run = train_loop(exp, state, start, logger, ckpts, resumed)
     train_s = time.perf_counter() - t0
-    if not eval_metrics:  # resumed at the end: nothing trained, still report
-      eval_metrics = exp.evaluate(state)
-    eval_metrics = scalars(eval_metrics)
+    eval_metrics = scalars(run.eval_metrics or exp.evaluate(run.state))  # resumed at the end: evaluate, report
+
   finally:
     try:
       if ckpts is not None:
@@ -482,7 +486,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     finally:
       lock.release()
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
-  logger.print(f"final: step {config.train.steps} test {summary} (training {train_s:.1f} s)")
+  stopped = ""
+  if run.stop:  # early stopping: the best checkpoint is kept (checkpoint.keep_best) and named
+    es = run.early_stopping
+    stopped = (f"; {run.stop}; best checkpoint {checkpoint.checkpoint_dir(workdir)}/{es['best_step']} "
+               f"({es['metric']}={es['best']:.4f})")
+  logger.print(f"final: step {run.done} test {summary} (training {train_s:.1f} s){stopped}")
   logger.close()
   return eval_metrics
 
