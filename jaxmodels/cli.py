@@ -27,6 +27,7 @@ commands:
   sample  generate text from a language-model run: jaxmodels sample --workdir DIR --prompt TEXT [--length N]
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
+  eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
@@ -181,6 +182,29 @@ loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
   return 0
 
 
+def cmd_eval(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels eval --workdir DIR [--step N] [--config.data.KEY=VALUE ...]
+
+Evaluates checkpoint N (default: the newest) of the run in DIR on its eval split,
+or on other data given by --config.data.* overrides (e.g. --config.data.path=other.npz,
+arrays of the same shapes), prints the metrics and writes DIR/eval_N.json.
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--step", type=int, default=None)
+  try:
+    a, overrides = parser.parse_known_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels eval --help") from None
+  step, metrics = evaluate_run(a.workdir, a.step, tuple(overrides))
+  shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+  print(f"eval: step {step} {shown}")
+  return 0
+
+
 def cmd_bench(prog: str, args: list[str]) -> int:
   """usage: jaxmodels bench compile --config experiments/X.py [--config.K=V ...]
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
@@ -233,7 +257,7 @@ hand-written pure JAX + Optax step of the same math.
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export,
-            "bench": cmd_bench}
+            "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@
 import os
 import struct
 
+import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from jaxmodels.errors import UserError
 from jaxmodels.train import train_and_evaluate
 from conftest import experiment, read_metrics
 
@@ -45,3 +47,22 @@ def test_tensorboard_scalars_equal_metrics_jsonl(mlp_run):
   assert set(scalars) == set(expected)
   for key, value in expected.items():
     assert scalars[key] == pytest.approx(value, rel=1e-6), key  # event files hold float32
+
+
+def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tmp_path):
+  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  workdir, final, _ = mlp_run
+  step, metrics = evaluate_run(workdir)
+  assert step == 20
+  assert {k: v for k, v in metrics.items() if isinstance(v, float)} == pytest.approx(final)
+  assert os.path.isfile(os.path.join(workdir, "eval_20.json"))
+  # Other data of the same shapes: the digits test split alone as an npz.
+  from jaxmodels.data.arrays import load_digits  # pylint: disable=import-outside-toplevel
+  arrays = load_digits(0.2, 0)
+  np.savez(tmp_path / "other.npz", **arrays)
+  _, other = evaluate_run(workdir, 20, ("--config.data.source=npz", f"--config.data.path={tmp_path / 'other.npz'}"))
+  assert other["loss"] == pytest.approx(final["loss"], rel=1e-5)  # the same test examples, read from the file
+  with pytest.raises(UserError, match="bad override '--config.train.steps=3'"):
+    evaluate_run(workdir, None, ("--config.train.steps=3",))
+  with pytest.raises(UserError, match="has no checkpoint 7 .saved steps: 20"):
+    evaluate_run(workdir, 7)
