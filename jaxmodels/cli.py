@@ -28,6 +28,7 @@ commands:
   launch  a multi-process job on this machine: jaxmodels launch --processes N -- train --config ...
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
+  plot    training curves: jaxmodels plot RUN [RUN ...] --metric loss --out curves.png [--confusion]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
@@ -205,6 +206,29 @@ arrays of the same shapes), prints the metrics and writes DIR/eval_N.json.
   return 0
 
 
+def cmd_plot(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels plot RUN [RUN ...] [--metric loss] --out curves.png [--confusion]
+
+Draws the train and eval curves of one metric (any name in the runs' metrics.jsonl:
+loss, accuracy, f1_macro, r2, ...) against the step for each RUN into a PNG;
+--confusion adds each run's newest confusion matrix (classifiers).
+"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from jaxmodels.plot import plot_runs  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
+  parser.add_argument("runs", nargs="+")
+  parser.add_argument("--metric", default="loss")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--confusion", action="store_true")
+  try:
+    a = parser.parse_args(args)
+  except (argparse.ArgumentError, SystemExit) as e:
+    raise UserError(str(e) or "bad arguments; see jaxmodels plot --help") from None
+  print(f"wrote {plot_runs(a.runs, a.metric, a.out, a.confusion)}")
+  return 0
+
+
 def cmd_bench(prog: str, args: list[str]) -> int:
   """usage: jaxmodels bench compile --config experiments/X.py [--config.K=V ...]
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
@@ -257,7 +281,7 @@ hand-written pure JAX + Optax step of the same math.
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "launch": cmd_launch, "export": cmd_export,
-            "eval": cmd_eval, "bench": cmd_bench}
+            "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

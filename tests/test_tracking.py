@@ -66,3 +66,12 @@ def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tm
     evaluate_run(workdir, None, ("--config.train.steps=3",))
   with pytest.raises(UserError, match="has no checkpoint 7 .saved steps: 20"):
     evaluate_run(workdir, 7)
+
+
+def test_plot_command_writes_a_png_of_curves_and_confusion(mlp_run, tmp_path):
+  from jaxmodels.cli import main  # pylint: disable=import-outside-toplevel
+  workdir, _, _ = mlp_run
+  out = tmp_path / "curves.png"
+  assert main(["jaxmodels", "plot", workdir, workdir, "--metric", "loss", "--out", str(out), "--confusion"]) == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert main(["jaxmodels", "plot", workdir, "--metric", "r2", "--out", str(out)]) == 2  # no such metric
