@@ -131,10 +131,11 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, config_dict: dict, metrics: dict | None = None, wait: bool = False,
-           unlogged: list | None = None) -> None:
+           unlogged: list | None = None, early_stopping: dict | None = None) -> None:
     """Starts writing `state` at `step` (returns at once unless `wait`); a failed earlier save raises here.
 
-    `unlogged`: the training loop's metric rows since its last log line (see `unlogged_metrics`).
+    `unlogged`: the training loop's metric rows since its last log line; `early_stopping`: the early-stopping
+    record (actions.EarlyStop); both read back by `loop_state`.
     """
     if step in self.manager.all_steps():
       return
@@ -142,7 +143,7 @@ class Checkpoints:
         model=ocp.args.StandardSave({"params": state.params, "model_state": state.model_state}),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
         config=ocp.args.JsonSave(config_dict),
-        loop=ocp.args.JsonSave({"unlogged_metrics": list(unlogged or [])})))
+        loop=ocp.args.JsonSave({"unlogged_metrics": list(unlogged or []), "early_stopping": early_stopping})))
     if wait:
       self.manager.wait_until_finished()
 
@@ -235,10 +236,10 @@ class Checkpoints:
       out.update(tree)
     return like.replace(**out)
 
-  def unlogged_metrics(self, step: int) -> list:
-    """The metric rows the loop had not logged when it saved `step`."""
+  def loop_state(self, step: int) -> dict:
+    """What the loop kept at `step`: `unlogged_metrics` (rows not yet logged) and `early_stopping` (or None)."""
     loop = self.manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
-    return loop["unlogged_metrics"]
+    return {"unlogged_metrics": loop["unlogged_metrics"], "early_stopping": loop.get("early_stopping")}
 
   def close(self) -> None:
     """Waits for the last async save (raising if it failed) and releases the manager."""

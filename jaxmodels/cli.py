@@ -30,6 +30,8 @@ commands:
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   import-hf  a Hugging Face GPT-2 or Llama directory as an export: jaxmodels import-hf DIR --out PATH
   export-hf  an export or run as a Hugging Face directory: jaxmodels export-hf --model PATH --out DIR
+  eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
+  plot    training curves: jaxmodels plot RUN [RUN ...] --metric loss --out curves.png [--confusion]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
@@ -81,7 +83,7 @@ def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
   return fv.config, fv
 
 
-def _parse_args(prog: str, args: list[str], arguments: list[tuple]) -> "argparse.Namespace":
+def _parse_args(prog: str, args: list[str], arguments: list[tuple]):
   """Parses a command's flags, each `(name, kwargs)`; any problem (missing, unknown, mistyped) is a UserError."""
   import argparse  # pylint: disable=import-outside-toplevel
 
@@ -187,23 +189,14 @@ Documents are separated by the tokenizer's end-of-text token.
   --workers: tokenizing processes (default: the CPU count; 0: this process)
   --shard-tokens: ids per shard file (default 2**28)
 """
-  import argparse  # pylint: disable=import-outside-toplevel
   from jaxmodels.data.prepare import SHARD_TOKENS, prepare  # pylint: disable=import-outside-toplevel
 
-  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
-  parser.add_argument("inputs", nargs="+")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--field", default="text")
-  parser.add_argument("--tokenizer", default="byte")
-  parser.add_argument("--train-tokenizer", default="")
-  parser.add_argument("--vocab-size", type=int, default=8192)
-  parser.add_argument("--val-fraction", type=float, default=0.005)
-  parser.add_argument("--workers", type=int, default=None)
-  parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
-  try:
-    a = parser.parse_args(args)
-  except (argparse.ArgumentError, SystemExit) as e:
-    raise UserError(str(e) or "bad arguments; see jaxmodels prepare --help") from None
+  a = _parse_args(prog, args, [("inputs", dict(nargs="+")), ("--out", dict(required=True)),
+                               ("--field", dict(default="text")), ("--tokenizer", dict(default="byte")),
+                               ("--train-tokenizer", dict(default="")), ("--vocab-size", dict(type=int, default=8192)),
+                               ("--val-fraction", dict(type=float, default=0.005)),
+                               ("--workers", dict(type=int, default=None)),
+                               ("--shard-tokens", dict(type=int, default=SHARD_TOKENS))])
   prepare(a.inputs, a.out, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer, vocab_size=a.vocab_size,
           field=a.field, val_fraction=a.val_fraction, workers=a.workers, shard_tokens=a.shard_tokens)
   return 0
@@ -223,18 +216,6 @@ loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
   return 0
 
 
-def _parse(prog: str, args: list[str], *flags_):
-  """argparse over `args` with the given (name, required) arguments; bad arguments are a UserError."""
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog=prog, add_help=False, exit_on_error=False)
-  for name in flags_:
-    parser.add_argument(name, **({} if not name.startswith("--") else {"required": True}))
-  try:
-    return parser.parse_args(args)
-  except (argparse.ArgumentError, SystemExit) as e:
-    raise UserError(str(e) or f"bad arguments; see {prog} --help") from None
-
-
 def cmd_import_hf(prog: str, args: list[str]) -> int:
   """usage: jaxmodels import-hf DIR --out PATH
 
@@ -243,7 +224,7 @@ Reads a local Hugging Face GPT-2 or Llama-family directory (config.json +
 format `jaxmodels export` writes: jaxmodels.load_model(PATH) returns the model.
 """
   from jaxmodels.hf import import_hf  # pylint: disable=import-outside-toplevel
-  a = _parse(prog, args, "dir", "--out")
+  a = _parse_args(prog, args, [("dir", {}), ("--out", dict(required=True))])
   print(f"imported {a.dir} to {import_hf(a.dir, a.out)}")
   return 0
 
@@ -256,8 +237,38 @@ a training workdir) as a Hugging Face directory (config.json + model.safetensors
 of the GPT-2 or Llama family, whichever layout the model has.
 """
   from jaxmodels.hf import export_hf  # pylint: disable=import-outside-toplevel
-  a = _parse(prog, args, "--model", "--out")
+  a = _parse_args(prog, args, [("--model", dict(required=True)), ("--out", dict(required=True))])
   print(f"exported {a.model} to {export_hf(a.model, a.out)}")
+def cmd_eval(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels eval --workdir DIR [--step N] [--config.data.KEY=VALUE ...]
+
+Evaluates checkpoint N (default: the newest) of the run in DIR on its eval split,
+or on other data given by --config.data.* overrides (e.g. --config.data.path=other.npz,
+arrays of the same shapes), prints the metrics and writes DIR/eval_N.json.
+"""
+  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+
+  overrides = [x for x in args if x.startswith("--config.")]
+  a = _parse_args(prog, [x for x in args if not x.startswith("--config.")],
+                  [("--workdir", dict(required=True)), ("--step", dict(type=int, default=None))])
+  step, metrics = evaluate_run(a.workdir, a.step, tuple(overrides))
+  shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+  print(f"eval: step {step} {shown}")
+  return 0
+
+
+def cmd_plot(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels plot RUN [RUN ...] [--metric loss] --out curves.png [--confusion]
+
+Draws the train and eval curves of one metric (any name in the runs' metrics.jsonl:
+loss, accuracy, f1_macro, r2, ...) against the step for each RUN into a PNG;
+--confusion adds each run's newest confusion matrix (classifiers).
+"""
+  from jaxmodels.plot import plot_runs  # pylint: disable=import-outside-toplevel
+
+  a = _parse_args(prog, args, [("runs", dict(nargs="+")), ("--metric", dict(default="loss")),
+                               ("--out", dict(required=True)), ("--confusion", dict(action="store_true"))])
+  print(f"wrote {plot_runs(a.runs, a.metric, a.out, a.confusion)}")
   return 0
 
 
@@ -322,7 +333,8 @@ consumes them: whether the input pipeline keeps up.
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
-            "export": cmd_export, "bench": cmd_bench, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+            "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench, "import-hf": cmd_import_hf,
+            "export-hf": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

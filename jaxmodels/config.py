@@ -31,6 +31,9 @@ def default_config() -> config_dict.ConfigDict:
   # `tokens`: token ids memory-mapped from a `jaxmodels prepare` directory or nanoGPT's train.bin/val.bin.
   c.data.source = "digits"
   c.data.path = ""  # the .npz or text file, or the tokens directory (local disk); unused for digits
+  # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks.py). Empty: inferred from
+  # y_train where unambiguous: (N, C) of 0/1 -> multilabel, else classify. Text and tokens are always lm.
+  c.data.task = ""
   c.data.test_fraction = 0.2  # digits, and image folders without train/ and val/: share held out, split by train.seed
   # Number of spatial axes of one example: 1 = signal/sequence (L[, C]), 2 = image
   # (H, W[, C]). Unset: rank 1 -> signal, rank 2 -> image, rank 3 -> image + channels.
@@ -127,17 +130,29 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
+  c.train.loss = "mse"  # data.task=regress: mse | mae | huber (delta 1); other tasks have their own loss
+  # Eval metric top<k>_accuracy (classify, lm): the label among the k highest logits; 0 (or k >= classes): none.
+  c.train.eval_top_k = 5
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.
   c.train.skip_nonfinite = False
   # A second compile of the train or eval step (changed shape, dtype, sharding) warns; true makes it an error.
   c.train.fail_on_recompile = False
   # (first, last) step of a jax.profiler trace written to workdir/profile (TensorBoard/XProf, Perfetto).
   c.train.profile_steps = ()
+  # Stop when an eval metric stops improving; the run saves, logs why, exits 0, and keeps its best checkpoint.
+  c.train.early_stopping = config_dict.ConfigDict()
+  c.train.early_stopping.metric = ""  # an eval metric (as checkpoint.keep_best); empty: never stop early
+  c.train.early_stopping.mode = "min"  # min | max: which way is better
+  c.train.early_stopping.patience = 3  # evaluations in a row without improvement before stopping
+  c.train.early_stopping.min_delta = 0.0  # an improvement is a change beyond this, in the metric's units
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
   c.checkpoint.keep = 3  # newest checkpoints kept
-  c.checkpoint.keep_best = ""  # also keep the best by this eval metric: loss, accuracy (LMs: perplexity, bits_per_*)
+  # Also keep the best by this eval metric (Experiment.evaluate lists them): loss, accuracy, top<k>_accuracy;
+  # classify: {precision,recall,f1}_{macro,weighted}; binary: f1, roc_auc, ...; regress: mse, mae, r2;
+  # LMs: perplexity, bits_per_*.
+  c.checkpoint.keep_best = ""
   c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
   # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.
   c.checkpoint.restore_from = ""
@@ -231,8 +246,9 @@ def one_of(allowed) -> tuple:
 
 
 def _check(config, key: str, rule: tuple) -> None:
-  group, name = key.split(".")
-  value = config[group][name]
+  value = config
+  for name in key.split("."):
+    value = value[name]
   test, expected = rule
   if not test(value):
     raise UserError(f"{key}={value!r}: expected {expected}")
@@ -269,6 +285,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
+  from jaxmodels.tasks import LOSSES, TASKS
   from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, activation_rules, parse_mesh
 
   d, m, t, p = config.data, config.model, config.train, config.parallel
@@ -276,7 +293,7 @@ def validate(config: config_dict.ConfigDict) -> None:
       "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
       "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
       "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
-      "data.prefetch": NON_NEGATIVE,
+      "data.prefetch": NON_NEGATIVE, "data.task": one_of(("",) + TASKS), "train.loss": one_of(LOSSES),
       "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
       "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
       "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
@@ -297,8 +314,11 @@ def validate(config: config_dict.ConfigDict) -> None:
       "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
       "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
       "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
+      "train.eval_top_k": NON_NEGATIVE,
       "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
                               "() or (first, last) with 0 <= first < last"),
+      "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
+      "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
       "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
       "checkpoint.restore_mode": one_of(("params", "full")),
       "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
@@ -310,14 +330,31 @@ def validate(config: config_dict.ConfigDict) -> None:
   }
   _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
   expand_preset(config)
-  task = "lm" if d.source in LM_SOURCES else "classify"
+  task = "lm" if d.source in LM_SOURCES else d.task if d.task in TASKS else "classify"
   unit = d.tokenizer if d.source == "text" else "token"
-  metrics = ("loss", "accuracy") + (("perplexity", f"bits_per_{unit}") if task == "lm" else ())
-  rules["checkpoint.keep_best"] = one_of(("",) + metrics)  # the eval metrics of the task
+  by_task = {"lm": ("loss", "accuracy", "perplexity", f"bits_per_{unit}"),
+             "classify": ("loss", "accuracy") + tuple(f"{s}_{a}" for s in ("precision", "recall", "f1")
+                                                      for a in ("macro", "weighted")),
+             "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
+             "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
+             "regress": ("loss", "mse", "mae", "r2")}
+  # An npz file's task is inferred when the data loads: any array task's metric may be named until then.
+  inferred = d.source == "npz" and not d.task
+  metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
+  if task in ("lm", "classify") and t.eval_top_k > 1:
+    metrics += (f"top{t.eval_top_k}_accuracy",)
+  rules["checkpoint.keep_best"] = rules["train.early_stopping.metric"] = one_of(("",) + metrics)  # the task's
   for key, rule in rules.items():
     _check(config, key, rule)
 
   # Keys whose allowed values depend on others.
+  es, ck = t.early_stopping, config.checkpoint
+  if es.metric and ck.keep_best and (ck.keep_best, ck.best_mode) != (es.metric, es.mode):
+    raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
+                    f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
+                    f"names as best must be kept; leave checkpoint.keep_best empty or make them agree")
+  if d.source == "text" and d.task:
+    raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
@@ -358,7 +395,8 @@ def expand_preset(config: config_dict.ConfigDict) -> None:
 
 
 def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
-  """Adjusts keys that must stay below `train.steps`, so that `--config.train.steps=N` alone always runs.
+  """Adjusts keys that must stay below `train.steps`, so that `--config.train.steps=N` alone always runs, and
+  fills `checkpoint.keep_best` from `train.early_stopping`.
 
   A `train.warmup_steps` that is not below `train.steps` (an experiment's warmup
   after a shortening override) becomes a tenth of the run; a `train.profile_steps`
@@ -366,6 +404,8 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
   for the caller to print; the config records the values the run uses.
   """
   t, notices = config.train, []
+  if t.early_stopping.metric and not config.checkpoint.keep_best:  # early stopping's best checkpoint is kept
+    config.checkpoint.keep_best, config.checkpoint.best_mode = t.early_stopping.metric, t.early_stopping.mode
   if t.warmup_steps >= t.steps:
     warmup = t.steps // 10
     notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "

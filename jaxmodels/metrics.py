@@ -1,4 +1,5 @@
-"""Run outputs: `metrics.jsonl` (one JSON object per line) and the terminal progress.
+"""Run outputs: `metrics.jsonl` (one JSON object per line), TensorBoard scalars under `tb/`, and the terminal
+progress.
 
 A progress bar (tqdm) when stderr is a terminal, plain log lines otherwise.
 Values arrive here already fetched from the device: the training loop fetches
@@ -10,15 +11,50 @@ with a warning. A GCS object cannot be appended to: on gs:// the file is kept in
 memory and the whole object is rewritten at each record (an upload replaces the
 object atomically, so readers see a complete file; the file is small: a record
 per log interval).
+
+TensorBoard: every number of every record is also a scalar `<split>/<name>` at its step, written by
+tensorboardX's SummaryWriter (a well-kept writer of the event format, no TensorFlow needed). The writer
+writes a local file; on gs:// it writes to a local temporary directory and each flush copies the event file
+to `workdir/tb/` through storage. A resume purges the events after its first step (`purge_step`), as
+metrics.jsonl drops its records after it.
 """
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from tqdm import tqdm
 
 from jaxmodels import storage
+
+
+class TensorBoard:
+  """Scalars of metric records in `workdir/tb/`, readable by `tensorboard --logdir workdir/tb`."""
+
+  def __init__(self, workdir, initial_step: int):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+    self.target = storage.path(workdir) / "tb"
+    self._local = tempfile.mkdtemp(prefix="jaxmodels-tb-") if storage.is_remote(self.target) else None
+    # Flushed at each record (a record per log interval), not only on the writer's timer.
+    self.writer = SummaryWriter(self._local or os.fspath(self.target), purge_step=initial_step or None)
+
+  def write(self, record: dict) -> None:
+    for name, value in record.items():
+      if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self.writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
+    self.writer.flush()
+    if self._local is not None:
+      for name in os.listdir(self._local):
+        with open(os.path.join(self._local, name), "rb") as f:
+          (self.target / name).write_bytes(f.read())
+
+  def close(self) -> None:
+    self.writer.close()
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 class MetricsLogger:
@@ -32,7 +68,7 @@ class MetricsLogger:
     self.workdir = storage.path(workdir)
     self.path = self.workdir / "metrics.jsonl"
     self.enabled, self.total_steps = enabled, total_steps
-    self._file, self._lines, self._bar, self._step = None, None, None, 0
+    self._file, self._lines, self._bar, self._step, self._tb = None, None, None, 0, None
 
   def start(self, initial_step: int) -> None:
     """Keeps an earlier run's records up to `initial_step` (a resume rewrites the rest), then appends."""
@@ -48,6 +84,7 @@ class MetricsLogger:
       os.replace(tmp, self.path)  # a kill leaves the old file or the new one, never half of each
       self._file = open(self.path, "ab", buffering=0)  # pylint: disable=consider-using-with
     self._step = initial_step
+    self._tb = TensorBoard(self.workdir, initial_step)
     if sys.stderr.isatty():
       self._bar = tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -80,6 +117,7 @@ class MetricsLogger:
       self.path.write_text("".join(self._lines))
     else:
       self._file.write(line.encode())  # one write: a record lands whole or (killed) torn at the very end
+    self._tb.write(record)
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
     if self._bar is not None:
       self._bar.update(record["step"] - self._step)
@@ -104,9 +142,13 @@ class MetricsLogger:
       self._bar.close()
     if self._file is not None:
       self._file.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
+  if isinstance(v, list):  # per-class values
+    return "[" + " ".join(_fmt(x) for x in v) + "]"
   return str(v)

@@ -25,14 +25,18 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxmodels import actions as actions_lib
 from jaxmodels import checkpoint
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import scores
+from jaxmodels import tasks
 from jaxmodels import storage
 from jaxmodels import config as config_lib
 from jaxmodels.data import check_batch_size, load_dataset, loader
-from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
-from jaxmodels.compilation import CompileTimer, RecompileAlarm, libtpu_problem
+from jaxmodels.actions import Run, scalars, summarize
+from jaxmodels.errors import Preempted, UserError
+from jaxmodels.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.metrics import MetricsLogger
 from jaxmodels.models import build_model
 from jaxmodels.optim import make_optimizer
@@ -46,11 +50,6 @@ class TrainState:
   opt_state: optax.OptState
 
 
-# The train step returns its metrics stacked in one float32 vector in this order:
-# each output array costs dispatch time on every step, the stack costs one.
-TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "skipped")
-
-
 def split_model(model: nnx.Module):
   """(graphdef, params, model_state), the states as pure nested dicts of arrays.
 
@@ -62,17 +61,6 @@ def split_model(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
 
 
-def loss_sums(logits, labels, mask) -> dict[str, jax.Array]:
-  """Summed float32 cross-entropy and correct predictions over unmasked positions.
-
-  Works for labels of any shape: (B,) for classification, (B, L) for sequences.
-  """
-  logits = logits.astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
-
-
 def model_input(x):
   """The model's input: uint8 images (data.source=images, moved as bytes) scaled to float32 [0, 1] on the device."""
   return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
@@ -82,8 +70,8 @@ def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
-  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=dataset.task,
-                     axis_name=axis_name)
+  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs,
+                     task="lm" if dataset.task == "lm" else "classify", axis_name=axis_name)
 
 
 @dataclasses.dataclass
@@ -99,7 +87,7 @@ class Experiment:
   model_flops: float  # analytic training FLOPs of one step (jaxmodels.flops)
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   checkpoint_state: TrainState  # ShapeDtypeStructs with shardings: where a restore puts each array
-  train_step: Callable  # (state, batch) -> (state, metrics vector, see TRAIN_METRICS); donates state
+  train_step: Callable  # (state, batch) -> (state, metrics vector, see actions.TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch) -> summed metrics
   notices: list[str] = dataclasses.field(default_factory=list)  # config adjustments (config.fit_to_steps) to print
   _loader: Any = None  # jaxmodels.data.loader.StepStream of device batches, made data.prefetch steps ahead
@@ -126,13 +114,19 @@ class Experiment:
     if self._loader is not None:
       self._loader.close()
 
-  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict[str, float]:
+  def evaluate(self, state: TrainState, alarm: RecompileAlarm | None = None, step: int = 0) -> dict:
     """Metrics over the whole test (validation) split; one host fetch at the end.
 
     `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
-    Loss is mean cross-entropy in nats per example (classification) or per token
-    (language models, which also report perplexity and bits per char or byte).
+    Loss is the mean per target of the task's loss (jaxmodels.tasks): cross-entropy
+    in nats per example (classification) or per token (language models, which also
+    report perplexity and bits per char or byte). Regression reports mse, mae and r2;
+    binary precision, recall, f1 and roc_auc; multilabel f1_micro, *_macro and
+    f1_per_label; `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
+    F1 (macro and weighted floats, per-class lists; jaxmodels.scores) and `confusion`,
+    the (C, C) matrix of counts as nested lists (rows true class, columns predicted).
+    `scalars(metrics)` keeps the floats.
     """
     size = self.config.train.eval_batch_size
     totals = None
@@ -146,10 +140,24 @@ class Experiment:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = self.layout.fetch(totals)
     count = float(totals["count"])
-    metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+    metrics = {"loss": float(totals["loss_sum"]) / count}
+    task = self.dataset.task
+    if task == "regress":
+      metrics.update(scores.regression_scores(totals))
+    else:
+      metrics["accuracy"] = float(totals["correct"]) / count  # multilabel: the share of labels right
+    if task == "binary":
+      metrics.update(scores.binary_scores(totals["confusion"], totals["auc_hist"]))
+    if task == "multilabel":
+      metrics.update(scores.multilabel_scores(totals["label_counts"]))
+    if "top_k_correct" in totals:
+      metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
     if self.dataset.task == "lm":
       metrics["perplexity"] = math.exp(metrics["loss"])
       metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
+    if task == "classify":
+      confusion = np.asarray(totals["confusion"], np.int64)
+      metrics.update(scores.confusion_scores(confusion), confusion=confusion.tolist())
     return metrics
 
 
@@ -163,7 +171,7 @@ def build_experiment(config, devices=None) -> Experiment:
   notices = config_lib.fit_to_steps(config)
   dataset = load_dataset(config)
   t = config.train
-  if dataset.task == "classify":  # text batches are random windows, any number of them
+  if dataset.task != "lm":  # text batches are random windows, any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
   tx, schedule = make_optimizer(t)
 
@@ -176,10 +184,13 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
+  # Top-k accuracy only where k leaves classes out; a confusion matrix for classifiers (not for a vocabulary).
+  eval_options = dict(task=dataset.task, loss=t.loss,
+                      eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
-                                   skip_nonfinite=t.skip_nonfinite)
+                                   skip_nonfinite=t.skip_nonfinite, **eval_options)
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
@@ -194,7 +205,8 @@ def build_experiment(config, devices=None) -> Experiment:
                                      config.parallel.fallback_rules)
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
+    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
+                                   **eval_options)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
@@ -212,7 +224,7 @@ def build_experiment(config, devices=None) -> Experiment:
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -228,7 +240,9 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   across that axis (so the target count is global), model state is averaged,
   eval sums are summed, and each device folds its axis index into the dropout
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
-  state unchanged but for the step counter (metric `skipped` = 1).
+  state unchanged but for the step counter (metric `skipped` = 1). `task` and
+  `loss` (regression) pick the loss (jaxmodels.tasks); the eval step returns
+  `tasks.eval_sums` (top-k hits for `eval_top_k` > 0).
   """
 
   def loss_fn(params, model_state, batch, rng):
@@ -236,7 +250,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
     logits = model(model_input(batch["x"]), train=True, rngs=nnx.Rngs(dropout=rng))
-    sums = loss_sums(logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)))
+    sums = tasks.loss_sums(task, logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)),
+                           loss)
     _, _, new_model_state = split_model(model)
     return sums["loss_sum"], (sums, new_model_state)
 
@@ -290,7 +305,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = loss_sums(model(model_input(batch["x"]), train=False), batch["y"], batch["mask"])
+    sums = tasks.eval_sums(task, model(model_input(batch["x"]), train=False), batch["y"], batch["mask"], eval_top_k, loss)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step
@@ -299,19 +314,6 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 def mean_train_metrics(pending: list[jax.Array]) -> dict[str, float]:
   """Fetches train-step metric vectors (one host sync) and averages them by name."""
   return summarize(np.stack(parallel.fetch(pending)))
-
-
-def summarize(rows: np.ndarray) -> dict[str, float]:
-  """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
-  kept = rows[rows[:, TRAIN_METRICS.index("skipped")] == 0]
-  means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
-  out = {name: float(v) for name, v in zip(TRAIN_METRICS, means)}
-  skipped = int(rows[:, TRAIN_METRICS.index("skipped")].sum())
-  if skipped:
-    out["skipped"] = skipped
-  else:
-    del out["skipped"]
-  return out
 
 
 class _Signals:
@@ -358,129 +360,49 @@ class _Signals:
 
 
 def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
-               unlogged: list | None = None):
-  """Steps `start`..`train.steps` with periodic async saves; returns (state, last eval metrics or {}).
+               resumed: dict | None = None) -> Run:
+  """Steps `start`..`train.steps`, each followed by the actions due (jaxmodels.actions); returns the Run
+  (its `state`, last `eval_metrics` or {}, and `stop`, why it stopped early, or "").
 
   Metrics stay on the device until a log interval or a save fetches them. The
   loop may move data only explicitly (device_put / device_get): an implicit
   transfer, a hidden per-step host sync, is an error rather than a slowdown.
   A non-finite loss stops the run before any save of that state; a signal
   ends it after the current step (with several processes, after a step all agree
-  on) with a synchronous save. Each checkpoint also
-  keeps the metric rows not yet logged (`unlogged` on resume), so a resumed
-  run's log intervals average the same steps as an uninterrupted run's.
+  on) with a synchronous save. Each checkpoint also keeps the metric rows not
+  yet logged and the early-stopping record (`resumed`, Checkpoints.loop_state),
+  so a resumed run's log intervals average the same steps as an uninterrupted
+  run's, and an early-stopped run stays stopped.
   """
-  t, every = exp.config.train, exp.config.checkpoint.every
-  config_dict = exp.config.to_dict()
-  pending, interval_start, eval_metrics, timed = [], None, {}, 0
-  checked = list(unlogged or [])  # host metric rows since the last log line, checked for non-finite losses
-  # Every step's learning rate, computed once here: schedules are jnp functions.
-  learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jnp.arange(t.steps)))
-  peak, _ = flops.peak_flops(exp.layout.device_count)
-  alarm = RecompileAlarm(fail=t.fail_on_recompile, log=logger.print)
-  profile = Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print)
-
-  def check(done):
-    """Fetches pending metrics (one host sync) and stops on a non-finite loss unless skipping."""
-    if not pending:
-      return
-    rows = np.stack(parallel.fetch(pending))
-    losses = rows[:, 0]
-    if not t.skip_nonfinite and not np.all(np.isfinite(losses)):
-      bad = done - len(pending) + 1 + int(np.argmax(~np.isfinite(losses)))
-      raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
-                          f"that state (the newest checkpoint is {ckpts.latest_step()}). Lower "
-                          f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
-    checked.extend(rows.tolist())
-    pending.clear()
-
-  t0 = time.perf_counter()
-  with jax.transfer_guard("disallow"), _Signals() as signals:
+  t = exp.config.train
+  run = Run(exp, state, start, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
+            rows=list((resumed or {}).get("unlogged_metrics") or []))
+  signals = _Signals()
+  actions = actions_lib.default_actions(exp, start, logger, signals, resumed)
+  with jax.transfer_guard("disallow"), signals:
+    for action in actions:
+      action.begin(run)
     for step in range(start, t.steps):
-      profile.at(step, state)
+      if run.stop:  # stopped early (or restored so)
+        break
       batch = exp.batch(step)
-      inputs = {"state": state, "batch": batch}  # donated, but their shapes and shardings stay readable
+      inputs = {"state": run.state, "batch": batch}  # donated, but their shapes and shardings stay readable
       with CompileTimer() as compile_time:
-        state, metrics = exp.train_step(state, batch)
-      alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
-      pending.append(metrics)
-      done, timed = step + 1, timed + 1
-      if interval_start is None:  # the first step includes compilation: throughput is timed from its end
-        check(done)
-        first_step_s = time.perf_counter() - t0
-        compile_record = {k: round(v, 4) for k, v in compile_time.seconds.items()}
-        if start == 0:  # a resumed run logs on the uninterrupted run's schedule instead
-          logger.write({"step": done, "split": "train", **summarize(np.asarray(checked)),
-                        "learning_rate": float(learning_rates[step]), "first_step_s": first_step_s,
-                        **compile_record})
-          checked.clear()
-        else:
-          logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
-        interval_start, timed = time.perf_counter(), 0
-      elif done % t.log_every == 0 or done == t.steps:
-        check(done)
-        record = summarize(np.asarray(checked))
-        elapsed = time.perf_counter() - interval_start
-        record.update(learning_rate=float(learning_rates[step]), step_time_ms=1000 * elapsed / timed,
-                      examples_per_sec=timed * t.batch_size / elapsed,
-                      mfu=exp.model_flops * timed / elapsed / peak)
-        if exp.dataset.task == "lm":
-          record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
-        logger.write({"step": done, "split": "train", **record})
-        checked.clear()
-        interval_start, timed = time.perf_counter(), 0
-      evaluated = done % t.eval_every == 0 or done == t.steps
-      if evaluated:
-        eval_metrics = exp.evaluate(state, alarm, done)
-        logger.write({"step": done, "split": "eval", **eval_metrics})
-      stop = signals.stop_after(done)
-      if (every and done % every == 0) or done == t.steps or stop:
-        check(done)
-        ckpts.save(done, exp.layout.for_checkpoint(state), config_dict, unlogged=checked,
-                   metrics=eval_metrics if evaluated else None, wait=stop)
-      if stop:
-        cause = f"signal {signals.received}" if signals.received else "preemption notice"
-        message = f"{cause}: saved step {done}; rerun the same command to resume"
-        if logger.enabled:
-          logger.print(message)
-        else:  # every process says so, not only the lead: each saved this same step
-          print(message, flush=True)
-        raise Preempted(done)
-    profile.stop(state)
-  return state, eval_metrics
-
-
-class Profile:
-  """A jax.profiler trace of steps [first, last) of `train.profile_steps`, written to `directory`."""
-
-  def __init__(self, steps, directory: str, log):
-    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
-      raise UserError(f"train.profile_steps={tuple(steps)}: expected (first, last) with 0 <= first < last")
-    if steps and (problem := libtpu_problem()):
-      raise UserError(f"train.profile_steps: {problem} (a mismatched libtpu crashes jax.profiler)")
-    self.steps, self.directory, self.log, self.active = tuple(steps), directory, log, False
-
-  def at(self, step: int, state) -> None:
-    if not self.steps:
-      return
-    if step == self.steps[0]:
-      jax.block_until_ready(state)
-      jax.profiler.start_trace(self.directory)
-      self.active = True
-    elif step == self.steps[1]:
-      self.stop(state)
-
-  def stop(self, state=None) -> None:
-    if self.active:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.active = False
-      self.log(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.directory} "
-               f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
+        run.state, metrics = exp.train_step(run.state, batch)
+      run.alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
+      run.pending.append(metrics)
+      run.done, run.compile_seconds = step + 1, compile_time.seconds
+      for action in actions:
+        if action.due(run):
+          action(run)
+    for action in actions:
+      action.end(run)
+  return run
 
 
 def _restore(exp: Experiment, ckpts, log):
-  """(state, start step, unlogged metric rows, saved config or None): the workdir's newest readable
+  """(state, start step, the loop's saved state (Checkpoints.loop_state) or {}, saved config or None): the
+  workdir's newest readable
   checkpoint, else checkpoint.restore_from, else a fresh start.
 
   Arrays are read straight into `exp.checkpoint_state`'s shardings; a fresh
@@ -490,7 +412,7 @@ def _restore(exp: Experiment, ckpts, log):
   step = ckpts.newest_readable_step(log)
   if step is not None:
     restored = ckpts.restore(step, exp.checkpoint_state, exp.config.to_dict())
-    return exp.layout.from_checkpoint(restored), step, ckpts.unlogged_metrics(step), ckpts.metadata(step)[0]
+    return exp.layout.from_checkpoint(restored), step, ckpts.loop_state(step), ckpts.metadata(step)[0]
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
@@ -506,8 +428,8 @@ def _restore(exp: Experiment, ckpts, log):
                                  out_shardings=(sh.step, sh.opt_state))(restored.params)
       restored = restored.replace(step=step0, opt_state=opt_state)
     log(f"started from {directory}/{step} ({c.restore_mode})")
-    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), [], None
-  return exp.init_state(), 0, [], None
+    return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
+  return exp.init_state(), 0, {}, None
 
 
 SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
@@ -535,14 +457,16 @@ def schedule_change(exp: Experiment, saved_config: dict | None, start: int) -> s
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics.
+  """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics
+  (the floats; see Experiment.evaluate).
 
-  Writes `config.json`, `model.json`, `metrics.jsonl` and `checkpoints/`. A
+  Writes `config.json`, `model.json`, `metrics.jsonl`, `confusion_<step>.json` (classifiers) and `checkpoints/`. A
   workdir that already holds a checkpoint resumes from its newest readable one.
   Holds `workdir/LOCK` while it runs. Raises `UserError` for a bad workdir,
   config or data, a workdir in use by another run, or a checkpoint this config
   cannot resume, all before anything is written; `NonFiniteLoss` if the loss
-  diverges, and `Preempted` after a signal's save.
+  diverges, and `Preempted` after a signal's save. Early stopping
+  (`train.early_stopping`) returns normally, before `train.steps`.
   """
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   log = print if lead else lambda _line: None
@@ -560,7 +484,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       _agree(lock.acquire if lead else None)
       reader = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
       try:
-        state, start, unlogged, saved_config = _restore(exp, ckpts=reader, log=log)
+        state, start, resumed, saved_config = _restore(exp, ckpts=reader, log=log)
       finally:
         reader.close()
       if start > config.train.steps:
@@ -580,10 +504,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         logger.write({"step": start, "split": "note", "note": note})
       logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
       t0 = time.perf_counter()
-      state, eval_metrics = train_loop(exp, state, start, logger, ckpts, unlogged)
+      run = train_loop(exp, state, start, logger, ckpts, resumed)
       train_s = time.perf_counter() - t0
-      if not eval_metrics:  # resumed at the end: nothing trained, still report
-        eval_metrics = exp.evaluate(state)
+      eval_metrics = scalars(run.eval_metrics or exp.evaluate(run.state))  # resumed at the end: evaluate, report
     finally:
       try:
         if ckpts is not None:
@@ -591,7 +514,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       finally:
         lock.release()
   summary = " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items())
-  logger.print(f"final: step {config.train.steps} test {summary} (training {train_s:.1f} s)")
+  stopped = ""
+  if run.stop:  # early stopping: the best checkpoint is kept (checkpoint.keep_best) and named
+    es = run.early_stopping
+    stopped = (f"; {run.stop}; best checkpoint {checkpoint.checkpoint_dir(workdir)}/{es['best_step']} "
+               f"({es['metric']}={es['best']:.4f})")
+  logger.print(f"final: step {run.done} test {summary} (training {train_s:.1f} s){stopped}")
   logger.close()
   return eval_metrics
 

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import warnings
 
-import jax
 import numpy as np
 import pytest
 
 from jaxmodels import bench, checkpoint, compilation, flops, parallel
 from jaxmodels.errors import UserError
 from jaxmodels.metrics import MetricsLogger
-from jaxmodels.train import Profile, build_experiment, train_and_evaluate, train_loop
+from jaxmodels.actions import Profile
+from jaxmodels.train import build_experiment, train_and_evaluate, train_loop
 from conftest import ROOT, experiment
 
 FIELDS = {"trace_s", "lower_s", "compile_s", "hlo_ops", "fusions", "flops", "bytes_accessed", "argument_bytes",

@@ -37,6 +37,7 @@ BAD_VALUES = [
     ("data.val_fraction", 0.0, "data.val_fraction=0.0"),
     ("data.val_fraction", 1.5, "data.val_fraction=1.5"),
     ("data.tokenizer", "word", "data.tokenizer='word': expected one of char, byte"),
+    ("data.task", "rank", "data.task='rank': expected one of , classify, binary, multilabel, regress"),
     ("model.family", "rnn", "model.family='rnn'"),
     ("model.dtype", "int8", "model.dtype='int8': expected one of float32, bfloat16, float16"),
     ("model.dtype", "float8", "model.dtype='float8'"),
@@ -98,6 +99,12 @@ BAD_VALUES = [
     ("train.log_every", 0, "train.log_every=0"),
     ("train.eval_every", 0, "train.eval_every=0"),
     ("train.eval_batch_size", 0, "train.eval_batch_size=0"),
+    ("train.eval_top_k", -1, "train.eval_top_k=-1: expected an integer >= 0"),
+    ("train.loss", "l1", "train.loss='l1': expected one of mse, mae, huber"),
+    ("train.early_stopping.metric", "f2", "train.early_stopping.metric='f2': expected one of , loss, accuracy"),
+    ("train.early_stopping.mode", "lowest", "train.early_stopping.mode='lowest': expected one of min, max"),
+    ("train.early_stopping.patience", 0, "train.early_stopping.patience=0: expected a positive integer"),
+    ("train.early_stopping.min_delta", -0.1, "train.early_stopping.min_delta=-0.1: expected a finite number >= 0"),
     ("train.profile_steps", (5, 2), r"train.profile_steps=(5, 2): expected () or (first, last)"),
     ("checkpoint.every", -1, "checkpoint.every=-1"),
     ("checkpoint.keep", 0, "checkpoint.keep=0"),
@@ -126,8 +133,19 @@ BAD_VALUES = [
 NO_CASE = {"checkpoint.restore_from"}
 
 
-def leaf_keys(config) -> dict:
-  return {f"{g}.{k}": v for g, group in config.to_dict().items() for k, v in group.items()}
+def leaf_keys(config, prefix: str = "") -> dict:
+  """{"group.key": value}, nested groups (train.early_stopping.metric) included."""
+  out = {}
+  for k, v in (config.to_dict() if hasattr(config, "to_dict") else config).items():
+    out.update(leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def set_key(config, key: str, value) -> None:
+  *groups, name = key.split(".")
+  for group in groups:
+    config = config[group]
+  config[name] = value
 
 
 def configured(**overrides):
@@ -141,8 +159,7 @@ def configured(**overrides):
 @pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
 def test_bad_config_value_is_one_line_naming_the_key(key, value, message):
   c = default_config()
-  group, name = key.split(".")
-  c[group][name] = value
+  set_key(c, key, value)
   with pytest.raises(UserError) as e:
     validate(c)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)

@@ -22,7 +22,8 @@ from jaxmodels import parallel
 from jaxmodels.bench import abstract_args
 from jaxmodels.errors import UserError
 from jaxmodels.parallel.sharding import activation_rules, activation_spec
-from jaxmodels.train import TrainState, build_experiment, loss_sums, make_steps
+from jaxmodels.tasks import loss_sums
+from jaxmodels.train import TrainState, build_experiment, make_steps
 from conftest import experiment
 
 TP_MESH = "data=2,tensor=4"
@@ -124,7 +125,7 @@ def test_accumulated_gradient_is_the_full_batch_token_mean_under_uneven_masks():
 
   def loss(p):  # the full batch's token mean, by definition
     model = nnx.merge(exp.graphdef, p, {})
-    return loss_sums(model(batch["x"]), batch["y"], mask)["loss_sum"] / mask.sum()
+    return loss_sums("classify", model(batch["x"]), batch["y"], mask)["loss_sum"] / mask.sum()
 
   expected = jax.grad(loss)(params)
   sgd = optax.sgd(1.0)  # one step of plain SGD at rate 1 moves the parameters by minus the gradient

@@ -243,7 +243,7 @@ def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_p
                            "print(json.dumps([json.loads(l) for l in (p / 'metrics.jsonl').read_text().splitlines()]))")
   assert check.returncode == 0, check.stderr
   names, records = (json.loads(line) for line in check.stdout.strip().splitlines()[-2:])
-  assert names == ["checkpoints", "config.json", "metrics.jsonl", "model.json", "vocab.json"]  # the lock is gone
+  assert names == ["checkpoints", "config.json", "metrics.jsonl", "model.json", "tb", "vocab.json"]  # no lock; tb: events
   straight = read_metrics(tmp_path / "straight")
   assert [[r.get(k) for k in SCORES] for r in records] == [[r.get(k) for k in SCORES] for r in straight]
   sample = _jaxmodels(gcs_env, "sample", "--workdir=gs://bkt/run", "--prompt=def ", "--length=20",

@@ -31,6 +31,13 @@ def test_run_outputs(digits_cnn_run):
   assert train[-1]["loss"] < train[0]["loss"]
   assert evals[-1]["accuracy"] == pytest.approx(final["accuracy"])
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["150"]
+  # Classification scores in the eval record; the confusion matrix of exact counts beside it.
+  assert {"top5_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_weighted"} <= set(final)
+  assert final["accuracy"] <= final["top5_accuracy"] <= 1 and len(evals[-1]["f1_per_class"]) == 10
+  with open(os.path.join(workdir, "confusion_150.json"), encoding="utf-8") as f:
+    confusion = np.array(json.load(f)["confusion"])
+  assert confusion.shape == (10, 10) and confusion.sum() == 359  # every test example once, padding none
+  assert np.trace(confusion) / 359 == pytest.approx(final["accuracy"])
 
 
 def test_resume_from_final_checkpoint_reproduces_metrics(digits_cnn_run):

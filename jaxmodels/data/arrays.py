@@ -1,4 +1,4 @@
-"""In-memory classification data: the bundled digits and the user's own `.npz`.
+"""In-memory array data: the bundled digits and the user's own `.npz`, for every task of jaxmodels.tasks.
 
 Batches are written by hand rather than through grain: the arrays already sit in
 host memory, and making each training batch a pure function of (seed, step)
@@ -22,16 +22,16 @@ ALL_ROWS = slice(None)
 
 @dataclasses.dataclass
 class ArrayDataset:
-  """Train and test arrays, x as float32 (N, *spatial, C), y as int32 (N,)."""
-
-  task = "classify"
+  """Train and test arrays, x as float32 (N, *spatial, C); y int32 (N,) class labels (classify, binary),
+  float32 (N, C) 0/1 targets (multilabel) or float32 (N, ...) targets (regress)."""
 
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
-  num_classes: int
+  num_classes: int  # classes (classify, binary: 2), labels (multilabel); 0 for regress
   seed: int
+  task: str = "classify"
   _epoch_perm: tuple = (None, None)
 
   @property
@@ -41,11 +41,17 @@ class ArrayDataset:
 
   @property
   def num_outputs(self) -> int:
-    return self.num_classes
+    """The model's output count: a logit per class (classify) or label (multilabel), one (binary), one per
+    target element (regress)."""
+    return {"binary": 1, "regress": int(np.prod(self.y_train.shape[1:], dtype=np.int64))}.get(self.task,
+                                                                                            self.num_classes)
 
   def describe(self) -> str:
+    what = {"classify": f"{self.num_classes} classes", "binary": "binary labels",
+            "multilabel": f"{self.num_classes} labels",
+            "regress": f"float targets of shape {self.y_train.shape[1:]}"}
     return (f"{len(self.x_train)} train / {len(self.x_test)} test examples of shape "
-            f"{self.input_shape}, {self.num_classes} classes")
+            f"{self.input_shape}, {what[self.task]}")
 
   def files(self) -> dict[str, str]:
     """Files the run keeps in its workdir: none for arrays."""
@@ -134,13 +140,15 @@ INT32_MAX = np.iinfo(np.int32).max
 def _labels(name: str, y: np.ndarray) -> np.ndarray:
   """Class labels as int32, checked before the cast: integral, non-negative and within int32."""
   if y.ndim != 1:
-    raise UserError(f"{name} must be a 1-D array of class labels, got shape {y.shape}")
+    raise UserError(f"{name} must be a 1-D array of class labels, got shape {y.shape} (set data.task to regress, "
+                    f"or multilabel for 0/1 targets)")
   if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
     raise UserError(f"{name} must hold integer class labels, got dtype {y.dtype}")
   if np.issubdtype(y.dtype, np.floating):
     bad = ~np.isfinite(y) | (y != np.round(y))
     if bad.any():
-      raise UserError(f"{name} must hold integer class labels, found {y[bad][0]}")
+      raise UserError(f"{name} must hold integer class labels, found {y[bad][0]} (float targets: set "
+                      f"data.task=regress)")
   if (y < 0).any():
     raise UserError(f"{name} has a negative label ({y.min()}); labels must lie in [0, num_classes)")
   if y.max() > INT32_MAX:
@@ -173,13 +181,45 @@ def _examples(name: str, x: np.ndarray, spatial_dims: int | None, compute_dtype)
   return x
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None, compute_dtype="float32") -> dict:
-  """Checks and normalises the four arrays; raises UserError naming the array and the problem.
+def infer_task(y: np.ndarray) -> str:
+  """`data.task` when unset, where the labels leave no doubt: (N,) labels classify, (N, C) of 0/1 is multilabel.
+
+  Anything else (float targets included, which may as well be damaged labels) goes to `_labels`, whose error
+  names data.task.
+  """
+  if y.ndim == 2 and (np.issubdtype(y.dtype, np.number) or y.dtype == bool) and np.isin(y, (0, 1)).all():
+    return "multilabel"
+  return "classify"
+
+
+def _targets(name: str, y: np.ndarray, task: str) -> np.ndarray:
+  """Targets of a task other than classify, as float32 (multilabel, regress) or int32 0/1 (binary)."""
+  if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == bool):
+    raise UserError(f"{name} must hold numbers for data.task={task}, got dtype {y.dtype}")
+  values = np.asarray(y, np.float64)
+  if not np.all(np.isfinite(values)):
+    raise UserError(f"{name} contains NaN or inf")
+  if task == "regress":
+    return y.astype(np.float32)
+  expected = {"binary": 1, "multilabel": 2}[task]
+  if y.ndim != expected or not np.isin(values, (0, 1)).all():
+    shape = "(N,)" if task == "binary" else "(N, num_labels)"
+    other = values[~np.isin(values, (0, 1))]
+    found = f" and value {other[0]}" if len(other) else ""
+    raise UserError(f"{name} must hold 0/1 labels of shape {shape} for data.task={task}, got shape {y.shape}{found}")
+  return y.astype(np.int32 if task == "binary" else np.float32)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None, compute_dtype="float32",
+                    task: str = "") -> dict:
+  """Checks and normalises the four arrays for `task` (inferred when empty, see `infer_task`); raises UserError
+  naming the array and the problem.
 
   Rejects what would train without an error but mean nothing: empty splits, a single class, values the
-  cast to float32 (x) or int32 (y), or the model's `compute_dtype`, would change.
+  cast to float32 (x) or int32 (y), or the model's `compute_dtype`, would change, labels that do not fit the task.
   """
-  out = {}
+  task = task or infer_task(np.asarray(arrays["y_train"]))
+  out = {"task": task}
   for split in ("train", "test"):
     xn, yn = f"x_{split}", f"y_{split}"
     x, y = np.asarray(arrays[xn]), np.asarray(arrays[yn])
@@ -190,10 +230,17 @@ def validate_arrays(arrays: dict[str, np.ndarray], spatial_dims: int | None, com
       raise UserError(f"{xn} has zero examples")
     if len(x) != len(y):
       raise UserError(f"{xn} has {len(x)} examples but {yn} has {len(y)}")
-    out[xn], out[yn] = _examples(xn, x, spatial_dims, compute_dtype), _labels(yn, y)
+    out[xn] = _examples(xn, x, spatial_dims, compute_dtype)
+    out[yn] = _labels(yn, y) if task == "classify" else _targets(yn, y, task)
   if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
     raise UserError(f"x_train examples have shape {out['x_train'].shape[1:]} "
                     f"but x_test examples have shape {out['x_test'].shape[1:]}")
+  if out["y_train"].shape[1:] != out["y_test"].shape[1:]:
+    raise UserError(f"y_train targets have shape {out['y_train'].shape[1:]} "
+                    f"but y_test targets have shape {out['y_test'].shape[1:]}")
+  if task != "classify":
+    out["num_classes"] = {"binary": 2, "multilabel": out["y_train"].shape[-1], "regress": 0}[task]
+    return out
   present = np.unique(out["y_train"])
   if len(present) < 2:
     raise UserError(f"y_train holds one class ({present[0]}): a classifier needs examples of at least two")
@@ -216,4 +263,5 @@ def load_array_dataset(data_config, seed: int, compute_dtype="float32") -> Array
     arrays = load_digits(data_config.test_fraction, seed)
   else:
     arrays = load_npz(data_config.path)
-  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims, compute_dtype), seed=seed)
+  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims, compute_dtype, data_config.task),
+                      seed=seed)

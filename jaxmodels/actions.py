@@ -1,0 +1,314 @@
+"""The periodic work of the training loop, as small objects the loop runs after each step.
+
+Each action has an `every` (steps between runs; 0: not on a step schedule) and
+one method, `__call__(run)`, run when `due(run)`: by default every `every`
+steps and at the last step. `begin(run)` and `end(run)` run once around the
+loop. The loop (`train.train_loop`) keeps their order: train metrics are logged,
+then the model is evaluated, then the stop conditions are read, then the state
+is saved, so a save holds the step's eval metrics and happens before a stop.
+
+`Run` is what the actions share: the train state, the step count, the metric
+rows not yet logged, the last evaluation, and why the run stops (if it does).
+Nothing here syncs the host per step: metrics are fetched only by the actions
+that log or save, at their intervals, under the loop's transfer guard.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmodels import flops
+from jaxmodels import parallel
+from jaxmodels.compilation import RecompileAlarm, libtpu_problem
+from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
+from jaxmodels.tasks import train_metric_names
+
+# The train step returns its metrics stacked in one float32 vector in this order (regression: mae for accuracy):
+# each output array costs dispatch time on every step, the stack costs one.
+TRAIN_METRICS = train_metric_names("classify")
+
+
+def summarize(rows: np.ndarray, names: tuple[str, ...] = TRAIN_METRICS) -> dict[str, float]:
+  """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
+  kept = rows[rows[:, names.index("skipped")] == 0]
+  means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
+  out = {name: float(v) for name, v in zip(names, means)}
+  skipped = int(rows[:, names.index("skipped")].sum())
+  if skipped:
+    out["skipped"] = skipped
+  else:
+    del out["skipped"]
+  return out
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+  """The float metrics of an evaluation (no per-class lists, no confusion matrix)."""
+  return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+@dataclasses.dataclass
+class Run:
+  """The loop's shared state: what one step leaves for the actions due after it."""
+
+  exp: Any  # train.Experiment
+  state: Any  # train.TrainState after `done` steps
+  done: int  # optimizer steps taken
+  logger: Any  # metrics.MetricsLogger
+  ckpts: Any  # checkpoint.Checkpoints
+  alarm: RecompileAlarm
+  pending: list = dataclasses.field(default_factory=list)  # metric vectors still on the device
+  rows: list = dataclasses.field(default_factory=list)  # host metric rows since the last log line
+  compile_seconds: dict = dataclasses.field(default_factory=dict)  # the last step's trace/lower/compile times
+  eval_metrics: dict = dataclasses.field(default_factory=dict)  # the newest evaluation
+  eval_step: int = -1  # the step `eval_metrics` was computed at
+  stop: str = ""  # why the run stops after this step: "" (it does not), a signal, or early stopping
+  preempted: bool = False  # the stop is a signal's or a preemption notice's: the process exits to be rerun
+  early_stopping: dict | None = None  # EarlyStop's record, saved in each checkpoint
+
+  @property
+  def last(self) -> int:
+    return self.exp.config.train.steps
+
+  def fetch(self) -> None:
+    """Fetches pending metrics (one host sync) and raises NonFiniteLoss on a non-finite loss unless skipping."""
+    if not self.pending:
+      return
+    rows = np.stack(parallel.fetch(self.pending))
+    losses = rows[:, 0]
+    if not self.exp.config.train.skip_nonfinite and not np.all(np.isfinite(losses)):
+      bad = self.done - len(self.pending) + 1 + int(np.argmax(~np.isfinite(losses)))
+      newest = self.ckpts.latest_step()
+      kept = "no checkpoint was saved yet" if newest is None else f"the newest checkpoint is step {newest}"
+      raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
+                          f"that state ({kept}). Lower "
+                          f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
+    self.rows.extend(rows.tolist())
+    self.pending.clear()
+
+
+class Action:
+  """Work run after a step when `due`: every `every` steps (0: never on a schedule) and at the last step."""
+
+  every = 0
+
+  def due(self, run: Run) -> bool:
+    return bool(self.every and run.done % self.every == 0) or run.done == run.last
+
+  def begin(self, run: Run) -> None:
+    """Once, before the first step."""
+
+  def __call__(self, run: Run) -> None:
+    raise NotImplementedError
+
+  def end(self, run: Run) -> None:
+    """Once, after the last step (not after an exception)."""
+
+
+class LogTrain(Action):
+  """Fetches and averages the train metrics of the interval and writes them with throughput and MFU.
+
+  The first step of a process includes compilation: it is logged on its own with
+  its compile times (a fresh run) or printed (a resumed run, which logs on the
+  uninterrupted run's schedule instead), and throughput is timed from its end.
+  """
+
+  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float):
+    self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
+    self.t0 = self.interval_start = None
+    self.interval_step = start  # the step the timed interval starts after
+
+  def begin(self, run: Run) -> None:
+    self.t0 = time.perf_counter()
+
+  def due(self, run: Run) -> bool:
+    return self.interval_start is None or super().due(run)
+
+  def __call__(self, run: Run) -> None:
+    run.fetch()
+    record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
+    record["learning_rate"] = float(self.learning_rates[run.done - 1])
+    if self.interval_start is None:
+      first_step_s = time.perf_counter() - self.t0
+      compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}
+      if self.start == 0:
+        run.logger.write({"step": run.done, "split": "train", **record, "first_step_s": first_step_s,
+                          **compile_record})
+        run.rows.clear()
+      else:
+        run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
+    else:
+      exp, elapsed, timed = run.exp, time.perf_counter() - self.interval_start, run.done - self.interval_step
+      record.update(step_time_ms=1000 * elapsed / timed,
+                    examples_per_sec=timed * exp.config.train.batch_size / elapsed,
+                    mfu=exp.model_flops * timed / elapsed / self.peak_flops)
+      if exp.dataset.task == "lm":
+        record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
+      run.logger.write({"step": run.done, "split": "train", **record})
+      run.rows.clear()
+    self.interval_start, self.interval_step = time.perf_counter(), run.done
+
+
+class Evaluate(Action):
+  """Metrics over the whole eval split, written as an `eval` record and kept in `run.eval_metrics`; a
+  classifier's confusion matrix goes to `confusion_<step>.json` (with its classes' scores) instead."""
+
+  def __init__(self, every: int):
+    self.every = every
+
+  def __call__(self, run: Run) -> None:
+    metrics = run.exp.evaluate(run.state, run.alarm, run.done)
+    confusion = metrics.pop("confusion", None)
+    run.eval_metrics, run.eval_step = metrics, run.done
+    run.logger.write({"step": run.done, "split": "eval", **metrics})
+    if confusion is not None and run.logger.enabled:
+      per_class = {k: v for k, v in metrics.items() if k.endswith("_per_class")}
+      (run.logger.workdir / f"confusion_{run.done}.json").write_text(
+          json.dumps({"step": run.done, "confusion": confusion, **per_class}))
+
+
+class WatchSignals(Action):
+  """Every step: whether a signal or preemption notice stops the run after it (`train._Signals`)."""
+
+  every = 1
+
+  def __init__(self, signals):
+    self.signals = signals
+
+  def due(self, run: Run) -> bool:
+    return True
+
+  def __call__(self, run: Run) -> None:
+    if self.signals.stop_after(run.done):  # with several processes: once per step on each, a sync point
+      run.stop = f"signal {self.signals.received}" if self.signals.received else "preemption notice"
+      run.preempted = True
+
+
+class EarlyStop(Action):
+  """After an evaluation: stops the run when `metric` has not improved on its best by more than `min_delta`
+  for `patience` evaluations in a row (`train.early_stopping`).
+
+  Its record (best value and step, evaluations since, why it stopped) goes into every
+  checkpoint, so a resumed run continues the count, and one that had stopped takes no
+  further step. The step of each new best is saved (Save), and checkpoint.keep_best keeps it.
+  """
+
+  def __init__(self, metric: str, mode: str, patience: int, min_delta: float, resumed: dict | None):
+    self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+    self.resumed = resumed
+
+  def begin(self, run: Run) -> None:
+    run.early_stopping = self.resumed or {"metric": self.metric, "best": None, "best_step": None,
+                                          "evals_since_best": 0, "stopped": ""}
+    run.stop = run.early_stopping["stopped"]  # a run restored after stopping early takes no step
+
+  def due(self, run: Run) -> bool:
+    return run.eval_step == run.done
+
+  def __call__(self, run: Run) -> None:
+    record, value = run.early_stopping, run.eval_metrics[self.metric]
+    best = record["best"]
+    sign = 1 if self.mode == "max" else -1
+    if best is None or sign * (value - best) > self.min_delta:
+      record.update(best=value, best_step=run.done, evals_since_best=0)
+      return
+    record["evals_since_best"] += 1
+    if record["evals_since_best"] >= self.patience:
+      record["stopped"] = run.stop = (
+          f"early stopping: eval {self.metric} has not improved on {best:.6g} (step {record['best_step']}) by more "
+          f"than {self.min_delta:g} in {self.patience} evaluations")
+      run.logger.write({"step": run.done, "split": "stop", "reason": run.stop})
+
+
+class Save(Action):
+  """An async checkpoint with the unlogged metric rows (and this step's eval metrics, for keep_best).
+
+  Also due when the run stops (then synchronous, so the process may exit right after) and at early stopping's
+  new best.
+  """
+
+  def __init__(self, every: int, config_dict: dict):
+    self.every, self.config_dict = every, config_dict
+
+  def due(self, run: Run) -> bool:
+    best = run.early_stopping is not None and run.early_stopping["best_step"] == run.done
+    return super().due(run) or bool(run.stop) or best
+
+  def __call__(self, run: Run) -> None:
+    run.fetch()
+    run.ckpts.save(run.done, run.exp.layout.for_checkpoint(run.state), self.config_dict, unlogged=run.rows,
+                   metrics=scalars(run.eval_metrics) if run.eval_step == run.done else None, wait=bool(run.stop),
+                   early_stopping=run.early_stopping)
+
+
+class Preempt(Action):
+  """After a signal's save: says so (on every process: each saved this step) and raises Preempted."""
+
+  def due(self, run: Run) -> bool:
+    return run.preempted
+
+  def __call__(self, run: Run) -> None:
+    message = f"{run.stop}: saved step {run.done}; rerun the same command to resume"
+    if run.logger.enabled:
+      run.logger.print(message)
+    else:
+      print(message, flush=True)
+    raise Preempted(run.done)
+
+
+class Profile(Action):
+  """A jax.profiler trace of steps [first, last) of `train.profile_steps`, written to `directory`."""
+
+  def __init__(self, steps, directory: str, log):
+    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+      raise UserError(f"train.profile_steps={tuple(steps)}: expected (first, last) with 0 <= first < last")
+    if steps and (problem := libtpu_problem()):
+      raise UserError(f"train.profile_steps: {problem} (a mismatched libtpu crashes jax.profiler)")
+    self.steps, self.directory, self.log, self.active = tuple(steps), directory, log, False
+
+  def due(self, run: Run) -> bool:
+    return bool(self.steps) and run.done in self.steps
+
+  def begin(self, run: Run) -> None:
+    if self.steps and run.done == self.steps[0]:
+      self._start(run.state)
+
+  def __call__(self, run: Run) -> None:
+    if run.done == self.steps[0]:
+      self._start(run.state)
+    else:
+      self.end(run)
+
+  def _start(self, state) -> None:
+    jax.block_until_ready(state)
+    jax.profiler.start_trace(self.directory)
+    self.active = True
+
+  def end(self, run: Run) -> None:
+    if self.active:
+      jax.block_until_ready(run.state)
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.directory} "
+               f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
+
+
+def default_actions(exp, start: int, logger, signals, resumed: dict | None = None) -> list[Action]:
+  """The loop's actions in the order they run after a step; `resumed`: the checkpoint's loop state, if any."""
+  t, es = exp.config.train, exp.config.train.early_stopping
+  # Every step's learning rate, computed once here (schedules are jnp functions), before the transfer guard.
+  learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jax.numpy.arange(t.steps)))
+  return [
+      Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print),
+      LogTrain(t.log_every, learning_rates, start, flops.peak_flops(exp.layout.device_count)[0]),
+      Evaluate(t.eval_every),
+      WatchSignals(signals),
+      *([EarlyStop(es.metric, es.mode, es.patience, es.min_delta, (resumed or {}).get("early_stopping"))]
+        if es.metric else []),
+      Save(exp.config.checkpoint.every, exp.config.to_dict()),
+      Preempt(),
+  ]

@@ -1,0 +1,81 @@
+"""Classification scores derived on the host from a confusion matrix of exact counts.
+
+The eval step accumulates the confusion matrix on the device (int32 counts,
+summed across eval batches and devices); precision, recall and F1 follow from
+it exactly, in float64, here. Hand-written rather than scikit-learn's
+`precision_recall_fscore_support`: that function wants the predictions
+themselves, which would mean fetching every prediction of the eval split to the
+host. Definitions match scikit-learn's with `zero_division=0` (tests check it):
+a class never predicted has precision 0, a class absent from the labels recall 0,
+"macro" averages the classes that occur in the labels or the predictions (as
+scikit-learn does when it is not given the labels), and "weighted" weighs each
+class by its number of true examples.
+"""
+
+import numpy as np
+
+
+def confusion_scores(confusion_CC: np.ndarray) -> dict:
+  """Scores of a (C, C) confusion matrix, rows the true class and columns the predicted one.
+
+  Returns floats `precision_macro`, `recall_macro`, `f1_macro`, `precision_weighted`,
+  `recall_weighted`, `f1_weighted` and lists of C floats `precision_per_class`,
+  `recall_per_class`, `f1_per_class`.
+  """
+  cm = np.asarray(confusion_CC, np.float64)
+  true_pos, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+  precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+  recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+  denominator = precision + recall
+  f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_pos), where=denominator > 0)
+  weights = support / support.sum() if support.sum() else np.zeros_like(support)
+  present = (support + predicted) > 0
+  out = {}
+  for name, per_class in (("precision", precision), ("recall", recall), ("f1", f1)):
+    out[f"{name}_macro"] = float(per_class[present].mean())
+    out[f"{name}_weighted"] = float(np.sum(per_class * weights))
+  for name, per_class in (("precision", precision), ("recall", recall), ("f1", f1)):
+    out[f"{name}_per_class"] = [float(v) for v in per_class]
+  return out
+
+
+def binary_scores(confusion_22: np.ndarray, auc_hist_2N: np.ndarray) -> dict[str, float]:
+  """`precision`, `recall`, `f1` of the positive class (scikit-learn's average="binary") and `roc_auc`.
+
+  ROC AUC from the two classes' logit histograms: the probability that a positive
+  outranks a negative, ties (the same bin) counted half, as scikit-learn counts
+  equal scores; bins of 1/128 of a logit unit make it equal sklearn's to about 1e-3.
+  """
+  cm = np.asarray(confusion_22, np.float64)
+  true_pos, predicted, actual = cm[1, 1], cm[:, 1].sum(), cm[1].sum()
+  precision = true_pos / predicted if predicted else 0.0
+  recall = true_pos / actual if actual else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  negatives, positives = np.asarray(auc_hist_2N, np.float64)
+  below = np.cumsum(negatives) - negatives  # negatives in lower bins than each bin
+  pairs = positives.sum() * negatives.sum()
+  auc = float(np.sum(positives * (below + 0.5 * negatives)) / pairs) if pairs else float("nan")
+  return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "roc_auc": auc}
+
+
+def multilabel_scores(label_counts_3C: np.ndarray) -> dict:
+  """From per-label (true positives, predicted, actual) counts: `f1_micro`, `precision_macro`, `recall_macro`,
+  `f1_macro` (the mean over labels, scikit-learn's average="macro" with zero_division=0) and `f1_per_label`."""
+  true_pos, predicted, actual = np.asarray(label_counts_3C, np.float64)
+  safe = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+  precision, recall = safe(true_pos, predicted), safe(true_pos, actual)
+  f1 = safe(2 * precision * recall, precision + recall)
+  micro = 2 * true_pos.sum() / (predicted.sum() + actual.sum()) if predicted.sum() + actual.sum() else 0.0
+  return {"f1_micro": float(micro), "precision_macro": float(precision.mean()), "recall_macro": float(recall.mean()),
+          "f1_macro": float(f1.mean()), "f1_per_label": [float(v) for v in f1]}
+
+
+def regression_scores(totals: dict) -> dict[str, float]:
+  """`mse`, `mae` (over every target element) and `r2`, the coefficient of determination of each output
+  averaged over outputs (scikit-learn's r2_score, multioutput="uniform_average"), from per-output sums."""
+  get = lambda k: np.asarray(totals[k], np.float64).ravel()
+  n, y_sum, y_sq_sum, sq_error = get("target_count"), get("y_sum"), get("y_sq_sum"), get("sq_error_sum")
+  total_sq = y_sq_sum - y_sum ** 2 / n  # sum of squares about each output's mean
+  r2 = np.where(total_sq > 0, 1 - sq_error / np.where(total_sq > 0, total_sq, 1), 0.0)
+  return {"mse": float(sq_error.sum() / n.sum()), "mae": float(get("abs_error_sum").sum() / n.sum()),
+          "r2": float(r2.mean())}
