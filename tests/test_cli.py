@@ -45,7 +45,8 @@ def test_experiment_runs_as_a_script_with_overrides(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "final: step 30 test" in r.stdout
   assert [m["step"] for m in read_metrics(workdir) if m["split"] == "train"] == [1, 10, 20, 30]
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl", "model.json"]
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "confusion_30.json", "metrics.jsonl", "model.json",
+                                        "tb"]
 
 
 def test_command_flag_errors_are_one_line(capsys, tmp_path):

@@ -71,7 +71,8 @@ def family_config(model_config, defaults=None):
   `jaxmodels.config.default_config()`) that is not a field of the chosen family
   is an error. Raises UserError naming `model.<key>`.
   """
-  m = dict(model_config)
+  # A config read back from JSON (config.json of a run) holds lists where the defaults hold tuples.
+  m = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_config).items()}
   family = m["family"]
   if family not in FAMILIES:
     raise UserError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}")
@@ -82,7 +83,7 @@ def family_config(model_config, defaults=None):
       if key not in COMMON_KEYS and key not in fields and key in defaults and m[key] != defaults[key]:
         raise UserError(f"model.{key}={m[key]!r} does not apply to model.family={family} (its keys: "
                         f"{', '.join(sorted(fields))}); leave it at its default {defaults[key]!r}")
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in fields}
+  values = {k: v for k, v in m.items() if k in fields}
   try:
     return family, cls(**values)
   except ValueError as e:
