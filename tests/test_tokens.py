@@ -156,22 +156,31 @@ def test_nanogpt_shakespeare_char_layout_trains_as_is(tmp_path):
 
 @pytest.mark.slow
 def test_token_file_far_beyond_memory_trains_in_little_memory(tmp_path):
-  with open(tmp_path / "train.bin", "wb") as f:  # 2.5 GB, sparse: zeros but where written
-    f.truncate(5 << 29)
-    f.seek(1 << 30)
-    f.write(np.arange(1000, dtype=np.uint16).tobytes())
-  np.arange(4000, dtype=np.uint16).tofile(tmp_path / "val.bin")
-  script = (f"import resource, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {ROOT + '/tests'!r})\n"
-            f"from test_tokens import tokens_config\nfrom jaxmodels.train import train_and_evaluate\n"
-            f"c = tokens_config({str(tmp_path)!r}, vocab_size=4096)\nc.train.steps = 20\n"
-            f"train_and_evaluate(c, {str(tmp_path / 'run')!r})\n"
-            f"print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     check=False)
-  assert r.returncode == 0, r.stderr
-  maxrss_mb = int(r.stdout.split("maxrss_kb")[-1]) / 1024
-  print(f"peak RSS {maxrss_mb:.0f} MB")
-  assert maxrss_mb < 1536, maxrss_mb
+  """A 2.5 GB token file trains with a peak RSS within 512 MB of the same run on a 2 MB file: never read whole.
+
+  Compared with a control run rather than against a fixed figure: the baseline (JAX, XLA's compiled step)
+  varies with the machine (574-835 MB alone here, ~2 GB inside the parallel suite), the corpus's share must not.
+  """
+  def peak_rss_mb(directory, train_tokens: int) -> float:
+    directory.mkdir()
+    with open(directory / "train.bin", "wb") as f:  # sparse: zeros but where written
+      f.truncate(2 * train_tokens)
+      f.seek(train_tokens)
+      f.write(np.arange(1000, dtype=np.uint16).tobytes())
+    np.arange(4000, dtype=np.uint16).tofile(directory / "val.bin")
+    script = (f"import resource, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {ROOT + '/tests'!r})\n"
+              f"from test_tokens import tokens_config\nfrom jaxmodels.train import train_and_evaluate\n"
+              f"c = tokens_config({str(directory)!r}, vocab_size=4096)\nc.train.steps = 20\n"
+              f"train_and_evaluate(c, {str(directory / 'run')!r})\n"
+              f"print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split("maxrss_kb")[-1]) / 1024
+
+  big, small = peak_rss_mb(tmp_path / "big", 5 << 28), peak_rss_mb(tmp_path / "small", 1 << 20)
+  print(f"peak RSS {big:.0f} MB with the 2.5 GB file, {small:.0f} MB with a 2 MB one")
+  assert big - small < 512, (big, small)
 
 
 def given_tokenizer(kind, directory, texts) -> str:
