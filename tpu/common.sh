@@ -53,13 +53,14 @@ TPU_PYTHON="${TPU_PYTHON:-3.11}"
 
 # job_status NAME ZONE: the detached job over all workers: running (on any worker), succeeded (exit 0 on
 # every worker), died (a worker's job is gone without an exit status: killed, or the VM rebooted),
-# exit:N (a worker's job exited with N), none (no job started), or unknown (SSH failed).
+# exit:N (a worker's job exited with N), none (no job started), or unknown (SSH failed). A job counts as
+# running while its process exists and is not a zombie (an unreaped, killed job is gone).
 job_status() {
   local out
   # shellcheck disable=SC2016  # expanded by the worker's shell
   local probe='cd ~/jaxmodels 2>/dev/null || { echo "jaxmodels-job: none"; exit 0; }
 if [ -f '"$JOB_EXIT"' ]; then echo "jaxmodels-job: exit:$(cat '"$JOB_EXIT"')"
-elif [ -f '"$JOB_PID"' ] && kill -0 "$(cat '"$JOB_PID"')" 2>/dev/null; then echo "jaxmodels-job: running"
+elif [ -f '"$JOB_PID"' ] && ps -o stat= -p "$(cat '"$JOB_PID"')" | grep -qv "^Z"; then echo "jaxmodels-job: running"
 elif [ -f '"$JOB_PID"' ]; then echo "jaxmodels-job: died"
 else echo "jaxmodels-job: none"; fi'
   if ! out="$(gcloud compute tpus tpu-vm ssh "$1" --worker=all --zone "$2" --command "$probe" 2>/dev/null)"; then

@@ -58,7 +58,7 @@ env="JAXMODELS_DISTRIBUTED=auto JAXMODELS_CACHE_DIR=~/.cache/jaxmodels/xla PYTHO
 printf -v job %q "$env .venv/bin/python3${experiment}; echo \$? > $JOB_EXIT"
 # Detached: its own session (setsid), no terminal (nohup, stdin from /dev/null), output to the log file.
 start="cd ~/jaxmodels || exit 1
-if [ -f $JOB_PID ] && kill -0 \"\$(cat $JOB_PID)\" 2>/dev/null; then
+if [ -f $JOB_PID ] && ps -o stat= -p \"\$(cat $JOB_PID)\" | grep -qv '^Z'; then
   echo \"\$(hostname): a job is already running (pid \$(cat $JOB_PID)); stop it first\" >&2; exit 3
 fi
 rm -f $JOB_EXIT
