@@ -174,9 +174,12 @@ def default_config() -> config_dict.ConfigDict:
   # Logical activation axis -> mesh axis, tuple of mesh axes, or None (not split). Pins the
   # activations (MaxText's names) so each device computes on its share of the batch; under fsdp
   # the weights are then gathered, never the batch. A dimension the axes do not divide stays whole.
+  # activation_norm_length -> tensor is sequence parallelism: the residual stream, norms, dropout and
+  # logits split their tokens over `tensor` between the tensor-parallel regions (None: kept whole).
   c.parallel.activation_rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
-                                 ("activation_embed", None), ("activation_heads", "tensor"),
-                                 ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+                                 ("activation_norm_length", "tensor"), ("activation_embed", None),
+                                 ("activation_heads", "tensor"), ("activation_mlp", "tensor"),
+                                 ("activation_vocab", "tensor"))
   # For parameters without logical names: (path regex, mesh axis); the first match splits the
   # parameter's largest dimension divisible by that axis.
   c.parallel.fallback_rules = ((".*", "fsdp"),)

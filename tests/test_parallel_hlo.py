@@ -32,6 +32,8 @@ TEXT_BATCH, SEQ_LEN, CNN_BATCH = 128, 16, 512
 # Per-device output shape of a matmul or convolution: "%dot.3 = f32[256,256]{1,0} dot(...)".
 PRODUCT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+(?:dot|convolution)\(")
 ALL_GATHER = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+all-gather(?:-start)?\(")
+# A collective's name and per-device output shape: "%all-reduce.67 = f32[1024,64]{1,0} all-reduce(...".
+COLLECTIVE = r"%([\w.-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+{}(?:-start)?\("
 
 
 def text_config(strategy, mesh="", accum=1):
@@ -60,7 +62,7 @@ def compiled_facts(config) -> dict:
   text = compiled.as_text()
   return {"largest_product": max(math.prod(s) for s in shapes(PRODUCT, text)),
           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-          "all_gathers": shapes(ALL_GATHER, text)}
+          "all_gathers": shapes(ALL_GATHER, text), "text": text}
 
 
 def image_config(name):
@@ -114,6 +116,29 @@ def test_tensor_parallel_matmuls_are_a_share_like_dp(compiled):
   assert compiled("text", TP)["largest_product"] <= 1.25 * compiled("text", DP)["largest_product"]
 
 
+def reduced_then_split(text, shape, split_shape):
+  """Whether `text` reduce-scatters `shape` to `split_shape`: a reduce-scatter, or (XLA's CPU backend has no
+  reduce-scatter) an all-reduce of `shape` that an instruction of `split_shape` consumes."""
+  dims = lambda s: tuple(int(d) for d in s.split(",") if d)
+  if any(dims(s) == split_shape for _, s in re.findall(COLLECTIVE.format("reduce-scatter"), text)):
+    return True
+  reduced = [n for n, s in re.findall(COLLECTIVE.format("all-reduce"), text) if dims(s) == shape]
+  consumer = r"=\s*\w+\[{}\]\S*\s+[\w-]+\([^)]*%{}[,)]"
+  return any(re.search(consumer.format(",".join(map(str, split_shape)), re.escape(n)), text) for n in reduced)
+
+
+def test_tensor_parallel_is_sequence_parallel_between_its_regions(compiled):
+  # Megatron sequence parallelism on data=2 x tensor=4: the residual stream, norms, dropout and logits hold
+  # 1/8 of the token rows on each device, like dp. Each block all-gathers its tensor group's rows (1/2 of
+  # them) before QKV and the MLP, and reduce-scatters the row-parallel projections' partial sums back to 1/8.
+  tp, dp = compiled("text", TP), compiled("text", DP)
+  d_model, group_rows = 64, TEXT_BATCH * SEQ_LEN // 2
+  assert tp["temp_bytes"] <= 1.25 * dp["temp_bytes"], (tp["temp_bytes"], dp["temp_bytes"])
+  gathers = [dims for dims in tp["all_gathers"] if dims == (group_rows, d_model)]
+  assert len(gathers) >= 2  # attention and the MLP (a scanned stack shows one layer's body)
+  assert reduced_then_split(tp["text"], (group_rows, d_model), (group_rows // 4, d_model))
+
+
 def test_accumulated_gradient_is_the_full_batch_token_mean_under_uneven_masks():
   exp = build_experiment(text_config("single"))
   params = jax.device_get(exp.init_state().params)
@@ -144,6 +169,9 @@ def test_activation_specs_follow_the_rules_and_vanish_without_a_mesh():
   assert spec((8, 16, 4, 8), ("activation_batch", "activation_length", "activation_heads")) == P("data", None,
                                                                                                 "tensor", None)
   assert spec((3, 16), ("activation_batch", "activation_vocab")) == P(None, "tensor")  # 2 does not divide 3
+  rows = ("activation_batch", "activation_norm_length")  # flattened token rows: batch, then sequence-parallel
+  assert spec((64, 256), (rows, "activation_vocab")) == P(("data", "tensor"), None)  # tensor is taken once
+  assert spec((2, 256), (rows, "activation_vocab")) == P("data", "tensor")  # 8 does not divide 2 rows
   x = jnp.ones((4, 6))
   assert parallel.constrain(x, ("activation_batch", "activation_mlp")) is x  # no mesh: research code
   c.parallel.activation_rules = (("activation_batch", "model"),)

@@ -18,6 +18,16 @@ device its own examples' tokens. Activations are pinned with
 `_heads`, `_mlp`, `_vocab`) at the embedding output, every block boundary,
 inside attention and the MLP, and at the logits.
 
+Sequence parallelism (Megatron-LM's): the token rows of the residual stream,
+norms, dropout and logits are ROWS = (`activation_batch`,
+`activation_norm_length`), split over the tensor axis too by the default rules;
+attention and the MLP pin their input rows whole within the tensor group
+(an all-gather) and their output rows split (a reduce-scatter of the
+row-parallel projection's partial sums). With batch-major rows, splitting M
+further over `tensor` splits each device's sequences when the local batch
+divides (the (B, T, ...) views then split B over ROWS' axes), else it cuts
+across sequences.
+
 Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
 """
@@ -34,6 +44,7 @@ from jaxmodels.parallel.sharding import constrain
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
+ROWS = (BATCH, "activation_norm_length")  # the residual stream's token rows, sequence-parallel over `tensor`
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
@@ -221,6 +232,7 @@ class Attention(nnx.Module):
     (out_MD, the updated cache), or (out_MD, None) without a cache.
     """
     B, T = positions_BT.shape
+    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
     split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
     q_BTNH = split(self.query(x_MD), self.num_heads)
     k_BTKH, v_BTKH = split(self.key(x_MD), self.num_kv_heads), split(self.value(x_MD), self.num_kv_heads)
@@ -237,7 +249,7 @@ class Attention(nnx.Module):
       out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
                            mask_BNTS=mask_B1TS)
     out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
-    return constrain(out_MD, (BATCH, EMBED)), new_cache
+    return constrain(out_MD, (ROWS, EMBED)), new_cache  # sequence parallelism: a reduce-scatter
 
 
 class FeedForward(nnx.Module):
@@ -249,9 +261,10 @@ class FeedForward(nnx.Module):
     self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
 
   def __call__(self, x_MD):
+    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
     hidden = lambda layer: constrain(layer(x_MD), (BATCH, MLP_AXIS))
     h_MF = jax.nn.gelu(hidden(self.up)) if self.gate is None else jax.nn.silu(hidden(self.gate)) * hidden(self.up)
-    return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (BATCH, EMBED))
+    return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
 
 
 class Block(nnx.Module):
@@ -273,9 +286,9 @@ class Block(nnx.Module):
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
-    x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
+    x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
-    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
+    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
 
 
 class Stack(nnx.Module):
@@ -310,7 +323,7 @@ class Stack(nnx.Module):
     cache donated, a step's temporary memory is about one layer's keys and values; tests/test_sequence_models.py).
     """
     B, T, D = x_BTD.shape
-    x_MD = constrain(x_BTD.reshape(B * T, D), (BATCH, EMBED))
+    x_MD = constrain(x_BTD.reshape(B * T, D), (ROWS, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
@@ -334,7 +347,7 @@ class Stack(nnx.Module):
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
         x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i)
-    return constrain(self.final_norm(x_MD).reshape(B, T, D), (BATCH, LENGTH, EMBED)), new_cache
+    return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
 
 
 class TransformerLM(nnx.Module):
@@ -368,12 +381,13 @@ class TransformerLM(nnx.Module):
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
-    x_BTD = constrain(x_BTD, (BATCH, LENGTH, EMBED))
+    x_BTD = constrain(x_BTD, (ROWS, LENGTH, EMBED))  # the stack's (sequence-parallel) rows, see Stack
     h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
-    h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (BATCH, EMBED))  # a 2-D head matmul
-    logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (BATCH, VOCAB))
-    return constrain(logits_MV.reshape(B, T, -1), (BATCH, LENGTH, VOCAB)), cache
+    h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
+    # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
+    logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
+    return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
 
   def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
     """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of

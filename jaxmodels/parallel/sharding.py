@@ -20,7 +20,15 @@ size 1), so one set of rules serves every strategy:
   context the train and eval steps are traced in. Without the pins XLA may
   settle a clash (batch split over `fsdp`, weights' `embed` split over `fsdp`)
   by gathering the batch instead of the weights. Outside that context (research
-  code, pmap) `constrain` returns its input.
+  code, pmap) `constrain` returns its input;
+- sequence parallelism (Megatron-LM's, Korthikanti et al. 2022) is a rule too:
+  the residual stream, norms, dropout and logits between the tensor-parallel
+  regions name their token axis `activation_norm_length` (MaxText's name),
+  which `parallel.activation_rules` maps to `tensor`. Pinning the
+  tensor-parallel regions' inputs whole and their outputs split makes XLA
+  all-gather the tokens before QKV and the MLP and reduce-scatter after the
+  output projections (on the CPU: an all-reduce and a slice); under `dp` or
+  `fsdp` the `tensor` axis has size 1 and the rule does nothing.
 
 Meshes come from `jax.make_mesh` (which orders TPU devices by their ICI
 topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
@@ -166,8 +174,8 @@ def partition_specs(abstract_state: nnx.State, mesh: Mesh, rules, fallback_rules
   return specs
 
 
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_heads",
-                   "activation_mlp", "activation_vocab")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_norm_length", "activation_embed",
+                   "activation_heads", "activation_mlp", "activation_vocab")
 # (mesh, {logical activation axis: mesh axes}) while a step is traced; None outside.
 _ACTIVATIONS = contextvars.ContextVar("jaxmodels_activation_sharding", default=None)
 
@@ -211,18 +219,23 @@ def activation_sharding(mesh: Mesh, rules):
 def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
   """The PartitionSpec of an activation of `shape` whose leading dimensions have logical `names`.
 
-  `rules` as `activation_rules` returns them. Dimensions past `names`, names
-  mapped to None, and mesh axes of size 1 are unsplit; a dimension takes its
+  `rules` as `activation_rules` returns them. A name may be a tuple of logical
+  names for a flattened dimension (token rows M = B x T: `("activation_batch",
+  "activation_norm_length")`), which takes their mesh axes in order.
+  Dimensions past `names`, names mapped to None, mesh axes of size 1 and mesh
+  axes an earlier dimension already took are unsplit; a dimension takes its
   mesh axes in order while their product still divides it (a batch of 4 on
   data=2 x fsdp=4 is split over `data` only).
   """
-  spec = []
+  spec, used = [], set()
   for dim, name in zip(shape, tuple(names) + (None,) * (len(shape) - len(names))):
     axes, size = [], 1
-    for axis in rules.get(name, ()) if name is not None else ():
-      if mesh.shape[axis] > 1 and dim % (size * mesh.shape[axis]) == 0:
-        axes.append(axis)
-        size *= mesh.shape[axis]
+    for logical in (name if isinstance(name, tuple) else (name,)):
+      for axis in rules.get(logical, ()) if logical is not None else ():
+        if mesh.shape[axis] > 1 and axis not in used and dim % (size * mesh.shape[axis]) == 0:
+          axes.append(axis)
+          used.add(axis)
+          size *= mesh.shape[axis]
     spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
   return P(*spec)
 
@@ -230,7 +243,7 @@ def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
   """`x` pinned to the sharding its logical axis `names` (`activation_batch`, ...; None: unsplit) map to.
 
-  `names` covers the leading dimensions (the rest are unsplit). A no-op outside
+  `names` covers the leading dimensions (the rest are unsplit); see `activation_spec`. A no-op outside
   `activation_sharding`, so modules work unchanged without a mesh.
   """
   active = _ACTIVATIONS.get()
@@ -286,6 +299,14 @@ class Layout(_Share):
   def device_count(self) -> int:
     """Devices the step runs on, over all processes."""
     return self.mesh.size
+
+  def describe(self) -> str:
+    """The mesh's axis sizes and the process holding each of its devices, as a (data, fsdp, tensor) grid.
+
+    Shows which axes cross processes (hosts; slices under `parallel.dcn_mesh`).
+    """
+    processes = np.vectorize(lambda d: d.process_index, otypes=[int])(self.mesh.devices)
+    return f"mesh {dict(self.mesh.shape)}: process of each device {processes.tolist()}"
 
   def state_shardings(self, state_cls, abstract_state, tx):
     """Shardings for a TrainState: params by the rules, optimizer moments like their params."""
