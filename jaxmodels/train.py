@@ -503,6 +503,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if note:
         logger.write({"step": start, "split": "note", "note": note})
       logger.print(f"{d.describe()}; training steps {start}..{config.train.steps} into {workdir}")
+      if jax.process_count() > 1 and isinstance(exp.layout, parallel.Layout):
+        logger.print(exp.layout.describe())  # which mesh axes cross processes
       t0 = time.perf_counter()
       run = train_loop(exp, state, start, logger, ckpts, resumed)
       train_s = time.perf_counter() - t0

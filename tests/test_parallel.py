@@ -257,6 +257,45 @@ def test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes
   assert f"training steps {step}..{step + 10}" in resumed.stdout
 
 
+@pytest.mark.slow
+def test_sigint_to_one_process_stops_every_process_at_one_step_and_resumes_exactly(tmp_path):
+  # A constant rate: the schedule does not depend on train.steps, so the interrupted, the resumed and the
+  # uninterrupted runs take the same steps.
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=dp",
+           "--config.train.schedule=constant", "--config.train.warmup_steps=0", "--config.train.log_every=5",
+           "--config.train.eval_every=100000", "--config.checkpoint.every=0"]
+  run, straight = [f"--workdir={tmp_path / 'run'}"], [f"--workdir={tmp_path / 'straight'}"]
+  launcher, pids, lines = start_launch([*train, *run, "--config.train.steps=100000"], "[0] step 10 train")
+  os.kill(pids[0], signal.SIGINT)  # Ctrl-C on one host
+  out = "".join(lines) + launcher.communicate(timeout=300)[0]
+  assert launcher.returncode == 75, out
+  saved = dict(re.findall(r"^\[(\d)\] (?:signal 2|preemption notice): saved step (\d+); rerun", out, re.M))
+  assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
+  assert os.listdir(tmp_path / "run" / "checkpoints") == [saved["0"]]
+  end = int(saved["0"]) + 10
+  done = [jaxmodels("launch", "--processes", "2", "--", *train, *workdir, f"--config.train.steps={end}")
+          for workdir in (run, straight)]
+  assert [d.returncode for d in done] == [0, 0], done[0].stdout + done[1].stdout
+  assert "[0] first step after resuming" in done[0].stdout
+  rows = lambda d: [(r["step"], r["split"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r]
+  resumed, uninterrupted = rows("run"), rows("straight")
+  assert [r[:2] for r in resumed] == [r[:2] for r in uninterrupted] and resumed[-1][0] == end
+  assert [r[2] for r in resumed] == pytest.approx([r[2] for r in uninterrupted], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_launch_dcn_mesh_splits_its_axis_across_processes(tmp_path):
+  # On CPUs each process stands for a slice. `fsdp` crosses the two processes, `data` stays inside each:
+  # without parallel.dcn_mesh, jax.make_mesh puts process 0's two devices at data index 0 instead.
+  train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=fsdp",
+           "--config.parallel.mesh=data=2,fsdp=2", "--config.parallel.dcn_mesh=fsdp=2", "--config.train.steps=1",
+           "--config.train.warmup_steps=0", f"--workdir={tmp_path}"]
+  multi = jaxmodels("launch", "--processes", "2", "--devices-per-process", "2", "--", *train, timeout=300)
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  grid = "[0] mesh {'data': 2, 'fsdp': 2, 'tensor': 1}: process of each device [[[0], [1]], [[0], [1]]]"
+  assert grid in multi.stdout, multi.stdout
+
+
 def test_killed_process_stops_the_whole_job(tmp_path):
   train = ["train", "--config", "experiments/digits_mlp.py", "--config.train.steps=100000",
            "--config.train.log_every=10", "--config.parallel.strategy=dp", f"--workdir={tmp_path}"]
