@@ -3,8 +3,8 @@
 `parallel.strategy` picks the layout: `single` (one device), `dp` (batch over
 `data`, parameters replicated), `fsdp` (parameters and optimizer state sharded
 over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
-attention heads and MLPs over `tensor`; combine with dp/fsdp through
-`parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
+attention heads and MLPs over `tensor`, with sequence parallelism between them;
+combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
 """
 
 from jaxmodels.parallel.distributed import initialize
