@@ -157,7 +157,7 @@ def default_config() -> config_dict.ConfigDict:
   c.train.pruning.pattern = "unstructured"
   c.train.pruning.scope = "layer"  # unstructured: layer (each tensor to the same sparsity) | global (one ranking)
   c.train.pruning.start_step = 0  # first mask update (sparsity 0 before it)
-  c.train.pruning.end_step = 0  # last mask update, at the final sparsity; below train.steps; = start_step: one-shot
+  c.train.pruning.end_step = 0  # last mask update, at the final sparsity (noted if past train.steps)
   c.train.pruning.every = 100  # steps between mask updates from start_step to end_step
   # Knowledge distillation (jaxmodels.distill; Hinton et al. 2015): the student trains on
   # loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T), the KL between the
@@ -388,7 +388,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
-  pruning.check(t.pruning, t.steps)
+  pruning.check(t.pruning)
   if t.distill.teacher and p.strategy == "pmap":
     raise UserError("train.distill.teacher is set but parallel.strategy=pmap cannot take the teacher: use dp or fsdp")
   if t.batch_size % t.grad_accum_steps:
@@ -441,6 +441,9 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
     notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "
                    f"{warmup} steps (a tenth of the run) instead")
     t.warmup_steps = warmup
+  if t.pruning.sparsity and t.pruning.end_step >= t.steps:
+    notices.append(f"train.pruning.end_step={t.pruning.end_step} is not below train.steps={t.steps}: this run "
+                   f"stops before the final sparsity {t.pruning.sparsity} (a resumed longer run reaches it)")
   if t.profile_steps and t.profile_steps[0] >= t.steps:
     notices.append(f"train.profile_steps={tuple(t.profile_steps)} starts at or after train.steps={t.steps}: "
                    f"no profile will be written")
