@@ -94,8 +94,8 @@ def load_teacher(config, dataset, layout) -> Teacher | None:
     raise UserError(f"{where} has another vocabulary (vocab.json) than the student's data")
   try:
     model = export.load_run_model(d.teacher)
-  except (FileNotFoundError, ValueError) as e:  # Orbax on a missing or empty checkpoints/ directory
-    raise UserError(f"{where}: no checkpoint to load ({type(e).__name__})") from None
+  except UserError as e:  # e.g. "RUN has no checkpoint"
+    raise UserError(f"{where}: {e}") from None
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   # Parameters split by the run's parallel.rules (e.g. over fsdp like the student's), other state replicated.
   p = config.parallel

@@ -97,7 +97,7 @@ def _stacked(path) -> bool:
   """Whether a leaf is a scanned Transformer stack's (layers, ...) array: under `blocks` not keyed by layer."""
   keys = [k for k in path if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey))]
   names = [getattr(k, "key", getattr(k, "idx", None)) for k in keys]
-  return "blocks" in names and isinstance(names[names.index("blocks") + 1], str)
+  return "blocks" in names[:-1] and isinstance(names[names.index("blocks") + 1], str)
 
 
 def _keep_largest(magnitude, sparsity):
