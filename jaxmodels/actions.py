@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import pruning
 from jaxmodels.compilation import RecompileAlarm, libtpu_problem
 from jaxmodels.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.tasks import train_metric_names
@@ -132,6 +133,7 @@ class LogTrain(Action):
     run.fetch()
     record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
     record["learning_rate"] = float(self.learning_rates[run.done - 1])
+    record.update(pruning.logged_sparsity(run.state.opt_state))  # train.pruning: the share of zero weights now
     if self.interval_start is None:
       first_step_s = time.perf_counter() - self.t0
       compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}

@@ -145,6 +145,28 @@ def default_config() -> config_dict.ConfigDict:
   c.train.early_stopping.mode = "min"  # min | max: which way is better
   c.train.early_stopping.patience = 3  # evaluations in a row without improvement before stopping
   c.train.early_stopping.min_delta = 0.0  # an improvement is a change beyond this, in the metric's units
+  # Magnitude pruning (jaxmodels.pruning): the smallest weights are zeroed and stay exactly zero after every update.
+  # Embeddings, norm scales and biases are never pruned. The sparsity ramps up on Zhu & Gupta's cubic schedule,
+  # s_t = s_f (1 - (1 - (t - start_step) / (end_step - start_step))^3), the masks recomputed every `every` steps
+  # (and at end_step). One-shot pruning of a trained run, then fine-tuning: checkpoint.restore_from=RUN with
+  # start_step = end_step = 0 (pruned at the first step).
+  c.train.pruning = config_dict.ConfigDict()
+  c.train.pruning.sparsity = 0.0  # final fraction of prunable weights zeroed, in [0, 1); 0 = no pruning
+  # unstructured | N:M (e.g. 2:4: N kept of every M consecutive weights along a kernel's input axis; then
+  # sparsity must be 1 - N/M, and kernels whose input size M does not divide stay dense)
+  c.train.pruning.pattern = "unstructured"
+  c.train.pruning.scope = "layer"  # unstructured: layer (each tensor to the same sparsity) | global (one ranking)
+  c.train.pruning.start_step = 0  # first mask update (sparsity 0 before it)
+  c.train.pruning.end_step = 0  # last mask update, at the final sparsity (noted if past train.steps)
+  c.train.pruning.every = 100  # steps between mask updates from start_step to end_step
+  # Knowledge distillation (jaxmodels.distill; Hinton et al. 2015): the student trains on
+  # loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T), the KL between the
+  # temperature-T softmaxes of the teacher's and the student's logits. The teacher's forward pass runs in the same
+  # compiled step; it must have been trained on the same data (task, input shape, classes or vocabulary).
+  c.train.distill = config_dict.ConfigDict()
+  c.train.distill.teacher = ""  # the teacher run's workdir (local or gs://; newest checkpoint); empty = off
+  c.train.distill.temperature = 2.0  # T > 0: softens both distributions; T^2 keeps the KL gradient's scale
+  c.train.distill.alpha = 0.5  # in [0, 1]: weight of the KL term (0: the hard labels only, 1: the teacher only)
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
@@ -287,6 +309,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   from jaxmodels.data import LM_SOURCES, SOURCES
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
+  from jaxmodels import pruning
   from jaxmodels.optim import OPTIMIZERS, SCHEDULES
   from jaxmodels.tasks import LOSSES, TASKS
   from jaxmodels.parallel.sharding import MESH_AXES, STRATEGIES, activation_rules, parse_mesh
@@ -322,6 +345,10 @@ def validate(config: config_dict.ConfigDict) -> None:
                               "() or (first, last) with 0 <= first < last"),
       "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
       "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
+      "train.pruning.sparsity": RATE, "train.pruning.scope": one_of(pruning.SCOPES),
+      "train.pruning.pattern": (pruning.valid_pattern, "unstructured or N:M with 0 < N < M (e.g. 2:4)"),
+      "train.pruning.start_step": NON_NEGATIVE, "train.pruning.end_step": NON_NEGATIVE,
+      "train.pruning.every": POSITIVE, "train.distill.temperature": POSITIVE_REAL, "train.distill.alpha": FRACTION,
       "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
       "checkpoint.restore_mode": one_of(("params", "full")),
       "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
@@ -364,6 +391,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
+  pruning.check(t.pruning)
+  if t.distill.teacher and p.strategy == "pmap":
+    raise UserError("train.distill.teacher is set but parallel.strategy=pmap cannot take the teacher: use dp or fsdp")
   if t.batch_size % t.grad_accum_steps:
     raise UserError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
@@ -414,6 +444,9 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
     notices.append(f"train.warmup_steps={t.warmup_steps} is not below train.steps={t.steps}: warming up over "
                    f"{warmup} steps (a tenth of the run) instead")
     t.warmup_steps = warmup
+  if t.pruning.sparsity and t.pruning.end_step >= t.steps:
+    notices.append(f"train.pruning.end_step={t.pruning.end_step} is not below train.steps={t.steps}: this run "
+                   f"stops before the final sparsity {t.pruning.sparsity} (a resumed longer run reaches it)")
   if t.profile_steps and t.profile_steps[0] >= t.steps:
     notices.append(f"train.profile_steps={tuple(t.profile_steps)} starts at or after train.steps={t.steps}: "
                    f"no profile will be written")

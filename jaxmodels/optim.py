@@ -1,4 +1,5 @@
-"""The optimizer factory: one `train.*` config group -> an Optax transformation.
+"""The optimizer factory: one `train.*` config group -> an Optax transformation (magnitude pruning included,
+`train.pruning`, jaxmodels.pruning).
 
 Gradient accumulation is not here: the train step splits its batch into
 `train.grad_accum_steps` micro-batches and sums their gradients inside one
@@ -11,6 +12,7 @@ import functools
 import jax
 import optax
 
+from jaxmodels import pruning
 from jaxmodels.errors import UserError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -73,4 +75,7 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
     raise UserError(f"train.optimizer={t.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
   if t.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+  prune = pruning.from_config(t)
+  if prune is not None:  # last: it zeroes the pruned weights' final updates (params + updates = 0 there)
+    tx = optax.chain(tx, prune)
   return tx, schedule

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from jaxmodels import actions as actions_lib
 from jaxmodels import checkpoint
+from jaxmodels import distill
 from jaxmodels import flops
 from jaxmodels import parallel
 from jaxmodels import scores
@@ -205,13 +206,17 @@ def build_experiment(config, devices=None) -> Experiment:
                                      config.parallel.fallback_rules)
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
+    teacher = distill.load_teacher(config, dataset, layout)  # train.distill.teacher, or None
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
-                                   **eval_options)
+                                   teacher=teacher, **eval_options)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
-    train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding),
+    teacher_sh = () if teacher is None else (teacher.shardings,)
+    train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding, *teacher_sh),
                          out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+    if teacher is not None:  # the teacher's arrays are an argument of the step: not donated, not differentiated
+      train_step = distill.StepWithTeacher(train_step, teacher.variables)
     eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
   layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
@@ -224,7 +229,8 @@ def build_experiment(config, devices=None) -> Experiment:
 
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
-               skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0):
+               skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0,
+               teacher=None):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -242,28 +248,33 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1). `task` and
   `loss` (regression) pick the loss (jaxmodels.tasks); the eval step returns
-  `tasks.eval_sums` (top-k hits for `eval_top_k` > 0).
+  `tasks.eval_sums` (top-k hits for `eval_top_k` > 0). With a `teacher` (distill.Teacher) the train step
+  takes the teacher's arrays as a third argument and minimises `teacher.objective` (distillation); its
+  metrics still report the hard-label loss.
   """
 
-  def loss_fn(params, model_state, batch, rng):
+  def loss_fn(params, model_state, batch, rng, teacher_vars=None):
     """(summed loss, (sums, model state)): the sum, so that micro-batches and devices add up exactly."""
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits = model(model_input(batch["x"]), train=True, rngs=nnx.Rngs(dropout=rng))
-    sums = tasks.loss_sums(task, logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)),
-                           loss)
+    x = model_input(batch["x"])
+    logits = model(x, train=True, rngs=nnx.Rngs(dropout=rng))
+    mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
+    sums = tasks.loss_sums(task, logits, batch["y"], mask, loss)
     _, _, new_model_state = split_model(model)
-    return sums["loss_sum"], (sums, new_model_state)
+    objective = sums["loss_sum"] if teacher is None else teacher.objective(logits, x, mask, sums["loss_sum"],
+                                                                            teacher_vars)
+    return objective, (sums, new_model_state)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher_vars=None):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if grad_accum_steps == 1:
-      grads, (sums, model_state) = grad_fn(state.params, state.model_state, batch, rng)
+      grads, (sums, model_state) = grad_fn(state.params, state.model_state, batch, rng, teacher_vars)
       grads = f32(grads)
     else:
       # Micro-batches run sequentially inside the one compiled step, at a fraction of the activation
@@ -275,7 +286,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
         model_state, grads_acc, sums_acc = carry
         mb, i = xs
         mb = jax.tree.map(lambda a: parallel.constrain(a, ("activation_batch",)), mb)
-        grads, (sums, model_state) = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i))
+        grads, (sums, model_state) = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i),
+                                             teacher_vars)
         return (model_state, jax.tree.map(jnp.add, grads_acc, f32(grads)),
                 jax.tree.map(jnp.add, sums_acc, sums)), None
 

@@ -105,6 +105,15 @@ BAD_VALUES = [
     ("train.early_stopping.mode", "lowest", "train.early_stopping.mode='lowest': expected one of min, max"),
     ("train.early_stopping.patience", 0, "train.early_stopping.patience=0: expected a positive integer"),
     ("train.early_stopping.min_delta", -0.1, "train.early_stopping.min_delta=-0.1: expected a finite number >= 0"),
+    ("train.pruning.sparsity", 1.0, "train.pruning.sparsity=1.0: expected a number in [0, 1)"),
+    ("train.pruning.pattern", "4:2", "train.pruning.pattern='4:2': expected unstructured or N:M with 0 < N < M"),
+    ("train.pruning.pattern", "block", "train.pruning.pattern='block'"),
+    ("train.pruning.scope", "model", "train.pruning.scope='model': expected one of layer, global"),
+    ("train.pruning.start_step", -1, "train.pruning.start_step=-1: expected an integer >= 0"),
+    ("train.pruning.end_step", -1, "train.pruning.end_step=-1: expected an integer >= 0"),
+    ("train.pruning.every", 0, "train.pruning.every=0: expected a positive integer"),
+    ("train.distill.temperature", 0.0, "train.distill.temperature=0.0: expected a finite number > 0"),
+    ("train.distill.alpha", 1.5, "train.distill.alpha=1.5: expected a number in [0, 1]"),
     ("train.profile_steps", (5, 2), r"train.profile_steps=(5, 2): expected () or (first, last)"),
     ("checkpoint.every", -1, "checkpoint.every=-1"),
     ("checkpoint.keep", 0, "checkpoint.keep=0"),
@@ -128,9 +137,9 @@ BAD_VALUES = [
     ("parallel.init_timeout_s", 0, "parallel.init_timeout_s=0"),
     ("parallel.heartbeat_timeout_s", -1, "parallel.heartbeat_timeout_s=-1"),
 ]
-# Keys that need no case: booleans (the ConfigDict refuses any other type) and checkpoint.restore_from, a path
-# checked where it is read.
-NO_CASE = {"checkpoint.restore_from"}
+# Keys that need no case: booleans (the ConfigDict refuses any other type) and checkpoint.restore_from and
+# train.distill.teacher, paths checked where they are read (tests/test_compression_train.py).
+NO_CASE = {"checkpoint.restore_from", "train.distill.teacher"}
 
 
 def leaf_keys(config, prefix: str = "") -> dict:
@@ -152,7 +161,10 @@ def configured(**overrides):
   c = default_config()
   for key, value in overrides.items():
     group, name = key.split("__")
-    c[group][name] = value
+    if isinstance(value, dict):  # a nested group: these of its keys
+      c[group][name].update(value)
+    else:
+      c[group][name] = value
   return c
 
 
@@ -192,6 +204,12 @@ def test_every_config_key_has_a_bad_value_case():
     (dict(data__source="text", model__family="lstm", checkpoint__keep_best="bits_per_byte"),
      "checkpoint.keep_best='bits_per_byte': expected one of , loss, accuracy, perplexity, bits_per_char"),
     (dict(train__batch_size=64, train__grad_accum_steps=3), "train.batch_size=64 is not divisible"),
+    (dict(train__pruning=dict(sparsity=0.9, pattern="2:4")),
+     "train.pruning.sparsity=0.9 with pattern 2:4: expected 0.5"),
+    (dict(train__pruning=dict(sparsity=0.5, pattern="2:4", scope="global")), "train.pruning.scope=global ranks"),
+    (dict(train__pruning=dict(sparsity=0.5, start_step=10, end_step=5)),
+     "train.pruning.end_step=5 is below train.pruning.start_step=10"),
+    (dict(train__distill=dict(teacher="runs/t"), parallel__strategy="pmap"), "train.distill.teacher is set but"),
 ])
 def test_keys_that_depend_on_each_other(overrides, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
