@@ -145,6 +145,16 @@ def default_config() -> config_dict.ConfigDict:
   c.train.early_stopping.mode = "min"  # min | max: which way is better
   c.train.early_stopping.patience = 3  # evaluations in a row without improvement before stopping
   c.train.early_stopping.min_delta = 0.0  # an improvement is a change beyond this, in the metric's units
+  # Quantization-aware training through qwix (jaxmodels/quantization.py): the forward pass computes every matmul
+  # and convolution on fake-quantized integer weights, per output channel, with straight-through gradients;
+  # parameters stay float (checkpoints, resume and export as usual). Post-training: `jaxmodels compress`.
+  c.train.quantization = config_dict.ConfigDict()
+  c.train.quantization.bits = 0  # 0: off | 8 | 4 (int8 / int4 weights)
+  c.train.quantization.activations = False  # also quantize the inputs of each matmul (dynamic per-row scales)
+  # Regex over module paths (qwix's, '/'-joined: stack/blocks/attn/query, convs/0, out) kept in float: by default
+  # the embeddings (a tied LM head is the embedding); add e.g. |out|head to keep a final layer in float, as is
+  # common at 4 bits. Convolutions always quantize their inputs too (qwix's integer conv needs both operands).
+  c.train.quantization.exclude = "(.*/)?(pos_)?embed"
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last
@@ -319,6 +329,8 @@ def validate(config: config_dict.ConfigDict) -> None:
                               "() or (first, last) with 0 <= first < last"),
       "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
       "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
+      "train.quantization.bits": one_of((0, 4, 8)),
+      "train.quantization.exclude": (_is_regex, "a regex of module paths"),
       "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
       "checkpoint.restore_mode": one_of(("params", "full")),
       "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,

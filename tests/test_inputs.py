@@ -105,6 +105,8 @@ BAD_VALUES = [
     ("train.early_stopping.mode", "lowest", "train.early_stopping.mode='lowest': expected one of min, max"),
     ("train.early_stopping.patience", 0, "train.early_stopping.patience=0: expected a positive integer"),
     ("train.early_stopping.min_delta", -0.1, "train.early_stopping.min_delta=-0.1: expected a finite number >= 0"),
+    ("train.quantization.bits", 2, "train.quantization.bits=2: expected one of 0, 4, 8"),
+    ("train.quantization.exclude", "(", "train.quantization.exclude='(': expected a regex of module paths"),
     ("train.profile_steps", (5, 2), r"train.profile_steps=(5, 2): expected () or (first, last)"),
     ("checkpoint.every", -1, "checkpoint.every=-1"),
     ("checkpoint.keep", 0, "checkpoint.keep=0"),
