@@ -44,11 +44,11 @@ def _check_out(out) -> None:
     raise UserError(f"--out {out} already exists and is not an empty directory")
 
 
-def _bytes(directory) -> int:
+def disk_bytes(directory) -> int:
   """Bytes of the files under `directory` (local or gs://)."""
   total = 0
   for p in storage.path(directory).iterdir():
-    total += _bytes(p) if p.is_dir() else p.stat().length
+    total += disk_bytes(p) if p.is_dir() else p.stat().length
   return total
 
 
@@ -75,7 +75,7 @@ def evaluation(workdir):
   return build_experiment(config)
 
 
-def _measure(exp, model: nnx.Module, repeats: int) -> tuple[dict, float]:
+def measure(exp, model: nnx.Module, repeats: int) -> tuple[dict, float]:
   """(eval metrics (floats) of `model` on the experiment's eval split, median seconds of one eval batch)."""
   from jaxmodels.actions import scalars  # pylint: disable=import-outside-toplevel
   from jaxmodels.evaluate import evaluate_model  # pylint: disable=import-outside-toplevel
@@ -105,7 +105,7 @@ def report(before: nnx.Module, after: nnx.Module, exp, before_bytes: int, after_
   for name, model, size in (("before", before, before_bytes), ("after", after, after_bytes)):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     n, nonzero, array_bytes = _counts(params)
-    metrics, seconds = _measure(exp, model, repeats)
+    metrics, seconds = measure(exp, model, repeats)
     rows[name] = {"parameters": n, "nonzero_parameters": nonzero, "bytes": size, "array_bytes": array_bytes, **metrics,
                   "inference_ms": 1e3 * seconds}
   return rows
@@ -135,7 +135,7 @@ def compress(workdir, method: str, out, *, bits: int = 8, activations: bool = Fa
       "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
   from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
   exclude = config_q.get("exclude", default_config().train.quantization.exclude)
-  quantization.check(bits, exclude)
+  quantization.check(bits, exclude, activations)
   _check_out(out)
   before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
   exp = evaluation(workdir)
@@ -156,10 +156,10 @@ def compress(workdir, method: str, out, *, bits: int = 8, activations: bool = Fa
   try:
     _, params, model_state = nnx.split(before, nnx.Param, ...)
     export.save_params(baseline, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
-    before_bytes = _bytes(f"{baseline}/params")
+    before_bytes = disk_bytes(f"{baseline}/params")
   finally:
     shutil.rmtree(baseline, ignore_errors=True)
-  rows = report(before, after, exp, before_bytes, _bytes(out_path / "params"), repeats)
+  rows = report(before, after, exp, before_bytes, disk_bytes(out_path / "params"), repeats)
   result = {"method": method, "options": dict(bits=bits, activations=activations), "workdir": str(workdir), **rows}
   (out_path / "compression.json").write_text(json.dumps(result, indent=2))
   print(format_table(rows))

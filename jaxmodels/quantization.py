@@ -22,6 +22,7 @@ What qwix does not do here, and what is done instead:
 - qwix's PTQ convolution quantizes both operands to the same type (`conv_general_dilated requires same act_qtype
   and weight_qtype`): convolutions always quantize their input activations too, dynamically (absmax per example),
   and at 4 bits stay int8, since XLA's CPU backend cannot run an int4 convolution.
+- XLA's CPU backend cannot multiply int4 operands: 4-bit activations are refused there (`check`).
 - Activations (`activations=True`) are quantized dynamically (a scale per row, computed on the fly, qwix's XLA
   default). qwix's static-range activation scales are also created as new parameters during the first call,
   which the rebuilt per-layer modules lose, so no calibration pass is run.
@@ -68,10 +69,13 @@ def sample_input(input_shape, task: str) -> jax.Array:
   return jnp.zeros((1, *input_shape), jnp.int32 if task == "lm" else jnp.float32)
 
 
-def check(bits: int, exclude: str) -> None:
-  """Raises UserError for a width qwix does not offer here or a bad exclude regex."""
+def check(bits: int, exclude: str, activations: bool = False) -> None:
+  """Raises UserError for a width qwix does not offer here (int4 activations on the CPU) or a bad exclude regex."""
   if bits not in BITS:
     raise UserError(f"--bits {bits}: qwix quantizes to {' or '.join(map(str, BITS))} bits")
+  if bits == 4 and activations and jax.default_backend() == "cpu":
+    raise UserError("4-bit activations: XLA's CPU backend cannot multiply int4 operands (\"custom element sizes\"); "
+                    "quantize activations at 8 bits, or only the weights at 4")
   try:
     re.compile(exclude)
   except re.error as e:
@@ -83,7 +87,7 @@ def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
 
   `x`: a sample input batch (sample_input). The parameters keep their float dtype and tree.
   """
-  check(bits, exclude)
+  check(bits, exclude, activations)
   return qwix.quantize_model(model, qwix.QtProvider(_rules(bits, activations, exclude, qwix.QtRule)), x)
 
 
@@ -100,7 +104,7 @@ def ptq(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   """`model` (a copy) with the kernels of its Linear and Conv modules (those whose path `exclude` does not match)
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
   qwix.PtqProvider. `x`: a sample input batch. Raises UserError for unsupported bits or a bad regex."""
-  check(bits, exclude)
+  check(bits, exclude, activations)
   model = nnx.clone(model)
   for path, module in model.iter_modules():
     if isinstance(module, (nnx.Linear, nnx.Conv)) and not re.fullmatch(exclude, module_path(path)):
