@@ -149,7 +149,9 @@ def default_config() -> config_dict.ConfigDict:
   # and convolution on fake-quantized integer weights, per output channel, with straight-through gradients;
   # parameters stay float (checkpoints, resume and export as usual). Post-training: `jaxmodels compress`.
   c.train.quantization = config_dict.ConfigDict()
-  c.train.quantization.bits = 0  # 0: off | 8 | 4 (int8 / int4 weights)
+  # 0: off | 8 | 4 (int8 / int4 weights). MLP, CNN, ResNet, LSTM/GRU and the Transformer classifier; not the
+  # Transformer LM or ViT, where qwix's QAT fails on the attention (use `jaxmodels compress` after training).
+  c.train.quantization.bits = 0
   c.train.quantization.activations = False  # also quantize the inputs of each matmul (dynamic per-row scales)
   # Regex over module paths (qwix's, '/'-joined: stack/blocks/attn/query, convs/0, out) kept in float: by default
   # the embeddings (a tied LM head is the embedding); add e.g. |out|head to keep a final layer in float, as is
@@ -371,6 +373,10 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
   family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
+  if t.quantization.bits and (m.family == "vit" or (m.family == "transformer" and task == "lm")):
+    raise UserError(f"train.quantization.bits={t.quantization.bits} (QAT) with model.family={m.family}: qwix's "
+                    f"quantized training fails on this family's attention (qwix 0.1.8: 'lhs and rhs cannot be both "
+                    f"weights'); train it in float and quantize after training: jaxmodels compress --method ptq")
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
   if t.batch_size % t.grad_accum_steps:

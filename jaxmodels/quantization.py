@@ -88,7 +88,10 @@ def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   `x`: a sample input batch (sample_input). The parameters keep their float dtype and tree.
   """
   check(bits, exclude, activations)
-  return qwix.quantize_model(model, qwix.QtProvider(_rules(bits, activations, exclude, qwix.QtRule)), x)
+  # No eager first call (qwix's init, which QT needs only for static activation scales): run eagerly on the
+  # Transformer LM and ViT, qwix's QT takes both operands of an attention einsum for weights and fails.
+  return qwix.quantize_model(model, qwix.QtProvider(_rules(bits, activations, exclude, qwix.QtRule)), x,
+                             skip_nnx_init=True)
 
 
 def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
@@ -119,9 +122,11 @@ def for_decoding(model: nnx.Module, spec: dict, length: int = 2) -> nnx.Module:
   """A quantized language model (PTQ or QAT, per `spec`) whose `decode` runs quantized too: qwix intercepts one
   method per NNX model, `__call__` at quantization; this intercepts `decode` on the same weights."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  provider = (qwix.PtqProvider(_rules(spec["bits"], spec["activations"], spec["exclude"])) if spec["method"] == "ptq"
+  ptq_model = spec["method"] == "ptq"
+  provider = (qwix.PtqProvider(_rules(spec["bits"], spec["activations"], spec["exclude"])) if ptq_model
               else qwix.QtProvider(_rules(spec["bits"], spec["activations"], spec["exclude"], qwix.QtRule)))
-  return qwix.quantize_model(model, provider, tokens, model.init_cache(1, length), 0, methods=("decode",))
+  return qwix.quantize_model(model, provider, tokens, model.init_cache(1, length), 0, methods=("decode",),
+                             skip_nnx_init=not ptq_model)  # as in `qat`
 
 
 SPEC_FILE = "quantization.json"  # written beside an export's params/: how to rebuild its quantized module

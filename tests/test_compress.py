@@ -56,11 +56,11 @@ def test_the_compressed_export_loads_and_evaluates(cnn_int8, capsys):
 
 
 def test_qat_language_model_trains_resumes_compresses_and_samples(tmp_path, capsys):
-  """A tiny Transformer LM trained quantization-aware (int8) learns, resumes, and its PTQ export samples."""
+  """A tiny LSTM LM trained quantization-aware (int8) learns, resumes, and its PTQ export samples."""
   from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
-  config = experiment("text_transformer")
-  config.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64, remat="none")
+  config = experiment("text_lstm")
+  config.model.update(num_layers=1, hidden_size=32)
   config.train.update(steps=20, log_every=10, eval_every=100, warmup_steps=2)
   config.data.eval_windows = 8
   config.checkpoint.every = 10
@@ -68,7 +68,7 @@ def test_qat_language_model_trains_resumes_compresses_and_samples(tmp_path, caps
   workdir = str(tmp_path / "run")
   train_and_evaluate(config, workdir)
   losses = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
-  assert losses[-1] < losses[0] - 0.3
+  assert losses[-1] < losses[0] - 0.1  # 4.55 -> 4.30 nats in 20 steps
   shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))  # resume from step 10
   train_and_evaluate(config, workdir)
   resumed = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
@@ -90,6 +90,18 @@ def test_qat_forward_computes_on_quantized_weights():
   qat = quantization.qat(model, 8, False, "embed", quantization.sample_input((16,), "classify"))
   y, y_qat = np.asarray(model(x)), np.asarray(qat(x))
   assert not np.array_equal(y, y_qat) and np.allclose(y, y_qat, atol=0.05)
+
+
+@pytest.mark.parametrize("family", ["transformer", "vit"])
+def test_qat_is_refused_where_qwix_fails(family):
+  from jaxmodels.config import default_config, validate  # pylint: disable=import-outside-toplevel
+  from jaxmodels.errors import UserError  # pylint: disable=import-outside-toplevel
+  c = default_config()
+  c.model.family, c.train.quantization.bits = family, 8
+  if family == "transformer":
+    c.data.source = "text"
+  with pytest.raises(UserError, match=f"model.family={family}: qwix's quantized training fails"):
+    validate(c)
 
 
 @pytest.mark.parametrize("flags, message", [
