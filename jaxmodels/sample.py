@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmodels import quantization
 from jaxmodels.data.text import Vocab
 from jaxmodels.errors import UserError
-from jaxmodels import quantization
 from jaxmodels.export import is_export, load_model, load_run_model
 
 
