@@ -30,6 +30,7 @@ commands:
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   import-hf  a Hugging Face GPT-2 or Llama directory as an export: jaxmodels import-hf DIR --out PATH
   export-hf  an export or run as a Hugging Face directory: jaxmodels export-hf --model PATH --out DIR
+  compress  quantize a run, export it, report: jaxmodels compress --workdir DIR --method ptq --bits 8 --out PATH
   eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
   plot    training curves: jaxmodels plot RUN [RUN ...] --metric loss --out curves.png [--confusion]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
@@ -253,7 +254,27 @@ arrays of the same shapes), prints the metrics and writes DIR/eval_N.json.
                   [("--workdir", dict(required=True)), ("--step", dict(type=int, default=None))])
   step, metrics = evaluate_run(a.workdir, a.step, tuple(overrides))
   shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-  print(f"eval: step {step} {shown}")
+  print(f"eval: {'export' if step is None else f'step {step}'} {shown}")
+  return 0
+
+
+def cmd_compress(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels compress --workdir DIR --method ptq [--bits 8|4] [--activations] --out PATH
+
+Compresses the newest checkpoint of the run in DIR and writes it to PATH (empty or new; local or gs://) as an
+export: jaxmodels.load_model(PATH) returns the compressed module, and `eval` and `sample` take PATH as --workdir.
+Prints and writes PATH/compression.json: parameters, non-zero parameters, bytes on disk, eval metrics and
+inference time per eval batch, before and after.
+  --method ptq: post-training quantization (qwix) of the weights to --bits integers, per output channel;
+    --activations also quantizes each matmul's inputs (dynamic scales). Convolutions always quantize theirs.
+"""
+  from jaxmodels.compress import METHODS, compress  # pylint: disable=import-outside-toplevel
+
+  a = _parse_args(prog, args, [("--workdir", dict(required=True)), ("--method", dict(required=True, choices=METHODS)),
+                               ("--bits", dict(type=int, default=8)), ("--activations", dict(action="store_true")),
+                               ("--out", dict(required=True))])
+  compress(a.workdir, a.method, a.out, bits=a.bits, activations=a.activations)
+  print(f"wrote {a.out}")
   return 0
 
 
@@ -334,7 +355,7 @@ consumes them: whether the input pipeline keeps up.
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
             "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench, "import-hf": cmd_import_hf,
-            "export-hf": cmd_export_hf}
+            "export-hf": cmd_export_hf, "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:

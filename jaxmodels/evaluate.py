@@ -8,11 +8,16 @@ final checkpoint on its own data reproduces its final eval record. The metrics a
 """
 
 import ast
+import dataclasses
 import json
+
+import jax
+import jax.numpy as jnp
 
 from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import export
 from jaxmodels import storage
 from jaxmodels.errors import UserError
 
@@ -39,12 +44,31 @@ def saved_config(workdir, overrides: list[str]) -> config_dict.ConfigDict:
   return config
 
 
-def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = ()) -> tuple[int, dict]:
-  """(step, metrics) of checkpoint `step` (default: the newest) of `workdir`; writes `eval_<step>.json`."""
+def evaluate_model(exp, model) -> dict:
+  """`Experiment.evaluate` of any module of the experiment's task and shapes (a compressed one too), compiled on its
+  own graph."""
+  from jaxmodels.train import TrainState, make_steps, split_model  # pylint: disable=import-outside-toplevel
+
+  graphdef, params, model_state = split_model(model)
+  t, d = exp.config.train, exp.dataset
+  _, eval_fn = make_steps(graphdef, exp.tx, t.seed, task=d.task, loss=t.loss,
+                          eval_top_k=t.eval_top_k if 1 < t.eval_top_k < d.num_outputs else 0)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
+  return dataclasses.replace(exp, eval_step=jax.jit(eval_fn)).evaluate(state)
+
+
+def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = ()) -> tuple[int | None, dict]:
+  """(step, metrics) of checkpoint `step` (default: the newest) of `workdir`; writes `eval_<step>.json`. An export
+  (`jaxmodels export` or `compress` output) evaluates its parameters: (None, metrics), `eval_export.json`."""
   from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
 
   config = saved_config(workdir, list(overrides))
   exp = build_experiment(config)
+  if export.is_export(workdir):  # `jaxmodels export` / `compress` output: its parameters, no checkpoints
+    metrics = evaluate_model(exp, export.load_model(workdir))
+    (storage.path(workdir) / "eval_export.json").write_text(
+        json.dumps({"step": None, "data": config.data.to_dict(), **metrics}))
+    return None, metrics
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
     steps = ckpts.manager.all_steps()

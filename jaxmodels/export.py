@@ -20,9 +20,15 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import quantization
 from jaxmodels import storage
 from jaxmodels.errors import UserError
 from jaxmodels.models import build_model
+
+
+def is_export(directory) -> bool:
+  """Whether `directory` holds parameters written by `export` or `compress` (`params/`) rather than checkpoints."""
+  return (storage.path(directory) / "params").is_dir()
 
 
 def _read_json(directory, name: str) -> dict:
@@ -33,11 +39,13 @@ def _read_json(directory, name: str) -> dict:
 
 
 def build_saved_model(directory) -> nnx.Module:
-  """The (randomly initialised) model a workdir or export was trained with."""
+  """The (randomly initialised) model a workdir or export was trained with, quantized as it was (QAT run,
+  `jaxmodels compress` export; jaxmodels.quantization)."""
   config = config_dict.ConfigDict(_read_json(directory, "config.json"))
   spec = _read_json(directory, "model.json")
-  return build_model(config.model, tuple(spec["input_shape"]), spec["num_outputs"], nnx.Rngs(0),
-                     task=spec["task"])
+  model = build_model(config.model, tuple(spec["input_shape"]), spec["num_outputs"], nnx.Rngs(0),
+                      task=spec["task"])
+  return quantization.apply(model, quantization.spec_of(directory), tuple(spec["input_shape"]), spec["task"])
 
 
 def load_run_model(workdir) -> nnx.Module:

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmodels import quantization
 from jaxmodels.data.text import Vocab
 from jaxmodels.errors import UserError
-from jaxmodels.export import load_run_model
+from jaxmodels.export import is_export, load_model, load_run_model
 
 
 def sample_token(logits_BV, key, temperature: float, top_k: int):
@@ -56,6 +57,9 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperat
 
 
 def load_language_model(workdir: str) -> tuple[nnx.Module, Vocab]:
-  """The model of a language-model run at its newest checkpoint, and its vocabulary."""
+  """The model of a language-model run at its newest checkpoint (or of an export or compressed export), decoding
+  as quantized as it was trained or compressed, and its vocabulary."""
   vocab = Vocab.load(workdir)
-  return load_run_model(workdir), vocab
+  model = load_model(workdir) if is_export(workdir) else load_run_model(workdir)
+  spec = quantization.spec_of(workdir)
+  return (quantization.for_decoding(model, spec) if spec else model), vocab

@@ -30,6 +30,7 @@ from jaxmodels import checkpoint
 from jaxmodels import distill
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import quantization
 from jaxmodels import scores
 from jaxmodels import tasks
 from jaxmodels import storage
@@ -71,8 +72,11 @@ def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
-  return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs,
-                     task="lm" if dataset.task == "lm" else "classify", axis_name=axis_name)
+  task = "lm" if dataset.task == "lm" else "classify"
+  model = build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=task, axis_name=axis_name)
+  q = config.train.quantization  # quantization-aware training: the forward pass computes on int weights
+  spec = dict(method="qat", bits=q.bits, activations=q.activations, exclude=q.exclude) if q.bits else None
+  return quantization.apply(model, spec, dataset.input_shape, task)
 
 
 @dataclasses.dataclass

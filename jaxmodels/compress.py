@@ -1,0 +1,166 @@
+"""`jaxmodels compress`: a trained run compressed, exported, and compared with the original.
+
+    jaxmodels compress --workdir runs/digits_cnn --method ptq --bits 8 --out exported/digits_cnn-int8
+
+writes OUT in the format of `jaxmodels export` (jaxmodels.load_model(OUT) returns the compressed module; `eval` and
+`sample` take OUT as --workdir) plus `OUT/compression.json`, the table `report` prints: parameters, non-zero
+parameters, bytes of the exported parameters on disk (the compressed export against an export of the original),
+the eval metrics of the run's eval split, and the median inference time of one eval batch, before and after.
+
+Methods are entries of METHODS: a function (model, options) -> (compressed model, quantization spec or None).
+`ptq` is post-training quantization through qwix (jaxmodels.quantization): int8 or int4 weights, per output
+channel; `--activations` also quantizes each matmul's inputs (dynamically). Quantized weights stay quantized on
+disk: int8 arrays (int4: jnp.int4 arrays, which Orbax stores packed, two to a byte) and
+float32 scales.
+"""
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels import export
+from jaxmodels import quantization
+from jaxmodels import storage
+from jaxmodels.errors import UserError
+
+
+def _ptq(model: nnx.Module, options: dict, input_shape, task: str):
+  spec = dict(method="ptq", bits=options["bits"], activations=options["activations"], exclude=options["exclude"])
+  return quantization.apply(model, spec, input_shape, task), spec
+
+
+METHODS = {"ptq": _ptq}
+
+
+def _check_out(out) -> None:
+  path = storage.path(out)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise UserError(f"--out {out} already exists and is not an empty directory")
+
+
+def disk_bytes(directory) -> int:
+  """Bytes of the files under `directory` (local or gs://)."""
+  total = 0
+  for p in storage.path(directory).iterdir():
+    total += disk_bytes(p) if p.is_dir() else p.stat().length
+  return total
+
+
+def _counts(params: dict) -> tuple[int, int, int]:
+  """(parameters, non-zero parameters, array bytes): a quantized weight counts its integers, not its scales, as
+  parameters; array bytes are every stored array's elements times its dtype's bits / 8 (int4: half a byte)."""
+  n = nonzero = array_bytes = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    array_bytes += leaf.size * jnp.dtype(leaf.dtype).itemsize if leaf.dtype != jnp.int4 else leaf.size // 2
+    keys = [getattr(k, "key", k) for k in path]
+    if "array" in keys and keys[-1] != "qvalue":  # a QArray's scale (and zero point)
+      continue
+    n += leaf.size
+    nonzero += int(jnp.count_nonzero(leaf))
+  return n, nonzero, array_bytes
+
+
+def evaluation(workdir):
+  """The run's experiment rebuilt on one device, for `report` (data, eval split, loss)."""
+  from jaxmodels.evaluate import saved_config  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
+  config = saved_config(workdir, [])
+  config.parallel.strategy, config.parallel.mesh, config.parallel.dcn_mesh = "single", "", ""
+  return build_experiment(config)
+
+
+def measure(exp, model: nnx.Module, repeats: int) -> tuple[dict, float]:
+  """(eval metrics (floats) of `model` on the experiment's eval split, median seconds of one eval batch)."""
+  from jaxmodels.actions import scalars  # pylint: disable=import-outside-toplevel
+  from jaxmodels.evaluate import evaluate_model  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train import model_input, split_model  # pylint: disable=import-outside-toplevel
+  metrics = scalars(evaluate_model(exp, model))
+  graphdef, params, model_state = split_model(model)
+  forward = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s)(model_input(x)))
+  size = exp.config.train.eval_batch_size
+  x = next(iter(exp.dataset.eval_batches(size, exp.layout.local_rows(size))))["x"]
+  forward(params, model_state, x).block_until_ready()  # compiled outside the timing
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    forward(params, model_state, x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return metrics, statistics.median(times)
+
+
+def report(before: nnx.Module, after: nnx.Module, exp, before_bytes: int, after_bytes: int,
+           repeats: int = 5) -> dict:
+  """{"before": {...}, "after": {...}} of two models of one experiment (`evaluation(workdir)`): parameters,
+  nonzero_parameters, bytes (the exported parameters on disk, Orbax's metadata files included, as measured by the
+  caller), array_bytes (the parameter arrays alone, at their stored widths), eval metrics (floats)
+  and inference_ms (median of `repeats` runs of one eval batch, after a compile). Any compression method's
+  before/after pair reports through it."""
+  rows = {}
+  for name, model, size in (("before", before, before_bytes), ("after", after, after_bytes)):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    n, nonzero, array_bytes = _counts(params)
+    metrics, seconds = measure(exp, model, repeats)
+    rows[name] = {"parameters": n, "nonzero_parameters": nonzero, "bytes": size, "array_bytes": array_bytes, **metrics,
+                  "inference_ms": 1e3 * seconds}
+  return rows
+
+
+def format_table(rows: dict) -> str:
+  """The report as a text table: one line per quantity, columns before, after and after/before."""
+  lines = [f"{'':<22}{'before':>14}{'after':>14}{'after/before':>14}"]
+  for key, before in rows["before"].items():
+    after = rows["after"][key]
+    ratio = f"{after / before:.3f}" if before else "-"
+    fmt = (lambda v: f"{v:,}") if isinstance(before, int) else (lambda v: f"{v:.4g}")
+    lines.append(f"{key:<22}{fmt(before):>14}{fmt(after):>14}{ratio:>14}")
+  return "\n".join(lines)
+
+
+def compress(workdir, method: str, out, *, bits: int = 8, activations: bool = False, repeats: int = 5) -> dict:
+  """Compresses the newest checkpoint of `workdir` with `method` into the export `out` (local or gs://) and returns
+  the report (also printed and written to `out/compression.json`).
+
+  Raises UserError, before anything is written, for an unknown method, unsupported bits, an `out` that exists and
+  is not empty, or a workdir without a config or checkpoint.
+  """
+  if method not in METHODS:
+    raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+  config_q = json.loads(storage.path(workdir).joinpath("config.json").read_text()).get("train", {}).get(
+      "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
+  from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
+  exclude = config_q.get("exclude", default_config().train.quantization.exclude)
+  quantization.check(bits, exclude, activations)
+  _check_out(out)
+  before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
+  exp = evaluation(workdir)
+  spec = json.loads((storage.path(workdir) / "model.json").read_text())
+  after, qspec = METHODS[method](before, dict(bits=bits, activations=activations, exclude=exclude),
+                                 tuple(spec["input_shape"]), spec["task"])
+  # Accepted: from here on OUT is written.
+  _, params, model_state = nnx.split(after, nnx.Param, ...)
+  export.save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
+  out_path = storage.path(out)
+  for name in ("config.json", "model.json", "vocab.json"):
+    source = storage.path(workdir) / name
+    if source.is_file():
+      (out_path / name).write_text(source.read_text())
+  if qspec:
+    (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))
+  baseline = tempfile.mkdtemp(prefix="jaxmodels-baseline-")  # the uncompressed export, measured then removed
+  try:
+    _, params, model_state = nnx.split(before, nnx.Param, ...)
+    export.save_params(baseline, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
+    before_bytes = disk_bytes(f"{baseline}/params")
+  finally:
+    shutil.rmtree(baseline, ignore_errors=True)
+  rows = report(before, after, exp, before_bytes, disk_bytes(out_path / "params"), repeats)
+  result = {"method": method, "options": dict(bits=bits, activations=activations), "workdir": str(workdir), **rows}
+  (out_path / "compression.json").write_text(json.dumps(result, indent=2))
+  print(format_table(rows))
+  return result
