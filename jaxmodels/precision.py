@@ -1,7 +1,8 @@
 """float16 dynamic loss scaling and the parameter EMA: the parts of the train state beyond params and optimizer.
 
 Loss scaling (`model.dtype=float16`): float16 gradients underflow to zero below ~6e-8, so the loss is multiplied
-by a large scale before differentiation and the float32 gradient sums are divided by it afterwards. A gradient
+by a large scale before differentiation and the float32 gradient sums are divided by it afterwards (the train
+step's loss is a sum over targets: it is multiplied by scale / targets per batch, the scale of a mean loss). A gradient
 that overflows (inf or NaN) skips the step's update, params and optimizer state unchanged, and halves the scale;
 after `train.loss_scale_period` finite steps in a row the scale doubles. bfloat16 has float32's range and gets no
 scaling. Hand-written (about 20 lines) because no kept library fits the train step: jmp (DeepMind) has had no

@@ -270,7 +270,9 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
   def train_step(state: TrainState, batch):
-    scale = None if state.loss_scale is None else state.loss_scale.scale
+    # The summed loss is scaled by loss_scale / (targets per micro-batch slot, static), so the scale means what
+    # it means for a mean loss (PyTorch's GradScaler, jmp) whatever the batch size.
+    scale = None if state.loss_scale is None else state.loss_scale.scale / (batch["y"].size / grad_accum_steps)
     grad_fn = jax.grad(precision.scaled(loss_fn, scale), has_aux=True)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
     if axis_name is not None:

