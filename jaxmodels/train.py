@@ -453,7 +453,7 @@ def _restore(exp: Experiment, ckpts, log):
       # and a fresh EMA (from the restored parameters) and loss scale
       restored = restored.replace(step=step0, opt_state=opt_state, ema_params=exp.checkpoint_state.ema_params,
                                   loss_scale=exp.checkpoint_state.loss_scale)
-    restored = _complete(exp, restored, log)
+    restored = _complete(exp, restored, log if c.restore_mode == "full" else lambda _line: None)
     log(f"started from {directory}/{step} ({c.restore_mode})")
     return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
   return exp.init_state(), 0, {}, None

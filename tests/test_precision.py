@@ -160,3 +160,18 @@ def test_float16_ema_resume_is_exact_and_tracked_by_wandb_offline(tmp_path, monk
               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
   assert {"train/loss", "train/loss_scale", "eval/loss"} <= {k for k, _ in expected}
   assert logged == pytest.approx(expected)
+
+
+def test_turning_ema_and_float16_on_at_resume_starts_them_fresh(tmp_path):
+  from jaxmodels.train import _restore  # pylint: disable=import-outside-toplevel
+  c = experiment("digits_mlp")
+  exp = build_experiment(c)
+  ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(tmp_path), c.checkpoint)
+  ckpts.save(5, exp.init_state(), c.to_dict(), wait=True)
+  c.model.dtype, c.train.ema_decay = "float16", 0.5
+  lines = []
+  state, start, _, _ = _restore(build_experiment(c), ckpts, lines.append)
+  ckpts.close()
+  assert start == 5 and any("starts from its parameters" in line for line in lines)
+  jax.tree.map(np.testing.assert_array_equal, host(state.ema_params), host(state.params))
+  assert float(state.loss_scale.scale) == precision.INITIAL_SCALE and int(state.loss_scale.good_steps) == 0
