@@ -35,9 +35,14 @@ TRAIN_METRICS = train_metric_names("classify")
 
 
 def summarize(rows: np.ndarray, names: tuple[str, ...] = TRAIN_METRICS) -> dict[str, float]:
-  """Per-name means of metric rows (one per step); skipped (non-finite) steps are left out and counted."""
-  kept = rows[rows[:, names.index("skipped")] == 0]
-  means = np.mean(kept, axis=0) if len(kept) else np.full(rows.shape[1], np.nan)
+  """Per-name means of metric rows (one per step) over their finite values; skipped steps are counted.
+
+  A skipped step's non-finite loss or gradient norm is left out of its mean; the finite loss of a float16 step
+  skipped for an overflowed gradient is kept. A name without a finite value is NaN.
+  """
+  finite = np.isfinite(rows)
+  counts = finite.sum(axis=0)
+  means = np.where(counts > 0, np.where(finite, rows, 0).sum(axis=0) / np.maximum(counts, 1), np.nan)
   out = {name: float(v) for name, v in zip(names, means)}
   skipped = int(rows[:, names.index("skipped")].sum())
   if skipped:
@@ -134,6 +139,8 @@ class LogTrain(Action):
     record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
     record["learning_rate"] = float(self.learning_rates[run.done - 1])
     record.update(pruning.logged_sparsity(run.state.opt_state))  # train.pruning: the share of zero weights now
+    if run.state.loss_scale is not None:  # float16: the scale after this step (skipped steps: `skipped`)
+      record["loss_scale"] = float(np.ravel(parallel.fetch(run.state.loss_scale.scale))[0])
     if self.interval_start is None:
       first_step_s = time.perf_counter() - self.t0
       compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}

@@ -3,7 +3,10 @@
 Each checkpoint holds four items: `model` (parameters and non-parameter model
 state such as BatchNorm statistics: all a model needs to run), `train` (step
 and optimizer state), `config` (the resolved config, JSON) and `loop` (the training loop's metric
-rows not yet logged, so a resumed run logs exactly what an uninterrupted one would). The RNG
+rows not yet logged, so a resumed run logs exactly what an uninterrupted one would), and two optional ones:
+`ema` (the parameters' moving average, train.ema_decay) and `loss_scale` (model.dtype=float16). A
+state that has an optional part the checkpoint lacks (the key was turned on at resume) keeps `like`'s
+(abstract) value for the caller to fill; a saved optional part the state has not is left unread. The RNG
 and the data position need no item: dropout keys and batches are pure
 functions of (seed, step), so the step restores both exactly.
 
@@ -50,7 +53,22 @@ def checkpoint_dir(workdir):
 
 def _handlers() -> dict:
   return {"model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-          "config": ocp.JsonCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()}
+          "config": ocp.JsonCheckpointHandler(), "loop": ocp.JsonCheckpointHandler(),
+          **{name: ocp.StandardCheckpointHandler() for name in OPTIONAL_ITEMS}}
+
+
+# Optional checkpoint items: the TrainState field each holds (None in a state without it).
+OPTIONAL_ITEMS = {"ema": "ema_params", "loss_scale": "loss_scale"}
+
+
+def _optional_items(state) -> dict:
+  """{item: tree} of the optional parts `state` has; the EMA saved as {"params": ...}, like the model item."""
+  out = {}
+  if getattr(state, "ema_params", None) is not None:
+    out["ema"] = {"params": state.ema_params}
+  if getattr(state, "loss_scale", None) is not None:
+    out["loss_scale"] = {"scale": state.loss_scale.scale, "good_steps": state.loss_scale.good_steps}
+  return out
 
 
 def damaged(e: Exception) -> bool:
@@ -143,7 +161,8 @@ class Checkpoints:
         model=ocp.args.StandardSave({"params": state.params, "model_state": state.model_state}),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
         config=ocp.args.JsonSave(config_dict),
-        loop=ocp.args.JsonSave({"unlogged_metrics": list(unlogged or []), "early_stopping": early_stopping})))
+        loop=ocp.args.JsonSave({"unlogged_metrics": list(unlogged or []), "early_stopping": early_stopping}),
+        **{name: ocp.args.StandardSave(tree) for name, tree in _optional_items(state).items()}))
     if wait:
       self.manager.wait_until_finished()
 
@@ -159,6 +178,9 @@ class Checkpoints:
         if md[name] is None:
           raise FileNotFoundError(f"no readable {name!r} item in {self.directory}/{step}")
         trees[name] = _shapes(getattr(md[name], "tree", md[name]))
+      for name in OPTIONAL_ITEMS:
+        if md.get(name) is not None:
+          trees[name] = _shapes(getattr(md[name], "tree", md[name]))
       # The handler, not the manager: the manager's restore waits at a barrier for every process,
       # and process 0 reads metadata alone when it picks the step.
       config = ocp.JsonCheckpointHandler().restore(self.directory / str(step) / "config")
@@ -195,7 +217,7 @@ class Checkpoints:
     no array, when the saved trees do not match `like`'s (naming the paths, and
     with `config_dict` the config keys that differ) or, with `config_dict`,
     when a state-shaping key differs. `params_only` restores the model item
-    alone, keeping `like`'s step and optimizer state.
+    alone (and the EMA, parameters too), keeping `like`'s step, optimizer state and loss scale.
     """
     saved_config, trees = self.metadata(step)
     where = f"{self.directory}/{step}"
@@ -208,6 +230,8 @@ class Checkpoints:
     items = {"model": {"params": like.params, "model_state": like.model_state}}
     if not params_only:
       items["train"] = {"step": like.step, "opt_state": like.opt_state}
+    items.update({name: tree for name, tree in _optional_items(like).items()
+                  if name in trees and (name == "ema" or not params_only)})
     targets, problems = {}, []
     for name, tree in items.items():
       targets[name] = _target(_abstract(tree), trees[name])
@@ -233,7 +257,12 @@ class Checkpoints:
       tree = restored[name]
       if convert:  # saved in the other layer layout (scanned <-> unrolled): convert, then place like `like`
         tree = jax.device_put(other_layer_layout(tree), jax.tree.map(lambda x: x.sharding, _abstract(items[name])))
-      out.update(tree)
+      if name == "ema":
+        out["ema_params"] = tree["params"]
+      elif name == "loss_scale":
+        out["loss_scale"] = like.loss_scale.replace(**tree)
+      else:
+        out.update(tree)
     return like.replace(**out)
 
   def loop_state(self, step: int) -> dict:

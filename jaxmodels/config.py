@@ -65,7 +65,9 @@ def default_config() -> config_dict.ConfigDict:
   # tinyllama-1.1b, llama3.2-1b, resnet18, resnet50, vit-s16, vit-b16. It sets model.family and every
   # key of that family left at its default here; keys set in the experiment or on the command line win.
   c.model.preset = ""
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (mixed precision) | float16 (no loss scaling)
+  # Compute dtype: float32 | bfloat16 (mixed precision) | float16 (mixed precision with dynamic loss scaling,
+  # train.loss_scale_period; jaxmodels/precision.py)
+  c.model.dtype = "float32"
   c.model.param_dtype = "float32"  # storage dtype of parameters (and optimizer state): float32 | bfloat16
   c.model.dropout = 0.0
   c.model.activation = "relu"  # any jax.nn activation name: relu, gelu, silu, tanh, ...
@@ -139,6 +141,18 @@ def default_config() -> config_dict.ConfigDict:
   c.train.fail_on_recompile = False
   # (first, last) step of a jax.profiler trace written to workdir/profile (TensorBoard/XProf, Perfetto).
   c.train.profile_steps = ()
+  # model.dtype=float16: finite steps in a row after which the loss scale doubles (a non-finite gradient halves it
+  # and skips the update); unused for other dtypes.
+  c.train.loss_scale_period = 2000
+  # Decay d of an exponential moving average of the parameters (float32; ema <- d ema + (1 - d) params after each
+  # update, from the initial parameters); 0: none. When set, evaluation (eval records, keep_best, early stopping,
+  # `jaxmodels eval`) and export/load_model use the EMA in place of the raw parameters.
+  c.train.ema_decay = 0.0
+  # Weights & Biases project to log to (config once, then every train and eval record, from process 0); empty:
+  # no W&B. Needs `pip install jaxmodels[wandb]`. Run files go to workdir/wandb/ (a gs:// workdir: a local
+  # temporary directory, copied there when the run ends).
+  c.train.wandb_project = ""
+  c.train.wandb_mode = ""  # online | offline (written locally; `wandb sync` uploads) | empty: $WANDB_MODE, else online
   # Stop when an eval metric stops improving; the run saves, logs why, exits 0, and keeps its best checkpoint.
   c.train.early_stopping = config_dict.ConfigDict()
   c.train.early_stopping.metric = ""  # an eval metric (as checkpoint.keep_best); empty: never stop early
@@ -250,7 +264,7 @@ def load_experiment(path: str) -> config_dict.ConfigDict:
   return config
 
 
-# Compute dtypes that train today: float16 computes without loss scaling (issue 16 adds it). Parameters and the
+# Compute dtypes: float16 trains with dynamic loss scaling (jaxmodels.precision). Parameters and the
 # optimizer state in float16 turn Adam's update NaN within steps, and float64 silently becomes float32 while
 # jax_enable_x64 is off, so neither is offered.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -352,7 +366,10 @@ def validate(config: config_dict.ConfigDict) -> None:
       "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
       "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
       "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
-      "train.eval_top_k": NON_NEGATIVE,
+      "train.eval_top_k": NON_NEGATIVE, "train.loss_scale_period": POSITIVE, "train.ema_decay": RATE,
+      "train.wandb_mode": one_of(("", "online", "offline")),
+      "train.wandb_project": (lambda v: isinstance(v, str) and re.fullmatch(r"[^/\\#?%:]{0,128}", v) is not None,
+                              "a W&B project name (at most 128 characters, none of / \\ # ? % :)"),
       "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
                               "() or (first, last) with 0 <= first < last"),
       "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
@@ -397,6 +414,9 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
                     f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
                     f"names as best must be kept; leave checkpoint.keep_best empty or make them agree")
+  if t.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise UserError(f"train.wandb_project={t.wandb_project!r} is set but wandb is not installed: "
+                    f"pip install 'jaxmodels[wandb]', or leave train.wandb_project empty")
   if d.source == "text" and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source == "digits" and d.path:

@@ -1,4 +1,5 @@
 """Trained parameters for research code: export a run's parameters alone, load them back into a module.
+A run with a parameter EMA (train.ema_decay) exports the EMA in place of the raw parameters.
 
     jaxmodels export --workdir runs/digits_cnn --out exported/digits_cnn
 
@@ -20,6 +21,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import precision
 from jaxmodels import quantization
 from jaxmodels import storage
 from jaxmodels.errors import UserError
@@ -49,7 +51,8 @@ def build_saved_model(directory) -> nnx.Module:
 
 
 def load_run_model(workdir) -> nnx.Module:
-  """The model of a training run (local or gs://), with the parameters of its newest checkpoint."""
+  """The model of a training run (local or gs://), with the parameters of its newest checkpoint: their moving
+  average (cast to the parameters' dtypes) when the run kept one (train.ema_decay), else the raw parameters."""
   model = build_saved_model(workdir)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
@@ -58,9 +61,13 @@ def load_run_model(workdir) -> nnx.Module:
   if step is None:
     raise UserError(f"{workdir} has no checkpoint")
   from jaxmodels.train import TrainState  # pylint: disable=import-outside-toplevel
-  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
+  has_ema = "ema" in ckpts.metadata(step)[1]
+  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None,
+                    ema_params=precision.ema_init(params) if has_ema else None)
   restored = ckpts.restore(step, like, params_only=True)
   ckpts.close()
+  if has_ema:
+    return nnx.merge(graphdef, precision.ema_as_params(restored.ema_params, restored.params), restored.model_state)
   return nnx.merge(graphdef, restored.params, restored.model_state)
 
 

@@ -17,6 +17,13 @@ tensorboardX's SummaryWriter (a well-kept writer of the event format, no TensorF
 writes a local file; on gs:// it writes to a local temporary directory and each flush copies the event file
 to `workdir/tb/` through storage. A resume purges the events after its first step (`purge_step`), as
 metrics.jsonl drops its records after it.
+
+Weights & Biases (`train.wandb_project`): the config once, at the start, then every number of every record as
+`<split>/<name>` against a `step` metric (W&B's own step counter only grows; a resume re-logs steps after its
+checkpoint, which a `step` x-axis shows in place). The run's id is kept in `workdir/wandb/run_id`, so a resumed
+run continues the same W&B run. Run files go to `workdir/wandb/` (offline mode: `wandb sync workdir/wandb/offline-run-*`
+uploads them later); on a gs:// workdir W&B writes to a local temporary directory, copied to `workdir/wandb/` when
+the run ends (a killed run's local files stay in the temporary directory).
 """
 
 import json
@@ -24,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 
 from tqdm import tqdm
 
@@ -57,11 +65,51 @@ class TensorBoard:
       shutil.rmtree(self._local, ignore_errors=True)
 
 
+class WandB:
+  """A W&B run of the config (`train.wandb_project`, `train.wandb_mode`) that logs metric records."""
+
+  def __init__(self, workdir, config: dict):
+    import wandb  # pylint: disable=import-outside-toplevel
+
+    self.target = storage.path(workdir) / "wandb"
+    self._local = tempfile.mkdtemp(prefix="jaxmodels-wandb-") if storage.is_remote(self.target) else None
+    id_file = self.target / "run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    self.target.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    train = config["train"]
+    # dir: W&B writes its files to dir/wandb/
+    self.run = wandb.init(project=train["wandb_project"], mode=train["wandb_mode"] or None, config=config,
+                          dir=self._local or os.fspath(self.target.parent), id=run_id, resume="allow",
+                          settings=wandb.Settings(silent=True, console="off"))
+    self.run.define_metric("*", step_metric="step")
+
+  def write(self, record: dict) -> None:
+    numbers = {f"{record['split']}/{k}": v for k, v in record.items()
+               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numbers:
+      self.run.log({**numbers, "step": record["step"]})
+
+  def close(self) -> None:
+    self.run.finish()
+    if self._local is not None:
+      local = os.path.join(self._local, "wandb")
+      for root, _, names in os.walk(local):
+        for name in names:
+          source = os.path.join(root, name)
+          destination = self.target / os.path.relpath(source, local)
+          destination.parent.mkdir(parents=True, exist_ok=True)
+          with open(source, "rb") as f:
+            destination.write_bytes(f.read())
+      shutil.rmtree(self._local, ignore_errors=True)
+
+
 class MetricsLogger:
   """Appends records to `workdir/metrics.jsonl` and reports them on the terminal."""
 
-  def __init__(self, workdir, total_steps: int, enabled: bool = True):
-    """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing.
+  def __init__(self, workdir, total_steps: int, enabled: bool = True, config: dict | None = None):
+    """`enabled=False` (every process but 0 of a multi-process job) writes and prints nothing. `config` (the
+    run's, as a dict) with `train.wandb_project` set also logs to Weights & Biases.
 
     The file opens at `start()`, once the run is accepted.
     """
@@ -69,6 +117,7 @@ class MetricsLogger:
     self.path = self.workdir / "metrics.jsonl"
     self.enabled, self.total_steps = enabled, total_steps
     self._file, self._lines, self._bar, self._step, self._tb = None, None, None, 0, None
+    self.config, self._wandb = config, None
 
   def start(self, initial_step: int) -> None:
     """Keeps an earlier run's records up to `initial_step` (a resume rewrites the rest), then appends."""
@@ -85,6 +134,8 @@ class MetricsLogger:
       self._file = open(self.path, "ab", buffering=0)  # pylint: disable=consider-using-with
     self._step = initial_step
     self._tb = TensorBoard(self.workdir, initial_step)
+    if self.config and self.config["train"].get("wandb_project"):
+      self._wandb = WandB(self.workdir, self.config)
     if sys.stderr.isatty():
       self._bar = tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -118,6 +169,8 @@ class MetricsLogger:
     else:
       self._file.write(line.encode())  # one write: a record lands whole or (killed) torn at the very end
     self._tb.write(record)
+    if self._wandb is not None:
+      self._wandb.write(record)
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
     if self._bar is not None:
       self._bar.update(record["step"] - self._step)
@@ -144,6 +197,8 @@ class MetricsLogger:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _fmt(v) -> str:

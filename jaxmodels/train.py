@@ -30,6 +30,7 @@ from jaxmodels import checkpoint
 from jaxmodels import distill
 from jaxmodels import flops
 from jaxmodels import parallel
+from jaxmodels import precision
 from jaxmodels import quantization
 from jaxmodels import scores
 from jaxmodels import tasks
@@ -50,6 +51,8 @@ class TrainState:
   params: dict  # nnx.Param variables as a pure nested dict of arrays
   model_state: dict  # every other variable (BatchNorm statistics, ...), likewise
   opt_state: optax.OptState
+  ema_params: dict | None = None  # float32 moving average of params (train.ema_decay > 0; jaxmodels.precision)
+  loss_scale: precision.LossScale | None = None  # dynamic loss scale (model.dtype=float16), else None
 
 
 def split_model(model: nnx.Module):
@@ -183,7 +186,9 @@ def build_experiment(config, devices=None) -> Experiment:
   def fresh_state() -> TrainState:
     _, params, model_state = split_model(make_model(config, dataset, nnx.Rngs(t.seed)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), ema_params=precision.ema_init(params) if t.ema_decay else None,
+                      loss_scale=(precision.initial_loss_scale() if precision.needs_loss_scale(config.model.dtype)
+                                  else None))
 
   # Built on abstract values: the graph definition and sharding annotations without allocating parameters.
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
@@ -192,10 +197,11 @@ def build_experiment(config, devices=None) -> Experiment:
   # Top-k accuracy only where k leaves classes out; a confusion matrix for classifiers (not for a vocabulary).
   eval_options = dict(task=dataset.task, loss=t.loss,
                       eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
+  state_options = dict(ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
-                                   skip_nonfinite=t.skip_nonfinite, **eval_options)
+                                   skip_nonfinite=t.skip_nonfinite, **eval_options, **state_options)
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
@@ -212,7 +218,7 @@ def build_experiment(config, devices=None) -> Experiment:
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
     teacher = distill.load_teacher(config, dataset, layout)  # train.distill.teacher, or None
     train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
-                                   teacher=teacher, **eval_options)
+                                   teacher=teacher, **eval_options, **state_options)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
@@ -234,7 +240,7 @@ def build_experiment(config, devices=None) -> Experiment:
 
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
                skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0,
-               teacher=None):
+               teacher=None, ema_decay: float = 0.0, loss_scale_period: int = 2000):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -255,6 +261,11 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   `tasks.eval_sums` (top-k hits for `eval_top_k` > 0). With a `teacher` (distill.Teacher) the train step
   takes the teacher's arrays as a third argument and minimises `teacher.objective` (distillation); its
   metrics still report the hard-label loss.
+
+  A state with a `loss_scale` (float16) differentiates the scaled loss, unscales the float32 gradient sums,
+  skips the update of a step whose gradients are not finite, and adjusts the scale (`loss_scale_period`;
+  jaxmodels.precision). A state with `ema_params` updates them by `ema_decay` after each applied update, and
+  the eval step evaluates them in place of the parameters.
   """
 
   def loss_fn(params, model_state, batch, rng, teacher_vars=None):
@@ -270,10 +281,13 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
                                                                             teacher_vars)
     return objective, (sums, new_model_state)
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
   f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
   def train_step(state: TrainState, batch, teacher_vars=None):
+    # The summed loss is scaled by loss_scale / (targets per micro-batch slot, static), so the scale means what
+    # it means for a mean loss (PyTorch's GradScaler, jmp) whatever the batch size.
+    scale = None if state.loss_scale is None else state.loss_scale.scale / (batch["y"].size / grad_accum_steps)
+    grad_fn = jax.grad(precision.scaled(loss_fn, scale), has_aux=True)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -302,25 +316,34 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     if axis_name is not None:
       grads, sums = jax.lax.psum((grads, sums), axis_name)
       model_state = jax.lax.pmean(model_state, axis_name)
-    # One division by the global target count, then back to the parameters' dtype for the optimizer.
-    grads = jax.tree.map(lambda g, p: (g / sums["count"]).astype(p.dtype), grads, state.params)
+    # One division by the global target count (and the loss scale, in float32), then back to the parameters'
+    # dtype for the optimizer.
+    count = sums["count"] if scale is None else sums["count"] * scale
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema_params is None else precision.ema_update(state.ema_params, params, ema_decay)
     loss, grad_norm = sums["loss_sum"] / sums["count"], optax.tree.norm(grads)
-    skipped = jnp.zeros((), jnp.float32)
+    skipped, ok, loss_scale = jnp.zeros((), jnp.float32), None, state.loss_scale
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      params, model_state, opt_state = jax.tree.map(
-          lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
-          (state.params, state.model_state, state.opt_state))
+    if scale is not None:  # an overflowed gradient (its norm inf or NaN) is skipped, and the scale halved
+      finite = jnp.isfinite(grad_norm)
+      ok = finite if ok is None else ok & finite
+      loss_scale = precision.update_loss_scale(state.loss_scale, finite, loss_scale_period)
+    if ok is not None:
+      params, model_state, opt_state, ema = jax.tree.map(
+          lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state, ema),
+          (state.params, state.model_state, state.opt_state, state.ema_params))
       skipped = 1.0 - ok.astype(jnp.float32)
     metrics = jnp.stack([loss, sums["correct"] / sums["count"], grad_norm, skipped]).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state)
+                              opt_state=opt_state, ema_params=ema, loss_scale=loss_scale)
     return new_state, metrics
 
   def eval_step(state: TrainState, batch):
-    model = nnx.merge(graphdef, state.params, state.model_state)
+    params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
+    model = nnx.merge(graphdef, params, state.model_state)
     sums = tasks.eval_sums(task, model(model_input(batch["x"]), train=False), batch["y"], batch["mask"], eval_top_k, loss)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
@@ -427,7 +450,7 @@ def _restore(exp: Experiment, ckpts, log):
   c = exp.config.checkpoint
   step = ckpts.newest_readable_step(log)
   if step is not None:
-    restored = ckpts.restore(step, exp.checkpoint_state, exp.config.to_dict())
+    restored = _complete(exp, ckpts.restore(step, exp.checkpoint_state, exp.config.to_dict()), log)
     return exp.layout.from_checkpoint(restored), step, ckpts.loop_state(step), ckpts.metadata(step)[0]
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
@@ -442,10 +465,26 @@ def _restore(exp: Experiment, ckpts, log):
       sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
       step0, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), exp.tx.init(p)),
                                  out_shardings=(sh.step, sh.opt_state))(restored.params)
-      restored = restored.replace(step=step0, opt_state=opt_state)
+      # and a fresh EMA (from the restored parameters) and loss scale
+      restored = restored.replace(step=step0, opt_state=opt_state, ema_params=exp.checkpoint_state.ema_params,
+                                  loss_scale=exp.checkpoint_state.loss_scale)
+    restored = _complete(exp, restored, log if c.restore_mode == "full" else lambda _line: None)
     log(f"started from {directory}/{step} ({c.restore_mode})")
     return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
   return exp.init_state(), 0, {}, None
+
+
+def _complete(exp: Experiment, state: TrainState, log) -> TrainState:
+  """`state` with the optional parts its checkpoint lacked (left abstract by Checkpoints.restore) made fresh:
+  the EMA from the restored parameters (train.ema_decay turned on), the initial loss scale (float16 turned on)."""
+  sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
+  abstract = lambda tree: any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+  if abstract(state.ema_params):
+    log("note: the checkpoint holds no parameter EMA: the EMA (train.ema_decay) starts from its parameters")
+    state = state.replace(ema_params=jax.jit(precision.ema_init, out_shardings=sh.ema_params)(state.params))
+  if abstract(state.loss_scale):
+    state = state.replace(loss_scale=jax.jit(precision.initial_loss_scale, out_shardings=sh.loss_scale)())
+  return state
 
 
 SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
@@ -512,7 +551,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         for name, text in files.items():
           (storage.path(workdir) / name).write_text(text)
       ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
-      logger = MetricsLogger(workdir, config.train.steps, enabled=lead)
+      logger = MetricsLogger(workdir, config.train.steps, enabled=lead, config=config.to_dict())
       logger.start(start)
       for notice in exp.notices:
         logger.print(f"note: {notice}")

@@ -309,13 +309,14 @@ class Layout(_Share):
     return f"mesh {dict(self.mesh.shape)}: process of each device {processes.tolist()}"
 
   def state_shardings(self, state_cls, abstract_state, tx):
-    """Shardings for a TrainState: params by the rules, optimizer moments like their params."""
+    """Shardings for a TrainState: params by the rules, optimizer moments and the params' EMA like their params."""
     params = jax.tree.map(self.named, self.param_specs, is_leaf=lambda x: isinstance(x, P))
     opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
                                       transform_non_params=lambda _: self.replicated)
     return state_cls(step=self.replicated, params=params,
                      model_state=jax.tree.map(lambda _: self.replicated, abstract_state.model_state),
-                     opt_state=opt_state)
+                     opt_state=opt_state, ema_params=None if abstract_state.ema_params is None else params,
+                     loss_scale=jax.tree.map(lambda _: self.replicated, abstract_state.loss_scale))
 
   def abstract_batch(self, local_batch: dict) -> dict:
     """ShapeDtypeStructs of `global_batch(local_batch)` (single process), for lowering without data."""
