@@ -31,6 +31,13 @@ CAPACITY = {
     "A100-SXM4-40GB": 40 * GiB, "A100-PCIE-40GB": 40 * GiB, "A100": 80 * GiB, "H100": 80 * 10**9,
     "H200": 141 * 10**9,
 }
+# HBM bandwidth per chip, bytes/s, from the same pages: v4 1200 GB/s, v5e 819 GB/s, v5p 2765 GB/s, v6e
+# 1640 GB/s; A100 40 GB 1555 GB/s, A100 80 GB 2039 GB/s, H100 SXM 3.35 TB/s, H200 4.8 TB/s.
+BANDWIDTH = {
+    "TPU v4": 1200e9, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v5": 2765e9,
+    "TPU v6 lite": 1640e9, "TPU v6e": 1640e9, "A100-SXM4-40GB": 1555e9, "A100-PCIE-40GB": 1555e9, "A100": 2039e9,
+    "H100": 3350e9, "H200": 4800e9,
+}
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = r"([\d.]+)\s*([KMGT]?)(?:i?B)?"
 # (pattern, what its first figure measures); the second figure, when present, is the memory available.
@@ -42,6 +49,14 @@ _OOM_MESSAGES = (
 )
 
 
+def listed(table: dict, device_kind: str):
+  """The value of `table` (CAPACITY, BANDWIDTH) for a device kind, matching its longest listed name; None."""
+  for kind, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
+    if kind.lower() in device_kind.lower():
+      return value
+  return None
+
+
 def capacity(device) -> tuple[int | None, str]:
   """(bytes of memory per device, where the figure comes from); (None, why) when unknown (CPUs)."""
   try:
@@ -50,9 +65,9 @@ def capacity(device) -> tuple[int | None, str]:
     limit = None
   if limit and device.platform != "cpu":
     return int(limit), f"{device.device_kind}: memory_stats()['bytes_limit'] of the attached device"
-  for kind, size in sorted(CAPACITY.items(), key=lambda kv: -len(kv[0])):
-    if kind.lower() in device.device_kind.lower():
-      return size, f"{device.device_kind}: {size / GiB:.2f} GiB per chip (jaxmodels.hbm.CAPACITY)"
+  size = listed(CAPACITY, device.device_kind)
+  if size:
+    return size, f"{device.device_kind}: {size / GiB:.2f} GiB per chip (jaxmodels.hbm.CAPACITY)"
   return None, f"{device.device_kind}: unknown (the device reports no memory limit)"
 
 

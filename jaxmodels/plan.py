@@ -202,31 +202,45 @@ def compile_all(a: PlanArgs, points: list[dict], workers: int, log=print) -> lis
   return records
 
 
-def rank(records: list[dict]) -> tuple[list[dict], str]:
-  """The fitting records, best first, and what ranked them."""
-  fitting = [r for r in records if r["status"] == "fits"]
-  if fitting and all(r.get("xla_step_s") for r in fitting):
-    return sorted(fitting, key=lambda r: r["xla_step_s"]), "XLA's estimated step time"
-  return (sorted(fitting, key=lambda r: (r["flops_per_device"], r["bytes_accessed_per_device"])),
-          "FLOPs per device, then bytes accessed per device (XLA gives no step time)")
-
-
 def peak_flops(device_kind: str) -> float | None:
   """A chip's datasheet bf16 peak FLOP/s (jaxmodels.flops.PEAK_FLOPS), None for a CPU."""
   from jaxmodels import flops  # pylint: disable=import-outside-toplevel
-  listed = [peak for kind, peak in sorted(flops.PEAK_FLOPS.items(), key=lambda kv: -len(kv[0]))
-            if kind.lower() in device_kind.lower()]
-  return listed[0] if listed else None
+  return hbm.listed(flops.PEAK_FLOPS, device_kind)
+
+
+def roofline_s(record: dict) -> float | None:
+  """max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per device: a lower bound on the step time that
+  ignores communication; None for a device without datasheet figures."""
+  peak, bandwidth = peak_flops(record["device_kind"]), hbm.listed(hbm.BANDWIDTH, record["device_kind"])
+  if not (peak and bandwidth):
+    return None
+  return max(record["flops_per_device"] / peak, record["bytes_accessed_per_device"] / bandwidth)
+
+
+def rank(records: list[dict]) -> tuple[list[dict], str]:
+  """The fitting records, best first, and what ranked them. Adds to each its `est_step_s` and `est_mfu` (the
+  analytic model FLOPs over that time and the devices' peak), None where there is no estimate."""
+  fitting = [r for r in records if r["status"] == "fits"]
+  by_xla = bool(fitting) and all(r.get("xla_step_s") for r in fitting)
+  for r in fitting:
+    peak, step = peak_flops(r["device_kind"]), r["xla_step_s"] if by_xla else roofline_s(r)
+    r["est_step_s"] = step
+    r["est_mfu"] = r["model_flops"] / (step * r["device_count"] * peak) if step and peak else None
+  if by_xla:
+    return sorted(fitting, key=lambda r: r["est_step_s"]), "XLA's estimated step time"
+  if all(r["est_step_s"] for r in fitting):
+    return (sorted(fitting, key=lambda r: r["est_step_s"]),
+            "the roofline max(FLOPs/peak, bytes accessed/HBM bandwidth) per device (XLA gives no step time)")
+  return (sorted(fitting, key=lambda r: (r["flops_per_device"], r["bytes_accessed_per_device"])),
+          "FLOPs per device, then bytes accessed per device (XLA gives no step time; no datasheet peak)")
 
 
 def table(ranked: list[dict], ranked_by: str) -> str:
-  """The fitting settings, best first; MFU divides the analytic model FLOPs by XLA's step time and the peak."""
+  """The fitting settings, best first (`rank`'s order and estimates)."""
   rows = [["#", "setting", "bytes/device", "headroom", "est. step", "MFU", "FLOPs/device", "bytes acc./device",
            "compile"]]
   for i, r in enumerate(ranked):
-    peak = peak_flops(r["device_kind"])
-    step = r.get("xla_step_s")
-    mfu = r["model_flops"] / (step * r["device_count"] * peak) if step and peak else None
+    step, mfu = r["est_step_s"], r["est_mfu"]
     rows.append([str(i + 1), r["setting"], hbm.gib(r["needed_bytes"]), hbm.gib(r["headroom_bytes"]),
                  f"{1e3 * step:.1f} ms" if step else "-", f"{100 * mfu:.0f}%" if mfu else "-",
                  f"{r['flops_per_device']:.3g}", f"{r['bytes_accessed_per_device']:.3g}", f"{r['compile_s']:.1f} s"])
