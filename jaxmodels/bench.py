@@ -321,7 +321,7 @@ def split_values(text: str, key: str = "--sweep") -> list[str]:
   `1,2,4` -> ['1', '2', '4']; `(64,),(128,64)` -> ['(64,)', '(128,64)'];
   `'data=2,tensor=4','data=8'` -> ['data=2,tensor=4', 'data=8'] (a string
   holding a comma must be quoted, inside the shell's own quotes). Raises
-  UserError for unbalanced brackets or quotes.
+  UserError, naming `key` (the flag and config key), for unbalanced brackets or quotes.
   """
   values, current, depth, quote = [], "", 0, None
   for ch in text:

@@ -282,7 +282,6 @@ def plot(records: list[dict], path: str) -> None:
     ax.axhline(capacity / hbm.GiB, color="black", linestyle="--", label=f"device memory {capacity / hbm.GiB:.2f} GiB")
   ax.set_xticks(range(len(shown)), [r["setting"].replace(" ", "\n") for r in shown], fontsize=7)
   ax.set_ylabel("bytes per device (GiB; refused: XLA's figure)")
-  ax.set_yscale("log")
   if capacities:
     ax.legend()
   fig.tight_layout()

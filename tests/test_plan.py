@@ -100,6 +100,7 @@ def test_plan_finds_the_fitting_setting_and_its_bytes_match_xla(topology, tmp_pa
     result = json.load(f)
   refused, fitting = result["candidates"]
   assert refused["status"] == "too big" and refused["fits"] is False and refused["headroom_bytes"] < 0
+  assert fitting["est_step_s"] > 0 and 0 < fitting["est_mfu"] < 1  # v5e's datasheet peak and HBM bandwidth
   assert fitting["status"] == "fits" and result["best"] == {"train.grad_accum_steps": 16, "train.batch_size": BIG_BATCH}
   assert "--config.train.grad_accum_steps=16 --config.train.batch_size=65536" in out.splitlines()[-1]
   assert "does not fit: grad_accum_steps=1" in out and os.path.getsize(tmp_path / "plan.png") > 0
