@@ -149,7 +149,7 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
     except jax.errors.JaxRuntimeError as e:
       if not hbm.is_oom(e):
         raise
-      record.update(hbm.refused(e, device))
+      record.update(fits=False, oom=hbm.first_line(e))  # compiled, then refused its buffers when it ran
   if dump_dir:
     dump = storage.path(dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
