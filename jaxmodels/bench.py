@@ -32,6 +32,7 @@ import optax
 from jaxmodels import compilation
 from jaxmodels import config as config_lib
 from jaxmodels import flops
+from jaxmodels import hbm
 from jaxmodels import storage
 from jaxmodels.errors import UserError
 from jaxmodels.train import build_experiment
@@ -40,7 +41,7 @@ PEAK_EVERY = 5  # steps between the CPU peak samples of `step_point`
 # Lower is better for each; --baseline compares these.
 COMPARED = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "step_s", "temp_bytes", "hlo_ops")
 TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "fusions", "flops", "temp_bytes",
-         "step_s")
+         "needed_bytes", "headroom_bytes", "fits", "step_s")
 
 
 def topology_devices(name: str):
@@ -100,14 +101,28 @@ def _stages(config, devices):
 
 def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
                   label: str = "point", steps: int = 10) -> dict:
-  """Compile (and, without a topology, run) the experiment's train step; returns one results record."""
+  """Compile (and, without a topology, run) the experiment's train step; returns one results record.
+
+  The record's memory verdict (`hbm.verdict`): needed_bytes per device, device_memory_bytes, headroom_bytes
+  and fits (None where the device's memory is unknown). A compile or run that XLA refuses for lack of
+  memory returns a record with fits False, the figures of XLA's message and its first line as `oom`.
+  """
   devices = topology_devices(topology) if topology else None
   if topology and config.parallel.strategy == "pmap":
     raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
+  device = (devices or jax.devices())[0]
+  environment = {"label": label, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                 "backend": "tpu (ahead of time)" if topology else jax.default_backend(),
+                 "device_kind": device.device_kind, "device_count": len(devices or jax.devices()),
+                 "topology": topology or "", "repeat": repeat}
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     runs = [_stages(config, devices) for _ in range(repeat)]
+  except jax.errors.JaxRuntimeError as e:
+    if not hbm.is_oom(e):
+      raise
+    return {**environment, **hbm.refused(e, device)}
   finally:
     jax.config.update("jax_enable_compilation_cache", previous)
   exp, lowered, compiled, _ = runs[-1]
@@ -118,7 +133,7 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
   record = {
-      "label": label, "trace_s": trace_s, "lower_s": lower_s, "compile_s": compile_s, "hlo_ops": hlo_ops,
+      **environment, "trace_s": trace_s, "lower_s": lower_s, "compile_s": compile_s, "hlo_ops": hlo_ops,
       "fusions": fusions, "flops": float(cost.get("flops", math.nan)),
       "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
       "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
@@ -126,14 +141,15 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
       "generated_code_bytes": int(memory.generated_code_size_in_bytes),
       # An ahead-of-time executable has no client to load into, so the persistent cache cannot serve it.
       "warm_cache_compile_s": math.nan if topology else warm_cache_compile_s(config, devices),
-      "model_flops": exp.model_flops,
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "backend": "tpu (ahead of time)" if topology else jax.default_backend(),
-      "device_kind": (devices or jax.devices())[0].device_kind, "device_count": len(devices or jax.devices()),
-      "topology": topology or "", "repeat": repeat,
+      "model_flops": exp.model_flops, **hbm.verdict(memory, device),
   }
   if not topology:
-    record.update(step_point(exp, steps=steps, warmup=2))
+    try:
+      record.update(step_point(exp, steps=steps, warmup=2))
+    except jax.errors.JaxRuntimeError as e:
+      if not hbm.is_oom(e):
+        raise
+      record.update(fits=False, oom=hbm.first_line(e))  # compiled, then refused its buffers when it ran
   if dump_dir:
     dump = storage.path(dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
@@ -278,34 +294,34 @@ def compare_pure_jax(exp, steps: int = 2000, repeats: int = 5) -> dict:
   return {"jaxmodels_us": 1e6 * ours, "pure_jax_us": 1e6 * theirs, "overhead_ratio": ours / theirs}
 
 
-def parse_sweeps(config, sweeps: list[str]) -> list[dict]:
+def parse_sweeps(config, sweeps: list[str], flag: str = "--sweep") -> list[dict]:
   """`["model.num_layers=1,2", "model.scan_layers=true,false"]` -> the cartesian product as dicts.
 
   Each sweep is `GROUP.KEY=V1,V2,...`, its values parsed by the key's type (see
-  `split_values` for the quoting rule). Raises UserError naming the sweep for an
-  unknown key or a value of the wrong type.
+  `split_values` for the quoting rule). Raises UserError naming the sweep (as `flag`,
+  the command's name for it) for an unknown or repeated key or a value of the wrong type.
   """
   axes, seen = [], set()
   for s in sweeps:
     key, _, values = s.partition("=")
     if key in seen:
-      raise UserError(f"--sweep {key} is given twice: list all its values in one --sweep")
+      raise UserError(f"{flag} {key} is given twice: list all its values in one {flag}")
     seen.add(key)
     group, _, name = key.partition(".")
     if not values or group not in config or name not in config[group]:
-      raise UserError(f"--sweep {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
+      raise UserError(f"{flag} {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
     kind = config[group].get_type(name)
-    axes.append([(key, _parse(v, kind, key)) for v in split_values(values, key)])
+    axes.append([(key, _parse(v, kind, f"{flag} {key}")) for v in split_values(values, f"{flag} {key}")])
   return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
 
 
-def split_values(text: str, key: str = "") -> list[str]:
+def split_values(text: str, key: str = "--sweep") -> list[str]:
   """A sweep's values: split on commas outside brackets and quotes; one pair of quotes around a value is removed.
 
   `1,2,4` -> ['1', '2', '4']; `(64,),(128,64)` -> ['(64,)', '(128,64)'];
   `'data=2,tensor=4','data=8'` -> ['data=2,tensor=4', 'data=8'] (a string
   holding a comma must be quoted, inside the shell's own quotes). Raises
-  UserError for unbalanced brackets or quotes.
+  UserError, naming `key` (the flag and config key), for unbalanced brackets or quotes.
   """
   values, current, depth, quote = [], "", 0, None
   for ch in text:
@@ -323,7 +339,7 @@ def split_values(text: str, key: str = "") -> list[str]:
       continue
     current += ch
   if quote or depth:
-    raise UserError(f"--sweep {key}: unbalanced {'quote' if quote else 'brackets'} in {text!r}")
+    raise UserError(f"{key}: unbalanced {'quote' if quote else 'brackets'} in {text!r}")
   values.append(current)
   return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
 
@@ -335,7 +351,7 @@ def _parse(text: str, kind: type, key: str):
     return None
   if kind is bool:
     if text.lower() not in ("true", "false"):
-      raise UserError(f"--sweep {key}: {text!r} is not true or false")
+      raise UserError(f"{key}: {text!r} is not true or false")
     return text.lower() == "true"
   if kind in (tuple, list):
     try:
@@ -343,12 +359,12 @@ def _parse(text: str, kind: type, key: str):
     except (ValueError, SyntaxError):
       value = None
     if not isinstance(value, (tuple, list)):
-      raise UserError(f"--sweep {key}: {text!r} is not a {kind.__name__} literal such as (64,) or (128,64)")
+      raise UserError(f"{key}: {text!r} is not a {kind.__name__} literal such as (64,) or (128,64)")
     return kind(value)
   try:
     return kind(text) if kind in (int, float, str) else text
   except ValueError:
-    raise UserError(f"--sweep {key}: {text!r} is not of type {kind.__name__}") from None
+    raise UserError(f"{key}: {text!r} is not of type {kind.__name__}") from None
 
 
 def apply(config, point: dict):
@@ -424,7 +440,7 @@ def plot(results: list[dict], sweep_keys: list[str], path: str, metric: str = "c
       sorted(results, key=lambda r: [str(r["config"][k]) for k in others]),
       key=lambda r: tuple((k, r["config"][k]) for k in others)):
     group = sorted(group, key=lambda r: r["config"][x_key])
-    xs, ys = [r["config"][x_key] for r in group], [r[metric] for r in group]
+    xs, ys = [r["config"][x_key] for r in group], [r.get(metric, math.nan) for r in group]
     name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in series_key) or metric
     exponent = f", ~x^{growth_exponent(xs, ys):.2f}" if len(xs) > 1 else ""
     ax.plot(xs, ys, marker="o", label=f"{name}{exponent}")

@@ -34,6 +34,7 @@ commands:
   eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
   plot    training curves: jaxmodels plot RUN [RUN ...] --metric loss --out curves.png [--confusion]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
+  plan    the settings that fit a TPU slice, fastest first: jaxmodels plan --config X.py --topology v5e:2x4 --try ...
 
 Run `jaxmodels COMMAND --help` for a command's flags."""
 
@@ -305,8 +306,10 @@ compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
 trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
 bytes_accessed, argument/output/temp/generated_code bytes, warm_cache_compile_s,
-and, unless --topology compiles ahead of time for an unattached TPU slice (or
-several: `v5e:2x2,slices=2`, with --config.parallel.dcn_mesh=data=2),
+the memory verdict (needed_bytes per device, device_memory_bytes, headroom_bytes,
+fits: true, false, or null where the device's memory is unknown, as on a CPU; a
+step XLA refuses for lack of memory is a fits: false point), and, unless
+--topology compiles ahead of time for an unattached TPU slice (or several: `v5e:2x2,slices=2`, with --config.parallel.dcn_mesh=data=2),
 step_s. --baseline exits 1 when a metric grew by more than --max-regression.
 --sweep takes any config key; values are parsed by the key's type: true/false,
 numbers, strings, tuples as Python literals ('(64,)','(128,64)'), none. Commas
@@ -353,9 +356,56 @@ consumes them: whether the input pipeline keeps up.
       max_regression=fv.max_regression, out=fv.out, csv=fv.csv, plot=fv.plot, steps=fv.steps))
 
 
+def cmd_plan(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels plan --config experiments/X.py [--topology v5e:2x4[,slices=2]] [--global-batch 256]
+             [--try parallel.strategy=fsdp,dp --try model.remat=none,dots,full --try train.grad_accum_steps=1,2,4 ...]
+             [--config.K=V ...] [--json plan.json] [--plot plan.png] [--workers N] [--timeout S]
+
+Compiles the train step of every candidate (the cartesian product of the --try
+lists, values as in `bench compile --sweep`) ahead of time for the TPU topology
+(without --topology: for the attached devices), each in a worker process
+(--workers at once, default one per two CPU cores and 4 GiB of free host memory;
+--timeout seconds each, default 600). Reports each candidate's bytes per device
+(arguments + outputs not aliased + temporaries + code, from XLA's memory
+analysis) against the chip's memory, drops those that do not fit, ranks the rest
+by XLA's estimated step time (else by FLOPs and bytes accessed per device) and
+prints the `jaxmodels train` command of the best. --global-batch sets
+train.batch_size for every candidate. Exit status 1 when nothing fits.
+"""
+  from jaxmodels import plan  # pylint: disable=import-outside-toplevel
+
+  def extra(fv):
+    flags.DEFINE_multi_string("try", [], "GROUP.KEY=V1,V2,...", flag_values=fv)
+    for name in ("topology", "json", "plot"):
+      flags.DEFINE_string(name, "", name, flag_values=fv)
+    flags.DEFINE_integer("global_batch", 0, "train.batch_size of every candidate", flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "parallel compiles (0: default)", flag_values=fv)
+    flags.DEFINE_float("timeout", 600.0, "seconds per candidate", flag_values=fv)
+
+  args = [a.replace("--global-batch", "--global_batch") for a in args]
+  config, fv = parse_experiment_flags(prog, args, extra)
+  return plan.run_plan(config, plan.PlanArgs(
+      config_path=_pop_config_path(args)[0], overrides=[a for a in args if a.startswith("--config.")],
+      tries=fv["try"].value, topology=fv.topology, global_batch=fv.global_batch, out=fv.json, plot=fv.plot,
+      workers=fv.workers, timeout=fv.timeout))
+
+
+def plan_hint(args: list[str]) -> str:
+  """The `jaxmodels plan` command line for the experiment and overrides of a command's `args`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    path = _pop_config_path(args)[0]
+  except UserError:
+    path = "experiments/X.py"
+  topology = ["--topology", "SLICE (e.g. v5e:2x4)"] if jax.default_backend() == "tpu" else []
+  return " ".join(["jaxmodels plan --config", path, *(a for a in args if a.startswith("--config.")), *topology,
+                   "--try parallel.strategy=dp,fsdp --try model.remat=none,dots,full",
+                   "--try train.grad_accum_steps=1,2,4,8"])
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prepare": cmd_prepare, "launch": cmd_launch,
             "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench, "import-hf": cmd_import_hf,
-            "export-hf": cmd_export_hf, "compress": cmd_compress}
+            "export-hf": cmd_export_hf, "compress": cmd_compress, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     return e.exit_code
   except Preempted as e:  # a signal stopped training after a synchronous save: rerun to resume
     return e.exit_code
+  except RuntimeError as e:  # XLA's device out-of-memory error (a JaxRuntimeError) is one line; others propagate
+    from jaxmodels import hbm  # pylint: disable=import-outside-toplevel
+    if not hbm.is_oom(e):
+      raise
+    print(f"jaxmodels: error: {hbm.explain(e, plan_hint(args))}", file=sys.stderr)
+    return UserError.exit_code
 
 
 def entry() -> None:
