@@ -71,7 +71,15 @@ def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
   return build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs,
-                     task="lm" if dataset.task == "lm" else "classify", axis_name=axis_name)
+                     task=dataset.task if dataset.task in ("lm", "seq2seq") else "classify", axis_name=axis_name)
+
+
+def forward(model, batch: dict, **kwargs):
+  """The model's logits for a batch: an encoder-decoder (seq2seq) reads the source and, teacher-forced, the
+  decoder input; every other model reads `x` alone. `kwargs`: train, rngs."""
+  if "decoder_input" in batch:
+    return model(batch["x"], batch["decoder_input"], source_mask_BS=batch["source_mask"], **kwargs)
+  return model(model_input(batch["x"]), **kwargs)
 
 
 @dataclasses.dataclass
@@ -152,7 +160,9 @@ class Experiment:
       metrics.update(scores.multilabel_scores(totals["label_counts"]))
     if "top_k_correct" in totals:
       metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
-    if self.dataset.task == "lm":
+    if task == "seq2seq":
+      metrics["exact_match"] = float(totals["exact"]) / float(totals["sequences"])
+    if task in ("lm", "seq2seq"):
       metrics["perplexity"] = math.exp(metrics["loss"])
       metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
     if task == "classify":
@@ -171,7 +181,7 @@ def build_experiment(config, devices=None) -> Experiment:
   notices = config_lib.fit_to_steps(config)
   dataset = load_dataset(config)
   t = config.train
-  if dataset.task != "lm":  # text batches are random windows, any number of them
+  if dataset.task not in ("lm", "seq2seq"):  # text windows and synthetic sequences: any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
   tx, schedule = make_optimizer(t)
 
@@ -249,7 +259,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     """(summed loss, (sums, model state)): the sum, so that micro-batches and devices add up exactly."""
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits = model(model_input(batch["x"]), train=True, rngs=nnx.Rngs(dropout=rng))
+    logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     sums = tasks.loss_sums(task, logits, batch["y"], batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32)),
                            loss)
     _, _, new_model_state = split_model(model)
@@ -305,7 +315,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
 
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    sums = tasks.eval_sums(task, model(model_input(batch["x"]), train=False), batch["y"], batch["mask"], eval_top_k, loss)
+    sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step
@@ -403,7 +413,8 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
 def _restore(exp: Experiment, ckpts, log):
   """(state, start step, the loop's saved state (Checkpoints.loop_state) or {}, saved config or None): the
   workdir's newest readable
-  checkpoint, else checkpoint.restore_from, else a fresh start.
+  checkpoint, else checkpoint.restore_from (a run, or the parameters of an export or `import-hf` directory),
+  else a fresh start.
 
   Arrays are read straight into `exp.checkpoint_state`'s shardings; a fresh
   state is built only when nothing is restored, so a resume never holds two.
@@ -416,18 +427,26 @@ def _restore(exp: Experiment, ckpts, log):
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
-    directory, step = checkpoint.resolve_restore_from(c.restore_from)
-    source = checkpoint.Checkpoints(directory)
-    try:
-      restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
-    finally:
-      source.close()
+    if checkpoint.is_export(c.restore_from):  # `jaxmodels export` or `import-hf`: parameters alone
+      if c.restore_mode != "params":
+        raise UserError(f"checkpoint.restore_from={c.restore_from!r} is an export (parameters only): "
+                        f"use checkpoint.restore_mode=params")
+      restored = checkpoint.restore_export(c.restore_from, exp.checkpoint_state, exp.config.to_dict())
+      where = c.restore_from
+    else:
+      directory, step = checkpoint.resolve_restore_from(c.restore_from)
+      source = checkpoint.Checkpoints(directory)
+      try:
+        restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
+      finally:
+        source.close()
+      where = f"{directory}/{step}"
     if c.restore_mode == "params":  # a new optimizer state (and step 0) for the restored parameters
       sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
       step0, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), exp.tx.init(p)),
                                  out_shardings=(sh.step, sh.opt_state))(restored.params)
       restored = restored.replace(step=step0, opt_state=opt_state)
-    log(f"started from {directory}/{step} ({c.restore_mode})")
+    log(f"started from {where} ({c.restore_mode})")
     return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
   return exp.init_state(), 0, {}, None
 

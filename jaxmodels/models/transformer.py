@@ -78,24 +78,30 @@ class TransformerConfig:
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
 
   def __post_init__(self):
-    for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
-      require(self, name, POSITIVE)
-    for name in ("use_bias", "tie_embeddings", "scan_layers"):
-      require(self, name, BOOL)
-    require(self, "norm_eps", POSITIVE_REAL)
-    require(self, "rope_theta", POSITIVE_REAL)
-    require(self, "dropout", RATE)
-    choice(self, "norm", NORMS)
-    choice(self, "mlp", MLPS)
-    choice(self, "positions", POSITIONS)
-    choice(self, "remat", REMAT_POLICIES)
-    choice(self, "attention_impl", ATTENTION_IMPLS)
+    check_stack_fields(self)
     choice(self, "pooling", POOLINGS)
-    check_heads(self.d_model, self.num_heads, self.num_kv_heads, self.positions == "rotary")
 
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+
+def check_stack_fields(config):
+  """ValueError naming the first bad field among TransformerConfig's stack fields (shared with
+  `EncoderDecoderConfig`)."""
+  for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+    require(config, name, POSITIVE)
+  for name in ("use_bias", "tie_embeddings", "scan_layers"):
+    require(config, name, BOOL)
+  require(config, "norm_eps", POSITIVE_REAL)
+  require(config, "rope_theta", POSITIVE_REAL)
+  require(config, "dropout", RATE)
+  choice(config, "norm", NORMS)
+  choice(config, "mlp", MLPS)
+  choice(config, "positions", POSITIONS)
+  choice(config, "remat", REMAT_POLICIES)
+  choice(config, "attention_impl", ATTENTION_IMPLS)
+  check_heads(config.d_model, config.num_heads, config.num_kv_heads, config.positions == "rotary")
 
 
 def check_heads(d_model, num_heads, num_kv_heads, rotary_positions):
@@ -213,6 +219,23 @@ class Attention(nnx.Module):
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.implementation = implementation
 
+  def _split(self, y_MD, B, T, n):
+    return constrain(y_MD.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
+
+  def _project_out(self, out_BTNH):
+    B, T = out_BTNH.shape[:2]
+    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
+    return constrain(out_MD, (BATCH, EMBED))
+
+  def keys_values(self, x_MD, positions_BS):
+    """(k_BSKH, v_BSKH) of the B x S token rows x_MD, rotary on the keys if this module uses it."""
+    B, S = positions_BS.shape
+    k_BSKH, v_BSKH = self._split(self.key(x_MD), B, S, self.num_kv_heads), self._split(self.value(x_MD), B, S,
+                                                                                         self.num_kv_heads)
+    if self.rotary_positions:
+      k_BSKH = rotary(k_BSKH, positions_BS, self.rope_theta)
+    return k_BSKH, v_BSKH
+
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
     """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
 
@@ -221,12 +244,10 @@ class Attention(nnx.Module):
     (out_MD, the updated cache), or (out_MD, None) without a cache.
     """
     B, T = positions_BT.shape
-    split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
-    q_BTNH = split(self.query(x_MD), self.num_heads)
-    k_BTKH, v_BTKH = split(self.key(x_MD), self.num_kv_heads), split(self.value(x_MD), self.num_kv_heads)
+    q_BTNH = self._split(self.query(x_MD), B, T, self.num_heads)
     if self.rotary_positions:
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
-      k_BTKH = rotary(k_BTKH, positions_BT, self.rope_theta)
+    k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
       out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
                                      mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
@@ -236,8 +257,16 @@ class Attention(nnx.Module):
       new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
       out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
                            mask_BNTS=mask_B1TS)
-    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
-    return constrain(out_MD, (BATCH, EMBED)), new_cache
+    return self._project_out(out_BTNH), new_cache
+
+  def cross(self, x_MD, k_BSKH, v_BSKH, mask_B1TS=None):
+    """Cross-attention: the B x T token rows x_MD query given keys and values (`keys_values` of another
+    sequence, e.g. an encoder's output, computed once per sequence when decoding); returns out_MD."""
+    B = k_BSKH.shape[0]
+    q_BTNH = self._split(self.query(x_MD), B, x_MD.shape[0] // B, self.num_heads)
+    out_BTNH = constrain(attention(q_BTNH, k_BSKH, v_BSKH, self.implementation, mask_BNTS=mask_B1TS),
+                         (BATCH, LENGTH, HEADS))
+    return self._project_out(out_BTNH)
 
 
 class FeedForward(nnx.Module):
@@ -255,25 +284,44 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch.
+
+  With `cross_attention` (an encoder-decoder's decoder block) a cross-attention branch,
+  x + cross_attn(norm(x), memory), sits between the two: the same `Attention` module, unmasked by causality
+  and without rotary positions (queries and keys come from different sequences).
+  """
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
-               rope_theta=10000.0):
+               rope_theta=10000.0, cross_attention=False):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
-    self.attn = Attention(d_model, num_heads, causal=causal, rotary_positions=rotary_positions,
-                          implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          num_kv_heads=num_kv_heads, use_bias=use_bias, rope_theta=rope_theta)
+    attn = lambda causal, rotary_positions: Attention(
+        d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, num_kv_heads=num_kv_heads, use_bias=use_bias,
+        rope_theta=rope_theta)
+    self.attn = attn(causal, rotary_positions)
+    self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
+    self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0,
+               cross=None):
+    """(x_MD, cache); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
+    with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
+    if self.cross_attn is not None:
+      if "k" in cross:
+        k_BSKH, v_BSKH = cross["k"], cross["v"]
+      else:
+        k_BSKH, v_BSKH = self.cross_attn.keys_values(cross["memory_MD"], cross["positions_BS"])
+      h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
+      x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (BATCH, EMBED)), cache
 
@@ -284,13 +332,13 @@ class Stack(nnx.Module):
   `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
   """
 
-  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs):
+  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False):
     c = config
     block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, d_ff=c.d_ff, causal=causal, norm=c.norm,
                         mlp=c.mlp, rotary_positions=rotary_positions, implementation=c.attention_impl,
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
                         num_kv_heads=getattr(c, "num_kv_heads", None), use_bias=c.use_bias, norm_eps=c.norm_eps,
-                        rope_theta=getattr(c, "rope_theta", 10000.0))
+                        rope_theta=getattr(c, "rope_theta", 10000.0), cross_attention=cross_attention)
     make = lambda r: Block(rngs=r, **block_kwargs)
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -302,8 +350,11 @@ class Stack(nnx.Module):
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
     self.head_dim = c.d_model // c.num_heads
 
-  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, cross=None):
     """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis.
+
+    `cross` (a stack built with `cross_attention`): {'mask_B1TS'} and either 'memory_BSD' (the encoder's output,
+    every layer projecting its own keys and values) or 'k', 'v' (L, B, S, K, H) from `cross_keys_values`.
 
     The cache is carried through the layers and each layer writes only its new (B, T, K, H) chunk, in place
     (`dynamic_update_slice` on the carried buffer): a decoding step never copies the whole cache (with the
@@ -314,10 +365,20 @@ class Stack(nnx.Module):
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
-    def apply(graphdef, state, x, cache, key, i):
+    layer_kv, shared = None, None  # cross-attention inputs: per layer (scanned with the blocks) and common
+    if cross is not None:
+      shared = {"mask_B1TS": cross["mask_B1TS"]}
+      if "k" in cross:
+        layer_kv = {"k": cross["k"], "v": cross["v"]}
+      else:
+        memory_BSD = cross["memory_BSD"]
+        shared["memory_MD"] = constrain(memory_BSD.reshape(-1, D), (BATCH, EMBED))
+        shared["positions_BS"] = jnp.broadcast_to(jnp.arange(memory_BSD.shape[1]), memory_BSD.shape[:2])
+
+    def apply(graphdef, state, x, cache, key, i, kv):
       block = nnx.merge(graphdef, state)
       return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
-                   layer=i)
+                   layer=i, cross=None if shared is None else {**shared, **(kv or {})})
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
@@ -325,16 +386,33 @@ class Stack(nnx.Module):
       graphdef, state = nnx.split(self.blocks)
 
       def body(carry, xs):
-        state_l, key_l, i = xs
-        return apply(graphdef, state_l, *carry, key_l, i), None
+        state_l, key_l, i, kv_l = xs
+        return apply(graphdef, state_l, *carry, key_l, i, kv_l), None
 
-      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache), (state, keys_L, jnp.arange(self.num_layers)))
+      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache),
+                                          (state, keys_L, jnp.arange(self.num_layers), layer_kv))
     else:
       new_cache = cache
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i)
+        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i,
+                                None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (BATCH, LENGTH, EMBED)), new_cache
+
+
+  def cross_keys_values(self, memory_BSD) -> dict:
+    """Every layer's cross-attention keys and values of `memory_BSD`: {'k', 'v'} (L, B, S, K, H), computed once
+    per sequence for decoding (`__call__`'s `cross`)."""
+    B, S, D = memory_BSD.shape
+    memory_MD = constrain(memory_BSD.reshape(B * S, D), (BATCH, EMBED))
+    positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+    project = lambda block: block.cross_attn.keys_values(memory_MD, positions_BS)
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      _, (k, v) = jax.lax.scan(lambda _, state_l: (None, project(nnx.merge(graphdef, state_l))), None, state)
+    else:
+      k, v = (jnp.stack(a) for a in zip(*(project(block) for block in self.blocks)))
+    return {"k": k, "v": v}
 
 
 class TransformerLM(nnx.Module):
