@@ -192,6 +192,14 @@ def test_every_config_key_has_a_bad_value_case():
     (dict(data__source="text", model__family="lstm", checkpoint__keep_best="bits_per_byte"),
      "checkpoint.keep_best='bits_per_byte': expected one of , loss, accuracy, perplexity, bits_per_char"),
     (dict(train__batch_size=64, train__grad_accum_steps=3), "train.batch_size=64 is not divisible"),
+    (dict(data__source="reverse"), "model.family=cnn with data.source=reverse: the encoder-decoder (encdec) takes"),
+    (dict(data__source="text", model__family="encdec"), "model.family=encdec with data.source=text"),
+    (dict(data__source="copy", model__family="encdec", model__pooling="cls"),
+     "model.pooling='cls' does not apply to model.family=encdec"),
+    (dict(data__source="copy", model__family="encdec", data__task="classify"),
+     "data.task='classify' is set but data.source=copy is always seq2seq"),
+    (dict(data__source="copy", model__family="encdec", checkpoint__keep_best="f1_macro"),
+     "checkpoint.keep_best='f1_macro': expected one of , loss, accuracy, exact_match, perplexity"),
 ])
 def test_keys_that_depend_on_each_other(overrides, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
