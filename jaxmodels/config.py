@@ -99,6 +99,7 @@ def default_config() -> config_dict.ConfigDict:
   c.model.scan_layers = True  # stack the blocks and run them with one lax.scan (compile time flat in depth)
   c.model.remat = "none"  # recompute activations in the backward pass: none | dots | full
   # auto (einsum; on GPUs jax.nn.dot_product_attention's choice) | einsum | xla | cudnn (jax.nn's implementations)
+  # | splash (TPUs only: JAX's Pallas splash-attention kernel, causal or full; with a mask, xla)
   c.model.attention_impl = "auto"
   c.model.pooling = "mean"  # classifiers: mean | cls (transformer, vit) | last (lstm)
   # LSTM / GRU

@@ -178,6 +178,10 @@ def build_experiment(config, devices=None) -> Experiment:
   for ahead-of-time compiles (`jaxmodels bench compile --topology`).
   """
   config_lib.validate(config)
+  platform = (devices or jax.devices())[0].platform
+  if config.model.get("attention_impl") == "splash" and platform != "tpu":
+    raise UserError(f"model.attention_impl=splash is JAX's Pallas TPU kernel, but the devices are {platform}: use "
+                    f"auto, einsum or xla here (or compile for a TPU: jaxmodels bench compile --topology v5e:2x2)")
   notices = config_lib.fit_to_steps(config)
   dataset = load_dataset(config)
   t = config.train

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.layers import POSITIVE, POSITIVE_REAL, RATE, axes, choice, require, resolve
-from jaxmodels.parallel.sharding import constrain
+from jaxmodels.parallel.sharding import constrain, per_shard
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
@@ -44,7 +44,8 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 512  # splash attention's largest query / key block (Pallas's default is 128; MaxText uses 512)
 BOOL = (lambda v: isinstance(v, bool), "True or False")
 
 
@@ -74,7 +75,7 @@ class TransformerConfig:
   dropout: float = 0.0  # on the embeddings and each residual branch, in training only
   scan_layers: bool = True  # stack the blocks and run one lax.scan (compile time flat in depth)
   remat: str = "none"  # recompute in the backward pass: none | dots | full
-  attention_impl: str = "auto"  # auto | einsum | xla | cudnn (see `attention`)
+  attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
 
   def __post_init__(self):
@@ -135,6 +136,30 @@ def rotary(x_BTNH, positions_BT, theta: float = 10000.0):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
 
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, is_causal=False, interpret=False):
+  """JAX's Pallas TPU splash-attention kernel (causal or full), forward and backward; (B, T, N, H) out.
+
+  Per example and key/value head, the kernel's multi-query form serves that head's G = N / K query heads
+  (grouped-query attention). Queries are scaled by H^-1/2 here (the kernel does not scale); the kernel's
+  softmax accumulates in float32. Blocks are T and S up to SPLASH_BLOCK, which must divide them. The kernel
+  lowers for TPUs only (a Mosaic custom call); `interpret` runs it in Pallas's interpreter on any backend (tests).
+  """
+  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  bq, bkv = min(SPLASH_BLOCK, T), min(SPLASH_BLOCK, S)
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  head_mask = splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
+  kernel = splash.make_splash_mqa_single_device(splash.MultiHeadMask([head_mask] * (N // K)), block_sizes=blocks,
+                                                interpret=interpret)
+  q_BKGTH = (q_BTNH * H ** -0.5).astype(q_BTNH.dtype).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKSH, v_BKSH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
   """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
 
@@ -147,9 +172,16 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   - `xla` / `cudnn`: jax.nn.dot_product_attention with that implementation.
   - `auto`: `einsum`, except on GPUs, where jax.nn.dot_product_attention picks
     (cuDNN flash attention where it supports the shapes and dtype).
+  - `splash`: `splash_attention`, the Pallas TPU kernel (TPUs only; causal or full attention).
 
-  cuDNN's kernels take no arbitrary mask: with a mask, `cudnn` runs jax.nn's choice instead.
+  cuDNN's and splash's kernels take no arbitrary mask here: with a mask (segments, padding, a KV cache),
+  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead.
   """
+  if implementation == "splash":
+    if mask_BNTS is None:  # each device runs the kernel on its examples and heads (never a split sequence)
+      kernel = lambda q, k, v: splash_attention(q, k, v, is_causal=is_causal)
+      return per_shard(kernel, [(BATCH, None, HEADS)] * 3)(q_BTNH, k_BSKH, v_BSKH)
+    implementation = "xla"
   if implementation == "cudnn" and mask_BNTS is not None:
     implementation = "auto"
   if implementation == "auto" and jax.default_backend() == "gpu":
