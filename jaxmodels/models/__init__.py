@@ -11,7 +11,8 @@ arguments, plus a compute `dtype` and a `param_dtype`, and are called as
 `model(x, train=..., rngs=...)`, where `rngs` (an `nnx.Rngs` with a `dropout`
 stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
-sampling. `build_model` is the command line's bridge: it maps the flat
+sampling; the encoder-decoder (`EncoderDecoder`, called as `model(source, decoder_input, ...)`) has
+`init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it maps the flat
 `model.*` config group onto the family's dataclass (`family_config`).
 """
 

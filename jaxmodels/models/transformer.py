@@ -1,6 +1,7 @@
-"""Transformers: a decoder-only language model and an encoder classifier.
+"""Transformers: a decoder-only language model and an encoder classifier (and the blocks of the
+encoder-decoder in `jaxmodels.models.encdec`, whose decoder blocks add cross-attention).
 
-Both are pre-norm stacks of attention + MLP blocks. Attention (`attention`)
+All are pre-norm stacks of attention + MLP blocks. Attention (`attention`)
 computes its softmax in float32, by two einsums or through
 `jax.nn.dot_product_attention` (`model.attention_impl`; `cudnn` gives flash
 attention on NVIDIA GPUs). With `scan_layers` (the default) the blocks'
@@ -262,8 +263,8 @@ class Attention(nnx.Module):
   def keys_values(self, x_MD, positions_BS):
     """(k_BSKH, v_BSKH) of the B x S token rows x_MD, rotary on the keys if this module uses it."""
     B, S = positions_BS.shape
-    k_BSKH, v_BSKH = self._split(self.key(x_MD), B, S, self.num_kv_heads), self._split(self.value(x_MD), B, S,
-                                                                                         self.num_kv_heads)
+    k_BSKH = self._split(self.key(x_MD), B, S, self.num_kv_heads)
+    v_BSKH = self._split(self.value(x_MD), B, S, self.num_kv_heads)
     if self.rotary_positions:
       k_BSKH = rotary(k_BSKH, positions_BS, self.rope_theta)
     return k_BSKH, v_BSKH
