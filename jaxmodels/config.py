@@ -345,7 +345,7 @@ def validate(config: config_dict.ConfigDict) -> None:
              "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
              "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
              "regress": ("loss", "mse", "mae", "r2"),
-             "seq2seq": ("loss", "accuracy", "exact_match", "perplexity")}
+             "seq2seq": ("loss", "accuracy", "exact_match", "perplexity", "bits_per_token")}
   # An npz file's task is inferred when the data loads: any array task's metric may be named until then.
   inferred = d.source == "npz" and not d.task
   metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
