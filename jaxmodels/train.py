@@ -33,7 +33,7 @@ from jaxmodels import scores
 from jaxmodels import tasks
 from jaxmodels import storage
 from jaxmodels import config as config_lib
-from jaxmodels.data import check_batch_size, load_dataset, loader
+from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset, loader
 from jaxmodels.actions import Run, scalars, summarize
 from jaxmodels.errors import Preempted, UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm
@@ -183,6 +183,9 @@ def build_experiment(config, devices=None) -> Experiment:
     raise UserError(f"model.attention_impl=splash is JAX's Pallas TPU kernel, but the devices are {platform}: use "
                     f"auto, einsum or xla here (or compile for a TPU: jaxmodels bench compile --topology v5e:2x2)")
   notices = config_lib.fit_to_steps(config)
+  if config.model.get("attention_impl") == "splash" and config.data.source in LM_SOURCES and config.data.seq_len % 128:
+    raise UserError(f"model.attention_impl=splash needs data.seq_len a multiple of 128 (the TPU's lanes), got "
+                    f"{config.data.seq_len}")
   dataset = load_dataset(config)
   t = config.train
   if dataset.task not in ("lm", "seq2seq"):  # text windows and synthetic sequences: any number of them

@@ -21,6 +21,8 @@ def test_splash_in_interpret_mode_equals_xla_attention(is_causal):
   got = splash_attention(q, k, v, is_causal=is_causal, interpret=True)
   expected = attention(q, k, v, "xla", is_causal=is_causal)
   np.testing.assert_allclose(got, expected, atol=2e-5)
+  with pytest.raises(ValueError, match="splash attention needs sequence lengths that are multiples of 128, got 64"):
+    splash_attention(q[:, :64], k[:, :64], v[:, :64], is_causal=is_causal, interpret=True)
 
 
 def test_train_step_compiles_ahead_of_time_for_a_v5e_with_the_splash_kernel(tmp_path):
@@ -38,6 +40,9 @@ def test_train_step_compiles_ahead_of_time_for_a_v5e_with_the_splash_kernel(tmp_
   program = (tmp_path / "point.post.hlo.txt").read_text()
   assert 'custom_call_target="tpu_custom_call"' in program and "splash_mqa_fwd" in program
   assert "splash_mqa_dkv" in program  # and the backward kernel
+  c.data.seq_len = 64  # not a multiple of the TPU's 128 lanes: refused before anything compiles
+  with pytest.raises(UserError, match="model.attention_impl=splash needs data.seq_len a multiple of 128 .the TPU.s lanes., got 64"):
+    bench.compile_point(c, repeat=1, topology="v5e:2x2")
 
 
 def test_splash_on_the_cpu_is_a_one_line_error():

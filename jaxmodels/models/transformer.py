@@ -46,7 +46,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
-SPLASH_BLOCK = 512  # splash attention's largest query / key block (Pallas's default is 128; MaxText uses 512)
+SPLASH_BLOCKS = (512, 256, 128)  # splash attention's query / key blocks, largest first (TPU lanes: 128)
 BOOL = (lambda v: isinstance(v, bool), "True or False")
 
 
@@ -142,14 +142,18 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, is_causal=False, interpret=False
 
   Per example and key/value head, the kernel's multi-query form serves that head's G = N / K query heads
   (grouped-query attention). Queries are scaled by H^-1/2 here (the kernel does not scale); the kernel's
-  softmax accumulates in float32. Blocks are T and S up to SPLASH_BLOCK, which must divide them. The kernel
-  lowers for TPUs only (a Mosaic custom call); `interpret` runs it in Pallas's interpreter on any backend (tests).
+  softmax accumulates in float32. Its blocks are the largest of SPLASH_BLOCKS dividing T and S: ValueError
+  unless both are multiples of 128. The kernel lowers for TPUs only (a Mosaic custom call); `interpret` runs
+  it in Pallas's interpreter on any backend (tests).
   """
   # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  bq, bkv = min(SPLASH_BLOCK, T), min(SPLASH_BLOCK, S)
+  if T % SPLASH_BLOCKS[-1] or S % SPLASH_BLOCKS[-1]:
+    raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCKS[-1]}, got "
+                     f"{T} queries and {S} keys: use attention_impl=xla (or einsum) for them")
+  bq, bkv = (next(b for b in SPLASH_BLOCKS if n % b == 0) for n in (T, S))
   blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
   head_mask = splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
