@@ -42,7 +42,8 @@ def default_config() -> config_dict.ConfigDict:
   # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
   c.data.spatial_dims = config_dict.placeholder(int)  # unset | 1 | 2
   # Text only.
-  c.data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts the next of each); copy/reverse: longest source
+  # Tokens per training window (the model sees seq_len, predicts the next of each); copy/reverse: longest source.
+  c.data.seq_len = 128
   c.data.val_fraction = 0.1  # the last fraction of the text validates
   c.data.tokenizer = "char"  # char (vocabulary from the training text) | byte (256 values)
   # Images only (data.path: a directory of class sub-directories, or an .npz of uint8 images).

@@ -183,7 +183,8 @@ def build_experiment(config, devices=None) -> Experiment:
     raise UserError(f"model.attention_impl=splash is JAX's Pallas TPU kernel, but the devices are {platform}: use "
                     f"auto, einsum or xla here (or compile for a TPU: jaxmodels bench compile --topology v5e:2x2)")
   notices = config_lib.fit_to_steps(config)
-  if config.model.get("attention_impl") == "splash" and config.data.source in LM_SOURCES and config.data.seq_len % 128:
+  splash = config.model.get("attention_impl") == "splash"
+  if splash and config.data.source in LM_SOURCES and config.data.seq_len % 128:
     raise UserError(f"model.attention_impl=splash needs data.seq_len a multiple of 128 (the TPU's lanes), got "
                     f"{config.data.seq_len}")
   dataset = load_dataset(config)

