@@ -306,6 +306,44 @@ def retention_policy(c):
   return checkpoint_managers.AnyPreservationPolicy(policies)
 
 
+def is_export(path: str) -> bool:
+  """Whether `path` is a `jaxmodels export` or `import-hf` directory (`params/` + `model.json`), not a run."""
+  p = storage.path(path)
+  return (p / "params").is_dir() and (p / "model.json").is_file()
+
+
+def restore_export(path: str, like, config_dict: dict):
+  """`like` (a TrainState of ShapeDtypeStructs with shardings) with its params and model_state read from the
+  export or Hugging Face import at `path`, straight into `like`'s shardings (scanned <-> unrolled layouts
+  convert); step and optimizer state stay as in `like`.
+
+  Raises UserError, reading no array, when the export's model.family is not `config_dict`'s or its parameter
+  shapes differ from those `like` holds (naming the paths and the model keys that differ).
+  """
+  p, key = storage.path(path), f"checkpoint.restore_from={path!r}"
+  saved = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+  family, saved_family = config_dict["model"]["family"], saved.get("model", {}).get("family")
+  if saved_family != family:
+    raise UserError(f"{key} holds a model.family={saved_family} model, but this run builds model.family={family}")
+  tree = {"params": like.params, "model_state": like.model_state}
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(p / "params").item_metadata
+    saved_shapes = _shapes(getattr(metadata, "tree", metadata))
+    target = _target(_abstract(tree), saved_shapes)
+    if target is None:
+      keys = "; ".join(config_differences(saved, config_dict, ("model.",), FREE_MODEL_KEYS)) or "none"
+      current = _shapes(tree)
+      other = jax.eval_shape(other_layer_layout, _abstract(tree))
+      if other is not None and set(_shapes(other)) == set(saved_shapes):  # compared in the saved layer layout
+        current = _shapes(other)
+      raise UserError(f"{key}: its parameters do not fit this config's model: "
+                      f"{'; '.join(_tree_differences(saved_shapes, current))}; model keys that differ: {keys}")
+    restored = ckptr.restore(p / "params", target[0])
+  if target[1]:  # saved in the other layer layout
+    restored = jax.device_put(other_layer_layout(restored), jax.tree.map(lambda x: x.sharding, _abstract(tree)))
+  return like.replace(**restored)
+
+
 def resolve_restore_from(path: str):
   """(checkpoints directory, step) for --config.checkpoint.restore_from: a workdir, its checkpoints/, or a step."""
   p = storage.path(path)

@@ -16,7 +16,7 @@ from ml_collections import config_dict
 
 from jaxmodels.errors import UserError
 
-FAMILIES = ("mlp", "cnn", "lstm", "transformer", "resnet", "vit")
+FAMILIES = ("mlp", "cnn", "lstm", "transformer", "resnet", "vit", "encdec")
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -29,6 +29,8 @@ def default_config() -> config_dict.ConfigDict:
   # `text`: a UTF-8 file for language modelling (data.path; empty = the embedded corpus).
   # `images`: uint8 images from class sub-directories (the ImageNet layout) or an .npz, decoded by grain workers.
   # `tokens`: token ids memory-mapped from a `jaxmodels prepare` directory or nanoGPT's train.bin/val.bin.
+  # `copy` / `reverse`: synthetic sequence-to-sequence tasks for model.family=encdec (jaxmodels/data/seq2seq.py):
+  # sources of seq_len // 2 .. data.seq_len random symbols, targets the same symbols (reversed), then EOS.
   c.data.source = "digits"
   c.data.path = ""  # the .npz or text file, or the tokens directory (local disk); unused for digits
   # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks.py). Empty: inferred from
@@ -40,7 +42,8 @@ def default_config() -> config_dict.ConfigDict:
   # Set it to 1 for (N, L, C) arrays, which are otherwise read as (N, H, W) images.
   c.data.spatial_dims = config_dict.placeholder(int)  # unset | 1 | 2
   # Text only.
-  c.data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts the next of each)
+  # Tokens per training window (the model sees seq_len, predicts the next of each); copy/reverse: longest source.
+  c.data.seq_len = 128
   c.data.val_fraction = 0.1  # the last fraction of the text validates
   c.data.tokenizer = "char"  # char (vocabulary from the training text) | byte (256 values)
   # Images only (data.path: a directory of class sub-directories, or an .npz of uint8 images).
@@ -50,14 +53,16 @@ def default_config() -> config_dict.ConfigDict:
   # Every source: training batches loaded and put on the devices this many steps ahead, on a loader thread
   # (batches stay a function of the step, so resume is exact); 0 = load each when the step needs it.
   c.data.prefetch = 2
-  # Tokens only. Model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
-  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded).
+  # Tokens: model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
+  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded). Copy/reverse: the symbols plus PAD,
+  # BOS and EOS (at least 5); 0 = 16.
   c.data.vocab_size = 0
   c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split
 
   c.model = config_dict.ConfigDict()
-  # mlp | cnn | lstm | transformer | resnet | vit. lstm and transformer are language models on
-  # data.source=text and sequence classifiers on arrays (axis 1 of x is time); resnet and vit read images.
+  # mlp | cnn | lstm | transformer | resnet | vit | encdec. lstm and transformer are language models on
+  # data.source=text and sequence classifiers on arrays (axis 1 of x is time); resnet and vit read images;
+  # encdec (a Transformer encoder-decoder, the transformer keys but pooling) maps copy/reverse sources to targets.
   # Each family takes the keys that are fields of its typed config (jaxmodels.models.FAMILIES); a key
   # of another family set to a value other than its default here is an error.
   c.model.family = "cnn"
@@ -81,7 +86,7 @@ def default_config() -> config_dict.ConfigDict:
   c.model.norm = "layer"  # CNN: batch | layer | none after each conv; transformer: layer | rms
   c.model.head_sizes = (128,)  # dense layers between the pooled features and the logits
   # Transformer
-  c.model.num_layers = 2  # also the LSTM/GRU layer count
+  c.model.num_layers = 2  # also the LSTM/GRU layer count, and encdec's encoder and decoder depth (each)
   c.model.num_heads = 4
   c.model.d_model = 128
   # Key/value heads (grouped-query attention), a divisor of num_heads; unset: num_heads (multi-head attention).
@@ -97,6 +102,7 @@ def default_config() -> config_dict.ConfigDict:
   c.model.scan_layers = True  # stack the blocks and run them with one lax.scan (compile time flat in depth)
   c.model.remat = "none"  # recompute activations in the backward pass: none | dots | full
   # auto (einsum; on GPUs jax.nn.dot_product_attention's choice) | einsum | xla | cudnn (jax.nn's implementations)
+  # | splash (TPUs only: JAX's Pallas splash-attention kernel, causal or full; with a mask, xla)
   c.model.attention_impl = "auto"
   c.model.pooling = "mean"  # classifiers: mean | cls (transformer, vit) | last (lstm)
   # LSTM / GRU
@@ -202,7 +208,8 @@ def default_config() -> config_dict.ConfigDict:
   # LMs: perplexity, bits_per_*.
   c.checkpoint.keep_best = ""
   c.checkpoint.best_mode = "min"  # min | max: which end of keep_best is best
-  # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>.
+  # Start a new run from another run's checkpoint: its workdir, checkpoints/ or checkpoints/<step>; or from the
+  # parameters of a `jaxmodels export` / `import-hf` directory (restore_mode=params; same family and shapes).
   c.checkpoint.restore_from = ""
   c.checkpoint.restore_mode = "params"  # params (fresh optimizer, step 0) | full (continue its state)
 
@@ -332,7 +339,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   # The modules that consume a key own its allowed values; imported here, not at the top, because they import
   # JAX, which the CLI must not load before it has re-executed itself (jaxmodels.host).
   # pylint: disable=import-outside-toplevel
-  from jaxmodels.data import LM_SOURCES, SOURCES
+  from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCES
   from jaxmodels.data.text import TOKENIZERS
   from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
   from jaxmodels import pruning
@@ -391,14 +398,16 @@ def validate(config: config_dict.ConfigDict) -> None:
   }
   _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
   expand_preset(config)
-  task = "lm" if d.source in LM_SOURCES else d.task if d.task in TASKS else "classify"
+  task = ("lm" if d.source in LM_SOURCES else "seq2seq" if d.source in SEQ2SEQ_SOURCES
+          else d.task if d.task in TASKS else "classify")
   unit = d.tokenizer if d.source == "text" else "token"
   by_task = {"lm": ("loss", "accuracy", "perplexity", f"bits_per_{unit}"),
              "classify": ("loss", "accuracy") + tuple(f"{s}_{a}" for s in ("precision", "recall", "f1")
                                                       for a in ("macro", "weighted")),
              "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
              "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
-             "regress": ("loss", "mse", "mae", "r2")}
+             "regress": ("loss", "mse", "mae", "r2"),
+             "seq2seq": ("loss", "accuracy", "exact_match", "perplexity", "bits_per_token")}
   # An npz file's task is inferred when the data loads: any array task's metric may be named until then.
   inferred = d.source == "npz" and not d.task
   metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
@@ -419,6 +428,11 @@ def validate(config: config_dict.ConfigDict) -> None:
                     f"pip install 'jaxmodels[wandb]', or leave train.wandb_project empty")
   if d.source == "text" and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
+  if d.source in SEQ2SEQ_SOURCES and d.task:
+    raise UserError(f"data.task={d.task!r} is set but data.source={d.source} is always seq2seq: leave it empty")
+  if (task == "seq2seq") != (m.family == "encdec"):
+    raise UserError(f"model.family={m.family} with data.source={d.source}: the encoder-decoder (encdec) takes "
+                    f"paired sequences (data.source=copy or reverse), and they take only it")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")

@@ -12,6 +12,8 @@ halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
 - Transformer: 6 x (parameters - embeddings) x tokens + 12 x L x T x d_model x tokens,
   plus the LM head (2 x d_model x V per token, x3) when the embedding is tied.
 - ViT: the Transformer classifier's count over its patches (+ class token).
+- Encoder-decoder: the encoder's parameters over the S source tokens, the decoder's over the T = S + 1
+  target tokens (6 x each), attention 12 x L x d_model x (S^2 + T^2 + T S), and the head as the LM's.
 
 `jaxmodels bench step` cross-checks these against XLA's own count.
 """
@@ -83,6 +85,13 @@ def model_flops_per_step(config, dataset, abstract_model) -> float:
   m, batch = config.model, config.train.batch_size
   params = nnx.state(abstract_model, nnx.Param)
   n_params = _count(params)
+  if dataset.task == "seq2seq":
+    s, t, d = dataset.input_shape[0], dataset.input_shape[0] + 1, m.d_model
+    encoder = _count(nnx.state(abstract_model.encoder, nnx.Param))
+    decoder = _count(nnx.state(abstract_model.decoder, nnx.Param))
+    head = 2 * d * dataset.num_outputs * 3
+    attention = 12 * m.num_layers * d * (s * s + t * t + t * s)
+    return batch * (6 * (encoder * s + decoder * t) + attention + head * t)
   if dataset.task == "lm":
     tokens = batch * config.data.seq_len
     if m.family == "transformer":

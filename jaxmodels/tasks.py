@@ -5,6 +5,7 @@
   binary      one sigmoid logit, binary cross-entropy; labels 0/1 (B,)
   multilabel  a sigmoid logit per label, binary cross-entropy; 0/1 targets (B, C)
   regress     `train.loss` (mse | mae | huber) on float targets of any trailing shape (B, ...)
+(The copy and reverse sources are "seq2seq": token cross-entropy like "lm", plus whole-sequence exact matches.)
 
 Every sum is over unmasked targets (an example for classify and binary, an
 element for multilabel and regress), so a loss is a mean per target. The eval
@@ -34,7 +35,7 @@ def loss_sums(task: str, logits, y, mask, loss: str = "mse") -> dict[str, jax.Ar
   logits (*labels.shape, C); the other tasks reshape the logits to `y`'s shape.
   """
   logits = logits.astype(jnp.float32)
-  if task in ("classify", "lm"):
+  if task in ("classify", "lm", "seq2seq"):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
   else:
@@ -59,7 +60,10 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> 
     logit histogram of each true class;
   multilabel: `label_counts` (3, C) int32, true positives, predicted and true positives per label;
   regress: per output (y.shape[1:]) float32 sums `target_count`, `y_sum`, `y_sq_sum`, `sq_error_sum`,
-    `abs_error_sum`.
+    `abs_error_sum`;
+  seq2seq: `exact` (rows whose every unmasked target is the argmax) and `sequences` (rows with a target), int32.
+    Teacher-forced, so `exact` also counts the rows greedy decoding gets right: where every step's argmax is
+    right, the decoder is fed exactly the target (tests/test_seq2seq.py checks it against `generate`).
   """
   sums = loss_sums(task, logits, y, mask, loss)
   logits, kept = logits.astype(jnp.float32), mask > 0
@@ -79,6 +83,10 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> 
     predicted, actual = (logits.reshape(y.shape) > 0) & kept, (y > 0.5) & kept
     sums["label_counts"] = jnp.stack([jnp.sum(predicted & actual, 0), jnp.sum(predicted, 0),
                                       jnp.sum(actual, 0)]).astype(jnp.int32)
+  elif task == "seq2seq":
+    wrong_BT = (jnp.argmax(logits, -1) != y) & kept
+    sums["exact"] = jnp.sum(~jnp.any(wrong_BT, axis=-1) & jnp.any(kept, axis=-1)).astype(jnp.int32)
+    sums["sequences"] = jnp.sum(jnp.any(kept, axis=-1)).astype(jnp.int32)
   elif task == "regress":
     outputs, y = logits.reshape(y.shape), y.astype(jnp.float32)
     sums.update(target_count=jnp.sum(mask, 0), y_sum=jnp.sum(y * mask, 0), y_sq_sum=jnp.sum(jnp.square(y) * mask, 0),

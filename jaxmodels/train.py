@@ -36,7 +36,7 @@ from jaxmodels import scores
 from jaxmodels import tasks
 from jaxmodels import storage
 from jaxmodels import config as config_lib
-from jaxmodels.data import check_batch_size, load_dataset, loader
+from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset, loader
 from jaxmodels.actions import Run, scalars, summarize
 from jaxmodels.errors import Preempted, UserError
 from jaxmodels.compilation import CompileTimer, RecompileAlarm
@@ -75,11 +75,19 @@ def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
-  task = "lm" if dataset.task == "lm" else "classify"
+  task = dataset.task if dataset.task in ("lm", "seq2seq") else "classify"
   model = build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=task, axis_name=axis_name)
   q = config.train.quantization  # quantization-aware training: the forward pass computes on int weights
   spec = dict(method="qat", bits=q.bits, activations=q.activations, exclude=q.exclude) if q.bits else None
   return quantization.apply(model, spec, dataset.input_shape, task)
+
+
+def forward(model, batch: dict, **kwargs):
+  """The model's logits for a batch: an encoder-decoder (seq2seq) reads the source and, teacher-forced, the
+  decoder input; every other model reads `x` alone. `kwargs`: train, rngs."""
+  if "decoder_input" in batch:
+    return model(batch["x"], batch["decoder_input"], source_mask_BS=batch["source_mask"], **kwargs)
+  return model(model_input(batch["x"]), **kwargs)
 
 
 @dataclasses.dataclass
@@ -160,7 +168,9 @@ class Experiment:
       metrics.update(scores.multilabel_scores(totals["label_counts"]))
     if "top_k_correct" in totals:
       metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
-    if self.dataset.task == "lm":
+    if task == "seq2seq":
+      metrics["exact_match"] = float(totals["exact"]) / float(totals["sequences"])
+    if task in ("lm", "seq2seq"):
       metrics["perplexity"] = math.exp(metrics["loss"])
       metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
     if task == "classify":
@@ -176,10 +186,18 @@ def build_experiment(config, devices=None) -> Experiment:
   for ahead-of-time compiles (`jaxmodels bench compile --topology`).
   """
   config_lib.validate(config)
+  platform = (devices or jax.devices())[0].platform
+  if config.model.get("attention_impl") == "splash" and platform != "tpu":
+    raise UserError(f"model.attention_impl=splash is JAX's Pallas TPU kernel, but the devices are {platform}: use "
+                    f"auto, einsum or xla here (or compile for a TPU: jaxmodels bench compile --topology v5e:2x2)")
   notices = config_lib.fit_to_steps(config)
+  splash = config.model.get("attention_impl") == "splash"
+  if splash and config.data.source in LM_SOURCES and config.data.seq_len % 128:
+    raise UserError(f"model.attention_impl=splash needs data.seq_len a multiple of 128 (the TPU's lanes), got "
+                    f"{config.data.seq_len}")
   dataset = load_dataset(config)
   t = config.train
-  if dataset.task != "lm":  # text batches are random windows, any number of them
+  if dataset.task not in ("lm", "seq2seq"):  # text windows and synthetic sequences: any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
   tx, schedule = make_optimizer(t)
 
@@ -273,7 +291,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
     x = model_input(batch["x"])
-    logits = model(x, train=True, rngs=nnx.Rngs(dropout=rng))
+    logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
     sums = tasks.loss_sums(task, logits, batch["y"], mask, loss)
     _, _, new_model_state = split_model(model)
@@ -344,7 +362,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   def eval_step(state: TrainState, batch):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
-    sums = tasks.eval_sums(task, model(model_input(batch["x"]), train=False), batch["y"], batch["mask"], eval_top_k, loss)
+    sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return train_step, eval_step
@@ -442,7 +460,8 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
 def _restore(exp: Experiment, ckpts, log):
   """(state, start step, the loop's saved state (Checkpoints.loop_state) or {}, saved config or None): the
   workdir's newest readable
-  checkpoint, else checkpoint.restore_from, else a fresh start.
+  checkpoint, else checkpoint.restore_from (a run, or the parameters of an export or `import-hf` directory),
+  else a fresh start.
 
   Arrays are read straight into `exp.checkpoint_state`'s shardings; a fresh
   state is built only when nothing is restored, so a resume never holds two.
@@ -455,12 +474,20 @@ def _restore(exp: Experiment, ckpts, log):
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
-    directory, step = checkpoint.resolve_restore_from(c.restore_from)
-    source = checkpoint.Checkpoints(directory)
-    try:
-      restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
-    finally:
-      source.close()
+    if checkpoint.is_export(c.restore_from):  # `jaxmodels export` or `import-hf`: parameters alone
+      if c.restore_mode != "params":
+        raise UserError(f"checkpoint.restore_from={c.restore_from!r} is an export (parameters only): "
+                        f"use checkpoint.restore_mode=params")
+      restored = checkpoint.restore_export(c.restore_from, exp.checkpoint_state, exp.config.to_dict())
+      where = c.restore_from
+    else:
+      directory, step = checkpoint.resolve_restore_from(c.restore_from)
+      source = checkpoint.Checkpoints(directory)
+      try:
+        restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
+      finally:
+        source.close()
+      where = f"{directory}/{step}"
     if c.restore_mode == "params":  # a new optimizer state (and step 0) for the restored parameters
       sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
       step0, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), exp.tx.init(p)),
@@ -469,7 +496,7 @@ def _restore(exp: Experiment, ckpts, log):
       restored = restored.replace(step=step0, opt_state=opt_state, ema_params=exp.checkpoint_state.ema_params,
                                   loss_scale=exp.checkpoint_state.loss_scale)
     restored = _complete(exp, restored, log if c.restore_mode == "full" else lambda _line: None)
-    log(f"started from {directory}/{step} ({c.restore_mode})")
+    log(f"started from {where} ({c.restore_mode})")
     return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
   return exp.init_state(), 0, {}, None
 

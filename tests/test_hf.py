@@ -93,3 +93,54 @@ def test_cli_import_hf_then_export_hf(tmp_path):
   assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "gpt2"
   r = run("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
   assert r.returncode == 2 and r.stderr.strip() == f"jaxmodels: error: --out {tmp_path / 'x'} already exists"
+
+
+def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_path):
+  """--config.checkpoint.restore_from=DIR of `import-hf` (or `export`): the run starts from its parameters."""
+  from jaxmodels.checkpoint import Checkpoints
+  from jaxmodels.config import default_config
+  from jaxmodels.data import load_dataset
+  from jaxmodels.train import _restore, build_experiment
+
+  c = default_config()
+  c.data.update(source="text", seq_len=16)
+  vocab = load_dataset(c).num_outputs  # the embedded corpus's characters: the model must have as many outputs
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "hf")
+  import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), scan_layers=False)  # restores into scanned
+  imported = json.loads((tmp_path / "imported" / "config.json").read_text())["model"]
+  c.model.update({k: tuple(v) if isinstance(v, list) else v for k, v in imported.items()}, scan_layers=True)
+  c.checkpoint.restore_from = str(tmp_path / "imported")
+  (tmp_path / "run").mkdir()
+
+  def restore(config):
+    reader = Checkpoints(str(tmp_path / "run"))
+    try:
+      return _restore(build_experiment(config), reader, log=lambda _line: None)
+    finally:
+      reader.close()
+
+  state, start, _, _ = restore(c)
+  assert start == 0
+  expected = jaxmodels.load_params(str(tmp_path / "imported"))  # unrolled, as imported
+  got = jaxmodels.models.transformer.scan_to_unrolled(state.params)
+  np.testing.assert_array_equal(got["stack"]["blocks"][1]["attn"]["query"]["kernel"],
+                                expected["stack"]["blocks"][1]["attn"]["query"]["kernel"])
+  np.testing.assert_array_equal(got["embed"]["embedding"], expected["embed"]["embedding"])
+
+  bad = c.copy_and_resolve_references()
+  bad.model.d_ff = 64
+  with pytest.raises(UserError, match=r"parameters do not fit .*shaped differently.*model keys that differ: "
+                                      r"model.d_ff \(saved 128, now 64\)"):
+    restore(bad)
+  bad = c.copy_and_resolve_references()
+  bad.model.update(family="lstm", scan_layers=True, num_layers=2)
+  for key in ("d_model", "num_heads", "d_ff", "max_len", "norm", "norm_eps", "mlp", "positions", "use_bias"):
+    bad.model[key] = default_config().model[key]
+  with pytest.raises(UserError, match="holds a model.family=transformer model, but this run builds model.fam"):
+    restore(bad)
+  bad = c.copy_and_resolve_references()
+  bad.checkpoint.restore_mode = "full"
+  with pytest.raises(UserError, match="is an export .parameters only.: use checkpoint.restore_mode=params"):
+    restore(bad)

@@ -217,6 +217,14 @@ def test_every_config_key_has_a_bad_value_case():
     (dict(train__pruning=dict(sparsity=0.5, start_step=10, end_step=5)),
      "train.pruning.end_step=5 is below train.pruning.start_step=10"),
     (dict(train__distill=dict(teacher="runs/t"), parallel__strategy="pmap"), "train.distill.teacher is set but"),
+    (dict(data__source="reverse"), "model.family=cnn with data.source=reverse: the encoder-decoder (encdec) takes"),
+    (dict(data__source="text", model__family="encdec"), "model.family=encdec with data.source=text"),
+    (dict(data__source="copy", model__family="encdec", model__pooling="cls"),
+     "model.pooling='cls' does not apply to model.family=encdec"),
+    (dict(data__source="copy", model__family="encdec", data__task="classify"),
+     "data.task='classify' is set but data.source=copy is always seq2seq"),
+    (dict(data__source="copy", model__family="encdec", checkpoint__keep_best="f1_macro"),
+     "checkpoint.keep_best='f1_macro': expected one of , loss, accuracy, exact_match, perplexity"),
 ])
 def test_keys_that_depend_on_each_other(overrides, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,6 +1,6 @@
 """Datasets: `load_dataset(config)` picks the source named by `data.source`.
 
-A dataset has `task` ("classify" or "lm"), `input_shape`, `num_outputs`,
+A dataset has `task` ("classify", "lm" or "seq2seq"), `input_shape`, `num_outputs`,
 `describe()`, `files()` (name -> text to keep in the workdir), language models a `unit` (bits_per_<unit>),
 `train_batch(step, batch_size, rows)` (a pure function of the step, so order is
 deterministic and resume is exact) and `eval_batches(batch_size, rows)`
@@ -13,7 +13,8 @@ from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_da
 from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
 from jaxmodels.errors import UserError
 
-SOURCES = ("digits", "npz", "text", "tokens", "images")
+SOURCES = ("digits", "npz", "text", "tokens", "images", "copy", "reverse")
+SEQ2SEQ_SOURCES = ("copy", "reverse")  # jaxmodels.data.seq2seq: paired sequences for the encoder-decoder
 LM_SOURCES = ("text", "tokens")
 
 
@@ -33,8 +34,12 @@ def load_dataset(config):
   if source == "images":
     from jaxmodels.data.images import load_image_dataset  # pylint: disable=import-outside-toplevel
     return load_image_dataset(config.data, config.train.seed)
+  if source in SEQ2SEQ_SOURCES:
+    from jaxmodels.data.seq2seq import load_seq2seq_dataset  # pylint: disable=import-outside-toplevel
+    return load_seq2seq_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 
 
-__all__ = ["ArrayDataset", "LM_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab", "load_dataset",
+__all__ = ["ArrayDataset", "LM_SOURCES", "SEQ2SEQ_SOURCES", "SOURCES", "check_batch_size", "TextDataset", "Vocab",
+           "load_dataset",
            "padded_batches", "validate_arrays"]

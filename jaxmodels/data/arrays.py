@@ -80,16 +80,16 @@ class ArrayDataset:
       yield {k: v[rows] for k, v in batch.items()}
 
 
-def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
-                   mask: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, mask: np.ndarray | None = None,
+                   **more: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
   """Batches of `batch_size` in order, the last padded with zeros; `mask` is 0 on padding.
 
-  `mask` (shaped like `y`) can also zero real positions, e.g. past the end of a text.
+  `mask` (shaped like `y`) can also zero real positions, e.g. past the end of a text. `more` are further
+  arrays of the batch, with x's rows (seq2seq: 'source_mask', 'decoder_input').
   """
   mask = np.ones(y.shape, np.float32) if mask is None else mask
   for start in range(0, len(x), batch_size):
-    batch = {"x": x[start:start + batch_size], "y": y[start:start + batch_size],
-             "mask": mask[start:start + batch_size]}
+    batch = {k: v[start:start + batch_size] for k, v in dict(x=x, y=y, mask=mask, **more).items()}
     pad = batch_size - len(batch["x"])
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}

@@ -5,14 +5,15 @@
     gpt2 = TransformerLM(50257, presets.config("gpt2"), rngs=nnx.Rngs(0))
 
 Each family has a frozen dataclass config (`MLPConfig`, `CNNConfig`, `LSTMConfig`,
-`TransformerConfig`, `ResNetConfig`, `ViTConfig`) that validates its fields
+`TransformerConfig`, `ResNetConfig`, `ViTConfig`, `EncoderDecoderConfig`) that validates its fields
 (ValueError naming the field); modules take it, or its fields as keyword
 arguments, plus a compute `dtype` and a `param_dtype`, and are called as
 `model(x, train=..., rngs=...)`, where `rngs` (an `nnx.Rngs` with a `dropout`
 stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
-sampling. `build_model` is the command line's bridge: it maps the flat
-`model.*` config group onto the family's dataclass (`family_config`).
+sampling; the encoder-decoder (`EncoderDecoder`, called as `model(source, decoder_input, ...)`) has
+`init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it
+maps the flat `model.*` config group onto the family's dataclass (`family_config`).
 """
 
 import dataclasses
@@ -25,19 +26,21 @@ from flax import nnx
 from jaxmodels.errors import UserError
 from jaxmodels.models import presets
 from jaxmodels.models.cnn import CNN, CNNConfig
+from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
 from jaxmodels.models.mlp import MLP, MLPConfig
 from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
 from jaxmodels.models.resnet import ResNet, ResNetConfig
 from jaxmodels.models.transformer import TransformerClassifier, TransformerConfig, TransformerLM
 from jaxmodels.models.vit import ViT, ViTConfig
 
-TASKS = ("classify", "lm")
+TASKS = ("classify", "lm", "seq2seq")
 
 
 class Family(NamedTuple):
   config: type  # the typed config
-  classifier: type  # module for task "classify": (input_shape, num_classes, config, ...)
+  classifier: type | None  # module for task "classify": (input_shape, num_classes, config, ...)
   lm: type | None  # module for task "lm": (vocab_size, config, ...), if the family models text
+  seq2seq: type | None = None  # module for task "seq2seq": (vocab_size, config, ...), for paired sequences
 
 
 FAMILIES = {
@@ -47,6 +50,7 @@ FAMILIES = {
     "transformer": Family(TransformerConfig, TransformerClassifier, TransformerLM),
     "resnet": Family(ResNetConfig, ResNet, None),
     "vit": Family(ViTConfig, ViT, None),
+    "encdec": Family(EncoderDecoderConfig, None, None, EncoderDecoder),
 }
 # model.* keys of every family (the rest are fields of one or more families' configs).
 COMMON_KEYS = ("family", "preset", "dtype", "param_dtype")
@@ -101,6 +105,11 @@ def build_family(family: str, config, input_shape, num_outputs: int, *, task: st
     if f.lm is None:
       raise ValueError(f"family={family!r} is not a language model: use transformer or lstm for text")
     return f.lm(num_outputs, config, **kw)
+  if (task == "seq2seq") != (f.seq2seq is not None):
+    raise ValueError(f"family={family!r} does not fit {task} data: paired sequences (data.source=copy, reverse) "
+                     f"take family=encdec, and it takes only them")
+  if task == "seq2seq":
+    return f.seq2seq(num_outputs, config, **kw)
   return f.classifier(tuple(input_shape), num_outputs, config, **kw)
 
 
@@ -108,13 +117,16 @@ def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, tas
                 axis_name: str | None = None):
   """The module named by `model.family` for `task`, sized for `input_shape` and `num_outputs`.
 
-  For "lm", `input_shape` is (seq_len,) and `num_outputs` the vocabulary size.
+  For "lm" and "seq2seq", `input_shape` is (seq_len,) and `num_outputs` the vocabulary size.
   `axis_name` (the pmap strategy) makes BatchNorm average its statistics over that axis.
   Raises UserError naming the `model.*` key at fault.
   """
   family, config = family_config(model_config)
-  if task == "lm" and family == "transformer" and input_shape[0] > config.max_len:
-    raise UserError(f"data.seq_len={input_shape[0]} exceeds model.max_len={config.max_len}")
+  if family in ("transformer", "encdec") and task in ("lm", "seq2seq"):
+    longest = input_shape[0] + (task == "seq2seq")  # a seq2seq target is the longest source plus EOS
+    if longest > config.max_len:
+      raise UserError(f"data.seq_len={input_shape[0]} exceeds model.max_len={config.max_len}"
+                      + (" - 1 (targets end with EOS)" if task == "seq2seq" else ""))
   try:
     return build_family(family, config, input_shape, num_outputs, task=task, rngs=rngs,
                         dtype=jnp.dtype(model_config["dtype"]), param_dtype=jnp.dtype(model_config["param_dtype"]),
@@ -124,6 +136,7 @@ def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, tas
     raise UserError(_cli_message(str(e), fields)) from None
 
 
-__all__ = ["CNN", "CNNConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig", "RecurrentClassifier", "RecurrentLM",
+__all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
+           "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
            "build_family", "build_model", "family_config", "presets"]

@@ -1,6 +1,7 @@
-"""Transformers: a decoder-only language model and an encoder classifier.
+"""Transformers: a decoder-only language model and an encoder classifier (and the blocks of the
+encoder-decoder in `jaxmodels.models.encdec`, whose decoder blocks add cross-attention).
 
-Both are pre-norm stacks of attention + MLP blocks. Attention (`attention`)
+All are pre-norm stacks of attention + MLP blocks. Attention (`attention`)
 computes its softmax in float32, by two einsums or through
 `jax.nn.dot_product_attention` (`model.attention_impl`; `cudnn` gives flash
 attention on NVIDIA GPUs). With `scan_layers` (the default) the blocks'
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.layers import POSITIVE, POSITIVE_REAL, RATE, axes, choice, require, resolve
-from jaxmodels.parallel.sharding import constrain
+from jaxmodels.parallel.sharding import constrain, per_shard
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
@@ -55,7 +56,8 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
+SPLASH_BLOCKS = (512, 256, 128)  # splash attention's query / key blocks, largest first (TPU lanes: 128)
 BOOL = (lambda v: isinstance(v, bool), "True or False")
 
 
@@ -85,28 +87,34 @@ class TransformerConfig:
   dropout: float = 0.0  # on the embeddings and each residual branch, in training only
   scan_layers: bool = True  # stack the blocks and run one lax.scan (compile time flat in depth)
   remat: str = "none"  # recompute in the backward pass: none | dots | full
-  attention_impl: str = "auto"  # auto | einsum | xla | cudnn (see `attention`)
+  attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
 
   def __post_init__(self):
-    for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
-      require(self, name, POSITIVE)
-    for name in ("use_bias", "tie_embeddings", "scan_layers"):
-      require(self, name, BOOL)
-    require(self, "norm_eps", POSITIVE_REAL)
-    require(self, "rope_theta", POSITIVE_REAL)
-    require(self, "dropout", RATE)
-    choice(self, "norm", NORMS)
-    choice(self, "mlp", MLPS)
-    choice(self, "positions", POSITIONS)
-    choice(self, "remat", REMAT_POLICIES)
-    choice(self, "attention_impl", ATTENTION_IMPLS)
+    check_stack_fields(self)
     choice(self, "pooling", POOLINGS)
-    check_heads(self.d_model, self.num_heads, self.num_kv_heads, self.positions == "rotary")
 
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+
+def check_stack_fields(config):
+  """ValueError naming the first bad field among TransformerConfig's stack fields (shared with
+  `EncoderDecoderConfig`)."""
+  for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+    require(config, name, POSITIVE)
+  for name in ("use_bias", "tie_embeddings", "scan_layers"):
+    require(config, name, BOOL)
+  require(config, "norm_eps", POSITIVE_REAL)
+  require(config, "rope_theta", POSITIVE_REAL)
+  require(config, "dropout", RATE)
+  choice(config, "norm", NORMS)
+  choice(config, "mlp", MLPS)
+  choice(config, "positions", POSITIONS)
+  choice(config, "remat", REMAT_POLICIES)
+  choice(config, "attention_impl", ATTENTION_IMPLS)
+  check_heads(config.d_model, config.num_heads, config.num_kv_heads, config.positions == "rotary")
 
 
 def check_heads(d_model, num_heads, num_kv_heads, rotary_positions):
@@ -140,6 +148,34 @@ def rotary(x_BTNH, positions_BT, theta: float = 10000.0):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
 
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, is_causal=False, interpret=False):
+  """JAX's Pallas TPU splash-attention kernel (causal or full), forward and backward; (B, T, N, H) out.
+
+  Per example and key/value head, the kernel's multi-query form serves that head's G = N / K query heads
+  (grouped-query attention). Queries are scaled by H^-1/2 here (the kernel does not scale); the kernel's
+  softmax accumulates in float32. Its blocks are the largest of SPLASH_BLOCKS dividing T and S: ValueError
+  unless both are multiples of 128. The kernel lowers for TPUs only (a Mosaic custom call); `interpret` runs
+  it in Pallas's interpreter on any backend (tests).
+  """
+  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  if T % SPLASH_BLOCKS[-1] or S % SPLASH_BLOCKS[-1]:
+    raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCKS[-1]}, got "
+                     f"{T} queries and {S} keys: use attention_impl=xla (or einsum) for them")
+  bq, bkv = (next(b for b in SPLASH_BLOCKS if n % b == 0) for n in (T, S))
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  head_mask = splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
+  kernel = splash.make_splash_mqa_single_device(splash.MultiHeadMask([head_mask] * (N // K)), block_sizes=blocks,
+                                                interpret=interpret)
+  q_BKGTH = (q_BTNH * H ** -0.5).astype(q_BTNH.dtype).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKSH, v_BKSH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
   """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
 
@@ -152,9 +188,16 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   - `xla` / `cudnn`: jax.nn.dot_product_attention with that implementation.
   - `auto`: `einsum`, except on GPUs, where jax.nn.dot_product_attention picks
     (cuDNN flash attention where it supports the shapes and dtype).
+  - `splash`: `splash_attention`, the Pallas TPU kernel (TPUs only; causal or full attention).
 
-  cuDNN's kernels take no arbitrary mask: with a mask, `cudnn` runs jax.nn's choice instead.
+  cuDNN's and splash's kernels take no arbitrary mask here: with a mask (segments, padding, a KV cache),
+  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead.
   """
+  if implementation == "splash":
+    if mask_BNTS is None:  # each device runs the kernel on its examples and heads (never a split sequence)
+      kernel = lambda q, k, v: splash_attention(q, k, v, is_causal=is_causal)
+      return per_shard(kernel, [(BATCH, None, HEADS)] * 3)(q_BTNH, k_BSKH, v_BSKH)
+    implementation = "xla"
   if implementation == "cudnn" and mask_BNTS is not None:
     implementation = "auto"
   if implementation == "auto" and jax.default_backend() == "gpu":
@@ -224,6 +267,23 @@ class Attention(nnx.Module):
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.implementation = implementation
 
+  def _split(self, y_MD, B, T, n):
+    return constrain(y_MD.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
+
+  def _project_out(self, out_BTNH):
+    B, T = out_BTNH.shape[:2]
+    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
+    return constrain(out_MD, (ROWS, EMBED))  # sequence parallelism: a reduce-scatter
+
+  def keys_values(self, x_MD, positions_BS):
+    """(k_BSKH, v_BSKH) of the B x S token rows x_MD, rotary on the keys if this module uses it."""
+    B, S = positions_BS.shape
+    k_BSKH = self._split(self.key(x_MD), B, S, self.num_kv_heads)
+    v_BSKH = self._split(self.value(x_MD), B, S, self.num_kv_heads)
+    if self.rotary_positions:
+      k_BSKH = rotary(k_BSKH, positions_BS, self.rope_theta)
+    return k_BSKH, v_BSKH
+
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
     """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
 
@@ -233,12 +293,10 @@ class Attention(nnx.Module):
     """
     B, T = positions_BT.shape
     x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
-    split = lambda y, n: constrain(y.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
-    q_BTNH = split(self.query(x_MD), self.num_heads)
-    k_BTKH, v_BTKH = split(self.key(x_MD), self.num_kv_heads), split(self.value(x_MD), self.num_kv_heads)
+    q_BTNH = self._split(self.query(x_MD), B, T, self.num_heads)
     if self.rotary_positions:
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
-      k_BTKH = rotary(k_BTKH, positions_BT, self.rope_theta)
+    k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
       out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
                                      mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
@@ -248,8 +306,17 @@ class Attention(nnx.Module):
       new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
       out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
                            mask_BNTS=mask_B1TS)
-    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
-    return constrain(out_MD, (ROWS, EMBED)), new_cache  # sequence parallelism: a reduce-scatter
+    return self._project_out(out_BTNH), new_cache
+
+  def cross(self, x_MD, k_BSKH, v_BSKH, mask_B1TS=None):
+    """Cross-attention: the B x T token rows x_MD query given keys and values (`keys_values` of another
+    sequence, e.g. an encoder's output, computed once per sequence when decoding); returns out_MD."""
+    B = k_BSKH.shape[0]
+    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
+    q_BTNH = self._split(self.query(x_MD), B, x_MD.shape[0] // B, self.num_heads)
+    out_BTNH = constrain(attention(q_BTNH, k_BSKH, v_BSKH, self.implementation, mask_BNTS=mask_B1TS),
+                         (BATCH, LENGTH, HEADS))
+    return self._project_out(out_BTNH)
 
 
 class FeedForward(nnx.Module):
@@ -268,25 +335,44 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), with dropout on each branch.
+
+  With `cross_attention` (an encoder-decoder's decoder block) a cross-attention branch,
+  x + cross_attn(norm(x), memory), sits between the two: the same `Attention` module, unmasked by causality
+  and without rotary positions (queries and keys come from different sequences).
+  """
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
-               rope_theta=10000.0):
+               rope_theta=10000.0, cross_attention=False):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
-    self.attn = Attention(d_model, num_heads, causal=causal, rotary_positions=rotary_positions,
-                          implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          num_kv_heads=num_kv_heads, use_bias=use_bias, rope_theta=rope_theta)
+    attn = lambda causal, rotary_positions: Attention(
+        d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, num_kv_heads=num_kv_heads, use_bias=use_bias,
+        rope_theta=rope_theta)
+    self.attn = attn(causal, rotary_positions)
+    self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
+    self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
-  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0):
+  def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0,
+               cross=None):
+    """(x_MD, cache); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
+    with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
+    if self.cross_attn is not None:
+      if "k" in cross:
+        k_BSKH, v_BSKH = cross["k"], cross["v"]
+      else:
+        k_BSKH, v_BSKH = self.cross_attn.keys_values(cross["memory_MD"], cross["positions_BS"])
+      h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
+      x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
 
@@ -297,13 +383,13 @@ class Stack(nnx.Module):
   `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
   """
 
-  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs):
+  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False):
     c = config
     block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, d_ff=c.d_ff, causal=causal, norm=c.norm,
                         mlp=c.mlp, rotary_positions=rotary_positions, implementation=c.attention_impl,
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
                         num_kv_heads=getattr(c, "num_kv_heads", None), use_bias=c.use_bias, norm_eps=c.norm_eps,
-                        rope_theta=getattr(c, "rope_theta", 10000.0))
+                        rope_theta=getattr(c, "rope_theta", 10000.0), cross_attention=cross_attention)
     make = lambda r: Block(rngs=r, **block_kwargs)
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -315,8 +401,11 @@ class Stack(nnx.Module):
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
     self.head_dim = c.d_model // c.num_heads
 
-  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None):
+  def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, cross=None):
     """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis.
+
+    `cross` (a stack built with `cross_attention`): {'mask_B1TS'} and either 'memory_BSD' (the encoder's output,
+    every layer projecting its own keys and values) or 'k', 'v' (L, B, S, K, H) from `cross_keys_values`.
 
     The cache is carried through the layers and each layer writes only its new (B, T, K, H) chunk, in place
     (`dynamic_update_slice` on the carried buffer): a decoding step never copies the whole cache (with the
@@ -327,10 +416,20 @@ class Stack(nnx.Module):
     use_dropout = rngs is not None and self.dropout_rate > 0
     keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
 
-    def apply(graphdef, state, x, cache, key, i):
+    layer_kv, shared = None, None  # cross-attention inputs: per layer (scanned with the blocks) and common
+    if cross is not None:
+      shared = {"mask_B1TS": cross["mask_B1TS"]}
+      if "k" in cross:
+        layer_kv = {"k": cross["k"], "v": cross["v"]}
+      else:
+        memory_BSD = cross["memory_BSD"]
+        shared["memory_MD"] = constrain(memory_BSD.reshape(-1, D), (BATCH, EMBED))
+        shared["positions_BS"] = jnp.broadcast_to(jnp.arange(memory_BSD.shape[1]), memory_BSD.shape[:2])
+
+    def apply(graphdef, state, x, cache, key, i, kv):
       block = nnx.merge(graphdef, state)
       return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
-                   layer=i)
+                   layer=i, cross=None if shared is None else {**shared, **(kv or {})})
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
@@ -338,16 +437,33 @@ class Stack(nnx.Module):
       graphdef, state = nnx.split(self.blocks)
 
       def body(carry, xs):
-        state_l, key_l, i = xs
-        return apply(graphdef, state_l, *carry, key_l, i), None
+        state_l, key_l, i, kv_l = xs
+        return apply(graphdef, state_l, *carry, key_l, i, kv_l), None
 
-      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache), (state, keys_L, jnp.arange(self.num_layers)))
+      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache),
+                                          (state, keys_L, jnp.arange(self.num_layers), layer_kv))
     else:
       new_cache = cache
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i)
+        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i,
+                                None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
+
+
+  def cross_keys_values(self, memory_BSD) -> dict:
+    """Every layer's cross-attention keys and values of `memory_BSD`: {'k', 'v'} (L, B, S, K, H), computed once
+    per sequence for decoding (`__call__`'s `cross`)."""
+    B, S, D = memory_BSD.shape
+    memory_MD = constrain(memory_BSD.reshape(B * S, D), (BATCH, EMBED))
+    positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+    project = lambda block: block.cross_attn.keys_values(memory_MD, positions_BS)
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      _, (k, v) = jax.lax.scan(lambda _, state_l: (None, project(nnx.merge(graphdef, state_l))), None, state)
+    else:
+      k, v = (jnp.stack(a) for a in zip(*(project(block) for block in self.blocks)))
+    return {"k": k, "v": v}
 
 
 class TransformerLM(nnx.Module):

@@ -253,6 +253,29 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh, rules)))
 
 
+def per_shard(fn, names):
+  """`fn(*arrays)`, run on each device's shard (jax.shard_map) under `activation_sharding`; `fn` itself outside.
+
+  For kernels XLA cannot partition (Pallas's Mosaic custom calls). `names` gives each argument's logical
+  axes, as `constrain` takes them; the output is laid out as the first argument. A dimension split for one
+  argument but not alike for another (heads that K key/value heads cannot share) is left whole for all.
+  """
+  active = _ACTIVATIONS.get()
+  if active is None:
+    return fn
+  mesh, rules = active
+
+  def sharded(*arrays):
+    specs = [(*activation_spec(a.shape, n, mesh, rules), *(None,) * a.ndim)[:a.ndim] for a, n in zip(arrays, names)]
+    for d in range(min(len(s) for s in specs)):
+      if len({s[d] for s in specs}) > 1:
+        specs = [s[:d] + (None,) + s[d + 1:] for s in specs]
+    specs = [P(*s) for s in specs]
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*arrays)
+
+  return sharded
+
+
 def fetch(tree):
   """Host copies of replicated (or pmap-replicated) arrays: the first local copy of each, explicitly."""
   return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
