@@ -507,3 +507,20 @@ def fit_to_steps(config: config_dict.ConfigDict) -> list[str]:
 
 def to_json(config: config_dict.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_saved(saved: dict) -> config_dict.ConfigDict:
+  """A run's saved config (its config.json as a dict) over today's defaults.
+
+  Keys added to jaxmodels after the run was saved take their defaults (every new
+  feature is off by default), so older runs still evaluate, export, compress and
+  teach; every saved value wins, including keys jaxmodels no longer has.
+  """
+  def merge(defaults: dict, values: dict) -> dict:
+    out = dict(defaults)
+    for key, value in values.items():
+      both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+      out[key] = merge(defaults[key], value) if both else value
+    return out
+
+  return config_dict.ConfigDict(merge(default_config().to_dict(), saved))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import config as config_lib
 from jaxmodels import export
 from jaxmodels import storage
 from jaxmodels.errors import UserError
@@ -30,7 +31,7 @@ def saved_config(workdir, overrides: list[str]) -> config_dict.ConfigDict:
   path = storage.path(workdir) / "config.json"
   if not path.is_file():
     raise UserError(f"{path} not found: is {workdir} a jaxmodels workdir?")
-  config = config_dict.ConfigDict(json.loads(path.read_text()))
+  config = config_lib.from_saved(json.loads(path.read_text()))
   for override in overrides:
     key, _, text = override.removeprefix("--config.").partition("=")
     group, _, name = key.partition(".")

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from ml_collections import config_dict
 
 from jaxmodels import checkpoint
+from jaxmodels import config as config_lib
 from jaxmodels import precision
 from jaxmodels import quantization
 from jaxmodels import storage
@@ -43,7 +43,7 @@ def _read_json(directory, name: str) -> dict:
 def build_saved_model(directory) -> nnx.Module:
   """The (randomly initialised) model a workdir or export was trained with, quantized as it was (QAT run,
   `jaxmodels compress` export; jaxmodels.quantization)."""
-  config = config_dict.ConfigDict(_read_json(directory, "config.json"))
+  config = config_lib.from_saved(_read_json(directory, "config.json"))
   spec = _read_json(directory, "model.json")
   model = build_model(config.model, tuple(spec["input_shape"]), spec["num_outputs"], nnx.Rngs(0),
                       task=spec["task"])

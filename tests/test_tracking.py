@@ -1,7 +1,9 @@
 """Tracking: TensorBoard scalars hold the values of metrics.jsonl; `jaxmodels plot` draws runs' curves;
 `jaxmodels eval` reproduces a run's final evaluation."""
 
+import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -66,6 +68,20 @@ def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tm
     evaluate_run(workdir, None, ("--config.train.steps=3",))
   with pytest.raises(UserError, match="has no checkpoint 7 .saved steps: 20"):
     evaluate_run(workdir, 7)
+
+
+def test_a_run_saved_before_newer_config_keys_still_evaluates(mlp_run, tmp_path):
+  """Keys added after a run was saved take their defaults (e.g. runs of an older jaxmodels)."""
+  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  workdir, final, _ = mlp_run
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  saved = json.loads((old / "config.json").read_text())
+  for key in ("ema_decay", "loss_scale_period", "quantization", "pruning", "distill"):
+    del saved["train"][key]
+  (old / "config.json").write_text(json.dumps(saved))
+  _, metrics = evaluate_run(str(old))
+  assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
 
 def test_plot_command_writes_a_png_of_curves_and_confusion(mlp_run, tmp_path):
