@@ -27,7 +27,9 @@ ROWS = ("baseline", "ptq8", "qat8", "prune50", "prune90", "prune2:4", "distill")
 # Half the widths of each experiment: the distilled student.
 HALF = {"digits_cnn": ["--config.model.features=(16,32)", "--config.model.head_sizes=(64,)"],
         "text_transformer": ["--config.model.d_model=64", "--config.model.d_ff=256"]}
-PRUNING = {"prune50": ("0.5", "unstructured"), "prune90": ("0.9", "unstructured"), "prune2:4": ("0.5", "2:4")}
+# (sparsity, pattern, scope): unstructured ranks all kernels together; N:M prunes within each group of M.
+PRUNING = {"prune50": ("0.5", "unstructured", "global"), "prune90": ("0.9", "unstructured", "global"),
+           "prune2:4": ("0.5", "2:4", "layer")}
 
 
 def jaxmodels(*args) -> None:
@@ -54,11 +56,11 @@ def make_row(row: str, name: str, work: str, steps: int, finetune: int) -> str:
     train(run, f"--config.train.steps={steps}", "--config.train.quantization.bits=8")
     jaxmodels("compress", "--workdir", run, "--method", "ptq", "--bits", "8", "--out", out)
   elif row in PRUNING:
-    sparsity, pattern = PRUNING[row]
+    sparsity, pattern, scope = PRUNING[row]
     run = os.path.join(work, row.replace(":", "_"))
     train(run, f"--config.train.steps={finetune}", f"--config.checkpoint.restore_from={base}",
           f"--config.train.pruning.sparsity={sparsity}", f"--config.train.pruning.pattern={pattern}",
-          "--config.train.pruning.scope=global", "--config.train.pruning.start_step=0",
+          f"--config.train.pruning.scope={scope}", "--config.train.pruning.start_step=0",
           "--config.train.pruning.end_step=0")
     jaxmodels("export", "--workdir", run, "--out", out)
   elif row == "distill":
