@@ -10,12 +10,16 @@ is saved, so a save holds the step's eval metrics and happens before a stop.
 `Run` is what the actions share: the train state, the step count, the metric
 rows not yet logged, the last evaluation, and why the run stops (if it does).
 Nothing here syncs the host per step: metrics are fetched only by the actions
-that log or save, at their intervals, under the loop's transfer guard.
+that log or save, at their intervals, under the loop's transfer guard. A log
+interval's metrics are copied to the host asynchronously and its record is
+written one interval later (or at the next save, evaluation or the end), so the
+device queue does not drain at a log step.
 """
 
 import dataclasses
 import json
 import os
+import statistics
 import time
 from typing import Any
 
@@ -69,26 +73,42 @@ class Run:
   stop: str = ""  # why the run stops after this step: "" (it does not), a signal, or early stopping
   preempted: bool = False  # the stop is a signal's or a preemption notice's: the process exits to be rerun
   early_stopping: dict | None = None  # EarlyStop's record, saved in each checkpoint
+  deferred: tuple | None = None  # (log record, host rows, device metric vectors being copied) of LogTrain
+
+  def write_deferred(self) -> None:
+    """Writes the log record whose metrics LogTrain left copying to the host (the copies are done by now)."""
+    if self.deferred is None:
+      return
+    record, rows, copies = self.deferred
+    self.deferred = None
+    rows = rows + self._checked(np.asarray(jax.device_get(copies)), record["step"]).tolist() if copies else rows
+    record.update(summarize(np.asarray(rows), train_metric_names(self.exp.dataset.task)))
+    self.logger.write(record)
 
   @property
   def last(self) -> int:
     return self.exp.config.train.steps
 
   def fetch(self) -> None:
-    """Fetches pending metrics (one host sync) and raises NonFiniteLoss on a non-finite loss unless skipping."""
+    """Writes a deferred log record, then fetches pending metrics (one host sync); raises NonFiniteLoss on a
+    non-finite loss unless skipping."""
+    self.write_deferred()
     if not self.pending:
       return
-    rows = np.stack(parallel.fetch(self.pending))
+    self.rows.extend(self._checked(np.stack(parallel.fetch(self.pending)), self.done).tolist())
+    self.pending.clear()
+
+  def _checked(self, rows: np.ndarray, last_step: int) -> np.ndarray:
+    """`rows` (of steps ..last_step), or NonFiniteLoss naming the first step whose loss is not finite."""
     losses = rows[:, 0]
     if not self.exp.config.train.skip_nonfinite and not np.all(np.isfinite(losses)):
-      bad = self.done - len(self.pending) + 1 + int(np.argmax(~np.isfinite(losses)))
+      bad = last_step - len(rows) + 1 + int(np.argmax(~np.isfinite(losses)))
       newest = self.ckpts.latest_step()
       kept = "no checkpoint was saved yet" if newest is None else f"the newest checkpoint is step {newest}"
       raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
                           f"that state ({kept}). Lower "
                           f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
-    self.rows.extend(rows.tolist())
-    self.pending.clear()
+    return rows
 
 
 class Action:
@@ -110,17 +130,31 @@ class Action:
 
 
 class LogTrain(Action):
-  """Fetches and averages the train metrics of the interval and writes them with throughput and MFU.
+  """Averages the train metrics of each interval and writes them with throughput and MFU.
 
   The first step of a process includes compilation: it is logged on its own with
   its compile times (a fresh run) or printed (a resumed run, which logs on the
   uninterrupted run's schedule instead), and throughput is timed from its end.
+  Later intervals start their metrics' copies to the host and leave the record
+  to `Run.write_deferred`, called at the next log step (when those copies are
+  long done), save, evaluation or the end: the host never waits for the device
+  at a log step, and stays at most about two intervals ahead of it.
+
+  MFU divides by `peak_flops`, or on a device without a listed peak (a CPU) by
+  the median of matmul peaks measured during the run as `bench step` does
+  (`flops.matmul_flops`): at the first step and after every `PEAK_EVERY`-th
+  interval, with the device idle and outside the timed intervals. One peak
+  measured once at the start made a digits LSTM run log MFU above 1 when the
+  machine's speed changed.
   """
 
-  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float):
+  PEAK_EVERY = 5  # log intervals between peak samples (each a drained queue and a ~0.1 s matmul)
+
+  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float | None):
     self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
     self.t0 = self.interval_start = None
     self.interval_step = start  # the step the timed interval starts after
+    self.intervals, self.peaks = 0, []
 
   def begin(self, run: Run) -> None:
     self.t0 = time.perf_counter()
@@ -129,28 +163,46 @@ class LogTrain(Action):
     return self.interval_start is None or super().due(run)
 
   def __call__(self, run: Run) -> None:
-    run.fetch()
-    record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
-    record["learning_rate"] = float(self.learning_rates[run.done - 1])
+    record = {"step": run.done, "split": "train", "learning_rate": float(self.learning_rates[run.done - 1])}
     if self.interval_start is None:
+      run.fetch()
       first_step_s = time.perf_counter() - self.t0
+      record.update(summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task)))
       compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}
       if self.start == 0:
-        run.logger.write({"step": run.done, "split": "train", **record, "first_step_s": first_step_s,
-                          **compile_record})
+        run.logger.write({**record, "first_step_s": first_step_s, **compile_record})
         run.rows.clear()
       else:
         run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
+      self._sample_peak()
     else:
+      self.intervals += 1
+      sample = self.peak_flops is None and self.intervals % self.PEAK_EVERY == 0
+      if sample:  # the interval ends when its steps are done, before the matmul
+        jax.block_until_ready(run.state)
       exp, elapsed, timed = run.exp, time.perf_counter() - self.interval_start, run.done - self.interval_step
       record.update(step_time_ms=1000 * elapsed / timed,
                     examples_per_sec=timed * exp.config.train.batch_size / elapsed,
-                    mfu=exp.model_flops * timed / elapsed / self.peak_flops)
+                    mfu=exp.model_flops * timed / elapsed / (self.peak_flops or statistics.median(self.peaks)))
       if exp.dataset.task == "lm":
         record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
-      run.logger.write({"step": run.done, "split": "train", **record})
+      run.write_deferred()  # the previous interval's
+      copies = [x.addressable_data(0) for x in run.pending]  # one device's copy of each (replicated) vector
+      for x in copies:
+        x.copy_to_host_async()
+      run.deferred = (record, list(run.rows), copies)
       run.rows.clear()
+      run.pending.clear()
+      if sample:
+        self._sample_peak()
     self.interval_start, self.interval_step = time.perf_counter(), run.done
+
+  def _sample_peak(self) -> None:
+    if self.peak_flops is None:
+      self.peaks.append(flops.matmul_flops())
+
+  def end(self, run: Run) -> None:
+    run.write_deferred()
 
 
 class Evaluate(Action):
@@ -161,6 +213,7 @@ class Evaluate(Action):
     self.every = every
 
   def __call__(self, run: Run) -> None:
+    run.write_deferred()  # the train record of this step first
     metrics = run.exp.evaluate(run.state, run.alarm, run.done)
     confusion = metrics.pop("confusion", None)
     run.eval_metrics, run.eval_step = metrics, run.done
@@ -304,7 +357,8 @@ def default_actions(exp, start: int, logger, signals, resumed: dict | None = Non
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jax.numpy.arange(t.steps)))
   return [
       Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print),
-      LogTrain(t.log_every, learning_rates, start, flops.peak_flops(exp.layout.device_count)[0]),
+      LogTrain(t.log_every, learning_rates, start,
+               flops.peak_flops(exp.layout.device_count)[0] if flops.datasheet_peak() else None),
       Evaluate(t.eval_every),
       WatchSignals(signals),
       *([EarlyStop(es.metric, es.mode, es.patience, es.min_delta, (resumed or {}).get("early_stopping"))]
