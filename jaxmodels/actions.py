@@ -73,17 +73,16 @@ class Run:
   stop: str = ""  # why the run stops after this step: "" (it does not), a signal, or early stopping
   preempted: bool = False  # the stop is a signal's or a preemption notice's: the process exits to be rerun
   early_stopping: dict | None = None  # EarlyStop's record, saved in each checkpoint
-  deferred: tuple | None = None  # (log record, host rows, device metric vectors being copied) of LogTrain
+  deferred: tuple | None = None  # LogTrain's (write(rows), last step, device metric vectors being copied)
 
   def write_deferred(self) -> None:
-    """Writes the log record whose metrics LogTrain left copying to the host (the copies are done by now)."""
+    """Reads the metric vectors LogTrain left copying to the host (blocking until their steps are done) and
+    hands their rows to its writer; raises NonFiniteLoss as `fetch` does."""
     if self.deferred is None:
       return
-    record, rows, copies = self.deferred
+    write, last_step, copies = self.deferred
     self.deferred = None
-    rows = rows + self._checked(np.asarray(jax.device_get(copies)), record["step"]).tolist() if copies else rows
-    record.update(summarize(np.asarray(rows), train_metric_names(self.exp.dataset.task)))
-    self.logger.write(record)
+    write(self._checked(np.asarray(jax.device_get(copies)), last_step).tolist() if copies else [])
 
   @property
   def last(self) -> int:
@@ -136,35 +135,39 @@ class LogTrain(Action):
   its compile times (a fresh run) or printed (a resumed run, which logs on the
   uninterrupted run's schedule instead), and throughput is timed from its end.
   Later intervals start their metrics' copies to the host and leave the record
-  to `Run.write_deferred`, called at the next log step (when those copies are
-  long done), save, evaluation or the end: the host never waits for the device
-  at a log step, and stays at most about two intervals ahead of it.
+  to `Run.write_deferred`, called at the next log step, save, evaluation or the
+  end: the host does not wait for the device at a log step, and stays at most
+  one interval ahead of it. An interval is timed from the moment the previous
+  interval's metrics were read on the host to the moment its own were: when
+  the device is the bottleneck that read waits for the interval's last step, so
+  the time is the device's; when the host is, the host's.
 
   MFU divides by `peak_flops`, or on a device without a listed peak (a CPU) by
   the median of matmul peaks measured during the run as `bench step` does
-  (`flops.matmul_flops`): at the first step and after every `PEAK_EVERY`-th
+  (`flops.matmul_flops`): `FIRST_PEAKS` after the first step, one after every `PEAK_EVERY`-th
   interval, with the device idle and outside the timed intervals. One peak
   measured once at the start made a digits LSTM run log MFU above 1 when the
   machine's speed changed.
   """
 
   PEAK_EVERY = 5  # log intervals between peak samples (each a drained queue and a ~0.1 s matmul)
+  FIRST_PEAKS = 3  # samples after the first step, so that one slow sample does not set the peak
 
   def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float | None):
     self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
-    self.t0 = self.interval_start = None
-    self.interval_step = start  # the step the timed interval starts after
+    self.t0 = self.ready = None  # ready: when the metrics of the last written interval were on the host
+    self.interval_step = start  # the step the next interval starts after
     self.intervals, self.peaks = 0, []
 
   def begin(self, run: Run) -> None:
     self.t0 = time.perf_counter()
 
   def due(self, run: Run) -> bool:
-    return self.interval_start is None or super().due(run)
+    return self.ready is None or super().due(run)
 
   def __call__(self, run: Run) -> None:
     record = {"step": run.done, "split": "train", "learning_rate": float(self.learning_rates[run.done - 1])}
-    if self.interval_start is None:
+    if self.ready is None:
       run.fetch()
       first_step_s = time.perf_counter() - self.t0
       record.update(summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task)))
@@ -174,28 +177,35 @@ class LogTrain(Action):
         run.rows.clear()
       else:
         run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
-      self._sample_peak()
-    else:
-      self.intervals += 1
-      sample = self.peak_flops is None and self.intervals % self.PEAK_EVERY == 0
-      if sample:  # the interval ends when its steps are done, before the matmul
-        jax.block_until_ready(run.state)
-      exp, elapsed, timed = run.exp, time.perf_counter() - self.interval_start, run.done - self.interval_step
-      record.update(step_time_ms=1000 * elapsed / timed,
-                    examples_per_sec=timed * exp.config.train.batch_size / elapsed,
-                    mfu=exp.model_flops * timed / elapsed / (self.peak_flops or statistics.median(self.peaks)))
-      if exp.dataset.task == "lm":
-        record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
-      run.write_deferred()  # the previous interval's
-      copies = [x.addressable_data(0) for x in run.pending]  # one device's copy of each (replicated) vector
-      for x in copies:
-        x.copy_to_host_async()
-      run.deferred = (record, list(run.rows), copies)
-      run.rows.clear()
-      run.pending.clear()
-      if sample:
+      for _ in range(self.FIRST_PEAKS):
         self._sample_peak()
-    self.interval_start, self.interval_step = time.perf_counter(), run.done
+      self.ready, self.interval_step = time.perf_counter(), run.done
+      return
+    self.intervals += 1
+    run.write_deferred()  # the previous interval's: its copies were started one interval ago
+    copies = [x.addressable_data(0) for x in run.pending]  # one device's copy of each (replicated) vector
+    for x in copies:
+      x.copy_to_host_async()
+    rows = list(run.rows)  # this interval's rows fetched by a save
+    run.deferred = (lambda fetched: self._write(run, record, rows + fetched), run.done, copies)
+    run.rows.clear()
+    run.pending.clear()
+    if self.peak_flops is None and self.intervals % self.PEAK_EVERY == 0:
+      run.write_deferred()  # waits for the interval's steps: the matmul then runs on an idle device, untimed
+      self._sample_peak()
+      self.ready = time.perf_counter()
+
+  def _write(self, run: Run, record: dict, rows: list) -> None:
+    """Writes an interval's record, timed from the previous interval's metrics being ready to this one's."""
+    now, exp = time.perf_counter(), run.exp
+    elapsed, timed = now - self.ready, record["step"] - self.interval_step
+    self.ready, self.interval_step = now, record["step"]
+    record.update(summarize(np.asarray(rows), train_metric_names(exp.dataset.task)))
+    record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * exp.config.train.batch_size / elapsed,
+                  mfu=exp.model_flops * timed / elapsed / (self.peak_flops or statistics.median(self.peaks)))
+    if exp.dataset.task == "lm":
+      record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
+    run.logger.write(record)
 
   def _sample_peak(self) -> None:
     if self.peak_flops is None:

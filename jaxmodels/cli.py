@@ -277,7 +277,7 @@ def cmd_bench(prog: str, args: list[str]) -> int:
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
              [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
-       jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
+       jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax] [--loop]
        jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N]
 
 compile: for every point of the sweep (the cartesian product of the --sweep
@@ -294,7 +294,9 @@ the shell's quotes: --sweep "parallel.mesh='data=2,tensor=4','data=8'". The
 points are listed before the first compile.
 step: median step time and spread, throughput, analytic model FLOPs (checked
 against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
-hand-written pure JAX + Optax step of the same math.
+hand-written pure JAX + Optax step of the same math; --loop also trains N
+steps in a temporary workdir and reports the loop's median logged step time
+beside the step's (the loop's overhead, as a ratio).
 data: the loader's batches/s and tokens/s (images/s, examples/s), with and
 without its prefetch and device transfer, next to the rate at which the step
 consumes them: whether the input pipeline keeps up.
@@ -315,6 +317,7 @@ consumes them: whether the input pipeline keeps up.
       flags.DEFINE_float("max_regression", 0.2, "allowed relative growth", flag_values=fv)
     elif sub == "step":
       flags.DEFINE_boolean("compare_pure_jax", False, "time a pure JAX step too", flag_values=fv)
+      flags.DEFINE_boolean("loop", False, "time the training loop too", flag_values=fv)
 
   rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
           .replace("--compare-pure-jax", "--compare_pure_jax") for a in rest]
@@ -322,7 +325,7 @@ consumes them: whether the input pipeline keeps up.
   if fv.steps < 1:
     raise UserError(f"--steps {fv.steps}: expected at least 1")
   if sub == "step":
-    bench.run_step(config, fv.steps, fv.compare_pure_jax)
+    bench.run_step(config, fv.steps, fv.compare_pure_jax, loop=fv.loop)
     return 0
   if sub == "data":
     bench.run_data(config, fv.steps)
