@@ -5,7 +5,6 @@ The prompt is fed once (prefill), then one token per step inside a
 state. Temperature 0 is greedy decoding; top-k keeps the k likeliest tokens.
 """
 
-import functools
 import statistics
 import time
 
@@ -37,7 +36,7 @@ def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float
   prefill(state, prompt_1P) -> (last logits_1V, cache): the whole prompt in one call.
   decode(state, logits_1V, cache, key) -> tokens (length,) int32: `length` steps in one `lax.scan`, the
   cache (a Transformer's KV cache, written one position per step in place; an LSTM's carries) carried
-  and donated, so no step copies it.
+  through the loop, so no step copies it.
   """
   P = prompt_len
   max_len = getattr(model, "max_len", None)
@@ -51,7 +50,7 @@ def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float
     logits_1PV, cache = model.decode(prompt_1P, model.init_cache(1, P + length), 0)
     return logits_1PV[:, -1], cache
 
-  @functools.partial(jax.jit, donate_argnums=2)
+  @jax.jit
   def decode(state, logits_1V, cache, key):
     model = nnx.merge(graphdef, state)
 
