@@ -85,7 +85,9 @@ def run_cell(cell, carry, x_BTF, reverse=False):
     c, y_BH = cell_step(cell, c, xw_BG)
     return jax.tree.map(lambda a: constrain(a, (BATCH,)), c), constrain(y_BH, (BATCH,))
   carry = jax.tree.map(lambda a: constrain(a, (BATCH,)), carry)
-  xw_TBG = cell.dense_i(jnp.swapaxes(x_BTF, 0, 1))
+  x_TBF = jnp.swapaxes(x_BTF, 0, 1)
+  T, B, F = x_TBF.shape
+  xw_TBG = cell.dense_i(x_TBF.reshape(T * B, F)).reshape(T, B, -1)  # 2-D: one plain matmul, also in the backward
   carry, y_TBH = jax.lax.scan(step, carry, xw_TBG, reverse=reverse)
   return carry, constrain(jnp.swapaxes(y_TBH, 0, 1), (BATCH, LENGTH))
 
