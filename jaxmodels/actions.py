@@ -10,16 +10,21 @@ is saved, so a save holds the step's eval metrics and happens before a stop.
 `Run` is what the actions share: the train state, the step count, the metric
 rows not yet logged, the last evaluation, and why the run stops (if it does).
 Nothing here syncs the host per step: metrics are fetched only by the actions
-that log or save, at their intervals, under the loop's transfer guard.
+that log or save, at their intervals, under the loop's transfer guard. A log
+interval's metrics are copied to the host asynchronously and its record is
+written one interval later (or at the next save, evaluation or the end), so the
+device queue does not drain at a log step.
 """
 
 import dataclasses
 import json
 import os
+import statistics
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import flops
@@ -75,26 +80,41 @@ class Run:
   stop: str = ""  # why the run stops after this step: "" (it does not), a signal, or early stopping
   preempted: bool = False  # the stop is a signal's or a preemption notice's: the process exits to be rerun
   early_stopping: dict | None = None  # EarlyStop's record, saved in each checkpoint
+  deferred: tuple | None = None  # LogTrain's (write(rows), last step, device metric vectors being copied)
+
+  def write_deferred(self) -> None:
+    """Reads the metric vectors LogTrain left copying to the host (blocking until their steps are done) and
+    hands their rows to its writer; raises NonFiniteLoss as `fetch` does."""
+    if self.deferred is None:
+      return
+    write, last_step, copies = self.deferred
+    self.deferred = None
+    write(self._checked(np.asarray(jax.device_get(copies)), last_step).tolist() if copies else [])
 
   @property
   def last(self) -> int:
     return self.exp.config.train.steps
 
   def fetch(self) -> None:
-    """Fetches pending metrics (one host sync) and raises NonFiniteLoss on a non-finite loss unless skipping."""
+    """Writes a deferred log record, then fetches pending metrics (one host sync); raises NonFiniteLoss on a
+    non-finite loss unless skipping."""
+    self.write_deferred()
     if not self.pending:
       return
-    rows = np.stack(parallel.fetch(self.pending))
+    self.rows.extend(self._checked(np.stack(parallel.fetch(self.pending)), self.done).tolist())
+    self.pending.clear()
+
+  def _checked(self, rows: np.ndarray, last_step: int) -> np.ndarray:
+    """`rows` (of steps ..last_step), or NonFiniteLoss naming the first step whose loss is not finite."""
     losses = rows[:, 0]
     if not self.exp.config.train.skip_nonfinite and not np.all(np.isfinite(losses)):
-      bad = self.done - len(self.pending) + 1 + int(np.argmax(~np.isfinite(losses)))
+      bad = last_step - len(rows) + 1 + int(np.argmax(~np.isfinite(losses)))
       newest = self.ckpts.latest_step()
       kept = "no checkpoint was saved yet" if newest is None else f"the newest checkpoint is step {newest}"
       raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
                           f"that state ({kept}). Lower "
                           f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
-    self.rows.extend(rows.tolist())
-    self.pending.clear()
+    return rows
 
 
 class Action:
@@ -115,51 +135,107 @@ class Action:
     """Once, after the last step (not after an exception)."""
 
 
+def _scalar(x: jax.Array) -> float:
+  return float(np.ravel(jax.device_get(x))[0])
+
+
 class LogTrain(Action):
-  """Fetches and averages the train metrics of the interval and writes them with throughput and MFU.
+  """Averages the train metrics of each interval and writes them with throughput and MFU.
 
   The first step of a process includes compilation: it is logged on its own with
   its compile times (a fresh run) or printed (a resumed run, which logs on the
   uninterrupted run's schedule instead), and throughput is timed from its end.
+  Later intervals start their metrics' copies to the host and leave the record
+  to `Run.write_deferred`, called at the next log step, save, evaluation or the
+  end: the host does not wait for the device at a log step, and stays at most
+  one interval ahead of it. An interval is timed from the moment the previous
+  interval's metrics were read on the host to the moment its own were: when
+  the device is the bottleneck that read waits for the interval's last step, so
+  the time is the device's; when the host is, the host's.
+
+  MFU divides by `peak_flops`, or on a device without a listed peak (a CPU) by
+  the median of matmul peaks measured during the run as `bench step` does
+  (`flops.matmul_flops`): `FIRST_PEAKS` after the first step, one after every `PEAK_EVERY`-th
+  interval, with the device idle and outside the timed intervals. One peak
+  measured once at the start made a digits LSTM run log MFU above 1 when the
+  machine's speed changed.
   """
 
-  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float):
+  PEAK_EVERY = 5  # log intervals between peak samples (each a drained queue and a ~0.1 s matmul)
+  FIRST_PEAKS = 3  # samples after the first step, so that one slow sample does not set the peak
+
+  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float | None):
     self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
-    self.t0 = self.interval_start = None
-    self.interval_step = start  # the step the timed interval starts after
+    self.t0 = self.ready = None  # ready: when the metrics of the last written interval were on the host
+    self.interval_step = start  # the step the next interval starts after
+    self.intervals, self.peaks = 0, []
 
   def begin(self, run: Run) -> None:
     self.t0 = time.perf_counter()
 
   def due(self, run: Run) -> bool:
-    return self.interval_start is None or super().due(run)
+    return self.ready is None or super().due(run)
 
   def __call__(self, run: Run) -> None:
-    run.fetch()
-    record = summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task))
-    record["learning_rate"] = float(self.learning_rates[run.done - 1])
-    record.update(pruning.logged_sparsity(run.state.opt_state))  # train.pruning: the share of zero weights now
-    if run.state.loss_scale is not None:  # float16: the scale after this step (skipped steps: `skipped`)
-      record["loss_scale"] = float(np.ravel(parallel.fetch(run.state.loss_scale.scale))[0])
-    if self.interval_start is None:
+    record = {"step": run.done, "split": "train", "learning_rate": float(self.learning_rates[run.done - 1])}
+    if self.ready is None:
+      run.fetch()
       first_step_s = time.perf_counter() - self.t0
+      record.update(summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task)))
+      record.update({k: _scalar(v) for k, v in self._state_scalars(run).items()})
       compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}
       if self.start == 0:
-        run.logger.write({"step": run.done, "split": "train", **record, "first_step_s": first_step_s,
-                          **compile_record})
+        run.logger.write({**record, "first_step_s": first_step_s, **compile_record})
         run.rows.clear()
       else:
         run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
-    else:
-      exp, elapsed, timed = run.exp, time.perf_counter() - self.interval_start, run.done - self.interval_step
-      record.update(step_time_ms=1000 * elapsed / timed,
-                    examples_per_sec=timed * exp.config.train.batch_size / elapsed,
-                    mfu=exp.model_flops * timed / elapsed / self.peak_flops)
-      if exp.dataset.task == "lm":
-        record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
-      run.logger.write({"step": run.done, "split": "train", **record})
-      run.rows.clear()
-    self.interval_start, self.interval_step = time.perf_counter(), run.done
+      for _ in range(self.FIRST_PEAKS):
+        self._sample_peak()
+      self.ready, self.interval_step = time.perf_counter(), run.done
+      return
+    self.intervals += 1
+    run.write_deferred()  # the previous interval's: its copies were started one interval ago
+    copies = [x.addressable_data(0) for x in run.pending]  # one device's copy of each (replicated) vector
+    scalars = self._state_scalars(run)
+    for x in [*copies, *scalars.values()]:
+      x.copy_to_host_async()
+    rows = list(run.rows)  # this interval's rows fetched by a save
+    run.deferred = (lambda fetched: self._write(run, record, rows + fetched, scalars), run.done, copies)
+    run.rows.clear()
+    run.pending.clear()
+    if self.peak_flops is None and self.intervals % self.PEAK_EVERY == 0:
+      run.write_deferred()  # waits for the interval's steps: the matmul then runs on an idle device, untimed
+      self._sample_peak()
+      self.ready = time.perf_counter()
+
+  def _write(self, run: Run, record: dict, rows: list, scalars: dict) -> None:
+    """Writes an interval's record (`scalars`: `_state_scalars` at its last step), timed from the previous
+    interval's metrics being ready to this one's."""
+    now, exp = time.perf_counter(), run.exp
+    elapsed, timed = now - self.ready, record["step"] - self.interval_step
+    self.ready, self.interval_step = now, record["step"]
+    record.update(summarize(np.asarray(rows), train_metric_names(exp.dataset.task)))
+    record.update({k: _scalar(v) for k, v in scalars.items()})
+    record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * exp.config.train.batch_size / elapsed,
+                  mfu=exp.model_flops * timed / elapsed / (self.peak_flops or statistics.median(self.peaks)))
+    if exp.dataset.task == "lm":
+      record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
+    run.logger.write(record)
+
+  @staticmethod
+  def _state_scalars(run: Run) -> dict:
+    """{name: one device's copy} of the state's scalars after this step: `sparsity` (train.pruning: the share of
+    zero prunable weights) and `loss_scale` (float16). Copied on the device, as the next step donates the state."""
+    arrays = {"sparsity": pruning.sparsity_of(run.state.opt_state),
+              "loss_scale": None if run.state.loss_scale is None else run.state.loss_scale.scale}
+    return {k: jnp.copy(v.addressable_data(0)) for k, v in arrays.items() if v is not None}
+
+  def _sample_peak(self) -> None:
+    if self.peak_flops is None:
+      self.peaks.append(flops.matmul_flops())
+
+  def end(self, run: Run) -> None:
+    run.write_deferred()
 
 
 class Evaluate(Action):
@@ -170,6 +246,7 @@ class Evaluate(Action):
     self.every = every
 
   def __call__(self, run: Run) -> None:
+    run.write_deferred()  # the train record of this step first
     metrics = run.exp.evaluate(run.state, run.alarm, run.done)
     confusion = metrics.pop("confusion", None)
     run.eval_metrics, run.eval_step = metrics, run.done
@@ -313,7 +390,8 @@ def default_actions(exp, start: int, logger, signals, resumed: dict | None = Non
   learning_rates = np.asarray(jax.jit(jax.vmap(exp.schedule))(jax.numpy.arange(t.steps)))
   return [
       Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print),
-      LogTrain(t.log_every, learning_rates, start, flops.peak_flops(exp.layout.device_count)[0]),
+      LogTrain(t.log_every, learning_rates, start,
+               flops.peak_flops(exp.layout.device_count)[0] if flops.datasheet_peak() else None),
       Evaluate(t.eval_every),
       WatchSignals(signals),
       *([EarlyStop(es.metric, es.mode, es.patience, es.min_delta, (resumed or {}).get("early_stopping"))]

@@ -505,8 +505,30 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   return 0
 
 
-def run_step(config, steps: int, compare: bool, log=print) -> dict:
-  """The `bench step` command: step time, throughput, MFU, XLA's FLOP count, optional pure-JAX overhead."""
+def loop_point(config, steps: int) -> dict:
+  """The training loop's median logged step time: `train` for `steps` steps into a temporary workdir.
+
+  Five log intervals (`train.log_every` = steps // 5); the first step (compilation) is logged on its own and
+  left out, and so are the evaluation and save at the end (outside the timed intervals).
+  """
+  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  if steps < 5:
+    raise UserError(f"--loop needs --steps of at least 5 (five log intervals), got {steps}")
+  config = config.copy_and_resolve_references()
+  config.train.update(dict(steps=steps, log_every=steps // 5, eval_every=steps, profile_steps=()))
+  config.train.early_stopping.metric = ""
+  config.checkpoint.update(dict(every=0, restore_from=""))
+  with tempfile.TemporaryDirectory() as workdir:
+    train_and_evaluate(config, workdir)
+    records = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  times = [r["step_time_ms"] for r in records if r.get("split") == "train" and "step_time_ms" in r]
+  return {"loop_step_ms": statistics.median(times), "loop_intervals": len(times)}
+
+
+def run_step(config, steps: int, compare: bool, log=print, loop: bool = False) -> dict:
+  """The `bench step` command: step time, throughput, MFU, XLA's FLOP count, optional pure-JAX overhead, and with
+  `loop` the training loop's median logged step time beside the compiled step's (`loop_point`)."""
   exp = build_experiment(config)
   for notice in exp.notices:
     log(f"note: {notice}")
@@ -529,6 +551,12 @@ def run_step(config, steps: int, compare: bool, log=print) -> dict:
     r.update(compare_pure_jax(exp))
     lines.append(f"host overhead: jaxmodels {r['jaxmodels_us']:.1f} us/step, pure JAX {r['pure_jax_us']:.1f} "
                  f"us/step, ratio {r['overhead_ratio']:.2f}x")
+  if loop:
+    r.update(loop_point(config, steps))
+    r["loop_ratio"] = r["loop_step_ms"] / r["step_ms"]
+    lines.append(f"train loop: {r['loop_step_ms']:.3f} ms median logged step time over {r['loop_intervals']} "
+                 f"intervals of {steps // 5} steps, against the step's {r['step_ms']:.3f} ms: "
+                 f"{r['loop_ratio']:.3f}x")
   log("\n".join(lines))
   return r
 

@@ -148,19 +148,23 @@ Example: jaxmodels launch --processes 2 --devices-per-process 2 -- train
 
 def cmd_sample(prog: str, args: list[str]) -> int:
   """usage: jaxmodels sample --workdir DIR --prompt TEXT [--length N] [--temperature T] [--top-k K] [--seed S]
+                        [--benchmark]
 
 Prints the prompt and N generated tokens from the newest checkpoint of a
 language-model run (data.source=text or tokens), encoded and decoded with the
 run's tokenizer (its vocab.json). Temperature 0 decodes greedily; top-k 0
-samples from the whole vocabulary.
+samples from the whole vocabulary. --benchmark prints the prefill (prompt
+tokens/s) and decode (new tokens/s) throughput at batch 1 instead: medians of
+5 timed calls after a compiling one.
 """
   import math  # pylint: disable=import-outside-toplevel
-  from jaxmodels.sample import generate, load_language_model  # pylint: disable=import-outside-toplevel
+  from jaxmodels.sample import benchmark, generate, load_language_model  # pylint: disable=import-outside-toplevel
 
   a = _parse_args(prog, args, [("--workdir", dict(required=True)), ("--prompt", dict(required=True)),
                                ("--length", dict(type=int, default=200)),
                                ("--temperature", dict(type=float, default=0.8)),
-                               ("--top-k", dict(type=int, default=0)), ("--seed", dict(type=int, default=0))])
+                               ("--top-k", dict(type=int, default=0)), ("--seed", dict(type=int, default=0)),
+                               ("--benchmark", dict(action="store_true"))])
   if not a.prompt:
     raise UserError("--prompt must not be empty")
   if a.length <= 0 or not (math.isfinite(a.temperature) and a.temperature >= 0) or a.top_k < 0:
@@ -168,6 +172,12 @@ samples from the whole vocabulary.
   model, vocab = load_language_model(a.workdir)
   if a.top_k > vocab.size:
     raise UserError(f"--top-k {a.top_k} exceeds the run's vocabulary of {vocab.size} tokens")
+  if a.benchmark:
+    r = benchmark(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k)
+    print(f"prefill: {r['prefill_tokens_per_sec']:.4g} tokens/s ({len(vocab.encode(a.prompt))} prompt tokens in "
+          f"{1e3 * r['prefill_s']:.2f} ms)\ndecode: {r['decode_tokens_per_sec']:.4g} tokens/s ({a.length} tokens in "
+          f"{1e3 * r['decode_s']:.1f} ms), batch 1, median of 5")
+    return 0
   tokens = generate(model, vocab.encode(a.prompt), a.length, temperature=a.temperature, top_k=a.top_k,
                     seed=a.seed)
   print(a.prompt + vocab.decode(tokens))
@@ -299,7 +309,7 @@ def cmd_bench(prog: str, args: list[str]) -> int:
              [--sweep model.num_layers=1,2,4,8 --sweep model.scan_layers=true,false ...] [--repeat R]
              [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
-       jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax]
+       jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax] [--loop]
        jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N]
 
 compile: for every point of the sweep (the cartesian product of the --sweep
@@ -318,7 +328,9 @@ the shell's quotes: --sweep "parallel.mesh='data=2,tensor=4','data=8'". The
 points are listed before the first compile.
 step: median step time and spread, throughput, analytic model FLOPs (checked
 against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
-hand-written pure JAX + Optax step of the same math.
+hand-written pure JAX + Optax step of the same math; --loop also trains N
+steps in a temporary workdir and reports the loop's median logged step time
+beside the step's (the loop's overhead, as a ratio).
 data: the loader's batches/s and tokens/s (images/s, examples/s), with and
 without its prefetch and device transfer, next to the rate at which the step
 consumes them: whether the input pipeline keeps up.
@@ -339,6 +351,7 @@ consumes them: whether the input pipeline keeps up.
       flags.DEFINE_float("max_regression", 0.2, "allowed relative growth", flag_values=fv)
     elif sub == "step":
       flags.DEFINE_boolean("compare_pure_jax", False, "time a pure JAX step too", flag_values=fv)
+      flags.DEFINE_boolean("loop", False, "time the training loop too", flag_values=fv)
 
   rest = [a.replace("--dump-hlo", "--dump_hlo").replace("--max-regression", "--max_regression")
           .replace("--compare-pure-jax", "--compare_pure_jax") for a in rest]
@@ -346,7 +359,7 @@ consumes them: whether the input pipeline keeps up.
   if fv.steps < 1:
     raise UserError(f"--steps {fv.steps}: expected at least 1")
   if sub == "step":
-    bench.run_step(config, fv.steps, fv.compare_pure_jax)
+    bench.run_step(config, fv.steps, fv.compare_pure_jax, loop=fv.loop)
     return 0
   if sub == "data":
     bench.run_data(config, fv.steps)

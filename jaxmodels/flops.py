@@ -36,7 +36,7 @@ _matmuls = {}
 def matmul_flops(n: int = 2048) -> float:
   """FLOP/s of one float32 n x n matmul on the default device (compiled and warmed up once per process)."""
   if n not in _matmuls:
-    a = jnp.ones((n, n), jnp.float32)
+    a = jax.jit(lambda: jnp.ones((n, n), jnp.float32))()  # made on the device: no transfer (the loop's guard)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     _matmuls[n] = (f, a)

@@ -11,7 +11,10 @@ CPU that was a 76 MB map and 18 K page faults per step. With glibc's
 pages (2 MiB, so ~40 faults): the step went from ~85 to ~61 ms.
 
 Tunables are read when a process starts, so the entry points re-execute the
-process once with the tunable set. (Keeping freed memory instead, through
+process once with the tunable set, on CPU backends only (an accelerator's step
+temporaries live in device memory, and a TPU or GPU host gains nothing from the
+restart). The restarted process puts GLIBC_TUNABLES back as it was, so the
+processes a user's code starts do not inherit the tunable. (Keeping freed memory instead, through
 mallopt's one-arena/no-mmap settings, saved as much step time but made XLA's
 multi-threaded compiles ~40% slower.)
 
@@ -24,21 +27,35 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+# Set only across the restart: GLIBC_TUNABLES as it was before it ("" when unset), restored by the restarted process.
+SAVED_TUNABLES = "JAXMODELS_SAVED_GLIBC_TUNABLES"
 
 
 def reexec_with_huge_pages() -> None:
   """Restarts this process with the same command line and `glibc.malloc.hugetlb=1` in GLIBC_TUNABLES.
 
   Returns without restarting when the tunable is already set, off Linux/glibc,
-  or with JAXMODELS_MALLOC=system. Call it first thing, before any work that a
+  with JAXMODELS_MALLOC=system, or when JAX will not run on the CPU
+  (`cpu_backend`). The restarted process (this call, in it) restores
+  GLIBC_TUNABLES to its value before the restart: glibc has read it by then, and
+  child processes do not inherit it. Call it first thing, before any work that a
   restart would repeat. Kernels whose transparent huge pages are `never` and
   glibc older than 2.35 ignore the tunable; the restart then costs only itself.
   """
-  if os.environ.get("JAXMODELS_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
+  if SAVED_TUNABLES in os.environ:  # the restarted process: glibc has read the tunable; hide it from children
+    saved = os.environ.pop(SAVED_TUNABLES)
+    if saved:
+      os.environ["GLIBC_TUNABLES"] = saved
+    else:
+      os.environ.pop("GLIBC_TUNABLES", None)
+    return
+  if (os.environ.get("JAXMODELS_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc"
+      or not cpu_backend()):
     return
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:
     return
+  os.environ[SAVED_TUNABLES] = tunables
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, TUNABLE]))
   sys.stdout.flush()
   sys.stderr.flush()
@@ -47,6 +64,19 @@ def reexec_with_huge_pages() -> None:
 
 # Device files of accelerators: TPU chips (/dev/accel*, or /dev/vfio/N on newer TPU VMs), NVIDIA and AMD GPUs.
 ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/kfd")
+
+
+def accelerator_present() -> bool:
+  """Whether the machine has a TPU or GPU device file (checked without importing JAX)."""
+  return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
+def cpu_backend() -> bool:
+  """Whether JAX will run on the CPU: JAX_PLATFORMS names cpu first, or it is unset and no accelerator is present."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not accelerator_present()
 
 
 def cpu_only_platform() -> None:
@@ -62,7 +92,7 @@ def cpu_only_platform() -> None:
   `import jaxmodels` call it. AOT topology compiles load libtpu explicitly and
   are unaffected.
   """
-  if "JAX_PLATFORMS" in os.environ or any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+  if "JAX_PLATFORMS" in os.environ or accelerator_present():
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
   jax = sys.modules.get("jax")

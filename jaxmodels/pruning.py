@@ -189,14 +189,9 @@ def from_config(t) -> optax.GradientTransformation | None:
   return magnitude_pruning(p.sparsity, p.pattern, p.scope, p.start_step, p.end_step, p.every)
 
 
-def logged_sparsity(opt_state) -> dict[str, float]:
-  """{"sparsity": fraction of prunable weights that are zero} for an optimizer state that prunes, else {}.
-
-  One explicit host fetch of a scalar (the first copy under pmap).
-  """
+def sparsity_of(opt_state) -> jax.Array | None:
+  """The share of prunable weights that are zero (float32 scalar, on the device) in an optimizer state that
+  prunes; None otherwise."""
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruningState))
            if isinstance(s, PruningState)]
-  if not found:
-    return {}
-  value = jax.device_get(found[0].sparsity.addressable_data(0))
-  return {"sparsity": float(value.reshape(-1)[0])}
+  return found[0].sparsity if found else None

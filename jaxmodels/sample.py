@@ -5,6 +5,9 @@ The prompt is fed once (prefill), then one token per step inside a
 state. Temperature 0 is greedy decoding; top-k keeps the k likeliest tokens.
 """
 
+import statistics
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,20 +31,29 @@ def sample_token(logits_BV, key, temperature: float, top_k: int):
   return jax.random.categorical(key, logits_BV).astype(jnp.int32)
 
 
-def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0) -> np.ndarray:
-  """`length` new token ids continuing `prompt_ids` (1-D), decoded in one compiled call."""
-  prompt_1P = jnp.asarray(prompt_ids, jnp.int32)[None]
-  P = prompt_1P.shape[1]
+def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float = 1.0, top_k: int = 0):
+  """(state, prefill, decode): the compiled halves of `generate` for prompts of `prompt_len` tokens.
+
+  prefill(state, prompt_1P) -> (last logits_1V, cache): the whole prompt in one call.
+  decode(state, logits_1V, cache, key) -> tokens (length,) int32: `length` steps in one `lax.scan`, the
+  cache (a Transformer's KV cache, written one position per step in place; an LSTM's carries) carried
+  through the loop, so no step copies it.
+  """
+  P = prompt_len
   max_len = getattr(model, "max_len", None)
   if max_len is not None and P + length > max_len:
     raise UserError(f"prompt ({P} tokens) + length ({length}) exceeds the model's max_len={max_len}")
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def run(state, prompt_1P, key):
+  def prefill(state, prompt_1P):
     model = nnx.merge(graphdef, state)
     logits_1PV, cache = model.decode(prompt_1P, model.init_cache(1, P + length), 0)
+    return logits_1PV[:, -1], cache
+
+  @jax.jit
+  def decode(state, logits_1V, cache, key):
+    model = nnx.merge(graphdef, state)
 
     def step(carry, i):
       logits_1V, cache, key = carry
@@ -50,10 +62,40 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperat
       logits_11V, cache = model.decode(token_1[:, None], cache, P + i)
       return (logits_11V[:, -1], cache, key), token_1[0]
 
-    _, tokens = jax.lax.scan(step, (logits_1PV[:, -1], cache, key), jnp.arange(length))
+    _, tokens = jax.lax.scan(step, (logits_1V, cache, key), jnp.arange(length))
     return tokens
 
-  return np.asarray(run(state, prompt_1P, jax.random.PRNGKey(seed)))
+  return state, prefill, decode
+
+
+def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> np.ndarray:
+  """`length` new token ids continuing `prompt_ids` (1-D): one compiled prefill, then one compiled decode loop."""
+  prompt_1P = jnp.asarray(prompt_ids, jnp.int32)[None]
+  state, prefill, decode = programs(model, prompt_1P.shape[1], length, temperature, top_k)
+  return np.asarray(decode(state, *prefill(state, prompt_1P), jax.random.PRNGKey(seed)))
+
+
+def benchmark(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperature: float = 1.0,
+              top_k: int = 0, repeats: int = 5) -> dict:
+  """Prefill and decode throughput of `generate`'s programs (batch 1): the median of `repeats` timed calls each,
+  after a compiling call. Returns prefill_tokens_per_sec (prompt tokens), decode_tokens_per_sec (new tokens) and
+  the medians in seconds."""
+  prompt_1P = jnp.asarray(prompt_ids, jnp.int32)[None]
+  state, prefill, decode = programs(model, prompt_1P.shape[1], length, temperature, top_k)
+  key = jax.random.PRNGKey(0)
+  jax.block_until_ready(decode(state, *prefill(state, prompt_1P), key))
+  prefill_s, decode_s = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    logits, cache = jax.block_until_ready(prefill(state, prompt_1P))
+    t1 = time.perf_counter()
+    jax.block_until_ready(decode(state, logits, cache, key))
+    prefill_s.append(t1 - t0)
+    decode_s.append(time.perf_counter() - t1)
+  p, d = statistics.median(prefill_s), statistics.median(decode_s)
+  return {"prefill_s": p, "decode_s": d, "prefill_tokens_per_sec": prompt_1P.shape[1] / p,
+          "decode_tokens_per_sec": length / d}
 
 
 def load_language_model(workdir: str) -> tuple[nnx.Module, Vocab]:

@@ -104,7 +104,7 @@ class Experiment:
   init_state: Callable[[], TrainState]  # a fresh state, placed on the devices
   checkpoint_state: TrainState  # ShapeDtypeStructs with shardings: where a restore puts each array
   train_step: Callable  # (state, batch) -> (state, metrics vector, see actions.TRAIN_METRICS); donates state
-  eval_step: Callable  # (state, batch) -> summed metrics
+  eval_step: Callable  # (state, batch, totals) -> totals + the batch's summed metrics; donates totals (None: the sums)
   notices: list[str] = dataclasses.field(default_factory=list)  # config adjustments (config.fit_to_steps) to print
   _loader: Any = None  # jaxmodels.data.loader.StepStream of device batches, made data.prefetch steps ahead
 
@@ -146,15 +146,22 @@ class Experiment:
     """
     size = self.config.train.eval_batch_size
     totals = None
+    pmap = isinstance(self.layout, parallel.PmapLayout)
     # Every process iterates the same batches (the padded split's count), so each enters every step's collectives.
     for batch in self.dataset.eval_batches(size, self.layout.local_rows(size)):
       batch = self.layout.global_batch(batch, size)
+      if totals is None:  # zeros made on the devices where the step keeps its totals (pmap: one copy per device)
+        shapes = jax.eval_shape(self.eval_step, state, batch, None)
+        totals = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+                         out_shardings=self.layout.sharding if pmap else self.layout.replicated)()
+      inputs = {"state": state, "batch": batch, "totals": totals}  # totals donated; shapes stay readable
       with CompileTimer() as compile_time:
-        sums = self.eval_step(state, batch)
+        totals = self.eval_step(state, batch, totals)  # the running sums stay inside the compiled step
       if alarm is not None:
-        alarm.check("eval_step", self.eval_step, {"state": state, "batch": batch}, step, compile_time)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        alarm.check("eval_step", self.eval_step, inputs, step, compile_time)
     totals = self.layout.fetch(totals)
+    if pmap:  # identical copies, one per device
+      totals = jax.tree.map(lambda a: a[0], totals)
     count = float(totals["count"])
     metrics = {"loss": float(totals["loss_sum"]) / count}
     task = self.dataset.task
@@ -222,7 +229,7 @@ def build_experiment(config, devices=None) -> Experiment:
                                    skip_nonfinite=t.skip_nonfinite, **eval_options, **state_options)
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
-    eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, out_axes=None)
+    eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, donate_argnums=2)  # totals: one copy per device
     n = len(layout.devices)
     # Each device computes the fresh state and keeps its own copy: no device holds the stacked copies.
     init_state = jax.jit(lambda: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), fresh_state()),
@@ -245,7 +252,8 @@ def build_experiment(config, devices=None) -> Experiment:
                          out_shardings=(state_sh, layout.replicated), donate_argnums=0)
     if teacher is not None:  # the teacher's arrays are an argument of the step: not donated, not differentiated
       train_step = distill.StepWithTeacher(train_step, teacher.variables)
-    eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding), out_shardings=layout.replicated)
+    eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding, layout.replicated),
+                        out_shardings=layout.replicated, donate_argnums=2)
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
   layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
   layout.check_batch_size(t.eval_batch_size)
@@ -275,10 +283,12 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   eval sums are summed, and each device folds its axis index into the dropout
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1). `task` and
-  `loss` (regression) pick the loss (jaxmodels.tasks); the eval step returns
-  `tasks.eval_sums` (top-k hits for `eval_top_k` > 0). With a `teacher` (distill.Teacher) the train step
-  takes the teacher's arrays as a third argument and minimises `teacher.objective` (distillation); its
-  metrics still report the hard-label loss.
+  `loss` (regression) pick the loss (jaxmodels.tasks); the eval step adds the
+  batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0) to its `totals`
+  argument inside the compiled step (no eager sum per batch; None: the batch's sums).
+  With a `teacher` (distill.Teacher) the train step takes the teacher's arrays as a
+  third argument and minimises `teacher.objective` (distillation); its metrics
+  still report the hard-label loss.
 
   A state with a `loss_scale` (float16) differentiates the scaled loss, unscales the float32 gradient sums,
   skips the update of a step whose gradients are not finite, and adjusts the scale (`loss_scale_period`;
@@ -359,11 +369,12 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
                               opt_state=opt_state, ema_params=ema, loss_scale=loss_scale)
     return new_state, metrics
 
-  def eval_step(state: TrainState, batch):
+  def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
     sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss)
-    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+    sums = sums if axis_name is None else jax.lax.psum(sums, axis_name)
+    return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
   return train_step, eval_step
 

@@ -1,6 +1,7 @@
 """Transformer and LSTM/GRU families: attention, causality, layouts, caches, parameter counts."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from flax import nnx
 
 from jaxmodels.models import (LSTMConfig, RecurrentClassifier, RecurrentLM, TransformerClassifier, TransformerConfig,
                               TransformerLM)
-from jaxmodels.models.recurrent import recurrent_param_count
+from jaxmodels.models.recurrent import recurrent_param_count, zero_carry
 from jaxmodels.models.transformer import (Attention, attention, rotary, scan_to_unrolled,
                                           transformer_param_count, unrolled_to_scan)
 
@@ -173,3 +174,55 @@ def test_decoding_writes_the_kv_cache_in_place(scan_layers):
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
   assert memory.alias_size_in_bytes == cache_bytes  # the new cache lives in the donated one
   assert memory.temp_size_in_bytes < 0.4 * cache_bytes, (memory.temp_size_in_bytes, cache_bytes)
+
+
+def stepwise_reference(model, x_BTF):
+  """The previous formulation of a RecurrentStack: each cell's own __call__ (input projection included) per step."""
+  rnn = model.rnn
+  for i, cell in enumerate(rnn.forward):
+    def run(cell, x_BTF, reverse):
+      carry = zero_carry(rnn.cell, x_BTF.shape[0], rnn.hidden_size, rnn.dtype)
+      _, y_TBH = jax.lax.scan(cell, carry, jnp.swapaxes(x_BTF, 0, 1), reverse=reverse)
+      return jnp.swapaxes(y_TBH, 0, 1)
+    y_BTH = run(cell, x_BTF, False)
+    if rnn.backward is not None:
+      y_BTH = jnp.concatenate([y_BTH, run(rnn.backward[i], x_BTF, True)], axis=-1)
+    x_BTF = y_BTH
+  return x_BTF
+
+
+def scan_dots(fn, *args) -> list[int]:
+  """The number of dot_generals inside each lax.scan body of fn's program (nested scans included)."""
+  counts = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan":
+        body = eqn.params["jaxpr"].jaxpr
+        counts.append(sum(e.primitive.name == "dot_general" for e in body.eqns))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_input_projection_is_hoisted_out_of_the_scan(cell):
+  model = RecurrentClassifier((8, 5), 3, LSTMConfig(cell, 16, 2, bidirectional=True), rngs=nnx.Rngs(0))
+  x_BTF = jax.random.normal(jax.random.key(1), (4, 8, 5))
+  # Parameter names and shapes are the cells' own, as older checkpoints hold them.
+  gates = {"lstm": 4, "gru": 3}[cell]
+  shapes = {"/".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(nnx.state(model.rnn, nnx.Param))}
+  bias = "dense_h/bias" if cell == "lstm" else "dense_i/bias"
+  assert shapes == {f"{d}/{i}/{name}": shape for d in ("forward", "backward") for i in (0, 1) for name, shape in
+                    [("dense_i/kernel", (5 if i == 0 else 32, gates * 16)), ("dense_h/kernel", (16, gates * 16)),
+                     (bias, (gates * 16,))]}
+  # Equal to the per-step formulation, forward and gradients.
+  np.testing.assert_allclose(model.rnn(x_BTF)[0], stepwise_reference(model, x_BTF), rtol=1e-5, atol=1e-6)
+  graphdef, params = nnx.split(model)
+  grad = lambda f: jax.grad(lambda p: jnp.sum(f(nnx.merge(graphdef, p), x_BTF) ** 2))(params)
+  for a, b in zip(jax.tree.leaves(grad(lambda m, x: m.rnn(x)[0])), jax.tree.leaves(grad(stepwise_reference))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Only the recurrent matmul stays inside each time loop (4 scans: 2 layers x 2 directions).
+  assert scan_dots(lambda x: model.rnn(x)[0], x_BTF) == [1] * 4
