@@ -17,10 +17,10 @@ train: $(STAMP)
 	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -258,29 +258,19 @@ def test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes
 
 
 @pytest.mark.slow
-def test_sigint_to_one_process_stops_every_process_at_one_step_and_resumes_exactly(tmp_path):
-  # A constant rate: the schedule does not depend on train.steps, so the interrupted, the resumed and the
-  # uninterrupted runs take the same steps.
+def test_sigint_to_one_process_stops_every_process_at_one_step(tmp_path):
+  """Ctrl-C on one host: every process saves the same step and exits 75 (resuming such a stop is
+  test_sigterm_to_one_process_saves_the_same_step_on_every_process_and_resumes)."""
   train = ["train", "--config", "experiments/digits_mlp.py", "--config.parallel.strategy=dp",
-           "--config.train.schedule=constant", "--config.train.warmup_steps=0", "--config.train.log_every=5",
-           "--config.train.eval_every=100000", "--config.checkpoint.every=0"]
-  run, straight = [f"--workdir={tmp_path / 'run'}"], [f"--workdir={tmp_path / 'straight'}"]
-  launcher, pids, lines = start_launch([*train, *run, "--config.train.steps=100000"], "[0] step 10 train")
-  os.kill(pids[0], signal.SIGINT)  # Ctrl-C on one host
+           "--config.train.log_every=5", "--config.train.eval_every=100000", "--config.checkpoint.every=0",
+           f"--workdir={tmp_path / 'run'}", "--config.train.steps=100000"]
+  launcher, pids, lines = start_launch(train, "[0] step 10 train")
+  os.kill(pids[0], signal.SIGINT)
   out = "".join(lines) + launcher.communicate(timeout=300)[0]
   assert launcher.returncode == 75, out
   saved = dict(re.findall(r"^\[(\d)\] (?:signal 2|preemption notice): saved step (\d+); rerun", out, re.M))
   assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
   assert os.listdir(tmp_path / "run" / "checkpoints") == [saved["0"]]
-  end = int(saved["0"]) + 10
-  done = [jaxmodels("launch", "--processes", "2", "--", *train, *workdir, f"--config.train.steps={end}")
-          for workdir in (run, straight)]
-  assert [d.returncode for d in done] == [0, 0], done[0].stdout + done[1].stdout
-  assert "[0] first step after resuming" in done[0].stdout
-  rows = lambda d: [(r["step"], r["split"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r]
-  resumed, uninterrupted = rows("run"), rows("straight")
-  assert [r[:2] for r in resumed] == [r[:2] for r in uninterrupted] and resumed[-1][0] == end
-  assert [r[2] for r in resumed] == pytest.approx([r[2] for r in uninterrupted], rel=1e-6)
 
 
 @pytest.mark.slow
