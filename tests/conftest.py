@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -15,6 +16,16 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One persistent compilation cache for the session (fresh per run, shared by the xdist workers and by the
+# `jaxmodels` commands the tests start, which read JAXMODELS_CACHE_DIR): a program compiled by one test is loaded
+# by the next that builds it, as a user's runs share ~/.cache/jaxmodels/xla. bench disables it where it times
+# compiles. Not the user's cache: a run of the suite starts cold, here as on CI.
+CACHE_DIR = os.path.join(tempfile.gettempdir(),
+                         f"jaxmodels-tests-xla-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+os.environ["JAXMODELS_CACHE_DIR"] = CACHE_DIR
+from jaxmodels.compilation import enable_persistent_cache  # pylint: disable=wrong-import-position
+
+enable_persistent_cache(CACHE_DIR)
 
 
 def experiment(name: str):

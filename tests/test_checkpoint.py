@@ -56,9 +56,6 @@ def nnx_state(model):
 
 EXPERIMENTS = {
     "digits_cnn": ["--config.train.steps=200"],
-    "text_transformer": ["--config.train.steps=200", "--config.data.seq_len=32", "--config.model.num_layers=2",
-                         "--config.model.d_model=64", "--config.model.d_ff=128", "--config.train.batch_size=16",
-                         "--config.train.eval_every=100", "--config.train.eval_batch_size=256"],
 }
 COMMON = ["--config.checkpoint.every=50", "--config.train.log_every=10"]
 
