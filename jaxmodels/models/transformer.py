@@ -99,21 +99,29 @@ class TransformerConfig:
     return self.num_kv_heads or self.num_heads
 
 
-def check_stack_fields(config):
-  """ValueError naming the first bad field among TransformerConfig's stack fields (shared with
-  `EncoderDecoderConfig`)."""
-  for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+def check_block_fields(config):
+  """ValueError naming the first bad field among the fields of every config that builds a `Stack` of `Block`s
+  (TransformerConfig, EncoderDecoderConfig, ViTConfig)."""
+  for name in ("d_model", "num_heads", "num_layers", "d_ff"):
     require(config, name, POSITIVE)
-  for name in ("use_bias", "tie_embeddings", "scan_layers"):
+  for name in ("use_bias", "scan_layers"):
     require(config, name, BOOL)
   require(config, "norm_eps", POSITIVE_REAL)
-  require(config, "rope_theta", POSITIVE_REAL)
   require(config, "dropout", RATE)
   choice(config, "norm", NORMS)
   choice(config, "mlp", MLPS)
-  choice(config, "positions", POSITIONS)
   choice(config, "remat", REMAT_POLICIES)
   choice(config, "attention_impl", ATTENTION_IMPLS)
+
+
+def check_stack_fields(config):
+  """ValueError naming the first bad field among TransformerConfig's stack fields (shared with
+  `EncoderDecoderConfig`)."""
+  check_block_fields(config)
+  require(config, "max_len", POSITIVE)
+  require(config, "tie_embeddings", BOOL)
+  require(config, "rope_theta", POSITIVE_REAL)
+  choice(config, "positions", POSITIONS)
   check_heads(config.d_model, config.num_heads, config.num_kv_heads, config.positions == "rotary")
 
 

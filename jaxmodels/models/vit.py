@@ -14,9 +14,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import POSITIVE, POSITIVE_REAL, RATE, axes, choice, require, resolve
-from jaxmodels.models.transformer import (ATTENTION_IMPLS, BATCH, BOOL, EMBED, LENGTH, MLPS, NORMS, POOLINGS,
-                                          REMAT_POLICIES, Stack, check_heads, lookup)
+from jaxmodels.models.layers import POSITIVE, axes, choice, require, resolve
+from jaxmodels.models.transformer import (BATCH, EMBED, LENGTH, POOLINGS, Stack, check_block_fields, check_heads,
+                                          lookup)
 from jaxmodels.parallel.sharding import constrain
 
 
@@ -41,17 +41,9 @@ class ViTConfig:
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    for name in ("patch_size", "d_model", "num_heads", "num_layers", "d_ff"):
-      require(self, name, POSITIVE)
-    for name in ("use_bias", "scan_layers"):
-      require(self, name, BOOL)
-    require(self, "norm_eps", POSITIVE_REAL)
-    require(self, "dropout", RATE)
-    choice(self, "norm", NORMS)
-    choice(self, "mlp", MLPS)
+    require(self, "patch_size", POSITIVE)
+    check_block_fields(self)
     choice(self, "pooling", POOLINGS)
-    choice(self, "remat", REMAT_POLICIES)
-    choice(self, "attention_impl", ATTENTION_IMPLS)
     check_heads(self.d_model, self.num_heads, None, False)
 
 
