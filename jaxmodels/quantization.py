@@ -82,6 +82,16 @@ def check(bits: int, exclude: str, activations: bool = False) -> None:
     raise UserError(f"exclude pattern {exclude!r} is not a regex: {e}") from None
 
 
+def per_step_recurrence(model: nnx.Module) -> nnx.Module:
+  """`model` with its recurrent stacks calling each cell's `dense_h` per time step: qwix quantizes the matmuls it
+  sees inside a module's call, and their fused recurrence (jaxmodels.models.recurrent) computes that matmul on the
+  kernel's value directly."""
+  for _, module in nnx.iter_modules(model):
+    if getattr(module, "fused_recurrence", False):
+      module.fused_recurrence = False
+  return model
+
+
 def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx.Module:
   """`model` (a copy) whose forward pass fake-quantizes weights (and activations) to `bits` (qwix.QtProvider).
 
@@ -90,8 +100,8 @@ def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   check(bits, exclude, activations)
   # No eager first call (qwix's init, which QT needs only for static activation scales): run eagerly on the
   # Transformer LM and ViT, qwix's QT takes both operands of an attention einsum for weights and fails.
-  return qwix.quantize_model(model, qwix.QtProvider(_rules(bits, activations, exclude, qwix.QtRule)), x,
-                             skip_nnx_init=True)
+  return per_step_recurrence(qwix.quantize_model(
+      model, qwix.QtProvider(_rules(bits, activations, exclude, qwix.QtRule)), x, skip_nnx_init=True))
 
 
 def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
@@ -108,7 +118,7 @@ def ptq(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
   qwix.PtqProvider. `x`: a sample input batch. Raises UserError for unsupported bits or a bad regex."""
   check(bits, exclude, activations)
-  model = nnx.clone(model)
+  model = per_step_recurrence(nnx.clone(model))
   for path, module in model.iter_modules():
     if isinstance(module, (nnx.Linear, nnx.Conv)) and not re.fullmatch(exclude, module_path(path)):
       kernel = module.kernel
