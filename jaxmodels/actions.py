@@ -19,7 +19,6 @@ device queue does not drain at a log step.
 import dataclasses
 import json
 import os
-import statistics
 import time
 from typing import Any
 
@@ -154,15 +153,16 @@ class LogTrain(Action):
   the time is the device's; when the host is, the host's.
 
   MFU divides by `peak_flops`, or on a device without a listed peak (a CPU) by
-  the median of matmul peaks measured during the run as `bench step` does
+  the highest of the matmul peaks measured during the run as `bench step` does
   (`flops.matmul_flops`): `FIRST_PEAKS` after the first step, one after every `PEAK_EVERY`-th
   interval, with the device idle and outside the timed intervals. One peak
   measured once at the start made a digits LSTM run log MFU above 1 when the
-  machine's speed changed.
+  machine's speed changed; the median of the samples still let an interval
+  of a small model beat the peak while other jobs slowed the large matmul more.
   """
 
   PEAK_EVERY = 5  # log intervals between peak samples (each a drained queue and a ~0.1 s matmul)
-  FIRST_PEAKS = 3  # samples after the first step, so that one slow sample does not set the peak
+  FIRST_PEAKS = 3  # samples after the first step
 
   def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float | None):
     self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
@@ -217,7 +217,7 @@ class LogTrain(Action):
     record.update(summarize(np.asarray(rows), train_metric_names(exp.dataset.task)))
     record.update({k: _scalar(v) for k, v in scalars.items()})
     record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * exp.config.train.batch_size / elapsed,
-                  mfu=exp.model_flops * timed / elapsed / (self.peak_flops or statistics.median(self.peaks)))
+                  mfu=exp.model_flops * timed / elapsed / (self.peak_flops or max(self.peaks)))
     if exp.dataset.task == "lm":
       record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
     run.logger.write(record)

@@ -1,7 +1,6 @@
 """The training loop's overlap with the device: prefetched batches, deferred metric reads, in-step eval sums, and
 MFU against a peak measured during the run."""
 
-import statistics
 
 import jax
 import numpy as np
@@ -54,7 +53,7 @@ def test_prefetching_loop_matches_the_plain_loop_and_resumes_exactly(plain_run, 
       (12, "train"), (12, "eval")]
 
 
-def test_cpu_mfu_divides_by_the_median_of_peaks_measured_during_the_run(plain_run):
+def test_cpu_mfu_divides_by_the_fastest_peak_measured_during_the_run(plain_run):
   workdir, _, samples = plain_run
   # LogTrain.FIRST_PEAKS samples at the first step and one after every LogTrain.PEAK_EVERY-th interval (of 6).
   assert samples == [1e9, 2e9, 3e9, 4e9]
@@ -62,7 +61,7 @@ def test_cpu_mfu_divides_by_the_median_of_peaks_measured_during_the_run(plain_ru
   model_flops = build_experiment(config).model_flops
   train = [r for r in read_metrics(workdir) if r["split"] == "train" and "mfu" in r]
   for r in train:
-    peak = statistics.median(samples[:3 + (r["step"] > 10)])
+    peak = max(samples[:3 + (r["step"] > 10)])
     assert r["mfu"] == pytest.approx(model_flops / (r["step_time_ms"] / 1e3) / peak, rel=1e-6)
 
 
