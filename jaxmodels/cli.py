@@ -251,6 +251,9 @@ of the GPT-2 or Llama family, whichever layout the model has.
   from jaxmodels.hf import export_hf  # pylint: disable=import-outside-toplevel
   a = _parse_args(prog, args, [("--model", dict(required=True)), ("--out", dict(required=True))])
   print(f"exported {a.model} to {export_hf(a.model, a.out)}")
+  return 0
+
+
 def cmd_eval(prog: str, args: list[str]) -> int:
   """usage: jaxmodels eval --workdir DIR [--step N] [--config.data.KEY=VALUE ...]
 
