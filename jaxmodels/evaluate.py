@@ -48,13 +48,12 @@ def saved_config(workdir, overrides: list[str]) -> config_dict.ConfigDict:
 def evaluate_model(exp, model) -> dict:
   """`Experiment.evaluate` of any module of the experiment's task and shapes (a compressed one too), compiled on its
   own graph."""
-  from jaxmodels.train import TrainState, make_steps, split_model  # pylint: disable=import-outside-toplevel
+  from jaxmodels import train  # pylint: disable=import-outside-toplevel
 
-  graphdef, params, model_state = split_model(model)
-  t, d = exp.config.train, exp.dataset
-  _, eval_fn = make_steps(graphdef, exp.tx, t.seed, task=d.task, loss=t.loss,
-                          eval_top_k=t.eval_top_k if 1 < t.eval_top_k < d.num_outputs else 0)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
+  graphdef, params, model_state = train.split_model(model)
+  t = exp.config.train
+  _, eval_fn = train.make_steps(graphdef, exp.tx, t.seed, **train.evaluation_options(t, exp.dataset))
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
   return dataclasses.replace(exp, eval_step=jax.jit(eval_fn)).evaluate(state)
 
 

@@ -51,7 +51,7 @@ def loss_sums(task: str, logits, y, mask, loss: str = "mse") -> dict[str, jax.Ar
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
-def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> dict[str, jax.Array]:
+def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse", y_shift=None) -> dict[str, jax.Array]:
   """`loss_sums` plus the task's metric sums over unmasked targets:
 
   classify: `top_k_correct` (float32, for `top_k` > 0) and `confusion` (C, C) int32,
@@ -60,7 +60,9 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> 
     logit histogram of each true class;
   multilabel: `label_counts` (3, C) int32, true positives, predicted and true positives per label;
   regress: per output (y.shape[1:]) float32 sums `target_count`, `y_sum`, `y_sq_sum`, `sq_error_sum`,
-    `abs_error_sum`;
+    `abs_error_sum`; `y_sum` and `y_sq_sum` of y - `y_shift` (per output, e.g. the training targets' mean):
+    R^2's total sum of squares, y_sq_sum - y_sum^2 / n, does not depend on the shift, but about 0 its float32
+    terms lose the variance of targets far from 0 (mean 1e4, std 3: R^2 off by ~0.2);
   seq2seq: `exact` (rows whose every unmasked target is the argmax) and `sequences` (rows with a target), int32.
     Teacher-forced, so `exact` also counts the rows greedy decoding gets right: where every step's argmax is
     right, the decoder is fed exactly the target (tests/test_seq2seq.py checks it against `generate`).
@@ -89,7 +91,9 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse") -> 
     sums["sequences"] = jnp.sum(jnp.any(kept, axis=-1)).astype(jnp.int32)
   elif task == "regress":
     outputs, y = logits.reshape(y.shape), y.astype(jnp.float32)
-    sums.update(target_count=jnp.sum(mask, 0), y_sum=jnp.sum(y * mask, 0), y_sq_sum=jnp.sum(jnp.square(y) * mask, 0),
+    centred = y if y_shift is None else y - y_shift
+    sums.update(target_count=jnp.sum(mask, 0), y_sum=jnp.sum(centred * mask, 0),
+                y_sq_sum=jnp.sum(jnp.square(centred) * mask, 0),
                 sq_error_sum=jnp.sum(jnp.square(outputs - y) * mask, 0),
                 abs_error_sum=jnp.sum(jnp.abs(outputs - y) * mask, 0))
   return sums

@@ -219,9 +219,7 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
-  # Top-k accuracy only where k leaves classes out; a confusion matrix for classifiers (not for a vocabulary).
-  eval_options = dict(task=dataset.task, loss=t.loss,
-                      eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
+  eval_options = evaluation_options(t, dataset)
   state_options = dict(ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
@@ -264,9 +262,18 @@ def build_experiment(config, devices=None) -> Experiment:
                     train_step, eval_step, notices)
 
 
+def evaluation_options(t, dataset) -> dict:
+  """make_steps' task options for `dataset` under train config `t`: top-k accuracy only where k leaves classes
+  out; a regression's eval sums about the training targets' per-output mean (tasks.eval_sums' y_shift)."""
+  y_shift = (np.mean(dataset.y_train, axis=0, dtype=np.float64).astype(np.float32) if dataset.task == "regress"
+             else None)
+  return dict(task=dataset.task, loss=t.loss, y_shift=y_shift,
+              eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
+
+
 def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
                skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0,
-               teacher=None, ema_decay: float = 0.0, loss_scale_period: int = 2000):
+               y_shift=None, teacher=None, ema_decay: float = 0.0, loss_scale_period: int = 2000):
   """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
 
   The gradient is that of the summed loss divided once by the number of
@@ -284,7 +291,7 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
   state unchanged but for the step counter (metric `skipped` = 1). `task` and
   `loss` (regression) pick the loss (jaxmodels.tasks); the eval step adds the
-  batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0) to its `totals`
+  batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0; regression sums about `y_shift`) to its `totals`
   argument inside the compiled step (no eager sum per batch; None: the batch's sums).
   With a `teacher` (distill.Teacher) the train step takes the teacher's arrays as a
   third argument and minimises `teacher.objective` (distillation); its metrics
@@ -372,7 +379,8 @@ def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: st
   def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
-    sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss)
+    sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss,
+                           y_shift)
     sums = sums if axis_name is None else jax.lax.psum(sums, axis_name)
     return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
