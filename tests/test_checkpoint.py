@@ -54,41 +54,43 @@ def nnx_state(model):
   return nnx.to_pure_dict(nnx.state(model))
 
 
-EXPERIMENTS = {
-    "digits_cnn": ["--config.train.steps=200"],
-}
-COMMON = ["--config.checkpoint.every=50", "--config.train.log_every=10"]
+ARGS = ["--config.train.steps=200", "--config.checkpoint.every=50", "--config.train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """digits_cnn trained 200 steps uninterrupted: what a stopped and resumed run must equal."""
+  workdir = tmp_path_factory.mktemp("straight")
+  assert run(command("digits_cnn", workdir, *ARGS)).returncode == 0
+  return workdir
+
+
+def assert_same_run(workdir, straight_workdir):
+  assert scores(workdir) == scores(straight_workdir)
+  for a, b in zip(final_params(workdir), final_params(straight_workdir)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXPERIMENTS))
-def test_sigkill_after_step_120_resumes_bit_exactly(tmp_path, name):
-  args = EXPERIMENTS[name] + COMMON
-  assert run(command(name, tmp_path / "straight", *args)).returncode == 0
-  code, out = run_until(command(name, tmp_path / "killed", *args), "step 120 train", signal.SIGKILL)
+def test_sigkill_after_step_120_resumes_bit_exactly(tmp_path, straight):
+  code, out = run_until(command("digits_cnn", tmp_path, *ARGS), "step 120 train", signal.SIGKILL)
   assert code == -signal.SIGKILL, out
-  resumed = run(command(name, tmp_path / "killed", *args))
+  resumed = run(command("digits_cnn", tmp_path, *ARGS))
   assert resumed.returncode == 0, resumed.stderr
   # The newest committed save: 100 normally, 50 if the kill beat the async write of 100 to its commit.
   assert any(f"training steps {s}..200" in resumed.stdout for s in (50, 100, 150)), resumed.stdout
-  assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
-  for a, b in zip(final_params(tmp_path / "killed"), final_params(tmp_path / "straight")):
-    np.testing.assert_array_equal(a, b)
+  assert_same_run(tmp_path, straight)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path):
-  args = EXPERIMENTS["digits_cnn"] + COMMON
-  assert run(command("digits_cnn", tmp_path / "straight", *args)).returncode == 0
-  code, out = run_until(command("digits_cnn", tmp_path / "stopped", *args), "step 70 train", signal.SIGTERM)
+def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, straight):
+  code, out = run_until(command("digits_cnn", tmp_path, *ARGS), "step 70 train", signal.SIGTERM)
   assert code == 75, out
-  saved = checkpoint.Checkpoints(checkpoint.checkpoint_dir(tmp_path / "stopped")).latest_step()
+  saved = checkpoint.Checkpoints(checkpoint.checkpoint_dir(tmp_path)).latest_step()
   assert 70 <= saved < 200 and saved % 50 != 0  # the signal's own save, not a periodic one
   assert f"saved step {saved}; rerun the same command to resume" in out
-  assert run(command("digits_cnn", tmp_path / "stopped", *args)).returncode == 0
-  assert scores(tmp_path / "stopped") == scores(tmp_path / "straight")
-  for a, b in zip(final_params(tmp_path / "stopped"), final_params(tmp_path / "straight")):
-    np.testing.assert_array_equal(a, b)
+  assert run(command("digits_cnn", tmp_path, *ARGS)).returncode == 0
+  assert_same_run(tmp_path, straight)
 
 
 @pytest.mark.slow

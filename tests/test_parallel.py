@@ -165,11 +165,10 @@ TINY_TEXT = ["train", "--config", "experiments/text_transformer.py", "--config.d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, mesh", [("tp", "tensor=4"), ("fsdp", "fsdp=2,tensor=2")])
-def test_launch_mesh_axes_across_processes_match_one_process(tmp_path, strategy, mesh):
-  # tensor=4 spans both processes (each holds 2 of the 4 replicas of every batch row); under fsdp=2,tensor=2
-  # fsdp crosses the processes. Each process must load the rows its devices hold, replicas the same rows.
-  train = [*TINY_TEXT, f"--config.parallel.strategy={strategy}", f"--config.parallel.mesh={mesh}"]
+def test_tensor_axis_across_processes_matches_one_process(tmp_path):
+  # tensor=4 spans both processes: each holds 2 of the 4 replicas of every batch row, so both must load the same
+  # rows. (A batch axis across processes, each loading only its own rows, is test_tokens' two-process launch.)
+  train = [*TINY_TEXT, "--config.parallel.strategy=tp", "--config.parallel.mesh=tensor=4"]
   multi = jaxmodels("launch", "--processes", "2", "--devices-per-process", "2", "--", *train,
                     f"--workdir={tmp_path / 'multi'}", timeout=300)
   assert multi.returncode == 0, multi.stdout + multi.stderr
