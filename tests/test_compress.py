@@ -180,7 +180,7 @@ def test_qat_vit_trains_exports_loads_and_evaluates(tmp_path, capsys):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   final = train_and_evaluate(config, workdir)
   losses = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
-  assert losses[-1] < losses[0] - 0.5  # 3.10 -> 1.68 at d_model 64
+  assert losses[-1] < losses[0] - 0.5  # 3.05 -> 2.25 in 20 steps
   assert cli.main(["jaxmodels", "export", "--workdir", workdir, "--out", out]) == 0
   check_qat_run(config, jaxmodels.load_model(out))
   capsys.readouterr()
