@@ -187,14 +187,13 @@ def default_config() -> config_dict.ConfigDict:
   c.train.distill.teacher = ""  # the teacher run's workdir (local or gs://; newest checkpoint); empty = off
   c.train.distill.temperature = 2.0  # T > 0: softens both distributions; T^2 keeps the KL gradient's scale
   c.train.distill.alpha = 0.5  # in [0, 1]: weight of the KL term (0: the hard labels only, 1: the teacher only)
-  # Quantization-aware training through qwix (jaxmodels/quantization.py): the forward pass computes every matmul
-  # and convolution on fake-quantized integer weights, per output channel, with straight-through gradients;
-  # parameters stay float (checkpoints, resume and export as usual). Post-training: `jaxmodels compress`.
+  # Quantization-aware training through qwix (jaxmodels/quantization.py): the forward pass computes the matmul of
+  # every dense (nnx.Linear) and conv layer on fake-quantized integer weights, per output channel, with
+  # straight-through gradients; embeddings, norms and attention's q.k and p.v einsums stay float. Parameters stay
+  # float (checkpoints, resume and export as usual). Post-training: `jaxmodels compress`.
   c.train.quantization = config_dict.ConfigDict()
-  # 0: off | 8 | 4 (int8 / int4 weights). MLP, CNN, ResNet, LSTM/GRU and the Transformer classifier; not the
-  # Transformer LM or ViT, where qwix's QAT fails on the attention (use `jaxmodels compress` after training).
-  c.train.quantization.bits = 0
-  c.train.quantization.activations = False  # also quantize the inputs of each matmul (dynamic per-row scales)
+  c.train.quantization.bits = 0  # 0: off | 8 | 4 (int8 / int4 weights); every family
+  c.train.quantization.activations = False  # also quantize each dense layer's inputs (dynamic per-row scales)
   # Regex over module paths (qwix's, '/'-joined: stack/blocks/attn/query, convs/0, out) kept in float: by default
   # the embeddings (a tied LM head is the embedding); add e.g. |out|head to keep a final layer in float, as is
   # common at 4 bits. Convolutions always quantize their inputs too (qwix's integer conv needs both operands).
@@ -437,10 +436,6 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
   family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
-  if t.quantization.bits and (m.family == "vit" or (m.family == "transformer" and task == "lm")):
-    raise UserError(f"train.quantization.bits={t.quantization.bits} (QAT) with model.family={m.family}: qwix's "
-                    f"quantized training fails on this family's attention (qwix 0.1.8: 'lhs and rhs cannot be both "
-                    f"weights'); train it in float and quantize after training: jaxmodels compress --method ptq")
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
   pruning.check(t.pruning)
