@@ -146,10 +146,10 @@ def check_qat_run(config, model, passes: int = 1) -> None:
   assert loss(model) != loss(float_model) and loss(model) == pytest.approx(loss(float_model), abs=0.05)
 
 
-def test_qat_transformer_lm_trains_resumes_compresses_and_samples(tmp_path, capsys):
+def test_qat_transformer_lm_trains_resumes_exports_compresses_and_samples(tmp_path, capsys):
   """A tiny scanned Transformer LM trained quantization-aware (int8; remat: its train step rounds each weight
-  twice) learns and resumes; its PTQ export samples."""
-  from jaxmodels.export import load_run_model  # pylint: disable=import-outside-toplevel
+  twice) learns and resumes; its export loads quantized and evaluates as the run did; its PTQ export samples."""
+  import jaxmodels  # pylint: disable=import-outside-toplevel
   from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = qat_config("text_transformer", num_layers=1, d_model=32, num_heads=2, d_ff=64)
   config.data.eval_windows = 8
@@ -157,11 +157,16 @@ def test_qat_transformer_lm_trains_resumes_compresses_and_samples(tmp_path, caps
   train_and_evaluate(config, workdir)
   losses = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
   assert losses[-1] < losses[0] - 0.3  # 4.80 -> 3.51 nats in 20 steps
-  check_qat_run(config, load_run_model(workdir), passes=2)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))  # resume from step 10
-  train_and_evaluate(config, workdir)
+  final = train_and_evaluate(config, workdir)
   resumed = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
   assert resumed[-1] == pytest.approx(losses[-1], rel=1e-5)
+  exported = str(tmp_path / "export")
+  assert cli.main(["jaxmodels", "export", "--workdir", workdir, "--out", exported]) == 0
+  check_qat_run(config, jaxmodels.load_model(exported), passes=2)
+  capsys.readouterr()
+  assert cli.main(["jaxmodels", "eval", "--workdir", exported]) == 0
+  assert f"loss={final['loss']:.4f}" in capsys.readouterr().out
   out = str(tmp_path / "int8")
   assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "ptq", "--out", out]) == 0
   capsys.readouterr()
@@ -169,23 +174,6 @@ def test_qat_transformer_lm_trains_resumes_compresses_and_samples(tmp_path, caps
                    "--temperature", "0"]) == 0
   printed = capsys.readouterr().out
   assert printed.startswith("def ") and len(printed.rstrip("\n")) >= 4 + 1
-
-
-def test_qat_vit_trains_exports_loads_and_evaluates(tmp_path, capsys):
-  """A tiny ViT trained quantization-aware learns; its export loads quantized and evaluates as the run did."""
-  import jaxmodels  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  config = qat_config("digits_vit", d_model=32, num_layers=1, d_ff=64)
-  config.checkpoint.every = 0
-  workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
-  final = train_and_evaluate(config, workdir)
-  losses = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]
-  assert losses[-1] < losses[0] - 0.5  # 3.05 -> 2.25 in 20 steps
-  assert cli.main(["jaxmodels", "export", "--workdir", workdir, "--out", out]) == 0
-  check_qat_run(config, jaxmodels.load_model(out))
-  capsys.readouterr()
-  assert cli.main(["jaxmodels", "eval", "--workdir", out]) == 0
-  assert f"loss={final['loss']:.4f}" in capsys.readouterr().out
 
 
 def test_qat_forward_computes_on_quantized_weights():
