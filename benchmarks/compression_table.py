@@ -11,7 +11,9 @@ Rows (each a `jaxmodels` CLI subprocess, then an export measured in this process
   prune50, prune90, prune2:4
              one-shot magnitude pruning of the baseline (checkpoint.restore_from, start_step = end_step = 0;
              unstructured global at 50% / 90%, or 2:4) fine-tuned for --finetune-steps; `jaxmodels export`
-  distill    a half-width student trained on the baseline as teacher (train.distill.*); `jaxmodels export`
+  student    the half-width student trained alone, on the same budget: what `distill` is measured against
+  distill    the half-width student trained on the baseline as teacher (train.distill.*, at its default temperature
+             and alpha); `jaxmodels export`
 A row whose command fails is printed with its error and the table goes on. Columns: accuracy (classifiers) or
 validation loss in nats (language models) of the exported model on the eval split, bytes of its exported
 parameters on disk, and the median time of one forward pass over an eval batch (train.eval_batch_size rows).
@@ -23,7 +25,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("baseline", "ptq8", "qat8", "prune50", "prune90", "prune2:4", "distill")
+ROWS = ("baseline", "ptq8", "qat8", "prune50", "prune90", "prune2:4", "student", "distill")
 # Half the widths of each experiment: the distilled student.
 HALF = {"digits_cnn": ["--config.model.features=(16,32)", "--config.model.head_sizes=(64,)"],
         "text_transformer": ["--config.model.d_model=64", "--config.model.d_ff=256"]}
@@ -63,10 +65,10 @@ def make_row(row: str, name: str, work: str, steps: int, finetune: int) -> str:
           f"--config.train.pruning.scope={scope}", "--config.train.pruning.start_step=0",
           "--config.train.pruning.end_step=0")
     jaxmodels("export", "--workdir", run, "--out", out)
-  elif row == "distill":
+  elif row in ("student", "distill"):
     run = os.path.join(work, row)
-    train(run, f"--config.train.steps={steps}", f"--config.train.distill.teacher={base}",
-          "--config.train.distill.temperature=2.0", "--config.train.distill.alpha=0.5", *HALF[name])
+    teacher = [f"--config.train.distill.teacher={base}"] if row == "distill" else []
+    train(run, f"--config.train.steps={steps}", *teacher, *HALF[name])
     jaxmodels("export", "--workdir", run, "--out", out)
   return out
 

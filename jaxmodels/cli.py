@@ -30,7 +30,7 @@ commands:
   export  parameters for research code: jaxmodels export --workdir DIR --out PATH
   import-hf  a Hugging Face GPT-2 or Llama directory as an export: jaxmodels import-hf DIR --out PATH
   export-hf  an export or run as a Hugging Face directory: jaxmodels export-hf --model PATH --out DIR
-  compress  quantize a run, export it, report: jaxmodels compress --workdir DIR --method ptq --bits 8 --out PATH
+  compress  quantize or prune a run, export it, report: jaxmodels compress --workdir DIR --method ptq --out PATH
   eval    evaluate a run's checkpoint: jaxmodels eval --workdir DIR [--step N] [--config.data.path=other.npz]
   plot    training curves: jaxmodels plot RUN [RUN ...] --metric loss --out curves.png [--confusion]
   bench   compile and step benchmarks: jaxmodels bench compile|step --config experiments/X.py ...
@@ -274,20 +274,29 @@ arrays of the same shapes), prints the metrics and writes DIR/eval_N.json.
 
 def cmd_compress(prog: str, args: list[str]) -> int:
   """usage: jaxmodels compress --workdir DIR --method ptq [--bits 8|4] [--activations] --out PATH
+       jaxmodels compress --workdir DIR --method prune (--sparsity S [--scope layer|global] | --pattern N:M) --out PATH
 
 Compresses the newest checkpoint of the run in DIR and writes it to PATH (empty or new; local or gs://) as an
 export: jaxmodels.load_model(PATH) returns the compressed module, and `eval` and `sample` take PATH as --workdir.
 Prints and writes PATH/compression.json: parameters, non-zero parameters, bytes on disk, eval metrics and
 inference time per eval batch, before and after.
-  --method ptq: post-training quantization (qwix) of the weights to --bits integers, per output channel;
+  --method ptq: post-training quantization (qwix) of the weights to --bits integers (default 8), per output channel;
     --activations also quantizes each matmul's inputs (dynamic scales). Convolutions always quantize theirs.
+  --method prune: one-shot magnitude pruning; embeddings, norm scales and biases are kept. --sparsity S in (0, 1)
+    zeroes that fraction of the smallest weights of each kernel (--scope layer, the default) or of all kernels
+    ranked together (--scope global); --pattern N:M keeps the N largest of every M consecutive inputs of a kernel
+    (sparsity 1 - N/M). The zeros are stored dense. To fine-tune after it, train with
+    --config.checkpoint.restore_from=DIR and the same train.pruning.* (start_step = end_step = 0).
 """
   from jaxmodels.compress import METHODS, compress  # pylint: disable=import-outside-toplevel
+  from jaxmodels.pruning import SCOPES  # pylint: disable=import-outside-toplevel
 
   a = _parse_args(prog, args, [("--workdir", dict(required=True)), ("--method", dict(required=True, choices=METHODS)),
-                               ("--bits", dict(type=int, default=8)), ("--activations", dict(action="store_true")),
-                               ("--out", dict(required=True))])
-  compress(a.workdir, a.method, a.out, bits=a.bits, activations=a.activations)
+                               ("--bits", dict(type=int)), ("--activations", dict(action="store_true")),
+                               ("--sparsity", dict(type=float)), ("--pattern", dict()),
+                               ("--scope", dict(choices=SCOPES)), ("--out", dict(required=True))])
+  compress(a.workdir, a.method, a.out, bits=a.bits, activations=a.activations, sparsity=a.sparsity,
+           pattern=a.pattern, scope=a.scope)
   print(f"wrote {a.out}")
   return 0
 

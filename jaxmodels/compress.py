@@ -1,6 +1,7 @@
 """`jaxmodels compress`: a trained run compressed, exported, and compared with the original.
 
     jaxmodels compress --workdir runs/digits_cnn --method ptq --bits 8 --out exported/digits_cnn-int8
+    jaxmodels compress --workdir runs/digits_cnn --method prune --sparsity 0.9 --out exported/digits_cnn-90
 
 writes OUT in the format of `jaxmodels export` (jaxmodels.load_model(OUT) returns the compressed module; `eval` and
 `sample` take OUT as --workdir) plus `OUT/compression.json`, the table `report` prints: parameters, non-zero
@@ -11,7 +12,9 @@ Methods are entries of METHODS: a function (model, options) -> (compressed model
 `ptq` is post-training quantization through qwix (jaxmodels.quantization): int8 or int4 weights, per output
 channel; `--activations` also quantizes each matmul's inputs (dynamically). Quantized weights stay quantized on
 disk: int8 arrays (int4: jnp.int4 arrays, which Orbax stores packed, two to a byte) and
-float32 scales.
+float32 scales. `prune` is one-shot magnitude pruning (jaxmodels.pruning's masks and exclusions: no embeddings, norm
+scales or biases): unstructured to `--sparsity` per tensor or globally (`--scope`), or N:M (`--pattern 2:4`); the
+pruned weights are exactly zero in a dense export (fine-tuning after it: train.pruning with checkpoint.restore_from).
 """
 
 import json
@@ -19,12 +22,14 @@ import shutil
 import statistics
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels import export
+from jaxmodels import pruning
 from jaxmodels import quantization
 from jaxmodels import storage
 from jaxmodels.errors import UserError
@@ -35,7 +40,43 @@ def _ptq(model: nnx.Module, options: dict, input_shape, task: str):
   return quantization.apply(model, spec, input_shape, task), spec
 
 
-METHODS = {"ptq": _ptq}
+def _prune(model: nnx.Module, options: dict, input_shape, task: str):  # pylint: disable=unused-argument
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  pruned = pruning.prune(nnx.to_pure_dict(params), options["sparsity"], options["pattern"], options["scope"])
+  return nnx.merge(graphdef, pruned, nnx.to_pure_dict(model_state)), None
+
+
+METHODS = {"ptq": _ptq, "prune": _prune}
+FLAGS = {"ptq": ("bits", "activations"), "prune": ("sparsity", "pattern", "scope")}  # each method's own options
+
+
+def _ptq_options(workdir, bits: int | None, activations: bool) -> dict:
+  """ptq's options (bits default 8; `exclude` from the run's train.quantization, else the default); UserError for
+  what qwix cannot do."""
+  config_q = json.loads(storage.path(workdir).joinpath("config.json").read_text()).get("train", {}).get(
+      "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
+  from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
+  exclude = config_q.get("exclude", default_config().train.quantization.exclude)
+  bits = 8 if bits is None else bits
+  quantization.check(bits, exclude, activations)
+  return dict(bits=bits, activations=activations, exclude=exclude)
+
+
+def _prune_options(sparsity: float | None, pattern: str | None, scope: str | None) -> dict:
+  """prune's options: pattern default unstructured (which needs a sparsity), N:M's sparsity 1 - N/M, scope default
+  train.pruning.scope's; UserError for a sparsity outside (0, 1) or options that contradict each other."""
+  from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
+  pattern = pattern or "unstructured"
+  nm = pruning.parse_pattern(pattern, "--")
+  if sparsity is None and nm is None:
+    raise UserError("--method prune needs --sparsity S (unstructured, 0 < S < 1) or --pattern N:M (e.g. 2:4)")
+  sparsity = 1 - nm[0] / nm[1] if sparsity is None else sparsity
+  if not 0 < sparsity < 1:
+    raise UserError(f"--sparsity {sparsity}: expected a number in (0, 1), the fraction of prunable weights zeroed")
+  scope = scope or default_config().train.pruning.scope
+  pruning.check(types.SimpleNamespace(sparsity=sparsity, pattern=pattern, scope=scope, start_step=0, end_step=0),
+                "--")
+  return dict(sparsity=sparsity, pattern=pattern, scope=scope)
 
 
 def _check_out(out) -> None:
@@ -122,26 +163,31 @@ def format_table(rows: dict) -> str:
   return "\n".join(lines)
 
 
-def compress(workdir, method: str, out, *, bits: int = 8, activations: bool = False, repeats: int = 5) -> dict:
+def compress(workdir, method: str, out, *, bits: int | None = None, activations: bool = False,
+             sparsity: float | None = None, pattern: str | None = None, scope: str | None = None,
+             repeats: int = 5) -> dict:
   """Compresses the newest checkpoint of `workdir` with `method` into the export `out` (local or gs://) and returns
-  the report (also printed and written to `out/compression.json`).
+  the report (also printed and written to `out/compression.json`). ptq takes `bits` (8 or 4; default 8) and
+  `activations`; prune takes `sparsity` (in (0, 1)), `pattern` (unstructured or N:M) and `scope` (layer or global).
 
-  Raises UserError, before anything is written, for an unknown method, unsupported bits, an `out` that exists and
-  is not empty, or a workdir without a config or checkpoint.
+  Raises UserError, before anything is written, for an unknown method, another method's option, unsupported bits,
+  a sparsity outside (0, 1), a bad or contradictory pattern, an `out` that exists and is not empty, or a workdir
+  without a config or checkpoint.
   """
   if method not in METHODS:
     raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-  config_q = json.loads(storage.path(workdir).joinpath("config.json").read_text()).get("train", {}).get(
-      "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
-  from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
-  exclude = config_q.get("exclude", default_config().train.quantization.exclude)
-  quantization.check(bits, exclude, activations)
+  given = dict(bits=bits, activations=activations or None, sparsity=sparsity, pattern=pattern, scope=scope)
+  for other, names in FLAGS.items():
+    for name in names:
+      if other != method and given[name] is not None:
+        raise UserError(f"--{name} is an option of --method {other}, not of --method {method}")
+  options = (_ptq_options(workdir, bits, activations) if method == "ptq" else
+             _prune_options(sparsity, pattern, scope))
   _check_out(out)
   before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
   exp = evaluation(workdir)
   spec = json.loads((storage.path(workdir) / "model.json").read_text())
-  after, qspec = METHODS[method](before, dict(bits=bits, activations=activations, exclude=exclude),
-                                 tuple(spec["input_shape"]), spec["task"])
+  after, qspec = METHODS[method](before, options, tuple(spec["input_shape"]), spec["task"])
   # Accepted: from here on OUT is written.
   _, params, model_state = nnx.split(after, nnx.Param, ...)
   export.save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
@@ -160,7 +206,8 @@ def compress(workdir, method: str, out, *, bits: int = 8, activations: bool = Fa
   finally:
     shutil.rmtree(baseline, ignore_errors=True)
   rows = report(before, after, exp, before_bytes, disk_bytes(out_path / "params"), repeats)
-  result = {"method": method, "options": dict(bits=bits, activations=activations), "workdir": str(workdir), **rows}
+  shown = {k: v for k, v in options.items() if k != "exclude"}
+  result = {"method": method, "options": shown, "workdir": str(workdir), **rows}
   (out_path / "compression.json").write_text(json.dumps(result, indent=2))
   print(format_table(rows))
   return result

@@ -37,13 +37,14 @@ class PruningState(NamedTuple):
   sparsity: jax.Array  # float32 scalar: fraction of the prunable weights that are zero after the latest update
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-  """None for `unstructured`, (n, m) for "n:m" (n kept of every m, 0 < n < m); UserError otherwise."""
+def parse_pattern(pattern: str, prefix: str = "train.pruning.") -> tuple[int, int] | None:
+  """None for `unstructured`, (n, m) for "n:m" (n kept of every m, 0 < n < m); UserError otherwise (`prefix`: how
+  the message names the option, e.g. "--" for `jaxmodels compress`'s flags)."""
   if pattern == "unstructured":
     return None
   n, _, m = pattern.partition(":")
   if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-    raise UserError(f"train.pruning.pattern={pattern!r}: expected unstructured or N:M with 0 < N < M (e.g. 2:4)")
+    raise UserError(f"{prefix}pattern={pattern!r}: expected unstructured or N:M with 0 < N < M (e.g. 2:4)")
   return int(n), int(m)
 
 
@@ -55,21 +56,22 @@ def valid_pattern(pattern) -> bool:
   return True
 
 
-def check(p) -> None:
-  """Raises UserError for a `train.pruning` group that cannot run."""
-  nm = parse_pattern(p.pattern)
+def check(p, prefix: str = "train.pruning.") -> None:
+  """Raises UserError for a `train.pruning` group (or `jaxmodels compress --method prune`'s flags: sparsity,
+  pattern, scope, start_step, end_step) that cannot run; `prefix` names the options in the message."""
+  nm = parse_pattern(p.pattern, prefix)
   if p.scope not in SCOPES:
-    raise UserError(f"train.pruning.scope={p.scope!r}: expected one of {', '.join(SCOPES)}")
+    raise UserError(f"{prefix}scope={p.scope!r}: expected one of {', '.join(SCOPES)}")
   if not p.sparsity:
     return
   if nm is not None and abs(p.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-    raise UserError(f"train.pruning.sparsity={p.sparsity} with pattern {p.pattern}: expected {1 - nm[0] / nm[1]} "
+    raise UserError(f"{prefix}sparsity={p.sparsity} with pattern {p.pattern}: expected {1 - nm[0] / nm[1]} "
                     f"(= 1 - {nm[0]}/{nm[1]})")
   if nm is not None and p.scope == "global":
-    raise UserError(f"train.pruning.scope=global ranks weights across tensors: N:M pattern {p.pattern} prunes "
-                    f"within each group; use scope=layer")
+    raise UserError(f"{prefix}scope=global ranks weights across tensors: N:M pattern {p.pattern} prunes "
+                    f"within each group; use {prefix}scope=layer")
   if p.end_step < p.start_step:
-    raise UserError(f"train.pruning.end_step={p.end_step} is below train.pruning.start_step={p.start_step}")
+    raise UserError(f"{prefix}end_step={p.end_step} is below {prefix}start_step={p.start_step}")
 
 
 def sparsity_at(step, final: float, start: int, end: int):
@@ -149,6 +151,13 @@ def compute_masks(params, sparsity, pattern: str = "unstructured", scope: str = 
     return _keep_largest(magnitude, sparsity)
 
   return jax.tree_util.tree_map_with_path(one, magnitudes, keep)
+
+
+def prune(params, sparsity: float, pattern: str = "unstructured", scope: str = "layer"):
+  """One-shot magnitude pruning: `params` (a pure dict) with the weights `compute_masks` drops set to exactly zero,
+  dtypes kept (`jaxmodels compress --method prune`)."""
+  masks = compute_masks(params, jnp.float32(sparsity), pattern, scope)
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
 
 
 def magnitude_pruning(sparsity: float, pattern: str = "unstructured", scope: str = "layer", start_step: int = 0,

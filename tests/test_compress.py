@@ -1,7 +1,7 @@
 """Quantization (qwix) and `jaxmodels compress`: PTQ of a trained run keeps its accuracy and shrinks its weights,
-the compressed export loads, evaluates and samples; quantization-aware training rounds every dense and conv weight
-of every family (traced on abstract models), and a tiny Transformer LM and ViT train under it, resume, sample,
-export and evaluate; bad input is one line."""
+the compressed export loads, evaluates and samples; one-shot pruning exports exact zeros; quantization-aware training
+rounds every dense and conv weight of every family (traced on abstract models), and a tiny Transformer LM trains
+under it, resumes, exports, evaluates and samples; bad input is one line."""
 
 import collections
 import json
@@ -55,6 +55,36 @@ def test_the_compressed_export_loads_and_evaluates(cnn_int8, capsys):
   assert isinstance(nnx.state(model, nnx.Param)["out"]["kernel"]["array"]["qvalue"].get_value(), jax.Array)
   assert cli.main(["jaxmodels", "eval", "--workdir", out]) == 0
   assert f"accuracy={after['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_prune_exports_exact_zeros_that_load_and_evaluate(digits_cnn_run, tmp_path, capsys):
+  """`compress --method prune --sparsity 0.9` (scope layer, the default): each kernel of the export is exactly 90%
+  zeros, its largest weights kept as they were; biases and BatchNorm are untouched; the export evaluates."""
+  workdir, out = digits_cnn_run[0], str(tmp_path / "cnn-90")
+  assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "prune", "--sparsity", "0.9",
+                   "--out", out]) == 0
+  with open(os.path.join(out, "compression.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  import jaxmodels  # pylint: disable=import-outside-toplevel
+  from jaxmodels.export import load_run_model  # pylint: disable=import-outside-toplevel
+  before = nnx.to_pure_dict(nnx.state(load_run_model(workdir), nnx.Param))
+  after = dict(jax.tree_util.tree_flatten_with_path(jaxmodels.load_params(out))[0])
+  pruned = 0
+  for path, b in jax.tree_util.tree_flatten_with_path(before)[0]:
+    a, b = np.asarray(after[path]), np.asarray(b)
+    if path[-1].key == "kernel":
+      zeros = int(np.floor(np.float32(0.9) * b.size))
+      assert np.sum(a == 0) == zeros and np.array_equal(a[a != 0], b[a != 0])
+      assert np.abs(b[a == 0]).max() <= np.abs(a[a != 0]).min()  # the smallest went
+      pruned += zeros
+    else:
+      assert np.array_equal(a, b), jax.tree_util.keystr(path)
+  assert report["options"] == {"sparsity": 0.9, "pattern": "unstructured", "scope": "layer"}
+  assert report["after"]["nonzero_parameters"] == report["before"]["nonzero_parameters"] - pruned
+  assert report["after"]["bytes"] < report["before"]["bytes"]
+  capsys.readouterr()
+  assert cli.main(["jaxmodels", "eval", "--workdir", out]) == 0
+  assert f"accuracy={report['after']['accuracy']:.4f}" in capsys.readouterr().out
 
 
 def rounds(jaxpr) -> list[tuple]:
@@ -187,10 +217,17 @@ def test_qat_forward_computes_on_quantized_weights():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "prune"], "argument --method: invalid choice: 'prune'"),
+    (["--method", "svd"], "argument --method: invalid choice: 'svd'"),
+    (["--method", "prune"], "--method prune needs --sparsity S"),
+    (["--method", "prune", "--sparsity", "1"], "--sparsity 1.0: expected a number in (0, 1)"),
+    (["--method", "prune", "--pattern", "4:2"], "--pattern='4:2': expected unstructured or N:M with 0 < N < M"),
+    (["--method", "prune", "--pattern", "2:4", "--sparsity", "0.9"], "--sparsity=0.9 with pattern 2:4: expected 0.5"),
+    (["--method", "prune", "--pattern", "2:4", "--scope", "global"], "--scope=global ranks weights across tensors"),
+    (["--method", "ptq", "--sparsity", "0.5"], "--sparsity is an option of --method prune, not of --method ptq"),
+    (["--method", "prune", "--sparsity", "0.5", "--bits", "8"], "--bits is an option of --method ptq"),
     (["--method", "ptq", "--bits", "2"], "--bits 2: qwix quantizes to 4 or 8 bits"),
     (["--method", "ptq", "--bits", "4", "--activations"], "XLA's CPU backend cannot multiply int4 operands"),
-    (["--method", "ptq", "OUT_EXISTS"], "already exists and is not an empty directory"),
+    (["--method", "prune", "--sparsity", "0.5", "OUT_EXISTS"], "already exists and is not an empty directory"),
     (["--method", "ptq", "NO_CHECKPOINT"], "has no checkpoint"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(digits_cnn_run, tmp_path, capsys, flags, message):

@@ -126,17 +126,18 @@ def test_one_shot_2_4_prune_of_a_trained_run_then_fine_tune(pruned_runs, tmp_pat
 
 
 def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
-  """On held-out cross-entropy: a CNN teacher (0.988 accuracy on the ~900 held-out digits) and a 32-unit MLP student
-  trained 300 steps on the other half. Measured on seeds 0 and 1: test loss 0.513 -> 0.427 and 0.407 -> 0.329
-  distilled, while accuracy fell (0.905 -> 0.868, 0.920 -> 0.908): the small student matches the teacher's
-  distribution better, not its argmax."""
+  """On held-out cross-entropy, at the default temperature and alpha (2, 0.9): a CNN teacher (0.988 accuracy on the
+  ~900 held-out digits) and a 32-unit MLP student trained 300 steps on the other half. Measured on seeds 0 and 1:
+  test loss 0.513 -> 0.442 and 0.407 -> 0.329 distilled. Accuracy is not asserted: this student underfits (0.92
+  train accuracy), and the soft targets trade its argmax for calibration (0.905 -> 0.876, 0.920 -> 0.914); MLP
+  students trained to fit (learning rate 1e-2 to 3e-2, 32 to 128 units, 4 to 6 seeds) moved by under 1.5 points
+  either way. The README table's half-width CNN student gains accuracy (or ties) on seeds 0 to 3."""
   data = dict(data__test_fraction=0.5)
   teacher = str(tmp_path / "teacher")
   train_and_evaluate(config("digits_cnn", steps=400, **data), teacher)
   student = dict(steps=300, model__hidden_sizes=(32,), model__dropout=0.0, train__weight_decay=0.0, **data)
   plain = train_and_evaluate(config(**student), str(tmp_path / "plain"))
-  distilled = train_and_evaluate(config(**student, train__distill__teacher=teacher, train__distill__temperature=4.0,
-                                        train__distill__alpha=0.5), str(tmp_path / "distilled"))
+  distilled = train_and_evaluate(config(**student, train__distill__teacher=teacher), str(tmp_path / "distilled"))
   assert distilled["loss"] < plain["loss"] - 0.03
 
 
