@@ -97,16 +97,6 @@ def check(bits: int, exclude: str, activations: bool = False) -> None:
     raise UserError(f"exclude pattern {exclude!r} is not a regex: {e}") from None
 
 
-def per_step_recurrence(model: nnx.Module) -> nnx.Module:
-  """`model` with its recurrent stacks calling each cell's `dense_h` per time step: qwix quantizes the matmuls it
-  sees inside a module's call, and their fused recurrence (jaxmodels.models.recurrent) computes that matmul on the
-  kernel's value directly."""
-  for _, module in nnx.iter_modules(model):
-    if getattr(module, "fused_recurrence", False):
-      module.fused_recurrence = False
-  return model
-
-
 class _QtProvider(qwix.QtProvider):
   """qwix's quantized-training provider, for rules that match only `nnx.Linear` modules (`_qat_rules`): there the
   one matmul is flax's `inputs @ kernel`, so the right operand is the weight and the left the input activation.
@@ -152,8 +142,8 @@ def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   call on it is skipped, since QT with dynamic scales creates no state. The parameters keep their float dtype and
   tree. Raises UserError for unsupported bits or a bad `exclude` regex."""
   check(bits, exclude, activations)
-  return per_step_recurrence(qwix.quantize_model(
-      model, _QtProvider(_qat_rules(model, bits, activations, exclude)), x, skip_nnx_init=True))
+  return qwix.quantize_model(model, _QtProvider(_qat_rules(model, bits, activations, exclude)), x,
+                             skip_nnx_init=True)
 
 
 def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
@@ -170,7 +160,7 @@ def ptq(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
   qwix.PtqProvider. `x`: a sample input batch. Raises UserError for unsupported bits or a bad regex."""
   check(bits, exclude, activations)
-  model = per_step_recurrence(nnx.clone(model))
+  model = nnx.clone(model)
   for path, module in model.iter_modules():
     if isinstance(module, (nnx.Linear, nnx.Conv)) and not re.fullmatch(exclude, module_path(path)):
       kernel = module.kernel

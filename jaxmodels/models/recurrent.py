@@ -11,7 +11,6 @@ sharding (`jaxmodels.parallel.constrain`).
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -51,121 +50,45 @@ def make_cell(kind, in_features, hidden, dtype, param_dtype, rngs):
   return CELLS[kind](in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def gates(cell, carry, xw_BG, hw_BG):
-  """One time step's gate math given both projections; returns (carry, y_BH). Elementwise only.
+def cell_step(cell, carry, xw_BG):
+  """One time step of `cell` given its input projection `xw_BG` = cell.dense_i(x_BF); returns (carry, y_BH).
 
-  `cell`: a GateFns.
-  `xw_BG` = cell.dense_i(x_BF) (+ the LSTM's dense_h bias), `hw_BG` = h_BH @ cell.dense_h.kernel. The math of
-  flax's OptimizedLSTMCell and GRUCell, written out because their `__call__` does both matmuls inside the step;
-  the parameters (dense_i, dense_h) are the cells' own, so their names and shapes are unchanged.
+  The gate math of flax's OptimizedLSTMCell and GRUCell, written out because
+  their `__call__` projects the input inside the step: here the projection of
+  every time step is one matmul before the scan (`run_cell`), and only the
+  recurrent matmul stays in the loop. Parameters (dense_i, dense_h) are the
+  cells' own, so their names and shapes are unchanged.
   """
-  if cell.lstm:
-    c_BH, _ = carry
-    i, f, g, o = jnp.split(xw_BG + hw_BG, 4, axis=-1)
+  if isinstance(cell, nnx.OptimizedLSTMCell):
+    c_BH, h_BH = carry
+    i, f, g, o = jnp.split(xw_BG + cell.dense_h(h_BH), 4, axis=-1)
     c_BH = cell.gate_fn(f) * c_BH + cell.gate_fn(i) * cell.activation_fn(g)
     h_BH = cell.gate_fn(o) * cell.activation_fn(c_BH)
     return (c_BH, h_BH), h_BH
   h_BH = carry
   xr, xz, xn = jnp.split(xw_BG, 3, axis=-1)
-  hr, hz, hn = jnp.split(hw_BG, 3, axis=-1)
+  hr, hz, hn = jnp.split(cell.dense_h(h_BH), 3, axis=-1)
   r, z = cell.gate_fn(xr + hr), cell.gate_fn(xz + hz)
   n = cell.activation_fn(xn + r * hn)
   h_BH = (1.0 - z) * n + z * h_BH
   return h_BH, h_BH
 
 
-@dataclasses.dataclass(frozen=True)
-class GateFns:
-  """What `gates` needs of a cell, free of its parameters (a static argument of `recurrence`)."""
-  lstm: bool
-  gate_fn: object
-  activation_fn: object
-
-  @classmethod
-  def of(cls, cell):
-    return cls(isinstance(cell, nnx.OptimizedLSTMCell), cell.gate_fn, cell.activation_fn)
-
-
-def hidden(carry):
-  """The state the recurrent matmul reads: h of an LSTM's (c, h), a GRU's h."""
-  return carry[1] if isinstance(carry, tuple) else carry
-
-
-def pinned(tree):
-  return jax.tree.map(lambda a: constrain(a, (BATCH,)), tree)
-
-
-def _scan_forward(cell, reverse, carry, xw_TBG, w_HG):
-  """The time loop; returns ((final carry, y_TBH), (each step's incoming carry, hw_TBG)) for the backward."""
-  def step(c, xw_BG):
-    hw_BG = jnp.dot(hidden(c), w_HG)
-    new, y_BH = gates(cell, c, xw_BG, hw_BG)
-    return pinned(new), (constrain(y_BH, (BATCH,)), c, hw_BG)
-  carry, (y_TBH, carries_T, hw_TBG) = jax.lax.scan(step, pinned(carry), xw_TBG, reverse=reverse)
-  return (carry, y_TBH), (carries_T, hw_TBG)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def recurrence(cell, reverse, carry, xw_TBG, w_HG):
-  """Runs `cell` over time from `carry` on the hoisted input projections; returns (final carry, y_TBH).
-
-  `w_HG` is the recurrent kernel in the compute dtype. Its gradient is one (H, T*B) x (T*B, G) matmul after the
-  backward loop, as PyTorch and cuDNN compute it: differentiated by JAX, `lax.scan` would accumulate it inside
-  the loop, one (H, B) x (B, G) product and an (H, G) add per step, which XLA's CPU backend runs on one thread.
-  The gate math's own derivative is still JAX's (`jax.vjp` of `gates` per step); only where the two recurrent
-  matmuls' gradients are computed is written here.
-  """
-  return _scan_forward(cell, reverse, carry, xw_TBG, w_HG)[0]
-
-
-def _recurrence_fwd(cell, reverse, carry, xw_TBG, w_HG):
-  out, (carries_T, hw_TBG) = _scan_forward(cell, reverse, carry, xw_TBG, w_HG)
-  return out, (carries_T, xw_TBG, hw_TBG, w_HG)
-
-
-def _recurrence_bwd(cell, reverse, residuals, cotangents):
-  carries_T, xw_TBG, hw_TBG, w_HG = residuals
-  dcarry, dy_TBH = cotangents
-
-  def step(dc, inputs):
-    c, xw_BG, hw_BG, dy_BH = inputs
-    _, vjp = jax.vjp(lambda c, xw, hw: gates(cell, c, xw, hw), c, xw_BG, hw_BG)
-    dc, dxw_BG, dhw_BG = vjp((dc, dy_BH))
-    dh_BH = hidden(dc) + jnp.dot(dhw_BG, w_HG.T)
-    dc = (dc[0], dh_BH) if isinstance(dc, tuple) else dh_BH
-    return pinned(dc), (dxw_BG, dhw_BG)
-
-  dcarry, (dxw_TBG, dhw_TBG) = jax.lax.scan(step, pinned(dcarry), (carries_T, xw_TBG, hw_TBG, dy_TBH),
-                                            reverse=not reverse)
-  dw_HG = jnp.einsum("tbh,tbg->hg", hidden(carries_T), dhw_TBG, preferred_element_type=jnp.float32)
-  return dcarry, dxw_TBG, dw_HG.astype(w_HG.dtype)
-
-
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def run_cell(cell, carry, x_BTF, reverse=False, fused=True):
+def run_cell(cell, carry, x_BTF, reverse=False):
   """Scans `cell` over time; returns (final carry, outputs_BTH).
 
   The input projection of all T steps is one (T*B, F) x (F, G) matmul ahead of
   the scan (G = 4H for an LSTM, 3H for a GRU), for training and decoding's
-  prefill alike; each scan step does only the (B, H) x (H, G) recurrent matmul
-  (`recurrence`, or with `fused=False` the cell's own `dense_h` in a plain scan, differentiated by JAX).
+  prefill alike; each scan step does only the (B, H) x (H, G) recurrent matmul.
   """
+  def step(c, xw_BG):
+    c, y_BH = cell_step(cell, c, xw_BG)
+    return jax.tree.map(lambda a: constrain(a, (BATCH,)), c), constrain(y_BH, (BATCH,))
+  carry = jax.tree.map(lambda a: constrain(a, (BATCH,)), carry)
   x_TBF = jnp.swapaxes(x_BTF, 0, 1)
   T, B, F = x_TBF.shape
   xw_TBG = cell.dense_i(x_TBF.reshape(T * B, F)).reshape(T, B, -1)  # 2-D: one plain matmul, also in the backward
-  dense_h = cell.dense_h
-  if fused:
-    kernel = dense_h.kernel.get_value()
-    if dense_h.bias is not None:  # the LSTM's: constant over time, added once here
-      xw_TBG = xw_TBG + dense_h.bias.get_value().astype(xw_TBG.dtype)
-    carry, y_TBH = recurrence(GateFns.of(cell), reverse, carry, xw_TBG, kernel.astype(dense_h.dtype or kernel.dtype))
-  else:
-    def step(c, xw_BG):
-      c, y_BH = gates(GateFns.of(cell), c, xw_BG, dense_h(hidden(c)))
-      return pinned(c), constrain(y_BH, (BATCH,))
-    carry, y_TBH = jax.lax.scan(step, pinned(carry), xw_TBG, reverse=reverse)
+  carry, y_TBH = jax.lax.scan(step, carry, xw_TBG, reverse=reverse)
   return carry, constrain(jnp.swapaxes(y_TBH, 0, 1), (BATCH, LENGTH))
 
 
@@ -187,10 +110,6 @@ class RecurrentStack(nnx.Module):
                      if bidirectional else None)
     self.dropout = nnx.Dropout(dropout)
     self.cell, self.hidden_size, self.dtype = cell, hidden_size, dtype
-    # True: `recurrence`, the recurrent kernel's gradient one matmul after the time loop. False: each step calls
-    # the cell's `dense_h`, which quantization needs (qwix quantizes the matmuls it sees inside a module's call;
-    # jaxmodels.quantization turns this off).
-    self.fused_recurrence = True
 
   def init_carry(self, batch_size: int):
     """Per-layer zero carries of the forward cells (what a language model carries while decoding)."""
@@ -204,11 +123,11 @@ class RecurrentStack(nnx.Module):
     for i, cell in enumerate(self.forward):
       if i:
         x_BTF = self.dropout(x_BTF, deterministic=rngs is None, rngs=rngs)
-      carry, y_BTH = run_cell(cell, carries[i], x_BTF, fused=self.fused_recurrence)
+      carry, y_BTH = run_cell(cell, carries[i], x_BTF)
       new_fwd.append(carry)
       if self.backward is not None:
         bcarry, yb_BTH = run_cell(self.backward[i], zero_carry(self.cell, B, self.hidden_size, self.dtype),
-                                  x_BTF, reverse=True, fused=self.fused_recurrence)
+                                  x_BTF, reverse=True)
         new_bwd.append(bcarry)
         y_BTH = jnp.concatenate([y_BTH, yb_BTH], axis=-1)
       x_BTF = y_BTH
