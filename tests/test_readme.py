@@ -8,6 +8,9 @@ run in order, each file's in one fresh directory (so `sample` finds the run that
 a command before it trained), with `experiments/` linked in, JAX left to pick
 its platform as on a user's machine, and no line of their output may read as a
 failure (`E0000`, `ERROR`, a traceback or a source trace).
+An experiment whose docstring commands README.md runs the equivalents of, in
+order (training on the same config file; another command on the same workdir),
+is not run a second time (`run_by_readme`).
 """
 
 import ast
@@ -117,13 +120,45 @@ def test_readme_commands_run_as_written(tmp_path):
   run_all(readme_commands(os.path.join(ROOT, "README.md")), tmp_path)
 
 
+def equivalence(command: str) -> tuple:
+  """What a command does, for matching a docstring's commands with the README's: training (as a script or with
+  `jaxmodels train`) is its config file, whatever the workdir and overrides; another command is its name and
+  workdir, whatever its other flags."""
+  words = shlex.split(command)
+  if words[0] == "python" and words[1].startswith("experiments/"):
+    return ("train", words[1])
+  name = words[1]
+  flag = "--config" if name == "train" else "--workdir"
+  return (name, words[words.index(flag) + 1] if flag in words else None)
+
+
+def run_by_readme(path: str) -> bool:
+  """Whether README.md runs an equivalent of every docstring command of `path`, in the same order: the
+  README's test then runs what the docstring's would."""
+  readme = [equivalence(c) for c in readme_commands(os.path.join(ROOT, "README.md")) if c not in NOT_RUN
+            and not c.startswith("python -c")]
+  wanted = [equivalence(c) for c in docstring_commands(path)]
+  found = [i for w in wanted for i in [next((i for i, r in enumerate(readme) if r == w), None)] if i is not None]
+  return len(found) == len(wanted) and found == sorted(found)
+
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not run_by_readme(p)], ids=os.path.basename)
 def test_experiment_docstring_commands_run_as_written(path, tmp_path):
   commands = docstring_commands(path)
   assert commands, f"{path}: the docstring gives no command"
   run_all(commands, tmp_path)
+
+
+def test_docstring_commands_the_readme_runs():
+  """The experiments whose docstring commands are not run on their own: README.md runs their equivalents."""
+  assert [os.path.basename(p) for p in EXPERIMENTS if run_by_readme(p)] == ["digits_cnn.py", "digits_mlp.py",
+                                                                          "text_transformer.py"]
+  assert equivalence("python experiments/a.py --workdir x") == equivalence("jaxmodels train --config experiments/a.py")
+  assert equivalence("jaxmodels sample --workdir runs/a --length 2") != equivalence("jaxmodels sample --workdir runs/b")
 
 
 def expected_sentence(path: str) -> str:
