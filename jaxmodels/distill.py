@@ -67,13 +67,26 @@ def _read(workdir, name: str):
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _split_settings(config: dict) -> dict:
+  """The settings that decide which examples a run holds out: the data, and where a seeded shuffle splits it
+  (digits, image folders) its fraction and `train.seed`; a text's last `val_fraction`."""
+  data = config["data"]
+  keys = {"data.source": data["source"], "data.path": data["path"]}
+  if data["source"] in ("digits", "images"):
+    keys.update({"data.test_fraction": data["test_fraction"], "train.seed": config["train"]["seed"]})
+  elif data["source"] == "text":
+    keys["data.val_fraction"] = data["val_fraction"]
+  return keys
+
+
 def load_teacher(config, dataset, layout) -> Teacher | None:
   """The teacher of `train.distill.teacher` for a student on `dataset`, placed on `layout`'s mesh (a
   parallel.Layout), or None when distillation is off.
 
   Raises UserError (before anything is written) when the teacher's workdir holds
   no run or no checkpoint, or was trained on other data: another task, input
-  shape, number of outputs (classes, vocabulary size) or vocabulary.
+  shape, number of outputs (classes, vocabulary size) or vocabulary, or another
+  held-out split (`_split_settings`).
   """
   d = config.train.distill
   if not d.teacher:
@@ -92,6 +105,12 @@ def load_teacher(config, dataset, layout) -> Teacher | None:
   vocab = dataset.files().get("vocab.json")
   if vocab is not None and _read(d.teacher, "vocab.json") != json.loads(vocab):
     raise UserError(f"{where} has another vocabulary (vocab.json) than the student's data")
+  split = _split_settings(_read(d.teacher, "config.json"))
+  if split != _split_settings(config.to_dict()):
+    diff = ", ".join(f"{k}={split[k]!r} (student {v!r})" for k, v in _split_settings(config.to_dict()).items()
+                     if split.get(k) != v)
+    raise UserError(f"{where} held out other examples ({diff}): it has trained on some of the student's eval "
+                    f"split, which would leak into its soft targets; train both with the same settings")
   try:
     model = export.load_run_model(d.teacher)
   except UserError as e:  # e.g. "RUN has no checkpoint"

@@ -143,14 +143,15 @@ def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
 
 def test_bad_teachers_are_one_line_errors(tmp_path):
   spec = {"input_shape": [8, 8, 1], "num_outputs": 10, "task": "classify"}  # the digits
-  empty, other = tmp_path / "no_checkpoint", tmp_path / "five_classes"
-  for workdir, model in ((empty, spec), (other, {**spec, "num_outputs": 5})):
+  empty, other, reseeded = tmp_path / "no_checkpoint", tmp_path / "five_classes", tmp_path / "seed_3"
+  for workdir, model, seed in ((empty, spec, 0), (other, {**spec, "num_outputs": 5}, 0), (reseeded, spec, 3)):
     workdir.mkdir()
-    (workdir / "config.json").write_text(to_json(config("digits_cnn")))
+    (workdir / "config.json").write_text(to_json(config("digits_cnn", train__seed=seed)))
     (workdir / "model.json").write_text(json.dumps(model))
   for path, message in ((str(tmp_path / "missing"), "no config.json and model.json there"),
                         (str(empty), "no_checkpoint has no checkpoint"),
-                        (str(other), "was trained on other data: num_outputs 5 (student 10)")):
+                        (str(other), "was trained on other data: num_outputs 5 (student 10)"),
+                        (str(reseeded), "held out other examples (train.seed=3 (student 0))")):
     with pytest.raises(UserError, match=re.escape(message)) as e:
       train_and_evaluate(config(train__distill__teacher=path), str(tmp_path / "student"))
     assert "\n" not in str(e.value)
