@@ -280,7 +280,8 @@ Compresses the newest checkpoint of the run in DIR and writes it to PATH (empty 
 export: jaxmodels.load_model(PATH) returns the compressed module, and `eval` and `sample` take PATH as --workdir.
 Prints and writes PATH/compression.json: parameters, non-zero parameters, bytes on disk, eval metrics and
 inference time per eval batch, before and after.
-  --method ptq: post-training quantization (qwix) of the weights to --bits integers (default 8), per output channel;
+  --method ptq: post-training quantization (qwix) of the weights to --bits integers (default: the run's
+    train.quantization.bits if it trained quantization-aware, else 8), per output channel;
     --activations also quantizes each matmul's inputs (dynamic scales). Convolutions always quantize theirs.
   --method prune: one-shot magnitude pruning; embeddings, norm scales and biases are kept. --sparsity S in (0, 1)
     zeroes that fraction of the smallest weights of each kernel (--scope layer, the default) or of all kernels

@@ -42,6 +42,10 @@ def _ptq(model: nnx.Module, options: dict, input_shape, task: str):
 
 def _prune(model: nnx.Module, options: dict, input_shape, task: str):  # pylint: disable=unused-argument
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  if not any(jax.tree.leaves(pruning.prunable(nnx.to_pure_dict(params), options["pattern"]))):
+    raise UserError(f"--pattern {options['pattern']}: no prunable kernel of this model has an input size divisible "
+                    f"by {options['pattern'].split(':')[1]}, so nothing would be pruned"
+                    if options["pattern"] != "unstructured" else "this model has no prunable kernel")
   pruned = pruning.prune(nnx.to_pure_dict(params), options["sparsity"], options["pattern"], options["scope"])
   return nnx.merge(graphdef, pruned, nnx.to_pure_dict(model_state)), None
 
@@ -51,13 +55,13 @@ FLAGS = {"ptq": ("bits", "activations"), "prune": ("sparsity", "pattern", "scope
 
 
 def _ptq_options(workdir, bits: int | None, activations: bool) -> dict:
-  """ptq's options (bits default 8; `exclude` from the run's train.quantization, else the default); UserError for
-  what qwix cannot do."""
+  """ptq's options (bits default: the run's QAT width, else 8; `exclude` from the run's train.quantization, else
+  the default); UserError for what qwix cannot do."""
   config_q = json.loads(storage.path(workdir).joinpath("config.json").read_text()).get("train", {}).get(
       "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
   from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
   exclude = config_q.get("exclude", default_config().train.quantization.exclude)
-  bits = 8 if bits is None else bits
+  bits = (config_q.get("bits") or 8) if bits is None else bits
   quantization.check(bits, exclude, activations)
   return dict(bits=bits, activations=activations, exclude=exclude)
 
@@ -135,21 +139,15 @@ def measure(exp, model: nnx.Module, repeats: int) -> tuple[dict, float]:
   return metrics, statistics.median(times)
 
 
-def report(before: nnx.Module, after: nnx.Module, exp, before_bytes: int, after_bytes: int,
-           repeats: int = 5) -> dict:
-  """{"before": {...}, "after": {...}} of two models of one experiment (`evaluation(workdir)`): parameters,
-  nonzero_parameters, bytes (the exported parameters on disk, Orbax's metadata files included, as measured by the
-  caller), array_bytes (the parameter arrays alone, at their stored widths), eval metrics (floats)
-  and inference_ms (median of `repeats` runs of one eval batch, after a compile). Any compression method's
-  before/after pair reports through it."""
-  rows = {}
-  for name, model, size in (("before", before, before_bytes), ("after", after, after_bytes)):
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    n, nonzero, array_bytes = _counts(params)
-    metrics, seconds = measure(exp, model, repeats)
-    rows[name] = {"parameters": n, "nonzero_parameters": nonzero, "bytes": size, "array_bytes": array_bytes, **metrics,
-                  "inference_ms": 1e3 * seconds}
-  return rows
+def report(model: nnx.Module, exp, repeats: int = 5) -> dict:
+  """One model's side of the report, for a model of the experiment `evaluation(workdir)` rebuilds: parameters,
+  nonzero_parameters, array_bytes (the parameter arrays alone, at their stored widths), eval metrics (floats) and
+  inference_ms (median of `repeats` runs of one eval batch, after a compile). The caller adds `bytes`, the
+  exported parameters on disk (Orbax's metadata files included). Any compression method reports through it."""
+  n, nonzero, array_bytes = _counts(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  metrics, seconds = measure(exp, model, repeats)
+  return {"parameters": n, "nonzero_parameters": nonzero, "array_bytes": array_bytes, **metrics,
+          "inference_ms": 1e3 * seconds}
 
 
 def format_table(rows: dict) -> str:
@@ -167,12 +165,13 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
              sparsity: float | None = None, pattern: str | None = None, scope: str | None = None,
              repeats: int = 5) -> dict:
   """Compresses the newest checkpoint of `workdir` with `method` into the export `out` (local or gs://) and returns
-  the report (also printed and written to `out/compression.json`). ptq takes `bits` (8 or 4; default 8) and
+  the report (also printed and written to `out/compression.json`). ptq takes `bits` (8 or 4; default: the run's
+  QAT width, else 8) and
   `activations`; prune takes `sparsity` (in (0, 1)), `pattern` (unstructured or N:M) and `scope` (layer or global).
 
   Raises UserError, before anything is written, for an unknown method, another method's option, unsupported bits,
-  a sparsity outside (0, 1), a bad or contradictory pattern, an `out` that exists and is not empty, or a workdir
-  without a config or checkpoint.
+  a sparsity outside (0, 1), a bad or contradictory pattern, an N:M pattern that fits no kernel, an `out` that
+  exists and is not empty, a workdir without a config or checkpoint, or an encoder-decoder run.
   """
   if method not in METHODS:
     raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
@@ -184,10 +183,23 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   options = (_ptq_options(workdir, bits, activations) if method == "ptq" else
              _prune_options(sparsity, pattern, scope))
   _check_out(out)
+  spec_path = storage.path(workdir) / "model.json"
+  if spec_path.is_file() and json.loads(spec_path.read_text())["task"] == "seq2seq":
+    raise UserError(f"{workdir} is an encoder-decoder (seq2seq) run: compress measures and quantizes models of one "
+                    "input, and it takes a source and a decoder input")
   before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
+  spec = json.loads(spec_path.read_text())
   exp = evaluation(workdir)
-  spec = json.loads((storage.path(workdir) / "model.json").read_text())
   after, qspec = METHODS[method](before, options, tuple(spec["input_shape"]), spec["task"])
+  # Measured before anything is written: a model the report cannot run fails here, not after a half-written OUT.
+  measured = {"before": report(before, exp, repeats), "after": report(after, exp, repeats)}
+  baseline = tempfile.mkdtemp(prefix="jaxmodels-baseline-")  # the uncompressed export, measured then removed
+  try:
+    _, params, model_state = nnx.split(before, nnx.Param, ...)
+    export.save_params(baseline, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
+    before_bytes = disk_bytes(f"{baseline}/params")
+  finally:
+    shutil.rmtree(baseline, ignore_errors=True)
   # Accepted: from here on OUT is written.
   _, params, model_state = nnx.split(after, nnx.Param, ...)
   export.save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
@@ -198,14 +210,8 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
       (out_path / name).write_text(source.read_text())
   if qspec:
     (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))
-  baseline = tempfile.mkdtemp(prefix="jaxmodels-baseline-")  # the uncompressed export, measured then removed
-  try:
-    _, params, model_state = nnx.split(before, nnx.Param, ...)
-    export.save_params(baseline, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
-    before_bytes = disk_bytes(f"{baseline}/params")
-  finally:
-    shutil.rmtree(baseline, ignore_errors=True)
-  rows = report(before, after, exp, before_bytes, disk_bytes(out_path / "params"), repeats)
+  rows = {name: {"bytes": size, **measured[name]}
+          for name, size in (("before", before_bytes), ("after", disk_bytes(out_path / "params")))}
   shown = {k: v for k, v in options.items() if k != "exclude"}
   result = {"method": method, "options": shown, "workdir": str(workdir), **rows}
   (out_path / "compression.json").write_text(json.dumps(result, indent=2))

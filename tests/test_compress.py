@@ -229,19 +229,36 @@ def test_qat_forward_computes_on_quantized_weights():
     (["--method", "ptq", "--bits", "4", "--activations"], "XLA's CPU backend cannot multiply int4 operands"),
     (["--method", "prune", "--sparsity", "0.5", "OUT_EXISTS"], "already exists and is not an empty directory"),
     (["--method", "ptq", "NO_CHECKPOINT"], "has no checkpoint"),
+    (["--method", "prune", "--pattern", "1:11"], "--pattern 1:11: no prunable kernel of this model"),
+    (["--method", "prune", "--sparsity", "0.5", "SEQ2SEQ"], "is an encoder-decoder (seq2seq) run"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(digits_cnn_run, tmp_path, capsys, flags, message):
   workdir, out, existed = digits_cnn_run[0], str(tmp_path / "out"), "OUT_EXISTS" in flags
   if existed:
     os.makedirs(out)
     open(os.path.join(out, "keep"), "w", encoding="utf-8").close()
-  if "NO_CHECKPOINT" in flags:
+  if "NO_CHECKPOINT" in flags or "SEQ2SEQ" in flags:
     workdir = str(tmp_path / "untrained")
     os.makedirs(workdir)
     for name in ("config.json", "model.json"):
       shutil.copy(os.path.join(digits_cnn_run[0], name), workdir)
-  flags = [f for f in flags if f not in ("OUT_EXISTS", "NO_CHECKPOINT")]
+    if "SEQ2SEQ" in flags:
+      spec_path = os.path.join(workdir, "model.json")
+      with open(spec_path, encoding="utf-8") as f:
+        spec = {**json.load(f), "task": "seq2seq"}
+      with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+  flags = [f for f in flags if f not in ("OUT_EXISTS", "NO_CHECKPOINT", "SEQ2SEQ")]
   assert cli.main(["jaxmodels", "compress", "--workdir", workdir, *flags, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err.startswith("jaxmodels: error: ") and message in err and err.count("\n") == 1
   assert os.listdir(out) == ["keep"] if existed else not os.path.exists(out)
+
+
+def test_ptq_of_a_qat_run_keeps_its_width_by_default(tmp_path):
+  from jaxmodels import compress  # pylint: disable=import-outside-toplevel
+  c = experiment("digits_cnn")
+  c.train.quantization.bits = 4
+  (tmp_path / "config.json").write_text(c.to_json())
+  assert compress._ptq_options(str(tmp_path), None, False)["bits"] == 4  # pylint: disable=protected-access
+  assert compress._ptq_options(str(tmp_path), 8, False)["bits"] == 8  # pylint: disable=protected-access
