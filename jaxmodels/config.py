@@ -182,7 +182,8 @@ def default_config() -> config_dict.ConfigDict:
   # Knowledge distillation (jaxmodels.distill; Hinton et al. 2015): the student trains on
   # loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T), the KL between the
   # temperature-T softmaxes of the teacher's and the student's logits. The teacher's forward pass runs in the same
-  # compiled step; it must have been trained on the same data (task, input shape, classes or vocabulary).
+  # compiled step; it must have been trained on the same data (task, input shape, classes or vocabulary) with
+  # the same held-out split (data.source, data.path, test_fraction and train.seed, or val_fraction).
   c.train.distill = config_dict.ConfigDict()
   c.train.distill.teacher = ""  # the teacher run's workdir (local or gs://; newest checkpoint); empty = off
   # Defaults after Hinton et al. (2015): T in 2..20, lower (2.5..4) for small students, and "a considerably lower

@@ -105,10 +105,9 @@ def load_teacher(config, dataset, layout) -> Teacher | None:
   vocab = dataset.files().get("vocab.json")
   if vocab is not None and _read(d.teacher, "vocab.json") != json.loads(vocab):
     raise UserError(f"{where} has another vocabulary (vocab.json) than the student's data")
-  split = _split_settings(_read(d.teacher, "config.json"))
-  if split != _split_settings(config.to_dict()):
-    diff = ", ".join(f"{k}={split[k]!r} (student {v!r})" for k, v in _split_settings(config.to_dict()).items()
-                     if split.get(k) != v)
+  split, student_split = _split_settings(_read(d.teacher, "config.json")), _split_settings(config.to_dict())
+  if split != student_split:
+    diff = ", ".join(f"{k}={split.get(k)!r} (student {v!r})" for k, v in student_split.items() if split.get(k) != v)
     raise UserError(f"{where} held out other examples ({diff}): it has trained on some of the student's eval "
                     f"split, which would leak into its soft targets; train both with the same settings")
   try:

@@ -62,7 +62,7 @@ def eval_sums(task: str, logits, y, mask, top_k: int = 0, loss: str = "mse", y_s
   regress: per output (y.shape[1:]) float32 sums `target_count`, `y_sum`, `y_sq_sum`, `sq_error_sum`,
     `abs_error_sum`; `y_sum` and `y_sq_sum` of y - `y_shift` (per output, e.g. the training targets' mean):
     R^2's total sum of squares, y_sq_sum - y_sum^2 / n, does not depend on the shift, but about 0 its float32
-    terms lose the variance of targets far from 0 (mean 1e4, std 3: R^2 off by ~0.2);
+    terms lose the variance of targets far from 0 (mean 1e4, std 3: R^2 0.922 for scikit-learn's 0.867);
   seq2seq: `exact` (rows whose every unmasked target is the argmax) and `sequences` (rows with a target), int32.
     Teacher-forced, so `exact` also counts the rows greedy decoding gets right: where every step's argmax is
     right, the decoder is fed exactly the target (tests/test_seq2seq.py checks it against `generate`).
