@@ -6,7 +6,10 @@ compressing digits_cnn and text_transformer, measured on this machine (short CPU
 
 Rows (each a `jaxmodels` CLI subprocess, then an export measured in this process):
   baseline   train the experiment; `jaxmodels export`
-  ptq8       `jaxmodels compress --method ptq --bits 8` of the baseline
+  ptq8       `jaxmodels compress --method ptq --bits 8` of the baseline (weights only)
+  ptq8-static, ptq8-dynamic
+             the same with every dense and conv input quantized too (`--activations static`: one scale per tensor
+             calibrated on 8 training batches; `--activations dynamic`: a scale per row, on the fly)
   qat8       train with train.quantization.bits=8, then `compress --method ptq --bits 8` (int8 on disk)
   prune50, prune90, prune2:4
              one-shot magnitude pruning of the baseline (checkpoint.restore_from, start_step = end_step = 0;
@@ -25,7 +28,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("baseline", "ptq8", "qat8", "prune50", "prune90", "prune2:4", "student", "distill")
+ROWS = ("baseline", "ptq8", "ptq8-static", "ptq8-dynamic", "qat8", "prune50", "prune90", "prune2:4", "student", "distill")
 # Half the widths of each experiment: the distilled student.
 HALF = {"digits_cnn": ["--config.model.features=(16,32)", "--config.model.head_sizes=(64,)"],
         "text_transformer": ["--config.model.d_model=64", "--config.model.d_ff=256"]}
@@ -51,8 +54,9 @@ def make_row(row: str, name: str, work: str, steps: int, finetune: int) -> str:
   if row == "baseline":
     train(base, f"--config.train.steps={steps}")
     jaxmodels("export", "--workdir", base, "--out", out)
-  elif row == "ptq8":
-    jaxmodels("compress", "--workdir", base, "--method", "ptq", "--bits", "8", "--out", out)
+  elif row.startswith("ptq8"):
+    activations = ["--activations", row.split("-")[1]] if "-" in row else []
+    jaxmodels("compress", "--workdir", base, "--method", "ptq", "--bits", "8", *activations, "--out", out)
   elif row == "qat8":
     run = os.path.join(work, row)
     train(run, f"--config.train.steps={steps}", "--config.train.quantization.bits=8")

@@ -8,11 +8,13 @@ writes OUT in the format of `jaxmodels export` (jaxmodels.load_model(OUT) return
 parameters, bytes of the exported parameters on disk (the compressed export against an export of the original),
 the eval metrics of the run's eval split, and the median inference time of one eval batch, before and after.
 
-Methods are entries of METHODS: a function (model, options) -> (compressed model, quantization spec or None).
-`ptq` is post-training quantization through qwix (jaxmodels.quantization): int8 or int4 weights, per output
-channel; `--activations` also quantizes each matmul's inputs (dynamically). Quantized weights stay quantized on
-disk: int8 arrays (int4: jnp.int4 arrays, which Orbax stores packed, two to a byte) and
-float32 scales. `prune` is one-shot magnitude pruning (jaxmodels.pruning's masks and exclusions: no embeddings, norm
+Methods are entries of METHODS: a function (model, options, experiment) -> (compressed model, quantization spec
+or None). `ptq` is post-training quantization through qwix (jaxmodels.quantization): int8 or int4 weights, per
+output channel; `--activations` also quantizes the input of each Linear and Conv, with one static scale per input
+tensor (per layer of a stack) calibrated on the run's first `--calibration-batches` training batches, or with
+`--activations dynamic` a scale per row computed on the fly. Quantized weights stay quantized on disk: int8 arrays
+(int4: jnp.int4 arrays, which Orbax stores packed, two to a byte) and float32 scales, with the static input
+scales beside them. `prune` is one-shot magnitude pruning (jaxmodels.pruning's masks and exclusions: no embeddings, norm
 scales or biases): unstructured to `--sparsity` per tensor or globally (`--scope`), or N:M (`--pattern 2:4`); the
 pruned weights are exactly zero in a dense export (fine-tuning after it: train.pruning with checkpoint.restore_from).
 """
@@ -35,12 +37,18 @@ from jaxmodels import storage
 from jaxmodels.errors import UserError
 
 
-def _ptq(model: nnx.Module, options: dict, input_shape, task: str):
+def _ptq(model: nnx.Module, options: dict, exp):
   spec = dict(method="ptq", bits=options["bits"], activations=options["activations"], exclude=options["exclude"])
-  return quantization.apply(model, spec, input_shape, task), spec
+  x = quantization.sample_input(exp.dataset.input_shape, "lm" if exp.dataset.task == "lm" else "classify")
+  from jaxmodels.train import model_input  # pylint: disable=import-outside-toplevel
+  calibration = None
+  if options["activations"] == "static":  # the first training batches, as the run saw them
+    spec["calibration_batches"] = options["calibration_batches"]
+    calibration = (model_input(exp.host_batch(step)["x"]) for step in range(options["calibration_batches"]))
+  return quantization.ptq(model, spec["bits"], spec["activations"], spec["exclude"], x, calibration), spec
 
 
-def _prune(model: nnx.Module, options: dict, input_shape, task: str):  # pylint: disable=unused-argument
+def _prune(model: nnx.Module, options: dict, exp):  # pylint: disable=unused-argument
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   if not any(jax.tree.leaves(pruning.prunable(nnx.to_pure_dict(params), options["pattern"]))):
     raise UserError(f"--pattern {options['pattern']}: no prunable kernel of this model has an input size divisible "
@@ -51,19 +59,32 @@ def _prune(model: nnx.Module, options: dict, input_shape, task: str):  # pylint:
 
 
 METHODS = {"ptq": _ptq, "prune": _prune}
-FLAGS = {"ptq": ("bits", "activations"), "prune": ("sparsity", "pattern", "scope")}  # each method's own options
+ACTIVATIONS = ("static", "dynamic")  # ptq --activations: scales calibrated beforehand, or per row on the fly
+CALIBRATION_BATCHES = 8  # training batches a static-activation ptq calibrates its input scales on
+FLAGS = {"ptq": ("bits", "activations", "calibration_batches"),  # each method's own options
+         "prune": ("sparsity", "pattern", "scope")}
 
 
-def _ptq_options(workdir, bits: int | None, activations: bool) -> dict:
+def _ptq_options(workdir, bits: int | None, activations: str | None, calibration_batches: int | None) -> dict:
   """ptq's options (bits default: the run's QAT width, else 8; `exclude` from the run's train.quantization, else
-  the default); UserError for what qwix cannot do."""
+  the default; calibration_batches default CALIBRATION_BATCHES, for static activations only); UserError for what
+  qwix cannot do or options that contradict each other."""
   config_q = json.loads(storage.path(workdir).joinpath("config.json").read_text()).get("train", {}).get(
       "quantization", {}) if (storage.path(workdir) / "config.json").is_file() else {}
   from jaxmodels.config import default_config  # pylint: disable=import-outside-toplevel
   exclude = config_q.get("exclude", default_config().train.quantization.exclude)
   bits = (config_q.get("bits") or 8) if bits is None else bits
+  if activations not in (None, *ACTIVATIONS):
+    raise UserError(f"--activations {activations}: expected {' or '.join(ACTIVATIONS)}")
   quantization.check(bits, exclude, activations)
-  return dict(bits=bits, activations=activations, exclude=exclude)
+  if calibration_batches is not None and activations != "static":
+    raise UserError("--calibration-batches calibrates static input scales: it needs --activations (static)")
+  options = dict(bits=bits, activations=activations or False, exclude=exclude)
+  if activations == "static":
+    options["calibration_batches"] = CALIBRATION_BATCHES if calibration_batches is None else calibration_batches
+    if options["calibration_batches"] < 1:
+      raise UserError(f"--calibration-batches {calibration_batches}: expected at least 1 training batch")
+  return options
 
 
 def _prune_options(sparsity: float | None, pattern: str | None, scope: str | None) -> dict:
@@ -161,26 +182,29 @@ def format_table(rows: dict) -> str:
   return "\n".join(lines)
 
 
-def compress(workdir, method: str, out, *, bits: int | None = None, activations: bool = False,
-             sparsity: float | None = None, pattern: str | None = None, scope: str | None = None,
-             repeats: int = 5) -> dict:
+def compress(workdir, method: str, out, *, bits: int | None = None, activations: str | None = None,
+             calibration_batches: int | None = None, sparsity: float | None = None, pattern: str | None = None,
+             scope: str | None = None, repeats: int = 5) -> dict:
   """Compresses the newest checkpoint of `workdir` with `method` into the export `out` (local or gs://) and returns
   the report (also printed and written to `out/compression.json`). ptq takes `bits` (8 or 4; default: the run's
-  QAT width, else 8) and
-  `activations`; prune takes `sparsity` (in (0, 1)), `pattern` (unstructured or N:M) and `scope` (layer or global).
+  QAT width, else 8), `activations` (None: weights only; "static": one scale per input tensor, calibrated on the
+  run's first `calibration_batches` training batches, default CALIBRATION_BATCHES; "dynamic": a scale per row,
+  computed on the fly); prune takes `sparsity` (in (0, 1)), `pattern` (unstructured or N:M) and `scope` (layer or
+  global).
 
   Raises UserError, before anything is written, for an unknown method, another method's option, unsupported bits,
-  a sparsity outside (0, 1), a bad or contradictory pattern, an N:M pattern that fits no kernel, an `out` that
+  an unknown activations mode, calibration batches without static activations or fewer than 1, a sparsity outside (0, 1), a bad or contradictory pattern, an N:M pattern that fits no kernel, an `out` that
   exists and is not empty, a workdir without a config or checkpoint, or an encoder-decoder run.
   """
   if method not in METHODS:
     raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-  given = dict(bits=bits, activations=activations or None, sparsity=sparsity, pattern=pattern, scope=scope)
+  given = dict(bits=bits, activations=activations, calibration_batches=calibration_batches, sparsity=sparsity,
+               pattern=pattern, scope=scope)
   for other, names in FLAGS.items():
     for name in names:
       if other != method and given[name] is not None:
-        raise UserError(f"--{name} is an option of --method {other}, not of --method {method}")
-  options = (_ptq_options(workdir, bits, activations) if method == "ptq" else
+        raise UserError(f"--{name.replace('_', '-')} is an option of --method {other}, not of --method {method}")
+  options = (_ptq_options(workdir, bits, activations, calibration_batches) if method == "ptq" else
              _prune_options(sparsity, pattern, scope))
   _check_out(out)
   spec_path = storage.path(workdir) / "model.json"
@@ -188,9 +212,8 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
     raise UserError(f"{workdir} is an encoder-decoder (seq2seq) run: compress measures and quantizes models of one "
                     "input, and it takes a source and a decoder input")
   before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
-  spec = json.loads(spec_path.read_text())
   exp = evaluation(workdir)
-  after, qspec = METHODS[method](before, options, tuple(spec["input_shape"]), spec["task"])
+  after, qspec = METHODS[method](before, options, exp)
   # Measured before anything is written: a model the report cannot run fails here, not after a half-written OUT.
   measured = {"before": report(before, exp, repeats), "after": report(after, exp, repeats)}
   baseline = tempfile.mkdtemp(prefix="jaxmodels-baseline-")  # the uncompressed export, measured then removed

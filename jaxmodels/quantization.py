@@ -12,7 +12,10 @@ PTQ (`jaxmodels compress --method ptq`): `ptq(model, ...)` replaces the kernel o
 not excluded by qwix's per-channel int8 / int4 `QArray` (integer values + float32 scales, symmetric absmax,
 one scale per output channel; per layer of a scanned stack too), then intercepts the forward pass with
 `qwix.PtqProvider`, which computes each matmul on the stored integers. The parameters are then
-`{"kernel": {"array": {"qvalue": int8|int4, "scale": float32}}}` and are saved so (jaxmodels.export).
+`{"kernel": {"array": {"qvalue": int8|int4, "scale": float32}}}` and are saved so (jaxmodels.export). With
+static activations each of those modules also holds its input's scale, `{"dot_general0_lhs_scale": {"array":
+float32 (1, 1)}}` (a Conv's `conv_general_dilated0_lhs_scale`; a leading layer axis in a stack): one scale per
+tensor, the largest |input| over the calibration batches divided by qwix's int8 bound (127.5).
 
 What qwix does not do here, and what is done instead:
 - qwix's QT tells a weight from an activation by `flax_util.find_param`: the operand is the module's parameter
@@ -20,8 +23,8 @@ What qwix does not do here, and what is done instead:
   computes its projections on token rows x_MD; where batch x length equals d_model, the rows of a square
   projection (query, attention output) have its kernel's shape, qwix takes both operands for weights and fails
   ("lhs and rhs cannot be both weights"; an unlucky shape elsewhere quantizes an activation as a weight). No rule
-  or option turns the shape fallback off, so QAT's rules match only the paths of the model's `nnx.Linear` and
-  `nnx.Conv` modules (`_qat_rules`), and `_QtProvider` takes the right operand of a Linear's one matmul
+  or option turns the shape fallback off, so the rules of QAT and PTQ match only the paths of the model's
+  `nnx.Linear` and `nnx.Conv` modules (`_rules`), and `_QtProvider` takes the right operand of a Linear's one matmul
   (flax's `inputs @ kernel`) for the weight, as qwix itself does for every convolution. The quantization and its
   gradients remain qwix's (`dot_general_qt`); AQT was not needed.
 - qwix's PTQ creates quantized weights during a first forward call, by replacing the parameter on the module it
@@ -32,27 +35,38 @@ What qwix does not do here, and what is done instead:
   PtqProvider then finds them already quantized. No quantizer is hand-written: the integer rounding and scales
   are qwix's.
 - qwix's PTQ convolution quantizes both operands to the same type (`conv_general_dilated requires same act_qtype
-  and weight_qtype`): convolutions always quantize their input activations too, dynamically (absmax per example),
-  and at 4 bits stay int8, since XLA's CPU backend cannot run an int4 convolution.
+  and weight_qtype`): convolutions always quantize their input activations too (dynamically, absmax per example,
+  unless the inputs are static), and at 4 bits stay int8, since XLA's CPU backend cannot run an int4 convolution.
 - XLA's CPU backend cannot multiply int4 operands: 4-bit activations are refused there (`check`).
-- Activations (`activations=True`) are quantized dynamically (a scale per row, computed on the fly, qwix's XLA
-  default). qwix's static-range activation scales are also created as new parameters during the first call,
-  which the rebuilt per-layer modules lose, so no calibration pass is run.
+- Static activation scales (qwix's `act_static_scale`) are calibrated by qwix from the first batch only, and
+  stored on the module the op runs in: lost where a stack rebuilds its layers inside a scan, and refused inside a
+  recurrent cell's time scan ("Cannot mutate ... from different trace level"). So `_Calibrator` runs the model
+  over the calibration batches with dynamic inputs, recording each input's largest |x| per layer (the scan
+  slices a layer index set beside the weights), and `_set_static_scales` stores the scales where qwix's
+  PtqProvider looks for them; from then on qwix quantizes with them. One scale per tensor (qwix's default keeps
+  the axes after the batch axis, such as a token position), over the largest value seen (qwix averages each
+  batch's absmax, which clips every batch above the average).
 - Only `__call__` is intercepted by `qwix.quantize_model` on NNX models; `for_decoding` intercepts a language
   model's `decode` (the sampler's KV-cache step) on the same weights. An encoder-decoder's `generate` (greedy
   decoding, not used by training or eval) runs in float.
 """
 
+import collections
+import functools
 import json
+import math
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
+from qwix._src.core import qarray  # qwix's quantized arrays: calibration and scales (`_Calibrator`)
 from qwix._src.core.dot_general_qt import DotGeneralQtConfig  # qwix's quantized-training matmul settings
 from qwix._src.core.qarray import HowToQuantize  # qwix's description of how an array is quantized
 from qwix._src.providers.ptq import WithAux  # the carrier of a pre-quantized weight that PtqProvider accepts
+from qwix._src.utils import flax_util  # the module an intercepted op runs in (`_Calibrator`)
 
 from jaxmodels.errors import UserError
 
@@ -61,6 +75,7 @@ QTYPES = {8: jnp.int8, 4: jnp.int4}
 # Convolutions are int8 at any width: qwix's PTQ convolution quantizes both operands to one type, and XLA's CPU
 # backend cannot run an int4 convolution ("does not support custom element sizes").
 CONV_QTYPE = jnp.int8
+_SCALE = "_scale"  # qwix's suffix of a static input scale's parameter name (`{op}_lhs_scale`)
 
 
 def module_path(path) -> str:
@@ -68,23 +83,12 @@ def module_path(path) -> str:
   return "/".join(map(str, path))
 
 
-def _rules(bits: int, activations: bool, exclude: str) -> list:
-  """PTQ's qwix rules, first match wins: excluded modules in float; convolutions in int8 with their inputs
-  (CONV_QTYPE); every other matmul with `bits`-bit weights (and inputs)."""
-  qtype = QTYPES[bits]
-  act = qtype if activations else None
-  rule = qwix.QuantizationRule
-  return [rule(module_path=exclude),
-          rule(module_path=".*", op_names=("conv_general_dilated",), weight_qtype=CONV_QTYPE, act_qtype=CONV_QTYPE),
-          rule(module_path=".*", weight_qtype=qtype, act_qtype=act)]
-
-
 def sample_input(input_shape, task: str) -> jax.Array:
   """A one-example batch of the model's input (token ids for language models): qwix traces the model on it once."""
   return jnp.zeros((1, *input_shape), jnp.int32 if task == "lm" else jnp.float32)
 
 
-def check(bits: int, exclude: str, activations: bool = False) -> None:
+def check(bits: int, exclude: str, activations: bool | str = False) -> None:
   """Raises UserError for a width qwix does not offer here (int4 activations on the CPU) or a bad exclude regex."""
   if bits not in BITS:
     raise UserError(f"--bits {bits}: qwix quantizes to {' or '.join(map(str, BITS))} bits")
@@ -98,7 +102,7 @@ def check(bits: int, exclude: str, activations: bool = False) -> None:
 
 
 class _QtProvider(qwix.QtProvider):
-  """qwix's quantized-training provider, for rules that match only `nnx.Linear` modules (`_qat_rules`): there the
+  """qwix's quantized-training provider, for rules that match only `nnx.Linear` modules (`_rules`): there the
   one matmul is flax's `inputs @ kernel`, so the right operand is the weight and the left the input activation.
 
   qwix's own `_create_dot_general_qt_config` looks the operands up by shape (module docstring) and fails on
@@ -114,25 +118,48 @@ class _QtProvider(qwix.QtProvider):
                               rhs_calibration_method=rule.weight_calibration_method, use_original_residuals=True)
 
 
-def _paths_regex(model: nnx.Module, kind, exclude: str) -> str | None:
-  """A regex matching exactly the paths of `model`'s `kind` modules that `exclude` does not match (None: none)."""
-  paths = [module_path(p) for p, m in nnx.iter_modules(model)
-           if isinstance(m, kind) and not re.fullmatch(exclude, module_path(p))]
-  return "|".join(map(re.escape, paths)) or None
+def _layer_shape(module) -> tuple[int, ...]:
+  """The leading layer axes of a Linear's or Conv's kernel: (L,) in a stack built by nnx.vmap, () otherwise."""
+  natural = 2 if isinstance(module, nnx.Linear) else len(module.kernel_size) + 2
+  return tuple(module.kernel.shape[:module.kernel.ndim - natural])
 
 
-def _qat_rules(model: nnx.Module, bits: int, activations: bool, exclude: str) -> list:
-  """qwix QtRules for the model's Linear matmuls (`bits`-bit weights, and inputs with `activations`) and Conv
-  convolutions (CONV_QTYPE weights and inputs, as in PTQ); no rule elsewhere, so everything else is float."""
-  qtype = QTYPES[bits]
-  linear, conv = _paths_regex(model, nnx.Linear, exclude), _paths_regex(model, nnx.Conv, exclude)
+def _quantized_modules(model: nnx.Module, exclude: str) -> dict:
+  """{path: module} of the model's Linear and Conv modules whose path `exclude` does not match."""
+  return {module_path(p): m for p, m in nnx.iter_modules(model)
+          if isinstance(m, (nnx.Linear, nnx.Conv)) and not re.fullmatch(exclude, module_path(p))}
+
+
+def _static_ndims(model: nnx.Module) -> dict[str, int]:
+  """{path: rank of the input} of the modules holding a static input scale (`_set_static_scales`)."""
+  return {module_path(p): value.ndim - len(_layer_shape(m)) for p, m in nnx.iter_modules(model)
+          for name, value in vars(m).items() if name.endswith(_SCALE) and isinstance(value, WithAux)}
+
+
+def _rules(model: nnx.Module, rule_type, bits: int, activations, exclude: str) -> list:
+  """qwix rules (`rule_type`: QtRule for QAT, QuantizationRule for PTQ) for exactly the model's Linear matmuls
+  (`bits`-bit weights, and inputs with `activations`) and Conv convolutions (CONV_QTYPE weights and inputs);
+  no rule elsewhere, so everything else (attention's einsums, embeddings, norms) is float.
+
+  `activations`: falsy (weights only), True or "dynamic" (a scale per row, computed on the fly), or "static"
+  (qwix's `act_static_scale`: one scale per tensor, held by the module). Static rules are grouped by the rank of
+  the module's input (`_static_ndims`), averaging the scale over every axis but the contracted last one, so the
+  scale has no axis that depends on the batch (modules without a scale yet, while calibrating: qwix's default).
+  """
+  qtype, static, ndims = QTYPES[bits], activations == "static", _static_ndims(model)
+  groups = collections.defaultdict(list)  # (op, weight qtype, input qtype, input rank) -> paths
+  for path, module in _quantized_modules(model, exclude).items():
+    linear = isinstance(module, nnx.Linear)
+    op = "dot_general" if linear else "conv_general_dilated"
+    act = (qtype if activations else None) if linear else CONV_QTYPE
+    groups[op, qtype if linear else CONV_QTYPE, act, ndims.get(path) if static else None].append(path)
   rules = []
-  if linear:
-    rules.append(qwix.QtRule(module_path=linear, op_names=("dot_general",), weight_qtype=qtype,
-                             act_qtype=qtype if activations else None))
-  if conv:
-    rules.append(qwix.QtRule(module_path=conv, op_names=("conv_general_dilated",), weight_qtype=CONV_QTYPE,
-                             act_qtype=CONV_QTYPE))
+  for (op, weight, act, ndim), paths in groups.items():
+    extra = dict(act_static_scale=True) if static else {}
+    if ndim:
+      extra["act_batch_axes"] = tuple(range(ndim - 1))
+    rules.append(rule_type(module_path="|".join(map(re.escape, paths)), op_names=(op,), weight_qtype=weight,
+                           act_qtype=act, **extra))
   return rules
 
 
@@ -142,7 +169,7 @@ def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx
   call on it is skipped, since QT with dynamic scales creates no state. The parameters keep their float dtype and
   tree. Raises UserError for unsupported bits or a bad `exclude` regex."""
   check(bits, exclude, activations)
-  return qwix.quantize_model(model, _QtProvider(_qat_rules(model, bits, activations, exclude)), x,
+  return qwix.quantize_model(model, _QtProvider(_rules(model, qwix.QtRule, bits, activations, exclude)), x,
                              skip_nnx_init=True)
 
 
@@ -155,30 +182,122 @@ def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
                        channelwise_axes=tuple(a for a in range(ndim) if a not in contracted))
 
 
-def ptq(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx.Module:
+class _LayerIndex(nnx.Variable):
+  """Each layer's index on a stacked module (a kernel with leading layer axes), set only while calibrating: the
+  scan that runs the stack slices it with the layer's parameters, so the calibrator knows which layer it sees."""
+
+
+class _Calibrator(qwix.PtqProvider):
+  """qwix's PTQ provider (inputs quantized dynamically), run over calibration batches, recording every quantized
+  input: at trace time the name qwix gives its static scale and qwix's HowToQuantize (`inputs`), at run time its
+  largest |x| per layer (`absmax`, through jax.debug.callback, which also reports from inside a scan).
+
+  qwix's own static scales are calibrated once, from the first batch, and stored on the module they run in,
+  which a stack rebuilds per layer inside its scan (module docstring), and which a recurrent cell runs inside
+  its time scan, where the module cannot be changed. So the inputs are quantized dynamically here (qwix's
+  `quantize`, reached through the provider's `_qarray_module` hook, "useful for extending"), and
+  `_get_current_rule_and_op_id` names the op each input belongs to, as qwix names the scale.
+  """
+
+  def __init__(self, rules):
+    self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, the input's rank)
+    self.absmax = collections.defaultdict(dict)  # (module path, scale name) -> {flat layer index: largest |x|}
+    self._op_id = None
+    calibrator = self
+
+    class Recording:  # qwix's qarray module, recording what `quantize` is given (only inputs: weights are QArrays)
+      def __getattr__(self, name):
+        return getattr(qarray, name)
+
+      def quantize(self, array, how):
+        calibrator.record(array, how)
+        return qarray.quantize(array, how)
+
+    super().__init__(rules, _qarray_module=Recording())
+
+  def _get_current_rule_and_op_id(self, op_name, **kwargs):
+    rule, self._op_id = super()._get_current_rule_and_op_id(op_name, **kwargs)
+    return rule, self._op_id
+
+  def record(self, array, how) -> None:
+    module = flax_util.get_current_module()
+    key = (module_path(module.qwix_path), f"{self._op_id}_lhs{_SCALE}")  # qwix's name: ptq.quantize_act
+    self.inputs[key] = how, array.ndim
+    layer = getattr(module, "calibration_layer", None)
+    layer = jnp.zeros((), jnp.int32) if layer is None else layer.get_value()  # a traced scalar in a scan
+    jax.debug.callback(functools.partial(self._seen, key), layer, jnp.max(jnp.abs(array)))
+
+  def _seen(self, key, layer, absmax) -> None:
+    seen = self.absmax[key]
+    seen[int(layer)] = max(seen.get(int(layer), 0.0), float(absmax))
+
+
+def _set_static_scales(model: nnx.Module, bits: int, exclude: str, x, batches) -> None:
+  """Gives every quantized Linear and Conv of `model` (kernels already quantized) a static scale for its input,
+  one per tensor (per layer in a stack): qwix's absmax scale of the largest |input| over `batches` (model inputs,
+  run through the quantized model in order), or for None placeholders (of an absmax of 1), for a checkpoint
+  to restore.
+
+  The largest value seen, as PyTorch's MinMaxObserver takes it, rather than qwix's own average of each batch's
+  absmax, which clips every batch above the average. Held as qwix does (`{op}_lhs_scale`: a WithAux of the
+  scale and its HowToQuantize), so qwix's PtqProvider quantizes each input with it.
+  """
+  modules = _quantized_modules(model, exclude)
+  calibrating = nnx.clone(model)
+  for module in _quantized_modules(calibrating, exclude).values():
+    shape = _layer_shape(module)
+    if shape:
+      module.calibration_layer = _LayerIndex(jnp.arange(math.prod(shape)).reshape(shape))
+  calibrator = _Calibrator(_rules(calibrating, qwix.QuantizationRule, bits, "dynamic", exclude))
+  graphdef, state = nnx.split(qwix.quantize_model(calibrating, calibrator, x, skip_nnx_init=True))
+  forward = lambda state, x: nnx.merge(graphdef, state)(x)
+  if batches is None:
+    jax.eval_shape(forward, state, x)  # traced for the names and shapes alone
+  else:
+    forward = jax.jit(forward)
+    for batch in batches:
+      forward(state, batch)
+    jax.effects_barrier()
+  for (path, name), (how, ndim) in calibrator.inputs.items():
+    module = modules[path]
+    shape = _layer_shape(module)
+    absmax = np.ones(shape) if batches is None else np.array(
+        [calibrator.absmax[path, name].get(i, 0.0) for i in range(math.prod(shape))]).reshape(shape)
+    scale, _ = qarray.compute_scale_zero_point({"absmax": jnp.asarray(absmax, jnp.float32)}, how.qtype)
+    setattr(module, name, WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
+
+
+def ptq(model: nnx.Module, bits: int, activations, exclude: str, x, calibration=None) -> nnx.Module:
   """`model` (a copy) with the kernels of its Linear and Conv modules (those whose path `exclude` does not match)
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
-  qwix.PtqProvider. `x`: a sample input batch. Raises UserError for unsupported bits or a bad regex."""
+  qwix.PtqProvider. `x`: a sample input batch. `activations` (see `_rules`): falsy, "dynamic", or "static",
+  whose scales are calibrated on `calibration`, an iterable of input batches (None: placeholders, for a
+  checkpoint to restore). Raises UserError for unsupported bits or a bad regex."""
   check(bits, exclude, activations)
   model = nnx.clone(model)
-  for path, module in model.iter_modules():
-    if isinstance(module, (nnx.Linear, nnx.Conv)) and not re.fullmatch(exclude, module_path(path)):
-      kernel = module.kernel
-      how = _how(module, kernel.ndim, bits)
-      quantized = qwix.quantize(kernel.get_value(), how.qtype, channelwise_axes=how.channelwise_axes)
-      module.kernel = WithAux(jax.tree.map(nnx.Param, quantized), how)
-  return qwix.quantize_model(model, qwix.PtqProvider(_rules(bits, activations, exclude)), x)
+  for module in _quantized_modules(model, exclude).values():
+    kernel = module.kernel
+    how = _how(module, kernel.ndim, bits)
+    quantized = qwix.quantize(kernel.get_value(), how.qtype, channelwise_axes=how.channelwise_axes)
+    module.kernel = WithAux(jax.tree.map(nnx.Param, quantized), how)
+  if activations == "static":
+    _set_static_scales(model, bits, exclude, x, calibration)
+  # qwix's first call would create what is already in place (the quantized kernels and static input scales)
+  rules = _rules(model, qwix.QuantizationRule, bits, activations, exclude)
+  return qwix.quantize_model(model, qwix.PtqProvider(rules), x, skip_nnx_init=True)
 
 
 def for_decoding(model: nnx.Module, spec: dict, length: int = 2) -> nnx.Module:
   """A quantized language model (PTQ or QAT, per `spec`) whose `decode` runs quantized too: qwix intercepts one
-  method per NNX model, `__call__` at quantization; this intercepts `decode` on the same weights."""
+  method per NNX model, `__call__` at quantization; this intercepts `decode` on the same weights (and static
+  input scales)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   ptq_model = spec["method"] == "ptq"
-  provider = (qwix.PtqProvider(_rules(spec["bits"], spec["activations"], spec["exclude"])) if ptq_model
-              else _QtProvider(_qat_rules(model, spec["bits"], spec["activations"], spec["exclude"])))
+  rules = _rules(model, qwix.QuantizationRule if ptq_model else qwix.QtRule, spec["bits"], spec["activations"],
+                 spec["exclude"])
+  provider = qwix.PtqProvider(rules) if ptq_model else _QtProvider(rules)
   return qwix.quantize_model(model, provider, tokens, model.init_cache(1, length), 0, methods=("decode",),
-                             skip_nnx_init=not ptq_model)  # as in `qat`
+                             skip_nnx_init=True)  # as in `qat` and `ptq`
 
 
 SPEC_FILE = "quantization.json"  # written beside an export's params/: how to rebuild its quantized module

@@ -19,12 +19,14 @@ from jaxmodels import cli
 from jaxmodels import quantization
 
 
-@pytest.fixture(scope="module")
-def cnn_int8(digits_cnn_run, tmp_path_factory):
-  """The session's trained digits_cnn run compressed by `jaxmodels compress --method ptq --bits 8`."""
+@pytest.fixture(scope="module", params=[[], ["--activations"]], ids=["weights", "static-inputs"])
+def cnn_int8(digits_cnn_run, tmp_path_factory, request):
+  """The session's trained digits_cnn run compressed by `jaxmodels compress --method ptq --bits 8`, weights only
+  or with every input quantized by a static scale calibrated on 8 training batches."""
   workdir = digits_cnn_run[0]
   out = str(tmp_path_factory.mktemp("compress") / "cnn-int8")
-  assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "ptq", "--bits", "8", "--out", out]) == 0
+  assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "ptq", "--bits", "8", *request.param,
+                   "--out", out]) == 0
   return workdir, out
 
 
@@ -39,11 +41,17 @@ def test_ptq_int8_keeps_accuracy_and_shrinks_the_weights_on_disk(cnn_int8):
   assert after["parameters"] == before["parameters"] and after["inference_ms"] > 0
   import jaxmodels  # pylint: disable=import-outside-toplevel
   params = jaxmodels.load_params(out)
-  # Every conv and dense kernel is stored as int8 values with one float32 scale per output channel.
-  for kernel in [c["kernel"] for c in params["convs"].values()] + [params["out"]["kernel"]]:
-    q = kernel["array"]
+  # Every conv and dense kernel is stored as int8 values with one float32 scale per output channel; with static
+  # inputs each layer also holds its input's one scale.
+  static = report["options"]["activations"] == "static"
+  for layer in [*params["convs"].values(), *params["head"].values(), params["out"]]:
+    q = layer["kernel"]["array"]
     assert q["qvalue"].dtype == jnp.int8 and q["scale"].dtype == jnp.float32
     assert q["scale"].shape == (1,) * (q["qvalue"].ndim - 1) + q["qvalue"].shape[-1:]
+    inputs = [v["array"] for k, v in layer.items() if k.endswith("_lhs_scale")]
+    assert [(a.shape, a.dtype) for a in inputs] == ([((1,) * q["qvalue"].ndim, jnp.float32)] if static else [])
+    assert not static or float(inputs[0].reshape(())) > 0
+  assert report["options"].get("calibration_batches") == (8 if static else None)
 
 
 def test_the_compressed_export_loads_and_evaluates(cnn_int8, capsys):
@@ -178,7 +186,8 @@ def check_qat_run(config, model, passes: int = 1) -> None:
 
 def test_qat_transformer_lm_trains_resumes_exports_compresses_and_samples(tmp_path, capsys):
   """A tiny scanned Transformer LM trained quantization-aware (int8; remat: its train step rounds each weight
-  twice) learns and resumes; its export loads quantized and evaluates as the run did; its PTQ export samples."""
+  twice) learns and resumes; its export loads quantized and evaluates as the run did; its PTQ export (static
+  input scales) samples."""
   import jaxmodels  # pylint: disable=import-outside-toplevel
   from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = qat_config("text_transformer", num_layers=1, d_model=32, num_heads=2, d_ff=64)
@@ -198,7 +207,8 @@ def test_qat_transformer_lm_trains_resumes_exports_compresses_and_samples(tmp_pa
   assert cli.main(["jaxmodels", "eval", "--workdir", exported]) == 0
   assert f"loss={final['loss']:.4f}" in capsys.readouterr().out
   out = str(tmp_path / "int8")
-  assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "ptq", "--out", out]) == 0
+  assert cli.main(["jaxmodels", "compress", "--workdir", workdir, "--method", "ptq", "--activations", "--out",
+                   out]) == 0  # static input scales, one per layer of the scanned stack
   capsys.readouterr()
   assert cli.main(["jaxmodels", "sample", "--workdir", out, "--prompt", "def ", "--length", "8",
                    "--temperature", "0"]) == 0
@@ -216,6 +226,54 @@ def test_qat_forward_computes_on_quantized_weights():
   assert not np.array_equal(y, y_qat) and np.allclose(y, y_qat, atol=0.05)
 
 
+def count_ops(jaxpr, name: str) -> int:
+  """How many `name` equations a jaxpr holds, with the jaxprs inside it (a scan body once)."""
+  from jax.extend.core import jaxprs_in_params  # pylint: disable=import-outside-toplevel
+  return sum(eqn.primitive.name == name for eqn in jaxpr.eqns) + sum(
+      count_ops(sub, name) for eqn in jaxpr.eqns for sub in jaxprs_in_params(eqn.params))
+
+
+def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
+  """PTQ with static activations: a dense layer's input scale is the largest |input| over the calibration batches
+  over qwix's int8 bound, and the forward computes no absmax (the dynamic one does, per layer); a scanned stack
+  gets each layer's own scale, the same as its unrolled twin's; a GRU (inputs quantized inside its time scan)
+  runs at another batch size; placeholders (for a restore) have the calibrated tree."""
+  from jaxmodels.models import MLP, RecurrentLM  # pylint: disable=import-outside-toplevel
+  from jaxmodels.models.transformer import (  # pylint: disable=import-outside-toplevel
+      TransformerConfig, TransformerLM, scan_to_unrolled)
+  mlp = MLP((16,), 10, hidden_sizes=(32,), rngs=nnx.Rngs(0))
+  xs = [(i + 1) * jax.random.normal(jax.random.PRNGKey(i), (4, 16)) for i in range(3)]
+  sample = quantization.sample_input((16,), "classify")
+  static = quantization.ptq(mlp, 8, "static", "embed", sample, xs)
+  scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
+  assert scale.shape == (1, 1) and float(scale[0, 0]) == pytest.approx(max(np.abs(x).max() for x in xs) / 127.5)
+  dynamic = quantization.ptq(mlp, 8, "dynamic", "embed", sample)
+  assert [count_ops(jax.make_jaxpr(m)(xs[0]).jaxpr, "reduce_max") for m in (static, dynamic)] == [0, 2]
+  run = lambda model, x: jax.jit(lambda x: model(x))(x)  # one compile, not one per op
+  assert np.abs(run(static, xs[0]) - run(mlp, xs[0])).max() < 0.1
+
+  sizes = dict(d_model=16, num_heads=2, d_ff=32, num_layers=3)
+  scanned = TransformerLM(50, TransformerConfig(**sizes), rngs=nnx.Rngs(0))
+  unrolled = TransformerLM(50, TransformerConfig(**sizes, scan_layers=False), rngs=nnx.Rngs(1))
+  nnx.update(unrolled, scan_to_unrolled(nnx.to_pure_dict(nnx.state(scanned))))
+  tokens = [jax.random.randint(jax.random.PRNGKey(i), (2, 8), 0, 50) for i in range(2)]
+  exclude = "(.*/)?(pos_)?embed"
+  per_layer = lambda m: nnx.to_pure_dict(nnx.state(quantization.ptq(m, 8, "static", exclude, tokens[0], tokens)))
+  s, u = per_layer(scanned), per_layer(unrolled)
+  query = s["stack"]["blocks"]["attn"]["query"]["dot_general0_lhs_scale"]["array"]
+  assert query.shape == (3, 1, 1) and len(set(np.asarray(query).ravel())) == 3
+  for name, twin in jax.tree_util.tree_flatten_with_path(scan_to_unrolled(s))[0]:
+    np.testing.assert_allclose(twin, dict(jax.tree_util.tree_flatten_with_path(u)[0])[name], rtol=1e-6)
+  placeholders = quantization.ptq(scanned, 8, "static", exclude, tokens[0], None)
+  assert jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(placeholders))) == jax.tree.map(np.shape, s)
+
+  gru = RecurrentLM(50, cell="gru", hidden_size=16, num_layers=1, rngs=nnx.Rngs(0))
+  quantized = quantization.ptq(gru, 8, "static", exclude, tokens[0], tokens)
+  scales = [p for p, _ in nnx.to_flat_state(nnx.state(quantized)) if "dot_general0_lhs_scale" in p]
+  assert len(scales) == 3  # the cell's input and recurrent projections, the head
+  assert np.abs(run(quantized, tokens[0][:1]) - run(gru, tokens[0][:1])).max() < 0.2
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--method", "svd"], "argument --method: invalid choice: 'svd'"),
     (["--method", "prune"], "--method prune needs --sparsity S"),
@@ -227,6 +285,11 @@ def test_qat_forward_computes_on_quantized_weights():
     (["--method", "prune", "--sparsity", "0.5", "--bits", "8"], "--bits is an option of --method ptq"),
     (["--method", "ptq", "--bits", "2"], "--bits 2: qwix quantizes to 4 or 8 bits"),
     (["--method", "ptq", "--bits", "4", "--activations"], "XLA's CPU backend cannot multiply int4 operands"),
+    (["--method", "ptq", "--activations", "always"], "argument --activations: invalid choice: 'always'"),
+    (["--method", "ptq", "--calibration-batches", "4"], "--calibration-batches calibrates static input scales"),
+    (["--method", "ptq", "--activations", "dynamic", "--calibration-batches", "4"], "it needs --activations (static)"),
+    (["--method", "ptq", "--activations", "--calibration-batches", "0"], "--calibration-batches 0: expected at least"),
+    (["--method", "prune", "--sparsity", "0.5", "--calibration-batches", "4"], "--calibration-batches is an option of --method ptq"),
     (["--method", "prune", "--sparsity", "0.5", "OUT_EXISTS"], "already exists and is not an empty directory"),
     (["--method", "ptq", "NO_CHECKPOINT"], "has no checkpoint"),
     (["--method", "prune", "--pattern", "1:11"], "--pattern 1:11: no prunable kernel of this model"),
@@ -260,5 +323,5 @@ def test_ptq_of_a_qat_run_keeps_its_width_by_default(tmp_path):
   c = experiment("digits_cnn")
   c.train.quantization.bits = 4
   (tmp_path / "config.json").write_text(c.to_json())
-  assert compress._ptq_options(str(tmp_path), None, False)["bits"] == 4  # pylint: disable=protected-access
-  assert compress._ptq_options(str(tmp_path), 8, False)["bits"] == 8  # pylint: disable=protected-access
+  assert compress._ptq_options(str(tmp_path), None, None, None)["bits"] == 4  # pylint: disable=protected-access
+  assert compress._ptq_options(str(tmp_path), 8, None, None)["bits"] == 8  # pylint: disable=protected-access
