@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -19,9 +20,12 @@ sys.path.insert(0, ROOT)
 # One persistent compilation cache for the session (fresh per run, shared by the xdist workers and by the
 # `jaxmodels` commands the tests start, which read JAXMODELS_CACHE_DIR): a program compiled by one test is loaded
 # by the next that builds it, as a user's runs share ~/.cache/jaxmodels/xla. bench disables it where it times
-# compiles. Not the user's cache: a run of the suite starts cold, here as on CI.
-CACHE_DIR = os.path.join(tempfile.gettempdir(),
-                         f"jaxmodels-tests-xla-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+# compiles. Not the user's cache: a run of the suite starts cold, here as on CI. The process that makes it (the
+# xdist controller, whose environment the workers inherit, or a lone pytest) removes it at the end.
+MAKES_CACHE = "JAXMODELS_TESTS_CACHE" not in os.environ
+if MAKES_CACHE:
+  os.environ["JAXMODELS_TESTS_CACHE"] = tempfile.mkdtemp(prefix="jaxmodels-tests-xla-")
+CACHE_DIR = os.environ["JAXMODELS_TESTS_CACHE"]
 os.environ["JAXMODELS_CACHE_DIR"] = CACHE_DIR
 from jaxmodels.compilation import enable_persistent_cache  # pylint: disable=wrong-import-position
 
@@ -52,6 +56,11 @@ def digits_cnn_run(tmp_path_factory):
   final = train_and_evaluate(config, workdir)
   return workdir, final, config
 
+
+
+def pytest_sessionfinish(session):  # pylint: disable=unused-argument
+  if MAKES_CACHE:
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
