@@ -39,13 +39,13 @@ from jaxmodels.errors import UserError
 
 def _ptq(model: nnx.Module, options: dict, exp):
   spec = dict(method="ptq", bits=options["bits"], activations=options["activations"], exclude=options["exclude"])
-  x = quantization.sample_input(exp.dataset.input_shape, "lm" if exp.dataset.task == "lm" else "classify")
-  from jaxmodels.train import model_input  # pylint: disable=import-outside-toplevel
+  task = exp.dataset.task if exp.dataset.task in ("lm", "seq2seq") else "classify"
   calibration = None
   if options["activations"] == "static":  # the first training batches, as the run saw them
     spec["calibration_batches"] = options["calibration_batches"]
-    calibration = (model_input(exp.host_batch(step)["x"]) for step in range(options["calibration_batches"]))
-  return quantization.ptq(model, spec["bits"], spec["activations"], spec["exclude"], x, calibration), spec
+    calibration = (exp.host_batch(step) for step in range(options["calibration_batches"]))
+  sample = quantization.sample_batch(exp.dataset.input_shape, task)
+  return quantization.ptq(model, spec["bits"], spec["activations"], spec["exclude"], sample, calibration), spec
 
 
 def _prune(model: nnx.Module, options: dict, exp):  # pylint: disable=unused-argument
@@ -145,17 +145,17 @@ def measure(exp, model: nnx.Module, repeats: int) -> tuple[dict, float]:
   """(eval metrics (floats) of `model` on the experiment's eval split, median seconds of one eval batch)."""
   from jaxmodels.actions import scalars  # pylint: disable=import-outside-toplevel
   from jaxmodels.evaluate import evaluate_model  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train import model_input, split_model  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train import forward, split_model  # pylint: disable=import-outside-toplevel
   metrics = scalars(evaluate_model(exp, model))
   graphdef, params, model_state = split_model(model)
-  forward = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s)(model_input(x)))
+  infer = jax.jit(lambda p, s, batch: forward(nnx.merge(graphdef, p, s), batch))
   size = exp.config.train.eval_batch_size
-  x = next(iter(exp.dataset.eval_batches(size, exp.layout.local_rows(size))))["x"]
-  forward(params, model_state, x).block_until_ready()  # compiled outside the timing
+  batch = jax.device_put(next(iter(exp.dataset.eval_batches(size, exp.layout.local_rows(size)))))
+  infer(params, model_state, batch).block_until_ready()  # compiled outside the timing
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    forward(params, model_state, x).block_until_ready()
+    infer(params, model_state, batch).block_until_ready()
     times.append(time.perf_counter() - t0)
   return metrics, statistics.median(times)
 
@@ -194,7 +194,7 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
 
   Raises UserError, before anything is written, for an unknown method, another method's option, unsupported bits,
   an unknown activations mode, calibration batches without static activations or fewer than 1, a sparsity outside (0, 1), a bad or contradictory pattern, an N:M pattern that fits no kernel, an `out` that
-  exists and is not empty, a workdir without a config or checkpoint, or an encoder-decoder run.
+  exists and is not empty, or a workdir without a config or checkpoint.
   """
   if method not in METHODS:
     raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
@@ -207,10 +207,6 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   options = (_ptq_options(workdir, bits, activations, calibration_batches) if method == "ptq" else
              _prune_options(sparsity, pattern, scope))
   _check_out(out)
-  spec_path = storage.path(workdir) / "model.json"
-  if spec_path.is_file() and json.loads(spec_path.read_text())["task"] == "seq2seq":
-    raise UserError(f"{workdir} is an encoder-decoder (seq2seq) run: compress measures and quantizes models of one "
-                    "input, and it takes a source and a decoder input")
   before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
   exp = evaluation(workdir)
   after, qspec = METHODS[method](before, options, exp)

@@ -47,8 +47,7 @@ What qwix does not do here, and what is done instead:
   the axes after the batch axis, such as a token position), over the largest value seen (qwix averages each
   batch's absmax, which clips every batch above the average).
 - Only `__call__` is intercepted by `qwix.quantize_model` on NNX models; `for_decoding` intercepts a language
-  model's `decode` (the sampler's KV-cache step) on the same weights. An encoder-decoder's `generate` (greedy
-  decoding, not used by training or eval) runs in float.
+  model's `decode` (the sampler's KV-cache step) or an encoder-decoder's `generate` on the same weights.
 """
 
 import collections
@@ -76,6 +75,9 @@ QTYPES = {8: jnp.int8, 4: jnp.int4}
 # backend cannot run an int4 convolution ("does not support custom element sizes").
 CONV_QTYPE = jnp.int8
 _SCALE = "_scale"  # qwix's suffix of a static input scale's parameter name (`{op}_lhs_scale`)
+# qwix.quantize_model's model inputs, for a first call that is skipped (qwix requires inputs all the same): QT with
+# dynamic scales creates no state, and PTQ's quantized weights and static scales are made beforehand.
+_NO_FIRST_CALL = (None,)
 
 
 def module_path(path) -> str:
@@ -83,9 +85,12 @@ def module_path(path) -> str:
   return "/".join(map(str, path))
 
 
-def sample_input(input_shape, task: str) -> jax.Array:
-  """A one-example batch of the model's input (token ids for language models): qwix traces the model on it once."""
-  return jnp.zeros((1, *input_shape), jnp.int32 if task == "lm" else jnp.float32)
+def sample_batch(input_shape, task: str) -> dict:
+  """A one-example batch of zeros as the data gives it (`x`: token ids for language models and encoder-decoders,
+  which also read `decoder_input` and `source_mask`), for tracing a model through `train.forward`."""
+  tokens = task in ("lm", "seq2seq")
+  x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
+  return {"x": x, "decoder_input": x, "source_mask": jnp.ones(x.shape, bool)} if task == "seq2seq" else {"x": x}
 
 
 def check(bits: int, exclude: str, activations: bool | str = False) -> None:
@@ -163,14 +168,13 @@ def _rules(model: nnx.Module, rule_type, bits: int, activations, exclude: str) -
   return rules
 
 
-def qat(model: nnx.Module, bits: int, activations: bool, exclude: str, x) -> nnx.Module:
+def qat(model: nnx.Module, bits: int, activations: bool, exclude: str) -> nnx.Module:
   """`model` (a copy) whose forward pass fake-quantizes the weights (and inputs) of its Linear and Conv modules
-  to `bits` (qwix's QT, `_QtProvider`). `x`: a sample input batch (sample_input), which qwix requires; its first
-  call on it is skipped, since QT with dynamic scales creates no state. The parameters keep their float dtype and
-  tree. Raises UserError for unsupported bits or a bad `exclude` regex."""
+  to `bits` (qwix's QT, `_QtProvider`). The parameters keep their float dtype and tree. Raises UserError for
+  unsupported bits or a bad `exclude` regex."""
   check(bits, exclude, activations)
-  return qwix.quantize_model(model, _QtProvider(_rules(model, qwix.QtRule, bits, activations, exclude)), x,
-                             skip_nnx_init=True)
+  return qwix.quantize_model(model, _QtProvider(_rules(model, qwix.QtRule, bits, activations, exclude)),
+                             *_NO_FIRST_CALL, skip_nnx_init=True)
 
 
 def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
@@ -232,11 +236,11 @@ class _Calibrator(qwix.PtqProvider):
     seen[int(layer)] = max(seen.get(int(layer), 0.0), float(absmax))
 
 
-def _set_static_scales(model: nnx.Module, bits: int, exclude: str, x, batches) -> None:
+def _set_static_scales(model: nnx.Module, bits: int, exclude: str, sample: dict, batches) -> None:
   """Gives every quantized Linear and Conv of `model` (kernels already quantized) a static scale for its input,
-  one per tensor (per layer in a stack): qwix's absmax scale of the largest |input| over `batches` (model inputs,
-  run through the quantized model in order), or for None placeholders (of an absmax of 1), for a checkpoint
-  to restore.
+  one per tensor (per layer in a stack): qwix's absmax scale of the largest |input| over `batches` (batches of
+  the data, run through the quantized model by `train.forward`), or for None placeholders (of an absmax of 1, the
+  model traced on `sample`), for a checkpoint to restore.
 
   The largest value seen, as PyTorch's MinMaxObserver takes it, rather than qwix's own average of each batch's
   absmax, which clips every batch above the average. Held as qwix does (`{op}_lhs_scale`: a WithAux of the
@@ -249,10 +253,11 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, x, batches) -
     if shape:
       module.calibration_layer = _LayerIndex(jnp.arange(math.prod(shape)).reshape(shape))
   calibrator = _Calibrator(_rules(calibrating, qwix.QuantizationRule, bits, "dynamic", exclude))
-  graphdef, state = nnx.split(qwix.quantize_model(calibrating, calibrator, x, skip_nnx_init=True))
-  forward = lambda state, x: nnx.merge(graphdef, state)(x)
+  graphdef, state = nnx.split(qwix.quantize_model(calibrating, calibrator, *_NO_FIRST_CALL, skip_nnx_init=True))
+  from jaxmodels.train import forward as model_forward  # pylint: disable=import-outside-toplevel
+  forward = lambda state, batch: model_forward(nnx.merge(graphdef, state), batch)
   if batches is None:
-    jax.eval_shape(forward, state, x)  # traced for the names and shapes alone
+    jax.eval_shape(forward, state, sample)  # traced for the names and shapes alone
   else:
     forward = jax.jit(forward)
     for batch in batches:
@@ -267,12 +272,12 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, x, batches) -
     setattr(module, name, WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
 
 
-def ptq(model: nnx.Module, bits: int, activations, exclude: str, x, calibration=None) -> nnx.Module:
+def ptq(model: nnx.Module, bits: int, activations, exclude: str, sample: dict, calibration=None) -> nnx.Module:
   """`model` (a copy) with the kernels of its Linear and Conv modules (those whose path `exclude` does not match)
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
-  qwix.PtqProvider. `x`: a sample input batch. `activations` (see `_rules`): falsy, "dynamic", or "static",
-  whose scales are calibrated on `calibration`, an iterable of input batches (None: placeholders, for a
-  checkpoint to restore). Raises UserError for unsupported bits or a bad regex."""
+  qwix.PtqProvider. `activations` (see `_rules`): falsy, "dynamic", or "static", whose scales are calibrated on
+  `calibration`, an iterable of batches of the data (None: placeholders, for a checkpoint to restore, traced on
+  `sample`, a batch such as `sample_batch`'s). Raises UserError for unsupported bits or a bad regex."""
   check(bits, exclude, activations)
   model = nnx.clone(model)
   for module in _quantized_modules(model, exclude).values():
@@ -281,23 +286,22 @@ def ptq(model: nnx.Module, bits: int, activations, exclude: str, x, calibration=
     quantized = qwix.quantize(kernel.get_value(), how.qtype, channelwise_axes=how.channelwise_axes)
     module.kernel = WithAux(jax.tree.map(nnx.Param, quantized), how)
   if activations == "static":
-    _set_static_scales(model, bits, exclude, x, calibration)
-  # qwix's first call would create what is already in place (the quantized kernels and static input scales)
+    _set_static_scales(model, bits, exclude, sample, calibration)
   rules = _rules(model, qwix.QuantizationRule, bits, activations, exclude)
-  return qwix.quantize_model(model, qwix.PtqProvider(rules), x, skip_nnx_init=True)
+  return qwix.quantize_model(model, qwix.PtqProvider(rules), *_NO_FIRST_CALL, skip_nnx_init=True)
 
 
-def for_decoding(model: nnx.Module, spec: dict, length: int = 2) -> nnx.Module:
-  """A quantized language model (PTQ or QAT, per `spec`) whose `decode` runs quantized too: qwix intercepts one
-  method per NNX model, `__call__` at quantization; this intercepts `decode` on the same weights (and static
-  input scales)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
+def for_decoding(model: nnx.Module, spec: dict) -> nnx.Module:
+  """A quantized language model or encoder-decoder (PTQ or QAT, per `spec`) whose decoding runs quantized too:
+  qwix intercepts one method per NNX model, `__call__` at quantization; this intercepts a language model's
+  `decode` (the sampler's KV-cache step) or an encoder-decoder's `generate` (greedy decoding: its encoder and its
+  cached steps) instead, on the same weights (and static input scales)."""
+  method = "generate" if hasattr(model, "generate") else "decode"
   ptq_model = spec["method"] == "ptq"
   rules = _rules(model, qwix.QuantizationRule if ptq_model else qwix.QtRule, spec["bits"], spec["activations"],
                  spec["exclude"])
   provider = qwix.PtqProvider(rules) if ptq_model else _QtProvider(rules)
-  return qwix.quantize_model(model, provider, tokens, model.init_cache(1, length), 0, methods=("decode",),
-                             skip_nnx_init=True)  # as in `qat` and `ptq`
+  return qwix.quantize_model(model, provider, *_NO_FIRST_CALL, methods=(method,), skip_nnx_init=True)
 
 
 SPEC_FILE = "quantization.json"  # written beside an export's params/: how to rebuild its quantized module
@@ -320,5 +324,6 @@ def apply(model: nnx.Module, spec: dict | None, input_shape, task: str) -> nnx.M
   """`model` quantized as `spec` says (ptq or qat), or unchanged for None."""
   if not spec:
     return model
-  quantize = ptq if spec["method"] == "ptq" else qat
-  return quantize(model, spec["bits"], spec["activations"], spec["exclude"], sample_input(input_shape, task))
+  if spec["method"] == "qat":
+    return qat(model, spec["bits"], spec["activations"], spec["exclude"])
+  return ptq(model, spec["bits"], spec["activations"], spec["exclude"], sample_batch(input_shape, task))

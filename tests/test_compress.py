@@ -144,14 +144,14 @@ def test_qat_rounds_every_linear_and_conv_weight_of_every_family(name, shape, ou
   model = nnx.eval_shape(lambda: build_model(config.model, shape, outputs, nnx.Rngs(0), task=task))
   x = jax.ShapeDtypeStruct((2, *shape), jnp.int32 if task in ("lm", "seq2seq") else jnp.float32)
   for activations in (False, True) if name == "text_transformer" else (False,):
-    qat = quantization.qat(model, 8, activations, config.train.quantization.exclude, None)
+    qat = quantization.qat(model, 8, activations, config.train.quantization.exclude)
     graphdef, state = nnx.split(qat)
     forward = lambda s, *x: nnx.merge(graphdef, s)(*x)
     jaxpr = jax.make_jaxpr(forward)(state, *((x, x) if task == "seq2seq" else (x,))).jaxpr
     assert_every_weight_quantized(jaxpr, model, activations=activations)
   if name == "text_transformer":  # the sampler's KV-cache step too
     spec = dict(method="qat", bits=8, activations=False, exclude=config.train.quantization.exclude)
-    graphdef, state = nnx.split(quantization.for_decoding(qat, spec, length=8))
+    graphdef, state = nnx.split(quantization.for_decoding(qat, spec))
     decode = lambda s, tokens, cache: nnx.merge(graphdef, s).decode(tokens, cache, 0)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     assert_every_weight_quantized(jax.make_jaxpr(decode)(state, tokens, model.init_cache(1, 8)).jaxpr, model)
@@ -221,7 +221,7 @@ def test_qat_forward_computes_on_quantized_weights():
   from jaxmodels.models import MLP  # pylint: disable=import-outside-toplevel
   model = MLP((16,), 10, hidden_sizes=(32,), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16))
-  qat = quantization.qat(model, 8, False, "embed", quantization.sample_input((16,), "classify"))
+  qat = quantization.qat(model, 8, False, "embed")
   y, y_qat = np.asarray(model(x)), np.asarray(qat(x))
   assert not np.array_equal(y, y_qat) and np.allclose(y, y_qat, atol=0.05)
 
@@ -243,8 +243,8 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
       TransformerConfig, TransformerLM, scan_to_unrolled)
   mlp = MLP((16,), 10, hidden_sizes=(32,), rngs=nnx.Rngs(0))
   xs = [(i + 1) * jax.random.normal(jax.random.PRNGKey(i), (4, 16)) for i in range(3)]
-  sample = quantization.sample_input((16,), "classify")
-  static = quantization.ptq(mlp, 8, "static", "embed", sample, xs)
+  sample = quantization.sample_batch((16,), "classify")
+  static = quantization.ptq(mlp, 8, "static", "embed", sample, [{"x": x} for x in xs])
   scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
   assert scale.shape == (1, 1) and float(scale[0, 0]) == pytest.approx(max(np.abs(x).max() for x in xs) / 127.5)
   dynamic = quantization.ptq(mlp, 8, "dynamic", "embed", sample)
@@ -257,18 +257,19 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   unrolled = TransformerLM(50, TransformerConfig(**sizes, scan_layers=False), rngs=nnx.Rngs(1))
   nnx.update(unrolled, scan_to_unrolled(nnx.to_pure_dict(nnx.state(scanned))))
   tokens = [jax.random.randint(jax.random.PRNGKey(i), (2, 8), 0, 50) for i in range(2)]
+  batches, sample = [{"x": t} for t in tokens], quantization.sample_batch((8,), "lm")
   exclude = "(.*/)?(pos_)?embed"
-  per_layer = lambda m: nnx.to_pure_dict(nnx.state(quantization.ptq(m, 8, "static", exclude, tokens[0], tokens)))
+  per_layer = lambda m: nnx.to_pure_dict(nnx.state(quantization.ptq(m, 8, "static", exclude, sample, batches)))
   s, u = per_layer(scanned), per_layer(unrolled)
   query = s["stack"]["blocks"]["attn"]["query"]["dot_general0_lhs_scale"]["array"]
   assert query.shape == (3, 1, 1) and len(set(np.asarray(query).ravel())) == 3
   for name, twin in jax.tree_util.tree_flatten_with_path(scan_to_unrolled(s))[0]:
     np.testing.assert_allclose(twin, dict(jax.tree_util.tree_flatten_with_path(u)[0])[name], rtol=1e-6)
-  placeholders = quantization.ptq(scanned, 8, "static", exclude, tokens[0], None)
+  placeholders = quantization.ptq(scanned, 8, "static", exclude, sample, None)
   assert jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(placeholders))) == jax.tree.map(np.shape, s)
 
   gru = RecurrentLM(50, cell="gru", hidden_size=16, num_layers=1, rngs=nnx.Rngs(0))
-  quantized = quantization.ptq(gru, 8, "static", exclude, tokens[0], tokens)
+  quantized = quantization.ptq(gru, 8, "static", exclude, sample, batches)
   scales = [p for p, _ in nnx.to_flat_state(nnx.state(quantized)) if "dot_general0_lhs_scale" in p]
   assert len(scales) == 3  # the cell's input and recurrent projections, the head
   assert np.abs(run(quantized, tokens[0][:1]) - run(gru, tokens[0][:1])).max() < 0.2
@@ -293,25 +294,18 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
     (["--method", "prune", "--sparsity", "0.5", "OUT_EXISTS"], "already exists and is not an empty directory"),
     (["--method", "ptq", "NO_CHECKPOINT"], "has no checkpoint"),
     (["--method", "prune", "--pattern", "1:11"], "--pattern 1:11: no prunable kernel of this model"),
-    (["--method", "prune", "--sparsity", "0.5", "SEQ2SEQ"], "is an encoder-decoder (seq2seq) run"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(digits_cnn_run, tmp_path, capsys, flags, message):
   workdir, out, existed = digits_cnn_run[0], str(tmp_path / "out"), "OUT_EXISTS" in flags
   if existed:
     os.makedirs(out)
     open(os.path.join(out, "keep"), "w", encoding="utf-8").close()
-  if "NO_CHECKPOINT" in flags or "SEQ2SEQ" in flags:
+  if "NO_CHECKPOINT" in flags:
     workdir = str(tmp_path / "untrained")
     os.makedirs(workdir)
     for name in ("config.json", "model.json"):
       shutil.copy(os.path.join(digits_cnn_run[0], name), workdir)
-    if "SEQ2SEQ" in flags:
-      spec_path = os.path.join(workdir, "model.json")
-      with open(spec_path, encoding="utf-8") as f:
-        spec = {**json.load(f), "task": "seq2seq"}
-      with open(spec_path, "w", encoding="utf-8") as f:
-        json.dump(spec, f)
-  flags = [f for f in flags if f not in ("OUT_EXISTS", "NO_CHECKPOINT", "SEQ2SEQ")]
+  flags = [f for f in flags if f not in ("OUT_EXISTS", "NO_CHECKPOINT")]
   assert cli.main(["jaxmodels", "compress", "--workdir", workdir, *flags, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err.startswith("jaxmodels: error: ") and message in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """The encoder-decoder (jaxmodels/models/encdec.py) and the copy/reverse tasks (jaxmodels/data/seq2seq.py):
 cached greedy decoding equals full-forward argmax decoding, source padding changes no valid output, and a tiny
-model learns to reverse, with the eval's teacher-forced exact match equal to greedy decoding's."""
+model learns to reverse, with the eval's teacher-forced exact match equal to greedy decoding's, before and after
+`jaxmodels compress` (PTQ int8 with static input scales)."""
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,8 @@ def test_source_padding_changes_no_output():
 
 
 def test_model_learns_to_reverse_and_eval_exact_match_is_greedy_decodings(tmp_path):
+  import jaxmodels
+  from jaxmodels import compress, quantization
   from jaxmodels.export import load_run_model
   from jaxmodels.train import train_and_evaluate
 
@@ -79,14 +82,19 @@ def test_model_learns_to_reverse_and_eval_exact_match_is_greedy_decodings(tmp_pa
   c.model.update(family="encdec", d_model=32, num_heads=2, d_ff=64, num_layers=1, positions="learned")
   c.train.update(steps=150, batch_size=32, learning_rate=1e-2, warmup_steps=10, log_every=50, eval_every=150,
                  eval_batch_size=512)
-  metrics = train_and_evaluate(c, str(tmp_path))
+  run, out = str(tmp_path / "run"), str(tmp_path / "int8")
+  metrics = train_and_evaluate(c, run)
   assert metrics["exact_match"] > 0.9, metrics
-  model = load_run_model(str(tmp_path))
+  report = compress.compress(run, "ptq", out, activations="static", repeats=1)
+  assert report["after"]["exact_match"] > 0.9 and report["before"]["exact_match"] == metrics["exact_match"]
   held_out = examples("reverse", np.random.default_rng([0, 2**40]), 512, 4, 8)
-  tokens = compiled(model, lambda m, s, sm: m.generate(s, 5, BOS, source_mask_BS=sm))(
-      jnp.asarray(held_out["x"]), jnp.asarray(held_out["source_mask"]))
-  right = (np.asarray(tokens) == held_out["y"]) | (held_out["mask"] == 0)
-  assert right.all(axis=1).mean() == pytest.approx(metrics["exact_match"])
+  for model, exact_match in ((load_run_model(run), metrics["exact_match"]),
+                             (quantization.for_decoding(jaxmodels.load_model(out), quantization.spec_of(out)),
+                              report["after"]["exact_match"])):
+    tokens = compiled(model, lambda m, s, sm: m.generate(s, 5, BOS, source_mask_BS=sm))(
+        jnp.asarray(held_out["x"]), jnp.asarray(held_out["source_mask"]))
+    right = (np.asarray(tokens) == held_out["y"]) | (held_out["mask"] == 0)
+    assert right.all(axis=1).mean() == pytest.approx(exact_match)
 
 
 def test_vocabulary_without_two_symbols_is_refused():
