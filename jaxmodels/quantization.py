@@ -14,8 +14,9 @@ one scale per output channel; per layer of a scanned stack too), then intercepts
 `qwix.PtqProvider`, which computes each matmul on the stored integers. The parameters are then
 `{"kernel": {"array": {"qvalue": int8|int4, "scale": float32}}}` and are saved so (jaxmodels.export). With
 static activations each of those modules also holds its input's scale, `{"dot_general0_lhs_scale": {"array":
-float32 (1, 1)}}` (a Conv's `conv_general_dilated0_lhs_scale`; a leading layer axis in a stack): one scale per
-tensor, the largest |input| over the calibration batches divided by qwix's int8 bound (127.5).
+(1, 1)}}` (a Conv's `conv_general_dilated0_lhs_scale`; a leading layer axis in a stack), in the input's dtype
+(qwix checks it: bfloat16 in a bfloat16 model): one scale per tensor, the largest |input| over the calibration
+batches divided by qwix's int8 bound (127.5).
 
 What qwix does not do here, and what is done instead:
 - qwix's QT tells a weight from an activation by `flax_util.find_param`: the operand is the module's parameter
@@ -200,7 +201,7 @@ class _Calibrator(qwix.PtqProvider):
   """
 
   def __init__(self, rules):
-    self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, the input's rank)
+    self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, its rank, its dtype)
     self.absmax = collections.defaultdict(dict)  # (module path, scale name) -> {flat layer index: largest |x|}
     self._op_id = None
     calibrator = self
@@ -222,7 +223,7 @@ class _Calibrator(qwix.PtqProvider):
   def record(self, array, how) -> None:
     module = flax_util.get_current_module()
     key = (module_path(module.qwix_path), f"{self._op_id}_lhs{_SCALE}")  # qwix's name: ptq.quantize_act
-    self.inputs[key] = how, array.ndim
+    self.inputs[key] = how, array.ndim, array.dtype
     layer = getattr(module, "calibration_layer", None)
     layer = jnp.zeros((), jnp.int32) if layer is None else layer.get_value()  # a traced scalar in a scan
     jax.debug.callback(functools.partial(self._seen, key), layer, jnp.max(jnp.abs(array)))
@@ -258,12 +259,13 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, x, batches) -
     for batch in batches:
       forward(state, batch)
     jax.effects_barrier()
-  for (path, name), (how, ndim) in calibrator.inputs.items():
+  for (path, name), (how, ndim, dtype) in calibrator.inputs.items():
     module = modules[path]
     shape = _layer_shape(module)
     absmax = np.ones(shape) if batches is None else np.array(
         [calibrator.absmax[path, name].get(i, 0.0) for i in range(math.prod(shape))]).reshape(shape)
     scale, _ = qarray.compute_scale_zero_point({"absmax": jnp.asarray(absmax, jnp.float32)}, how.qtype)
+    scale = scale.astype(dtype)  # the input's dtype, as qwix makes it (and checks it: a bfloat16 model's)
     setattr(module, name, WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
 
 

@@ -274,6 +274,19 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   assert np.abs(run(quantized, tokens[0][:1]) - run(gru, tokens[0][:1])).max() < 0.2
 
 
+def test_static_input_scales_of_a_bfloat16_model_have_its_compute_dtype():
+  """A mixed-precision (bfloat16) model's static input scales are bfloat16, as qwix makes (and checks) them: the
+  calibrated model and its placeholders (for a restore) run."""
+  from jaxmodels.models import MLP  # pylint: disable=import-outside-toplevel
+  mlp = MLP((16,), 10, hidden_sizes=(32,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  xs = [jax.random.normal(jax.random.PRNGKey(i), (4, 16)) for i in range(2)]
+  for batches in (xs, None):
+    static = quantization.ptq(mlp, 8, "static", "embed", quantization.sample_input((16,), "classify"), batches)
+    scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
+    assert scale.dtype == jnp.bfloat16
+    assert np.isfinite(jax.jit(lambda x: static(x))(xs[0])).all()  # before: ValueError (float32 != bfloat16)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--method", "svd"], "argument --method: invalid choice: 'svd'"),
     (["--method", "prune"], "--method prune needs --sparsity S"),
