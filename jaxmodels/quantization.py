@@ -274,8 +274,15 @@ def ptq(model: nnx.Module, bits: int, activations, exclude: str, x, calibration=
   stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
   qwix.PtqProvider. `x`: a sample input batch. `activations` (see `_rules`): falsy, "dynamic", or "static",
   whose scales are calibrated on `calibration`, an iterable of input batches (None: placeholders, for a
-  checkpoint to restore). Raises UserError for unsupported bits or a bad regex."""
+  checkpoint to restore). Raises UserError for unsupported bits, a bad regex, or int8 inputs in float16."""
   check(bits, exclude, activations)
+  # qwix rescales the int32 product of two integer operands in the input's dtype: past 65504 float16 is inf.
+  float16 = [path for path, m in _quantized_modules(model, exclude).items() if (activations or isinstance(
+      m, nnx.Conv)) and m.dtype is not None and jnp.dtype(m.dtype) == jnp.float16]
+  if float16:
+    raise UserError(f"PTQ of a float16 model with quantized inputs ({float16[0]}; --activations, or any "
+                    "convolution): qwix rescales their int32 products in float16, which overflows to inf; "
+                    "compress a float32 or bfloat16 run")
   model = nnx.clone(model)
   for module in _quantized_modules(model, exclude).values():
     kernel = module.kernel

@@ -17,6 +17,7 @@ from flax import nnx
 from conftest import experiment, read_metrics
 from jaxmodels import cli
 from jaxmodels import quantization
+from jaxmodels.errors import UserError
 
 
 @pytest.fixture(scope="module", params=[[], ["--activations"]], ids=["weights", "static-inputs"])
@@ -285,6 +286,22 @@ def test_static_input_scales_of_a_bfloat16_model_have_its_compute_dtype():
     scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
     assert scale.dtype == jnp.bfloat16
     assert np.isfinite(jax.jit(lambda x: static(x))(xs[0])).all()  # before: ValueError (float32 != bfloat16)
+
+
+def test_ptq_refuses_integer_inputs_in_float16():
+  """qwix rescales an int8 x int8 product's int32 sums in the input's dtype: in float16 they overflow to inf (an
+  int8 CNN or MLP with --activations evaluated as NaN). PTQ with quantized inputs (--activations, any
+  convolution) of a float16 model is refused; a float16 MLP's weights alone still quantize."""
+  from jaxmodels.models import MLP  # pylint: disable=import-outside-toplevel
+  mlp = MLP((16,), 10, hidden_sizes=(32,), dtype=jnp.float16, rngs=nnx.Rngs(0))
+  x = quantization.sample_input((16,), "classify")
+  for activations in ("static", "dynamic"):
+    with pytest.raises(UserError, match="float16 model with quantized inputs"):
+      quantization.ptq(mlp, 8, activations, "embed", x, [x])
+  conv = nnx.Conv(1, 4, (3, 3), dtype=jnp.float16, rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match="float16 model with quantized inputs"):
+    quantization.ptq(conv, 8, False, "embed", jnp.zeros((1, 8, 8, 1)))
+  assert quantization.ptq(mlp, 8, False, "embed", x) is not None
 
 
 @pytest.mark.parametrize("flags, message", [
