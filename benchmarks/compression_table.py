@@ -28,7 +28,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("baseline", "ptq8", "ptq8-static", "ptq8-dynamic", "qat8", "prune50", "prune90", "prune2:4", "student", "distill")
+ROWS = ("baseline", "ptq8", "ptq8-static", "ptq8-dynamic", "qat8", "prune50", "prune90", "prune2:4", "student",
+        "distill")
 # Half the widths of each experiment: the distilled student.
 HALF = {"digits_cnn": ["--config.model.features=(16,32)", "--config.model.head_sizes=(64,)"],
         "text_transformer": ["--config.model.d_model=64", "--config.model.d_ff=256"]}

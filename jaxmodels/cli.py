@@ -284,11 +284,12 @@ inference time per eval batch, before and after.
   --method ptq: post-training quantization (qwix) of the weights to --bits integers (default: the run's
     train.quantization.bits if it trained quantization-aware, else 8), per output channel;
     --activations (static) also quantizes the input of every dense and conv layer (to --bits integers; int8 in
-    a convolution), with one scale per
-    tensor (per layer of a stack) fixed by a calibration pass: the largest |input| over the run's first
-    --calibration-batches training batches (default 8), as the run saw them. --activations dynamic computes a
-    scale per row on the fly instead (no calibration). Without --activations convolutions still quantize
-    their inputs, dynamically (qwix's int8 convolution takes two int8 operands).
+    a convolution), with one scale per tensor (per layer of a stack) fixed by a calibration pass: the largest
+    |input| over the run's first --calibration-batches training batches (default 8), as the run saw them.
+    --activations dynamic computes a scale per row on the fly instead (no calibration). Without --activations
+    convolutions still quantize their inputs, dynamically (qwix's int8 convolution takes two int8 operands).
+    Quantized inputs (--activations, a convolution) of a float16 run are refused: qwix rescales their int32
+    products in float16, which overflows.
   --method prune: one-shot magnitude pruning; embeddings, norm scales and biases are kept. --sparsity S in (0, 1)
     zeroes that fraction of the smallest weights of each kernel (--scope layer, the default) or of all kernels
     ranked together (--scope global); --pattern N:M keeps the N largest of every M consecutive inputs of a kernel

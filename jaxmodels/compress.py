@@ -193,8 +193,10 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   global).
 
   Raises UserError, before anything is written, for an unknown method, another method's option, unsupported bits,
-  an unknown activations mode, calibration batches without static activations or fewer than 1, a sparsity outside (0, 1), a bad or contradictory pattern, an N:M pattern that fits no kernel, an `out` that
-  exists and is not empty, or a workdir without a config or checkpoint.
+  an unknown activations mode, calibration batches without static activations or fewer than 1, quantized inputs
+  (--activations, a convolution) of a float16 model, a sparsity outside (0, 1), a bad or contradictory pattern, an
+  N:M pattern that fits no kernel, an `out` that exists and is not empty, or a workdir without a config or
+  checkpoint.
   """
   if method not in METHODS:
     raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")

@@ -14,8 +14,9 @@ one scale per output channel; per layer of a scanned stack too), then intercepts
 `qwix.PtqProvider`, which computes each matmul on the stored integers. The parameters are then
 `{"kernel": {"array": {"qvalue": int8|int4, "scale": float32}}}` and are saved so (jaxmodels.export). With
 static activations each of those modules also holds its input's scale, `{"dot_general0_lhs_scale": {"array":
-float32 (1, 1)}}` (a Conv's `conv_general_dilated0_lhs_scale`; a leading layer axis in a stack): one scale per
-tensor, the largest |input| over the calibration batches divided by qwix's int8 bound (127.5).
+(1, 1)}}` (a Conv's `conv_general_dilated0_lhs_scale`; a leading layer axis in a stack), in the input's dtype
+(qwix checks it: bfloat16 in a bfloat16 model): one scale per tensor, the largest |input| over the calibration
+batches divided by qwix's int8 bound (127.5).
 
 What qwix does not do here, and what is done instead:
 - qwix's QT tells a weight from an activation by `flax_util.find_param`: the operand is the module's parameter
@@ -149,7 +150,8 @@ def _rules(model: nnx.Module, rule_type, bits: int, activations, exclude: str) -
   `activations`: falsy (weights only), True or "dynamic" (a scale per row, computed on the fly), or "static"
   (qwix's `act_static_scale`: one scale per tensor, held by the module). Static rules are grouped by the rank of
   the module's input (`_static_ndims`), averaging the scale over every axis but the contracted last one, so the
-  scale has no axis that depends on the batch (modules without a scale yet, while calibrating: qwix's default).
+  scale has no axis that depends on the batch (a module that did not run during calibration has no scale and
+  keeps qwix's default).
   """
   qtype, static, ndims = QTYPES[bits], activations == "static", _static_ndims(model)
   groups = collections.defaultdict(list)  # (op, weight qtype, input qtype, input rank) -> paths
@@ -204,7 +206,7 @@ class _Calibrator(qwix.PtqProvider):
   """
 
   def __init__(self, rules):
-    self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, the input's rank)
+    self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, its rank, its dtype)
     self.absmax = collections.defaultdict(dict)  # (module path, scale name) -> {flat layer index: largest |x|}
     self._op_id = None
     calibrator = self
@@ -226,7 +228,7 @@ class _Calibrator(qwix.PtqProvider):
   def record(self, array, how) -> None:
     module = flax_util.get_current_module()
     key = (module_path(module.qwix_path), f"{self._op_id}_lhs{_SCALE}")  # qwix's name: ptq.quantize_act
-    self.inputs[key] = how, array.ndim
+    self.inputs[key] = how, array.ndim, array.dtype
     layer = getattr(module, "calibration_layer", None)
     layer = jnp.zeros((), jnp.int32) if layer is None else layer.get_value()  # a traced scalar in a scan
     jax.debug.callback(functools.partial(self._seen, key), layer, jnp.max(jnp.abs(array)))
@@ -263,22 +265,31 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, sample: dict,
     for batch in batches:
       forward(state, batch)
     jax.effects_barrier()
-  for (path, name), (how, ndim) in calibrator.inputs.items():
+  for (path, name), (how, ndim, dtype) in calibrator.inputs.items():
     module = modules[path]
     shape = _layer_shape(module)
     absmax = np.ones(shape) if batches is None else np.array(
         [calibrator.absmax[path, name].get(i, 0.0) for i in range(math.prod(shape))]).reshape(shape)
     scale, _ = qarray.compute_scale_zero_point({"absmax": jnp.asarray(absmax, jnp.float32)}, how.qtype)
+    scale = scale.astype(dtype)  # the input's dtype, as qwix makes it (and checks it: a bfloat16 model's)
     setattr(module, name, WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
 
 
 def ptq(model: nnx.Module, bits: int, activations, exclude: str, sample: dict, calibration=None) -> nnx.Module:
   """`model` (a copy) with the kernels of its Linear and Conv modules (those whose path `exclude` does not match)
-  stored as qwix QArrays of `bits`-bit integers and per-channel float32 scales, computing through
-  qwix.PtqProvider. `activations` (see `_rules`): falsy, "dynamic", or "static", whose scales are calibrated on
+  stored as qwix QArrays of `bits`-bit integers and per-channel scales (in the parameters' dtype), computing
+  through qwix.PtqProvider. `activations` (see `_rules`): falsy, "dynamic", or "static", whose scales are calibrated on
   `calibration`, an iterable of batches of the data (None: placeholders, for a checkpoint to restore, traced on
-  `sample`, a batch such as `sample_batch`'s). Raises UserError for unsupported bits or a bad regex."""
+  `sample`, a batch such as `sample_batch`'s). Raises UserError for unsupported bits, a bad regex, or int8 inputs
+  in float16."""
   check(bits, exclude, activations)
+  # qwix rescales the int32 product of two integer operands in the input's dtype: past 65504 float16 is inf.
+  float16 = [path for path, m in _quantized_modules(model, exclude).items() if (activations or isinstance(
+      m, nnx.Conv)) and m.dtype is not None and jnp.dtype(m.dtype) == jnp.float16]
+  if float16:
+    raise UserError(f"PTQ of a float16 model with quantized inputs ({float16[0]}; --activations, or any "
+                    "convolution): qwix rescales their int32 products in float16, which overflows to inf; "
+                    "compress a float32 or bfloat16 run")
   model = nnx.clone(model)
   for module in _quantized_modules(model, exclude).values():
     kernel = module.kernel
@@ -308,7 +319,8 @@ SPEC_FILE = "quantization.json"  # written beside an export's params/: how to re
 
 
 def spec_of(directory) -> dict | None:
-  """The quantization of a run or export: {"method": "ptq"|"qat", "bits", "activations", "exclude"} or None."""
+  """The quantization of a run or export: {"method": "ptq"|"qat", "bits", "activations", "exclude"} (and a static
+  PTQ's "calibration_batches") or None."""
   from jaxmodels import storage  # pylint: disable=import-outside-toplevel
   path = storage.path(directory) / SPEC_FILE
   if path.is_file():

@@ -17,6 +17,7 @@ from flax import nnx
 from conftest import experiment, read_metrics
 from jaxmodels import cli
 from jaxmodels import quantization
+from jaxmodels.errors import UserError
 
 
 @pytest.fixture(scope="module", params=[[], ["--activations"]], ids=["weights", "static-inputs"])
@@ -275,6 +276,35 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   assert np.abs(run(quantized, tokens[0][:1]) - run(gru, tokens[0][:1])).max() < 0.2
 
 
+def test_static_input_scales_of_a_bfloat16_model_have_its_compute_dtype():
+  """A mixed-precision (bfloat16) model's static input scales are bfloat16, as qwix makes (and checks) them: the
+  calibrated model and its placeholders (for a restore) run."""
+  from jaxmodels.models import MLP  # pylint: disable=import-outside-toplevel
+  mlp = MLP((16,), 10, hidden_sizes=(32,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  xs = [jax.random.normal(jax.random.PRNGKey(i), (4, 16)) for i in range(2)]
+  for batches in ([{"x": x} for x in xs], None):
+    static = quantization.ptq(mlp, 8, "static", "embed", quantization.sample_batch((16,), "classify"), batches)
+    scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
+    assert scale.dtype == jnp.bfloat16
+    assert np.isfinite(jax.jit(lambda x: static(x))(xs[0])).all()  # before: ValueError (float32 != bfloat16)
+
+
+def test_ptq_refuses_integer_inputs_in_float16():
+  """qwix rescales an int8 x int8 product's int32 sums in the input's dtype: in float16 they overflow to inf (an
+  int8 CNN or MLP with --activations evaluated as NaN). PTQ with quantized inputs (--activations, any
+  convolution) of a float16 model is refused; a float16 MLP's weights alone still quantize."""
+  from jaxmodels.models import MLP  # pylint: disable=import-outside-toplevel
+  mlp = MLP((16,), 10, hidden_sizes=(32,), dtype=jnp.float16, rngs=nnx.Rngs(0))
+  x = quantization.sample_batch((16,), "classify")
+  for activations in ("static", "dynamic"):
+    with pytest.raises(UserError, match="float16 model with quantized inputs"):
+      quantization.ptq(mlp, 8, activations, "embed", x, [x])
+  conv = nnx.Conv(1, 4, (3, 3), dtype=jnp.float16, rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match="float16 model with quantized inputs"):
+    quantization.ptq(conv, 8, False, "embed", quantization.sample_batch((8, 8, 1), "classify"))
+  assert quantization.ptq(mlp, 8, False, "embed", x) is not None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--method", "svd"], "argument --method: invalid choice: 'svd'"),
     (["--method", "prune"], "--method prune needs --sparsity S"),
@@ -290,7 +320,8 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
     (["--method", "ptq", "--calibration-batches", "4"], "--calibration-batches calibrates static input scales"),
     (["--method", "ptq", "--activations", "dynamic", "--calibration-batches", "4"], "it needs --activations (static)"),
     (["--method", "ptq", "--activations", "--calibration-batches", "0"], "--calibration-batches 0: expected at least"),
-    (["--method", "prune", "--sparsity", "0.5", "--calibration-batches", "4"], "--calibration-batches is an option of --method ptq"),
+    (["--method", "prune", "--sparsity", "0.5", "--calibration-batches", "4"],
+     "--calibration-batches is an option of --method ptq"),
     (["--method", "prune", "--sparsity", "0.5", "OUT_EXISTS"], "already exists and is not an empty directory"),
     (["--method", "ptq", "NO_CHECKPOINT"], "has no checkpoint"),
     (["--method", "prune", "--pattern", "1:11"], "--pattern 1:11: no prunable kernel of this model"),
