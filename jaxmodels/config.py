@@ -197,7 +197,7 @@ def default_config() -> config_dict.ConfigDict:
   # straight-through gradients; embeddings, norms and attention's q.k and p.v einsums stay float. Parameters stay
   # float (checkpoints, resume and export as usual). Post-training: `jaxmodels compress`.
   c.train.quantization = config_dict.ConfigDict()
-  c.train.quantization.bits = 0  # 0: off | 8 | 4 (int8 / int4 weights); every family
+  c.train.quantization.bits = 0  # 0: off | 8 | 4 (int8 / int4 weights); every family; float32 or bfloat16 compute
   c.train.quantization.activations = False  # also quantize each dense layer's inputs (dynamic per-row scales)
   # Regex over module paths (qwix's, '/'-joined: stack/blocks/attn/query, convs/0, out) kept in float: by default
   # the embeddings (a tied LM head is the embedding); add e.g. |out|head to keep a final layer in float, as is
@@ -444,6 +444,11 @@ def validate(config: config_dict.ConfigDict) -> None:
   if task == "lm" and m.family not in ("transformer", "lstm"):
     raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
   pruning.check(t.pruning)
+  if t.quantization.bits and m.dtype == "float16":  # qwix's scales: qarray.compute_scale_zero_point
+    raise UserError(f"train.quantization.bits={t.quantization.bits} with model.dtype=float16: qwix computes the "
+                    "quantization scales in the compute dtype and replaces one under sqrt(float16's smallest "
+                    "normal) = 0.0078 by 1, which rounds a typical weight to 0; train quantization-aware in "
+                    "float32 or bfloat16")
   if t.distill.teacher and p.strategy == "pmap":
     raise UserError("train.distill.teacher is set but parallel.strategy=pmap cannot take the teacher: use dp or fsdp")
   if t.batch_size % t.grad_accum_steps:

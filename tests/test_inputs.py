@@ -217,6 +217,8 @@ def test_every_config_key_has_a_bad_value_case():
     (dict(train__pruning=dict(sparsity=0.5, start_step=10, end_step=5)),
      "train.pruning.end_step=5 is below train.pruning.start_step=10"),
     (dict(train__distill=dict(teacher="runs/t"), parallel__strategy="pmap"), "train.distill.teacher is set but"),
+    (dict(train__quantization=dict(bits=8), model__dtype="float16"),
+     "train.quantization.bits=8 with model.dtype=float16: qwix computes"),
     (dict(data__source="reverse"), "model.family=cnn with data.source=reverse: the encoder-decoder (encdec) takes"),
     (dict(data__source="text", model__family="encdec"), "model.family=encdec with data.source=text"),
     (dict(data__source="copy", model__family="encdec", model__pooling="cls"),
