@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.jaxmodels-installed
 WORKDIR ?= runs/digits_cnn
+ARGS ?=  # more flags for `make train`, e.g. ARGS=--config.train.steps=100
 
 .PHONY: train test test-fast clean
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir $(WORKDIR)
+	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir $(WORKDIR) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
