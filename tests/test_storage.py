@@ -224,7 +224,7 @@ SCORES = ("step", "split", "loss", "accuracy", "perplexity")
 
 
 @pytest.mark.slow
-def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_path, gcs_env):
+def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_exports_and_compresses(tmp_path, gcs_env):
   assert _jaxmodels(gcs_env, *TEXT, f"--workdir={tmp_path / 'straight'}").returncode == 0
   p = subprocess.Popen([sys.executable, "-m", "jaxmodels", *TEXT, "--workdir=gs://bkt/run"], cwd=ROOT, env=gcs_env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -238,14 +238,6 @@ def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_p
   assert resumed.returncode == 0, resumed.stderr
   assert "taking over gs://bkt/run/LOCK: process" in resumed.stdout
   assert any(f"training steps {s}..60" in resumed.stdout for s in (20, 40)), resumed.stdout
-  check = _python(gcs_env, "import json; from etils import epath; p = epath.Path('gs://bkt/run');"
-                           "print(json.dumps(sorted(x.name for x in p.iterdir())));"
-                           "print(json.dumps([json.loads(l) for l in (p / 'metrics.jsonl').read_text().splitlines()]))")
-  assert check.returncode == 0, check.stderr
-  names, records = (json.loads(line) for line in check.stdout.strip().splitlines()[-2:])
-  assert names == ["checkpoints", "config.json", "metrics.jsonl", "model.json", "tb", "vocab.json"]  # no lock; tb: events
-  straight = read_metrics(tmp_path / "straight")
-  assert [[r.get(k) for k in SCORES] for r in records] == [[r.get(k) for k in SCORES] for r in straight]
   sample = _jaxmodels(gcs_env, "sample", "--workdir=gs://bkt/run", "--prompt=def ", "--length=20",
                       "--temperature=0")
   local_sample = _jaxmodels(gcs_env, "sample", f"--workdir={tmp_path / 'straight'}", "--prompt=def ",
@@ -254,10 +246,24 @@ def test_a_gs_run_survives_sigkill_resumes_exactly_and_samples_and_exports(tmp_p
   assert sample.stdout == local_sample.stdout and sample.stdout.startswith("def ")
   exported = _jaxmodels(gcs_env, "export", "--workdir=gs://bkt/run", "--out=gs://bkt/exported")
   assert exported.returncode == 0, exported.stderr
-  load = _python(gcs_env, "import jaxmodels, numpy as np; m = jaxmodels.load_model('gs://bkt/exported');"
-                          "print(m(np.zeros((1, 32), np.int32)).shape)")
-  assert load.returncode == 0, load.stderr
-  assert load.stdout.strip().splitlines()[-1].startswith("(1, 32, ")
+  compressed = _jaxmodels(gcs_env, "compress", "--workdir=gs://bkt/run", "--method=ptq", "--activations",
+                          "--out=gs://bkt/int8")
+  assert compressed.returncode == 0, compressed.stderr
+  check = _python(gcs_env, "import json, jaxmodels, numpy as np; from etils import epath;"
+                           "p = epath.Path('gs://bkt'); lines = (p / 'run/metrics.jsonl').read_text().splitlines();"
+                           "print(json.dumps(sorted(x.name for x in (p / 'run').iterdir())));"
+                           "print(json.dumps([json.loads(l) for l in lines]));"
+                           "print(json.dumps([jaxmodels.load_model(f'gs://bkt/{d}')(np.zeros((1, 32), np.int32)).shape"
+                           "                  for d in ('exported', 'int8')]));"
+                           "print((p / 'int8/compression.json').read_text().replace(chr(10), ''))")
+  assert check.returncode == 0, check.stderr
+  names, records, shapes, report = (json.loads(line) for line in check.stdout.strip().splitlines()[-4:])
+  # no lock left; tb holds the events
+  assert names == ["checkpoints", "config.json", "metrics.jsonl", "model.json", "tb", "vocab.json"]
+  straight = read_metrics(tmp_path / "straight")
+  assert [[r.get(k) for k in SCORES] for r in records] == [[r.get(k) for k in SCORES] for r in straight]
+  assert [s[:2] for s in shapes] == [[1, 32], [1, 32]]  # the export and the int8 one (static inputs) load from gs://
+  assert report["after"]["loss"] == pytest.approx(report["before"]["loss"], abs=0.05) and report["after"]["bytes"] > 0
 
 
 def test_an_empty_workdir_and_a_resume_past_train_steps_are_refused_writing_nothing(tmp_path):
