@@ -39,12 +39,11 @@ from jaxmodels.errors import UserError
 
 def _ptq(model: nnx.Module, options: dict, exp):
   spec = dict(method="ptq", bits=options["bits"], activations=options["activations"], exclude=options["exclude"])
-  task = exp.dataset.task if exp.dataset.task in ("lm", "seq2seq") else "classify"
   calibration = None
   if options["activations"] == "static":  # the first training batches, as the run saw them
     spec["calibration_batches"] = options["calibration_batches"]
     calibration = (exp.host_batch(step) for step in range(options["calibration_batches"]))
-  sample = quantization.sample_batch(exp.dataset.input_shape, task)
+  sample = quantization.sample_batch(exp.dataset.input_shape, exp.dataset.task)
   return quantization.ptq(model, spec["bits"], spec["activations"], spec["exclude"], sample, calibration), spec
 
 

@@ -87,8 +87,9 @@ def module_path(path) -> str:
 
 
 def sample_batch(input_shape, task: str) -> dict:
-  """A one-example batch of zeros as the data gives it (`x`: token ids for language models and encoder-decoders,
-  which also read `decoder_input` and `source_mask`), for tracing a model through `train.forward`."""
+  """A one-example batch of zeros as the data of `task` gives it (`x`: token ids for "lm" and "seq2seq", whose
+  encoder-decoders also read `decoder_input` and `source_mask`; float32 for any other task), for tracing a model
+  through `train.forward`."""
   tokens = task in ("lm", "seq2seq")
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
   return {"x": x, "decoder_input": x, "source_mask": jnp.ones(x.shape, bool)} if task == "seq2seq" else {"x": x}

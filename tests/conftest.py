@@ -57,8 +57,7 @@ def digits_cnn_run(tmp_path_factory):
   return workdir, final, config
 
 
-
-def pytest_sessionfinish(session):  # pylint: disable=unused-argument
+def pytest_sessionfinish():
   if MAKES_CACHE:
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 

@@ -98,15 +98,15 @@ def test_prune_exports_exact_zeros_that_load_and_evaluate(digits_cnn_run, tmp_pa
   assert f"accuracy={report['after']['accuracy']:.4f}" in capsys.readouterr().out
 
 
-def rounds(jaxpr) -> list[tuple]:
-  """The operand shapes of every `round` in a jaxpr and the jaxprs inside it (a scan body once)."""
+def op_shapes(jaxpr, name: str = "round") -> list[tuple]:
+  """The first operand's shape of every `name` op in a jaxpr and the jaxprs inside it (a scan body once)."""
   from jax.extend.core import jaxprs_in_params  # pylint: disable=import-outside-toplevel
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "round":
+    if eqn.primitive.name == name:
       found.append(eqn.invars[0].aval.shape)
     for sub in jaxprs_in_params(eqn.params):
-      found += rounds(sub)
+      found += op_shapes(sub, name)
   return found
 
 
@@ -121,7 +121,7 @@ def assert_every_weight_quantized(jaxpr, model, passes=1, activations=False):
   """Each Linear kernel is rounded `passes` times (2: recomputed under remat) and with `activations` its input too;
   each Conv rounds its kernel and its input; nothing else is rounded (attention's einsums stay float)."""
   kernels, convs = linear_and_conv_kernels(model)
-  found = collections.Counter(rounds(jaxpr))
+  found = collections.Counter(op_shapes(jaxpr))
   assert kernels and not collections.Counter({s: passes * n for s, n in collections.Counter(kernels).items()}) - found
   assert sum(found.values()) == passes * (len(kernels) * (1 + activations) + 2 * convs)
 
@@ -229,13 +229,6 @@ def test_qat_forward_computes_on_quantized_weights():
   assert not np.array_equal(y, y_qat) and np.allclose(y, y_qat, atol=0.05)
 
 
-def count_ops(jaxpr, name: str) -> int:
-  """How many `name` equations a jaxpr holds, with the jaxprs inside it (a scan body once)."""
-  from jax.extend.core import jaxprs_in_params  # pylint: disable=import-outside-toplevel
-  return sum(eqn.primitive.name == name for eqn in jaxpr.eqns) + sum(
-      count_ops(sub, name) for eqn in jaxpr.eqns for sub in jaxprs_in_params(eqn.params))
-
-
 def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   """PTQ with static activations: a dense layer's input scale is the largest |input| over the calibration batches
   over qwix's int8 bound, and the forward computes no absmax (the dynamic one does, per layer); a scanned stack
@@ -251,7 +244,7 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   scale = nnx.to_pure_dict(nnx.state(static))["hidden"][0]["dot_general0_lhs_scale"]["array"]
   assert scale.shape == (1, 1) and float(scale[0, 0]) == pytest.approx(max(np.abs(x).max() for x in xs) / 127.5)
   dynamic = quantization.ptq(mlp, 8, "dynamic", "embed", sample)
-  assert [count_ops(jax.make_jaxpr(m)(xs[0]).jaxpr, "reduce_max") for m in (static, dynamic)] == [0, 2]
+  assert [len(op_shapes(jax.make_jaxpr(m)(xs[0]).jaxpr, "reduce_max")) for m in (static, dynamic)] == [0, 2]
   run = lambda model, x: jax.jit(lambda x: model(x))(x)  # one compile, not one per op
   assert np.abs(run(static, xs[0]) - run(mlp, xs[0])).max() < 0.1
 
