@@ -81,7 +81,7 @@ def make_row(row: str, name: str, work: str, steps: int, finetune: int) -> str:
 def measure(export_dir: str) -> tuple[str, int, float]:
   """(quality, bytes on disk, inference ms) of an export."""
   import jaxmodels as jm  # pylint: disable=import-outside-toplevel
-  from jaxmodels import compress  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools import compress  # pylint: disable=import-outside-toplevel
   exp = compress.evaluation(export_dir)
   metrics, seconds = compress.measure(exp, jm.load_model(export_dir), repeats=7)
   quality = f"loss {metrics['loss']:.3f}" if exp.dataset.task == "lm" else f"acc {metrics['accuracy']:.4f}"

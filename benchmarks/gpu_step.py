@@ -8,7 +8,7 @@ Prints, for the backend JAX finds:
   2. the median step time, tokens/s and model FLOP utilisation of the compiled
      train step of `experiments/text_transformer.py` scaled up by the flags,
      for each attention implementation (MFU = the analytic model FLOPs of the
-     step / step time / the device's dense bf16 peak from `jaxmodels.flops`;
+     step / step time / the device's dense bf16 peak from `jaxmodels.models.flops`;
      XLA's count is printed next to it, but counts a scanned layer once);
   3. a short full training run (`train_and_evaluate`, bf16 + cuDNN attention)
      with its final validation loss, so the whole pipeline ran on the device.
@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxmodels import flops as flops_lib  # pylint: disable=wrong-import-position
 from jaxmodels.config import load_experiment  # pylint: disable=wrong-import-position
-from jaxmodels.train import build_experiment, train_and_evaluate  # pylint: disable=wrong-import-position
+from jaxmodels.models import flops as flops_lib  # pylint: disable=wrong-import-position
+from jaxmodels.train.experiment import build_experiment  # pylint: disable=wrong-import-position
+from jaxmodels.train.loop import train_and_evaluate  # pylint: disable=wrong-import-position
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                           "text_transformer.py")

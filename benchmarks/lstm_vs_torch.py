@@ -30,7 +30,7 @@ if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1:][:1] ==
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
-from jaxmodels import host  # pylint: disable=wrong-import-position
+from jaxmodels.runtime import host  # pylint: disable=wrong-import-position
 
 host.reexec_with_huge_pages()  # as the jaxmodels entry points run
 host.cpu_only_platform()
@@ -39,10 +39,10 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 
-from jaxmodels.bench import time_steps  # pylint: disable=wrong-import-position
+from jaxmodels.bench.timing import time_steps  # pylint: disable=wrong-import-position
 from jaxmodels.config import load_experiment  # pylint: disable=wrong-import-position
 from jaxmodels.models import recurrent  # pylint: disable=wrong-import-position
-from jaxmodels.train import build_experiment  # pylint: disable=wrong-import-position
+from jaxmodels.train.experiment import build_experiment  # pylint: disable=wrong-import-position
 
 
 def stepwise_run_cell(cell, carry, x_BTF, reverse=False):

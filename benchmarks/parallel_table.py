@@ -35,9 +35,10 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxmodels.bench import abstract_args  # pylint: disable=import-outside-toplevel
+
+  from jaxmodels.bench.timing import abstract_args  # pylint: disable=import-outside-toplevel
   from jaxmodels.config import load_experiment  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
 
   print(f"text transformer: 2 layers, d_model {args.d_model}, d_ff {4 * args.d_model}, batch {args.batch} x "
         f"{args.seq_len} tokens, layers unrolled; {jax.device_count()} x {jax.devices()[0].device_kind} "

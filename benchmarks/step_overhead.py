@@ -5,7 +5,7 @@
 Both steps train the same tiny MLP (64 -> 128 -> 10, ReLU, batch 32, Adam) on
 the digits, on the same device-resident batch in the same process, and return
 the same things: the new state with its step counter, and the loss, accuracy
-and gradient norm that the jaxmodels step logs (`jaxmodels.bench.pure_jax_mlp_step`
+and gradient norm that the jaxmodels step logs (`jaxmodels.bench.timing.pure_jax_mlp_step`
 is the hand-written one). The per-step time is then almost all host work
 (Python, pytree flattening, dispatch), and the ratio is the framework's
 overhead; the target is <= 1.2x. `jaxmodels bench step --compare-pure-jax`
@@ -17,9 +17,9 @@ import os
 
 import jax
 
-from jaxmodels.bench import compare_pure_jax
+from jaxmodels.bench.timing import compare_pure_jax
 from jaxmodels.config import load_experiment
-from jaxmodels.train import build_experiment
+from jaxmodels.train.experiment import build_experiment
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                           "digits_mlp.py")

@@ -27,7 +27,7 @@ if MAKES_CACHE:
   os.environ["JAXMODELS_TESTS_CACHE"] = tempfile.mkdtemp(prefix="jaxmodels-tests-xla-")
 CACHE_DIR = os.environ["JAXMODELS_TESTS_CACHE"]
 os.environ["JAXMODELS_CACHE_DIR"] = CACHE_DIR
-from jaxmodels.compilation import enable_persistent_cache  # pylint: disable=wrong-import-position
+from jaxmodels.runtime.compilation import enable_persistent_cache  # pylint: disable=wrong-import-position
 
 enable_persistent_cache(CACHE_DIR)
 
@@ -46,7 +46,7 @@ def read_metrics(workdir: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def digits_cnn_run(tmp_path_factory):
   """digits_cnn trained for 150 steps (its loop runs under a transfer guard: no implicit host syncs)."""
-  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
   config = experiment("digits_cnn")
   config.train.steps = 150

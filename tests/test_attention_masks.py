@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmodels.models import TransformerClassifier, TransformerConfig, TransformerLM, presets
+from jaxmodels.models import (
+  TransformerClassifier,
+  TransformerConfig,
+  TransformerLM,
+  presets,
+)
 from jaxmodels.models.transformer import attention, segment_mask, segment_positions
 
 VOCAB = 29

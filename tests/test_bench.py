@@ -10,13 +10,18 @@ import warnings
 
 import numpy as np
 import pytest
-
-from jaxmodels import bench, checkpoint, compilation, flops, parallel
-from jaxmodels.errors import UserError
-from jaxmodels.metrics import MetricsLogger
-from jaxmodels.actions import Profile
-from jaxmodels.train import build_experiment, train_and_evaluate, train_loop
 from conftest import ROOT, experiment
+
+from jaxmodels import parallel
+from jaxmodels.bench import timing as bench
+from jaxmodels.models import flops
+from jaxmodels.runs import checkpoint
+from jaxmodels.runtime import compilation
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.actions import Profile
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate, train_loop
+from jaxmodels.train.metrics import MetricsLogger
 
 FIELDS = {"trace_s", "lower_s", "compile_s", "hlo_ops", "fusions", "flops", "bytes_accessed", "argument_bytes",
           "output_bytes", "temp_bytes", "generated_code_bytes", "warm_cache_compile_s", "step_s", "jax", "jaxlib",

@@ -10,12 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, experiment, read_metrics
 
 import jaxmodels
-from jaxmodels import checkpoint
-from jaxmodels.export import load_run_model
-from jaxmodels.train import train_and_evaluate
-from conftest import ROOT, experiment, read_metrics
+from jaxmodels.runs import checkpoint
+from jaxmodels.runs.export import load_run_model
+from jaxmodels.train.loop import train_and_evaluate
 
 SCORES = ("loss", "accuracy", "perplexity", "bits_per_char")
 

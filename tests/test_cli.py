@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import ROOT, read_metrics
 
 JAXMODELS = [sys.executable, "-m", "jaxmodels"]

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import experiment, read_metrics
 from flax import nnx
 
-from conftest import experiment, read_metrics
 from jaxmodels import cli
-from jaxmodels import quantization
-from jaxmodels.errors import UserError
+from jaxmodels.compress import quantization
+from jaxmodels.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module", params=[[], ["--activations"]], ids=["weights", "static-inputs"])
@@ -77,7 +77,7 @@ def test_prune_exports_exact_zeros_that_load_and_evaluate(digits_cnn_run, tmp_pa
   with open(os.path.join(out, "compression.json"), encoding="utf-8") as f:
     report = json.load(f)
   import jaxmodels  # pylint: disable=import-outside-toplevel
-  from jaxmodels.export import load_run_model  # pylint: disable=import-outside-toplevel
+  from jaxmodels.runs.export import load_run_model  # pylint: disable=import-outside-toplevel
   before = nnx.to_pure_dict(nnx.state(load_run_model(workdir), nnx.Param))
   after = dict(jax.tree_util.tree_flatten_with_path(jaxmodels.load_params(out))[0])
   pruned = 0
@@ -173,8 +173,10 @@ def check_qat_run(config, model, passes: int = 1) -> None:
   """A QAT run's train step rounds every Linear and Conv weight, and its trained `model` computes quantized: its
   loss on a training batch differs from the same parameters' in float, by little."""
   import optax  # pylint: disable=import-outside-toplevel
+
   from jaxmodels.models import build_model  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train import build_experiment, model_input  # pylint: disable=import-outside-toplevel
+  from jaxmodels.models.forward import model_input  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
   exp = build_experiment(config)
   batch = exp.host_batch(0)
   assert_every_weight_quantized(exp.train_step.trace(exp.checkpoint_state, batch).jaxpr.jaxpr, model, passes)
@@ -192,7 +194,7 @@ def test_qat_transformer_lm_trains_resumes_exports_compresses_and_samples(tmp_pa
   twice) learns and resumes; its export loads quantized and evaluates as the run did; its PTQ export (static
   input scales) samples."""
   import jaxmodels  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = qat_config("text_transformer", num_layers=1, d_model=32, num_heads=2, d_ff=64)
   config.data.eval_windows = 8
   workdir = str(tmp_path / "run")
@@ -236,7 +238,10 @@ def test_static_input_scales_are_calibrated_per_tensor_and_per_layer():
   runs at another batch size; placeholders (for a restore) have the calibrated tree."""
   from jaxmodels.models import MLP, RecurrentLM  # pylint: disable=import-outside-toplevel
   from jaxmodels.models.transformer import (  # pylint: disable=import-outside-toplevel
-      TransformerConfig, TransformerLM, scan_to_unrolled)
+    TransformerConfig,
+    TransformerLM,
+    scan_to_unrolled,
+  )
   mlp = MLP((16,), 10, hidden_sizes=(32,), rngs=nnx.Rngs(0))
   xs = [(i + 1) * jax.random.normal(jax.random.PRNGKey(i), (4, 16)) for i in range(3)]
   sample = quantization.sample_batch((16,), "classify")
@@ -339,7 +344,7 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(digits_cnn_run, tmp_p
 
 
 def test_ptq_of_a_qat_run_keeps_its_width_by_default(tmp_path):
-  from jaxmodels import compress  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools import compress  # pylint: disable=import-outside-toplevel
   c = experiment("digits_cnn")
   c.train.quantization.bits = 4
   (tmp_path / "config.json").write_text(c.to_json())

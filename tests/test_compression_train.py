@@ -1,4 +1,4 @@
-"""Compression during training (issue 17): magnitude pruning (jaxmodels.pruning) and distillation (jaxmodels.distill).
+"""Compression during training (issue 17): magnitude pruning (jaxmodels.optim.pruning) and distillation (jaxmodels.train.distill).
 
 Tiny digits MLP runs on a small train split (data.test_fraction=0.9: 179 examples): a gradually pruned run and
 its resume (a module fixture), a one-shot 2:4 prune of that run; a CNN teacher with a plain and a distilled student.
@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import experiment, read_metrics
 from flax import nnx
 
-from conftest import experiment, read_metrics
-from jaxmodels import pruning
 from jaxmodels.config import to_json
-from jaxmodels.errors import UserError
-from jaxmodels.export import load_run_model
-from jaxmodels.train import train_and_evaluate
+from jaxmodels.optim import pruning
+from jaxmodels.runs.export import load_run_model
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.loop import train_and_evaluate
 
 SPARSITY, START, END, EVERY = 0.8, 10, 40, 10
 

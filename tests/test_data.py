@@ -3,7 +3,7 @@ import pytest
 
 from jaxmodels.config import default_config
 from jaxmodels.data import load_dataset, padded_batches
-from jaxmodels.errors import UserError
+from jaxmodels.runtime.errors import UserError
 
 
 def good_arrays(n_train=20, n_test=7, shape=(6,)):

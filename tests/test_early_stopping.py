@@ -4,11 +4,11 @@ names its best checkpoint; resumed, it trains no further."""
 import os
 
 import pytest
+from conftest import experiment, read_metrics
 
 from jaxmodels.config import validate
-from jaxmodels.errors import UserError
-from jaxmodels.train import train_and_evaluate
-from conftest import experiment, read_metrics
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def test_flat_eval_loss_stops_after_patience_and_stays_stopped(tmp_path, capsys):

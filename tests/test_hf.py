@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import jaxmodels
-from jaxmodels.errors import UserError
-from jaxmodels.hf import export_hf, import_hf
-from conftest import ROOT
+from jaxmodels.hf.convert import export_hf, import_hf
+from jaxmodels.runtime.errors import UserError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -97,10 +97,11 @@ def test_cli_import_hf_then_export_hf(tmp_path):
 
 def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_path):
   """--config.checkpoint.restore_from=DIR of `import-hf` (or `export`): the run starts from its parameters."""
-  from jaxmodels.checkpoint import Checkpoints
   from jaxmodels.config import default_config
   from jaxmodels.data import load_dataset
-  from jaxmodels.train import _restore, build_experiment
+  from jaxmodels.runs.checkpoint import Checkpoints
+  from jaxmodels.train.experiment import build_experiment
+  from jaxmodels.train.loop import _restore
 
   c = default_config()
   c.data.update(source="text", seq_len=16)

@@ -6,16 +6,16 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from jaxmodels import host
+
+from jaxmodels.runtime import host
 
 # Restarts itself like the entry points do, then allocates, touches and frees 64 MB ten times
 # through malloc itself (numpy asks for huge pages on its own) and prints the GLIBC_TUNABLES it started with
 # (/proc/self/environ), its page faults, and the GLIBC_TUNABLES it and a child process it starts see.
 PROBE = """
 import ctypes, os, resource, subprocess, sys
-from jaxmodels import host
+from jaxmodels.runtime import host
 host.reexec_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]

@@ -4,14 +4,15 @@ import os
 
 import numpy as np
 import pytest
+from conftest import experiment
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jaxmodels.bench import abstract_args
+from jaxmodels.bench.timing import abstract_args
 from jaxmodels.data import load_dataset
-from jaxmodels.errors import UserError
-from jaxmodels.train import build_experiment, train_and_evaluate
-from conftest import experiment
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def write_digit_pngs(root, per_class: int | None = None, size: int = 16) -> None:

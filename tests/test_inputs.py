@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from jaxmodels.config import default_config, validate
 from jaxmodels.data import load_dataset
-from jaxmodels.errors import UserError
+from jaxmodels.runtime.errors import UserError
 
 NAN, INF = math.nan, math.inf
 
@@ -234,7 +234,7 @@ def test_keys_that_depend_on_each_other(overrides, message):
 
 
 def test_build_experiment_refuses_a_non_finite_learning_rate():
-  from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
   with pytest.raises(UserError, match="train.learning_rate=inf"):
     build_experiment(configured(train__learning_rate=INF))
 
@@ -321,7 +321,7 @@ def test_values_beyond_float16_compute_are_refused_only_under_float16(tmp_path):
 
 
 def test_fewer_training_examples_than_a_batch(tmp_path):
-  from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
   c = with_arrays(tmp_path, lambda a: None)
   c.model.family = "mlp"
   c.train.batch_size = 21

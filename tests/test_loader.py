@@ -3,11 +3,11 @@
 import os
 
 import numpy as np
-
-from jaxmodels.cli import main
-from jaxmodels.data.loader import StepStream, in_order
-from jaxmodels.train import build_experiment
 from conftest import ROOT, experiment
+
+from jaxmodels.cli.main import main
+from jaxmodels.data.loader import StepStream, in_order
+from jaxmodels.train.experiment import build_experiment
 
 
 def test_prefetched_device_batches_equal_the_steps_batches_in_order_and_after_jumps():

@@ -5,10 +5,11 @@ MFU against a peak measured during the run."""
 import jax
 import numpy as np
 import pytest
-
-from jaxmodels import flops
-from jaxmodels.train import build_experiment, train_and_evaluate
 from conftest import experiment, read_metrics
+
+from jaxmodels.models import flops
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate
 
 TIMING = ("step_time_ms", "examples_per_sec", "mfu", "first_step_s", "trace_s", "lower_s", "compile_s")
 

@@ -7,15 +7,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import experiment
 from flax import nnx
 
-from jaxmodels.checkpoint import config_differences
 from jaxmodels.config import default_config, to_json, validate
-from jaxmodels.errors import UserError
-from jaxmodels.models import (FAMILIES, ResNet, ResNetConfig, TransformerConfig, TransformerLM, ViT, ViTConfig,
-                              build_model, family_config, presets)
+from jaxmodels.models import (
+  FAMILIES,
+  ResNet,
+  ResNetConfig,
+  TransformerConfig,
+  TransformerLM,
+  ViT,
+  ViTConfig,
+  build_model,
+  family_config,
+  presets,
+)
 from jaxmodels.models.transformer import attention, transformer_param_count
-from conftest import experiment
+from jaxmodels.runs.checkpoint import config_differences
+from jaxmodels.runtime.errors import UserError
 
 
 def count(module) -> int:
@@ -147,14 +157,14 @@ def test_vit_patches_and_pooling(pooling):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps, accuracy", [("digits_resnet", 200, 0.97), ("digits_vit", 300, 0.95)])
 def test_image_families_learn_the_digits(tmp_path, name, steps, accuracy):
-  from jaxmodels.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   c = experiment(name)
   c.train.update(dict(steps=steps, eval_every=steps))  # measured: resnet 0.994, vit 0.969 (chance 0.1)
   assert train_and_evaluate(c, str(tmp_path))["accuracy"] > accuracy
 
 
 def test_resnet_flops_count_every_convolution_at_its_resolution():
-  from jaxmodels.flops import _resnet_macs  # pylint: disable=import-outside-toplevel
+  from jaxmodels.models.flops import _resnet_macs  # pylint: disable=import-outside-toplevel
   published = {"resnet18": 1.82e9, "resnet50": 4.09e9}  # multiply-accumulates per 224x224 image (He et al.)
   for name, macs in published.items():
     model = nnx.eval_shape(lambda name=name: presets.build(name, rngs=nnx.Rngs(0)))

@@ -1,11 +1,11 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import experiment
 from flax import nnx
 
-from jaxmodels.errors import UserError
 from jaxmodels.models import CNN, MLP, CNNConfig, build_model
-from conftest import experiment
+from jaxmodels.runtime.errors import UserError
 
 
 def param_dtypes(model):

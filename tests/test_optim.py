@@ -3,15 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import experiment
 from flax import nnx
 
 from jaxmodels.config import default_config
-from jaxmodels.errors import UserError
 from jaxmodels.models import CNN, TransformerConfig, TransformerLM
 from jaxmodels.models.transformer import scan_to_unrolled
 from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
-from jaxmodels.train import build_experiment, mean_train_metrics
-from conftest import experiment
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.step import mean_train_metrics
 
 
 def train_config(**kw):
@@ -127,6 +128,7 @@ def test_bad_optimizer_and_schedule_names():
 
 def test_shortened_runs_keep_a_valid_warmup():
   from conftest import experiment  # pylint: disable=import-outside-toplevel
+
   from jaxmodels.config import fit_to_steps  # pylint: disable=import-outside-toplevel
   c = experiment("text_transformer")
   assert c.train.warmup_steps == 100

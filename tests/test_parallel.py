@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import ROOT, experiment, read_metrics
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
 from jaxmodels import parallel
-from jaxmodels.errors import UserError
-from jaxmodels.train import build_experiment, mean_train_metrics
-from conftest import ROOT, experiment, read_metrics
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.step import mean_train_metrics
 
 STEPS = 20
 

@@ -15,16 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import experiment
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxmodels import parallel
-from jaxmodels.bench import abstract_args
-from jaxmodels.errors import UserError
+from jaxmodels.bench.timing import abstract_args
 from jaxmodels.parallel.sharding import activation_rules, activation_spec
+from jaxmodels.runs.state import TrainState
+from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import loss_sums
-from jaxmodels.train import TrainState, build_experiment, make_steps
-from conftest import experiment
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.step import make_steps
 
 TP_MESH = "data=2,tensor=4"
 # Transformer: 128 sequences x 16 tokens = 2048 token rows; CNN: 512 digits (activations outweigh weights).

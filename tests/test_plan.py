@@ -1,4 +1,4 @@
-"""Memory verdicts (`bench compile`, `jaxmodels.hbm`), the `plan` command, and out-of-memory errors in one line.
+"""Memory verdicts (`bench compile`, `jaxmodels.runtime.hbm`), the `plan` command, and out-of-memory errors in one line.
 
 The ahead-of-time compiles target a v5e:2x2 slice (libtpu, no chip): a one-layer text transformer whose
 sequences of 256 characters at a global batch of 65536 need more than a v5e chip's 15.75 GiB under `dp`.
@@ -9,11 +9,14 @@ import os
 
 import jax
 import pytest
-
-from jaxmodels import bench, cli, hbm, plan
-from jaxmodels.errors import UserError
-from jaxmodels.train import build_experiment
 from conftest import ROOT, experiment
+
+from jaxmodels import cli
+from jaxmodels.bench import plan
+from jaxmodels.bench import timing as bench
+from jaxmodels.runtime import hbm
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.experiment import build_experiment
 
 TOPOLOGY = "v5e:2x2"
 SMALL = ["--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.num_heads=2",
@@ -59,7 +62,8 @@ def test_xla_out_of_memory_messages_are_read():
 
 
 def test_train_out_of_memory_is_one_line_naming_bytes_and_plan(monkeypatch, capsys):
-  from jaxmodels import compilation, train  # pylint: disable=import-outside-toplevel
+  from jaxmodels import train  # pylint: disable=import-outside-toplevel
+  from jaxmodels.runtime import compilation  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(compilation, "enable_persistent_cache", lambda: None)  # no cache for this process's compiles
 

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxmodels import checkpoint, precision
-from jaxmodels.train import build_experiment, train_and_evaluate
 from conftest import experiment, read_metrics
+
+from jaxmodels.optim import precision
+from jaxmodels.runs import checkpoint
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def tiny_lm(dtype: str):
@@ -102,6 +104,7 @@ def read_wandb(path) -> tuple[dict, list[dict]]:
   """(config, history rows) of an offline W&B run file: W&B's LevelDB-style log (a 7-byte header, then 32 KiB
   blocks of records each with a 7-byte header: CRC, length, type) of its `Record` protos."""
   import json  # pylint: disable=import-outside-toplevel
+
   from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
   with open(path, "rb") as f:
     data = f.read()
@@ -147,8 +150,9 @@ def test_float16_ema_resume_is_exact_and_tracked_by_wandb_offline(tmp_path, monk
   records = read_metrics(str(resumed))
   assert all("loss_scale" in r for r in records if r["split"] == "train")
   # Export: the EMA, in the parameters' dtype.
-  from jaxmodels.export import load_run_model  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from jaxmodels.runs.export import load_run_model  # pylint: disable=import-outside-toplevel
   exported = nnx.to_pure_dict(nnx.state(load_run_model(str(resumed)), nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, host(exported), states[0].ema_params)
   # W&B, offline, under the workdir: the config once, every number of every record logged after the resume.
@@ -163,7 +167,7 @@ def test_float16_ema_resume_is_exact_and_tracked_by_wandb_offline(tmp_path, monk
 
 
 def test_turning_ema_and_float16_on_at_resume_starts_them_fresh(tmp_path):
-  from jaxmodels.train import _restore  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.loop import _restore  # pylint: disable=import-outside-toplevel
   c = experiment("digits_mlp")
   exp = build_experiment(c)
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(tmp_path), c.checkpoint)

@@ -23,7 +23,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 TRAIN_STEPS = "--config.train.steps=10"

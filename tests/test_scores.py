@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jaxmodels.scores import confusion_scores
 from jaxmodels.tasks import eval_sums
+from jaxmodels.tasks.scores import confusion_scores
 
 
 def _sklearn_scores(y_true, y_pred) -> dict:

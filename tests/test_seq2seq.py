@@ -11,8 +11,8 @@ from flax import nnx
 
 from jaxmodels.config import default_config
 from jaxmodels.data.seq2seq import BOS, EOS, PAD, examples
-from jaxmodels.errors import UserError
 from jaxmodels.models import EncoderDecoder, EncoderDecoderConfig
+from jaxmodels.runtime.errors import UserError
 
 TINY = EncoderDecoderConfig(d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, d_ff=64, max_len=16)
 
@@ -73,9 +73,10 @@ def test_source_padding_changes_no_output():
 
 def test_model_learns_to_reverse_and_eval_exact_match_is_greedy_decodings(tmp_path):
   import jaxmodels
-  from jaxmodels import compress, quantization
-  from jaxmodels.export import load_run_model
-  from jaxmodels.train import train_and_evaluate
+  from jaxmodels.compress import quantization
+  from jaxmodels.runs.export import load_run_model
+  from jaxmodels.tools import compress
+  from jaxmodels.train.loop import train_and_evaluate
 
   c = default_config()
   c.data.update(source="reverse", seq_len=4, vocab_size=8)

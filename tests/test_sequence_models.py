@@ -7,11 +7,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmodels.models import (LSTMConfig, RecurrentClassifier, RecurrentLM, TransformerClassifier, TransformerConfig,
-                              TransformerLM)
+from jaxmodels.models import (
+  LSTMConfig,
+  RecurrentClassifier,
+  RecurrentLM,
+  TransformerClassifier,
+  TransformerConfig,
+  TransformerLM,
+)
 from jaxmodels.models.recurrent import recurrent_param_count, zero_carry
-from jaxmodels.models.transformer import (Attention, attention, rotary, scan_to_unrolled,
-                                          transformer_param_count, unrolled_to_scan)
+from jaxmodels.models.transformer import (
+  Attention,
+  attention,
+  rotary,
+  scan_to_unrolled,
+  transformer_param_count,
+  unrolled_to_scan,
+)
 
 TINY = dict(d_model=32, num_heads=4, num_layers=2, d_ff=48, max_len=24, norm="rms", mlp="swiglu",
             positions="rotary", tie_embeddings=True, dropout=0.0, scan_layers=True, remat="none",

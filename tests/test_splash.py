@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import experiment
-from jaxmodels import bench
-from jaxmodels.errors import UserError
+
+from jaxmodels.bench import timing as bench
 from jaxmodels.models.transformer import attention, splash_attention
+from jaxmodels.runtime.errors import UserError
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
@@ -46,7 +46,7 @@ def test_train_step_compiles_ahead_of_time_for_a_v5e_with_the_splash_kernel(tmp_
 
 
 def test_splash_on_the_cpu_is_a_one_line_error():
-  from jaxmodels.train import build_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
   c = experiment("text_transformer")
   c.model.attention_impl = "splash"
   with pytest.raises(UserError, match="model.attention_impl=splash is JAX's Pallas TPU kernel, but the devices are "

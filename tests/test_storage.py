@@ -15,11 +15,12 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
-
-from jaxmodels import parallel, storage, train
-from jaxmodels.errors import UserError
-from jaxmodels.train import train_and_evaluate
 from conftest import ROOT, experiment, read_metrics
+
+from jaxmodels import parallel, train
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def small(steps, **overrides):

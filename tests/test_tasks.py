@@ -10,12 +10,12 @@ import pytest
 from ml_collections import config_dict
 from sklearn import metrics as skm
 
-from jaxmodels import scores
 from jaxmodels.config import default_config
 from jaxmodels.data import validate_arrays
-from jaxmodels.errors import UserError
-from jaxmodels.tasks import eval_sums
-from jaxmodels.train import evaluation_options, train_and_evaluate
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.tasks import eval_sums, scores
+from jaxmodels.train.experiment import evaluation_options
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def _halves(f, *arrays):

@@ -7,14 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, experiment, read_metrics
 
 from jaxmodels.config import default_config
 from jaxmodels.data import load_dataset
 from jaxmodels.data.text import CORPUS_MODULES, Vocab, default_corpus
-from jaxmodels.errors import UserError
-from jaxmodels.sample import generate, load_language_model
-from jaxmodels.train import build_experiment, train_and_evaluate
-from conftest import ROOT, experiment, read_metrics
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.tools.sample import generate, load_language_model
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def text_config(path="", **data):
@@ -167,8 +168,8 @@ def test_bfloat16_training_tracks_float32():
 
 
 def test_checkpoint_restores_across_scan_and_unrolled_layouts(tmp_path):
-  from jaxmodels import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxmodels.models.transformer import unrolled_to_scan  # pylint: disable=import-outside-toplevel
+  from jaxmodels.runs import checkpoint  # pylint: disable=import-outside-toplevel
 
   path = tmp_path / "a.txt"
   path.write_text(ALPHABET * 10, encoding="utf-8")

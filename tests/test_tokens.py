@@ -9,18 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, read_metrics
 from etils import epath
+from test_checkpoint import final_params, run, run_until, scores
 
 from jaxmodels.config import default_config
 from jaxmodels.data import load_dataset
 from jaxmodels.data.prepare import prepare
-from jaxmodels.data.text import Vocab
-from jaxmodels.data.tokenizers import from_spec
+from jaxmodels.data.tokenizers import Vocab, from_spec
 from jaxmodels.data.tokens import load_index, load_tokenizer
-from jaxmodels.errors import UserError
-from jaxmodels.train import train_and_evaluate
-from conftest import ROOT, read_metrics
-from test_checkpoint import final_params, run, run_until, scores
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.loop import train_and_evaluate
 
 WORDS = ("the of and to in is was he for it with as his on be at by had are but from or have an they which one you "
          "were her all she there would their we him been has when who will more no if out so said what up its about "
@@ -192,6 +191,7 @@ def given_tokenizer(kind, directory, texts) -> str:
     return str(directory / "tokenizer.json")
   if kind == "sentencepiece":
     import io  # pylint: disable=import-outside-toplevel
+
     import sentencepiece  # pylint: disable=import-outside-toplevel
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=300,

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 FAKE_GCLOUD = r"""#!/usr/bin/env python3

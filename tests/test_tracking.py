@@ -8,11 +8,11 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import experiment, read_metrics
 from tensorboardX.proto import event_pb2
 
-from jaxmodels.errors import UserError
-from jaxmodels.train import train_and_evaluate
-from conftest import experiment, read_metrics
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.loop import train_and_evaluate
 
 
 def read_scalars(directory) -> dict:
@@ -52,7 +52,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(mlp_run):
 
 
 def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tmp_path):
-  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
   workdir, final, _ = mlp_run
   step, metrics = evaluate_run(workdir)
   assert step == 20
@@ -72,7 +72,7 @@ def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tm
 
 def test_a_run_saved_before_newer_config_keys_still_evaluates(mlp_run, tmp_path):
   """Keys added after a run was saved take their defaults (e.g. runs of an older jaxmodels)."""
-  from jaxmodels.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
   workdir, final, _ = mlp_run
   old = tmp_path / "old"
   shutil.copytree(workdir, old)
@@ -85,7 +85,7 @@ def test_a_run_saved_before_newer_config_keys_still_evaluates(mlp_run, tmp_path)
 
 
 def test_plot_command_writes_a_png_of_curves_and_confusion(mlp_run, tmp_path):
-  from jaxmodels.cli import main  # pylint: disable=import-outside-toplevel
+  from jaxmodels.cli.main import main  # pylint: disable=import-outside-toplevel
   workdir, _, _ = mlp_run
   out = tmp_path / "curves.png"
   assert main(["jaxmodels", "plot", workdir, workdir, "--metric", "loss", "--out", str(out), "--confusion"]) == 0

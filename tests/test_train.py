@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxmodels.train import build_experiment, mean_train_metrics, train_and_evaluate
 from conftest import experiment, read_metrics
+
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.loop import train_and_evaluate
+from jaxmodels.train.step import mean_train_metrics
 
 
 def test_digits_cnn_trains_well_above_chance(digits_cnn_run):

@@ -8,10 +8,19 @@ deterministic and resume is exact) and `eval_batches(batch_size, rows)`
 global batch this process loads (default: all).
 """
 
-from jaxmodels.data.arrays import (ArrayDataset, check_batch_size, load_array_dataset, padded_batches,
-                                   validate_arrays)
-from jaxmodels.data.text import TextDataset, Vocab, load_text_dataset
-from jaxmodels.errors import UserError
+from jaxmodels.data.arrays import (
+  ArrayDataset,
+  check_batch_size,
+  load_array_dataset,
+  padded_batches,
+  validate_arrays,
+)
+from jaxmodels.data.images import load_image_dataset
+from jaxmodels.data.seq2seq import load_seq2seq_dataset
+from jaxmodels.data.text import TextDataset, load_text_dataset
+from jaxmodels.data.tokenizers import Vocab
+from jaxmodels.data.tokens import load_token_dataset
+from jaxmodels.runtime.errors import UserError
 
 SOURCES = ("digits", "npz", "text", "tokens", "images", "copy", "reverse")
 SEQ2SEQ_SOURCES = ("copy", "reverse")  # jaxmodels.data.seq2seq: paired sequences for the encoder-decoder
@@ -29,13 +38,10 @@ def load_dataset(config):
   if source == "text":
     return load_text_dataset(config.data, config.train.seed)
   if source == "tokens":
-    from jaxmodels.data.tokens import load_token_dataset  # pylint: disable=import-outside-toplevel
     return load_token_dataset(config.data, config.train.seed)
   if source == "images":
-    from jaxmodels.data.images import load_image_dataset  # pylint: disable=import-outside-toplevel
     return load_image_dataset(config.data, config.train.seed)
   if source in SEQ2SEQ_SOURCES:
-    from jaxmodels.data.seq2seq import load_seq2seq_dataset  # pylint: disable=import-outside-toplevel
     return load_seq2seq_dataset(config.data, config.train.seed)
   raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
 

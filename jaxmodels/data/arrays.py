@@ -12,8 +12,8 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import storage
-from jaxmodels.errors import UserError
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 Rows = np.ndarray | slice  # which rows of a global batch a process loads: indices (Layout.local_rows) or a slice

@@ -7,7 +7,7 @@ the class directories, or the class directories alone, split by
 Images are decoded (Pillow) and augmented in grain worker processes
 (`data.workers`, see jaxmodels.data.loader) and reach the device as uint8,
 (B, S, S, C) with S = `data.image_size`; the train and eval steps scale them
-to [0, 1] there (`jaxmodels.train.model_input`), so the host moves a quarter of
+to [0, 1] there (`jaxmodels.models.forward.model_input`), so the host moves a quarter of
 float32's bytes.
 
 Training (`data.augment`): a random resized crop (area CROP_SCALE, aspect
@@ -26,10 +26,16 @@ from typing import Iterator
 import numpy as np
 from etils import epath
 
-from jaxmodels import storage
 from jaxmodels.data import loader
-from jaxmodels.data.arrays import ALL_ROWS, Rows, check_batch_size, load_npz, validate_arrays
-from jaxmodels.errors import UserError
+from jaxmodels.data.arrays import (
+  ALL_ROWS,
+  Rows,
+  check_batch_size,
+  load_npz,
+  validate_arrays,
+)
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_SPLITS = ("val", "validation", "test")

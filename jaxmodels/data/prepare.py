@@ -26,10 +26,10 @@ from typing import Iterator
 import numpy as np
 from etils import epath
 
-from jaxmodels import storage
 from jaxmodels.data import tokenizers
-from jaxmodels.data.text import Vocab
-from jaxmodels.errors import UserError
+from jaxmodels.data.tokenizers import Vocab
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 INDEX_FILE = "index.json"
 FORMAT = "jaxmodels.tokens/1"

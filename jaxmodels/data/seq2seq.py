@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
-from jaxmodels.errors import UserError
+from jaxmodels.runtime.errors import UserError
 
 PAD, BOS, EOS = 0, 1, 2
 DEFAULT_VOCAB = 16  # data.vocab_size=0: 13 symbols

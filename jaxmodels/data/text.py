@@ -13,21 +13,17 @@ characters (Python 3.11; other versions differ slightly).
 
 import dataclasses
 import importlib.util
-import json
 import math
 from typing import Iterator
 
 import numpy as np
 
-from jaxmodels import storage
-from jaxmodels.data import tokenizers
 from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
-from jaxmodels.data.tokenizers import EOT_TEXT
-from jaxmodels.errors import UserError
+from jaxmodels.data.tokenizers import VOCAB_FILE, Vocab
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "dataclasses", "inspect")
-TOKENIZERS = ("char", "byte")
-VOCAB_FILE = "vocab.json"
 
 
 def default_corpus() -> str:
@@ -36,78 +32,6 @@ def default_corpus() -> str:
   for name in CORPUS_MODULES:
     parts.append(storage.path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8"))
   return "\n".join(parts)
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-  """Characters (id 0 stands for any character unseen in training) or the 256 byte values.
-
-  With `with_eot` (corpora from `jaxmodels prepare`), one more id, the last, separates documents.
-  """
-
-  kind: str
-  chars: str = ""
-  with_eot: bool = False
-
-  @classmethod
-  def build(cls, kind: str, text: str) -> "Vocab":
-    if kind not in TOKENIZERS:
-      raise UserError(f"data.tokenizer={kind!r}: expected one of {', '.join(TOKENIZERS)}")
-    return cls(kind, "".join(sorted(set(text))) if kind == "char" else "")
-
-  @property
-  def size(self) -> int:
-    return (len(self.chars) + 1 if self.kind == "char" else 256) + self.with_eot
-
-  @property
-  def eot(self) -> int | None:
-    """The end-of-text id, or None."""
-    return self.size - 1 if self.with_eot else None
-
-  @property
-  def unit(self) -> str:
-    """What one token is, for the metric bits_per_<unit>."""
-    return self.kind
-
-  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    return [self.encode(t) for t in texts]
-
-  def encode(self, text: str) -> np.ndarray:
-    if self.kind == "byte":
-      return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    index = {c: i + 1 for i, c in enumerate(self.chars)}
-    return np.array([index.get(c, 0) for c in text], np.int32)
-
-  def decode(self, ids) -> str:
-    ids = [int(i) for i in ids]
-    if self.eot is not None:  # decoded piecewise around end-of-text ids
-      plain = dataclasses.replace(self, with_eot=False)
-      return EOT_TEXT.join(plain.decode(run) for run in _split(ids, self.eot))
-    if self.kind == "byte":
-      return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-    return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd" for i in ids)
-
-  def to_json(self) -> str:
-    return json.dumps({"kind": self.kind, "chars": self.chars, "eot": self.with_eot})
-
-  @classmethod
-  def load(cls, workdir: str):
-    """The tokenizer of a run (any kind, see jaxmodels.data.tokenizers) from its workdir's vocab.json."""
-    path = storage.path(workdir) / VOCAB_FILE
-    if not path.is_file():
-      raise UserError(f"{path} not found: is {workdir} the workdir of a language-model run?")
-    return tokenizers.from_spec(json.loads(path.read_text(encoding="utf-8")))
-
-
-def _split(ids: list[int], sep: int) -> list[list[int]]:
-  """`ids` cut at each `sep`: len(result) == ids.count(sep) + 1."""
-  runs = [[]]
-  for i in ids:
-    if i == sep:
-      runs.append([])
-    else:
-      runs[-1].append(i)
-  return runs
 
 
 def read_text(path: str) -> str:

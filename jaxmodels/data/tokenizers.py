@@ -15,10 +15,12 @@ import json
 
 import numpy as np
 
-from jaxmodels import storage
-from jaxmodels.errors import UserError
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"
+TOKENIZERS = ("char", "byte")  # data.tokenizer: the Vocab kinds; subword tokenizers come from data.path
+VOCAB_FILE = "vocab.json"  # a run's tokenizer spec, in its workdir
 EOT_CANDIDATES = (EOT_TEXT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")  # end-of-text tokens of common models
 # tiktoken files hold only the merge ranks; the pre-tokenization pattern is chosen by the file's name:
 # GPT-2's for r50k/p50k/gpt2 files, cl100k's (copied from tiktoken_ext.openai_public, whose loaders download)
@@ -32,6 +34,79 @@ def _read(path: str, binary: bool = False):
   if not p.is_file():
     raise UserError(f"tokenizer file not found: {path}")
   return p.read_bytes() if binary else p.read_text(encoding="utf-8")
+
+
+
+def _split(ids: list[int], sep: int) -> list[list[int]]:
+  """`ids` cut at each `sep`: len(result) == ids.count(sep) + 1."""
+  runs = [[]]
+  for i in ids:
+    if i == sep:
+      runs.append([])
+    else:
+      runs[-1].append(i)
+  return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """Characters (id 0 stands for any character unseen in training) or the 256 byte values.
+
+  With `with_eot` (corpora from `jaxmodels prepare`), one more id, the last, separates documents.
+  """
+
+  kind: str
+  chars: str = ""
+  with_eot: bool = False
+
+  @classmethod
+  def build(cls, kind: str, text: str) -> "Vocab":
+    if kind not in TOKENIZERS:
+      raise UserError(f"data.tokenizer={kind!r}: expected one of {', '.join(TOKENIZERS)}")
+    return cls(kind, "".join(sorted(set(text))) if kind == "char" else "")
+
+  @property
+  def size(self) -> int:
+    return (len(self.chars) + 1 if self.kind == "char" else 256) + self.with_eot
+
+  @property
+  def eot(self) -> int | None:
+    """The end-of-text id, or None."""
+    return self.size - 1 if self.with_eot else None
+
+  @property
+  def unit(self) -> str:
+    """What one token is, for the metric bits_per_<unit>."""
+    return self.kind
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [self.encode(t) for t in texts]
+
+  def encode(self, text: str) -> np.ndarray:
+    if self.kind == "byte":
+      return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    index = {c: i + 1 for i, c in enumerate(self.chars)}
+    return np.array([index.get(c, 0) for c in text], np.int32)
+
+  def decode(self, ids) -> str:
+    ids = [int(i) for i in ids]
+    if self.eot is not None:  # decoded piecewise around end-of-text ids
+      plain = dataclasses.replace(self, with_eot=False)
+      return EOT_TEXT.join(plain.decode(run) for run in _split(ids, self.eot))
+    if self.kind == "byte":
+      return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd" for i in ids)
+
+  def to_json(self) -> str:
+    return json.dumps({"kind": self.kind, "chars": self.chars, "eot": self.with_eot})
+
+  @classmethod
+  def load(cls, workdir: str):
+    """The tokenizer of a run (any kind, see jaxmodels.data.tokenizers) from its workdir's vocab.json."""
+    path = storage.path(workdir) / VOCAB_FILE
+    if not path.is_file():
+      raise UserError(f"{path} not found: is {workdir} the workdir of a language-model run?")
+    return from_spec(json.loads(path.read_text(encoding="utf-8")))
 
 
 class HFTokenizer:
@@ -166,7 +241,6 @@ def from_file(path: str, kind: str = "hf"):
 
 def from_spec(d: dict):
   """The tokenizer of a `to_json()` spec (any kind, `Vocab`'s included)."""
-  from jaxmodels.data.text import Vocab  # pylint: disable=import-outside-toplevel
   kind = d.get("kind")
   if kind in ("bpe", "hf"):
     return HFTokenizer(d["tokenizer_json"], kind)

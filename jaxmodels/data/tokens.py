@@ -26,12 +26,12 @@ from typing import Iterator
 import numpy as np
 from etils import epath
 
-from jaxmodels import storage
 from jaxmodels.data import tokenizers
 from jaxmodels.data.arrays import ALL_ROWS, Rows
 from jaxmodels.data.prepare import FORMAT, INDEX_FILE
-from jaxmodels.data.text import VOCAB_FILE
-from jaxmodels.errors import UserError
+from jaxmodels.data.tokenizers import VOCAB_FILE
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
 
 NANOGPT_FILES = ("train.bin", "val.bin")
 

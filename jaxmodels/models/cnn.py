@@ -6,7 +6,16 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import RATE, SIZES, activation, axes, choice, require, resolve, tuples
+from jaxmodels.models.layers import (
+  RATE,
+  SIZES,
+  activation,
+  axes,
+  choice,
+  require,
+  resolve,
+  tuples,
+)
 from jaxmodels.parallel.sharding import constrain
 
 BATCH = ("activation_batch",)  # the batch axis of every activation (see jaxmodels.parallel.constrain)

@@ -22,7 +22,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.layers import axes, resolve
-from jaxmodels.models.transformer import BATCH, EMBED, LENGTH, VOCAB, Stack, check_stack_fields, lookup
+from jaxmodels.models.transformer import (
+  BATCH,
+  EMBED,
+  LENGTH,
+  VOCAB,
+  Stack,
+  check_stack_fields,
+  lookup,
+)
 from jaxmodels.parallel.sharding import constrain
 
 

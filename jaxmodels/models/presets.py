@@ -12,6 +12,7 @@ count; `reference` holds the sizes the published parameter counts are measured a
 
 import dataclasses
 
+from jaxmodels.models.registry import build_family
 from jaxmodels.models.resnet import ResNetConfig
 from jaxmodels.models.transformer import TransformerConfig
 from jaxmodels.models.vit import ViTConfig
@@ -83,7 +84,6 @@ def config(name: str, **overrides):
 
 def build(name: str, *, rngs, dtype=None, param_dtype=None, **overrides):
   """The preset's module at its reference input and output sizes (under `nnx.eval_shape`: nothing allocated)."""
-  from jaxmodels.models import build_family  # pylint: disable=import-outside-toplevel
   p = get(name)
   dtypes = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
   task = "lm" if p.family == "transformer" else "classify"

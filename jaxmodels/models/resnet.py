@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import POSITIVE, SIZES, axes, choice, require, resolve, tuples
+from jaxmodels.models.layers import (
+  POSITIVE,
+  SIZES,
+  axes,
+  choice,
+  require,
+  resolve,
+  tuples,
+)
 from jaxmodels.parallel.sharding import constrain
 
 BATCH = ("activation_batch",)

@@ -40,7 +40,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import POSITIVE, POSITIVE_REAL, RATE, axes, choice, require, resolve
+from jaxmodels.models.layers import (
+  POSITIVE,
+  POSITIVE_REAL,
+  RATE,
+  axes,
+  choice,
+  require,
+  resolve,
+)
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"

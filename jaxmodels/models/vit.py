@@ -15,8 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.layers import POSITIVE, axes, choice, require, resolve
-from jaxmodels.models.transformer import (BATCH, EMBED, LENGTH, POOLINGS, Stack, check_block_fields, check_heads,
-                                          lookup)
+from jaxmodels.models.transformer import (
+  BATCH,
+  EMBED,
+  LENGTH,
+  POOLINGS,
+  Stack,
+  check_block_fields,
+  check_heads,
+  lookup,
+)
 from jaxmodels.parallel.sharding import constrain
 
 

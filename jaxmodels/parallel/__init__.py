@@ -8,9 +8,20 @@ combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap`
 """
 
 from jaxmodels.parallel.distributed import initialize
-from jaxmodels.parallel.sharding import (ACTIVATION_AXES, MESH_AXES, STRATEGIES, Layout, PmapLayout,
-                                         activation_sharding, constrain, fetch, make_mesh, partition_specs,
-                                         per_device_bytes, process_rows)
+from jaxmodels.parallel.sharding import (
+                                         ACTIVATION_AXES,
+                                         MESH_AXES,
+                                         STRATEGIES,
+                                         Layout,
+                                         PmapLayout,
+                                         activation_sharding,
+                                         constrain,
+                                         fetch,
+                                         make_mesh,
+                                         partition_specs,
+                                         per_device_bytes,
+                                         process_rows,
+)
 
 __all__ = ["ACTIVATION_AXES", "MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "activation_sharding",
            "constrain", "fetch", "initialize", "make_mesh", "partition_specs", "per_device_bytes", "process_rows"]

@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from jaxmodels.errors import UserError
+from jaxmodels.runtime.errors import UserError
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
     "JAXMODELS_COORDINATOR", "JAXMODELS_NUM_PROCESSES", "JAXMODELS_PROCESS_ID")

@@ -19,8 +19,12 @@ import sys
 import threading
 import time
 
-from jaxmodels.errors import Preempted
-from jaxmodels.parallel.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jaxmodels.parallel.distributed import (
+  ENV_COORDINATOR,
+  ENV_NUM_PROCESSES,
+  ENV_PROCESS_ID,
+)
+from jaxmodels.runtime.errors import Preempted
 
 SAVE_GRACE_S = 300.0  # how long preempted processes may take to agree on a step and save it
 

@@ -1,0 +1,2 @@
+"""Benchmarks of compilation and steps (`timing`: `jaxmodels bench`) and the memory planner (`plan`:
+`jaxmodels plan`)."""
