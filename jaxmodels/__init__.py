@@ -1,8 +1,16 @@
 """jaxmodels: a JAX/Flax NNX research framework.
 
-Model families live in `jaxmodels.models`, the optimizer factory in
-`jaxmodels.optim`, the training loop in `jaxmodels.train`, and every config key
-with its default in `jaxmodels.config`.
+Subpackages, each importing only those below it (the layers contract in pyproject.toml, checked by import-linter):
+
+    cli                     the `jaxmodels` command, one module per command
+    bench | tools           compile/step benchmarks and `plan`; evaluate, compress, sample and plot a run
+    train | hf              the training loop and its pieces; Hugging Face interop
+    runs                    the train state, checkpoints, exports (`jaxmodels.load_model`)
+    config                  every key with its default, validation, experiment files and overrides
+    compress                quantization through qwix
+    data | models           datasets and loaders; the NNX model families and presets
+    optim | parallel | tasks   the optimizer factory; meshes and sharding; losses and metrics
+    runtime                 errors, host settings, storage (local or gs://), compilation cache, device memory
 """
 
 from jaxmodels.runtime import host as _host
