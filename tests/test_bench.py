@@ -14,6 +14,7 @@ from conftest import ROOT, experiment
 
 from jaxmodels import parallel
 from jaxmodels.bench import timing as bench
+from jaxmodels.config import with_values
 from jaxmodels.models import flops
 from jaxmodels.runs import checkpoint
 from jaxmodels.runtime import compilation
@@ -98,7 +99,7 @@ def test_sweeps_over_tuples_mesh_strings_booleans_and_none():
   assert {p["model.hidden_sizes"] for p in points} == {(64,), (128, 64)}
   assert {p["parallel.mesh"] for p in points} == {"data=2,tensor=4", "data=8"}
   assert {p["data.spatial_dims"] for p in points} == {None, 1}
-  applied = bench.apply(c, points[-1])
+  applied = with_values(c, points[-1])
   assert applied.model.hidden_sizes == (128, 64) and applied.parallel.mesh == "data=8"
   with pytest.raises(UserError, match="tuple literal"):
     bench.parse_sweeps(c, ["model.hidden_sizes=64"])

@@ -14,6 +14,8 @@ from conftest import ROOT, experiment
 from jaxmodels import cli
 from jaxmodels.bench import plan
 from jaxmodels.bench import timing as bench
+from jaxmodels.cli import train as train_command
+from jaxmodels.config import parse_experiment_args
 from jaxmodels.runtime import hbm
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
@@ -62,7 +64,6 @@ def test_xla_out_of_memory_messages_are_read():
 
 
 def test_train_out_of_memory_is_one_line_naming_bytes_and_plan(monkeypatch, capsys):
-  from jaxmodels import train  # pylint: disable=import-outside-toplevel
   from jaxmodels.runtime import compilation  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(compilation, "enable_persistent_cache", lambda: None)  # no cache for this process's compiles
@@ -70,7 +71,7 @@ def test_train_out_of_memory_is_one_line_naming_bytes_and_plan(monkeypatch, caps
   def oom(config, workdir):
     raise jax.errors.JaxRuntimeError(AT_RUN)
 
-  monkeypatch.setattr(train, "train_and_evaluate", oom)
+  monkeypatch.setattr(train_command, "train_and_evaluate", oom)
   args = ["jaxmodels", "train", "--config", "experiments/text_transformer.py", "--config.train.batch_size=512"]
   assert cli.main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -81,7 +82,7 @@ def test_train_out_of_memory_is_one_line_naming_bytes_and_plan(monkeypatch, caps
   def other(config, workdir):
     raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-  monkeypatch.setattr(train, "train_and_evaluate", other)
+  monkeypatch.setattr(train_command, "train_and_evaluate", other)
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # any other runtime error keeps its traceback
     cli.main(args)
 
@@ -97,7 +98,7 @@ def test_plan_finds_the_fitting_setting_and_its_bytes_match_xla(topology, tmp_pa
   args = plan.PlanArgs(config_path=os.path.join(ROOT, "experiments", "text_transformer.py"), overrides=SMALL,
                        tries=["train.grad_accum_steps=1,64"], topology=TOPOLOGY, global_batch=BIG_BATCH,
                        out=str(tmp_path / "plan.json"), plot=str(tmp_path / "plan.png"), workers=2, timeout=600)
-  config, _ = cli.parse_experiment_flags("jaxmodels plan", ["--config", args.config_path, *SMALL])
+  config, _, _ = parse_experiment_args(["--config", args.config_path, *SMALL])
   assert plan.run_plan(config, args) == 0
   out = capsys.readouterr().out
   with open(tmp_path / "plan.json", encoding="utf-8") as f:

@@ -23,8 +23,10 @@ import sys
 import tempfile
 import time
 
-from jaxmodels import config as config_lib
+import jax
+
 from jaxmodels.bench import timing as bench
+from jaxmodels.config import load_experiment, validate, with_values
 from jaxmodels.models import flops
 from jaxmodels.runtime import hbm, storage
 from jaxmodels.runtime.errors import UserError
@@ -67,9 +69,9 @@ def candidates(config, a: PlanArgs) -> list[dict]:
       raise UserError("--global-batch and --try train.batch_size=...: give one of them")
     points = [{**p, "train.batch_size": a.global_batch} for p in points]
   for point in points:
-    c = bench.apply(config, point)
+    c = with_values(config, point)
     try:
-      config_lib.validate(c)
+      validate(c)
     except UserError as e:
       raise UserError(f"candidate {label(point)}: {e}") from None
     if a.topology and c.parallel.strategy == "pmap":
@@ -102,8 +104,6 @@ def loop_trips(config) -> int:
 def compile_candidate(config, topology: str) -> dict:
   """Compiles one candidate's train step (in this process); its record: status ('fits', 'too big' or 'unknown'),
   compile_s, the memory verdict and XLA's per-device cost figures, scaled by `loop_trips`."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   devices = bench.topology_devices(topology) if topology else jax.devices()
   t0 = time.perf_counter()
   try:
@@ -140,9 +140,9 @@ def worker() -> None:
 
   request = json.loads(storage.path(sys.argv[1]).read_text())
   try:
-    config, _ = config_lib.parse_experiment_flags("jaxmodels plan", ["--config", request["config_path"],
-                                                              *request["overrides"]])
-    record = compile_candidate(bench.apply(config, request["point"]), request["topology"])
+    config = load_experiment(request["config_path"], request["overrides"])
+    validate(config)  # as the planner's own config was: validation also expands a model.preset
+    record = compile_candidate(with_values(config, request["point"]), request["topology"])
   except Exception as e:  # pylint: disable=broad-except  # reported per candidate, with its one-line reason
     record = {"status": "failed", "reason": f"{type(e).__name__}: {hbm.first_line(e)[:300]}"}
   storage.path(request["out"]).write_text(json.dumps(record))
@@ -201,7 +201,7 @@ def compile_all(a: PlanArgs, points: list[dict], workers: int, log=print) -> lis
   return records
 
 
-def peak_flops(device_kind: str) -> float | None:
+def chip_peak_flops(device_kind: str) -> float | None:
   """A chip's datasheet bf16 peak FLOP/s (jaxmodels.models.flops.PEAK_FLOPS), None for a CPU."""
   return hbm.listed(flops.PEAK_FLOPS, device_kind)
 
@@ -209,7 +209,7 @@ def peak_flops(device_kind: str) -> float | None:
 def roofline_s(record: dict) -> float | None:
   """max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per device: a lower bound on the step time that
   ignores communication; None for a device without datasheet figures."""
-  peak, bandwidth = peak_flops(record["device_kind"]), hbm.listed(hbm.BANDWIDTH, record["device_kind"])
+  peak, bandwidth = chip_peak_flops(record["device_kind"]), hbm.listed(hbm.BANDWIDTH, record["device_kind"])
   if not (peak and bandwidth):
     return None
   return max(record["flops_per_device"] / peak, record["bytes_accessed_per_device"] / bandwidth)
@@ -221,7 +221,7 @@ def rank(records: list[dict]) -> tuple[list[dict], str]:
   fitting = [r for r in records if r["status"] == "fits"]
   by_xla = bool(fitting) and all(r.get("xla_step_s") for r in fitting)
   for r in fitting:
-    peak, step = peak_flops(r["device_kind"]), r["xla_step_s"] if by_xla else roofline_s(r)
+    peak, step = chip_peak_flops(r["device_kind"]), r["xla_step_s"] if by_xla else roofline_s(r)
     r["est_step_s"] = step
     r["est_mfu"] = r["model_flops"] / (step * r["device_count"] * peak) if step and peak else None
   if by_xla:

@@ -9,7 +9,6 @@ reports model FLOP utilisation. Field names are stable: results files are
 compared across versions (`--baseline`).
 """
 
-import ast
 import csv
 import dataclasses
 import io
@@ -29,14 +28,14 @@ import jaxlib
 import numpy as np
 import optax
 
-from jaxmodels import config as config_lib
+from jaxmodels.config import parse_override, validate, with_values
 from jaxmodels.models import flops
 from jaxmodels.runtime import compilation, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
 
-PEAK_EVERY = 5  # steps between the CPU peak samples of `step_point`
+STEPS_PER_PEAK_SAMPLE = 5  # steps between the CPU peak samples of `step_point`
 # Lower is better for each; --baseline compares these.
 COMPARED = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "step_s", "temp_bytes", "hlo_ops")
 TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "fusions", "flops", "temp_bytes",
@@ -185,7 +184,7 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
   """Median and spread of the compiled step's wall time on one device-resident batch, throughput and MFU.
 
   On a device the peak table does not list (a CPU), the peak is a float32 matmul
-  measured between every `PEAK_EVERY` steps, and MFU divides by the median of
+  measured between every `STEPS_PER_PEAK_SAMPLE` steps, and MFU divides by the median of
   those samples: a shared machine's speed drifts, and step and peak then drift together.
   """
   t = exp.config.train
@@ -196,7 +195,7 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
   listed = flops.datasheet_peak()
   times, peaks = [], []
   for i in range(steps):
-    if listed is None and i % PEAK_EVERY == 0:
+    if listed is None and i % STEPS_PER_PEAK_SAMPLE == 0:
       peaks.append(flops.matmul_flops())
     t0 = time.perf_counter()
     state, m = exp.train_step(state, batch)
@@ -296,9 +295,9 @@ def compare_pure_jax(exp, steps: int = 2000, repeats: int = 5) -> dict:
 def parse_sweeps(config, sweeps: list[str], flag: str = "--sweep") -> list[dict]:
   """`["model.num_layers=1,2", "model.scan_layers=true,false"]` -> the cartesian product as dicts.
 
-  Each sweep is `GROUP.KEY=V1,V2,...`, its values parsed by the key's type (see
-  `split_values` for the quoting rule). Raises UserError naming the sweep (as `flag`,
-  the command's name for it) for an unknown or repeated key or a value of the wrong type.
+  Each sweep is `GROUP.KEY=V1,V2,...` (see `split_values` for the quoting rule), each value parsed as the override
+  `GROUP.KEY=V` is (`config.parse_override`). Raises UserError naming the sweep (as `flag`, the command's name for
+  it) for an unknown or repeated key or a value of the wrong type.
   """
   axes, seen = [], set()
   for s in sweeps:
@@ -306,11 +305,13 @@ def parse_sweeps(config, sweeps: list[str], flag: str = "--sweep") -> list[dict]
     if key in seen:
       raise UserError(f"{flag} {key} is given twice: list all its values in one {flag}")
     seen.add(key)
-    group, _, name = key.partition(".")
-    if not values or group not in config or name not in config[group]:
+    if not values:
       raise UserError(f"{flag} {s!r}: expected GROUP.KEY=V1,V2,... with a key of the config")
-    kind = config[group].get_type(name)
-    axes.append([(key, _parse(v, kind, f"{flag} {key}")) for v in split_values(values, f"{flag} {key}")])
+    texts = split_values(values, f"{flag} {key}")
+    try:
+      axes.append([parse_override(config, f"{key}={text}") for text in texts])
+    except UserError as e:
+      raise UserError(f"{flag} {s!r}: {e}") from None
   return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
 
 
@@ -341,37 +342,6 @@ def split_values(text: str, key: str = "--sweep") -> list[str]:
     raise UserError(f"{key}: unbalanced {'quote' if quote else 'brackets'} in {text!r}")
   values.append(current)
   return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
-
-
-def _parse(text: str, kind: type, key: str):
-  """One sweep value as the config key's type: bool (true/false), int, float, str, tuple/list (a Python
-  literal), or None (`none`) for any key."""
-  if text.strip().lower() == "none":
-    return None
-  if kind is bool:
-    if text.lower() not in ("true", "false"):
-      raise UserError(f"{key}: {text!r} is not true or false")
-    return text.lower() == "true"
-  if kind in (tuple, list):
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = None
-    if not isinstance(value, (tuple, list)):
-      raise UserError(f"{key}: {text!r} is not a {kind.__name__} literal such as (64,) or (128,64)")
-    return kind(value)
-  try:
-    return kind(text) if kind in (int, float, str) else text
-  except ValueError:
-    raise UserError(f"{key}: {text!r} is not of type {kind.__name__}") from None
-
-
-def apply(config, point: dict):
-  c = config.copy_and_resolve_references()
-  for key, value in point.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
 
 
 def regressions(results: list[dict], baseline: list[dict], threshold: float) -> list[str]:
@@ -475,7 +445,7 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   points = parse_sweeps(config, a.sweeps)
   for point in points:  # every point's config is checked before the first compile writes anything
     try:
-      config_lib.validate(apply(config, point))
+      validate(with_values(config, point))
     except UserError as e:
       raise UserError(f"sweep point {point}: {e}") from None
   labels = [" ".join(f"{k.split('.')[-1]}={v!r}" for k, v in point.items()) or f"point{i}"
@@ -484,7 +454,7 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   results = []
   for i, (point, label) in enumerate(zip(points, labels)):
     log(f"[{i + 1}/{len(points)}] {label}")
-    record = compile_point(apply(config, point), a.repeat, a.topology or None, a.dump_hlo or None,
+    record = compile_point(with_values(config, point), a.repeat, a.topology or None, a.dump_hlo or None,
                            re.sub(r"[^\w.=,-]", "_", label), a.steps)
     record["config"] = point
     results.append(record)

@@ -3,13 +3,16 @@
 
 from jaxmodels.config.defaults import default_config, text_lm_config
 from jaxmodels.config.experiments import (
+                                          apply_overrides,
                                           from_saved,
                                           load_experiment,
-                                          parse_experiment_flags,
+                                          parse_experiment_args,
+                                          parse_override,
                                           saved_config,
                                           to_json,
+                                          with_values,
 )
 from jaxmodels.config.validate import expand_preset, fit_to_steps, validate
 
-__all__ = ["default_config", "expand_preset", "fit_to_steps", "from_saved", "load_experiment",
-           "parse_experiment_flags", "saved_config", "text_lm_config", "to_json", "validate"]
+__all__ = ["apply_overrides", "default_config", "expand_preset", "fit_to_steps", "from_saved", "load_experiment",
+           "parse_experiment_args", "parse_override", "saved_config", "text_lm_config", "to_json", "validate", "with_values"]

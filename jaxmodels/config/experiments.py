@@ -1,28 +1,34 @@
-"""Experiment files and `--config.K=V` overrides: loading, the one override parser, saved configs.
+"""Experiment files and `--config.GROUP.KEY=VALUE` overrides: loading, the one override parser, saved configs.
 
-`load_experiment(path)` runs an experiment file's `get_config()` and locks the
-result, so a misspelled key is an error. `parse_experiment_flags` is the single
-parser of `--config PATH --config.GROUP.KEY=VALUE` used by every command (train,
-eval, bench sweeps, plan); values are parsed by the type of the key they replace.
+`load_experiment(path, overrides)` runs an experiment file's `get_config()`, locks the result (so a misspelled
+key is an error) and applies the overrides; `parse_experiment_args` does so for a command's `--config PATH` and
+`--config.K=V` arguments. `apply_overrides` is the one parser of overrides, used by every command (train, bench
+and plan, eval's other data, a run's saved config), and `parse_override`, which it calls for each, parses the
+values of a `bench compile --sweep` or `plan --try` too: a value is parsed by the type of the key it replaces.
 A run's `config.json` is read back by `from_saved` and `saved_config`.
 """
 
 import ast
+import copy
+import difflib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Mapping
 
-from absl import flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 
 from jaxmodels.config.defaults import default_config
 from jaxmodels.config.validate import validate
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+OVERRIDE = "--config."  # the command-line flag of an override: --config.GROUP.KEY=VALUE
+BOOLEANS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}  # absl's spellings
 
-def load_experiment(path: str) -> config_dict.ConfigDict:
-  """Imports an experiment file and returns its (locked) `get_config()`."""
+
+def load_experiment(path: str, overrides: Iterable[str] = ()) -> config_dict.ConfigDict:
+  """Imports an experiment file and returns its `get_config()`, locked, with `overrides` applied."""
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_jaxmodels_experiment", path)
@@ -32,7 +38,7 @@ def load_experiment(path: str) -> config_dict.ConfigDict:
     raise UserError(f"{path} defines no get_config()")
   config = module.get_config()
   config.lock()
-  return config
+  return apply_overrides(config, overrides)
 
 
 def to_json(config: config_dict.ConfigDict) -> str:
@@ -72,53 +78,114 @@ def pop_config_path(args: list[str]) -> tuple[str, list[str]]:
   return path, rest
 
 
-def parse_experiment_flags(prog: str, args: list[str], extra_flags=None):
-  """(config with overrides applied, parsed FlagValues) for `--config PATH` plus overrides.
+def parse_experiment_args(args: list[str]) -> tuple[config_dict.ConfigDict, str, list[str]]:
+  """(config, experiment file, the other arguments) of a command's `--config PATH` and `--config.K=V` overrides.
 
-  `extra_flags(flag_values)` may define further command flags. The experiment's
-  stem names the default workdir: `runs/<stem>`.
+  The config is the experiment's with the overrides applied, validated before a multi-process job is joined or
+  anything is loaded; the other arguments are the command's own flags.
   """
   path, rest = pop_config_path(args)
-  config = load_experiment(path)
-  fv = flags.FlagValues()
-  try:  # config_flags resolves every --config.K=V against the config here
-    config_flags.DEFINE_config_dict("config", config, "experiment config", flag_values=fv, lock_config=True,
-                                    sys_argv=[prog, *rest])
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    message = str(e).encode().decode("unicode_escape")[1:-1].replace("\n", " ")  # str(KeyError) is a repr
-    raise UserError(f"bad config override: {message}") from None
-  stem = os.path.splitext(os.path.basename(path))[0]
-  flags.DEFINE_string("workdir", os.path.join("runs", stem), "run directory (outputs, checkpoints)",
-                      flag_values=fv)
-  if extra_flags:
-    extra_flags(fv)
+  config = load_experiment(path, [a for a in rest if a.startswith(OVERRIDE)])
+  validate(config)
+  return config, path, [a for a in rest if not a.startswith(OVERRIDE)]
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: Iterable[str]) -> config_dict.ConfigDict:
+  """A copy of `config` with each override `GROUP.KEY=VALUE` (or the flag `--config.GROUP.KEY=VALUE`) applied in
+  order, a later one of a key winning: the one parser of overrides, by every command. Each value is parsed by the
+  type of the key it replaces (`parse_override`). Raises UserError naming the first bad override.
+  """
+  values = {}
+  for override in overrides:
+    try:
+      key, value = parse_override(config, override)
+    except UserError as e:
+      raise UserError(f"bad config override {override}: {e}") from None
+    values[key] = value
+  return with_values(config, values)
+
+
+def parse_override(config: config_dict.ConfigDict, override: str) -> tuple[str, object]:
+  """`GROUP.KEY=VALUE` (or the flag `--config.GROUP.KEY=VALUE`) -> (`GROUP.KEY`, VALUE parsed by the type of the
+  key it replaces). Raises UserError naming the problem; its caller names the override.
+
+  The rules (for scalars, those of absl's flags, which parsed overrides before):
+  - bool: true, t, 1, false, f, 0 in any case; int: decimal, 0x hexadecimal or 0o octal; float: what float()
+    reads (nan and inf too); str: the text as it is;
+  - tuple (or list): a Python literal of a tuple or list, `(64,)` or `(128,64)`;
+  - `none` in any case is None for any key but a string; a key that holds None and declares no type (one of a
+    saved config.json) takes a Python literal, else the text.
+  A key of any depth (`train.early_stopping.metric`) can be overridden, a group of keys cannot.
+  """
+  key, equals, text = override.removeprefix(OVERRIDE).partition("=")
+  parts = key.split(".")
+  parent, node = None, config
+  for part in parts:
+    if not (isinstance(node, config_dict.ConfigDict) and part in node):
+      known = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = f' Did you mean "{close[0]}" instead of "{part}"?' if close else ""
+      raise UserError(f"{key or 'nothing'} is not a key of the config (expected GROUP.KEY=VALUE).{hint}")
+    parent, node = node, node[part]
+  if isinstance(node, config_dict.ConfigDict) or len(parts) < 2:
+    raise UserError(f"{key} is a group of keys: override one of them, GROUP.KEY=VALUE")
+  if not equals:
+    raise UserError("expected GROUP.KEY=VALUE, with a value")
+  return key, _parse_value(text, parent.get_type(parts[-1]))
+
+
+def _parse_value(text: str, kind: type):
+  """One override's text as a value of `kind`, by the rules of `parse_override`."""
+  if kind is not str and text.lower() == "none":
+    return None
+  if kind is bool:
+    if text.lower() not in BOOLEANS:
+      raise UserError(f"{text!r} is not true or false")
+    return BOOLEANS[text.lower()]
+  if kind in (tuple, list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, (tuple, list)):
+      raise UserError(f"{text!r} is not a {kind.__name__} literal such as (64,) or (128,64)")
+    return kind(value)
   try:
-    unparsed = fv([prog, *rest])
-  except flags.Error as e:
-    raise UserError(str(e).splitlines()[0]) from None
-  if len(unparsed) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(unparsed[1:])}")
-  validate(fv.config)  # before a multi-process job is joined or anything is loaded
-  return fv.config, fv
+    if kind is int:
+      return int(text, {"0x": 16, "0o": 8}.get(text[:2], 10))  # absl's integer flags read these
+    if kind is float:
+      return float(text)
+  except ValueError:
+    raise UserError(f"{text!r} is not of type {kind.__name__}") from None
+  if kind is str:
+    return text
+  try:  # None of no declared type
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def with_values(config: config_dict.ConfigDict, values: Mapping[str, object]) -> config_dict.ConfigDict:
+  """A copy of `config` with each `GROUP.KEY: value` of `values` (parsed already: a sweep point) set."""
+  config = copy.deepcopy(config)  # not copy_and_resolve_references: a placeholder keeps its type
+  for key, value in values.items():
+    *groups, name = key.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[name] = value
+  return config
 
 
 def saved_config(workdir, overrides: list[str]) -> config_dict.ConfigDict:
-  """The run's config with `--config.data.K=V` overrides applied (values parsed as Python literals, else strings).
+  """The run's config with `--config.data.K=V` overrides applied (`apply_overrides`; eval reads other data).
 
   Raises UserError for a missing config.json or an override outside data.*.
   """
   path = storage.path(workdir) / "config.json"
   if not path.is_file():
     raise UserError(f"{path} not found: is {workdir} a jaxmodels workdir?")
-  config = from_saved(json.loads(path.read_text()))
   for override in overrides:
-    key, _, text = override.removeprefix("--config.").partition("=")
-    group, _, name = key.partition(".")
-    if not override.startswith("--config.data.") or not _ or name not in config.data:
+    if not override.startswith(f"{OVERRIDE}data."):
       raise UserError(f"bad override {override!r}: expected --config.data.KEY=VALUE (a key of data.*)")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    config[group][name] = value
-  return config
+  return apply_overrides(from_saved(json.loads(path.read_text())), overrides)

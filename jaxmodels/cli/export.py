@@ -1,0 +1,16 @@
+"""`jaxmodels export`: a run's parameters for research code."""
+
+from jaxmodels.cli.arguments import parse_args
+from jaxmodels.runs.export import export
+
+
+def run(prog: str, args: list[str]) -> int:
+  """usage: jaxmodels export --workdir DIR --out PATH
+
+Writes the parameters of DIR's newest checkpoint (no optimizer state) to PATH,
+with the config and model shape needed to rebuild the module; research code
+loads them with jaxmodels.load_model(PATH) or jaxmodels.load_params(PATH).
+"""
+  a = parse_args(prog, args, [("--workdir", dict(required=True)), ("--out", dict(required=True))])
+  print(f"exported {a.workdir} to {export(a.workdir, a.out)}")
+  return 0
