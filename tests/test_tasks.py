@@ -14,8 +14,8 @@ from jaxmodels.config import default_config
 from jaxmodels.data import validate_arrays
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import eval_sums, scores
-from jaxmodels.train.experiment import evaluation_options
 from jaxmodels.train.loop import train_and_evaluate
+from jaxmodels.train.step import evaluation_options
 
 
 def _halves(f, *arrays):

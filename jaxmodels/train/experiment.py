@@ -26,7 +26,7 @@ from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import scores
 from jaxmodels.train import distill
-from jaxmodels.train.step import make_steps
+from jaxmodels.train.step import make_steps, step_options
 
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
@@ -169,12 +169,9 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
-  eval_options = evaluation_options(t, dataset)
-  state_options = dict(ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
-                                   skip_nonfinite=t.skip_nonfinite, **eval_options, **state_options)
+    train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset, layout.axis_name))
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, donate_argnums=2)  # totals: one copy per device
@@ -190,8 +187,7 @@ def build_experiment(config, devices=None) -> Experiment:
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
     teacher = distill.load_teacher(config, dataset, layout)  # train.distill.teacher, or None
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
-                                   teacher=teacher, **eval_options, **state_options)
+    train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset), teacher)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
@@ -210,12 +206,3 @@ def build_experiment(config, devices=None) -> Experiment:
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
                     train_step, eval_step, notices)
-
-
-def evaluation_options(t, dataset) -> dict:
-  """make_steps' task options for `dataset` under train config `t`: top-k accuracy only where k leaves classes
-  out; a regression's eval sums about the training targets' per-output mean (tasks.eval_sums' y_shift)."""
-  y_shift = (np.mean(dataset.y_train, axis=0, dtype=np.float64).astype(np.float32) if dataset.task == "regress"
-             else None)
-  return dict(task=dataset.task, loss=t.loss, y_shift=y_shift,
-              eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)
