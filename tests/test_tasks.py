@@ -54,6 +54,24 @@ def test_multilabel_scores_equal_sklearns():
   np.testing.assert_allclose(got["f1_per_label"], skm.f1_score(y, predicted, average=None), atol=1e-12)
 
 
+@pytest.mark.parametrize("task, logits_shape, y", [
+    ("classify", (8, 4), np.arange(8) % 4), ("lm", (2, 4, 6), np.arange(8).reshape(2, 4) % 6),
+    ("seq2seq", (2, 4, 6), np.arange(8).reshape(2, 4) % 6), ("binary", (8, 1), np.arange(8) % 2),
+    ("multilabel", (8, 3), np.arange(24).reshape(8, 3) % 2), ("regress", (8, 2), np.linspace(0, 1, 16).reshape(8, 2)),
+])
+def test_an_evaluation_reports_the_metrics_its_task_names(task, logits_shape, y):
+  """eval_scores' floats are eval_metric_names (what early stopping and checkpoint.keep_best accept), in order,
+  with top-k accuracy after accuracy where the eval sums count it."""
+  top_k = 2 if task in ("classify", "lm") else 0  # a language model's eval sums count no top-k hits
+  logits = np.random.default_rng(0).normal(size=logits_shape).astype(np.float32)
+  totals = eval_sums(task, jnp.asarray(logits), jnp.asarray(y), jnp.ones(y.shape, jnp.float32), top_k=top_k)
+  metrics = scores.eval_scores(task, {k: np.asarray(v) for k, v in totals.items()}, "char", top_k)
+  names = list(scores.eval_metric_names(task, "char"))
+  if task == "classify":
+    names.insert(2, scores.top_k_name(top_k))
+  assert [k for k, v in metrics.items() if isinstance(v, float)] == names
+
+
 @pytest.mark.parametrize("shape, mean", [((200,), 5.0), ((200, 3), 5.0), ((200,), 1e4)])
 def test_regression_scores_equal_sklearns(shape, mean):
   rng = np.random.default_rng(2)

@@ -6,12 +6,10 @@ evaluates a state over the held-out split.
 """
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -85,14 +83,9 @@ class Experiment:
 
     `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
-    Loss is the mean per target of the task's loss (jaxmodels.tasks): cross-entropy
-    in nats per example (classification) or per token (language models, which also
-    report perplexity and bits per char or byte). Regression reports mse, mae and r2;
-    binary precision, recall, f1 and roc_auc; multilabel f1_micro, *_macro and
-    f1_per_label; `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
-    F1 (macro and weighted floats, per-class lists; jaxmodels.tasks.scores) and `confusion`,
-    the (C, C) matrix of counts as nested lists (rows true class, columns predicted).
-    `scalars(metrics)` keeps the floats.
+    What each task reports is `jaxmodels.tasks.scores.eval_scores` of the summed totals: the loss (the mean per
+    target of the task's loss), `eval_metric_names(task)` and `top<k>_accuracy` for `train.eval_top_k`, per-class
+    lists and a classifier's `confusion` matrix. `scalars(metrics)` keeps the floats.
     """
     size = self.config.train.eval_batch_size
     totals = None
@@ -112,28 +105,9 @@ class Experiment:
     totals = self.layout.fetch(totals)
     if pmap:  # identical copies, one per device
       totals = jax.tree.map(lambda a: a[0], totals)
-    count = float(totals["count"])
-    metrics = {"loss": float(totals["loss_sum"]) / count}
     task = self.dataset.task
-    if task == "regress":
-      metrics.update(scores.regression_scores(totals))
-    else:
-      metrics["accuracy"] = float(totals["correct"]) / count  # multilabel: the share of labels right
-    if task == "binary":
-      metrics.update(scores.binary_scores(totals["confusion"], totals["auc_hist"]))
-    if task == "multilabel":
-      metrics.update(scores.multilabel_scores(totals["label_counts"]))
-    if "top_k_correct" in totals:
-      metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
-    if task == "seq2seq":
-      metrics["exact_match"] = float(totals["exact"]) / float(totals["sequences"])
-    if task in ("lm", "seq2seq"):
-      metrics["perplexity"] = math.exp(metrics["loss"])
-      metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
-    if task == "classify":
-      confusion = np.asarray(totals["confusion"], np.int64)
-      metrics.update(scores.confusion_scores(confusion), confusion=confusion.tolist())
-    return metrics
+    unit = self.dataset.unit if task in ("lm", "seq2seq") else "token"
+    return scores.eval_scores(task, totals, unit, self.config.train.eval_top_k)
 
 
 def build_experiment(config, devices=None) -> Experiment:
