@@ -6,13 +6,14 @@ import pytest
 from conftest import experiment
 from flax import nnx
 
+from jaxmodels import parallel
 from jaxmodels.config import default_config
 from jaxmodels.models import CNN, TransformerConfig, TransformerLM
 from jaxmodels.models.transformer import scan_to_unrolled
 from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
 from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.actions import summarize
 from jaxmodels.train.experiment import build_experiment
-from jaxmodels.train.step import mean_train_metrics
 
 
 def train_config(**kw):
@@ -65,7 +66,7 @@ def test_scanned_and_unrolled_transformers_train_alike_under_weight_decay():
     exp = runs[scan]
     for step in range(30):
       state, metrics = exp.train_step(state, exp.batch(step))
-    losses[scan] = mean_train_metrics([metrics])["loss"]
+    losses[scan] = summarize(np.stack(parallel.fetch([metrics])))["loss"]
   assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 

@@ -17,8 +17,8 @@ from ml_collections import config_dict
 
 from jaxmodels import parallel
 from jaxmodels.runtime.errors import UserError
+from jaxmodels.train.actions import summarize
 from jaxmodels.train.experiment import build_experiment
-from jaxmodels.train.step import mean_train_metrics
 
 STEPS = 20
 
@@ -78,7 +78,7 @@ def run_steps(config):
   for step in range(STEPS):
     state, metrics = exp.train_step(state, exp.batch(step))
     losses.append(metrics)
-  losses = [mean_train_metrics([m])["loss"] for m in losses]
+  losses = [summarize(np.stack(parallel.fetch([m])))["loss"] for m in losses]
   return exp, state, losses, jax.device_get(exp.layout.for_checkpoint(state).params)
 
 
@@ -116,7 +116,7 @@ def test_pmap_devices_draw_their_own_dropout_masks():
     rows = exp.dataset.train_batch(0, 8)
     local = rows if strategy == "single" else {k: np.concatenate([v] * 8) for k, v in rows.items()}
     _, metrics = exp.train_step(exp.init_state(), exp.layout.global_batch(local))
-    losses[strategy] = mean_train_metrics([metrics])["loss"]
+    losses[strategy] = summarize(np.stack(parallel.fetch([metrics])))["loss"]
   assert np.isfinite(losses["pmap"]) and abs(losses["pmap"] - losses["single"]) > 1e-3 * losses["single"]
 
 

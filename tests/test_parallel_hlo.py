@@ -26,7 +26,7 @@ from jaxmodels.runs.state import TrainState
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import loss_sums
 from jaxmodels.train.experiment import build_experiment
-from jaxmodels.train.step import make_steps
+from jaxmodels.train.step import StepOptions, make_steps
 
 TP_MESH = "data=2,tensor=4"
 # Transformer: 128 sequences x 16 tokens = 2048 token rows; CNN: 512 digits (activations outweigh weights).
@@ -158,7 +158,7 @@ def test_accumulated_gradient_is_the_full_batch_token_mean_under_uneven_masks():
   sgd = optax.sgd(1.0)  # one step of plain SGD at rate 1 moves the parameters by minus the gradient
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={}, opt_state=sgd.init(params))
   for accum in (1, 4):
-    train_fn, _ = make_steps(exp.graphdef, sgd, 0, accum)
+    train_fn, _ = make_steps(exp.graphdef, sgd, StepOptions(seed=0, grad_accum_steps=accum))
     new = jax.jit(train_fn)(state, batch)[0].params
     for p, q, g in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(expected)):
       np.testing.assert_allclose(p - q, g, rtol=1e-4, atol=1e-7)

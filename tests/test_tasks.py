@@ -14,8 +14,8 @@ from jaxmodels.config import default_config
 from jaxmodels.data import validate_arrays
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import eval_sums, scores
-from jaxmodels.train.experiment import evaluation_options
 from jaxmodels.train.loop import train_and_evaluate
+from jaxmodels.train.step import evaluation_options
 
 
 def _halves(f, *arrays):
@@ -52,6 +52,24 @@ def test_multilabel_scores_equal_sklearns():
   assert got["f1_micro"] == pytest.approx(skm.f1_score(y, predicted, average="micro"), abs=1e-12)
   assert got["f1_macro"] == pytest.approx(skm.f1_score(y, predicted, average="macro", zero_division=0), abs=1e-12)
   np.testing.assert_allclose(got["f1_per_label"], skm.f1_score(y, predicted, average=None), atol=1e-12)
+
+
+@pytest.mark.parametrize("task, logits_shape, y", [
+    ("classify", (8, 4), np.arange(8) % 4), ("lm", (2, 4, 6), np.arange(8).reshape(2, 4) % 6),
+    ("seq2seq", (2, 4, 6), np.arange(8).reshape(2, 4) % 6), ("binary", (8, 1), np.arange(8) % 2),
+    ("multilabel", (8, 3), np.arange(24).reshape(8, 3) % 2), ("regress", (8, 2), np.linspace(0, 1, 16).reshape(8, 2)),
+])
+def test_an_evaluation_reports_the_metrics_its_task_names(task, logits_shape, y):
+  """eval_scores' floats are eval_metric_names (what early stopping and checkpoint.keep_best accept), in order,
+  with top-k accuracy after accuracy where the eval sums count it."""
+  top_k = 2 if task in ("classify", "lm") else 0  # a language model's eval sums count no top-k hits
+  logits = np.random.default_rng(0).normal(size=logits_shape).astype(np.float32)
+  totals = eval_sums(task, jnp.asarray(logits), jnp.asarray(y), jnp.ones(y.shape, jnp.float32), top_k=top_k)
+  metrics = scores.eval_scores(task, {k: np.asarray(v) for k, v in totals.items()}, "char", top_k)
+  names = list(scores.eval_metric_names(task, "char"))
+  if task == "classify":
+    names.insert(2, scores.top_k_name(top_k))
+  assert [k for k, v in metrics.items() if isinstance(v, float)] == names
 
 
 @pytest.mark.parametrize("shape, mean", [((200,), 5.0), ((200, 3), 5.0), ((200,), 1e4)])

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from conftest import experiment, read_metrics
 
+from jaxmodels import parallel
+from jaxmodels.train.actions import summarize
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
-from jaxmodels.train.step import mean_train_metrics
 
 
 def test_digits_cnn_trains_well_above_chance(digits_cnn_run):
@@ -60,7 +61,7 @@ def test_grad_accumulation_matches_full_batch_step():
     state, metrics = exp.train_step(state, jax.device_put(exp.dataset.train_batch(0, 32)))
     states.append((state, metrics))
   (a, ma), (b, mb) = states
-  assert mean_train_metrics([ma])["loss"] == pytest.approx(mean_train_metrics([mb])["loss"], rel=1e-5)
+  assert summarize(np.stack(parallel.fetch([ma])))["loss"] == pytest.approx(summarize(np.stack(parallel.fetch([mb])))["loss"], rel=1e-5)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -85,4 +86,4 @@ def test_bfloat16_compute_trains_with_float32_state():
   state, metrics = exp.train_step(state, jax.device_put(exp.dataset.train_batch(0, config.train.batch_size)))
   dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim}
   assert dtypes == {jnp.dtype(jnp.float32)}
-  assert metrics.dtype == jnp.float32 and np.isfinite(mean_train_metrics([metrics])["loss"])
+  assert metrics.dtype == jnp.float32 and np.isfinite(summarize(np.stack(parallel.fetch([metrics])))["loss"])

@@ -1,9 +1,9 @@
-"""Every configuration key, its default, and how experiment files are loaded.
+"""Checks of every configuration key, run before anything is loaded or built (`validate`), and the adjustments
+that keep a shortened run valid (`expand_preset`, `fit_to_steps`).
 
-An experiment file (`experiments/*.py`) defines `get_config()` that starts from
-`default_config()` and overrides only what differs, nanoGPT-style. The returned
-`ConfigDict` is locked, so a misspelled key, in the file or on the command line
-(`--config.train.steps=500`), is an error rather than a silently ignored value.
+Each key's allowed values live with the module that consumes it (the data sources, model families, optimizers,
+tasks, mesh axes); this module only looks them up. `validate` checks each key on its own, group by group
+(`DATA_RULES`, `MODEL_RULES`, ...), then the keys whose allowed values depend on others, group by group.
 """
 
 import dataclasses
@@ -17,6 +17,7 @@ from jaxmodels.config.defaults import default_config
 from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCES
 from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
+from jaxmodels.models.registry import FAMILIES
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
 from jaxmodels.parallel.sharding import (
   MESH_AXES,
@@ -25,10 +26,7 @@ from jaxmodels.parallel.sharding import (
   parse_mesh,
 )
 from jaxmodels.runtime.errors import UserError
-from jaxmodels.tasks import LOSSES, TASKS
-
-FAMILIES = ("mlp", "cnn", "lstm", "transformer", "resnet", "vit", "encdec")
-
+from jaxmodels.tasks import LOSSES, TASKS, eval_metric_names, top_k_name
 
 # Compute dtypes: float16 trains with dynamic loss scaling (jaxmodels.optim.precision). Parameters and the
 # optimizer state in float16 turn Adam's update NaN within steps, and float64 silently becomes float32 while
@@ -45,6 +43,14 @@ def _is_int(v) -> bool:
 
 def _is_real(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_regex(pattern) -> bool:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError):
+    return False
+  return True
 
 
 # (test, what the error says was expected) for the kinds of value a key can take.
@@ -80,6 +86,73 @@ def one_of(allowed) -> tuple:
   return (lambda v: v in allowed, f"one of {', '.join(map(str, allowed))}")
 
 
+# Each key's rule on its own, by config group. Free-form strings (`data.path`, `checkpoint.restore_from`,
+# `train.distill.teacher`) are checked where they are read; booleans by the ConfigDict's types.
+DATA_RULES = {
+    "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
+    "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
+    "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
+    "data.prefetch": NON_NEGATIVE, "data.task": one_of(("",) + TASKS),
+    "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
+}
+
+
+MODEL_RULES = {
+    "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
+    "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
+    "model.strides": SIZES, "model.pool": one_of(cnn.POOLS), "model.head_sizes": SIZES,
+    "model.norm": one_of(dict.fromkeys(cnn.NORMS + transformer.NORMS)), "model.num_layers": POSITIVE,
+    "model.num_heads": POSITIVE, "model.d_model": POSITIVE, "model.d_ff": POSITIVE, "model.max_len": POSITIVE,
+    "model.positions": one_of(transformer.POSITIONS), "model.mlp": one_of(transformer.MLPS),
+    "model.remat": one_of(transformer.REMAT_POLICIES), "model.attention_impl": one_of(transformer.ATTENTION_IMPLS),
+    "model.pooling": one_of(("mean", "cls", "last")), "model.cell": one_of(recurrent.CELLS),
+    "model.hidden_size": POSITIVE,
+    "model.num_kv_heads": (lambda v: v is None or POSITIVE[0](v), "unset or a positive integer"),
+    "model.norm_eps": POSITIVE_REAL, "model.rope_theta": POSITIVE_REAL, "model.patch_size": POSITIVE,
+    "model.stage_sizes": (lambda v: SIZES[0](v) and len(v) > 0, "a non-empty tuple of positive integers"),
+    "model.block": one_of(resnet.BLOCKS), "model.width": POSITIVE, "model.stem": one_of(resnet.STEMS),
+}
+
+
+TRAIN_RULES = {
+    "train.loss": one_of(LOSSES),
+    "train.steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
+    "train.optimizer": one_of(OPTIMIZERS), "train.learning_rate": POSITIVE_REAL,
+    "train.schedule": one_of(SCHEDULES), "train.warmup_steps": NON_NEGATIVE, "train.end_lr_fraction": FRACTION,
+    "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
+    "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
+    "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
+    "train.eval_top_k": NON_NEGATIVE, "train.loss_scale_period": POSITIVE, "train.ema_decay": RATE,
+    "train.wandb_mode": one_of(("", "online", "offline")),
+    "train.wandb_project": (lambda v: isinstance(v, str) and re.fullmatch(r"[^/\\#?%:]{0,128}", v) is not None,
+                            "a W&B project name (at most 128 characters, none of / \\ # ? % :)"),
+    "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
+                            "() or (first, last) with 0 <= first < last"),
+    "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
+    "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
+    "train.pruning.sparsity": RATE, "train.pruning.scope": one_of(pruning.SCOPES),
+    "train.pruning.pattern": (pruning.valid_pattern, "unstructured or N:M with 0 < N < M (e.g. 2:4)"),
+    "train.pruning.start_step": NON_NEGATIVE, "train.pruning.end_step": NON_NEGATIVE,
+    "train.pruning.every": POSITIVE, "train.distill.temperature": POSITIVE_REAL, "train.distill.alpha": FRACTION,
+    "train.quantization.bits": one_of((0, 4, 8)),
+    "train.quantization.exclude": (_is_regex, "a regex of module paths"),
+}
+
+
+CHECKPOINT_RULES = {
+    "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
+    "checkpoint.restore_mode": one_of(("params", "full")),
+}
+
+
+PARALLEL_RULES = {
+    "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
+    "parallel.coordinator_address": (lambda v: not v or re.fullmatch(r"[^\s:]+:[0-9]+", v) is not None,
+                                     "empty or HOST:PORT"),
+    "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
+}
+
+
 def _check(config, key: str, rule: tuple) -> None:
   value = config
   for name in key.split("."):
@@ -99,96 +172,77 @@ def _check_rules(key: str, rules, first_ok, first_expected: str, mesh_axes) -> N
                       f"{', '.join(mesh_axes)}")
 
 
-def _is_regex(pattern) -> bool:
-  try:
-    re.compile(pattern)
-  except (re.error, TypeError):
-    return False
-  return True
+def config_task(d) -> str:
+  """The task of data group `d` before the data loads: a language model's, seq2seq, or `data.task` (an npz
+  file's inferred task, where unset, counts as classify here)."""
+  return ("lm" if d.source in LM_SOURCES else "seq2seq" if d.source in SEQ2SEQ_SOURCES
+          else d.task if d.task in TASKS else "classify")
+
+
+def metric_names(config, task: str) -> tuple[str, ...]:
+  """The eval metrics `train.early_stopping.metric` and `checkpoint.keep_best` may name: the task's
+  (jaxmodels.tasks.eval_metric_names), and a classifier's top-k accuracy for `train.eval_top_k` > 1."""
+  d, top_k = config.data, config.train.eval_top_k
+  unit = d.tokenizer if d.source == "text" else "token"
+  if d.source == "npz" and not d.task:  # inferred when the data loads: any array task's metric until then
+    names = tuple(dict.fromkeys(m for k in TASKS for m in eval_metric_names(k, unit)))
+  else:
+    names = eval_metric_names(task, unit)
+  return names + ((top_k_name(top_k),) if task == "classify" and top_k > 1 else ())
 
 
 def validate(config: config_dict.ConfigDict) -> None:
   """Checks every key of the config up front, so a bad value never reaches data loading or model building.
 
-  Raises `UserError` naming the first bad key, its value and what it accepts. Free-form strings
-  (`data.path`, `checkpoint.restore_from`) are checked where they are read; booleans by the ConfigDict's types.
+  Raises `UserError` naming the first bad key, its value and what it accepts: each key on its own first, then the
+  keys whose allowed values depend on others. Expands `model.preset` into the `model.*` keys (`expand_preset`).
   """
-  # The modules that consume a key own its allowed values; imported here, not at the top, because they import
-  # JAX, which the CLI must not load before it has re-executed itself (jaxmodels.runtime.host).
-  # pylint: disable=import-outside-toplevel
-
-  d, m, t, p = config.data, config.model, config.train, config.parallel
-  rules = {
-      "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
-      "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
-      "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
-      "data.prefetch": NON_NEGATIVE, "data.task": one_of(("",) + TASKS), "train.loss": one_of(LOSSES),
-      "data.spatial_dims": (lambda v: v in (None, 1, 2), "unset, 1 (signals) or 2 (images)"),
-      "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
-      "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
-      "model.strides": SIZES, "model.pool": one_of(cnn.POOLS), "model.head_sizes": SIZES,
-      "model.norm": one_of(dict.fromkeys(cnn.NORMS + transformer.NORMS)), "model.num_layers": POSITIVE,
-      "model.num_heads": POSITIVE, "model.d_model": POSITIVE, "model.d_ff": POSITIVE, "model.max_len": POSITIVE,
-      "model.positions": one_of(transformer.POSITIONS), "model.mlp": one_of(transformer.MLPS),
-      "model.remat": one_of(transformer.REMAT_POLICIES), "model.attention_impl": one_of(transformer.ATTENTION_IMPLS),
-      "model.pooling": one_of(("mean", "cls", "last")), "model.cell": one_of(recurrent.CELLS),
-      "model.hidden_size": POSITIVE,
-      "model.num_kv_heads": (lambda v: v is None or POSITIVE[0](v), "unset or a positive integer"),
-      "model.norm_eps": POSITIVE_REAL, "model.rope_theta": POSITIVE_REAL, "model.patch_size": POSITIVE,
-      "model.stage_sizes": (lambda v: SIZES[0](v) and len(v) > 0, "a non-empty tuple of positive integers"),
-      "model.block": one_of(resnet.BLOCKS), "model.width": POSITIVE, "model.stem": one_of(resnet.STEMS),
-      "train.steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
-      "train.optimizer": one_of(OPTIMIZERS), "train.learning_rate": POSITIVE_REAL,
-      "train.schedule": one_of(SCHEDULES), "train.warmup_steps": NON_NEGATIVE, "train.end_lr_fraction": FRACTION,
-      "train.weight_decay": NON_NEGATIVE_REAL, "train.momentum": RATE, "train.b1": RATE, "train.b2": RATE,
-      "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
-      "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
-      "train.eval_top_k": NON_NEGATIVE, "train.loss_scale_period": POSITIVE, "train.ema_decay": RATE,
-      "train.wandb_mode": one_of(("", "online", "offline")),
-      "train.wandb_project": (lambda v: isinstance(v, str) and re.fullmatch(r"[^/\\#?%:]{0,128}", v) is not None,
-                              "a W&B project name (at most 128 characters, none of / \\ # ? % :)"),
-      "train.profile_steps": (lambda v: len(v) == 0 or (len(v) == 2 and all(map(_is_int, v)) and 0 <= v[0] < v[1]),
-                              "() or (first, last) with 0 <= first < last"),
-      "train.early_stopping.mode": one_of(("min", "max")), "train.early_stopping.patience": POSITIVE,
-      "train.early_stopping.min_delta": NON_NEGATIVE_REAL,
-      "train.pruning.sparsity": RATE, "train.pruning.scope": one_of(pruning.SCOPES),
-      "train.pruning.pattern": (pruning.valid_pattern, "unstructured or N:M with 0 < N < M (e.g. 2:4)"),
-      "train.pruning.start_step": NON_NEGATIVE, "train.pruning.end_step": NON_NEGATIVE,
-      "train.pruning.every": POSITIVE, "train.distill.temperature": POSITIVE_REAL, "train.distill.alpha": FRACTION,
-      "train.quantization.bits": one_of((0, 4, 8)),
-      "train.quantization.exclude": (_is_regex, "a regex of module paths"),
-      "checkpoint.every": NON_NEGATIVE, "checkpoint.keep": POSITIVE, "checkpoint.best_mode": one_of(("min", "max")),
-      "checkpoint.restore_mode": one_of(("params", "full")),
-      "parallel.strategy": one_of(STRATEGIES), "parallel.num_processes": POSITIVE,
-      "parallel.process_id": (lambda v: _is_int(v) and 0 <= v < p.num_processes,
-                              f"an integer in [0, parallel.num_processes={p.num_processes})"),
-      "parallel.coordinator_address": (lambda v: not v or re.fullmatch(r"[^\s:]+:[0-9]+", v) is not None,
-                                       "empty or HOST:PORT"),
-      "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
-  }
   _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
   expand_preset(config)
-  task = ("lm" if d.source in LM_SOURCES else "seq2seq" if d.source in SEQ2SEQ_SOURCES
-          else d.task if d.task in TASKS else "classify")
-  unit = d.tokenizer if d.source == "text" else "token"
-  by_task = {"lm": ("loss", "accuracy", "perplexity", f"bits_per_{unit}"),
-             "classify": ("loss", "accuracy") + tuple(f"{s}_{a}" for s in ("precision", "recall", "f1")
-                                                      for a in ("macro", "weighted")),
-             "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
-             "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
-             "regress": ("loss", "mse", "mae", "r2"),
-             "seq2seq": ("loss", "accuracy", "exact_match", "perplexity", "bits_per_token")}
-  # An npz file's task is inferred when the data loads: any array task's metric may be named until then.
-  inferred = d.source == "npz" and not d.task
-  metrics = tuple(dict.fromkeys(m for k in TASKS for m in by_task[k])) if inferred else by_task[task]
-  if task in ("lm", "classify") and t.eval_top_k > 1:
-    metrics += (f"top{t.eval_top_k}_accuracy",)
-  rules["checkpoint.keep_best"] = rules["train.early_stopping.metric"] = one_of(("",) + metrics)  # the task's
-  for key, rule in rules.items():
-    _check(config, key, rule)
+  task = config_task(config.data)
+  for rules in (DATA_RULES, MODEL_RULES, TRAIN_RULES, CHECKPOINT_RULES, PARALLEL_RULES, _derived_rules(config, task)):
+    for key, rule in rules.items():
+      _check(config, key, rule)
+  _check_data(config.data)
+  _check_model(config, task)
+  _check_train(config)
+  _check_parallel(config.parallel)
 
-  # Keys whose allowed values depend on others.
-  es, ck = t.early_stopping, config.checkpoint
+
+def _derived_rules(config, task: str) -> dict:
+  """The rules of single keys whose allowed values depend on other keys: the process index, the metric names."""
+  n, metric = config.parallel.num_processes, one_of(("",) + metric_names(config, task))
+  process_id = (lambda v: _is_int(v) and 0 <= v < n, f"an integer in [0, parallel.num_processes={n})")
+  return {"parallel.process_id": process_id, "checkpoint.keep_best": metric, "train.early_stopping.metric": metric}
+
+
+def _check_data(d) -> None:
+  """Data keys that contradict the source."""
+  if d.source == "text" and d.task:
+    raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
+  if d.source in SEQ2SEQ_SOURCES and d.task:
+    raise UserError(f"data.task={d.task!r} is set but data.source={d.source} is always seq2seq: leave it empty")
+  if d.source == "digits" and d.path:
+    raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
+                    f"or text, or leave data.path empty")
+
+
+def _check_model(config, task: str) -> None:
+  """The family against the task, and the family's own config (its fields and their relations)."""
+  m = config.model
+  if (task == "seq2seq") != (FAMILIES[m.family].seq2seq is not None):
+    raise UserError(f"model.family={m.family} with data.source={config.data.source}: the encoder-decoder (encdec) "
+                    f"takes paired sequences (data.source=copy or reverse), and they take only it")
+  family_config(m, default_config().model)
+  if task == "lm" and FAMILIES[m.family].lm is None:
+    raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
+
+
+def _check_train(config) -> None:
+  """Training keys that depend on others: early stopping's best checkpoint, tracking, pruning, quantization,
+  distillation, accumulation."""
+  t, ck = config.train, config.checkpoint
+  es = t.early_stopping
   if es.metric and ck.keep_best and (ck.keep_best, ck.best_mode) != (es.metric, es.mode):
     raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
                     f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
@@ -196,30 +250,21 @@ def validate(config: config_dict.ConfigDict) -> None:
   if t.wandb_project and importlib.util.find_spec("wandb") is None:
     raise UserError(f"train.wandb_project={t.wandb_project!r} is set but wandb is not installed: "
                     f"pip install 'jaxmodels[wandb]', or leave train.wandb_project empty")
-  if d.source == "text" and d.task:
-    raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
-  if d.source in SEQ2SEQ_SOURCES and d.task:
-    raise UserError(f"data.task={d.task!r} is set but data.source={d.source} is always seq2seq: leave it empty")
-  if (task == "seq2seq") != (m.family == "encdec"):
-    raise UserError(f"model.family={m.family} with data.source={d.source}: the encoder-decoder (encdec) takes "
-                    f"paired sequences (data.source=copy or reverse), and they take only it")
-  if d.source == "digits" and d.path:
-    raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
-                    f"or text, or leave data.path empty")
-  family_config(m, default_config().model)  # the family's typed config checks its fields and their relations
-  if task == "lm" and m.family not in ("transformer", "lstm"):
-    raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
   pruning.check(t.pruning)
-  if t.quantization.bits and m.dtype == "float16":  # qwix's scales: qarray.compute_scale_zero_point
+  if t.quantization.bits and config.model.dtype == "float16":  # qwix's scales: qarray.compute_scale_zero_point
     raise UserError(f"train.quantization.bits={t.quantization.bits} with model.dtype=float16: qwix computes the "
                     "quantization scales in the compute dtype and replaces one under sqrt(float16's smallest "
                     "normal) = 0.0078 by 1, which rounds a typical weight to 0; train quantization-aware in "
                     "float32 or bfloat16")
-  if t.distill.teacher and p.strategy == "pmap":
+  if t.distill.teacher and config.parallel.strategy == "pmap":
     raise UserError("train.distill.teacher is set but parallel.strategy=pmap cannot take the teacher: use dp or fsdp")
   if t.batch_size % t.grad_accum_steps:
     raise UserError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+
+
+def _check_parallel(p) -> None:
+  """The mesh's axis sizes and the sharding rules."""
   sizes = parse_mesh(p.mesh, p.strategy)
   if any(n != -1 and n < 1 for n in sizes.values()):
     raise UserError(f"parallel.mesh={p.mesh!r}: every axis size must be a positive integer or -1")

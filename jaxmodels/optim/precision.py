@@ -38,6 +38,13 @@ def initial_loss_scale(scale: float = INITIAL_SCALE) -> LossScale:
   return LossScale(scale=jnp.asarray(scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32))
 
 
+def loss_factor(ls: LossScale | None, targets_per_slot: float) -> jax.Array | None:
+  """What the train step multiplies its summed loss by: the scale over the targets of one micro-batch slot
+  (static), so that the scale means what it means for a mean loss (PyTorch's GradScaler, jmp) whatever the batch
+  size. None without loss scaling."""
+  return None if ls is None else ls.scale / targets_per_slot
+
+
 def scaled(loss_fn, scale: jax.Array | None):
   """`loss_fn` (returning (loss, aux)) with its loss multiplied by `scale` (float32 scalar); None: `loss_fn`."""
   if scale is None:
@@ -63,9 +70,9 @@ def ema_init(params: dict) -> dict:
   return jax.tree.map(lambda p: p.astype(jnp.float32), params)
 
 
-def ema_update(ema: dict, params: dict, decay: float) -> dict:
-  """decay * ema + (1 - decay) * params, in float32."""
-  return optax.incremental_update(ema_init(params), ema, 1.0 - decay)
+def ema_update(ema: dict | None, params: dict, decay: float) -> dict | None:
+  """decay * ema + (1 - decay) * params, in float32; None (a state without an EMA): None."""
+  return None if ema is None else optax.incremental_update(ema_init(params), ema, 1.0 - decay)
 
 
 def ema_as_params(ema: dict, params: dict) -> dict:

@@ -10,5 +10,7 @@ from jaxmodels.tasks.losses import (
     loss_sums,
     train_metric_names,
 )
+from jaxmodels.tasks.scores import eval_metric_names, eval_scores, top_k_name
 
-__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSSES", "TASKS", "eval_sums", "loss_sums", "train_metric_names"]
+__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSSES", "TASKS", "eval_metric_names", "eval_scores", "eval_sums",
+           "loss_sums", "top_k_name", "train_metric_names"]

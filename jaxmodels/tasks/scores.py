@@ -1,4 +1,4 @@
-"""Classification scores derived on the host from a confusion matrix of exact counts.
+"""What an evaluation reports (`eval_scores`, `eval_metric_names`): scores derived on the host from exact counts.
 
 The eval step accumulates the confusion matrix on the device (int32 counts,
 summed across eval batches and devices); precision, recall and F1 follow from
@@ -11,6 +11,8 @@ a class never predicted has precision 0, a class absent from the labels recall 0
 scikit-learn does when it is not given the labels), and "weighted" weighs each
 class by its number of true examples.
 """
+
+import math
 
 import numpy as np
 
@@ -79,3 +81,52 @@ def regression_scores(totals: dict) -> dict[str, float]:
   r2 = np.where(total_sq > 0, 1 - sq_error / np.where(total_sq > 0, total_sq, 1), 0.0)
   return {"mse": float(sq_error.sum() / n.sum()), "mae": float(get("abs_error_sum").sum() / n.sum()),
           "r2": float(r2.mean())}
+
+
+def eval_metric_names(task: str, unit: str = "token") -> tuple[str, ...]:
+  """The float metrics `eval_scores` reports for `task`, in its order, less a classifier's `top_k_name(k)` (after
+  accuracy, where `eval_sums` counts top-k hits): what early stopping and `checkpoint.keep_best` may name. `unit`:
+  what a language model's token is (bits_per_<unit>)."""
+  return {"lm": ("loss", "accuracy", "perplexity", f"bits_per_{unit}"),
+          "classify": ("loss", "accuracy") + tuple(f"{s}_{a}" for s in ("precision", "recall", "f1")
+                                                   for a in ("macro", "weighted")),
+          "binary": ("loss", "accuracy", "precision", "recall", "f1", "roc_auc"),
+          "multilabel": ("loss", "accuracy", "f1_micro", "precision_macro", "recall_macro", "f1_macro"),
+          "regress": ("loss", "mse", "mae", "r2"),
+          "seq2seq": ("loss", "accuracy", "exact_match", "perplexity", f"bits_per_{unit}")}[task]
+
+
+def top_k_name(k: int) -> str:
+  """The metric of `train.eval_top_k` = k: the share of targets whose label is among the k highest logits."""
+  return f"top{k}_accuracy"
+
+
+def eval_scores(task: str, totals: dict, unit: str = "token", top_k: int = 0) -> dict:
+  """An evaluation's metrics from its summed `totals` (jaxmodels.tasks.eval_sums, fetched to the host): the floats
+  of `eval_metric_names` (and `top_k_name(top_k)` where the totals count top-k hits), per-class or per-label
+  lists, and a classifier's `confusion` matrix as nested lists (rows the true class, columns the predicted one).
+
+  Loss is the mean per target of the task's loss: cross-entropy in nats per example (classification) or per token
+  (language models, which also report perplexity and bits per `unit`).
+  """
+  count = float(totals["count"])
+  metrics = {"loss": float(totals["loss_sum"]) / count}
+  if task == "regress":
+    metrics.update(regression_scores(totals))
+  else:
+    metrics["accuracy"] = float(totals["correct"]) / count  # multilabel: the share of labels right
+  if task == "binary":
+    metrics.update(binary_scores(totals["confusion"], totals["auc_hist"]))
+  if task == "multilabel":
+    metrics.update(multilabel_scores(totals["label_counts"]))
+  if "top_k_correct" in totals:
+    metrics[top_k_name(top_k)] = float(totals["top_k_correct"]) / count
+  if task == "seq2seq":
+    metrics["exact_match"] = float(totals["exact"]) / float(totals["sequences"])
+  if task in ("lm", "seq2seq"):
+    metrics["perplexity"] = math.exp(metrics["loss"])
+    metrics[f"bits_per_{unit}"] = metrics["loss"] / math.log(2)
+  if task == "classify":
+    confusion = np.asarray(totals["confusion"], np.int64)
+    metrics.update(confusion_scores(confusion), confusion=confusion.tolist())
+  return metrics

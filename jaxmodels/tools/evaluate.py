@@ -18,8 +18,8 @@ from jaxmodels.runs import checkpoint, export
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
-from jaxmodels.train.experiment import build_experiment, evaluation_options
-from jaxmodels.train.step import make_steps
+from jaxmodels.train.experiment import build_experiment
+from jaxmodels.train.step import make_steps, step_options
 
 
 def evaluate_model(exp, model) -> dict:
@@ -27,8 +27,7 @@ def evaluate_model(exp, model) -> dict:
   own graph."""
 
   graphdef, params, model_state = split_model(model)
-  t = exp.config.train
-  _, eval_fn = make_steps(graphdef, exp.tx, t.seed, **evaluation_options(t, exp.dataset))
+  _, eval_fn = make_steps(graphdef, exp.tx, step_options(exp.config.train, exp.dataset))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None)
   return dataclasses.replace(exp, eval_step=jax.jit(eval_fn)).evaluate(state)
 

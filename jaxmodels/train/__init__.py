@@ -4,6 +4,6 @@
 
 from jaxmodels.train.experiment import Experiment, build_experiment
 from jaxmodels.train.loop import train_and_evaluate
-from jaxmodels.train.step import make_steps
+from jaxmodels.train.step import StepOptions, make_steps, step_options
 
-__all__ = ["Experiment", "build_experiment", "make_steps", "train_and_evaluate"]
+__all__ = ["Experiment", "StepOptions", "build_experiment", "make_steps", "step_options", "train_and_evaluate"]

@@ -28,7 +28,7 @@ from jaxmodels.runs import export
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
-TASKS = ("classify", "lm")  # softmax outputs: the tasks whose outputs a temperature softens
+SOFTMAX_TASKS = ("classify", "lm")  # the tasks whose outputs are softmax logits, which a temperature softens
 
 
 @dataclasses.dataclass
@@ -93,8 +93,9 @@ def load_teacher(config, dataset, layout) -> Teacher | None:
   if not d.teacher:
     return None
   where = f"train.distill.teacher={d.teacher!r}"
-  if dataset.task not in TASKS:
-    raise UserError(f"{where}: distillation needs a softmax task ({', '.join(TASKS)}), not data.task={dataset.task}")
+  if dataset.task not in SOFTMAX_TASKS:
+    raise UserError(f"{where}: distillation needs a softmax task ({', '.join(SOFTMAX_TASKS)}), not "
+                    f"data.task={dataset.task}")
   spec = _read(d.teacher, "model.json")
   if spec is None or _read(d.teacher, "config.json") is None:
     raise UserError(f"{where}: no config.json and model.json there: not a jaxmodels run")

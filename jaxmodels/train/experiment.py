@@ -6,12 +6,10 @@ evaluates a state over the held-out split.
 """
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -26,7 +24,7 @@ from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import scores
 from jaxmodels.train import distill
-from jaxmodels.train.step import make_steps
+from jaxmodels.train.step import make_steps, step_options
 
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
@@ -85,14 +83,9 @@ class Experiment:
 
     `alarm` watches the eval step for recompiles; `step` is the training step its warnings name.
 
-    Loss is the mean per target of the task's loss (jaxmodels.tasks): cross-entropy
-    in nats per example (classification) or per token (language models, which also
-    report perplexity and bits per char or byte). Regression reports mse, mae and r2;
-    binary precision, recall, f1 and roc_auc; multilabel f1_micro, *_macro and
-    f1_per_label; `top<k>_accuracy` for `train.eval_top_k`. Classifiers add precision, recall and
-    F1 (macro and weighted floats, per-class lists; jaxmodels.tasks.scores) and `confusion`,
-    the (C, C) matrix of counts as nested lists (rows true class, columns predicted).
-    `scalars(metrics)` keeps the floats.
+    What each task reports is `jaxmodels.tasks.scores.eval_scores` of the summed totals: the loss (the mean per
+    target of the task's loss), `eval_metric_names(task)` and `top<k>_accuracy` for `train.eval_top_k`, per-class
+    lists and a classifier's `confusion` matrix. `scalars(metrics)` keeps the floats.
     """
     size = self.config.train.eval_batch_size
     totals = None
@@ -112,28 +105,9 @@ class Experiment:
     totals = self.layout.fetch(totals)
     if pmap:  # identical copies, one per device
       totals = jax.tree.map(lambda a: a[0], totals)
-    count = float(totals["count"])
-    metrics = {"loss": float(totals["loss_sum"]) / count}
     task = self.dataset.task
-    if task == "regress":
-      metrics.update(scores.regression_scores(totals))
-    else:
-      metrics["accuracy"] = float(totals["correct"]) / count  # multilabel: the share of labels right
-    if task == "binary":
-      metrics.update(scores.binary_scores(totals["confusion"], totals["auc_hist"]))
-    if task == "multilabel":
-      metrics.update(scores.multilabel_scores(totals["label_counts"]))
-    if "top_k_correct" in totals:
-      metrics[f"top{self.config.train.eval_top_k}_accuracy"] = float(totals["top_k_correct"]) / count
-    if task == "seq2seq":
-      metrics["exact_match"] = float(totals["exact"]) / float(totals["sequences"])
-    if task in ("lm", "seq2seq"):
-      metrics["perplexity"] = math.exp(metrics["loss"])
-      metrics[f"bits_per_{self.dataset.unit}"] = metrics["loss"] / math.log(2)
-    if task == "classify":
-      confusion = np.asarray(totals["confusion"], np.int64)
-      metrics.update(scores.confusion_scores(confusion), confusion=confusion.tolist())
-    return metrics
+    unit = self.dataset.unit if task in ("lm", "seq2seq") else "token"
+    return scores.eval_scores(task, totals, unit, self.config.train.eval_top_k)
 
 
 def build_experiment(config, devices=None) -> Experiment:
@@ -169,12 +143,9 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
-  eval_options = evaluation_options(t, dataset)
-  state_options = dict(ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period)
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, axis_name=layout.axis_name,
-                                   skip_nonfinite=t.skip_nonfinite, **eval_options, **state_options)
+    train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset, layout.axis_name))
     # Metrics and eval sums are reduced over the axis inside the step, so they come out once (out_axes None).
     train_step = jax.pmap(train_fn, axis_name=layout.axis_name, donate_argnums=0, out_axes=(0, None))
     eval_step = jax.pmap(eval_fn, axis_name=layout.axis_name, donate_argnums=2)  # totals: one copy per device
@@ -190,8 +161,7 @@ def build_experiment(config, devices=None) -> Experiment:
     layout = parallel.Layout(mesh, specs)
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
     teacher = distill.load_teacher(config, dataset, layout)  # train.distill.teacher, or None
-    train_fn, eval_fn = make_steps(graphdef, tx, t.seed, t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite,
-                                   teacher=teacher, **eval_options, **state_options)
+    train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset), teacher)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
@@ -210,12 +180,3 @@ def build_experiment(config, devices=None) -> Experiment:
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
                     train_step, eval_step, notices)
-
-
-def evaluation_options(t, dataset) -> dict:
-  """make_steps' task options for `dataset` under train config `t`: top-k accuracy only where k leaves classes
-  out; a regression's eval sums about the training targets' per-output mean (tasks.eval_sums' y_shift)."""
-  y_shift = (np.mean(dataset.y_train, axis=0, dtype=np.float64).astype(np.float32) if dataset.task == "regress"
-             else None)
-  return dict(task=dataset.task, loss=t.loss, y_shift=y_shift,
-              eval_top_k=t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0)

@@ -1,5 +1,21 @@
-"""The compiled train and eval steps: `make_steps(graphdef, tx, ...)` returns pure functions of pytrees.
+"""The compiled train and eval steps: `make_steps(graphdef, tx, options)` returns pure functions of pytrees.
+
+The train step is a short sequence of small pieces, each with one job, in the order they run:
+
+    objective        the summed loss, or with `train.distill.teacher` the teacher's objective (train.distill)
+    gradients        of one pass, or summed over micro-batches (`train.grad_accum_steps`), in float32
+    across_devices   pmap: gradient and metric sums summed over the devices, model state averaged
+    mean_gradients   the one division, by the global target count (and float16's loss scale)
+    tx.update        the optimizer, then `precision.ema_update` (`train.ema_decay`)
+    verdict          whether the update is kept (`train.skip_nonfinite`, float16's overflow); the next loss scale
+    keep_or_skip     a skipped step keeps the old parameters, model state, optimizer state and EMA
+    train_metrics    the step's metric vector (jaxmodels.tasks.train_metric_names)
+
+`StepOptions` holds what the steps do beyond a plain gradient step; `step_options` builds it from the config.
 """
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,125 +27,184 @@ from jaxmodels import parallel, tasks
 from jaxmodels.models.forward import forward, model_input
 from jaxmodels.optim import precision
 from jaxmodels.runs.state import TrainState, split_model
-from jaxmodels.train.actions import summarize
 
 
-def make_steps(graphdef, tx, seed: int, grad_accum_steps: int = 1, axis_name: str | None = None,
-               skip_nonfinite: bool = False, task: str = "classify", loss: str = "mse", eval_top_k: int = 0,
-               y_shift=None, teacher=None, ema_decay: float = 0.0, loss_scale_period: int = 2000):
-  """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepOptions:
+  """What the compiled steps do beyond a plain gradient step; `step_options` builds it from the config."""
 
-  The gradient is that of the summed loss divided once by the number of
-  targets (unmasked positions) in the whole batch, over every micro-batch and
-  device: the full batch's token-mean gradient, exactly, however the mask
-  falls. With `grad_accum_steps` = k, micro-batch i is rows i, i+k, i+2k, ...:
-  each device holds its share of every micro-batch (a contiguous split would
-  put each on a fraction of the devices), and the gradients add up in float32.
+  seed: int = 0  # dropout keys are fold_in(PRNGKey(seed + 1), step)
+  grad_accum_steps: int = 1  # micro-batches per step
+  axis_name: str | None = None  # the pmap strategy's device axis; None under jit
+  skip_nonfinite: bool = False  # a step whose loss or gradients are not finite changes nothing but the step count
+  task: str = "classify"  # the loss and metric sums (jaxmodels.tasks)
+  loss: str = "mse"  # a regression's loss
+  eval_top_k: int = 0  # the eval step counts top-k hits for k > 0
+  y_shift: np.ndarray | None = None  # a regression's eval sums are of y - y_shift (tasks.eval_sums)
+  ema_decay: float = 0.0  # of a state's `ema_params`
+  loss_scale_period: int = 2000  # finite steps before float16's loss scale doubles
 
-  Dropout keys are `fold_in(PRNGKey(seed + 1), step)`: a pure function of the step,
-  so the RNG needs no state of its own and a resumed run draws the same masks.
-  With `axis_name` (the pmap strategy) gradient and metric sums are summed
-  across that axis (so the target count is global), model state is averaged,
-  eval sums are summed, and each device folds its axis index into the dropout
-  key (otherwise all would draw the same masks). With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the
-  state unchanged but for the step counter (metric `skipped` = 1). `task` and
-  `loss` (regression) pick the loss (jaxmodels.tasks); the eval step adds the
-  batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0; regression sums about `y_shift`) to its `totals`
-  argument inside the compiled step (no eager sum per batch; None: the batch's sums).
-  With a `teacher` (distill.Teacher) the train step takes the teacher's arrays as a
-  third argument and minimises `teacher.objective` (distillation); its metrics
-  still report the hard-label loss.
 
-  A state with a `loss_scale` (float16) differentiates the scaled loss, unscales the float32 gradient sums,
-  skips the update of a step whose gradients are not finite, and adjusts the scale (`loss_scale_period`;
-  jaxmodels.optim.precision). A state with `ema_params` updates them by `ema_decay` after each applied update, and
-  the eval step evaluates them in place of the parameters.
+def evaluation_options(t, dataset) -> dict:
+  """The task options of `StepOptions` for `dataset` under train config `t`: top-k accuracy only where k leaves
+  classes out; a regression's eval sums about the training targets' per-output mean (tasks.eval_sums' y_shift)."""
+  y_shift = (np.mean(dataset.y_train, axis=0, dtype=np.float64).astype(np.float32) if dataset.task == "regress"
+             else None)
+  return {"task": dataset.task, "loss": t.loss, "y_shift": y_shift,
+          "eval_top_k": t.eval_top_k if 1 < t.eval_top_k < dataset.num_outputs else 0}
+
+
+def step_options(t, dataset, axis_name: str | None = None) -> StepOptions:
+  """The steps' options from train config `t` (`config.train`) and the dataset; `axis_name` for pmap."""
+  return StepOptions(seed=t.seed, grad_accum_steps=t.grad_accum_steps, axis_name=axis_name,
+                     skip_nonfinite=t.skip_nonfinite, ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period,
+                     **evaluation_options(t, dataset))
+
+
+def objective(graphdef, options: StepOptions, teacher=None):
+  """The function the train step differentiates: (params, model_state, batch, rng, teacher_vars) -> (summed
+  objective, (the task's loss sums, new model state)).
+
+  A sum, not a mean, so that micro-batches and devices add up exactly. With a `teacher` (distill.Teacher) the
+  objective is `teacher.objective` of the teacher's arrays `teacher_vars`; the sums still hold the hard-label loss.
   """
 
   def loss_fn(params, model_state, batch, rng, teacher_vars=None):
-    """(summed loss, (sums, model state)): the sum, so that micro-batches and devices add up exactly."""
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
     x = model_input(batch["x"])
     logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
-    sums = tasks.loss_sums(task, logits, batch["y"], mask, loss)
+    sums = tasks.loss_sums(options.task, logits, batch["y"], mask, options.loss)
     _, _, new_model_state = split_model(model)
-    objective = sums["loss_sum"] if teacher is None else teacher.objective(logits, x, mask, sums["loss_sum"],
-                                                                            teacher_vars)
-    return objective, (sums, new_model_state)
+    value = sums["loss_sum"] if teacher is None else teacher.objective(logits, x, mask, sums["loss_sum"],
+                                                                        teacher_vars)
+    return value, (sums, new_model_state)
 
-  f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
+  return loss_fn
+
+
+def dropout_key(options: StepOptions, step: jax.Array) -> jax.Array:
+  """`fold_in(PRNGKey(seed + 1), step)`: a pure function of the step, so the RNG needs no state of its own and a
+  resumed run draws the same masks. Under pmap each device folds in its axis index (else all draw the same)."""
+  rng = jax.random.fold_in(jax.random.PRNGKey(options.seed + 1), step)
+  return rng if options.axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(options.axis_name))
+
+
+def _f32(tree):
+  return jax.tree.map(lambda g: g.astype(jnp.float32), tree)
+
+
+def gradients(grad_fn, params, model_state, batch, rng, micro_batches: int):
+  """(float32 gradient sums, loss sums, model state) of `grad_fn` ((params, model_state, batch, rng) ->
+  (grads, (sums, model state))) on this device's batch: one pass, or `micro_batches` = k passes in sequence
+  inside the one compiled step, at a fraction of the activation memory, their sums added in float32.
+
+  Micro-batch i is rows i, i+k, i+2k, ...: each device holds its share of every micro-batch (a contiguous split
+  would put each on a fraction of the devices). Micro-batch i draws dropout key fold_in(rng, i).
+  """
+  if micro_batches == 1:
+    grads, (sums, model_state) = grad_fn(params, model_state, batch, rng)
+    return _f32(grads), sums, model_state
+  # Strided: (B, ...) -> (B/k, k, ...) -> (k, B/k, ...) keeps every device's rows on it.
+  micro = jax.tree.map(lambda a: parallel.constrain(
+      jnp.moveaxis(a.reshape(-1, micro_batches, *a.shape[1:]), 1, 0), (None, "activation_batch")), batch)
+
+  def body(carry, xs):
+    model_state, grads_acc, sums_acc = carry
+    mb, i = xs
+    mb = jax.tree.map(lambda a: parallel.constrain(a, ("activation_batch",)), mb)
+    grads, (sums, model_state) = grad_fn(params, model_state, mb, jax.random.fold_in(rng, i))
+    return (model_state, jax.tree.map(jnp.add, grads_acc, _f32(grads)), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
+  (model_state, grads, sums), _ = jax.lax.scan(body, (model_state, zeros, zero_sums),
+                                               (micro, jnp.arange(micro_batches)))
+  return grads, sums, model_state
+
+
+def across_devices(grads, sums, model_state, axis_name: str | None):
+  """pmap (`axis_name`): gradient and metric sums summed over the devices, so the target count is global, and
+  model state (BatchNorm statistics) averaged. Under jit the sharded program sums them itself: unchanged."""
+  if axis_name is None:
+    return grads, sums, model_state
+  grads, sums = jax.lax.psum((grads, sums), axis_name)
+  return grads, sums, jax.lax.pmean(model_state, axis_name)
+
+
+def mean_gradients(grads, count: jax.Array, factor: jax.Array | None, params):
+  """The one division of the float32 gradient sums: by the global target count (times the loss `factor` of
+  float16's scaling), then in the parameters' dtypes for the optimizer. The result is the full batch's
+  per-target mean gradient, exactly, however the mask falls over micro-batches and devices."""
+  count = count if factor is None else count * factor
+  return jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+
+
+def verdict(loss: jax.Array, grad_norm: jax.Array, loss_scale, options: StepOptions):
+  """(ok, the loss scale after this step): whether the step's update is kept, or None when nothing is checked
+  (no test compiled). `train.skip_nonfinite` drops a step whose loss or gradient norm is not finite; float16's
+  loss scaling drops one whose gradients overflowed and adjusts the scale (jaxmodels.optim.precision)."""
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) if options.skip_nonfinite else None
+  if loss_scale is not None:  # an overflowed gradient (its norm inf or NaN) is skipped, and the scale halved
+    finite = jnp.isfinite(grad_norm)
+    ok = finite if ok is None else ok & finite
+    loss_scale = precision.update_loss_scale(loss_scale, finite, options.loss_scale_period)
+  return ok, loss_scale
+
+
+def keep_or_skip(ok: jax.Array | None, new, old):
+  """`new` where `ok`, else `old` (a skipped step), leaf by leaf; `new` when nothing is checked (`ok` None)."""
+  return new if ok is None else jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_metrics(loss: jax.Array, sums: dict, grad_norm: jax.Array, ok: jax.Array | None) -> jax.Array:
+  """The step's metrics stacked in one float32 vector in `tasks.train_metric_names` order: loss, accuracy
+  (regression: mean absolute error), gradient norm, skipped (1 for a skipped step). Each output array costs
+  dispatch time on every step; the stack costs one."""
+  skipped = jnp.zeros((), jnp.float32) if ok is None else 1.0 - ok.astype(jnp.float32)
+  return jnp.stack([loss, sums["correct"] / sums["count"], grad_norm, skipped]).astype(jnp.float32)
+
+
+def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None):
+  """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
+
+  train_step(state, batch[, teacher_vars]) -> (state, metrics vector): the pieces above, in order. With a
+  `teacher` (distill.Teacher) it takes the teacher's arrays as a third argument and minimises the teacher's
+  objective. A state with a `loss_scale` (float16) differentiates the scaled loss and unscales the float32
+  gradient sums; a state with `ema_params` updates them by `options.ema_decay` after each kept update.
+
+  eval_step(state, batch, totals) adds the batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0;
+  regression sums about `y_shift`) to `totals` inside the compiled step (no eager sum per batch; None: the
+  batch's sums), summed over the pmap axis; a state with `ema_params` is evaluated with them.
+  """
+  loss_fn, o = objective(graphdef, options, teacher), options  # o: read on every line of the steps
 
   def train_step(state: TrainState, batch, teacher_vars=None):
-    # The summed loss is scaled by loss_scale / (targets per micro-batch slot, static), so the scale means what
-    # it means for a mean loss (PyTorch's GradScaler, jmp) whatever the batch size.
-    scale = None if state.loss_scale is None else state.loss_scale.scale / (batch["y"].size / grad_accum_steps)
-    grad_fn = jax.grad(precision.scaled(loss_fn, scale), has_aux=True)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    if grad_accum_steps == 1:
-      grads, (sums, model_state) = grad_fn(state.params, state.model_state, batch, rng, teacher_vars)
-      grads = f32(grads)
-    else:
-      # Micro-batches run sequentially inside the one compiled step, at a fraction of the activation
-      # memory. Strided: (B, ...) -> (B/k, k, ...) -> (k, B/k, ...) keeps every device's rows on it.
-      micro = jax.tree.map(lambda a: parallel.constrain(
-          jnp.moveaxis(a.reshape(-1, grad_accum_steps, *a.shape[1:]), 1, 0), (None, "activation_batch")), batch)
-
-      def body(carry, xs):
-        model_state, grads_acc, sums_acc = carry
-        mb, i = xs
-        mb = jax.tree.map(lambda a: parallel.constrain(a, ("activation_batch",)), mb)
-        grads, (sums, model_state) = grad_fn(state.params, model_state, mb, jax.random.fold_in(rng, i),
-                                             teacher_vars)
-        return (model_state, jax.tree.map(jnp.add, grads_acc, f32(grads)),
-                jax.tree.map(jnp.add, sums_acc, sums)), None
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
-      (model_state, grads, sums), _ = jax.lax.scan(
-          body, (state.model_state, zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
-    if axis_name is not None:
-      grads, sums = jax.lax.psum((grads, sums), axis_name)
-      model_state = jax.lax.pmean(model_state, axis_name)
-    # One division by the global target count (and the loss scale, in float32), then back to the parameters'
-    # dtype for the optimizer.
-    count = sums["count"] if scale is None else sums["count"] * scale
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
+    # The summed loss is multiplied by loss_scale / (targets per micro-batch slot, static): precision.loss_factor.
+    factor = precision.loss_factor(state.loss_scale, batch["y"].size / o.grad_accum_steps)
+    grad_fn = jax.grad(precision.scaled(functools.partial(loss_fn, teacher_vars=teacher_vars), factor), has_aux=True)
+    grads, sums, model_state = gradients(grad_fn, state.params, state.model_state, batch,
+                                         dropout_key(o, state.step), o.grad_accum_steps)
+    grads, sums, model_state = across_devices(grads, sums, model_state, o.axis_name)
+    grads = mean_gradients(grads, sums["count"], factor, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema_params is None else precision.ema_update(state.ema_params, params, ema_decay)
+    ema = precision.ema_update(state.ema_params, params, o.ema_decay)
     loss, grad_norm = sums["loss_sum"] / sums["count"], optax.tree.norm(grads)
-    skipped, ok, loss_scale = jnp.zeros((), jnp.float32), None, state.loss_scale
-    if skip_nonfinite:
-      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if scale is not None:  # an overflowed gradient (its norm inf or NaN) is skipped, and the scale halved
-      finite = jnp.isfinite(grad_norm)
-      ok = finite if ok is None else ok & finite
-      loss_scale = precision.update_loss_scale(state.loss_scale, finite, loss_scale_period)
-    if ok is not None:
-      params, model_state, opt_state, ema = jax.tree.map(
-          lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state, ema),
-          (state.params, state.model_state, state.opt_state, state.ema_params))
-      skipped = 1.0 - ok.astype(jnp.float32)
-    metrics = jnp.stack([loss, sums["correct"] / sums["count"], grad_norm, skipped]).astype(jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, ema_params=ema, loss_scale=loss_scale)
-    return new_state, metrics
+    ok, loss_scale = verdict(loss, grad_norm, state.loss_scale, o)
+    params, model_state, opt_state, ema = keep_or_skip(
+        ok, (params, model_state, opt_state, ema), (state.params, state.model_state, state.opt_state, state.ema_params))
+    metrics = train_metrics(loss, sums, grad_norm, ok)
+    return state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+                         ema_params=ema, loss_scale=loss_scale), metrics
 
   def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
-    sums = tasks.eval_sums(task, forward(model, batch, train=False), batch["y"], batch["mask"], eval_top_k, loss,
-                           y_shift)
-    sums = sums if axis_name is None else jax.lax.psum(sums, axis_name)
+    sums = tasks.eval_sums(o.task, forward(model, batch, train=False), batch["y"], batch["mask"], o.eval_top_k,
+                           o.loss, o.y_shift)
+    sums = sums if o.axis_name is None else jax.lax.psum(sums, o.axis_name)
     return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
   return train_step, eval_step
-
-
-def mean_train_metrics(pending: list[jax.Array]) -> dict[str, float]:
-  """Fetches train-step metric vectors (one host sync) and averages them by name."""
-  return summarize(np.stack(parallel.fetch(pending)))
