@@ -7,7 +7,6 @@ An experiment file (`experiments/*.py`) defines `get_config()` that starts from
 """
 
 import dataclasses
-import importlib.util
 import math
 import re
 
@@ -24,6 +23,7 @@ from jaxmodels.parallel.sharding import (
   activation_rules,
   parse_mesh,
 )
+from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import LOSSES, TASKS
 
@@ -193,9 +193,12 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
                     f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
                     f"names as best must be kept; leave checkpoint.keep_best empty or make them agree")
-  if t.wandb_project and importlib.util.find_spec("wandb") is None:
-    raise UserError(f"train.wandb_project={t.wandb_project!r} is set but wandb is not installed: "
-                    f"pip install 'jaxmodels[wandb]', or leave train.wandb_project empty")
+  # What the config asks of optional libraries, before a run writes anything (gs:// paths: runtime.storage).
+  for module, feature, asked in (("wandb", f"train.wandb_project={t.wandb_project!r}", t.wandb_project),
+                                 ("qwix", f"train.quantization.bits={t.quantization.bits}", t.quantization.bits),
+                                 ("PIL", "data.source=images", d.source == "images")):
+    if asked:
+      extras.check(module, feature)
   if d.source == "text" and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source in SEQ2SEQ_SOURCES and d.task:
