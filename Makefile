@@ -1,26 +1,38 @@
 # Two commands from a fresh clone: `make train` and `make test`.
+# `make train` installs the core alone (`pip install -e .`: the default experiment trains on it); `make test`
+# installs the dev extra (every optional library, the docs tools and the test tools) into the same .venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.jaxmodels-installed
+# Stamps of the two installs; tests/test_readme.py runs `make train` with the core's taken as made (make -o).
+CORE := $(VENV)/.jaxmodels-installed
+DEV := $(VENV)/.jaxmodels-dev
 WORKDIR ?= runs/digits_cnn
 ARGS ?=  # more flags for `make train`, e.g. ARGS=--config.train.steps=100
 
 .PHONY: train test test-fast clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-train: $(STAMP)
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(CORE)
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV) $(CORE)
+
+train: $(CORE)
 	$(BIN)/jaxmodels train --config experiments/digits_cnn.py --workdir $(WORKDIR) $(ARGS)
 
-test: $(STAMP)
+test: $(DEV)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
-test-fast: $(STAMP)
+test-fast: $(DEV)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 clean:

@@ -28,7 +28,7 @@ import jax
 from jaxmodels.bench import timing as bench
 from jaxmodels.config import load_experiment, validate, with_values
 from jaxmodels.models import flops
-from jaxmodels.runtime import hbm, storage
+from jaxmodels.runtime import extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 
@@ -264,12 +264,8 @@ def others(records: list[dict]) -> str:
 
 def plot(records: list[dict], path: str) -> None:
   """Bytes per device of every candidate (a bar each, by fit) against the device's memory."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise UserError("--plot needs matplotlib: pip install 'jaxmodels[bench]'") from None
+  extras.require("matplotlib", "--plot").use("Agg")
+  plt = extras.require("matplotlib.pyplot", "--plot")
   shown = [r for r in records if r.get("needed_bytes")]
   fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(shown)), 4.5))
   colors = {"fits": "tab:green", "too big": "tab:red"}
@@ -292,6 +288,8 @@ def run_plan(config, a: PlanArgs, log=print) -> int:
   setting fits, 1 when none does."""
   if a.workers < 0 or a.timeout <= 0 or a.global_batch < 0:
     raise UserError("--workers must be at least 0 (0: default), --timeout positive, --global-batch positive")
+  if a.plot:
+    extras.check("matplotlib", "--plot")  # before the compiles, not after them
   points = candidates(config, a)
   if a.topology:
     devices = bench.topology_devices(a.topology)  # a bad topology fails here, once

@@ -30,7 +30,7 @@ import optax
 
 from jaxmodels.config import parse_override, validate, with_values
 from jaxmodels.models import flops
-from jaxmodels.runtime import compilation, hbm, storage
+from jaxmodels.runtime import compilation, extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
@@ -392,12 +392,8 @@ def growth_exponent(xs, ys) -> float:
 
 def plot(results: list[dict], sweep_keys: list[str], path: str, metric: str = "compile_s") -> None:
   """Compile time against the first numeric swept key, one series per value of the others."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise UserError("--plot needs matplotlib: pip install 'jaxmodels[bench]'") from None
+  extras.require("matplotlib", "--plot").use("Agg")
+  plt = extras.require("matplotlib.pyplot", "--plot")
   numeric = [k for k in sweep_keys
              if all(isinstance(r["config"][k], (int, float)) and not isinstance(r["config"][k], bool)
                     for r in results)]
@@ -442,6 +438,8 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   """The `bench compile` command: every sweep point, the table, files, and the regression gate."""
   if a.repeat < 1:
     raise UserError("--repeat must be at least 1")
+  if a.plot:
+    extras.check("matplotlib", "--plot")  # before the sweep, not after it
   points = parse_sweeps(config, a.sweeps)
   for point in points:  # every point's config is checked before the first compile writes anything
     try:

@@ -25,7 +25,7 @@ What qwix does not do here, and what is done instead:
   projection (query, attention output) have its kernel's shape, qwix takes both operands for weights and fails
   ("lhs and rhs cannot be both weights"; an unlucky shape elsewhere quantizes an activation as a weight). No rule
   or option turns the shape fallback off, so the rules of QAT and PTQ match only the paths of the model's
-  `nnx.Linear` and `nnx.Conv` modules (`_rules`), and `_QtProvider` takes the right operand of a Linear's one matmul
+  `nnx.Linear` and `nnx.Conv` modules (`_rules`), and `_QtRoles` takes the right operand of a Linear's one matmul
   (flax's `inputs @ kernel`) for the weight, as qwix itself does for every convolution. The quantization and its
   gradients remain qwix's (`dot_general_qt`); AQT was not needed.
 - qwix's PTQ creates quantized weights during a first forward call, by replacing the parameter on the module it
@@ -41,7 +41,7 @@ What qwix does not do here, and what is done instead:
 - XLA's CPU backend cannot multiply int4 operands: 4-bit activations are refused there (`check`).
 - Static activation scales (qwix's `act_static_scale`) are calibrated by qwix from the first batch only, and
   stored on the module the op runs in: lost where a stack rebuilds its layers inside a scan, and refused inside a
-  recurrent cell's time scan ("Cannot mutate ... from different trace level"). So `_Calibrator` runs the model
+  recurrent cell's time scan ("Cannot mutate ... from different trace level"). So `_Calibrating` runs the model
   over the calibration batches with dynamic inputs, recording each input's largest |x| per layer (the scan
   slices a layer index set beside the weights), and `_set_static_scales` stores the scales where qwix's
   PtqProvider looks for them; from then on qwix quantizes with them. One scale per tensor (qwix's default keeps
@@ -49,6 +49,9 @@ What qwix does not do here, and what is done instead:
   batch's absmax, which clips every batch above the average).
 - Only `__call__` is intercepted by `qwix.quantize_model` on NNX models; `for_decoding` intercepts a language
   model's `decode` (the sampler's KV-cache step) or an encoder-decoder's `generate` on the same weights.
+
+qwix is the `quant` extra (`pip install 'jaxmodels[quant]'`): it is imported at first use (`_qwix`), so this
+module and the training loop that imports it load without it, and quantizing without it is a one-line error.
 """
 
 import collections
@@ -56,30 +59,15 @@ import functools
 import json
 import math
 import re
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
 from flax import nnx
-from qwix._src.core import (
-  qarray,  # qwix's quantized arrays: calibration and scales (`_Calibrator`)
-)
-from qwix._src.core.dot_general_qt import (
-  DotGeneralQtConfig,  # qwix's quantized-training matmul settings
-)
-from qwix._src.core.qarray import (
-  HowToQuantize,  # qwix's description of how an array is quantized
-)
-from qwix._src.providers.ptq import (
-  WithAux,  # the carrier of a pre-quantized weight that PtqProvider accepts
-)
-from qwix._src.utils import (
-  flax_util,  # the module an intercepted op runs in (`_Calibrator`)
-)
 
 from jaxmodels.models.forward import forward as model_forward
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 BITS = (4, 8)  # integer widths qwix quantizes to on every backend (int4 is stored as jnp.int4)
@@ -91,6 +79,24 @@ _SCALE = "_scale"  # qwix's suffix of a static input scale's parameter name (`{o
 # qwix.quantize_model's model inputs, for a first call that is skipped (qwix requires inputs all the same): QT with
 # dynamic scales creates no state, and PTQ's quantized weights and static scales are made beforehand.
 _NO_FIRST_CALL = (None,)
+FEATURE = "quantization (train.quantization.bits, compress --method ptq)"  # what needs qwix, the `quant` extra
+
+
+@functools.cache
+def _qwix() -> types.SimpleNamespace:
+  """qwix, the parts of it used here, and the two providers built on it (`_QtRoles`, `_Calibrating` mixed into
+  qwix's), imported at first use (module docstring); without qwix, the one-line error of jaxmodels.runtime.extras."""
+  qwix, qarray = extras.require("qwix", FEATURE), extras.require("qwix._src.core.qarray", FEATURE)
+  return types.SimpleNamespace(
+      qwix=qwix,
+      qarray=qarray,  # quantized arrays: calibration and scales (`_Calibrating`)
+      HowToQuantize=qarray.HowToQuantize,  # how an array is quantized
+      DotGeneralQtConfig=extras.require("qwix._src.core.dot_general_qt", FEATURE).DotGeneralQtConfig,  # QT matmuls
+      WithAux=extras.require("qwix._src.providers.ptq", FEATURE).WithAux,  # a pre-quantized weight PtqProvider takes
+      flax_util=extras.require("qwix._src.utils.flax_util", FEATURE),  # the module an intercepted op runs in
+      QtProvider=type("_QtProvider", (_QtRoles, qwix.QtProvider), {}),
+      Calibrator=type("_Calibrator", (_Calibrating, qwix.PtqProvider), {}),
+  )
 
 
 def module_path(path) -> str:
@@ -108,7 +114,9 @@ def sample_batch(input_shape, task: str) -> dict:
 
 
 def check(bits: int, exclude: str, activations: bool | str = False) -> None:
-  """Raises UserError for a width qwix does not offer here (int4 activations on the CPU) or a bad exclude regex."""
+  """Raises UserError without qwix (the `quant` extra), for a width qwix does not offer here (int4 activations on
+  the CPU) or a bad exclude regex."""
+  extras.check("qwix", FEATURE)
   if bits not in BITS:
     raise UserError(f"--bits {bits}: qwix quantizes to {' or '.join(map(str, BITS))} bits")
   if bits == 4 and activations and jax.default_backend() == "cpu":
@@ -120,9 +128,10 @@ def check(bits: int, exclude: str, activations: bool | str = False) -> None:
     raise UserError(f"exclude pattern {exclude!r} is not a regex: {e}") from None
 
 
-class _QtProvider(qwix.QtProvider):
-  """qwix's quantized-training provider, for rules that match only `nnx.Linear` modules (`_rules`): there the
-  one matmul is flax's `inputs @ kernel`, so the right operand is the weight and the left the input activation.
+class _QtRoles:
+  """Mixed into qwix's quantized-training provider (`_qwix().QtProvider`), for rules that match only `nnx.Linear`
+  modules (`_rules`): there the one matmul is flax's `inputs @ kernel`, so the right operand is the weight and the
+  left the input activation.
 
   qwix's own `_create_dot_general_qt_config` looks the operands up by shape (module docstring) and fails on
   inputs shaped like the kernel. The settings are those it makes for such a rule: weights per output channel,
@@ -130,11 +139,12 @@ class _QtProvider(qwix.QtProvider):
   (`use_original_residuals`, qwix's default when only the forward pass is quantized): straight-through gradients.
   """
 
-  def _create_dot_general_qt_config(self, rule, op_id, lhs, rhs) -> DotGeneralQtConfig:
+  def _create_dot_general_qt_config(self, rule, op_id, lhs, rhs):
     del op_id, lhs, rhs  # the roles are known: input activation @ weight
-    return DotGeneralQtConfig(lhs_qtype=rule.act_qtype, rhs_qtype=rule.weight_qtype,
-                              lhs_calibration_method=rule.act_calibration_method,
-                              rhs_calibration_method=rule.weight_calibration_method, use_original_residuals=True)
+    return _qwix().DotGeneralQtConfig(lhs_qtype=rule.act_qtype, rhs_qtype=rule.weight_qtype,
+                                      lhs_calibration_method=rule.act_calibration_method,
+                                      rhs_calibration_method=rule.weight_calibration_method,
+                                      use_original_residuals=True)
 
 
 def _layer_shape(module) -> tuple[int, ...]:
@@ -152,7 +162,7 @@ def _quantized_modules(model: nnx.Module, exclude: str) -> dict:
 def _static_ndims(model: nnx.Module) -> dict[str, int]:
   """{path: rank of the input} of the modules holding a static input scale (`_set_static_scales`)."""
   return {module_path(p): value.ndim - len(_layer_shape(m)) for p, m in nnx.iter_modules(model)
-          for name, value in vars(m).items() if name.endswith(_SCALE) and isinstance(value, WithAux)}
+          for name, value in vars(m).items() if name.endswith(_SCALE) and isinstance(value, _qwix().WithAux)}
 
 
 def _rules(model: nnx.Module, rule_type, bits: int, activations, exclude: str) -> list:
@@ -185,20 +195,21 @@ def _rules(model: nnx.Module, rule_type, bits: int, activations, exclude: str) -
 
 def qat(model: nnx.Module, bits: int, activations: bool, exclude: str) -> nnx.Module:
   """`model` (a copy) whose forward pass fake-quantizes the weights (and inputs) of its Linear and Conv modules
-  to `bits` (qwix's QT, `_QtProvider`). The parameters keep their float dtype and tree. Raises UserError for
-  unsupported bits or a bad `exclude` regex."""
+  to `bits` (qwix's QT, `_QtRoles`). The parameters keep their float dtype and tree. Raises UserError without
+  qwix, for unsupported bits or a bad `exclude` regex."""
   check(bits, exclude, activations)
-  return qwix.quantize_model(model, _QtProvider(_rules(model, qwix.QtRule, bits, activations, exclude)),
-                             *_NO_FIRST_CALL, skip_nnx_init=True)
+  q = _qwix()
+  return q.qwix.quantize_model(model, q.QtProvider(_rules(model, q.qwix.QtRule, bits, activations, exclude)),
+                               *_NO_FIRST_CALL, skip_nnx_init=True)
 
 
-def _how(module: nnx.Module, ndim: int, bits: int) -> HowToQuantize:
+def _how(module: nnx.Module, ndim: int, bits: int):
   """Per-output-channel absmax: a scale for every axis but the contracted ones (Linear: the input axis, the
   second last; Conv: spatial and input axes). Leading axes of a scanned stack get their own scales too."""
   linear = isinstance(module, nnx.Linear)
   contracted = {ndim - 2} if linear else set(range(ndim - 1))
-  return HowToQuantize(qtype=QTYPES[bits] if linear else CONV_QTYPE,
-                       channelwise_axes=tuple(a for a in range(ndim) if a not in contracted))
+  return _qwix().HowToQuantize(qtype=QTYPES[bits] if linear else CONV_QTYPE,
+                               channelwise_axes=tuple(a for a in range(ndim) if a not in contracted))
 
 
 class _LayerIndex(nnx.Variable):
@@ -206,10 +217,11 @@ class _LayerIndex(nnx.Variable):
   scan that runs the stack slices it with the layer's parameters, so the calibrator knows which layer it sees."""
 
 
-class _Calibrator(qwix.PtqProvider):
-  """qwix's PTQ provider (inputs quantized dynamically), run over calibration batches, recording every quantized
-  input: at trace time the name qwix gives its static scale and qwix's HowToQuantize (`inputs`), at run time its
-  largest |x| per layer (`absmax`, through jax.debug.callback, which also reports from inside a scan).
+class _Calibrating:
+  """Mixed into qwix's PTQ provider (`_qwix().Calibrator`, inputs quantized dynamically), run over calibration
+  batches, recording every quantized input: at trace time the name qwix gives its static scale and qwix's
+  HowToQuantize (`inputs`), at run time its largest |x| per layer (`absmax`, through jax.debug.callback, which
+  also reports from inside a scan).
 
   qwix's own static scales are calibrated once, from the first batch, and stored on the module they run in,
   which a stack rebuilds per layer inside its scan (module docstring), and which a recurrent cell runs inside
@@ -222,7 +234,7 @@ class _Calibrator(qwix.PtqProvider):
     self.inputs = {}  # (module path, scale name) -> (qwix's HowToQuantize of that input, its rank, its dtype)
     self.absmax = collections.defaultdict(dict)  # (module path, scale name) -> {flat layer index: largest |x|}
     self._op_id = None
-    calibrator = self
+    calibrator, qarray = self, _qwix().qarray
 
     class Recording:  # qwix's qarray module, recording what `quantize` is given (only inputs: weights are QArrays)
       def __getattr__(self, name):
@@ -239,7 +251,7 @@ class _Calibrator(qwix.PtqProvider):
     return rule, self._op_id
 
   def record(self, array, how) -> None:
-    module = flax_util.get_current_module()
+    module = _qwix().flax_util.get_current_module()
     key = (module_path(module.qwix_path), f"{self._op_id}_lhs{_SCALE}")  # qwix's name: ptq.quantize_act
     self.inputs[key] = how, array.ndim, array.dtype
     layer = getattr(module, "calibration_layer", None)
@@ -267,8 +279,9 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, sample: dict,
     shape = _layer_shape(module)
     if shape:
       module.calibration_layer = _LayerIndex(jnp.arange(math.prod(shape)).reshape(shape))
-  calibrator = _Calibrator(_rules(calibrating, qwix.QuantizationRule, bits, "dynamic", exclude))
-  graphdef, state = nnx.split(qwix.quantize_model(calibrating, calibrator, *_NO_FIRST_CALL, skip_nnx_init=True))
+  q = _qwix()
+  calibrator = q.Calibrator(_rules(calibrating, q.qwix.QuantizationRule, bits, "dynamic", exclude))
+  graphdef, state = nnx.split(q.qwix.quantize_model(calibrating, calibrator, *_NO_FIRST_CALL, skip_nnx_init=True))
   forward = lambda state, batch: model_forward(nnx.merge(graphdef, state), batch)
   if batches is None:
     jax.eval_shape(forward, state, sample)  # traced for the names and shapes alone
@@ -282,9 +295,9 @@ def _set_static_scales(model: nnx.Module, bits: int, exclude: str, sample: dict,
     shape = _layer_shape(module)
     absmax = np.ones(shape) if batches is None else np.array(
         [calibrator.absmax[path, name].get(i, 0.0) for i in range(math.prod(shape))]).reshape(shape)
-    scale, _ = qarray.compute_scale_zero_point({"absmax": jnp.asarray(absmax, jnp.float32)}, how.qtype)
+    scale, _ = q.qarray.compute_scale_zero_point({"absmax": jnp.asarray(absmax, jnp.float32)}, how.qtype)
     scale = scale.astype(dtype)  # the input's dtype, as qwix makes it (and checks it: a bfloat16 model's)
-    setattr(module, name, WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
+    setattr(module, name, q.WithAux(nnx.Param(scale.reshape(shape + (1,) * ndim)), how))
 
 
 def ptq(model: nnx.Module, bits: int, activations, exclude: str, sample: dict, calibration=None) -> nnx.Module:
@@ -293,8 +306,9 @@ def ptq(model: nnx.Module, bits: int, activations, exclude: str, sample: dict, c
   through qwix.PtqProvider. `activations` (see `_rules`): falsy, "dynamic", or "static", whose scales are calibrated on
   `calibration`, an iterable of batches of the data (None: placeholders, for a checkpoint to restore, traced on
   `sample`, a batch such as `sample_batch`'s). Raises UserError for unsupported bits, a bad regex, or int8 inputs
-  in float16."""
+  in float16, or without qwix."""
   check(bits, exclude, activations)
+  q = _qwix()
   # qwix rescales the int32 product of two integer operands in the input's dtype: past 65504 float16 is inf.
   float16 = [path for path, m in _quantized_modules(model, exclude).items() if (activations or isinstance(
       m, nnx.Conv)) and m.dtype is not None and jnp.dtype(m.dtype) == jnp.float16]
@@ -306,12 +320,12 @@ def ptq(model: nnx.Module, bits: int, activations, exclude: str, sample: dict, c
   for module in _quantized_modules(model, exclude).values():
     kernel = module.kernel
     how = _how(module, kernel.ndim, bits)
-    quantized = qwix.quantize(kernel.get_value(), how.qtype, channelwise_axes=how.channelwise_axes)
-    module.kernel = WithAux(jax.tree.map(nnx.Param, quantized), how)
+    quantized = q.qwix.quantize(kernel.get_value(), how.qtype, channelwise_axes=how.channelwise_axes)
+    module.kernel = q.WithAux(jax.tree.map(nnx.Param, quantized), how)
   if activations == "static":
     _set_static_scales(model, bits, exclude, sample, calibration)
-  rules = _rules(model, qwix.QuantizationRule, bits, activations, exclude)
-  return qwix.quantize_model(model, qwix.PtqProvider(rules), *_NO_FIRST_CALL, skip_nnx_init=True)
+  rules = _rules(model, q.qwix.QuantizationRule, bits, activations, exclude)
+  return q.qwix.quantize_model(model, q.qwix.PtqProvider(rules), *_NO_FIRST_CALL, skip_nnx_init=True)
 
 
 def for_decoding(model: nnx.Module, spec: dict) -> nnx.Module:
@@ -320,11 +334,11 @@ def for_decoding(model: nnx.Module, spec: dict) -> nnx.Module:
   `decode` (the sampler's KV-cache step) or an encoder-decoder's `generate` (greedy decoding: its encoder and its
   cached steps) instead, on the same weights (and static input scales)."""
   method = "generate" if hasattr(model, "generate") else "decode"
-  ptq_model = spec["method"] == "ptq"
-  rules = _rules(model, qwix.QuantizationRule if ptq_model else qwix.QtRule, spec["bits"], spec["activations"],
+  ptq_model, q = spec["method"] == "ptq", _qwix()
+  rules = _rules(model, q.qwix.QuantizationRule if ptq_model else q.qwix.QtRule, spec["bits"], spec["activations"],
                  spec["exclude"])
-  provider = qwix.PtqProvider(rules) if ptq_model else _QtProvider(rules)
-  return qwix.quantize_model(model, provider, *_NO_FIRST_CALL, methods=(method,), skip_nnx_init=True)
+  provider = q.qwix.PtqProvider(rules) if ptq_model else q.QtProvider(rules)
+  return q.qwix.quantize_model(model, provider, *_NO_FIRST_CALL, methods=(method,), skip_nnx_init=True)
 
 
 SPEC_FILE = "quantization.json"  # written beside an export's params/: how to rebuild its quantized module

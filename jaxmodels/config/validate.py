@@ -7,7 +7,6 @@ tasks, mesh axes); this module only looks them up. `validate` checks each key on
 """
 
 import dataclasses
-import importlib.util
 import math
 import re
 
@@ -25,6 +24,7 @@ from jaxmodels.parallel.sharding import (
   activation_rules,
   parse_mesh,
 )
+from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import LOSSES, TASKS, eval_metric_names, top_k_name
 
@@ -247,9 +247,12 @@ def _check_train(config) -> None:
     raise UserError(f"checkpoint.keep_best={ck.keep_best!r} (best_mode={ck.best_mode}) differs from "
                     f"train.early_stopping.metric={es.metric!r} (mode={es.mode}): the checkpoint early stopping "
                     f"names as best must be kept; leave checkpoint.keep_best empty or make them agree")
-  if t.wandb_project and importlib.util.find_spec("wandb") is None:
-    raise UserError(f"train.wandb_project={t.wandb_project!r} is set but wandb is not installed: "
-                    f"pip install 'jaxmodels[wandb]', or leave train.wandb_project empty")
+  # What the config asks of optional libraries, before a run writes anything (gs:// paths: runtime.storage).
+  for module, feature, asked in (("wandb", f"train.wandb_project={t.wandb_project!r}", t.wandb_project),
+                                 ("qwix", f"train.quantization.bits={t.quantization.bits}", t.quantization.bits),
+                                 ("PIL", "data.source=images", config.data.source == "images")):
+    if asked:
+      extras.check(module, feature)
   pruning.check(t.pruning)
   if t.quantization.bits and config.model.dtype == "float16":  # qwix's scales: qarray.compute_scale_zero_point
     raise UserError(f"train.quantization.bits={t.quantization.bits} with model.dtype=float16: qwix computes the "

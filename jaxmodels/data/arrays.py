@@ -6,6 +6,7 @@ gives deterministic order and exact resume with no iterator state to save.
 """
 
 import dataclasses
+import importlib.resources
 import zipfile
 from typing import Iterator
 
@@ -96,13 +97,24 @@ def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, mask: np.ndarr
     yield batch
 
 
-def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-  """scikit-learn's bundled 8x8 digits (shipped with the package), scaled to [0, 1]."""
-  from sklearn.datasets import load_digits as sk_load_digits  # pylint: disable=import-outside-toplevel
+DIGITS_FILE = "digits.npz"  # package data beside this module: scikit-learn's 8x8 digits, as uint8
 
-  digits = sk_load_digits()
-  x = (digits.images / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8x8 digits, bundled with jaxmodels: `images` float64 (1797, 8, 8) of values 0..16 and `target`
+  int64 (1797,), the values and dtypes of `sklearn.datasets.load_digits()` (tests check them against it).
+
+  Stored as uint8 in `digits.npz` (45 KB), so the core install needs no scikit-learn.
+  """
+  with importlib.resources.files(__package__).joinpath(DIGITS_FILE).open("rb") as fh, np.load(fh) as f:
+    return f["images"].astype(np.float64), f["target"].astype(np.int64)
+
+
+def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+  """The bundled 8x8 digits (`digits()`, shipped with the package), scaled to [0, 1]."""
+  images, target = digits()
+  x = (images / 16.0).astype(np.float32)
+  y = target.astype(np.int32)
   if not 0.0 < test_fraction < 1.0:
     raise UserError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
   perm = np.random.default_rng(seed).permutation(len(x))

@@ -4,7 +4,7 @@
 ImageNet layout: `train/` and `val/` (or `test/`, `validation/`) each holding
 the class directories, or the class directories alone, split by
 `data.test_fraction`), or an `.npz` of uint8 `x_train, y_train, x_test, y_test`.
-Images are decoded (Pillow) and augmented in grain worker processes
+Images are decoded (Pillow: the `images` extra) and augmented in grain worker processes
 (`data.workers`, see jaxmodels.data.loader) and reach the device as uint8,
 (B, S, S, C) with S = `data.image_size`; the train and eval steps scale them
 to [0, 1] there (`jaxmodels.models.forward.model_input`), so the host moves a quarter of
@@ -34,13 +34,14 @@ from jaxmodels.data.arrays import (
   load_npz,
   validate_arrays,
 )
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_SPLITS = ("val", "validation", "test")
 CROP_SCALE = (0.25, 1.0)  # share of the image's area a training crop covers
 CROP_RATIO = (3 / 4, 4 / 3)  # its aspect ratio
+FEATURE = "data.source=images"  # what needs Pillow (jaxmodels.runtime.extras)
 EVAL_CROP = 0.875  # share of the shorter side an evaluation centre crop keeps (ImageNet's 224 of 256)
 
 
@@ -58,7 +59,7 @@ class ImageLoader:
   seed: int
 
   def image(self, x) -> "PIL.Image.Image":  # noqa: F821
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+    Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:
       return Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
     with storage.path(str(x)).open("rb") as f:
@@ -68,7 +69,7 @@ class ImageLoader:
 
   def crop(self, img, rng: np.random.Generator | None) -> np.ndarray:
     """(S, S, C) uint8: a random resized crop and flip (rng given) or the centre crop, resized to S."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+    Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
     w, h = img.size
     flip = False
     if rng is None:
@@ -204,6 +205,7 @@ def load_image_dataset(data_config, seed: int) -> ImageDataset:
   """The images at `data.path`; raises UserError for a missing path, no images, empty splits, one class, an npz
   whose images are not uint8, or an unreadable first image."""
   d = data_config
+  extras.check("PIL", FEATURE)
   if not d.path:
     raise UserError("data.source=images needs data.path: a directory of class sub-directories, or an .npz of uint8 "
                     "images")
@@ -229,12 +231,12 @@ def load_image_dataset(data_config, seed: int) -> ImageDataset:
     if not len(x_test):
       raise UserError(f"{d.path}: the test split is empty")
     num_classes = len(classes)
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+    Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
     try:
       with storage.path(x_train[0]).open("rb") as f:
         first = Image.open(f)
         first.load()
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, Image.UnidentifiedImageError) as e:
       raise UserError(f"{x_train[0]}: not a readable image ({e})") from None
     channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     size = d.image_size or min(first.size)

@@ -13,7 +13,8 @@ document. The output directory holds:
   tokenizer.json | tokenizer.model | NAME.tiktoken   the tokenizer (none for char and byte: index.json holds it)
 
 The last `val_fraction` of the tokens validates. A byte-level BPE can be trained
-on the corpus first (Hugging Face `tokenizers`, multithreaded in Rust).
+on the corpus first (Hugging Face `tokenizers`, multithreaded in Rust; the `text`
+extra, as are the subword tokenizers given by file).
 """
 
 import json
@@ -28,7 +29,7 @@ from etils import epath
 
 from jaxmodels.data import tokenizers
 from jaxmodels.data.tokenizers import Vocab
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 INDEX_FILE = "index.json"
@@ -142,7 +143,7 @@ def _map(fn, items, workers: int, spec: str):
 
 def train_bpe(files, field: str, vocab_size: int) -> tokenizers.HFTokenizer:
   """A byte-level BPE (GPT-2's pre-tokenization) with `<|endoftext|>` as id 0, trained on the corpus."""
-  import tokenizers as hf  # pylint: disable=import-outside-toplevel
+  hf = extras.require("tokenizers", "--train-tokenizer bpe")
 
   tok = hf.Tokenizer(hf.models.BPE())
   tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,7 +6,9 @@ Every tokenizer has the same small interface as `Vocab`: `kind`, `size` (ids lie
 `to_json()`, a self-contained spec (the tokenizer file's content is embedded) that
 `from_spec` rebuilds: a run's `vocab.json` is that spec, so `jaxmodels sample`
 needs nothing but the workdir. Files are read through etils.epath (local or gs://);
-nothing is ever downloaded.
+nothing is ever downloaded. The subword libraries come with the `text` extra
+(`pip install 'jaxmodels[text]'`); without it, such a tokenizer is the one-line
+error of jaxmodels.runtime.extras.
 """
 
 import base64
@@ -15,7 +17,7 @@ import json
 
 import numpy as np
 
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"
@@ -115,7 +117,7 @@ class HFTokenizer:
   unit = "token"
 
   def __init__(self, json_text: str, kind: str = "hf"):
-    import tokenizers  # pylint: disable=import-outside-toplevel
+    tokenizers = extras.require("tokenizers", "a Hugging Face tokenizer.json")
     try:
       self.tok = tokenizers.Tokenizer.from_str(json_text)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
@@ -143,7 +145,7 @@ class SentencePieceTokenizer:
   kind, unit = "sentencepiece", "token"
 
   def __init__(self, model: bytes):
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    sentencepiece = extras.require("sentencepiece", "a SentencePiece .model")
     self.model = model
     self.sp = sentencepiece.SentencePieceProcessor()
     try:
@@ -172,8 +174,8 @@ class TiktokenTokenizer:
   kind, unit = "tiktoken", "token"
 
   def __init__(self, ranks_text: str, name: str):
-    import tiktoken  # pylint: disable=import-outside-toplevel
-    from tiktoken_ext.openai_public import r50k_pat_str  # pylint: disable=import-outside-toplevel
+    tiktoken = extras.require("tiktoken", "a tiktoken BPE file")
+    r50k_pat_str = extras.require("tiktoken_ext.openai_public", "a tiktoken BPE file").r50k_pat_str
     # Parsed here rather than with tiktoken.load.load_tiktoken_bpe, which reads through a download cache.
     try:
       ranks = {base64.b64decode(token): int(rank) for token, rank in (l.split() for l in ranks_text.splitlines() if l)}

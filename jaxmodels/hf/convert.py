@@ -45,6 +45,7 @@ from jaxmodels.models.transformer import (
   unrolled_to_scan,
 )
 from jaxmodels.runs.export import load_model, load_run_model, save_params
+from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
 
 FAMILIES = ("gpt2", "llama")
@@ -98,7 +99,7 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
 
 
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  safe_open = extras.require("safetensors", "import-hf").safe_open
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise UserError(f"{directory} holds no *.safetensors file")
@@ -276,8 +277,7 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
 
 def export_hf(model_path: str, out: str) -> str:
   """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`."""
-  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import save_file
+  save_file = extras.require("safetensors.numpy", "export-hf").save_file
   if os.path.exists(out):
     raise UserError(f"--out {out} already exists")
   model = load_model(model_path) if os.path.isdir(os.path.join(model_path, "params")) else load_run_model(model_path)

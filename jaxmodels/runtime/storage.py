@@ -1,9 +1,11 @@
 """Where runs live: every path the project reads or writes, local or `gs://`, and the workdir lock.
 
 Paths go through `etils.epath` (which Orbax uses too): a local path is made
-absolute, `gs://bucket/dir` is served by gcsfs (or TensorFlow's gfile when it is
-installed), so a run on a TPU VM writes everything to the bucket and resumes
-from it after the VM is recreated.
+absolute, `gs://bucket/dir` is served by gcsfs (the `gcs` extra; or TensorFlow's gfile
+when it is installed), so a run on a TPU VM writes everything to the bucket and
+resumes from it after the VM is recreated. A gs:// path without gcsfs is the
+one-line error of jaxmodels.runtime.extras, raised when the path is first made,
+before anything is written.
 
 The lock is written by hand because neither epath nor Orbax has one: a small
 JSON file `workdir/LOCK` holding the holder's pid, host and heartbeat, created atomically
@@ -21,15 +23,21 @@ import time
 import fsspec
 from etils import epath
 
+from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
 
 LOCK_FILE = "LOCK"
 
 
 def path(p) -> epath.Path:
-  """`p` (str or path) as an epath.Path: URLs such as gs://bucket/x as given, local paths made absolute."""
+  """`p` (str or path) as an epath.Path: URLs such as gs://bucket/x as given, local paths made absolute.
+
+  UserError for a gs:// path when gcsfs (`jaxmodels[gcs]`) is not installed.
+  """
   s = os.fspath(p)
   if is_remote(s):
+    if s.startswith("gs://"):
+      extras.check("gcsfs", s)
     return epath.Path(s)
   return epath.Path(os.path.abspath(os.path.expanduser(s)))
 

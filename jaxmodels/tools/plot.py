@@ -8,7 +8,7 @@ Files are read and the PNG written through storage, so runs and output may be on
 import io
 import json
 
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 
@@ -34,12 +34,8 @@ def _newest_confusion(run):
 
 def plot_runs(runs: list[str], metric: str, out: str, confusion: bool = False) -> str:
   """Writes the PNG to `out` and returns its path; UserError when no run has `metric`."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise UserError("jaxmodels plot needs matplotlib: pip install matplotlib") from None
+  extras.require("matplotlib", "jaxmodels plot").use("Agg")
+  plt = extras.require("matplotlib.pyplot", "jaxmodels plot")
   panels = 1 + (len(runs) if confusion else 0)
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
   curves = axes[0][0]

@@ -13,12 +13,15 @@ object atomically, so readers see a complete file; the file is small: a record
 per log interval).
 
 TensorBoard: every number of every record is also a scalar `<split>/<name>` at its step, written by
-tensorboardX's SummaryWriter (a well-kept writer of the event format, no TensorFlow needed). The writer
+tensorboardX's SummaryWriter (a well-kept writer of the event format, no TensorFlow needed) when tensorboardX
+is installed (the `tracking` extra, `pip install 'jaxmodels[tracking]'`); without it no `tb/` is written,
+silently: metrics.jsonl holds the same numbers. The writer
 writes a local file; on gs:// it writes to a local temporary directory and each flush copies the event file
 to `workdir/tb/` through storage. A resume purges the events after its first step (`purge_step`), as
 metrics.jsonl drops its records after it.
 
-Weights & Biases (`train.wandb_project`): the config once, at the start, then every number of every record as
+Weights & Biases (`train.wandb_project`, the `tracking` extra; config validation refuses the key without wandb,
+before the run writes anything): the config once, at the start, then every number of every record as
 `<split>/<name>` against a `step` metric (W&B's own step counter only grows; a resume re-logs steps after its
 checkpoint, which a `step` x-axis shows in place). The run's id is kept in `workdir/wandb/run_id`, so a resumed
 run continues the same W&B run. Run files go to `workdir/wandb/` (offline mode: `wandb sync workdir/wandb/offline-run-*`
@@ -35,19 +38,18 @@ import uuid
 
 from tqdm import tqdm
 
-from jaxmodels.runtime import storage
+from jaxmodels.runtime import extras, storage
 
 
 class TensorBoard:
   """Scalars of metric records in `workdir/tb/`, readable by `tensorboard --logdir workdir/tb`."""
 
   def __init__(self, workdir, initial_step: int):
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
+    writer_class = extras.require("tensorboardX", "TensorBoard scalars").SummaryWriter
     self.target = storage.path(workdir) / "tb"
     self._local = tempfile.mkdtemp(prefix="jaxmodels-tb-") if storage.is_remote(self.target) else None
     # Flushed at each record (a record per log interval), not only on the writer's timer.
-    self.writer = SummaryWriter(self._local or os.fspath(self.target), purge_step=initial_step or None)
+    self.writer = writer_class(self._local or os.fspath(self.target), purge_step=initial_step or None)
 
   def write(self, record: dict) -> None:
     for name, value in record.items():
@@ -69,8 +71,7 @@ class WandB:
   """A W&B run of the config (`train.wandb_project`, `train.wandb_mode`) that logs metric records."""
 
   def __init__(self, workdir, config: dict):
-    import wandb  # pylint: disable=import-outside-toplevel
-
+    wandb = extras.require("wandb", "train.wandb_project")
     self.target = storage.path(workdir) / "wandb"
     self._local = tempfile.mkdtemp(prefix="jaxmodels-wandb-") if storage.is_remote(self.target) else None
     id_file = self.target / "run_id"
@@ -133,7 +134,8 @@ class MetricsLogger:
       os.replace(tmp, self.path)  # a kill leaves the old file or the new one, never half of each
       self._file = open(self.path, "ab", buffering=0)  # pylint: disable=consider-using-with
     self._step = initial_step
-    self._tb = TensorBoard(self.workdir, initial_step)
+    if extras.installed("tensorboardX"):  # optional: skipped silently without it (module docstring)
+      self._tb = TensorBoard(self.workdir, initial_step)
     if self.config and self.config["train"].get("wandb_project"):
       self._wandb = WandB(self.workdir, self.config)
     if sys.stderr.isatty():
@@ -168,7 +170,8 @@ class MetricsLogger:
       self.path.write_text("".join(self._lines))
     else:
       self._file.write(line.encode())  # one write: a record lands whole or (killed) torn at the very end
-    self._tb.write(record)
+    if self._tb is not None:
+      self._tb.write(record)
     if self._wandb is not None:
       self._wandb.write(record)
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
