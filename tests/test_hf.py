@@ -2,6 +2,7 @@
 downloaded), imported, compared logit by logit, and exported back to identical tensors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -93,6 +94,40 @@ def test_cli_import_hf_then_export_hf(tmp_path):
   assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "gpt2"
   r = run("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
   assert r.returncode == 2 and r.stderr.strip() == f"jaxmodels: error: --out {tmp_path / 'x'} already exists"
+
+
+@pytest.mark.slow
+def test_import_hf_and_export_hf_read_and_write_gs(tmp_path, gcs_env):
+  """Both commands take gs:// directories (a local GCS emulator): a GPT-2 copied to the bucket, imported from it to
+  it and exported from it to it has the original tensors. Old export-hf wrote a local directory named `gs:`."""
+  saved(gpt2, tmp_path / "hf")
+  (tmp_path / "back").mkdir()
+
+  def python(code):
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=gcs_env, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+  copy = ("from etils import epath\n"
+          "for f in epath.Path({frm!r}).iterdir():\n  (epath.Path({to!r}) / f.name).write_bytes(f.read_bytes())")
+  python(copy.format(frm=str(tmp_path / "hf"), to="gs://bkt/hf/source"))
+  for args in (("import-hf", "gs://bkt/hf/source", "--out", "gs://bkt/hf/imported"),
+               ("export-hf", "--model", "gs://bkt/hf/imported", "--out", "gs://bkt/hf/exported")):
+    r = subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, env=gcs_env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+  refused = python(copy.format(frm="gs://bkt/hf/exported", to=str(tmp_path / "back")) + "\n"
+                   "from jaxmodels.hf.convert import export_hf\n"
+                   "try:\n  export_hf('gs://bkt/hf/imported', 'gs://bkt/hf/exported')\n"
+                   "except Exception as e:\n  print(e)")
+  assert refused.strip() == "--out gs://bkt/hf/exported already exists"
+  original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
+  assert sorted(back) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "gpt2"
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
 def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_path):

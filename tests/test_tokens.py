@@ -226,6 +226,7 @@ def test_given_tokenizer_files_prepare_and_round_trip(tmp_path, kind):
 
 COUNTING_SITECUSTOMIZE = '''
 import atexit, json, os
+import jaxmodels.data as data
 import jaxmodels.data.tokens as tokens
 reads = {"train": 0, "val": 0}
 _read = tokens.TokenStream.read
@@ -238,7 +239,7 @@ def load(*a, **kw):
   ds = _load(*a, **kw)
   ds.val.is_val = True
   return ds
-tokens.load_token_dataset = load
+tokens.load_token_dataset = data.load_token_dataset = load  # load_dataset calls the package's name
 atexit.register(lambda: reads["train"] and open(os.path.join(os.environ["READS_DIR"], f"{os.getpid()}.json"),
                                                 "w").write(json.dumps(reads)))
 '''

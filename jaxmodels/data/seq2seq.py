@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
+from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime.errors import UserError
 
 PAD, BOS, EOS = 0, 1, 2
@@ -45,7 +46,7 @@ def examples(kind: str, rng: np.random.Generator, n: int, seq_len: int, vocab_si
 
 
 @dataclasses.dataclass
-class Seq2SeqDataset:
+class Seq2SeqDataset(SequenceSource):
   """A copy or reverse task: `train_batch` draws fresh sequences each step; `eval_batches` the held-out ones."""
 
   task = "seq2seq"
@@ -56,14 +57,6 @@ class Seq2SeqDataset:
   vocab_size: int  # model outputs: the symbols and PAD, BOS, EOS
   seed: int
 
-  @property
-  def input_shape(self) -> tuple[int, ...]:
-    return (self.seq_len,)
-
-  @property
-  def num_outputs(self) -> int:
-    return self.vocab_size
-
   def describe(self) -> str:
     return (f"{self.kind} task: sources of {max(1, self.seq_len // 2)}..{self.seq_len} of "
             f"{self.vocab_size - EOS - 1} symbols, {EVAL_SEQUENCES} held-out sequences")
@@ -73,7 +66,7 @@ class Seq2SeqDataset:
 
   def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
     """Rows `rows` of the global batch of `step` (a pure function of the seed and the step)."""
-    batch = examples(self.kind, np.random.default_rng([self.seed, step]), batch_size, self.seq_len, self.vocab_size)
+    batch = examples(self.kind, self.step_rng(step), batch_size, self.seq_len, self.vocab_size)
     return {k: v[rows] for k, v in batch.items()}
 
   def eval_batches(self, batch_size: int, rows: Rows = ALL_ROWS) -> Iterator[dict[str, np.ndarray]]:

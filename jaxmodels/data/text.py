@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
 from jaxmodels.data.tokenizers import VOCAB_FILE, Vocab
+from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
@@ -55,7 +56,7 @@ def unigram_entropy(ids: np.ndarray, vocab_size: int) -> float:
 
 
 @dataclasses.dataclass
-class TextDataset:
+class TextDataset(SequenceSource):
   """Token ids of the train and validation text; batches are {'x', 'y'} of shape (B, seq_len)."""
 
   task = "lm"
@@ -68,11 +69,7 @@ class TextDataset:
   source: str
 
   @property
-  def input_shape(self) -> tuple[int, ...]:
-    return (self.seq_len,)
-
-  @property
-  def num_outputs(self) -> int:
+  def vocab_size(self) -> int:
     return self.vocab.size
 
   @property
@@ -91,10 +88,8 @@ class TextDataset:
 
   def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
     """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
-    rng = np.random.default_rng([self.seed, step])
-    starts = rng.integers(0, len(self.train_ids) - self.seq_len, size=batch_size)[rows]
-    windows = self.train_ids[starts[:, None] + np.arange(self.seq_len + 1)]
-    return {"x": windows[:, :-1], "y": windows[:, 1:]}
+    read = lambda starts: self.train_ids[starts[:, None] + np.arange(self.seq_len + 1)]
+    return self.random_windows(step, batch_size, rows, len(self.train_ids), read)
 
   def eval_batches(self, batch_size: int, rows: Rows = ALL_ROWS) -> Iterator[dict[str, np.ndarray]]:
     """Consecutive validation windows, rows `rows` of each padded batch; the same count on every process."""

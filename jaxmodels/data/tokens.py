@@ -8,10 +8,10 @@ whole: a batch reads its windows' pages only, and each process reads only the
 rows it feeds (`rows`), so a corpus of any size trains in little host memory.
 
 Training windows start at `default_rng([seed, step]).integers(0, n - seq_len)`
-(the same draw as `data.source=text`): a pure function of (seed, step, row), so
-resume is exact with no iterator state. Evaluation reads consecutive windows of
-the validation split, or `data.eval_windows` of them evenly spaced, so the cost
-of evaluating a large corpus is known.
+(jaxmodels.data.windows, the same draw as `data.source=text`): a pure function
+of (seed, step, row), so resume is exact with no iterator state. Evaluation
+reads consecutive windows of the validation split, or `data.eval_windows` of
+them evenly spaced, so the cost of evaluating a large corpus is known.
 
 np.memmap needs a local file: shards on gs:// are refused with a message (copy
 them to a local disk first, e.g. `gsutil -m cp -r`), rather than copied
@@ -30,6 +30,7 @@ from jaxmodels.data import tokenizers
 from jaxmodels.data.arrays import ALL_ROWS, Rows
 from jaxmodels.data.prepare import FORMAT, INDEX_FILE
 from jaxmodels.data.tokenizers import VOCAB_FILE
+from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
@@ -70,7 +71,7 @@ class TokenStream:
 
 
 @dataclasses.dataclass
-class TokenDataset:
+class TokenDataset(SequenceSource):
   """Memory-mapped train and validation ids; batches are {'x', 'y'} int32 of shape (B, seq_len)."""
 
   task = "lm"
@@ -84,14 +85,6 @@ class TokenDataset:
   seed: int
   eval_windows: int  # 0: the whole validation split
   source: str
-
-  @property
-  def input_shape(self) -> tuple[int, ...]:
-    return (self.seq_len,)
-
-  @property
-  def num_outputs(self) -> int:
-    return self.vocab_size
 
   def describe(self) -> str:
     n = self.num_eval_windows()
@@ -112,10 +105,8 @@ class TokenDataset:
 
   def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
     """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
-    rng = np.random.default_rng([self.seed, step])
-    starts = rng.integers(0, len(self.train) - self.seq_len, size=batch_size)[rows]
-    windows = self._check_ids(np.stack([self.train.read(int(s), self.seq_len + 1) for s in starts]))
-    return {"x": windows[:, :-1], "y": windows[:, 1:]}
+    read = lambda starts: self._check_ids(np.stack([self.train.read(int(s), self.seq_len + 1) for s in starts]))
+    return self.random_windows(step, batch_size, rows, len(self.train), read)
 
   def num_eval_windows(self) -> int:
     n = math.ceil((len(self.val) - 1) / self.seq_len)

@@ -1,7 +1,9 @@
 """Hugging Face interop: GPT-2 and Llama-family checkpoints to jaxmodels parameters and back.
 
-    jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors (a local directory)
+    jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors
     jaxmodels export-hf --model exported/gpt2 --out hf/gpt2
+
+Every directory may be local or gs:// (read and written through jaxmodels.runtime.storage).
 
 `import-hf` writes what `jaxmodels export` writes (`params/`, `config.json`,
 `model.json`), so `jaxmodels.load_model(OUT)` returns a `TransformerLM`.
@@ -29,10 +31,12 @@ GPT-2's Conv1D weights are already (in, out); its fused QKV is split along the
 output axis, biases likewise. Llama's `nn.Linear` weights are (out, in): transposed.
 """
 
+import contextlib
 import dataclasses
-import glob
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from flax import nnx
@@ -44,19 +48,42 @@ from jaxmodels.models.transformer import (
   scan_to_unrolled,
   unrolled_to_scan,
 )
-from jaxmodels.runs.export import load_model, load_run_model, save_params
-from jaxmodels.runtime import extras
+from jaxmodels.runs.export import load_trained_model, save_params
+from jaxmodels.runs.state import split_model
+from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
-FAMILIES = ("gpt2", "llama")
+HF_MODEL_TYPES = ("gpt2", "llama")  # the Hugging Face architectures (config.json's model_type) that convert
 
 
 def _read_config(directory: str) -> dict:
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
+  path = storage.path(directory) / "config.json"
+  if not path.is_file():
     raise UserError(f"{path} not found: expected a Hugging Face model directory (config.json + *.safetensors)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _local_file(path, write: bool = False):
+  """A local filename for the file `path` (local or gs://), since safetensors reads and writes local files only:
+  `path` itself on a local disk, else a temporary file copied from `path` first (`write` false) or to it after."""
+  path = storage.path(path)
+  if not storage.is_remote(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="jaxmodels-hf-") as tmp:
+    local = storage.path(tmp) / path.name
+    if not write:
+      _copy(path, local)
+    yield os.fspath(local)
+    if write:
+      _copy(local, path)
+
+
+def _copy(source, target) -> None:
+  """Streams the file `source` to `target` (epath paths, each local or gs://)."""
+  with source.open("rb") as src, target.open("wb") as dst:
+    shutil.copyfileobj(src, dst, 64 << 20)
 
 
 def _refuse(hf: dict, key: str, allowed, default=None) -> None:
@@ -94,18 +121,20 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
                                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                                use_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
   else:
-    raise UserError(f"config.json: model_type={kind!r} is not supported (expected one of {', '.join(FAMILIES)})")
+    raise UserError(f"config.json: model_type={kind!r} is not supported (expected one of "
+                    f"{', '.join(HF_MODEL_TYPES)})")
   return config, hf["vocab_size"]
 
 
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
   safe_open = extras.require("safetensors", "import-hf").safe_open
-  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  files = sorted(storage.path(directory).glob("*.safetensors"), key=os.fspath)
   if not files:
     raise UserError(f"{directory} holds no *.safetensors file")
   tensors = {}
   for path in files:
-    with safe_open(path, framework="flax") as f:  # flax: bfloat16 tensors load too (NumPy has no bfloat16)
+    # flax: bfloat16 tensors load too (NumPy has no bfloat16)
+    with _local_file(path) as local, safe_open(local, framework="flax") as f:
       for name in f.keys():
         tensors[name] = np.asarray(f.get_tensor(name), np.float32)
   return tensors
@@ -241,15 +270,14 @@ def hf_config(config: TransformerConfig, vocab_size: int) -> dict:
 
 def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   """Writes a Hugging Face model directory's weights to `out` in `jaxmodels export`'s format; returns `out`."""
-  # pylint: disable=import-outside-toplevel
-  if os.path.exists(out):
+  if storage.path(out).exists():
     raise UserError(f"--out {out} already exists")
   hf = _read_config(directory)
   config, vocab_size = transformer_config(hf)
   config = dataclasses.replace(config, scan_layers=scan_layers)
   params = params_from_hf(hf["model_type"], _read_tensors(directory), config)
   abstract = nnx.eval_shape(lambda: TransformerLM(vocab_size, config, rngs=nnx.Rngs(0)))
-  expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  _, expected, _ = split_model(abstract)
   _check_shapes(expected, params)
   c = default_config()
   c.data.source = "text"
@@ -260,8 +288,7 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   save_params(out, params, {})
   spec = {"input_shape": [c.data.seq_len], "num_outputs": vocab_size, "task": "lm"}
   for name, text in (("config.json", to_json(c)), ("model.json", json.dumps(spec))):
-    with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-      f.write(text)
+    (storage.path(out) / name).write_text(text, encoding="utf-8")
   return out
 
 
@@ -278,16 +305,17 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
 def export_hf(model_path: str, out: str) -> str:
   """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`."""
   save_file = extras.require("safetensors.numpy", "export-hf").save_file
-  if os.path.exists(out):
+  if storage.path(out).exists():
     raise UserError(f"--out {out} already exists")
-  model = load_model(model_path) if os.path.isdir(os.path.join(model_path, "params")) else load_run_model(model_path)
+  model = load_trained_model(model_path)
   if not isinstance(model, TransformerLM):
     raise UserError(f"{model_path} holds a {type(model).__name__}: only Transformer language models export")
   kind = hf_kind(model.config)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  os.makedirs(out)
-  save_file(params_to_hf(kind, params, model.config), os.path.join(out, "model.safetensors"),
-            metadata={"format": "pt"})
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config(model.config, model.embed.num_embeddings), f, indent=2)
+  _, params, _ = split_model(model)
+  path = storage.path(out)
+  path.mkdir(parents=True)
+  with _local_file(path / "model.safetensors", write=True) as local:
+    save_file(params_to_hf(kind, params, model.config), local, metadata={"format": "pt"})
+  (path / "config.json").write_text(json.dumps(hf_config(model.config, model.embed.num_embeddings), indent=2),
+                                    encoding="utf-8")
   return out

@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead.
+# Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead (`matmul_flops`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
-_measured_cpu_peak = None
 _matmuls = {}
 
 
@@ -46,14 +45,6 @@ def matmul_flops(n: int = 2048) -> float:
   return 2 * n**3 / (time.perf_counter() - t0)
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """The best of `repeats` `matmul_flops` runs, measured once per process (the peak training logs use)."""
-  global _measured_cpu_peak  # pylint: disable=global-statement
-  if _measured_cpu_peak is None:
-    _measured_cpu_peak = max(matmul_flops(n) for _ in range(repeats))
-  return _measured_cpu_peak
-
-
 def datasheet_peak(device=None) -> tuple[float, str] | None:
   """(peak FLOP/s, device kind) from the table, or None for devices it does not list (CPUs)."""
   device = device or jax.devices()[0]
@@ -63,17 +54,17 @@ def datasheet_peak(device=None) -> tuple[float, str] | None:
   return None
 
 
-def peak_flops(devices: int = 1, device=None) -> tuple[float, str]:
-  """(peak FLOP/s of a step on `devices` devices, where it came from).
+def peak_flops(devices: int = 1, device=None) -> tuple[float, str] | None:
+  """(datasheet peak FLOP/s of a step on `devices` devices, where it came from), or None for a device the table
+  does not list (a CPU), whose callers time `matmul_flops` between steps instead.
 
   Model FLOPs count the global batch, so a listed chip's peak is multiplied by the
-  devices the step runs on. A CPU's peak is a measured matmul, not multiplied:
-  simulated CPU devices share the host's cores.
+  devices the step runs on.
   """
   listed = datasheet_peak(device)
-  if listed:
-    return listed[0] * devices, f"datasheet bf16 peak of {listed[1]}" + (f" x {devices}" if devices > 1 else "")
-  return measure_matmul_peak(), "measured float32 2048x2048 matmul"
+  if listed is None:
+    return None
+  return listed[0] * devices, f"datasheet bf16 peak of {listed[1]}" + (f" x {devices}" if devices > 1 else "")
 
 
 def _count(tree) -> int:

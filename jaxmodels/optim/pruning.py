@@ -82,10 +82,6 @@ def sparsity_at(step, final: float, start: int, end: int):
   return jnp.where(step < start, 0.0, final * (1.0 - (1.0 - progress) ** 3)).astype(jnp.float32)
 
 
-def _names(path) -> list[str]:
-  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-
-
 def prunable(params, pattern: str = "unstructured"):
   """True for the weights pruning may zero: kernels (rank >= 2) that take weight decay with embeddings excluded
   (decay_mask: no biases, norm scales, embeddings, CLS token); for N:M, those whose input axis M divides."""

@@ -41,8 +41,6 @@ STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenize
                       "data.vocab_size", "train.optimizer", "train.batch_size", "model.")
 # model.* keys that do not change the state (or that restore converts, like scan_layers).
 FREE_MODEL_KEYS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention_impl", "model.dropout")
-# Keys a resume may always change: where and how the state is laid out and saved.
-LAYOUT_KEYS = ("parallel.", "checkpoint.")
 # Tensorstore's status prefixes for files that are damaged or missing (not a transient storage error).
 _DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT")
 
@@ -306,10 +304,14 @@ def retention_policy(c):
   return checkpoint_managers.AnyPreservationPolicy(policies)
 
 
-def is_export(path: str) -> bool:
-  """Whether `path` is a `jaxmodels export` or `import-hf` directory (`params/` + `model.json`), not a run."""
-  p = storage.path(path)
-  return (p / "params").is_dir() and (p / "model.json").is_file()
+def is_export(path) -> bool:
+  """Whether `path` (local or gs://) holds parameters alone, written by `jaxmodels export`, `compress` or `import-hf`
+  (a `params/` directory), rather than a training run's checkpoints.
+
+  `params/` alone decides: no run has one, and an export whose other files are missing (a killed export) is still
+  an export, so readers name the missing file instead of looking for checkpoints it never had.
+  """
+  return (storage.path(path) / "params").is_dir()
 
 
 def restore_export(path: str, like, config_dict: dict):

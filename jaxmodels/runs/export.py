@@ -24,14 +24,12 @@ from jaxmodels.compress import quantization
 from jaxmodels.models import build_model
 from jaxmodels.optim import precision
 from jaxmodels.runs import checkpoint
-from jaxmodels.runs.state import TrainState
+from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
-
-def is_export(directory) -> bool:
-  """Whether `directory` holds parameters written by `export` or `compress` (`params/`) rather than checkpoints."""
-  return (storage.path(directory) / "params").is_dir()
+# A run's files an export keeps beside its parameters: what rebuilds the model (and its vocabulary).
+RUN_FILES = ("config.json", "model.json", "vocab.json")
 
 
 def _read_json(directory, name: str) -> dict:
@@ -54,9 +52,7 @@ def build_saved_model(directory) -> nnx.Module:
 def load_run_model(workdir) -> nnx.Module:
   """The model of a training run (local or gs://), with the parameters of its newest checkpoint: their moving
   average (cast to the parameters' dtypes) when the run kept one (train.ema_decay), else the raw parameters."""
-  model = build_saved_model(workdir)
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+  graphdef, params, model_state = split_model(build_saved_model(workdir))
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   step = ckpts.latest_step()
   if step is None:
@@ -79,14 +75,17 @@ def export(workdir, out) -> str:
   out_path = storage.path(out)
   if out_path.exists():
     raise UserError(f"--out {out} already exists")
-  model = load_run_model(workdir)
-  _, params, model_state = nnx.split(model, nnx.Param, ...)
-  save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
-  for name in ("config.json", "model.json", "vocab.json"):
+  save_model(out, load_run_model(workdir))
+  copy_run_files(workdir, out)
+  return str(out)
+
+
+def copy_run_files(workdir, out) -> None:
+  """Copies the RUN_FILES that `workdir` has into the export `out` (either local or gs://)."""
+  for name in RUN_FILES:
     source = storage.path(workdir) / name
     if source.is_file():
-      (out_path / name).write_text(source.read_text())
-  return str(out)
+      (storage.path(out) / name).write_text(source.read_text())
 
 
 def save_params(out, params: dict, model_state: dict) -> None:
@@ -96,10 +95,15 @@ def save_params(out, params: dict, model_state: dict) -> None:
     ckptr.save(storage.path(out) / "params", {"params": params, "model_state": model_state})
 
 
+def save_model(out, model: nnx.Module) -> None:
+  """Writes `out/params/` (local or gs://) from a module: its parameters and non-parameter model state."""
+  _, params, model_state = split_model(model)
+  save_params(out, params, model_state)
+
+
 def _load(path):
-  model = build_saved_model(path)
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  like = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(model_state)}
+  graphdef, params, model_state = split_model(build_saved_model(path))
+  like = {"params": params, "model_state": model_state}
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(storage.path(path) / "params",
                          jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
@@ -115,3 +119,9 @@ def load_model(path) -> nnx.Module:
   """The exported model (local path or gs:// URL) as an NNX module with its trained parameters."""
   graphdef, tree = _load(path)
   return nnx.merge(graphdef, tree["params"], tree["model_state"])
+
+
+def load_trained_model(path) -> nnx.Module:
+  """The trained model at `path` (local or gs://): an export's (`export`, `compress`, `import-hf`), or a training
+  run's at its newest checkpoint (`load_run_model`)."""
+  return load_model(path) if checkpoint.is_export(path) else load_run_model(path)

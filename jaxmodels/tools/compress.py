@@ -55,13 +55,13 @@ def _ptq(model: nnx.Module, options: dict, exp):
 
 
 def _prune(model: nnx.Module, options: dict, exp):  # pylint: disable=unused-argument
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  if not any(jax.tree.leaves(pruning.prunable(nnx.to_pure_dict(params), options["pattern"]))):
+  graphdef, params, model_state = split_model(model)
+  if not any(jax.tree.leaves(pruning.prunable(params, options["pattern"]))):
     raise UserError(f"--pattern {options['pattern']}: no prunable kernel of this model has an input size divisible "
                     f"by {options['pattern'].split(':')[1]}, so nothing would be pruned"
                     if options["pattern"] != "unstructured" else "this model has no prunable kernel")
-  pruned = pruning.prune(nnx.to_pure_dict(params), options["sparsity"], options["pattern"], options["scope"])
-  return nnx.merge(graphdef, pruned, nnx.to_pure_dict(model_state)), None
+  pruned = pruning.prune(params, options["sparsity"], options["pattern"], options["scope"])
+  return nnx.merge(graphdef, pruned, model_state), None
 
 
 METHODS = {"ptq": _ptq, "prune": _prune}
@@ -164,7 +164,8 @@ def report(model: nnx.Module, exp, repeats: int = 5) -> dict:
   nonzero_parameters, array_bytes (the parameter arrays alone, at their stored widths), eval metrics (floats) and
   inference_ms (median of `repeats` runs of one eval batch, after a compile). The caller adds `bytes`, the
   exported parameters on disk (Orbax's metadata files included). Any compression method reports through it."""
-  n, nonzero, array_bytes = _counts(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  _, params, _ = split_model(model)
+  n, nonzero, array_bytes = _counts(params)
   metrics, seconds = measure(exp, model, repeats)
   return {"parameters": n, "nonzero_parameters": nonzero, "array_bytes": array_bytes, **metrics,
           "inference_ms": 1e3 * seconds}
@@ -215,19 +216,14 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   measured = {"before": report(before, exp, repeats), "after": report(after, exp, repeats)}
   baseline = tempfile.mkdtemp(prefix="jaxmodels-baseline-")  # the uncompressed export, measured then removed
   try:
-    _, params, model_state = nnx.split(before, nnx.Param, ...)
-    export.save_params(baseline, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
+    export.save_model(baseline, before)
     before_bytes = disk_bytes(f"{baseline}/params")
   finally:
     shutil.rmtree(baseline, ignore_errors=True)
   # Accepted: from here on OUT is written.
-  _, params, model_state = nnx.split(after, nnx.Param, ...)
-  export.save_params(out, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state))
+  export.save_model(out, after)
+  export.copy_run_files(workdir, out)
   out_path = storage.path(out)
-  for name in ("config.json", "model.json", "vocab.json"):
-    source = storage.path(workdir) / name
-    if source.is_file():
-      (out_path / name).write_text(source.read_text())
   if qspec:
     (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))
   rows = {name: {"bytes": size, **measured[name]}

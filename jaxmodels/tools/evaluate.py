@@ -38,7 +38,7 @@ def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = 
 
   config = saved_config(workdir, list(overrides))
   exp = build_experiment(config)
-  if export.is_export(workdir):  # `jaxmodels export` / `compress` output: its parameters, no checkpoints
+  if checkpoint.is_export(workdir):  # `jaxmodels export` / `compress` output: its parameters, no checkpoints
     metrics = evaluate_model(exp, export.load_model(workdir))
     (storage.path(workdir) / "eval_export.json").write_text(
         json.dumps({"step": None, "data": config.data.to_dict(), **metrics}))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxmodels.compress import quantization
 from jaxmodels.data.tokenizers import Vocab
-from jaxmodels.runs.export import is_export, load_model, load_run_model
+from jaxmodels.runs.export import load_trained_model
 from jaxmodels.runtime.errors import UserError
 
 
@@ -102,6 +102,6 @@ def load_language_model(workdir: str) -> tuple[nnx.Module, Vocab]:
   """The model of a language-model run at its newest checkpoint (or of an export or compressed export), decoding
   as quantized as it was trained or compressed, and its vocabulary."""
   vocab = Vocab.load(workdir)
-  model = load_model(workdir) if is_export(workdir) else load_run_model(workdir)
+  model = load_trained_model(workdir)
   spec = quantization.spec_of(workdir)
   return (quantization.for_decoding(model, spec) if spec else model), vocab

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxmodels import parallel
 from jaxmodels.runs import export
+from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
@@ -116,15 +117,14 @@ def load_teacher(config, dataset, layout) -> Teacher | None:
     model = export.load_run_model(d.teacher)
   except UserError as e:  # e.g. "RUN has no checkpoint"
     raise UserError(f"{where}: {e}") from None
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  graphdef, params, model_state = split_model(model)
   # Parameters split by the run's parallel.rules (e.g. over fsdp like the student's), other state replicated.
   p = config.parallel
   is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
-  specs = parallel.partition_specs(params, layout.mesh, p.rules, p.fallback_rules)
-  model_state = nnx.to_pure_dict(model_state)
+  specs = parallel.partition_specs(nnx.state(model, nnx.Param), layout.mesh, p.rules, p.fallback_rules)
   shardings = {"params": jax.tree.map(layout.named, specs, is_leaf=is_spec),
                "model_state": jax.tree.map(lambda _: layout.replicated, model_state)}
-  variables = jax.device_put({"params": nnx.to_pure_dict(params), "model_state": model_state}, shardings)
+  variables = jax.device_put({"params": params, "model_state": model_state}, shardings)
   return Teacher(graphdef, variables, shardings, d.temperature, d.alpha)
 
 
