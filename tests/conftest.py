@@ -100,9 +100,10 @@ def pytest_sessionfinish():
 
 
 def pytest_collection_modifyitems(items):
-  """Longest first: the files that hold `slow` tests before the others (test_readme.py, one ~4-minute test, first
-  of all), each file's slow tests first. `make test`'s two xdist workers then end on short tests instead of one
-  finishing a long test while the other idles. A file's tests stay together: its module fixtures are built once."""
+  """Longest first: the files that hold `slow` tests before the others (test_docs.py, whose page tests run
+  minutes of commands, first of all), each file's slow tests first. `make test`'s two xdist workers then end on
+  short tests instead of one finishing a long test while the other idles. A file's tests stay together: its module
+  fixtures are built once."""
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: (item.path.name != "test_readme.py", item.path not in slow_files, str(item.path),
+  items.sort(key=lambda item: (item.path.name != "test_docs.py", item.path not in slow_files, str(item.path),
                                item.get_closest_marker("slow") is None))
