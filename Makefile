@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Stamps of the two installs; tests/test_readme.py runs `make train` with the core's taken as made (make -o).
+# Stamps of the two installs; tests/test_docs.py runs `make train` with the core's taken as made (make -o).
 CORE := $(VENV)/.jaxmodels-installed
 DEV := $(VENV)/.jaxmodels-dev
 WORKDIR ?= runs/digits_cnn
