@@ -145,7 +145,7 @@ def default_config() -> config_dict.ConfigDict:
   # `jaxmodels eval`) and export/load_model use the EMA in place of the raw parameters.
   c.train.ema_decay = 0.0
   # Weights & Biases project to log to (config once, then every train and eval record, from process 0); empty:
-  # no W&B. Needs `pip install jaxmodels[wandb]`. Run files go to workdir/wandb/ (a gs:// workdir: a local
+  # no W&B. Needs `pip install 'jaxmodels[tracking]'`. Run files go to workdir/wandb/ (a gs:// workdir: a local
   # temporary directory, copied there when the run ends).
   c.train.wandb_project = ""
   c.train.wandb_mode = ""  # online | offline (written locally; `wandb sync` uploads) | empty: $WANDB_MODE, else online
