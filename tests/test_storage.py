@@ -249,11 +249,12 @@ def test_a_signal_before_the_loop_releases_the_lock_and_exits_75(tmp_path):
   script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-from jaxmodels import cli, train
+from jaxmodels import cli
+from jaxmodels.train import loop
 def restore(*args, **kwargs):
   os.kill(os.getpid(), signal.SIGTERM)
   time.sleep(30)
-train._restore = restore
+loop._restore = restore
 sys.exit(cli.main(["jaxmodels", "train", "--config", "experiments/digits_mlp.py", "--workdir", {str(tmp_path)!r}]))
 """
   r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
