@@ -54,7 +54,7 @@ def test_a_resume_that_changes_the_optimizer_tree_is_refused_and_nothing_moves(t
     def init_state():
       raise AssertionError("a resume initialised a fresh state")
     return dataclasses.replace(build(config), init_state=init_state)
-  monkeypatch.setattr(train, "build_experiment", no_init)
+  monkeypatch.setattr(train.loop, "build_experiment", no_init)  # where train_and_evaluate reads it
   capsys.readouterr()
   train_and_evaluate(small(40), str(tmp_path))
   notes = [r for r in read_metrics(tmp_path) if r["split"] == "note"]
