@@ -48,7 +48,7 @@ from jaxmodels.models.transformer import (
   scan_to_unrolled,
   unrolled_to_scan,
 )
-from jaxmodels.runs.export import load_trained_model, save_params
+from jaxmodels.runs.export import load_trained_model, refuse_existing, save_params
 from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
@@ -270,8 +270,7 @@ def hf_config(config: TransformerConfig, vocab_size: int) -> dict:
 
 def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   """Writes a Hugging Face model directory's weights to `out` in `jaxmodels export`'s format; returns `out`."""
-  if storage.path(out).exists():
-    raise UserError(f"--out {out} already exists")
+  refuse_existing(out)
   hf = _read_config(directory)
   config, vocab_size = transformer_config(hf)
   config = dataclasses.replace(config, scan_layers=scan_layers)
@@ -305,8 +304,7 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
 def export_hf(model_path: str, out: str) -> str:
   """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`."""
   save_file = extras.require("safetensors.numpy", "export-hf").save_file
-  if storage.path(out).exists():
-    raise UserError(f"--out {out} already exists")
+  refuse_existing(out)
   model = load_trained_model(model_path)
   if not isinstance(model, TransformerLM):
     raise UserError(f"{model_path} holds a {type(model).__name__}: only Transformer language models export")

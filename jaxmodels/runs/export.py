@@ -72,12 +72,16 @@ def export(workdir, out) -> str:
 
   Both may be local paths or gs:// URLs. Raises UserError if `out` exists or `workdir` has no checkpoint.
   """
-  out_path = storage.path(out)
-  if out_path.exists():
-    raise UserError(f"--out {out} already exists")
+  refuse_existing(out)
   save_model(out, load_run_model(workdir))
   copy_run_files(workdir, out)
   return str(out)
+
+
+def refuse_existing(out) -> None:
+  """UserError if `out` (local or gs://) exists: exports and conversions never write into an existing path."""
+  if storage.path(out).exists():
+    raise UserError(f"--out {out} already exists")
 
 
 def copy_run_files(workdir, out) -> None:
