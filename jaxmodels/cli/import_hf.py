@@ -7,9 +7,10 @@ from jaxmodels.hf.convert import import_hf
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels import-hf DIR --out PATH
 
-Reads a local Hugging Face GPT-2 or Llama-family directory (config.json +
-*.safetensors; nothing is downloaded) and writes its weights to PATH in the
-format `jaxmodels export` writes: jaxmodels.load_model(PATH) returns the model.
+Reads a Hugging Face GPT-2 or Llama-family directory (config.json +
+*.safetensors; local or gs://, nothing is downloaded from the Hub) and writes its
+weights to PATH (local or gs://) in the format `jaxmodels export` writes:
+jaxmodels.load_model(PATH) returns the model.
 """
   a = parse_args(prog, args, [("dir", {}), ("--out", dict(required=True))])
   print(f"imported {a.dir} to {import_hf(a.dir, a.out)}")
