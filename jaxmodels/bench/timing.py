@@ -32,6 +32,7 @@ from jaxmodels.config import parse_override, validate, with_values
 from jaxmodels.models import flops
 from jaxmodels.runtime import compilation, extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
+from jaxmodels.runtime.host import accelerator_present
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
 
@@ -56,6 +57,10 @@ def topology_devices(name: str):
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, so a second process with
   # libtpu loaded could not describe a topology; an ahead-of-time compile claims no chip, so allow it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Off a TPU VM libtpu asks the metadata server for the worker hostnames, gets a warning back as the name, and
+  # logs an E0000 "unexpected worker hostname" error; this host alone is the right answer for an absent slice.
+  if not accelerator_present():
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=int(slices or 1)).devices
