@@ -12,9 +12,10 @@ root), JAX left to pick its platform as on a user's machine, and no line of thei
 (`E0000`, `ERROR`, a traceback or a source trace). Not run: `make test` (the suite that runs this test), the `tpu/`
 scripts (they need a Google Cloud project; tests/test_tpu_scripts.py runs each against a fake gcloud), and an
 ahead-of-time `--topology` compile where libtpu is not installed. Blocks marked `console` or `text` are output, not
-commands. A file a page includes (`--8<--`, e.g. tpu/README.md in docs/tpu.md) has its commands run with the page's.
-An experiment whose docstring commands a page runs the equivalents of, in order (training on the same config file;
-another command on the same workdir), is not run a second time (`run_by_docs`).
+commands. A file a page includes (`--8<--`, e.g. a section of tpu/README.md in docs/tpu.md) has its commands run
+with the page's. Not run a second time: a page whose commands only repeat another's (`REPEATS`), and an experiment
+whose docstring commands a page runs the equivalents of, in order (training on the same config file; another
+command on the same workdir: `run_by_docs`).
 """
 
 import ast
@@ -53,14 +54,19 @@ def not_run(words: list[str]) -> str | None:
 
 
 def included(text: str) -> str:
-  """`text` with each snippet line (`--8<-- "path[:start[:end]]"`, paths from the repository root) replaced by the
-  lines it includes, as pymdownx.snippets does when the site is built."""
+  """`text` with each snippet line (`--8<-- "path"` or `--8<-- "path:section"`, paths from the repository root)
+  replaced by what it includes, as pymdownx.snippets does when the site is built: the whole file, or the lines
+  between its `[start:section]` and `[end:section]` markers."""
   def expand(match):
-    path, _, lines = match.group(1).partition(":")
+    path, _, section = match.group(1).partition(":")
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-      body = f.read().splitlines()
-    start, _, end = lines.partition(":")
-    return "\n".join(body[int(start or 1) - 1:int(end) if end else None])
+      body = f.read()
+    if section:
+      found = re.search(rf"^[^\n]*--8<-- \[start:{section}\][^\n]*\n(.*?)^[^\n]*--8<-- \[end:{section}\]", body,
+                        flags=re.MULTILINE | re.DOTALL)
+      assert found, f"{path} has no section {section}"
+      body = found.group(1)
+    return body
   return re.sub(r'^--8<-- "([^"]+)"$', expand, text, flags=re.MULTILINE)
 
 
@@ -193,7 +199,9 @@ def test_readme_is_a_front_door():
       assert f"(docs/{os.path.basename(page)})" in "\n".join(lines), f"README.md does not link {name(page)}"
 
 
-RUN = [p for p in PAGES if page_commands(p)]
+# Pages whose commands only repeat another page's, in the same order: that page's test runs them.
+REPEATS = {"docs/benchmarking.md": "README.md"}
+RUN = [p for p in PAGES if page_commands(p) and name(p) not in REPEATS]
 
 
 @pytest.mark.slow
@@ -203,10 +211,14 @@ def test_page_commands_run_as_written(page, tmp_path):
 
 
 def test_pages_with_commands():
-  """The pages whose commands run; the others hold none (a page added with commands is run without a change here)."""
+  """The pages whose commands run; the others hold none (a page added with commands is run without a change here),
+  or only repeat another's."""
   assert [name(p) for p in RUN] == [
-      "README.md", "docs/benchmarking.md", "docs/benchmarks.md", "docs/checkpoints.md", "docs/compression.md",
-      "docs/data.md", "docs/experiments.md", "docs/library.md", "docs/tpu.md"]
+      "README.md", "docs/benchmarks.md", "docs/checkpoints.md", "docs/compression.md", "docs/data.md",
+      "docs/experiments.md", "docs/library.md", "docs/tpu.md"]
+  for page, other in REPEATS.items():
+    commands, others = page_commands(os.path.join(ROOT, page)), iter(page_commands(os.path.join(ROOT, other)))
+    assert commands and all(c in others for c in commands), f"{page} runs what {other} does not"
 
 
 def equivalence(command: str) -> tuple:
