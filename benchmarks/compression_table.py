@@ -1,4 +1,4 @@
-"""The README's compression table: accuracy (or validation loss), size on disk and inference time of each way of
+"""The compression table of docs/compression.md: accuracy (or validation loss), size on disk and inference time of each way of
 compressing digits_cnn and text_transformer, measured on this machine (short CPU runs).
 
     python benchmarks/compression_table.py [--experiments digits_cnn,text_transformer] [--rows ptq8,qat8]

@@ -12,7 +12,7 @@ from jaxmodels.config import text_lm_config
 
 
 def get_config():
-  config = text_lm_config()  # text data, seq_len 64, 600 steps of batch 32 (see jaxmodels/config.py)
+  config = text_lm_config()  # text data, seq_len 64, 600 steps of batch 32 (see jaxmodels/config/defaults.py)
   config.model.family = "lstm"
   config.model.cell = "lstm"
   config.model.num_layers = 2

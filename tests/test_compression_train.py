@@ -131,7 +131,7 @@ def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
   test loss 0.513 -> 0.442 and 0.407 -> 0.329 distilled. Accuracy is not asserted: this student underfits (0.92
   train accuracy), and the soft targets trade its argmax for calibration (0.905 -> 0.876, 0.920 -> 0.914); MLP
   students trained to fit (learning rate 1e-2 to 3e-2, 32 to 128 units, 4 to 6 seeds) moved by under 1.5 points
-  either way. The README table's half-width CNN student gains accuracy (or ties) on seeds 0 to 3."""
+  either way. The compression table's (docs/compression.md) half-width CNN student gains accuracy (or ties) on seeds 0 to 3."""
   data = dict(data__test_fraction=0.5)
   teacher = str(tmp_path / "teacher")
   train_and_evaluate(config("digits_cnn", steps=400, **data), teacher)

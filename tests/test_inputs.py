@@ -1,6 +1,6 @@
 """Every bad input is a one-line UserError raised before anything is built or written (issue 13).
 
-Config keys are checked by `config.validate` (every key of jaxmodels/config.py has a case here, enforced by
+Config keys are checked by `config.validate` (every key of jaxmodels/config/defaults.py has a case here, enforced by
 `test_every_config_key_has_a_bad_value_case`); data by `load_dataset`. In-process calls keep this cheap; one
 CLI test checks the exit code, the single stderr line and the absent workdir.
 """

@@ -15,7 +15,7 @@ def run(prog: str, args: list[str]) -> int:
 Trains the experiment into DIR (default runs/<experiment name>; a local path or
 gs://bucket/dir): config.json, metrics.jsonl and checkpoints/. A DIR that holds a
 checkpoint resumes from it; DIR/LOCK keeps a second run out while one runs.
-Every key of jaxmodels/config.py can be overridden, e.g. --config.train.steps=500.
+Every key of jaxmodels/config/defaults.py can be overridden, e.g. --config.train.steps=500.
 """
   config, path, rest = parse_experiment_args(args)
   stem = os.path.splitext(os.path.basename(path))[0]

@@ -23,7 +23,7 @@ def default_config() -> config_dict.ConfigDict:
   # sources of seq_len // 2 .. data.seq_len random symbols, targets the same symbols (reversed), then EOS.
   c.data.source = "digits"
   c.data.path = ""  # the .npz or text file, or the tokens directory (local disk); unused for digits
-  # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks.py). Empty: inferred from
+  # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks/losses.py). Empty: inferred from
   # y_train where unambiguous: (N, C) of 0/1 -> multilabel, else classify. Text and tokens are always lm.
   c.data.task = ""
   c.data.test_fraction = 0.2  # digits, and image folders without train/ and val/: share held out, split by train.seed
@@ -179,7 +179,7 @@ def default_config() -> config_dict.ConfigDict:
   # Defaults after Hinton et al. (2015): T in 2..20, lower (2.5..4) for small students, and "a considerably lower
   # weight" on the hard labels. On digits_cnn's half-width student (600 steps) T=2, alpha=0.9 beat the student
   # trained alone on accuracy and loss on seeds 0 and 1 and lost no accuracy on seeds 2, 3; alpha=0.5 tied seed 1's
-  # accuracy, T >= 4 raised seed 0's loss. The text transformer's student prefers alpha=0.5 (README's table).
+  # accuracy, T >= 4 raised seed 0's loss. The text transformer's student prefers alpha=0.5 (docs/compression.md's table).
   c.train.distill.temperature = 2.0  # T > 0: softens both distributions; T^2 keeps the KL gradient's scale
   c.train.distill.alpha = 0.9  # in [0, 1]: weight of the KL term (0: the hard labels only, 1: the teacher only)
   # Quantization-aware training through qwix (jaxmodels/compress/quantization.py): the forward pass computes the matmul of
@@ -208,7 +208,7 @@ def default_config() -> config_dict.ConfigDict:
   c.checkpoint.restore_mode = "params"  # params (fresh optimizer, step 0) | full (continue its state)
 
   c.parallel = config_dict.ConfigDict()
-  # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and the README).
+  # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and docs/parallelism.md).
   c.parallel.strategy = "single"
   # Mesh axis sizes, e.g. "data=2,tensor=4"; -1 fills the remaining devices. Empty: the
   # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1).
