@@ -27,6 +27,7 @@ def load_params(path: str) -> dict:
 
 
 def load_model(path: str):
-  """The module written by `jaxmodels export`, rebuilt with its trained parameters."""
-  from jaxmodels.runs.export import load_model as load  # pylint: disable=import-outside-toplevel
+  """The trained module at `path` (local or gs://), rebuilt with its parameters: an export's (`jaxmodels export`,
+  `compress`, `import-hf`) or a training workdir's at its newest checkpoint."""
+  from jaxmodels.runs.export import load_trained_model as load  # pylint: disable=import-outside-toplevel
   return load(path)

@@ -200,6 +200,7 @@ def test_export_and_load(tmp_path):
   model, reference = jaxmodels.load_model(str(out)), load_run_model(str(tmp_path / "run"))
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
   np.testing.assert_array_equal(model(x), reference(x))
+  np.testing.assert_array_equal(jaxmodels.load_model(str(tmp_path / "run"))(x), reference(x))  # a workdir too
   params = jaxmodels.load_params(str(out))
   assert set(params) == {"hidden", "out"} and params["out"]["kernel"].shape == (128, 10)
 

@@ -81,6 +81,14 @@ def test_unsupported_models_are_one_line_errors(tmp_path):
       {**llama().config.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None}))
   with pytest.raises(UserError, match="rope_type='llama3' is not supported"):
     import_hf(str(tmp_path / "scaled"), str(tmp_path / "out"))
+  (tmp_path / "partial").mkdir()
+  (tmp_path / "partial" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(UserError, match="config.json has no 'n_embd': not a complete gpt2 config"):
+    import_hf(str(tmp_path / "partial"), str(tmp_path / "out"))
+  (tmp_path / "partial" / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="config.json is not JSON"):
+    import_hf(str(tmp_path / "partial"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 def test_cli_import_hf_then_export_hf(tmp_path):

@@ -60,7 +60,10 @@ def _read_config(directory: str) -> dict:
   path = storage.path(directory) / "config.json"
   if not path.is_file():
     raise UserError(f"{path} not found: expected a Hugging Face model directory (config.json + *.safetensors)")
-  return json.loads(path.read_text(encoding="utf-8"))
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not JSON ({e}): expected a Hugging Face config.json") from None
 
 
 @contextlib.contextmanager
@@ -271,8 +274,13 @@ def hf_config(config: TransformerConfig, vocab_size: int) -> dict:
 def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   """Writes a Hugging Face model directory's weights to `out` in `jaxmodels export`'s format; returns `out`."""
   refuse_existing(out)
+  extras.check("safetensors", "import-hf")
   hf = _read_config(directory)
-  config, vocab_size = transformer_config(hf)
+  try:
+    config, vocab_size = transformer_config(hf)
+  except KeyError as e:  # a field every config.json of that model_type has
+    raise UserError(f"{directory}/config.json has no {e.args[0]!r}: not a complete {hf.get('model_type')} "
+                    f"config") from None
   config = dataclasses.replace(config, scan_layers=scan_layers)
   params = params_from_hf(hf["model_type"], _read_tensors(directory), config)
   abstract = nnx.eval_shape(lambda: TransformerLM(vocab_size, config, rngs=nnx.Rngs(0)))
