@@ -16,7 +16,7 @@ import pytest
 from conftest import experiment, read_metrics
 from flax import nnx
 
-from jaxmodels.config import to_json
+from jaxmodels.config import to_json, with_values
 from jaxmodels.optim import pruning
 from jaxmodels.runs.export import load_run_model
 from jaxmodels.runtime.errors import UserError
@@ -29,13 +29,7 @@ def config(name="digits_mlp", steps=30, **overrides):
   c = experiment(name)
   c.data.test_fraction = 0.9
   c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = steps, 10, 1000, 0
-  for key, value in overrides.items():
-    *groups, leaf = key.split("__")
-    group = c
-    for g in groups:
-      group = group[g]
-    group[leaf] = value
-  return c
+  return with_values(c, {key.replace("__", "."): value for key, value in overrides.items()})
 
 
 def params_of(workdir) -> dict:
