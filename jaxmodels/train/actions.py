@@ -3,7 +3,7 @@
 Each action has an `every` (steps between runs; 0: not on a step schedule) and
 one method, `__call__(run)`, run when `due(run)`: by default every `every`
 steps and at the last step. `begin(run)` and `end(run)` run once around the
-loop. The loop (`train.train_loop`) keeps their order: train metrics are logged,
+loop. The loop (`trainer.run_steps`) keeps their order: train metrics are logged,
 then the model is evaluated, then the stop conditions are read, then the state
 is saved, so a save holds the step's eval metrics and happens before a stop.
 
@@ -142,7 +142,8 @@ class LogTrain(Action):
 
   The first step of a process includes compilation: it is logged on its own with
   its compile times (a fresh run) or printed (a resumed run, which logs on the
-  uninterrupted run's schedule instead: its first step only if that schedule logs it), and throughput is timed from its end.
+  uninterrupted run's schedule instead: its first step only if that schedule
+  logs it), and throughput is timed from its end.
   Later intervals start their metrics' copies to the host and leave the record
   to `Run.write_deferred`, called at the next log step, save, evaluation or the
   end: the host does not wait for the device at a log step, and stays at most
