@@ -1,15 +1,19 @@
 """The Trainer: your own module, loss and batches through the command line's loop, on 8 simulated devices (FSDP)."""
 
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from jaxmodels import parallel
 from jaxmodels.models.layers import axes
+from jaxmodels.runtime.errors import Preempted
 from jaxmodels.train import Trainer
 
 STEPS = 10
@@ -105,3 +109,14 @@ def test_resume_continues_exactly_and_hooks_fire_every_n_steps(tmp_path):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   whole_losses = {s: r["loss"] for s, r in records(tmp_path / "whole").items()}
   assert {s: r["loss"] for s, r in records(tmp_path / "split").items()} == whole_losses
+
+
+def test_a_signal_saves_the_step_raises_preempted_and_fit_again_resumes(tmp_path):
+  trainer = fsdp_trainer(tmp_path / "run")
+  trainer.add_hook(lambda step, state: os.kill(os.getpid(), signal.SIGINT), every=3)  # during step 3's actions
+  with pytest.raises(Preempted) as stopped:
+    trainer.fit(STEPS)
+  assert stopped.value.args[0] == 4  # the signal is read after the next step, which is saved
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+  state = fsdp_trainer(tmp_path / "run").fit(STEPS)
+  assert int(state.step) == STEPS and set(records(tmp_path / "run")) == set(range(1, STEPS + 1))
