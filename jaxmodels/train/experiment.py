@@ -174,7 +174,7 @@ def build_experiment(config, devices=None) -> Experiment:
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
   layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
   layout.check_batch_size(t.eval_batch_size)
-  model_flops = flops.model_flops_per_step(config, dataset, abstract_model)
+  model_flops = flops.model_flops_per_step(config, dataset, abstract_model, notices)
   checkpoint_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
