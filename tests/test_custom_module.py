@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 from conftest import ROOT, read_metrics
+from flax import nnx
 
 from jaxmodels import cli
 from jaxmodels.config import apply_overrides, default_config, load_experiment, set_family, validate
@@ -173,7 +174,7 @@ def test_module_keys_are_typed_overridable_validated_and_only_for_that_family(mo
   c = apply_overrides(c, ["--config.model.heads=3"])
   assert c.model.heads == 3 and c.is_locked
   validate(c)
-  model = build_model(c.model, (8, 8, 1), 10, rngs=__import__("flax").nnx.Rngs(0))
+  model = build_model(c.model, (8, 8, 1), 10, rngs=nnx.Rngs(0))
   assert type(model).__name__ == "Mixer" and len(model.blocks) == 2
   with pytest.raises(UserError, match=r"^model.depth=0: expected a positive integer$"):
     validate(apply_overrides(c, ["--config.model.depth=0"]))

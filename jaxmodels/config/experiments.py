@@ -63,7 +63,10 @@ def _experiment_error(path: str, e: Exception) -> str:
     return f"{path}:{e.lineno}: {type(e).__name__}: {e.msg}"
   frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
   where = f"{path}:{frames[-1].lineno}" if frames else path
-  text = str(e.args[0]) if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+  text = str(e)
+  if isinstance(e, (KeyError, AttributeError)) and e.args:  # ConfigDict's: a KeyError('text') inside either
+    inner = e.args[0]
+    text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
   missing = re.match(r'Key "(\w+)" does not exist and cannot be added since the config is locked', text)
   if missing:  # a ConfigDict locked by default_config(): a misspelled key
     close = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)

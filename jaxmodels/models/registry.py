@@ -199,7 +199,7 @@ def build_family(family: str, config, input_shape, num_outputs: int, *, task: st
     raise ValueError(f"family={family!r} {task_refusal(family, task)}")
   cls = f.modules[task]
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-  if "axis_name" in inspect.signature(cls).parameters:
+  if "axis_name" in inspect.signature(cls.__init__).parameters:
     kw["axis_name"] = axis_name
   if task == "classify":
     return cls(tuple(input_shape), num_outputs, config, **kw)
