@@ -260,8 +260,8 @@ def test_experiment_docstring_commands_run_as_written(path, tmp_path):
 
 def test_docstring_commands_the_docs_run():
   """The experiments whose docstring commands are not run on their own: a page runs their equivalents."""
-  assert [os.path.basename(p) for p in EXPERIMENTS if run_by_docs(p)] == ["digits_cnn.py", "digits_mlp.py",
-                                                                        "text_transformer.py"]
+  assert [os.path.basename(p) for p in EXPERIMENTS if run_by_docs(p)] == ["digits_cnn.py", "digits_mixer.py",
+                                                                        "digits_mlp.py", "text_transformer.py"]
   assert equivalence("python experiments/a.py --workdir x") == equivalence("jaxmodels train --config experiments/a.py")
   assert equivalence("jaxmodels sample --workdir runs/a --length 2") != equivalence("jaxmodels sample --workdir runs/b")
 

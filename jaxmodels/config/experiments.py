@@ -2,10 +2,11 @@
 
 `load_experiment(path, overrides)` runs an experiment file's `get_config()` (which starts from the locked
 `default_config()`, so a misspelled key is an error there too), adds the `model.*` keys of a module named by import
-path (`add_family_keys`; `set_family` does so inside `get_config`) and applies the overrides; `parse_experiment_args` does so for a command's `--config PATH` and
-`--config.K=V` arguments. `apply_overrides` is the one parser of overrides, used by every command (train, bench
-and plan, eval's other data, a run's saved config), and `parse_override`, which it calls for each, parses the
-values of a `bench compile --sweep` or `plan --try` too: a value is parsed by the type of the key it replaces.
+path (`add_family_keys`; `set_family` does so inside `get_config`) and applies the overrides;
+`parse_experiment_args` does so for a command's `--config PATH` and `--config.K=V` arguments. `apply_overrides`
+is the one parser of overrides, used by every command (train, bench and plan, eval's other data, a run's saved
+config), and `parse_override`, which it calls for each, parses the values of a `bench compile --sweep` or
+`plan --try` too: a value is parsed by the type of the key it replaces.
 A run's `config.json` is read back by `from_saved` and `saved_config`.
 """
 

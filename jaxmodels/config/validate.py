@@ -200,9 +200,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
   expand_preset(config)
   task = config_task(config.data)
-  # model.family: a registered family or a module by import path, which validates its own keys (its Config)
-  own = () if config.model.family in FAMILIES else {f"model.{f.name}" for f in
-                                                     dataclasses.fields(get_family(config.model.family).config)}
+  # model.family: a registered family, or a module by import path whose Config checks its own keys
+  family = config.model.family
+  own = set() if family in FAMILIES else {f"model.{f.name}" for f in dataclasses.fields(get_family(family).config)}
   for rules in (DATA_RULES, MODEL_RULES, TRAIN_RULES, CHECKPOINT_RULES, PARALLEL_RULES, _derived_rules(config, task)):
     for key, rule in rules.items():
       if key not in own:
