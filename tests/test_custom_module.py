@@ -6,14 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
+import jax
 import pytest
 from conftest import ROOT, read_metrics
 from flax import nnx
 
 from jaxmodels import cli
 from jaxmodels.config import apply_overrides, default_config, load_experiment, set_family, validate
-from jaxmodels.models import build_model
+from jaxmodels.models import build_model, flops
 from jaxmodels.runtime.errors import UserError
 
 MIXER = '''
@@ -189,3 +191,18 @@ def test_module_keys_are_typed_overridable_validated_and_only_for_that_family(mo
     set_family(e := default_config(), "mixer_module:Mixer")
     e.data.source = "text"
     validate(e)
+
+
+def test_mfu_counts_flops_per_example_where_the_module_defines_it(module_dir):
+  c = load_experiment(os.path.join(ROOT, "experiments", "digits_mixer.py"))
+  dataset = types.SimpleNamespace(task="classify", input_shape=(8, 8, 1), num_outputs=10)
+  model = nnx.eval_shape(lambda: build_model(c.model, (8, 8, 1), 10, rngs=nnx.Rngs(0)))
+  notices = []
+  per_step = flops.model_flops_per_step(c, dataset, model, notices)
+  assert per_step == c.train.batch_size * model.flops_per_example((8, 8, 1)) and not notices
+  c = apply_overrides(c, ["--config.model.family=mixer_module:Mixer"])  # the same blocks, no flops_per_example
+  model = nnx.eval_shape(lambda: build_model(c.model, (8, 8, 1), 10, rngs=nnx.Rngs(0)))
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert flops.model_flops_per_step(c, dataset, model, notices) == 6.0 * params * c.train.batch_size
+  assert notices == ["model.family=mixer_module:Mixer defines no flops_per_example(input_shape): MFU counts 6 x "
+                     "parameters x examples per step"]
