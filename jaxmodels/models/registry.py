@@ -53,12 +53,13 @@ class Family:
   config: type  # the typed config, `Config` of each of its modules
   modules: Mapping[str, type]  # task ("classify", "lm", "seq2seq") -> its module class
 
-  @property
-  def tasks(self) -> tuple[str, ...]:
-    return tuple(self.modules)
-
 
 FAMILIES: dict[str, Family] = {}  # the registered families by name; import paths resolve to a Family too
+
+
+def module_tasks(cls) -> tuple:
+  """The kinds of data module class `cls` declares (`tasks`; default ("classify",))."""
+  return getattr(cls, "tasks", ("classify",))
 
 
 def check_module(cls, name: str) -> None:
@@ -73,7 +74,7 @@ def check_module(cls, name: str) -> None:
       raise ValueError(f"{name}.Config field {field.name!r} has no default (every field is a model.* key)")
     if field.name in COMMON_KEYS:
       raise ValueError(f"{name}.Config field {field.name!r} is a key of every family: rename it")
-  tasks = getattr(cls, "tasks", ("classify",))
+  tasks = module_tasks(cls)
   if not (isinstance(tasks, tuple) and tasks and set(tasks) <= set(MODEL_TASKS)):
     raise ValueError(f"{name}.tasks={tasks!r}: expected a tuple of {', '.join(MODEL_TASKS)}")
 
@@ -86,7 +87,7 @@ def register(name: str, *modules: type) -> None:
   by_task = {}
   for cls in modules:
     check_module(cls, cls.__name__)
-    for task in getattr(cls, "tasks", ("classify",)):
+    for task in module_tasks(cls):
       if task in by_task:
         raise ValueError(f"family {name!r}: {by_task[task].__name__} and {cls.__name__} both take {task}")
       by_task[task] = cls
@@ -128,7 +129,7 @@ def _imported(path: str) -> Family:
     check_module(obj, path)
   except ValueError as e:
     raise UserError(f"{key}: {e}; see the module protocol in docs/models.md#your-own-module") from None
-  return Family(obj.Config, {task: obj for task in getattr(obj, "tasks", ("classify",))})
+  return Family(obj.Config, {task: obj for task in module_tasks(obj)})
 
 
 def get_family(family: str) -> Family:
