@@ -149,6 +149,79 @@ def test_the_lock_renews_its_heartbeat_and_a_stale_lock_of_another_host_is_taken
   lock.release()
 
 
+TAKE_OVERS = """
+import json, multiprocessing, socket, subprocess, sys
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
+workdir, trials, processes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def contend(start, done, results):
+  lock = storage.WorkdirLock(workdir, log=lambda _line: None)
+  start.wait()
+  try:
+    lock.acquire()
+    results.put(True)
+  except UserError:
+    results.put(False)
+  done.wait()  # every contender has tried: only now may the holder release
+  lock.release()
+
+dead = subprocess.Popen([sys.executable, "-c", "pass"])
+dead.wait()
+fork = multiprocessing.get_context("fork")  # this process has imported nothing that runs threads
+holders = []
+for _ in range(trials):
+  record = json.dumps({"pid": dead.pid, "host": socket.gethostname()})
+  # gs://: written by another process, so that this one starts no gcsfs event-loop thread before forking
+  subprocess.run([sys.executable, "-c", f"from etils import epath; epath.Path({workdir!r}).joinpath('LOCK')"
+                  f".write_text({record!r})"], check=True)
+  start, done, results = fork.Barrier(processes), fork.Barrier(processes), fork.Queue()
+  ps = [fork.Process(target=contend, args=(start, done, results)) for _ in range(processes)]
+  for p in ps:
+    p.start()
+  holders.append(sum(results.get(timeout=60) for _ in ps))
+  for p in ps:
+    p.join()
+print(json.dumps(holders))
+"""
+
+
+def test_concurrent_take_overs_of_a_dead_holders_lock_give_exactly_one_holder(tmp_path):
+  """50 times, 4 processes take over the same dead holder's LOCK at once. Old code (read, unlink, re-create)
+  gave the lock to two of them in about one trial in ten."""
+  r = subprocess.run([sys.executable, "-c", TAKE_OVERS, str(tmp_path), "50", "4"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout) == [1] * 50
+  assert sorted(os.listdir(tmp_path)) == []  # each holder released; no temporary file left
+
+
+@pytest.mark.slow
+def test_concurrent_take_overs_on_gs_give_exactly_one_holder(gcs_env):
+  """The same on a bucket (a local GCS emulator): the take-over is an upload with ifGenerationMatch."""
+  r = subprocess.run([sys.executable, "-c", TAKE_OVERS, "gs://bkt/locked", "8", "3"], cwd=ROOT, env=gcs_env,
+                     capture_output=True, text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout) == [1] * 8
+
+
+def test_an_empty_or_torn_lock_is_taken_over_once_older_than_the_staleness_window(tmp_path, capsys):
+  """A kill during an old heartbeat's truncate-then-write left LOCK empty or torn: old code said 'in use by
+  process ? on ?' forever. Young, it may still be being written; older than stale_s, it is taken over."""
+  for torn in (b"", b'{"pid": 12, "ho'):
+    (tmp_path / "LOCK").write_bytes(torn)
+    with pytest.raises(UserError, match="is in use by process"):
+      storage.WorkdirLock(tmp_path, stale_s=600).acquire()
+    assert (tmp_path / "LOCK").read_bytes() == torn
+    os.utime(tmp_path / "LOCK", (time.time() - 3600, time.time() - 3600))
+    lock = storage.WorkdirLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert "holds no readable record and was last written 3600 s ago" in capsys.readouterr().out
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "LOCK").exists()
+
+
 def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, capsys):
   train_and_evaluate(small(10), str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
