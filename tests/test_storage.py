@@ -335,3 +335,70 @@ sys.exit(cli.main(["jaxmodels", "train", "--config", "experiments/digits_mlp.py"
   assert r.returncode == 75, r.stdout + r.stderr
   assert "signal 15 before training started" in r.stdout
   assert os.listdir(tmp_path) == []  # the lock is released; nothing was written
+
+
+# ---- write errors: one line naming the path and the cause, exit 1, the workdir as it was ----
+
+DIGITS = ["train", "--config", "experiments/digits_mlp.py", "--config.train.steps=30", "--config.checkpoint.every=10",
+          "--config.train.warmup_steps=2"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """A mount of a small tmpfs (`mount(size_kib, read_only=False)`); skipped where this process may not mount."""
+  mounts = []
+
+  def mount(size_kib, read_only=False, at=None):
+    target = at or tmp_path / f"tmpfs{len(mounts)}"
+    target.mkdir(exist_ok=True)
+    options = f"size={size_kib}k" + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                                           capture_output=True, check=False).returncode:
+      pytest.skip("needs permission to mount a tmpfs")
+    mounts.append(target)
+    return target
+  yield mount
+  for target in reversed(mounts):
+    subprocess.run(["umount", str(target)], check=False)
+
+
+def _one_line(r, prefix):
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert r.stderr.startswith(prefix) and r.stderr.count("\n") == 1, r.stderr
+  assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_directory_the_run_writes_that_cannot_be_written_is_refused_before_the_run_is_accepted(tmp_path, tmpfs):
+  """Old code accepted a run whose checkpoints/ it could not write, rewrote config.json and model.json, trained
+  and ended in a 413-line traceback."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "checkpoints").write_text("not a directory")  # where the run's checkpoints go
+  (run / "config.json").write_text("{}")
+  before = snapshot(run)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={run}")
+  _one_line(r, f"jaxmodels: error: cannot write {run}/checkpoints: {run}/checkpoints is a file")
+  assert snapshot(run) == before
+  (run / "checkpoints").unlink()
+  tmpfs(64, read_only=True, at=run / "checkpoints")  # a read-only disk (root ignores permission bits)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={run}")
+  _one_line(r, f"jaxmodels: error: cannot write {run}/checkpoints: {run}/checkpoints is not writable "
+               f"(read-only file system)")
+  assert snapshot(run) == {"config.json": b"{}"}
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, tmpfs):
+  """A disk that fills during a checkpoint save (old code: a 643-line RESOURCE_EXHAUSTED traceback) and a fresh
+  workdir on a disk with 8 KiB free (old code: an ENOSPC traceback after writing config.json and an empty
+  model.json)."""
+  disk = tmpfs(400)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={disk}/run")
+  _one_line(r, f"jaxmodels: error: cannot write checkpoints in {disk}/run/checkpoints: No space left on device")
+  assert os.listdir(disk / "run" / "checkpoints") == []  # the failed save's partial files are removed
+  assert not (disk / "run" / "LOCK").exists()
+  small_disk = tmpfs(32)
+  (small_disk / "filler").write_bytes(b"x" * (24 << 10))  # 8 KiB left
+  r = _jaxmodels(None, *DIGITS, f"--workdir={small_disk}/run")
+  _one_line(r, f"jaxmodels: error: cannot write {small_disk}/run/")
+  assert r.stderr.endswith(": No space left on device\n")
+  assert os.listdir(small_disk) == ["filler"]  # the workdir the run created is gone again: nothing half written

@@ -35,6 +35,7 @@ import errno
 import fcntl
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -151,10 +152,24 @@ def write_failure(e: BaseException, where) -> str | None:
   return None
 
 
+class _ReportedWriteErrors(logging.Filter):
+  """Drops Orbax's absl ERROR records (each with a traceback, from every thread of an async save) of a write
+  failure: `writing` raises that failure as one StorageError line when the save is waited for."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[1] is not None
+                and write_failure(record.exc_info[1], "") is not None)
+
+
+_QUIET = _ReportedWriteErrors()
+
+
 @contextlib.contextmanager
 def writing(where, on_failure=None):
   """Turns a write error raised inside into StorageError('cannot write WHERE: CAUSE'), after calling
-  `on_failure` (e.g. to remove a partial write). Other errors pass unchanged."""
+  `on_failure` (e.g. to remove a partial write). Other errors pass unchanged. From the first call on,
+  Orbax's logged tracebacks of write failures are dropped (they are raised, and so reported, here)."""
+  logging.getLogger("absl").addFilter(_QUIET)  # idempotent
   try:
     yield
   except StorageError:

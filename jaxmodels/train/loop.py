@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   log = print if lead else lambda _line: None
-  storage.check_workdir(workdir)
+  storage.check_workdir(workdir, writes=("checkpoints", "tb", "profile", "wandb"))  # every directory a run writes
   exp = build_experiment(config)  # every config and data error surfaces here
   checkpoint.retention_policy(config.checkpoint)
   d = exp.dataset
@@ -235,8 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       # Accepted: from here on the run writes.
       note = schedule_change(exp, saved_config, start)
       if lead:
-        for name, text in files.items():
-          (storage.path(workdir) / name).write_text(text)
+        storage.write_files(workdir, files)  # all or none: a failed write leaves the workdir's files as they were
       ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
       logger = MetricsLogger(workdir, config.train.steps, enabled=lead, config=config.to_dict())
       logger.start(start)
