@@ -1,11 +1,15 @@
 """The command line as a user meets it: subprocesses, exit codes, one-line errors."""
 
+import io
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from conftest import ROOT, read_metrics
+
+from jaxmodels.parallel import launch
 
 JAXMODELS = [sys.executable, "-m", "jaxmodels"]
 
@@ -84,3 +88,17 @@ def test_ctrl_c_during_a_commands_imports_is_one_line_and_exit_130():
             "sys.argv = ['jaxmodels', 'train', '--config', 'experiments/digits_mlp.py']\nmain.entry()\n")
   r = run([sys.executable, "-c", script], env={**os.environ, "JAXMODELS_MALLOC": "system"})
   assert r.returncode == 130 and r.stderr == "jaxmodels: interrupted\n", r.stderr
+
+
+def test_launch_drops_gloos_routine_connected_lines_and_keeps_the_rest():
+  """Every `jaxmodels launch` printed '[Gloo] Rank i is connected to 1 peer ranks...' for each process."""
+  lines = [b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+           b"[Gloo] Rank 0 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1\n",
+           b"step 1 train: loss=2.3\n"]
+  out = io.StringIO()
+  stdout, sys.stdout = sys.stdout, out
+  try:
+    launch._forward(1, io.BytesIO(b"".join(lines)), threading.Lock())  # pylint: disable=protected-access
+  finally:
+    sys.stdout = stdout
+  assert out.getvalue() == "".join(f"[1] {line.decode()}" for line in lines[1:])

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(e, RuntimeError) and hbm.is_oom(e):  # XLA's device out-of-memory error (a JaxRuntimeError)
       print(f"jaxmodels: error: {hbm.explain(e, plan_hint(args))}", file=sys.stderr)
       return UserError.exit_code
-    failure = storage.write_failure(e, "the storage")  # a write no code path turned into a StorageError
+    failure = storage.write_failure(e, "the storage", only_writes=True)  # a write no code turned into one line
     if failure is None:
       raise
     print(f"jaxmodels: error: {failure}", file=sys.stderr)

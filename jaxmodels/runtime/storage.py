@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import threading
 import time
@@ -125,27 +124,37 @@ _WRITE_STATUS = {"RESOURCE_EXHAUSTED": "no space left or a quota exceeded", "PER
                  "UNAUTHENTICATED": "no credentials for the storage"}
 
 
-def write_failure(e: BaseException, where) -> str | None:
+# OS errors that only a write raises (a read never runs out of space or meets a read-only disk).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def write_failure(e: BaseException, where, only_writes: bool = False) -> str | None:
   """'cannot write PATH: CAUSE' for an exception a write raised, or None when it is not a storage error.
 
   Storage errors: an OSError (ENOSPC, EDQUOT, EROFS, EACCES, ...; PATH from the error when it names one), an
   HTTP, network or credential error of gcsfs, and an error of TensorStore (raised by Orbax, also wrapped in a
   bare Exception or chained) whose status is RESOURCE_EXHAUSTED or PERMISSION_DENIED or that carries an OS
-  error code. Other errors give None.
+  error code. Other errors give None. `only_writes` (for an error of unknown origin) narrows it to the errors
+  no read raises: OSErrors of WRITE_ERRNOS and TensorStore's out-of-space or OS-error-code statuses.
   """
   seen = set()
   while e is not None and id(e) not in seen and not isinstance(e, UserError):
     seen.add(id(e))
+    if isinstance(e, OSError) and only_writes and e.errno not in WRITE_ERRNOS:
+      return None
     if isinstance(e, OSError):
       cause = e.strerror or os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
       return f"cannot write {e.filename or where}: {cause}"
-    if isinstance(e, storage_errors()):  # gcsfs HttpError (its code: 403 refused, 429 quota), network, auth
+    if isinstance(e, storage_errors()) and not only_writes:  # gcsfs HttpError (403 refused, 429 quota), network
       code = getattr(e, "code", None)
       detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
       return f"cannot write {where}: {f'HTTP {code}: ' if code else ''}{detail}"
     message = str(e)
     os_code = re.search(r"os_error_code='?(\d+)", message)
     status = next((s for s in _WRITE_STATUS if message.startswith(s)), None)
+    if only_writes:
+      os_code = os_code if os_code and int(os_code.group(1)) in WRITE_ERRNOS else None
+      status = status if status == "RESOURCE_EXHAUSTED" else None
     if os_code or status:
       return f"cannot write {where}: {os.strerror(int(os_code.group(1))) if os_code else _WRITE_STATUS[status]}"
     e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
@@ -323,9 +332,9 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
   """One run per workdir: `workdir/LOCK` holds the running process's pid, host and a heartbeat until it exits.
 
-  The holder replaces the file with a new heartbeat (unix seconds) every `refresh_s` from a
-  background thread, atomically and only while the file is still its own. A lock left by a dead process on this host (a SIGKILL, a
-  crash) is taken over with a warning, and so is a lock of another host whose
+  The holder replaces the file with a new heartbeat (unix seconds) every `refresh_s`
+  from a background thread, atomically and only while the file is still its own. A
+  lock left by a dead process on this host (a SIGKILL, a crash) is taken over with a warning, and so is a lock of another host whose
   heartbeat has stopped (a preempted TPU VM, recreated under a new hostname,
   resumes from its bucket that way; see `_abandoned`), and so is an empty or torn
   one not written for `stale_s`. Take-overs are atomic (see the module docstring):
