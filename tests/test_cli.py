@@ -91,9 +91,12 @@ def test_ctrl_c_during_a_commands_imports_is_one_line_and_exit_130():
 
 
 def test_launch_drops_gloos_routine_connected_lines_and_keeps_the_rest():
-  """Every `jaxmodels launch` printed '[Gloo] Rank i is connected to 1 peer ranks...' for each process."""
+  """Every `jaxmodels launch` printed '[Gloo] Rank i is connected to 1 peer ranks...' for each process (and
+  the preemption service's 'expected upon program shutdown' warning)."""
   lines = [b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
            b"[Gloo] Rank 0 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1\n",
+           b"W1207 17:25:00.123456  4242 preemption_notifier.cc:89] Preemption sync protocol cancelled by notifier: "
+           b"CANCELLED: Cancelled call to retrieve preemption notice. This is expected upon program shutdown.\n",
            b"step 1 train: loss=2.3\n"]
   out = io.StringIO()
   stdout, sys.stdout = sys.stdout, out
@@ -101,4 +104,4 @@ def test_launch_drops_gloos_routine_connected_lines_and_keeps_the_rest():
     launch._forward(1, io.BytesIO(b"".join(lines)), threading.Lock())  # pylint: disable=protected-access
   finally:
     sys.stdout = stdout
-  assert out.getvalue() == "".join(f"[1] {line.decode()}" for line in lines[1:])
+  assert out.getvalue() == "".join(f"[1] {line.decode()}" for line in (lines[1], lines[3]))

@@ -37,10 +37,13 @@ def free_port() -> int:
 
 
 # Lines a healthy job prints on every run, dropped from the forwarded output: gloo's report that a rank reached
-# all its peers (printed by the C++ library itself, with no switch to turn it off). A rank that did not reach
-# them all ("connected to 0 peer ranks. Expected ... : 1") and every other line still show.
+# all its peers (printed by the C++ library itself, with no switch to turn it off), and the absl warning of JAX's
+# preemption service that its pending call was cancelled at exit, which says itself that it "is expected upon
+# program shutdown". A rank that did not reach them all ("connected to 0 peer ranks. Expected ... : 1"), any
+# other preemption message and every other line still show.
 ROUTINE_LINES = re.compile(rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
-                           rb"Expected number of connected peer ranks is : \1\s*$")
+                           rb"Expected number of connected peer ranks is : \1\s*$"
+                           rb"|.*preemption notice\. This is expected upon program shutdown")
 
 
 def _forward(i: int, stream, lock) -> None:
