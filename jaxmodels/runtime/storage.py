@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -70,7 +71,12 @@ def is_remote(p) -> bool:
   return "://" in os.fspath(p)
 
 
-def check_workdir(workdir, writes=()) -> None:
+# The directories a training run writes under its workdir: checkpoints (runs.checkpoint), TensorBoard scalars,
+# profiles and W&B files (train): the pre-flight check covers each.
+RUN_DIRECTORIES = ("checkpoints", "tb", "profile", "wandb")
+
+
+def check_workdir(workdir, writes=RUN_DIRECTORIES) -> None:
   """Raises UserError, writing nothing, if `workdir` is empty, a file, or (remote) cannot be reached: a
   network, credential or HTTP error on its first access; StorageError if (local) it or one of the directories
   `writes` (names relative to it: every directory the run will write) cannot be created and written: a file
@@ -163,22 +169,46 @@ def write_failure(e: BaseException, where, only_writes: bool = False) -> str | N
 
 class _ReportedWriteErrors(logging.Filter):
   """Drops Orbax's absl ERROR records (each with a traceback, from every thread of an async save) of a write
-  failure: `writing` raises that failure as one StorageError line when the save is waited for."""
+  failure: `writing` raises that failure as one StorageError line when the save is waited for. Once it has,
+  the tracebacks the failed save's remaining threads log as they wind down (its executor shut down under them)
+  are dropped too."""
+
+  reported = False  # set by `writing` when it raised a StorageError
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.exc_info and record.exc_info[1] is not None
-                and write_failure(record.exc_info[1], "") is not None)
+                and (self.reported or write_failure(record.exc_info[1], "") is not None))
 
 
 _QUIET = _ReportedWriteErrors()
+
+
+def _late_callback(exc_type, exc, tb) -> bool:
+  """Whether an error printed as unraisable is TensorStore calling back into the event loop of an Orbax save
+  that a write failure already ended (`RuntimeError: Event loop is closed`, raised by asyncio's check)."""
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
+          and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _quiet_unraisablehook(previous):
+  def hook(unraisable):
+    if not _late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+      previous(unraisable)
+  hook.quiets_late_callbacks = True
+  return hook
 
 
 @contextlib.contextmanager
 def writing(where, on_failure=None):
   """Turns a write error raised inside into StorageError('cannot write WHERE: CAUSE'), after calling
   `on_failure` (e.g. to remove a partial write). Other errors pass unchanged. From the first call on,
-  Orbax's logged tracebacks of write failures are dropped (they are raised, and so reported, here)."""
+  Orbax's logged tracebacks of write failures are dropped (they are raised, and so reported, here), and so are
+  TensorStore's late callbacks into a failed save's closed event loop (`_late_callback`)."""
   logging.getLogger("absl").addFilter(_QUIET)  # idempotent
+  if not getattr(sys.unraisablehook, "quiets_late_callbacks", False):
+    sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
   try:
     yield
   except StorageError:
@@ -190,6 +220,7 @@ def writing(where, on_failure=None):
     if on_failure is not None:
       with contextlib.suppress(Exception):
         on_failure()
+    _QUIET.reported = True
     raise StorageError(message) from None
 
 

@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   log = print if lead else lambda _line: None
-  storage.check_workdir(workdir, writes=("checkpoints", "tb", "profile", "wandb"))  # every directory a run writes
+  storage.check_workdir(workdir)
   exp = build_experiment(config)  # every config and data error surfaces here
   checkpoint.retention_policy(config.checkpoint)
   d = exp.dataset
