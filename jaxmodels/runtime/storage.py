@@ -365,9 +365,10 @@ class WorkdirLock:
 
   The holder replaces the file with a new heartbeat (unix seconds) every `refresh_s`
   from a background thread, atomically and only while the file is still its own. A
-  lock left by a dead process on this host (a SIGKILL, a crash) is taken over with a warning, and so is a lock of another host whose
-  heartbeat has stopped (a preempted TPU VM, recreated under a new hostname,
-  resumes from its bucket that way; see `_abandoned`), and so is an empty or torn
+  lock left by a dead process on this host (a SIGKILL, a crash) is taken over with
+  a warning, and so is a lock of another host whose heartbeat has stopped (a
+  preempted TPU VM, recreated under a new hostname, resumes from its bucket that
+  way; see `_abandoned`), and so is an empty or torn
   one not written for `stale_s`. Take-overs are atomic (see the module docstring):
   of processes taking over one abandoned lock at once, exactly one gets it. A
   live lock is a UserError naming its holder.
