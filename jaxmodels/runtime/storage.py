@@ -373,6 +373,7 @@ class WorkdirLock:
   of processes taking over one abandoned lock at once, exactly one gets it. A
   live lock is a UserError naming its holder.
   """
+
   def __init__(self, workdir, log=print, refresh_s: float = 60.0, stale_s: float = 600.0):
     self.workdir, self.file, self.log = path(workdir), path(workdir) / LOCK_FILE, log
     self.refresh_s, self.stale_s = refresh_s, stale_s
