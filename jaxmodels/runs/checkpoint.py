@@ -155,6 +155,17 @@ class Checkpoints:
     """
     if step in self.manager.all_steps():
       return
+    with self._writing():  # a failed write (this save's or an earlier async one's): one StorageError line
+      self._save(step, state, config_dict, metrics, wait, unlogged, early_stopping)
+
+  def _writing(self):
+    """storage.writing for a save; a failed save's temporary directories are removed."""
+    def remove_partial_saves():
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        tmp.rmtree()
+    return storage.writing(f"checkpoints in {self.directory}", remove_partial_saves)
+
+  def _save(self, step, state, config_dict, metrics, wait, unlogged, early_stopping) -> None:
     self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
         model=ocp.args.StandardSave({"params": state.params, "model_state": state.model_state}),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
@@ -269,9 +280,12 @@ class Checkpoints:
     return {"unlogged_metrics": loop["unlogged_metrics"], "early_stopping": loop.get("early_stopping")}
 
   def close(self) -> None:
-    """Waits for the last async save (raising if it failed) and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last async save (StorageError if it failed to write) and releases the manager."""
+    try:
+      with self._writing():
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def _target(abstract, saved_shapes: dict):

@@ -176,8 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       # Accepted: from here on the run writes.
       note = schedule_change(exp, saved_config, start)
       if lead:
-        for name, text in files.items():
-          (storage.path(workdir) / name).write_text(text)
+        storage.write_files(workdir, files)  # all or none: a failed write leaves the workdir's files as they were
       ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
       logger = MetricsLogger(workdir, config.train.steps, enabled=lead, config=config.to_dict())
       logger.start(start)
