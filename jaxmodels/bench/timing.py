@@ -137,22 +137,28 @@ def _placed(args, devices):
 
 
 @contextlib.contextmanager
-def _persistent_cache_off():
-  """The persistent compilation cache off for the block, even in a process that has used it already.
+def _persistent_cache(directory: str | None):
+  """For the block, the persistent compilation cache in `directory` (thresholds zero: everything is cached), or
+  off (None), even in a process that has used another already; the previous setting afterwards.
 
-  JAX decides once per process whether the cache is used (at its first compile), so turning
-  `jax_enable_compilation_cache` off afterwards alone changes nothing (repeats 2..N of a "cold" compile
-  were cache hits); its (private) reset makes it decide again. There is no public API for it.
+  JAX decides once per process whether the cache is used and opens its directory once (at its first compile),
+  so changing `jax_enable_compilation_cache` or the directory afterwards alone changes nothing (repeats 2..N of
+  a "cold" compile were cache hits); its (private) reset makes it decide again. There is no public API for it.
   """
   from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
 
-  previous = jax.config.jax_enable_compilation_cache
+  saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
   compilation_cache.reset_cache()
-  jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_enable_compilation_cache", directory is not None)
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
     yield
   finally:
-    jax.config.update("jax_enable_compilation_cache", previous)
+    for k, v in saved.items():
+      jax.config.update(k, v)
     compilation_cache.reset_cache()
 
 
@@ -169,7 +175,7 @@ def measure_compile(fn, args, kwargs, repeat: int, devices=None, topology: str |
   device = (devices or jax.devices())[0]
   environment = _environment(devices, topology, repeat)
   try:
-    with _persistent_cache_off():
+    with _persistent_cache(None):
       runs = [_stages(fn, args, kwargs) for _ in range(repeat)]
   except jax.errors.JaxRuntimeError as e:
     if not hbm.is_oom(e):
@@ -268,27 +274,10 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
 
 def warm_cache_compile_s(fn, args, kwargs) -> float:
   """Seconds to compile `fn` (jitted) with the persistent cache warm: populate a fresh cache dir, clear memory,
-  compile again.
-
-  JAX opens its persistent cache once per process, so switching directories needs
-  its (private) reset; there is no public API for it.
-  """
-  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
-
-  saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
-  compilation_cache.reset_cache()
-  with tempfile.TemporaryDirectory() as cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-      _stages(fn, args, kwargs)
-      return _stages(fn, args, kwargs)[2][2]
-    finally:
-      for k, v in saved.items():
-        jax.config.update(k, v)
-      compilation_cache.reset_cache()
+  compile again."""
+  with tempfile.TemporaryDirectory() as cache, _persistent_cache(cache):
+    _stages(fn, args, kwargs)
+    return _stages(fn, args, kwargs)[2][2]
 
 
 def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
