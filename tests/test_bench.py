@@ -8,9 +8,12 @@ import subprocess
 import sys
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, experiment
+from jax.sharding import PartitionSpec as P
 
 from jaxmodels import parallel
 from jaxmodels.bench import timing as bench
@@ -159,6 +162,53 @@ def test_transformer_flop_count_matches_xla_when_unrolled():
   c.train.batch_size = 8
   exp = build_experiment(c)
   assert 0.8 < exp.model_flops / bench.xla_flops(exp) < 1.25
+
+
+def test_compile_stats_of_a_plain_jitted_function():
+  matmul = lambda a, b: jnp.tanh(a @ b).sum()
+  a, b = jnp.ones((64, 32)), jax.ShapeDtypeStruct((32, 16), jnp.float32)  # concrete or abstract arguments
+  hits = []  # this process uses a persistent cache (conftest): only the warm-cache compile may read it
+  jax.monitoring.register_event_listener(
+      lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+  stats = bench.compile_stats(jax.jit(matmul), a, b, repeat=2)
+  assert len(hits) == 1  # the second "cold" repeat was a cache hit too while the cache was only switched off
+  assert stats["trace_s"] > 0 and stats["lower_s"] > 0 and stats["compile_s"] > 0 and stats["repeat"] == 2
+  assert stats["hlo_ops"] > stats["fusions"] > 0
+  assert stats["flops"] >= 2 * 64 * 32 * 16 and stats["bytes_accessed"] > 0
+  assert stats["argument_bytes"] == (64 * 32 + 32 * 16) * 4 and stats["output_bytes"] == 4
+  assert stats["warm_cache_compile_s"] > 0
+  # topology=None: the verdict for the local devices; a CPU reports no memory limit, so it is unknown.
+  assert stats["device_kind"] == jax.devices()[0].device_kind and stats["topology"] == ""
+  assert stats["needed_bytes"] >= stats["argument_bytes"] and stats["fits"] is None
+  assert "device_memory_bytes" in stats and "headroom_bytes" in stats
+  plain = bench.compile_stats(matmul, a, b, repeat=1)  # a plain function is jitted for the measurement
+  assert plain["flops"] == stats["flops"] and plain["hlo_ops"] == stats["hlo_ops"]
+  json.dumps(stats)  # a results record, as bench compile writes them
+  # XLA's cost analysis counts a scan's body once, not once per iteration (the docstring says so).
+  body = bench.compile_stats(lambda x: x @ x, jnp.ones((8, 8)), repeat=1)["flops"]
+  scanned = bench.compile_stats(lambda x: jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=10)[0],
+                                jnp.ones((8, 8)), repeat=1)["flops"]
+  assert body <= scanned < 2 * body
+  with pytest.raises(UserError, match="repeat=0: expected at least 1"):
+    bench.compile_stats(matmul, a, b, repeat=0)
+
+
+def test_compile_stats_ahead_of_time_for_a_tpu_topology():
+  try:
+    devices = bench.topology_devices("v5e:2x2")
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+  matmul = lambda a, b: a @ b
+  a, b = jnp.ones((512, 256)), jax.ShapeDtypeStruct((256, 128), jnp.float32)  # TPU tiles: no padding
+  stats = bench.compile_stats(matmul, a, b, repeat=1, topology="v5e:2x2")
+  assert "TPU" in stats["device_kind"] and stats["device_count"] == 4 and stats["compile_s"] > 0
+  assert stats["argument_bytes"] == (512 * 256 + 256 * 128) * 4  # unsharded arguments: on the first chip
+  assert stats["device_memory_bytes"] == int(15.75 * 2**30) and stats["fits"] is True
+  assert math.isnan(stats["warm_cache_compile_s"])
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  rows = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, P("data")))
+  sharded = bench.compile_stats(matmul, rows, b, repeat=1, topology="v5e:2x2")
+  assert sharded["argument_bytes"] == (128 * 256 + 256 * 128) * 4  # a quarter of the rows per chip, `b` whole
 
 
 def test_topology_compile_ahead_of_time():

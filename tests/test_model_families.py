@@ -20,6 +20,7 @@ from jaxmodels.models import (
   ViT,
   ViTConfig,
   build_model,
+  count_params,
   family_config,
   presets,
 )
@@ -28,15 +29,11 @@ from jaxmodels.runs.checkpoint import config_differences
 from jaxmodels.runtime.errors import UserError
 
 
-def count(module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-
-
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_preset_parameter_counts_equal_the_published_ones(name):
   model = nnx.eval_shape(lambda: presets.build(name, rngs=nnx.Rngs(0)))  # shapes only: nothing allocated
   p = presets.get(name)
-  assert count(model) == p.params
+  assert count_params(model) == p.params
   if p.family == "transformer":
     assert transformer_param_count(p.config, p.reference["num_outputs"]) == p.params
 
@@ -78,7 +75,7 @@ def test_typed_configs_raise_value_error_naming_the_field(make, message):
 def test_modules_take_a_config_or_keyword_fields_and_refuse_another_family():
   a = TransformerLM(11, TransformerConfig(d_model=16, num_heads=2, d_ff=32), rngs=nnx.Rngs(0))
   b = TransformerLM(11, d_model=16, num_heads=2, d_ff=32, rngs=nnx.Rngs(0))
-  assert a.config == b.config and count(a) == count(b)
+  assert a.config == b.config and count_params(a) == count_params(b)
   with pytest.raises(TypeError, match="expected a TransformerConfig, got ResNetConfig"):
     TransformerLM(11, ResNetConfig(), rngs=nnx.Rngs(0))
 

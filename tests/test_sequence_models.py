@@ -14,6 +14,7 @@ from jaxmodels.models import (
   TransformerClassifier,
   TransformerConfig,
   TransformerLM,
+  count_params,
 )
 from jaxmodels.models.recurrent import recurrent_param_count, zero_carry
 from jaxmodels.models.transformer import (
@@ -33,10 +34,6 @@ VOCAB = 17
 
 def tiny(**kw):
   return TransformerConfig(**{**TINY, **kw})
-
-
-def count(module):
-  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def tokens(shape, seed=0):
@@ -143,13 +140,13 @@ def test_cached_decoding_matches_full_forward(model_fn):
                                 dict(tie_embeddings=False, num_layers=3)])
 def test_transformer_param_count_formula(kw):
   m = tiny(**kw)
-  assert count(TransformerLM(VOCAB, m, rngs=nnx.Rngs(0))) == transformer_param_count(m, VOCAB)
+  assert count_params(TransformerLM(VOCAB, m, rngs=nnx.Rngs(0))) == transformer_param_count(m, VOCAB)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recurrent_param_count_formula(cell):
   lm = RecurrentLM(VOCAB, cell=cell, hidden_size=16, num_layers=3, rngs=nnx.Rngs(0))
-  assert count(lm.rnn) == recurrent_param_count(cell, 16, 16, 3)
+  assert count_params(lm.rnn) == recurrent_param_count(cell, 16, 16, 3)
 
 
 def test_classifiers_shapes_pooling_and_bidirectional():

@@ -1,16 +1,20 @@
 """`jaxmodels bench`: how long a train step takes to trace, lower and compile, what it costs, how fast it runs.
 
-`compile_point` builds the experiment's real train step (the `train` code path,
-under its `parallel` settings) from abstract inputs and times each stage
-separately, each the median of `repeat` fresh runs with the in-memory caches
-cleared and the persistent cache off; then it reads XLA's own analyses of the
-optimized module. `step_point` times the compiled step on real data and
-reports model FLOP utilisation. Field names are stable: results files are
+`compile_stats` measures any jitted function: each stage (trace, lower, compile)
+the median of `repeat` cold runs with the in-memory caches cleared and the
+persistent cache off, then XLA's own analyses of the optimized module (HLO
+counts, cost, memory and the fits-in-HBM verdict). `compile_point` builds the
+experiment's real train step (the `train` code path, under its `parallel`
+settings) from abstract inputs and measures it through `compile_stats`.
+`step_point` times the compiled step on real data and reports model FLOP
+utilisation. Field names are stable: results files are
 compared across versions (`--baseline`).
 """
 
 import csv
+import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -47,7 +51,8 @@ def topology_devices(name: str):
   """The devices of a TPU topology that is not attached, for ahead-of-time compiles.
 
   `name` is a slice ('v5e:2x2') or several identical slices joined over DCN ('v5e:2x2,slices=2'); a
-  multislice mesh needs `parallel.dcn_mesh` to say which axis crosses the slices.
+  multislice mesh needs `parallel.dcn_mesh` to say which axis crosses the slices. A name is described once per
+  process: every call returns the same devices, so shardings made over one call's devices hold for the next.
   """
   if problem := compilation.libtpu_problem():
     warnings.warn(f"--topology {name}: {problem}", RuntimeWarning, stacklevel=2)
@@ -62,11 +67,16 @@ def topology_devices(name: str):
   if not accelerator_present():
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=int(slices or 1)).devices
+    return _described(topology, int(slices or 1))
   except (RuntimeError, ValueError, ImportError) as e:  # JaxRuntimeError is a RuntimeError; no libtpu: ImportError
     raise UserError(f"--topology {name}: cannot describe this TPU topology ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}). It needs libtpu: pip install 'jaxmodels[tpu]'") from None
+
+
+@functools.cache
+def _described(topology: str, slices: int) -> list:
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=slices).devices
 
 
 def abstract_args(exp):
@@ -82,56 +92,98 @@ def hlo_counts(optimized_text: str) -> tuple[int, int]:
   return len(instructions), sum(1 for op in instructions if op == "fusion")
 
 
-def _stages(config, devices):
-  """One cold trace / lower / compile of a freshly built step (fresh closures: no trace-cache hits)."""
+def _stages(fn, args, kwargs):
+  """One cold trace / lower / compile of `fn` (jitted or pmapped) on `args`: JAX's in-memory caches (traces,
+  lowerings, executables) are cleared first. Returns (lowered, compiled, (trace_s, lower_s, compile_s))."""
   jax.clear_caches()
-  exp = build_experiment(config, devices=devices)
-  args = abstract_args(exp)
   t0 = time.perf_counter()
-  if hasattr(exp.train_step, "trace"):
-    traced = exp.train_step.trace(*args)
+  if hasattr(fn, "trace"):
+    traced = fn.trace(*args, **kwargs)
     t1 = time.perf_counter()
     lowered = traced.lower()
   else:  # jax.pmap's wrapper traces inside `lower`: its trace seconds are the ones JAX reports
     with compilation.CompileTimer() as timer:
-      lowered = exp.train_step.lower(*args)
+      lowered = fn.lower(*args, **kwargs)
     t1 = t0 + timer.seconds["trace_s"]
   t2 = time.perf_counter()
   compiled = lowered.compile()
   t3 = time.perf_counter()
-  return exp, lowered, compiled, (t1 - t0, t2 - t1, t3 - t2)
+  return lowered, compiled, (t1 - t0, t2 - t1, t3 - t2)
 
 
-def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
-                  label: str = "point", steps: int = 10) -> dict:
-  """Compile (and, without a topology, run) the experiment's train step; returns one results record.
-
-  The record's memory verdict (`hbm.verdict`): needed_bytes per device, device_memory_bytes, headroom_bytes
-  and fits (None where the device's memory is unknown). A compile or run that XLA refuses for lack of
-  memory returns a record with fits False, the figures of XLA's message and its first line as `oom`.
-  """
-  devices = topology_devices(topology) if topology else None
-  if topology and config.parallel.strategy == "pmap":
-    raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
+def _environment(devices, topology: str | None, repeat: int) -> dict:
   device = (devices or jax.devices())[0]
-  environment = {"label": label, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                 "backend": "tpu (ahead of time)" if topology else jax.default_backend(),
-                 "device_kind": device.device_kind, "device_count": len(devices or jax.devices()),
-                 "topology": topology or "", "repeat": repeat}
-  previous = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "backend": "tpu (ahead of time)" if topology else jax.default_backend(),
+          "device_kind": device.device_kind, "device_count": len(devices or jax.devices()),
+          "topology": topology or "", "repeat": repeat}
+
+
+def _placed(args, devices):
+  """`args` as ShapeDtypeStructs for a compile on `devices` (a topology's). A leaf whose sharding lies on those
+  devices keeps it and the others follow them (no sharding of their own); where none does, every array leaf
+  goes to the first device. Non-array leaves are left as they are."""
+  on = set(devices)
+  arrays = [x for x in jax.tree.leaves(args) if hasattr(x, "shape") and hasattr(x, "dtype")]
+  placed = lambda x: getattr(x, "sharding", None) is not None and set(x.sharding.device_set) <= on
+  other = None if any(placed(x) for x in arrays) else jax.sharding.SingleDeviceSharding(devices[0])
+
+  def place(x):
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed(x) else other)
+
+  return jax.tree.map(place, args)
+
+
+@contextlib.contextmanager
+def _persistent_cache(directory: str | None):
+  """For the block, the persistent compilation cache in `directory` (thresholds zero: everything is cached), or
+  off (None), even in a process that has used another already; the previous setting afterwards.
+
+  JAX decides once per process whether the cache is used and opens its directory once (at its first compile),
+  so changing `jax_enable_compilation_cache` or the directory afterwards alone changes nothing (repeats 2..N of
+  a "cold" compile were cache hits); its (private) reset makes it decide again. There is no public API for it.
+  """
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+
+  saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_enable_compilation_cache", directory is not None)
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
-    runs = [_stages(config, devices) for _ in range(repeat)]
+    yield
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def measure_compile(fn, args, kwargs, repeat: int, devices=None, topology: str | None = None):
+  """`compile_stats`'s measurement, for a function and `devices` (a topology's, or None: the local ones) already
+  resolved: returns (record, lowered, compiled), the last two None when XLA refused the program for lack of
+  memory (the record then holds `hbm.refused`'s fields)."""
+  if repeat < 1:
+    raise UserError(f"repeat={repeat}: expected at least 1")
+  if not (hasattr(fn, "trace") or hasattr(fn, "lower")):
+    fn = jax.jit(fn)
+  if devices:
+    args, kwargs = _placed((args, kwargs), devices)
+  device = (devices or jax.devices())[0]
+  environment = _environment(devices, topology, repeat)
+  try:
+    with _persistent_cache(None):
+      runs = [_stages(fn, args, kwargs) for _ in range(repeat)]
   except jax.errors.JaxRuntimeError as e:
     if not hbm.is_oom(e):
       raise
-    return {**environment, **hbm.refused(e, device)}
-  finally:
-    jax.config.update("jax_enable_compilation_cache", previous)
-  exp, lowered, compiled, _ = runs[-1]
-  trace_s, lower_s, compile_s = (statistics.median(r[3][i] for r in runs) for i in range(3))
-  optimized = compiled.as_text()
-  hlo_ops, fusions = hlo_counts(optimized)
+    return {**environment, **hbm.refused(e, device)}, None, None
+  lowered, compiled, _ = runs[-1]
+  trace_s, lower_s, compile_s = (statistics.median(r[2][i] for r in runs) for i in range(3))
+  hlo_ops, fusions = hlo_counts(compiled.as_text())
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
@@ -140,12 +192,71 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
       "fusions": fusions, "flops": float(cost.get("flops", math.nan)),
       "bytes_accessed": float(cost.get("bytes accessed", math.nan)),
       "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
-      "temp_bytes": int(memory.temp_size_in_bytes),
+      "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes),
       "generated_code_bytes": int(memory.generated_code_size_in_bytes),
       # An ahead-of-time executable has no client to load into, so the persistent cache cannot serve it.
-      "warm_cache_compile_s": math.nan if topology else warm_cache_compile_s(config, devices),
-      "model_flops": exp.model_flops, **hbm.verdict(memory, device),
+      "warm_cache_compile_s": math.nan if devices else warm_cache_compile_s(fn, args, kwargs),
+      **hbm.verdict(memory, device),
   }
+  return record, lowered, compiled
+
+
+def compile_stats(fn, *args, repeat: int = 3, topology: str | None = None, **kwargs) -> dict:
+  """What compiling `fn(*args, **kwargs)` costs, and whether the program fits a device: a research function's
+  `jaxmodels bench compile` (which measures the experiment's train step through it).
+
+      stats = compile_stats(jax.jit(step), params, batch, repeat=3)
+      stats = compile_stats(step, jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16), topology="v5e:2x2")
+
+  `fn` is a plain function (jitted here), a `jax.jit`-wrapped one (its static and donated arguments apply) or a
+  `jax.pmap`-wrapped one; `args` and `kwargs` are concrete arrays or `jax.ShapeDtypeStruct`s (any pytree of
+  them; nothing runs, and no argument is donated). `repeat` and `topology` are this function's own keywords,
+  never passed to `fn`. Each stage is the median of `repeat` cold runs: JAX's in-memory caches cleared before
+  each (`jax.clear_caches`), the persistent compilation cache off. `topology` (a TPU slice that is not attached,
+  'v5e:2x2' or 'v5e:2x2,slices=2', see `topology_devices`; needs libtpu) compiles ahead of time for it: an
+  argument whose sharding lies on the topology's devices (a `NamedSharding` over a `Mesh` of
+  `topology_devices(name)`) keeps it, any other goes to its first chip. None: the local devices.
+
+  Returns a dict (the fields of `bench compile`'s results records; docs/benchmarking.md lists them):
+
+  - `trace_s`, `lower_s`, `compile_s`: seconds to trace to a jaxpr, lower to StableHLO, and compile with XLA
+    (medians); `warm_cache_compile_s`: seconds to compile again from a warm persistent cache (nan with a topology).
+  - `hlo_ops`, `fusions`: instructions, and fusion instructions among them, of XLA's optimized module.
+  - `flops` (FLOP) and `bytes_accessed` (bytes): XLA's cost analysis of the program ONE device runs (multiply by
+    the devices for a sharded program); a `lax.scan` (or `while`) body is counted once, not once per iteration.
+  - `argument_bytes`, `output_bytes`, `alias_bytes` (outputs living in donated arguments), `temp_bytes`,
+    `generated_code_bytes`: XLA's memory analysis, bytes per device.
+  - `needed_bytes` (per device: arguments + outputs not aliased + temporaries + code), `device_memory_bytes`,
+    `device_memory_source`, `headroom_bytes`, `fits` (True/False, None where the device's memory is unknown, as
+    on a CPU): `jaxmodels.runtime.hbm.verdict`. A program XLA refuses for lack of memory gives `fits` False, the
+    figures of XLA's message, its first line as `oom`, and no timings.
+  - `jax`, `jaxlib`, `backend`, `device_kind`, `device_count` (the topology's or the local devices), `topology`,
+    `repeat`.
+
+  Raises UserError for `repeat` < 1 or a topology that cannot be described; XLA's own errors otherwise.
+  """
+  devices = topology_devices(topology) if topology else None
+  return measure_compile(fn, args, kwargs, repeat, devices, topology)[0]
+
+
+def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
+                  label: str = "point", steps: int = 10) -> dict:
+  """Compile (and, without a topology, run) the experiment's train step; returns one results record.
+
+  The step is built once from abstract inputs (`abstract_args`) and measured by `compile_stats` (its fields),
+  plus `label` and the analytic `model_flops`, and without a topology `step_point`'s fields. A compile or run
+  that XLA refuses for lack of memory returns a record with fits False, the figures of XLA's message and its
+  first line as `oom`.
+  """
+  devices = topology_devices(topology) if topology else None
+  if topology and config.parallel.strategy == "pmap":
+    raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
+  exp = build_experiment(config, devices=devices)
+  stats, lowered, compiled = measure_compile(exp.train_step, abstract_args(exp), {}, repeat, devices, topology)
+  record = {"label": label, **stats}
+  if compiled is None:
+    return record
+  record["model_flops"] = exp.model_flops
   if not topology:
     try:
       record.update(step_point(exp, steps=steps, warmup=2))
@@ -157,32 +268,16 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
     dump = storage.path(dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
     (dump / f"{label}.pre.hlo.txt").write_text(lowered.as_text(dialect="hlo"))
-    (dump / f"{label}.post.hlo.txt").write_text(optimized)
+    (dump / f"{label}.post.hlo.txt").write_text(compiled.as_text())
   return record
 
 
-def warm_cache_compile_s(config, devices) -> float:
-  """Seconds to compile with the persistent cache warm: populate a fresh cache dir, clear memory, compile.
-
-  JAX opens its persistent cache once per process, so switching directories needs
-  its (private) reset; there is no public API for it.
-  """
-  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
-
-  saved = {k: getattr(jax.config, k) for k in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
-  compilation_cache.reset_cache()
-  with tempfile.TemporaryDirectory() as cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-      _stages(config, devices)
-      return _stages(config, devices)[3][2]
-    finally:
-      for k, v in saved.items():
-        jax.config.update(k, v)
-      compilation_cache.reset_cache()
+def warm_cache_compile_s(fn, args, kwargs) -> float:
+  """Seconds to compile `fn` (jitted) with the persistent cache warm: populate a fresh cache dir, clear memory,
+  compile again."""
+  with tempfile.TemporaryDirectory() as cache, _persistent_cache(cache):
+    _stages(fn, args, kwargs)
+    return _stages(fn, args, kwargs)[2][2]
 
 
 def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:

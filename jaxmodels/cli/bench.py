@@ -28,12 +28,14 @@ def run(prog: str, args: list[str]) -> int:
 compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
 trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
-bytes_accessed, argument/output/temp/generated_code bytes, warm_cache_compile_s,
+bytes_accessed, argument/output/alias/temp/generated_code bytes, warm_cache_compile_s,
 the memory verdict (needed_bytes per device, device_memory_bytes, headroom_bytes,
 fits: true, false, or null where the device's memory is unknown, as on a CPU; a
 step XLA refuses for lack of memory is a fits: false point), and, unless
 --topology compiles ahead of time for an unattached TPU slice (or several: `v5e:2x2,slices=2`, with --config.parallel.dcn_mesh=data=2),
 step_s. --baseline exits 1 when a metric grew by more than --max-regression.
+The measurement is jaxmodels.bench.compile_stats(fn, *args), which takes any
+jitted function of your own (docs/benchmarking.md).
 --sweep takes any config key; values are parsed by the key's type: true/false,
 numbers, strings, tuples as Python literals ('(64,)','(128,64)'), none. Commas
 outside brackets separate values, so a string holding a comma is quoted inside

@@ -12,7 +12,9 @@ arguments, plus a compute `dtype` and a `param_dtype`, and are called as
 stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
 sampling; the encoder-decoder (`EncoderDecoder`, called as `model(source, decoder_input, ...)`) has
-`init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it
+`init_cache(source, length)`, `decode` and greedy `generate`. Each refuses what it cannot compute (a sequence
+longer than `max_len`, a cache write past its slots, a known token id outside the vocabulary) with a ValueError
+naming the sizes. `count_params(model)` counts a model's parameters. `build_model` is the command line's bridge: it
 maps the flat `model.*` config group onto the family's dataclass (`family_config`). Each module class names its
 config (`TransformerLM.Config`) and the data it models (`tasks`): the protocol of `registry`, which holds the
 families by name (`FAMILIES`, `register`) and resolves your own module by import path (`get_family`).
@@ -22,6 +24,7 @@ from jaxmodels.models import presets
 from jaxmodels.models.cnn import CNN, CNNConfig
 from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
 from jaxmodels.models.mlp import MLP, MLPConfig
+from jaxmodels.models.params import count_params
 from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
 from jaxmodels.models.registry import FAMILIES, build_family, build_model, family_config, get_family, register
 from jaxmodels.models.resnet import ResNet, ResNetConfig
@@ -35,4 +38,4 @@ from jaxmodels.models.vit import ViT, ViTConfig
 __all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
            "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
-           "build_family", "build_model", "family_config", "get_family", "presets", "register"]
+           "build_family", "build_model", "count_params", "family_config", "get_family", "presets", "register"]

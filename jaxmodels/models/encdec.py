@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import axes, resolve
+from jaxmodels.models.layers import axes, check_indices, check_length, check_slots, resolve
 from jaxmodels.models.transformer import (
   BATCH,
   EMBED,
@@ -68,8 +68,10 @@ class EncoderDecoder(nnx.Module):
 
       EncoderDecoder(vocab_size, EncoderDecoderConfig(num_layers=2), rngs=nnx.Rngs(0))
 
-  Raises ValueError (a bad field, or a sequence longer than `max_len` with learned positions) or TypeError
-  (a config of another family).
+  Raises ValueError (a bad field) or TypeError (a config of another family); calls raise ValueError for what
+  the model cannot compute, naming the sizes: a source or target longer than `max_len` (rotary positions too), a
+  decoding cache longer than `max_len` or a write past its slots, and, where the values are known (an eager
+  call: `jaxmodels.models.layers.known`), a token id outside the vocabulary or a cache index past its slots.
   """
 
   Config = EncoderDecoderConfig  # the module protocol of jaxmodels.models.registry
@@ -92,11 +94,11 @@ class EncoderDecoder(nnx.Module):
                  nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                             kernel_metadata=axes("embed", "vocab"), rngs=rngs))
     self.embed_dropout = nnx.Dropout(c.dropout)
-    self.max_len, self.dtype = c.max_len, dtype
+    self.max_len, self.vocab_size, self.dtype = c.max_len, vocab_size, dtype
 
   def _embed(self, tokens_BT, positions_BT, pos_embed, rngs):
-    if tokens_BT.shape[1] > self.max_len:
-      raise ValueError(f"a sequence of {tokens_BT.shape[1]} tokens exceeds max_len={self.max_len}")
+    check_length(tokens_BT.shape[1], self.max_len)
+    check_indices(tokens_BT, self.vocab_size, "token id")
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if pos_embed is not None:
       x_BTD = x_BTD + lookup(pos_embed, positions_BT, self.dtype)
@@ -140,7 +142,9 @@ class EncoderDecoder(nnx.Module):
   def init_cache(self, source_BS, length: int, *, source_mask_BS=None) -> dict:
     """A decoding cache for `length` target tokens: the source encoded and its cross-attention keys and values
     ('cross_k', 'cross_v': (L, B, S, K, H)) computed once, an empty self-attention cache ('k', 'v':
-    (L, B, length, K, H)) and the source's key mask 'cross_mask' (B, 1, 1, S)."""
+    (L, B, length, K, H)) and the source's key mask 'cross_mask' (B, 1, 1, S). ValueError for a `length` above
+    max_len (slot i holds target position i)."""
+    check_length(length, self.max_len, "a cache")
     B = source_BS.shape[0]
     kv = self.decoder.cross_keys_values(self.encode(source_BS, source_mask_BS))
     d = self.decoder
@@ -150,8 +154,11 @@ class EncoderDecoder(nnx.Module):
 
   def decode(self, tokens_BT, cache: dict, index):
     """Logits for the decoder tokens in cache slots index..index+T-1, each attending to the slots up to its own
-    and to the whole (unpadded) source; returns (logits_BTV, the updated cache)."""
+    and to the whole (unpadded) source; returns (logits_BTV, the updated cache). ValueError (see the class) for a
+    cache of more than max_len slots or tokens past its slots."""
     B, T = tokens_BT.shape
+    check_length(cache["k"].shape[2], self.max_len, "a cache")
+    check_slots(index, T, cache["k"].shape[2])
     slots_T = index + jnp.arange(T)
     causal_11TS = (jnp.arange(cache["k"].shape[2])[None, :] <= slots_T[:, None])[None, None]
     cross = {"k": cache["cross_k"], "v": cache["cross_v"], "mask_B1TS": cache["cross_mask"]}

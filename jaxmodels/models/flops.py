@@ -26,10 +26,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from jaxmodels.models import registry
+from jaxmodels.models.params import count_params
 
 # Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead (`matmul_flops`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -72,17 +71,12 @@ def peak_flops(devices: int = 1, device=None) -> tuple[float, str] | None:
   return listed[0] * devices, f"datasheet bf16 peak of {listed[1]}" + (f" x {devices}" if devices > 1 else "")
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | None = None) -> float:
   """Analytic training FLOPs of one optimizer step (see the module docstring). A module of no built-in family
   without `flops_per_example` is counted as 6 x parameters per example (per token for "lm"), which appends a
   note saying so to `notices`."""
   m, batch = config.model, config.train.batch_size
-  params = nnx.state(abstract_model, nnx.Param)
-  n_params = _count(params)
+  n_params = count_params(abstract_model)
   if m.family not in registry.FAMILIES:
     if hasattr(abstract_model, "flops_per_example"):
       return float(batch * abstract_model.flops_per_example(tuple(dataset.input_shape)))
@@ -93,17 +87,17 @@ def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | N
     return 6.0 * n_params * batch * per_example
   if dataset.task == "seq2seq":
     s, t, d = dataset.input_shape[0], dataset.input_shape[0] + 1, m.d_model
-    encoder = _count(nnx.state(abstract_model.encoder, nnx.Param))
-    decoder = _count(nnx.state(abstract_model.decoder, nnx.Param))
+    encoder = count_params(abstract_model.encoder)
+    decoder = count_params(abstract_model.decoder)
     head = 2 * d * dataset.num_outputs * 3
     attention = 12 * m.num_layers * d * (s * s + t * t + t * s)
     return batch * (6 * (encoder * s + decoder * t) + attention + head * t)
   if dataset.task == "lm":
     tokens = batch * config.data.seq_len
     if m.family == "transformer":
-      embed = _count(nnx.state(abstract_model.embed, nnx.Param))
+      embed = count_params(abstract_model.embed)
       if abstract_model.pos_embed is not None:
-        embed += _count(nnx.state(abstract_model.pos_embed, nnx.Param))
+        embed += count_params(abstract_model.pos_embed)
       head = 2 * m.d_model * dataset.num_outputs * 3 if m.tie_embeddings else 0
       attention = 12 * m.num_layers * config.data.seq_len * m.d_model
       return tokens * (6 * (n_params - embed) + attention + head)

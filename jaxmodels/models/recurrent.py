@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.layers import POSITIVE, RATE, choice, require, resolve
+from jaxmodels.models.layers import POSITIVE, RATE, check_indices, choice, require, resolve
 from jaxmodels.parallel.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
@@ -138,6 +138,9 @@ class RecurrentLM(nnx.Module):
   """Character (or byte) language model: tokens_BT -> embed -> recurrent layers -> logits_BTV.
 
       RecurrentLM(vocab_size, LSTMConfig(cell="gru", hidden_size=128), rngs=nnx.Rngs(0))
+
+  Any length runs (no position table). A call raises ValueError for a token id outside the vocabulary where the
+  ids are known (an eager call, not inside jax.jit or scan: `jaxmodels.models.layers.known`).
   """
 
   Config = LSTMConfig  # the module protocol of jaxmodels.models.registry
@@ -152,8 +155,10 @@ class RecurrentLM(nnx.Module):
                               param_dtype=param_dtype, rngs=rngs)
     self.head = nnx.Linear(hidden_size, vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
+    self.vocab_size = vocab_size
 
   def _forward(self, tokens_BT, carries, rngs):
+    check_indices(tokens_BT, self.vocab_size, "token id")
     h_BTH, carries, _ = self.rnn(constrain(self.embed(tokens_BT), (BATCH, LENGTH)), carries, rngs)
     logits_BTV = self.head(self.dropout(h_BTH, deterministic=rngs is None, rngs=rngs))
     return constrain(logits_BTV, (BATCH, LENGTH, "activation_vocab")), carries

@@ -45,6 +45,9 @@ from jaxmodels.models.layers import (
   POSITIVE_REAL,
   RATE,
   axes,
+  check_indices,
+  check_length,
+  check_slots,
   choice,
   require,
   resolve,
@@ -84,7 +87,7 @@ class TransformerConfig:
   num_kv_heads: int | None = None  # K key/value heads (grouped-query attention), dividing num_heads; None: N
   num_layers: int = 2  # L blocks
   d_ff: int = 512  # F, the MLP's hidden width
-  max_len: int = 256  # longest sequence (learned positions; the LM refuses longer inputs)
+  max_len: int = 256  # longest sequence (the learned position table's rows): longer inputs are refused
   norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm), computed in float32
   norm_eps: float = 1e-6  # the norms' epsilon (GPT-2 1e-5, Llama 1e-5 or 1e-6)
   mlp: str = "swiglu"  # gelu (tanh approximation, as GPT-2) | swiglu (silu(x W_gate) * x W_up)
@@ -488,7 +491,11 @@ class TransformerLM(nnx.Module):
       TransformerLM(vocab_size, TransformerConfig(d_model=256, num_layers=4), rngs=nnx.Rngs(0))
       TransformerLM(vocab_size, num_layers=4, rngs=nnx.Rngs(0))  # fields as keyword arguments
 
-  Raises ValueError (a bad field) or TypeError (a config of another family).
+  Raises ValueError (a bad field) or TypeError (a config of another family); calls raise ValueError for
+  what the model cannot compute, naming the sizes: a sequence longer than `max_len` (with rotary positions
+  too), a cache longer than `max_len` or a write past its slots, and, where the values are known (an eager
+  call, not inside jax.jit or scan: `jaxmodels.models.layers.known`), a token id outside the vocabulary, a
+  position outside [0, max_len) or a cache index past its slots.
   """
 
   Config = TransformerConfig  # the module protocol of jaxmodels.models.registry
@@ -509,7 +516,7 @@ class TransformerLM(nnx.Module):
                  nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                             kernel_metadata=axes("embed", "vocab"), rngs=rngs))
     self.embed_dropout = nnx.Dropout(c.dropout)
-    self.max_len, self.dtype = c.max_len, dtype
+    self.max_len, self.vocab_size, self.dtype = c.max_len, vocab_size, dtype
 
   def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
@@ -528,6 +535,8 @@ class TransformerLM(nnx.Module):
     """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
     its own segment, and positions restart at each segment's first token."""
     B, T = tokens_BT.shape
+    check_length(T, self.max_len)
+    check_indices(tokens_BT, self.vocab_size, "token id")
     if segment_ids_BT is None:
       positions_BT, mask_B1TS = jnp.broadcast_to(jnp.arange(T), (B, T)), None
     else:
@@ -535,7 +544,9 @@ class TransformerLM(nnx.Module):
     return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
 
   def init_cache(self, batch_size: int, length: int) -> dict:
-    """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S)."""
+    """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S).
+    ValueError for a `length` above max_len (slot i holds position i)."""
+    check_length(length, self.max_len, "a cache")
     s = self.stack
     shape = (s.num_layers, batch_size, length, s.num_kv_heads, s.head_dim)
     return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
@@ -547,8 +558,16 @@ class TransformerLM(nnx.Module):
     Each query attends to slots up to its own that hold its segment id (default 1 for every token). Batched
     prompts of different lengths: left-pad them with segment id 0 and pass `positions_BT` counting each row's
     real tokens from 0 (default: the slot index), so every row decodes as if it were alone.
+    ValueError (see the class) for a cache of more than max_len slots, tokens past its slots, and known token ids
+    or positions out of range.
     """
     B, T = tokens_BT.shape
+    S = cache["segment_ids"].shape[1]
+    check_length(S, self.max_len, "a cache")
+    check_slots(index, T, S)
+    check_indices(tokens_BT, self.vocab_size, "token id")
+    if positions_BT is not None:
+      check_indices(positions_BT, self.max_len, "position")
     slots_T = index + jnp.arange(T)
     segment_ids_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
     positions_BT = jnp.broadcast_to(slots_T, (B, T)) if positions_BT is None else positions_BT
@@ -575,8 +594,7 @@ class TransformerClassifier(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(TransformerConfig, config, fields)
     d, length = c.d_model, input_shape[0] + (c.pooling == "cls")
-    if length > c.max_len:
-      raise ValueError(f"max_len={c.max_len} is below the sequence length {length}")
+    check_length(length, c.max_len)
     self.proj = nnx.Linear(math.prod(input_shape[1:]), d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cls = nnx.Param(jnp.zeros((1, 1, d), param_dtype)) if c.pooling == "cls" else None
     self.pos_embed = (nnx.Embed(c.max_len, d, dtype=dtype, param_dtype=param_dtype,
@@ -585,11 +603,13 @@ class TransformerClassifier(nnx.Module):
     self.stack = Stack(c, causal=False, rotary_positions=c.positions == "rotary", dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
     self.out = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dtype = dtype
+    self.max_len, self.dtype = c.max_len, dtype
 
   def __call__(self, x, *, mask_BL=None, train: bool = False, rngs: nnx.Rngs | None = None):
-    """logits_BK; `mask_BL` (bool, True = a real step) leaves padding out of attention and mean pooling."""
+    """logits_BK; `mask_BL` (bool, True = a real step) leaves padding out of attention and mean pooling.
+    ValueError for a sequence (plus a class token) longer than max_len."""
     B, L = x.shape[:2]
+    check_length(L + (self.cls is not None), self.max_len)
     x_BLD = constrain(self.proj(constrain(x.reshape(B, L, -1).astype(self.dtype), (BATCH,))),
                       (BATCH, LENGTH, EMBED))
     if self.cls is not None:

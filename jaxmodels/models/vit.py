@@ -61,7 +61,8 @@ class ViT(nnx.Module):
       ViT((224, 224, 3), 1000, presets.config("vit-b16"), rngs=nnx.Rngs(0))
       ViT((32, 32, 3), 10, patch_size=4, d_model=192, rngs=nnx.Rngs(0))
 
-  Raises ValueError for a bad field, or a patch size that does not divide the image.
+  Raises ValueError for a bad field, or a patch size that does not divide the image; a call raises ValueError for
+  images of another shape than `input_shape` (the position table holds its patches only).
   """
 
   Config = ViTConfig  # the module protocol of jaxmodels.models.registry
@@ -85,10 +86,13 @@ class ViT(nnx.Module):
                                embedding_metadata=axes(None, "embed"), rngs=rngs)
     self.stack = Stack(c, causal=False, rotary_positions=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.head = nnx.Linear(d, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dtype = dtype
+    self.input_shape, self.dtype = tuple(input_shape), dtype
 
   def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
     B = x.shape[0]
+    if tuple(x.shape[1:]) != self.input_shape:
+      raise ValueError(f"images of shape {tuple(x.shape[1:])}: this ViT was built for {self.input_shape} "
+                       f"({self.pos_embed.num_embeddings} position rows)")
     patches_BhwD = self.patch_embed(constrain(x.astype(self.dtype), (BATCH,)))
     x_BPD = patches_BhwD.reshape(B, -1, patches_BhwD.shape[-1])
     if self.cls is not None:
