@@ -279,7 +279,7 @@ def write(tmp_path, kind):
     ("pkl", "data.pkl: not a readable .npz file"),
     ("empty", "data.empty: not a readable .npz file"),
     ("truncated", "data.truncated: not a readable .npz file"),
-    ("dir", "data.path: file not found"),
+    ("dir", "data.dir is a directory, not an .npz file"),
 ])
 def test_files_that_are_not_npz_archives(tmp_path, kind, message):
   with pytest.raises(UserError, match=message) as e:
