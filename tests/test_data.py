@@ -179,8 +179,8 @@ def test_a_source_by_import_path_loads_and_one_that_breaks_the_protocol_is_named
   monkeypatch.syspath_prepend(str(tmp_path))
   ds = load_dataset("jm_blob_source:blobs", seed=1, test_fraction=0.25)
   assert (ds.task, ds.num_outputs, ds.input_shape, len(ds.x_test)) == ("classify", 2, (4, 1), 100)
-  cases = [("jm_no_such_module:blobs", "module jm_no_such_module does not import"),
-           ("jm_blob_source:nothing", "module jm_blob_source has no 'nothing'"),
+  cases = [("jm_no_such_module:blobs", "cannot import jm_no_such_module"),
+           ("jm_blob_source:nothing", "jm_blob_source has no attribute nothing"),
            ("jm_blob_source", r"expected one of digits, .*, or package.module:function"),
            ("jm_blob_source:not_a_dataset", "returned a dict without task"),
            ("jm_blob_source:wants_colour", "parameter 'colour' is not a keyword argument")]
@@ -192,7 +192,7 @@ def test_a_source_by_import_path_loads_and_one_that_breaks_the_protocol_is_named
     load_dataset("jm_blob_source:blobs", task="regress")
   c = default_config()
   c.data.source = "jm_no_such_module:blobs"
-  with pytest.raises(UserError, match="data.source='jm_no_such_module:blobs': module jm_no_such_module does not"):
+  with pytest.raises(UserError, match="data.source='jm_no_such_module:blobs': cannot import jm_no_such_module"):
     validate(c)
 
 
@@ -209,6 +209,6 @@ def test_a_source_by_import_path_trains_through_the_command_line(tmp_path):
   r = subprocess.run([*train, f"--workdir={tmp_path / 'bad'}", "--config.data.source=jm_cli_source:blobz"], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300, check=False)
   assert r.returncode == 2
-  assert r.stderr.strip() == ("jaxmodels: error: data.source='jm_cli_source:blobz': module jm_cli_source has no "
-                              "'blobz'")
+  assert r.stderr.strip() == ("jaxmodels: error: data.source='jm_cli_source:blobz': jm_cli_source has no "
+                              "attribute blobz")
   assert not (tmp_path / "bad").exists()

@@ -1,34 +1,39 @@
 """Objects named by import path, `package.module:name`: what a config key names when it is not a built-in choice
-(e.g. `data.source=mypkg.data:load_corpus`)."""
+(`model.family=mypkg.models:Mixer`, `data.source=mypkg.data:load_corpus`)."""
 
 import importlib
+import os
+import re
+import sys
 
 from jaxmodels.runtime.errors import UserError
 
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:name
+
 
 def is_import_path(value) -> bool:
-  """Whether `value` is written as an import path (a string holding ':'), whether or not it imports."""
-  return isinstance(value, str) and ":" in value
+  """Whether `value` is written as an import path (`package.module:name`), whether or not it imports."""
+  return isinstance(value, str) and IMPORT_PATH.fullmatch(value) is not None
 
 
 def import_object(path: str, key: str):
-  """The object `package.module:name` names (`name` may be dotted: `module:Class.method`).
+  """The object import path `package.module:name` names (`name` may be dotted: `module:Class.attribute`).
 
-  The module must be importable in this process (installed, or its directory on PYTHONPATH). Raises UserError,
-  one line naming the config `key` and the cause, for a malformed path, a module that does not import (anything
-  it raises while importing), or a missing name.
+  The module must import in this process: installed, on PYTHONPATH, or in the working directory (added to
+  sys.path, as `python -m jaxmodels` has it). Raises UserError, one line naming the config `key`
+  (`{key}={path!r}: ...`), for a module that does not import (whatever it raises while importing) or a missing
+  name.
   """
-  module_name, _, name = path.partition(":")
-  if not module_name or not name or ":" in name:
-    raise UserError(f"{key}={path!r}: expected package.module:name")
+  module_name, _, attribute = path.partition(":")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.append(os.getcwd())
+  where = f"{key}={path!r}"
   try:
     obj = importlib.import_module(module_name)
-  except Exception as e:  # pylint: disable=broad-exception-caught  # the user's module may raise anything
-    cause = str(e).splitlines()[0] if str(e) else ""
-    raise UserError(f"{key}={path!r}: module {module_name} does not import ({type(e).__name__}: {cause}; is its "
-                    f"directory on PYTHONPATH?)") from None
-  for part in name.split("."):
+  except Exception as e:  # pylint: disable=broad-exception-caught  # any failure of the user's import, on one line
+    raise UserError(f"{where}: cannot import {module_name} ({type(e).__name__}: {e})".replace("\n", " ")) from None
+  for part in attribute.split("."):
     if not hasattr(obj, part):
-      raise UserError(f"{key}={path!r}: module {module_name} has no {name!r}")
+      raise UserError(f"{where}: {module_name} has no attribute {attribute}")
     obj = getattr(obj, part)
   return obj
