@@ -148,7 +148,7 @@ def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_pat
 
   c = default_config()
   c.data.update(source="text", seq_len=16)
-  vocab = load_dataset(c).num_outputs  # the embedded corpus's characters: the model must have as many outputs
+  vocab = load_dataset("text", seq_len=16).num_outputs  # the embedded corpus's characters: the model's outputs
   torch.manual_seed(0)
   transformers.GPT2LMHeadModel(transformers.GPT2Config(
       vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "hf")

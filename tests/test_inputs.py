@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 from jaxmodels.config import default_config, validate
-from jaxmodels.data import load_dataset
+from jaxmodels.data import load_dataset_from_config
 from jaxmodels.runtime.errors import UserError
 
 NAN, INF = math.nan, math.inf
@@ -279,11 +279,11 @@ def write(tmp_path, kind):
     ("pkl", "data.pkl: not a readable .npz file"),
     ("empty", "data.empty: not a readable .npz file"),
     ("truncated", "data.truncated: not a readable .npz file"),
-    ("dir", "data.path: file not found"),
+    ("dir", "data.dir is a directory, not an .npz file"),
 ])
 def test_files_that_are_not_npz_archives(tmp_path, kind, message):
   with pytest.raises(UserError, match=message) as e:
-    load_dataset(npz_config(write(tmp_path, kind)))
+    load_dataset_from_config(npz_config(write(tmp_path, kind)))
   assert "\n" not in str(e.value)
 
 
@@ -310,14 +310,14 @@ def with_arrays(tmp_path, mutate, **overrides):
 ])
 def test_degenerate_data_and_lossy_casts(tmp_path, mutate, message):
   with pytest.raises(UserError, match=message):
-    load_dataset(with_arrays(tmp_path, mutate))
+    load_dataset_from_config(with_arrays(tmp_path, mutate))
 
 
 def test_values_beyond_float16_compute_are_refused_only_under_float16(tmp_path):
   big = lambda a: a["x_train"].__setitem__((0, 0), 1e5)
-  assert load_dataset(with_arrays(tmp_path, big)).x_train.max() == np.float32(1e5)
+  assert load_dataset_from_config(with_arrays(tmp_path, big)).x_train.max() == np.float32(1e5)
   with pytest.raises(UserError, match=r"x_train has values up to 1e\+05 .* that float16 \(model.dtype\) holds"):
-    load_dataset(with_arrays(tmp_path, big, model__dtype="float16"))
+    load_dataset_from_config(with_arrays(tmp_path, big, model__dtype="float16"))
 
 
 def test_fewer_training_examples_than_a_batch(tmp_path):
@@ -334,10 +334,10 @@ def test_text_of_one_repeated_character(tmp_path):
   path.write_text("a" * 200)
   c = configured(data__source="text", data__path=str(path), data__seq_len=8)
   with pytest.raises(UserError, match="repeats one token \\('a'\\): there is nothing to learn"):
-    load_dataset(c)
+    load_dataset_from_config(c)
   c.data.tokenizer = "byte"
   with pytest.raises(UserError, match="repeats one token"):
-    load_dataset(c)
+    load_dataset_from_config(c)
 
 
 @pytest.mark.parametrize("flags, message", [

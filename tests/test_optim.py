@@ -1,3 +1,5 @@
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,14 @@ from jaxmodels import parallel
 from jaxmodels.config import default_config
 from jaxmodels.models import CNN, TransformerConfig, TransformerLM
 from jaxmodels.models.transformer import scan_to_unrolled
-from jaxmodels.optim import decay_mask, make_optimizer, make_schedule
+from jaxmodels.optim import (
+  decay_mask,
+  make_optimizer,
+  make_optimizer_from_config,
+  make_schedule,
+  make_schedule_from_config,
+  pruning,
+)
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.actions import summarize
 from jaxmodels.train.experiment import build_experiment
@@ -74,16 +83,14 @@ def test_scanned_and_unrolled_transformers_train_alike_under_weight_decay():
 def test_weight_decay_changes_kernels_not_biases(optimizer):
   params = {"kernel": jnp.ones((3, 3)), "bias": jnp.ones((3,))}
   zero_grads = jax.tree.map(jnp.zeros_like, params)
-  tx, _ = make_optimizer(train_config(optimizer=optimizer, weight_decay=0.1, schedule="constant",
-                                      learning_rate=0.5))
+  tx, _ = make_optimizer(optimizer=optimizer, weight_decay=0.1, schedule="constant", learning_rate=0.5)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   assert np.all(np.asarray(updates["kernel"]) < 0)  # decayed towards zero
   assert np.all(np.asarray(updates["bias"]) == 0)
 
 
 def test_warmup_cosine_schedule():
-  s = make_schedule(train_config(schedule="cosine", learning_rate=1.0, warmup_steps=10, steps=110,
-                                 end_lr_fraction=0.1))
+  s = make_schedule(schedule="cosine", learning_rate=1.0, warmup_steps=10, steps=110, end_lr_fraction=0.1)
   assert float(s(0)) == 0.0
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(10)) == pytest.approx(1.0)
@@ -92,15 +99,14 @@ def test_warmup_cosine_schedule():
 
 
 def test_linear_and_constant_schedules():
-  lin = make_schedule(train_config(schedule="linear", learning_rate=2.0, warmup_steps=4, steps=24))
+  lin = make_schedule(schedule="linear", learning_rate=2.0, warmup_steps=4, steps=24)
   assert [float(lin(i)) for i in (0, 2, 4, 14, 24)] == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0])
-  const = make_schedule(train_config(schedule="constant", learning_rate=0.3, warmup_steps=0))
+  const = make_schedule(schedule="constant", learning_rate=0.3, warmup_steps=0)
   assert float(const(0)) == float(const(1000)) == pytest.approx(0.3)
 
 
 def test_global_norm_clipping():
-  tx, _ = make_optimizer(train_config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1.0,
-                                      grad_clip=1.0))
+  tx, _ = make_optimizer(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1.0, grad_clip=1.0)
   params = {"w": jnp.zeros((4,))}
   updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
   assert float(optax.tree.norm(updates)) == pytest.approx(1.0)
@@ -110,7 +116,7 @@ def test_nesterov_differs_from_plain_momentum():
   params = {"w": jnp.zeros(())}
   outs = []
   for nesterov in (False, True):
-    tx, _ = make_optimizer(train_config(optimizer="sgd", nesterov=nesterov, schedule="constant"))
+    tx, _ = make_optimizer(optimizer="sgd", nesterov=nesterov, schedule="constant")
     state = tx.init(params)
     for _ in range(2):
       upd, state = tx.update({"w": jnp.ones(())}, state, params)
@@ -120,11 +126,11 @@ def test_nesterov_differs_from_plain_momentum():
 
 def test_bad_optimizer_and_schedule_names():
   with pytest.raises(UserError, match="train.optimizer"):
-    make_optimizer(train_config(optimizer="lion"))
+    make_optimizer(optimizer="lion")
   with pytest.raises(UserError, match="train.schedule"):
-    make_schedule(train_config(schedule="step"))
+    make_schedule(schedule="step")
   with pytest.raises(UserError, match="warmup_steps"):
-    make_schedule(train_config(warmup_steps=10, steps=10))
+    make_schedule(warmup_steps=10, steps=10)
 
 
 def test_shortened_runs_keep_a_valid_warmup():
@@ -136,6 +142,38 @@ def test_shortened_runs_keep_a_valid_warmup():
   c.train.steps = 20
   notices = fit_to_steps(c)
   assert c.train.warmup_steps == 2 and "warming up over 2 steps" in notices[0]
-  make_schedule(c.train)  # valid now
+  make_schedule_from_config(c.train)  # valid now
   c.train.update(steps=1000, warmup_steps=100, profile_steps=(2000, 2001))
   assert len(fit_to_steps(c)) == 1 and c.train.warmup_steps == 100  # only the profile window is reported
+
+
+def test_plain_arguments_train_as_the_config_group():
+  kw = dict(optimizer="adamw", learning_rate=0.05, schedule="linear", warmup_steps=2, steps=6, end_lr_fraction=0.1,
+            weight_decay=0.1, decay_embeddings=False, b1=0.8, b2=0.99, grad_clip=0.5)
+  prune = dict(sparsity=0.5, start_step=1, end_step=3, every=1)
+  t = train_config(**kw)
+  t.pruning.update(prune)
+  plain, lr = make_optimizer(**kw, prune=pruning.magnitude_pruning(**prune))
+  grouped, grouped_lr = make_optimizer_from_config(t)
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32), "bias": jnp.zeros(4)}}
+  states = [plain.init(params), grouped.init(params)]
+  for step in range(6):
+    grads = jax.tree.map(lambda p, s=step: jnp.full_like(p, s - 2.5) + p, params)
+    (u1, states[0]), (u2, states[1]) = (tx.update(grads, s, params) for tx, s in zip((plain, grouped), states))
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+    assert float(lr(step)) == float(grouped_lr(step)) == float(make_schedule_from_config(t)(step))
+    params = optax.apply_updates(params, u1)
+  assert float(jnp.mean(params["dense"]["kernel"] == 0)) == 0.5  # pruning took part
+
+
+def test_factory_defaults_are_the_configs_and_typos_are_type_errors():
+  t = default_config().train
+  for fn in (make_optimizer, make_schedule):
+    params = inspect.signature(fn).parameters
+    assert {k: p.default for k, p in params.items() if k != "prune"} == {k: t[k] for k in params if k != "prune"}
+  assert inspect.signature(make_optimizer).parameters["prune"].default is pruning.from_config(t) is None
+  with pytest.raises(TypeError, match="learnig_rate"):
+    make_optimizer(learnig_rate=1.0)
+  with pytest.raises(TypeError, match="warmup"):
+    make_schedule(warmup=3)

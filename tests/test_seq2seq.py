@@ -99,8 +99,8 @@ def test_model_learns_to_reverse_and_eval_exact_match_is_greedy_decodings(tmp_pa
 
 
 def test_vocabulary_without_two_symbols_is_refused():
-  from jaxmodels.data import load_dataset
+  from jaxmodels.data import load_dataset_from_config
   c = default_config()
   c.data.update(source="copy", vocab_size=4)
   with pytest.raises(UserError, match="data.vocab_size=4: data.source=copy needs at least 5"):
-    load_dataset(c)
+    load_dataset_from_config(c)

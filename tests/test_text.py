@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, experiment, read_metrics
 
 from jaxmodels.config import default_config
-from jaxmodels.data import load_dataset
+from jaxmodels.data import load_dataset_from_config
 from jaxmodels.data.text import CORPUS_MODULES, Vocab, default_corpus
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tools.sample import generate, load_language_model
@@ -42,7 +42,7 @@ def test_char_and_byte_vocabularies_round_trip():
 def test_split_windows_and_deterministic_batches(tmp_path):
   path = tmp_path / "t.txt"
   path.write_text("".join(chr(97 + i % 26) for i in range(1000)), encoding="utf-8")
-  ds = load_dataset(text_config(path, val_fraction=0.2))
+  ds = load_dataset_from_config(text_config(path, val_fraction=0.2))
   assert (len(ds.train_ids), len(ds.val_ids)) == (800, 200)
   b = ds.train_batch(3, 4)
   assert b["x"].shape == b["y"].shape == (4, 8)
@@ -54,7 +54,7 @@ def test_split_windows_and_deterministic_batches(tmp_path):
 def test_eval_sweep_counts_every_validation_target_once(tmp_path):
   path = tmp_path / "t.txt"
   path.write_text("abcdefghij" * 10, encoding="utf-8")  # 100 chars: 90 train, 10 validation
-  ds = load_dataset(text_config(path, seq_len=4))
+  ds = load_dataset_from_config(text_config(path, seq_len=4))
   batches = list(ds.eval_batches(2))
   targets = np.concatenate([b["y"][b["mask"] == 1] for b in batches])
   np.testing.assert_array_equal(targets, ds.val_ids[1:])
@@ -70,7 +70,7 @@ def test_bad_text_files(tmp_path, content, message):
   path = tmp_path / "t.txt"
   path.write_bytes(content)
   with pytest.raises(UserError, match=message):
-    load_dataset(text_config(path))
+    load_dataset_from_config(text_config(path))
 
 
 def test_seq_len_beyond_model_max_len_is_an_error():

@@ -14,7 +14,7 @@ from etils import epath
 from test_checkpoint import final_params, run, run_until, scores
 
 from jaxmodels.config import default_config
-from jaxmodels.data import load_dataset
+from jaxmodels.data import load_dataset, load_dataset_from_config
 from jaxmodels.data.prepare import prepare
 from jaxmodels.data.tokenizers import Vocab, from_spec
 from jaxmodels.data.tokens import load_index, load_tokenizer
@@ -81,7 +81,7 @@ def test_windows_are_a_function_of_seed_step_and_row_and_read_only_own_rows(tmp_
   write_corpus(tmp_path, 30)
   prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False,
           val_fraction=0.2)
-  ds = load_dataset(tokens_config(tmp_path / "out"))
+  ds = load_dataset_from_config(tokens_config(tmp_path / "out"))
   full = ds.train_batch(3, 8)
   ds.train.windows_read = 0
   part = ds.train_batch(3, 8, np.array([5, 6]))
@@ -93,7 +93,7 @@ def test_windows_are_a_function_of_seed_step_and_row_and_read_only_own_rows(tmp_
   val = ids[ds.train.offsets[-1]:]
   targets = np.concatenate([b["y"][b["mask"] == 1] for b in ds.eval_batches(16)])
   np.testing.assert_array_equal(targets, val[1:])  # the whole split: every target once
-  few = list(load_dataset(tokens_config(tmp_path / "out", eval_windows=3)).eval_batches(2))
+  few = list(load_dataset_from_config(tokens_config(tmp_path / "out", eval_windows=3)).eval_batches(2))
   assert len(few) == 2 and sum(b["mask"].sum() for b in few) == 3 * 16
 
 
@@ -139,12 +139,34 @@ def write_nanogpt(directory, vocab: int, n_train: int, n_val: int) -> np.ndarray
   return ids
 
 
+def test_token_files_of_the_wrong_size_or_a_damaged_index_are_refused(tmp_path):
+  write_nanogpt(tmp_path, 65, 2000, 200)
+  with open(tmp_path / "train.bin", "ab") as f:
+    f.write(b"\x01")  # an odd size: the last id would lose a byte
+  with pytest.raises(UserError, match=r"train.bin: 4001 bytes, an odd size for nanoGPT's uint16 ids"):
+    load_dataset("tokens", path=str(tmp_path), vocab_size=65, seq_len=16)
+  write_corpus(tmp_path, 10)
+  prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False)
+  out, index = tmp_path / "out", json.loads((tmp_path / "out" / "index.json").read_text())
+  shard = out / index["shards"][0]["file"]
+  shard.write_bytes(shard.read_bytes() + b"\x00\x00")  # ids the index does not list
+  with pytest.raises(UserError, match=rf"{shard.name}: \d+ bytes, but .*index.json lists \d+ uint16 ids"):
+    load_dataset("tokens", path=str(out), seq_len=16)
+  for damage, message in ((lambda i: "{not json", "not a readable JSON index"),
+                          (lambda i: json.dumps({**i, "dtype": "float32"}), "dtype 'float32', expected one of"),
+                          (lambda i: json.dumps({k: v for k, v in i.items() if k != "train"}),
+                           "field 'train' missing")):
+    (out / "index.json").write_text(damage(index))
+    with pytest.raises(UserError, match=message):
+      load_dataset("tokens", path=str(out), seq_len=16)
+
+
 def test_nanogpt_shakespeare_char_layout_trains_as_is(tmp_path):
   write_nanogpt(tmp_path, 65, 20000, 2000)
   with pytest.raises(UserError, match="set data.vocab_size"):
-    load_dataset(tokens_config(tmp_path))
+    load_dataset_from_config(tokens_config(tmp_path))
   with pytest.raises(UserError, match="token id 6[0-4], beyond the vocabulary of 60"):
-    load_dataset(tokens_config(tmp_path, vocab_size=60)).train_batch(0, 64)
+    load_dataset_from_config(tokens_config(tmp_path, vocab_size=60)).train_batch(0, 64)
   c = tokens_config(tmp_path, vocab_size=65)
   c.train.steps = 40
   final = train_and_evaluate(c, str(tmp_path / "run"))
@@ -225,7 +247,7 @@ def test_given_tokenizer_files_prepare_and_round_trip(tmp_path, kind):
 
 
 COUNTING_SITECUSTOMIZE = '''
-import atexit, json, os
+import atexit, functools, json, os
 import jaxmodels.data as data
 import jaxmodels.data.tokens as tokens
 reads = {"train": 0, "val": 0}
@@ -235,11 +257,12 @@ def read(self, start, n):
   return _read(self, start, n)
 tokens.TokenStream.read = read
 _load = tokens.load_token_dataset
+@functools.wraps(_load)  # load_dataset passes the arguments its signature names
 def load(*a, **kw):
   ds = _load(*a, **kw)
   ds.val.is_val = True
   return ds
-tokens.load_token_dataset = data.load_token_dataset = load  # load_dataset calls the package's name
+data.SOURCES["tokens"] = load  # the table load_dataset looks sources up in
 atexit.register(lambda: reads["train"] and open(os.path.join(os.environ["READS_DIR"], f"{os.getpid()}.json"),
                                                 "w").write(json.dumps(reads)))
 '''

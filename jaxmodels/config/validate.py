@@ -13,7 +13,7 @@ import re
 from ml_collections import config_dict
 
 from jaxmodels.config.defaults import default_config
-from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCES
+from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCE_CHOICES, is_source
 from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
@@ -89,7 +89,7 @@ def one_of(allowed) -> tuple:
 # Each key's rule on its own, by config group. Free-form strings (`data.path`, `checkpoint.restore_from`,
 # `train.distill.teacher`) are checked where they are read; booleans by the ConfigDict's types.
 DATA_RULES = {
-    "data.source": one_of(SOURCES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
+    "data.source": (is_source, SOURCE_CHOICES), "data.test_fraction": OPEN_UNIT, "data.seq_len": POSITIVE,
     "data.val_fraction": OPEN_UNIT, "data.tokenizer": one_of(TOKENIZERS), "data.vocab_size": NON_NEGATIVE,
     "data.eval_windows": NON_NEGATIVE, "data.image_size": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
     "data.prefetch": NON_NEGATIVE, "data.task": one_of(("",) + TASKS),

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
@@ -123,11 +124,23 @@ def load_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
   return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
+def existing_file(path: str, what: str) -> epath.Path:
+  """`path` (local or gs://) when it is a file; UserError naming data.path for a missing path or a directory
+  (`what` the file should be, e.g. "an .npz file")."""
+  p = storage.path(path)
+  if p.is_dir():
+    raise UserError(f"data.path={path} is a directory, not {what}")
+  if not p.is_file():
+    raise UserError(f"data.path: file not found: {path}")
+  return p
+
+
 def load_npz(path: str) -> dict[str, np.ndarray]:
+  """The four arrays (NPZ_KEYS) of the .npz file at `path`; UserError for a missing path, a directory, a file that
+  is not an .npz archive (or is unreadable), or a missing array."""
   if not path:
     raise UserError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")
-  if not storage.path(path).is_file():
-    raise UserError(f"data.path: file not found: {path}")
+  existing_file(path, "an .npz file")
   try:
     with storage.path(path).open("rb") as fh:
       loaded = np.load(fh, allow_pickle=False)
@@ -270,10 +283,15 @@ def check_batch_size(batch_size: int, num_examples: int) -> None:
     raise UserError(f"train.batch_size={batch_size} exceeds the {num_examples} training examples")
 
 
-def load_array_dataset(data_config, seed: int, compute_dtype="float32") -> ArrayDataset:
-  if data_config.source == "digits":
-    arrays = load_digits(data_config.test_fraction, seed)
-  else:
-    arrays = load_npz(data_config.path)
-  return ArrayDataset(**validate_arrays(arrays, data_config.spatial_dims, compute_dtype, data_config.task),
-                      seed=seed)
+def load_digits_dataset(*, seed: int, test_fraction: float, task: str, spatial_dims: int | None,
+                        compute_dtype) -> ArrayDataset:
+  """`data.source=digits`: the bundled digits (`load_digits`), `test_fraction` held out by `seed`, checked as
+  `validate_arrays` for `task` ("" infers it) and `compute_dtype` (model.dtype)."""
+  arrays = load_digits(test_fraction, seed)
+  return ArrayDataset(**validate_arrays(arrays, spatial_dims, compute_dtype, task), seed=seed)
+
+
+def load_npz_dataset(*, path: str, seed: int, task: str, spatial_dims: int | None, compute_dtype) -> ArrayDataset:
+  """`data.source=npz`: the arrays of the .npz file at `path` (`load_npz`), checked as `validate_arrays`; `seed`
+  orders the training batches."""
+  return ArrayDataset(**validate_arrays(load_npz(path), spatial_dims, compute_dtype, task), seed=seed)

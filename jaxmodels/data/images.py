@@ -59,13 +59,12 @@ class ImageLoader:
   seed: int
 
   def image(self, x) -> "PIL.Image.Image":  # noqa: F821
+    """Example `x` (a path or a uint8 array) as a PIL image of `channels`; UserError naming a file that does not
+    decode (raised in a worker process, it reaches the training process as it is)."""
     Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:
       return Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
-    with storage.path(str(x)).open("rb") as f:
-      img = Image.open(f)
-      img.load()
-    return img.convert("L" if self.channels == 1 else "RGB")
+    return decode(str(x)).convert("L" if self.channels == 1 else "RGB")
 
   def crop(self, img, rng: np.random.Generator | None) -> np.ndarray:
     """(S, S, C) uint8: a random resized crop and flip (rng given) or the centre crop, resized to S."""
@@ -85,6 +84,20 @@ class ImageLoader:
     if flip:
       out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, np.uint8).reshape(self.size, self.size, self.channels)
+
+
+def decode(path: str) -> "PIL.Image.Image":  # noqa: F821
+  """The image file at `path`, decoded whole; UserError naming the file when it is unreadable or does not decode
+  (not an image, truncated, damaged data, a decompression bomb)."""
+  Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
+  try:
+    with storage.path(path).open("rb") as f:
+      img = Image.open(f)
+      img.load()
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoders raise these
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"{path}: not a readable image ({reason}); remove or replace it") from None
+  return img
 
 
 def _train_batch(loader_: ImageLoader, batch_size: int, rows: np.ndarray, step: int) -> dict[str, np.ndarray]:
@@ -201,16 +214,22 @@ def _folder(path: str, test_fraction: float, seed: int) -> tuple[dict, list[str]
           "y_test": y[perm[:n_test]]}, classes
 
 
-def load_image_dataset(data_config, seed: int) -> ImageDataset:
-  """The images at `data.path`; raises UserError for a missing path, no images, empty splits, one class, an npz
-  whose images are not uint8, or an unreadable first image."""
-  d = data_config
+def load_image_dataset(*, path: str, seed: int, test_fraction: float, image_size: int, augment: bool,
+                       workers: int) -> ImageDataset:
+  """`data.source=images`: the images at `path` (a directory of class folders, or an .npz), `test_fraction` of a
+  folder without train/ and val/ held out by `seed`, as `image_size` crops (0: the first image's shorter side),
+  `augment`ed, decoded by `workers` processes.
+
+  Raises UserError for a missing path, no images, empty splits, one class, an npz whose images are not uint8, or
+  an unreadable first image. The other files are decoded when a batch first needs them: one that does not decode
+  stops the run then, with a UserError naming it (`decode`); checking each at load would read the whole dataset.
+  """
   extras.check("PIL", FEATURE)
-  if not d.path:
+  if not path:
     raise UserError("data.source=images needs data.path: a directory of class sub-directories, or an .npz of uint8 "
                     "images")
-  if d.path.endswith(".npz"):
-    arrays = load_npz(d.path)
+  if path.endswith(".npz"):
+    arrays = load_npz(path)
     for k in ("x_train", "x_test"):
       if arrays[k].dtype != np.uint8 or arrays[k].ndim not in (3, 4):
         raise UserError(f"{k} must hold uint8 images (N, H, W[, C]), got {arrays[k].dtype} {arrays[k].shape} "
@@ -219,26 +238,20 @@ def load_image_dataset(data_config, seed: int) -> ImageDataset:
     stand_ins = {k: np.zeros((len(arrays[k]), 1), np.uint8) for k in ("x_train", "x_test")}
     checked = validate_arrays({**arrays, **stand_ins}, None)
     x_train, x_test = (a if a.ndim == 4 else a[..., None] for a in (arrays["x_train"], arrays["x_test"]))
-    num_classes, channels, size = checked["num_classes"], x_train.shape[-1], d.image_size or min(x_train.shape[1:3])
+    num_classes, channels, size = checked["num_classes"], x_train.shape[-1], image_size or min(x_train.shape[1:3])
     y_train, y_test = checked["y_train"], checked["y_test"]
   else:
-    if not storage.path(d.path).is_dir():
-      raise UserError(f"data.path: not a directory or .npz file: {d.path}")
-    arrays, classes = _folder(d.path, d.test_fraction, seed)
+    if not storage.path(path).is_dir():
+      raise UserError(f"data.path: not a directory or .npz file: {path}")
+    arrays, classes = _folder(path, test_fraction, seed)
     x_train, x_test, y_train, y_test = arrays["x_train"], arrays["x_test"], arrays["y_train"], arrays["y_test"]
     if len(classes) < 2:
-      raise UserError(f"{d.path} holds one class ({classes[0]}): a classifier needs at least two")
+      raise UserError(f"{path} holds one class ({classes[0]}): a classifier needs at least two")
     if not len(x_test):
-      raise UserError(f"{d.path}: the test split is empty")
+      raise UserError(f"{path}: the test split is empty")
     num_classes = len(classes)
-    Image = extras.require("PIL.Image", FEATURE)  # pylint: disable=invalid-name
-    try:
-      with storage.path(x_train[0]).open("rb") as f:
-        first = Image.open(f)
-        first.load()
-    except (OSError, Image.UnidentifiedImageError) as e:
-      raise UserError(f"{x_train[0]}: not a readable image ({e})") from None
+    first = decode(x_train[0])
     channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-    size = d.image_size or min(first.size)
-  loader_ = ImageLoader(x_train, y_train, x_test, y_test, size, channels, d.augment, seed)
-  return ImageDataset(loader_, num_classes, d.workers, d.path)
+    size = image_size or min(first.size)
+  loader_ = ImageLoader(x_train, y_train, x_test, y_test, size, channels, augment, seed)
+  return ImageDataset(loader_, num_classes, workers, path)

@@ -77,10 +77,11 @@ class Seq2SeqDataset(SequenceSource):
       yield {k: v[rows] for k, v in batch.items()}
 
 
-def load_seq2seq_dataset(data_config, seed: int) -> Seq2SeqDataset:
-  """The task of `data.source` (copy | reverse); UserError for a vocabulary without two symbols."""
-  vocab_size = data_config.vocab_size or DEFAULT_VOCAB
+def load_seq2seq_dataset(*, source: str, seed: int, seq_len: int, vocab_size: int) -> Seq2SeqDataset:
+  """`data.source=copy` or `reverse` (`source`): sources of up to `seq_len` symbols, `vocab_size` outputs (0:
+  DEFAULT_VOCAB), drawn from `seed`; UserError for a vocabulary without two symbols."""
+  vocab_size = vocab_size or DEFAULT_VOCAB
   if vocab_size < EOS + 3:
-    raise UserError(f"data.vocab_size={vocab_size}: data.source={data_config.source} needs at least "
+    raise UserError(f"data.vocab_size={vocab_size}: data.source={source} needs at least "
                     f"{EOS + 3} (PAD, BOS, EOS and two symbols), or 0 for {DEFAULT_VOCAB}")
-  return Seq2SeqDataset(data_config.source, data_config.seq_len, vocab_size, seed)
+  return Seq2SeqDataset(source, seq_len, vocab_size, seed)

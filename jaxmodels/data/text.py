@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
+from jaxmodels.data.arrays import ALL_ROWS, Rows, existing_file, padded_batches
 from jaxmodels.data.tokenizers import VOCAB_FILE, Vocab
 from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime import storage
@@ -36,9 +36,13 @@ def default_corpus() -> str:
 
 
 def read_text(path: str) -> str:
-  if not storage.path(path).is_file():
-    raise UserError(f"data.path: file not found: {path}")
-  raw = storage.path(path).read_bytes()
+  """The UTF-8 text of the file at `path`; UserError for a missing path, a directory, an unreadable file, bytes
+  that are not UTF-8, or an empty file."""
+  file = existing_file(path, "a text file")
+  try:
+    raw = file.read_bytes()
+  except OSError as e:
+    raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -103,19 +107,21 @@ class TextDataset(SequenceSource):
       yield {k: v[rows] for k, v in batch.items()}
 
 
-def load_text_dataset(data_config, seed: int) -> TextDataset:
-  d = data_config
-  text, source = (read_text(d.path), d.path) if d.path else (default_corpus(), "embedded corpus")
-  if not 0.0 < d.val_fraction < 1.0:
-    raise UserError(f"data.val_fraction must lie in (0, 1), got {d.val_fraction}")
-  split = int(len(text) * (1.0 - d.val_fraction))
-  vocab = Vocab.build(d.tokenizer, text[:split])
+def load_text_dataset(*, path: str, seed: int, seq_len: int, val_fraction: float, tokenizer: str) -> TextDataset:
+  """`data.source=text`: the UTF-8 file at `path` (empty: the embedded corpus), its last `val_fraction`
+  validating, as `tokenizer` (char | byte) ids in windows of `seq_len`; `seed` draws the training windows.
+  UserError for an unreadable file (`read_text`), splits shorter than one window, or a text of one token."""
+  text, source = (read_text(path), path) if path else (default_corpus(), "embedded corpus")
+  if not 0.0 < val_fraction < 1.0:
+    raise UserError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
+  split = int(len(text) * (1.0 - val_fraction))
+  vocab = Vocab.build(tokenizer, text[:split])
   train_ids, val_ids = vocab.encode(text[:split]), vocab.encode(text[split:])
   for name, ids in (("training", train_ids), ("validation", val_ids)):
-    if len(ids) < d.seq_len + 1:
+    if len(ids) < seq_len + 1:
       raise UserError(f"the {name} split of {source} has {len(ids)} tokens, shorter than one window of "
-                      f"data.seq_len + 1 = {d.seq_len + 1}")
+                      f"data.seq_len + 1 = {seq_len + 1}")
   if len(np.unique(train_ids)) < 2:  # the language-model analogue of a dataset with one class
     raise UserError(f"the training split of {source} repeats one token ({vocab.decode(train_ids[:1])!r}): "
                     f"there is nothing to learn")
-  return TextDataset(train_ids, val_ids, vocab, d.seq_len, seed, source)
+  return TextDataset(train_ids, val_ids, vocab, seq_len, seed, source)

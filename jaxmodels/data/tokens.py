@@ -35,6 +35,7 @@ from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
 NANOGPT_FILES = ("train.bin", "val.bin")
+ID_DTYPES = ("uint16", "uint32")  # what `jaxmodels prepare` writes
 
 
 class TokenStream:
@@ -45,13 +46,19 @@ class TokenStream:
     self.arrays = []
     for name, start, count in segments:
       path = directory / name
+      if path.is_dir():
+        raise UserError(f"{path} is a directory, not a token file")
       if not path.is_file():
         raise UserError(f"{path}: token file not found")
       if path.stat().length < (start + count) * self.dtype.itemsize:
         raise UserError(f"{path} holds {path.stat().length // self.dtype.itemsize} {self.dtype.name} ids, fewer "
                         f"than the {start + count} its index lists: truncated?")
       if count:
-        self.arrays.append(np.memmap(path, self.dtype, mode="r", offset=start * self.dtype.itemsize, shape=(count,)))
+        try:
+          self.arrays.append(np.memmap(path, self.dtype, mode="r", offset=start * self.dtype.itemsize,
+                                       shape=(count,)))
+        except OSError as e:
+          raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
     self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
     self.windows_read = 0  # read() calls: a test counts that each process reads only its own rows
 
@@ -141,16 +148,43 @@ def _local_directory(path: str) -> epath.Path:
     raise UserError(f"data.path={path}: token files are memory-mapped (np.memmap), which needs a local disk; copy "
                     f"them to one first (e.g. gsutil -m cp -r {path} /local/dir)")
   directory = storage.path(path)
+  if directory.is_file():
+    raise UserError(f"data.path={path} is a file, not a directory: data.source=tokens reads a directory from "
+                    f"jaxmodels prepare, or one holding nanoGPT's {' and '.join(NANOGPT_FILES)}")
   if not directory.is_dir():
     raise UserError(f"data.path: directory not found: {path}")
   return directory
 
 
+INDEX_FIELDS = {"format": str, "dtype": str, "vocab_size": int, "tokenizer": dict, "shards": list, "train": dict,
+                "validation": dict}
+
+
 def load_index(directory: epath.Path) -> dict:
-  index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+  """The `jaxmodels prepare` index of `directory`; UserError for a file that is not JSON, lacks a field, names
+  another format or a dtype that is not an unsigned integer, or lists a shard of the wrong size."""
+  path = directory / INDEX_FILE
+  try:
+    index = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+    raise UserError(f"{path}: not a readable JSON index ({str(e).splitlines()[0]})") from None
+  if not isinstance(index, dict):
+    raise UserError(f"{path}: not a JSON object")
   if index.get("format") != FORMAT:
-    raise UserError(f"{directory / INDEX_FILE}: format {index.get('format')!r}, expected {FORMAT!r} "
-                    f"(written by jaxmodels prepare)")
+    raise UserError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r} (written by jaxmodels prepare)")
+  for field, kind in INDEX_FIELDS.items():
+    if not isinstance(index.get(field), kind):
+      raise UserError(f"{path}: field {field!r} missing or not a {kind.__name__} (rerun jaxmodels prepare)")
+  if index["dtype"] not in ID_DTYPES:
+    raise UserError(f"{path}: dtype {index['dtype']!r}, expected one of {', '.join(ID_DTYPES)}")
+  itemsize = np.dtype(index["dtype"]).itemsize
+  for shard in index["shards"]:
+    if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)):
+      raise UserError(f"{path}: shard {shard!r} is not a {{'file': name, 'tokens': count}} (rerun jaxmodels prepare)")
+    file = directory / shard["file"]
+    if file.is_file() and file.stat().length != shard["tokens"] * itemsize:
+      raise UserError(f"{file}: {file.stat().length} bytes, but {path} lists {shard['tokens']} {index['dtype']} "
+                      f"ids ({shard['tokens'] * itemsize} bytes): truncated or rewritten; rerun jaxmodels prepare")
   return index
 
 
@@ -161,33 +195,39 @@ def load_tokenizer(directory: epath.Path, spec: dict):
   return tokenizers.from_spec(spec)
 
 
-def load_token_dataset(data_config, seed: int) -> TokenDataset:
-  """The corpus at `data.path`; raises UserError for a missing or malformed directory, a vocabulary that does not
-  hold the corpus's ids, or splits shorter than one window."""
-  d = data_config
-  directory = _local_directory(d.path)
+def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, eval_windows: int) -> TokenDataset:
+  """`data.source=tokens`: the corpus in directory `path` in windows of `seq_len`, `vocab_size` outputs (0: the
+  prepared corpus's; required for nanoGPT's files), `eval_windows` validation windows (0: all); `seed` draws the
+  training windows. Raises UserError for a missing or malformed directory, a file of the wrong size, a
+  vocabulary that does not hold the corpus's ids, or splits shorter than one window."""
+  directory = _local_directory(path)
   if (directory / INDEX_FILE).is_file():
     index = load_index(directory)
     tok = load_tokenizer(directory, index["tokenizer"])
-    if d.vocab_size and d.vocab_size < index["vocab_size"]:
-      raise UserError(f"data.vocab_size={d.vocab_size} is below the corpus's vocabulary of {index['vocab_size']} "
-                      f"({d.path}/{INDEX_FILE}); 0 takes the corpus's")
-    vocab_size, dtype = max(d.vocab_size, index["vocab_size"]), index["dtype"]
+    if vocab_size and vocab_size < index["vocab_size"]:
+      raise UserError(f"data.vocab_size={vocab_size} is below the corpus's vocabulary of {index['vocab_size']} "
+                      f"({path}/{INDEX_FILE}); 0 takes the corpus's")
+    vocab_size, dtype = max(vocab_size, index["vocab_size"]), index["dtype"]
     train = TokenStream(directory, index["train"]["segments"], dtype)
     val = TokenStream(directory, index["validation"]["segments"], dtype)
   elif all((directory / name).is_file() for name in NANOGPT_FILES):
-    if not d.vocab_size:
-      raise UserError(f"{d.path} holds nanoGPT's train.bin/val.bin: set data.vocab_size to its vocabulary size "
+    if not vocab_size:
+      raise UserError(f"{path} holds nanoGPT's train.bin/val.bin: set data.vocab_size to its vocabulary size "
                       f"(meta.pkl's vocab_size; 50257 for GPT-2 BPE), since pickles are not loaded")
-    vocab_size, tok = d.vocab_size, tokenizers.IdTokenizer(d.vocab_size)
-    streams = [TokenStream(directory, [[name, 0, (directory / name).stat().length // 2]], np.uint16)
-               for name in NANOGPT_FILES]
+    tok = tokenizers.IdTokenizer(vocab_size)
+    streams = []
+    for name in NANOGPT_FILES:
+      length = (directory / name).stat().length
+      if length % 2:  # flat uint16 ids: an odd size is a damaged file, and its last byte would be dropped
+        raise UserError(f"{directory / name}: {length} bytes, an odd size for nanoGPT's uint16 ids (2 bytes each): "
+                        f"truncated or not nanoGPT's format")
+      streams.append(TokenStream(directory, [[name, 0, length // 2]], np.uint16))
     train, val = streams
   else:
-    raise UserError(f"{d.path} holds neither {INDEX_FILE} (jaxmodels prepare) nor {' and '.join(NANOGPT_FILES)} "
+    raise UserError(f"{path} holds neither {INDEX_FILE} (jaxmodels prepare) nor {' and '.join(NANOGPT_FILES)} "
                     f"(nanoGPT)")
   for name, stream in (("training", train), ("validation", val)):
-    if len(stream) < d.seq_len + 1:
-      raise UserError(f"the {name} split of {d.path} has {len(stream)} tokens, shorter than one window of "
-                      f"data.seq_len + 1 = {d.seq_len + 1}")
-  return TokenDataset(train, val, tok, vocab_size, d.seq_len, seed, d.eval_windows, d.path)
+    if len(stream) < seq_len + 1:
+      raise UserError(f"the {name} split of {path} has {len(stream)} tokens, shorter than one window of "
+                      f"data.seq_len + 1 = {seq_len + 1}")
+  return TokenDataset(train, val, tok, vocab_size, seq_len, seed, eval_windows, path)

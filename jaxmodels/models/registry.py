@@ -23,11 +23,8 @@ package.module:ClassName`, imported when first named (with the current directory
 
 import dataclasses
 import functools
-import importlib
 import inspect
-import os
 import re
-import sys
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -41,11 +38,11 @@ from jaxmodels.models.resnet import ResNet
 from jaxmodels.models.transformer import TransformerClassifier, TransformerLM
 from jaxmodels.models.vit import ViT
 from jaxmodels.runtime.errors import UserError
+from jaxmodels.runtime.imports import import_object, is_import_path
 
 MODEL_TASKS = ("classify", "lm", "seq2seq")  # the kinds of data a module declares in `tasks`
 # model.* keys of every family (the rest are fields of one or more families' configs).
 COMMON_KEYS = ("family", "preset", "dtype", "param_dtype")
-IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:ClassName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,25 +103,10 @@ register("vit", ViT)
 register("encdec", EncoderDecoder)
 
 
-def is_import_path(family: str) -> bool:
-  """Whether `model.family` names a module by import path (`package.module:ClassName`)."""
-  return isinstance(family, str) and IMPORT_PATH.fullmatch(family) is not None
-
-
 @functools.cache
 def _imported(path: str) -> Family:
-  module_name, _, attribute = path.partition(":")
-  if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m jaxmodels` has it
-    sys.path.append(os.getcwd())
   key = f"model.family={path!r}"
-  try:
-    obj = importlib.import_module(module_name)
-  except Exception as e:  # any failure of the user's import: its type and message, on one line
-    raise UserError(f"{key}: cannot import {module_name} ({type(e).__name__}: {e})".replace("\n", " ")) from None
-  for part in attribute.split("."):
-    if not hasattr(obj, part):
-      raise UserError(f"{key}: {module_name} has no attribute {attribute}")
-    obj = getattr(obj, part)
+  obj = import_object(path, "model.family")
   try:
     check_module(obj, path)
   except ValueError as e:

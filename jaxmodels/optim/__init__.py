@@ -1,4 +1,5 @@
-"""Optimizers: the factory (`make_optimizer`, `make_schedule`), weight-decay masks, magnitude pruning as an Optax
+"""Optimizers: the factory (`make_optimizer`, `make_schedule`, from keyword arguments; `make_optimizer_from_config`,
+`make_schedule_from_config` from the `train.*` group), weight-decay masks, magnitude pruning as an Optax
 transformation (`pruning`), and the parts of the train state beyond the optimizer's (`precision`: float16 loss
 scaling, the parameter EMA)."""
 
@@ -7,7 +8,10 @@ from jaxmodels.optim.optimizers import (
     OPTIMIZERS,
     SCHEDULES,
     make_optimizer,
+    make_optimizer_from_config,
     make_schedule,
+    make_schedule_from_config,
 )
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "decay_mask", "make_optimizer", "make_schedule"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "decay_mask", "make_optimizer", "make_optimizer_from_config", "make_schedule",
+           "make_schedule_from_config"]

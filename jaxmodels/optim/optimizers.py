@@ -1,5 +1,6 @@
-"""The optimizer factory: one `train.*` config group -> an Optax transformation (magnitude pruning included,
-`train.pruning`, jaxmodels.optim.pruning).
+"""The optimizer factory: keyword arguments (the `train.*` keys of the same names) -> an Optax transformation and
+its learning-rate schedule; `make_optimizer_from_config` takes the `train.*` config group itself (magnitude
+pruning included, `train.pruning`, jaxmodels.optim.pruning).
 
 Gradient accumulation is not here: the train step splits its batch into
 `train.grad_accum_steps` micro-batches and sums their gradients inside one
@@ -8,6 +9,7 @@ whole `train.batch_size`.
 """
 
 import functools
+import inspect
 
 import optax
 
@@ -21,43 +23,77 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def make_schedule(t) -> optax.Schedule:
-  """Linear warmup over `warmup_steps`, then cosine / linear decay to `end_lr_fraction`, or constant."""
-  peak, warmup, steps = t.learning_rate, t.warmup_steps, t.steps
-  end = peak * t.end_lr_fraction
-  if t.schedule not in SCHEDULES:
-    raise UserError(f"train.schedule={t.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-  if warmup >= steps and t.schedule != "constant":
-    raise UserError(f"train.warmup_steps={warmup} must be below train.steps={steps}")
-  if t.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, end)
-  if t.schedule == "linear":
-    decay = optax.linear_schedule(peak, end, steps - warmup)
+def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warmup_steps: int = 0,
+                  steps: int = 1000, end_lr_fraction: float = 0.0) -> optax.Schedule:
+  """Learning rate (float32 scalar) as a function of the step: linear warmup from 0 over `warmup_steps`, then
+  `schedule` (cosine | linear decay from `learning_rate` to `learning_rate * end_lr_fraction` at `steps`, or
+  constant).
+
+  Keyword arguments only, each the `train.*` key of its name with its default (`make_schedule_from_config` takes
+  the group). Raises UserError for an unknown schedule, or a warmup not below `steps` (cosine, linear).
+  """
+  peak, end = learning_rate, learning_rate * end_lr_fraction
+  if schedule not in SCHEDULES:
+    raise UserError(f"train.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
+  if warmup_steps >= steps and schedule != "constant":
+    raise UserError(f"train.warmup_steps={warmup_steps} must be below train.steps={steps}")
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, steps, end)
+  if schedule == "linear":
+    decay = optax.linear_schedule(peak, end, steps - warmup_steps)
   else:
     decay = optax.constant_schedule(peak)
-  if warmup == 0:
+  if warmup_steps == 0:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, learning-rate schedule) for the `train.*` config group."""
-  schedule = make_schedule(t)
-  decay_mask_fn = functools.partial(decay_mask, decay_embeddings=t.decay_embeddings)
-  if t.optimizer == "adamw":
-    tx = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask_fn)
-  elif t.optimizer in ("adam", "sgd"):
-    if t.optimizer == "adam":
-      tx = optax.adam(schedule, b1=t.b1, b2=t.b2)
+def make_optimizer(*, optimizer: str = "adamw", learning_rate: float = 1e-3, schedule: str = "cosine",
+                   warmup_steps: int = 0, steps: int = 1000, end_lr_fraction: float = 0.0, weight_decay: float = 0.0,
+                   decay_embeddings: bool = True, momentum: float = 0.9, nesterov: bool = False, b1: float = 0.9,
+                   b2: float = 0.999, grad_clip: float = 0.0,
+                   prune: optax.GradientTransformation | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule): `optimizer` (adamw | adam | sgd) on `make_schedule`'s rates.
+
+  Keyword arguments only, each the `train.*` key of its name with its default (`make_optimizer_from_config` takes
+  the group): `weight_decay` is decoupled for adamw and L2 on the gradient for adam and sgd, never on biases and
+  norm scales (`decay_mask`), on embeddings when `decay_embeddings`; `momentum` and `nesterov` are sgd's, `b1`
+  and `b2` adam's and adamw's; `grad_clip` > 0 clips the gradients' global norm first. `prune`: a transformation
+  chained last, e.g. `pruning.magnitude_pruning(0.5)`. A misspelled keyword is a TypeError; an unknown optimizer
+  or schedule a UserError.
+  """
+  lr = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
+                     end_lr_fraction=end_lr_fraction)
+  decay_mask_fn = functools.partial(decay_mask, decay_embeddings=decay_embeddings)
+  if optimizer == "adamw":
+    tx = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask_fn)
+  elif optimizer in ("adam", "sgd"):
+    if optimizer == "adam":
+      tx = optax.adam(lr, b1=b1, b2=b2)
     else:
-      tx = optax.sgd(schedule, momentum=t.momentum or None, nesterov=t.nesterov)
-    if t.weight_decay:  # classic L2 decay added to the gradient (PyTorch semantics); adamw decouples it
-      tx = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask_fn), tx)
+      tx = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    if weight_decay:  # classic L2 decay added to the gradient (PyTorch semantics); adamw decouples it
+      tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask_fn), tx)
   else:
-    raise UserError(f"train.optimizer={t.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-  if t.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
-  prune = pruning.from_config(t)
+    raise UserError(f"train.optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+  if grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
   if prune is not None:  # last: it zeroes the pruned weights' final updates (params + updates = 0 there)
     tx = optax.chain(tx, prune)
-  return tx, schedule
+  return tx, lr
+
+
+def _train_keys(fn, t) -> dict:
+  """The `train.*` values of group `t` that `fn` takes as keyword arguments (all of its parameters but `prune`)."""
+  return {name: t[name] for name in inspect.signature(fn).parameters if name != "prune"}
+
+
+def make_schedule_from_config(t) -> optax.Schedule:
+  """`make_schedule` of the `train.*` config group `t`."""
+  return make_schedule(**_train_keys(make_schedule, t))
+
+
+def make_optimizer_from_config(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`make_optimizer` of the `train.*` config group `t`, magnitude pruning (`train.pruning`) included."""
+  return make_optimizer(**_train_keys(make_optimizer, t), prune=pruning.from_config(t))

@@ -4,6 +4,6 @@
 applied before JAX starts), `storage` (every path, local or `gs://`, and the
 workdir lock), `compilation` (the persistent compile cache, compile timings,
 recompile alarms), `hbm` (device memory: capacities, a step's bytes, OOM
-messages) and `extras` (optional dependencies and the `pip install` that brings
-each).
+messages), `extras` (optional dependencies and the `pip install` that brings
+each) and `imports` (objects named by import path, `package.module:name`).
 """

@@ -16,9 +16,9 @@ from flax import nnx
 from jaxmodels import config as config_lib
 from jaxmodels import parallel
 from jaxmodels.compress import quantization
-from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset, loader
+from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset_from_config, loader
 from jaxmodels.models import build_model, flops
-from jaxmodels.optim import make_optimizer, precision
+from jaxmodels.optim import make_optimizer_from_config, precision
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.runtime.errors import UserError
@@ -127,11 +127,11 @@ def build_experiment(config, devices=None) -> Experiment:
   if splash and config.data.source in LM_SOURCES and config.data.seq_len % 128:
     raise UserError(f"model.attention_impl=splash needs data.seq_len a multiple of 128 (the TPU's lanes), got "
                     f"{config.data.seq_len}")
-  dataset = load_dataset(config)
+  dataset = load_dataset_from_config(config)
   t = config.train
   if dataset.task not in ("lm", "seq2seq"):  # text windows and synthetic sequences: any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
-  tx, schedule = make_optimizer(t)
+  tx, schedule = make_optimizer_from_config(t)
 
   def fresh_state() -> TrainState:
     _, params, model_state = split_model(make_model(config, dataset, nnx.Rngs(t.seed)))

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from jaxmodels import config as config_lib
 from jaxmodels import parallel
-from jaxmodels.optim import make_optimizer, precision
+from jaxmodels.optim import make_schedule_from_config, precision
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState
 from jaxmodels.runtime import storage
@@ -130,7 +130,7 @@ def schedule_change(exp: Experiment, saved_config: dict | None, start: int) -> s
   saved = config_lib.default_config().train
   saved.update({k: v for k, v in saved_config.get("train", {}).items() if f"train.{k}" in SCHEDULE_KEYS})
   steps = jnp.arange(start, t.steps)
-  old = np.asarray(jax.jit(jax.vmap(make_optimizer(saved)[1]))(steps))
+  old = np.asarray(jax.jit(jax.vmap(make_schedule_from_config(saved)))(steps))
   new = np.asarray(jax.jit(jax.vmap(exp.schedule))(steps))
   if np.allclose(old, new, rtol=1e-6, atol=1e-12):
     return None
