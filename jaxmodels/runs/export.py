@@ -49,20 +49,25 @@ def build_saved_model(directory) -> nnx.Module:
   return quantization.apply(model, quantization.spec_of(directory), tuple(spec["input_shape"]), spec["task"])
 
 
-def load_run_model(workdir) -> nnx.Module:
-  """The model of a training run (local or gs://), with the parameters of its newest checkpoint: their moving
-  average (cast to the parameters' dtypes) when the run kept one (train.ema_decay), else the raw parameters."""
+def load_run_model(workdir, step: int | None = None, log=print) -> nnx.Module:
+  """The model of a training run (local or gs://), with the parameters of its newest intact checkpoint (or of
+  checkpoint `step`): their moving average (cast to the parameters' dtypes) when the run kept one
+  (train.ema_decay), else the raw parameters. A damaged newest checkpoint is reported through `log` and the
+  previous one is read (checkpoint.Checkpoints.restore_newest). UserError if the run has no readable checkpoint."""
   graphdef, params, model_state = split_model(build_saved_model(workdir))
+
+  def like(trees):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None,
+                      ema_params=precision.ema_init(params) if "ema" in trees else None)
+
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
-  step = ckpts.latest_step()
+  try:
+    step, restored = ckpts.restore_newest(like, params_only=True, log=log, step=step)
+  finally:
+    ckpts.close()
   if step is None:
-    raise UserError(f"{workdir} has no checkpoint")
-  has_ema = "ema" in ckpts.metadata(step)[1]
-  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None,
-                    ema_params=precision.ema_init(params) if has_ema else None)
-  restored = ckpts.restore(step, like, params_only=True)
-  ckpts.close()
-  if has_ema:
+    raise UserError(f"{workdir} has no readable checkpoint")
+  if restored.ema_params is not None:
     return nnx.merge(graphdef, precision.ema_as_params(restored.ema_params, restored.params), restored.model_state)
   return nnx.merge(graphdef, restored.params, restored.model_state)
 

@@ -45,14 +45,12 @@ def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = 
     return None, metrics
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
-    steps = ckpts.manager.all_steps()
-    step = ckpts.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise UserError(f"{workdir} has no checkpoint {step if step is not None else ''}".rstrip()
-                      + f" (saved steps: {', '.join(map(str, sorted(steps))) or 'none'})")
-    state = exp.layout.from_checkpoint(ckpts.restore(step, exp.checkpoint_state, params_only=True))
+    step, restored = ckpts.restore_newest(lambda _trees: exp.checkpoint_state, params_only=True, step=step)
   finally:
     ckpts.close()
+  if step is None:
+    raise UserError(f"{workdir} has no readable checkpoint")
+  state = exp.layout.from_checkpoint(restored)
   metrics = exp.evaluate(state)
   (storage.path(workdir) / f"eval_{step}.json").write_text(
       json.dumps({"step": step, "data": config.data.to_dict(), **metrics}))
