@@ -646,6 +646,25 @@ def restore_export(path: str, like, config_dict: dict):
   return like.replace(**restored)
 
 
+def best_step(directory) -> int:
+  """The step of `directory` (a run's checkpoints/) that `checkpoint.keep_best` keeps: the best saved value of
+  that eval metric (`checkpoint.best_mode`; the newest of equal ones). UserError if the run kept no best checkpoint.
+  """
+  reader = Checkpoints(directory)
+  try:
+    newest = reader.newest_readable_step()
+    c = reader.metadata(newest)[0].get("checkpoint", {}) if newest is not None else {}
+    metric, sign = c.get("keep_best"), (-1 if c.get("best_mode") == "min" else 1)
+    scored = [(sign * m[metric], s) for s in reader.manager.all_steps()
+              if isinstance(m := reader.manager.metrics(s), dict) and metric in m]
+  finally:
+    reader.close()
+  if not metric or not scored:
+    raise UserError(f"{directory}: the run kept no best checkpoint (checkpoint.keep_best was not set): "
+                    f"pass step=N")
+  return max(scored)[1]
+
+
 def resolve_restore_from(path: str):
   """(checkpoints directory, step) for --config.checkpoint.restore_from: a workdir, its checkpoints/ (their newest
   intact step), or a step."""

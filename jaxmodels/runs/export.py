@@ -130,7 +130,37 @@ def load_model(path) -> nnx.Module:
   return nnx.merge(graphdef, tree["params"], tree["model_state"])
 
 
-def load_trained_model(path) -> nnx.Module:
-  """The trained model at `path` (local or gs://): an export's (`export`, `compress`, `import-hf`), or a training
-  run's at its newest checkpoint (`load_run_model`)."""
-  return load_model(path) if checkpoint.is_export(path) else load_run_model(path)
+def load_trained_model(path, step: int | str | None = None, log=print) -> nnx.Module:
+  """The trained model at `path` (local or gs://), rebuilt with its parameters.
+
+  `path` is an export (`jaxmodels export`, `compress`, `import-hf`: a `params/` directory), or a training workdir
+  (`config.json` and `checkpoints/`; also its `checkpoints/` or `checkpoints/<step>` directory). A workdir gives
+  its newest intact checkpoint (a damaged newer one is reported through `log` and passed over), `step=N` that
+  checkpoint, `step="best"` the one kept by `checkpoint.keep_best`. Raises UserError, in one line, for a path
+  that is neither, a step an export cannot have, or a step the run did not keep.
+  """
+  p = storage.path(path)
+  if checkpoint.is_export(p):
+    if step is not None:
+      raise UserError(f"{path} is an export (one set of parameters): step={step!r} applies to a training workdir")
+    return load_model(path)
+  workdir = path
+  if p.name.isdigit() and p.parent.name == "checkpoints":
+    if step is not None and str(step) != p.name:
+      raise UserError(f"{path} is checkpoint {p.name}: step={step!r} names another")
+    workdir, step = p.parent.parent, int(p.name)
+  elif p.name == "checkpoints":
+    workdir = p.parent
+  if not (storage.path(workdir) / "config.json").is_file() or not checkpoint.checkpoint_dir(workdir).is_dir():
+    raise UserError(f"{path}: expected a training workdir (config.json and checkpoints/) or an export (params/, "
+                    f"from jaxmodels export, compress or import-hf)")
+  if step == "best":
+    step = checkpoint.best_step(checkpoint.checkpoint_dir(workdir))
+  return load_run_model(workdir, step, log)
+
+
+def load_trained_params(path, step: int | str | None = None, log=print) -> dict:
+  """The parameters of `load_trained_model(path, step)` as a pure nested dict (an export's read directly)."""
+  if checkpoint.is_export(path) and step is None:
+    return load_params(path)
+  return split_model(load_trained_model(path, step, log))[1]
