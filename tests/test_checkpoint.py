@@ -178,6 +178,10 @@ def test_keep_newest_and_best(tmp_path):
   best = max(sorted(evals), key=lambda s: (evals[s], -s))
   kept = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
   assert kept == sorted({50, 60, best})
+  assert checkpoint.best_step(tmp_path / "checkpoints") == best  # what load_model(workdir, step="best") reads
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(tmp_path), step="best")(x),
+                                load_run_model(str(tmp_path), step=best)(x))
 
 
 def test_restore_from_another_run_params_or_full(tmp_path):
@@ -370,3 +374,19 @@ def test_resume_refuses_a_relative_data_path_that_names_other_data(tmp_path):
   r = train(tmp_path / "c", 20)  # the same data, elsewhere
   assert r.returncode == 0, r.stderr
   assert "training steps 10..20" in r.stdout
+
+
+def test_a_checkpoint_deleted_while_it_is_read_makes_eval_read_the_newest(run20, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  shutil.copytree(run20, tmp_path, dirs_exist_ok=True)
+  ckdir = tmp_path / "checkpoints"
+  restore = ocp.CheckpointManager.restore
+
+  def saved_and_removed_meanwhile(self, step, *args, **kwargs):
+    if step == 20 and (ckdir / "20").is_dir():  # a run beside the reader saves step 30, retention removes 20
+      shutil.copytree(ckdir / "20", ckdir / "30")
+      shutil.rmtree(ckdir / "20")
+    return restore(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", saved_and_removed_meanwhile)
+  assert evaluate_run(str(tmp_path))[0] == 30

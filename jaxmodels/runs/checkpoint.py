@@ -647,22 +647,31 @@ def restore_export(path: str, like, config_dict: dict):
 
 
 def best_step(directory) -> int:
-  """The step of `directory` (a run's checkpoints/) that `checkpoint.keep_best` keeps: the best saved value of
-  that eval metric (`checkpoint.best_mode`; the newest of equal ones). UserError if the run kept no best checkpoint.
-  """
+  """The step of `directory` (a run's checkpoints/) that `checkpoint.keep_best` keeps: of the kept steps, the one
+  whose evaluation (the run's metrics.jsonl, beside checkpoints/) has the best value of that metric
+  (`checkpoint.best_mode`; the oldest of equal ones, as retention keeps). UserError if the run kept no best
+  checkpoint."""
   reader = Checkpoints(directory)
   try:
     newest = reader.newest_readable_step()
     c = reader.metadata(newest)[0].get("checkpoint", {}) if newest is not None else {}
-    metric, sign = c.get("keep_best"), (-1 if c.get("best_mode") == "min" else 1)
-    scored = [(sign * m[metric], s) for s in reader.manager.all_steps()
-              if isinstance(m := reader.manager.metrics(s), dict) and metric in m]
+    kept = set(reader.manager.all_steps())
   finally:
     reader.close()
-  if not metric or not scored:
-    raise UserError(f"{directory}: the run kept no best checkpoint (checkpoint.keep_best was not set): "
-                    f"pass step=N")
-  return max(scored)[1]
+  metric, sign = c.get("keep_best"), (-1 if c.get("best_mode") == "min" else 1)
+  log = storage.path(directory).parent / "metrics.jsonl"
+  scored = []
+  for line in (log.read_text().splitlines() if metric and log.is_file() else []):
+    try:
+      row = json.loads(line)
+    except ValueError:  # a line torn by a kill
+      continue
+    if row.get("split") == "eval" and row.get("step") in kept and isinstance(row.get(metric), (int, float)):
+      scored.append((sign * row[metric], -row["step"]))
+  if not scored:
+    raise UserError(f"{directory}: the run kept no best checkpoint (checkpoint.keep_best was not set, or no kept "
+                    f"step was evaluated): pass step=N")
+  return -max(scored)[1]
 
 
 def resolve_restore_from(path: str):
