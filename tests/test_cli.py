@@ -1,11 +1,15 @@
 """The command line as a user meets it: subprocesses, exit codes, one-line errors."""
 
+import io
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from conftest import ROOT, read_metrics
+
+from jaxmodels.parallel import launch
 
 JAXMODELS = [sys.executable, "-m", "jaxmodels"]
 
@@ -59,3 +63,45 @@ def test_command_flag_errors_are_one_line(capsys, tmp_path):
   assert "invalid int value: 'two'" in capsys.readouterr().err
   assert cli.main(["jaxmodels", "bench", "step", "--config", "experiments/digits_mlp.py", "--steps", "0"]) == 2
   assert "--steps 0: expected at least 1" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+  """`jaxmodels --help | head -1`: the reader is gone before the command writes. Old code: a BrokenPipeError
+  traceback (and a second one from the flush at exit)."""
+  for args in (["--help"], ["train", "--help"]):
+    read, write = os.pipe()
+    os.close(read)  # the reader (head) has exited
+    try:
+      r = subprocess.run([*JAXMODELS, *args], cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True,
+                         timeout=300, check=False)
+    finally:
+      os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
+def test_ctrl_c_during_a_commands_imports_is_one_line_and_exit_130():
+  """SIGINT while `jaxmodels train` imports its modules (JAX and the rest). Old code: a KeyboardInterrupt
+  traceback. The interrupt is raised where the command's module is imported."""
+  script = ("import sys, types\nimport jaxmodels.cli\nmain = sys.modules['jaxmodels.cli.main']\n"
+            "def interrupted(name):\n  raise KeyboardInterrupt\n"
+            "main.importlib = types.SimpleNamespace(import_module=interrupted)\n"
+            "sys.argv = ['jaxmodels', 'train', '--config', 'experiments/digits_mlp.py']\nmain.entry()\n")
+  r = run([sys.executable, "-c", script], env={**os.environ, "JAXMODELS_MALLOC": "system"})
+  assert r.returncode == 130 and r.stderr == "jaxmodels: interrupted\n", r.stderr
+
+
+def test_launch_drops_gloos_routine_connected_lines_and_keeps_the_rest():
+  """Every `jaxmodels launch` printed '[Gloo] Rank i is connected to 1 peer ranks...' for each process (and
+  the preemption service's 'expected upon program shutdown' warning)."""
+  lines = [b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+           b"[Gloo] Rank 0 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1\n",
+           b"W1207 17:25:00.123456  4242 preemption_notifier.cc:89] Preemption sync protocol cancelled by notifier: "
+           b"CANCELLED: Cancelled call to retrieve preemption notice. This is expected upon program shutdown.\n",
+           b"step 1 train: loss=2.3\n"]
+  out = io.StringIO()
+  stdout, sys.stdout = sys.stdout, out
+  try:
+    launch._forward(1, io.BytesIO(b"".join(lines)), threading.Lock())  # pylint: disable=protected-access
+  finally:
+    sys.stdout = stdout
+  assert out.getvalue() == "".join(f"[1] {line.decode()}" for line in (lines[1], lines[3]))

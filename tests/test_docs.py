@@ -215,7 +215,7 @@ def test_pages_with_commands():
   or only repeat another's."""
   assert [name(p) for p in RUN] == [
       "README.md", "docs/benchmarks.md", "docs/checkpoints.md", "docs/compression.md", "docs/data.md",
-      "docs/experiments.md", "docs/library.md", "docs/tpu.md"]
+      "docs/experiments.md", "docs/library.md", "docs/models.md", "docs/tpu.md"]
   for page, other in REPEATS.items():
     commands, others = page_commands(os.path.join(ROOT, page)), iter(page_commands(os.path.join(ROOT, other)))
     assert commands and all(c in others for c in commands), f"{page} runs what {other} does not"
@@ -260,8 +260,8 @@ def test_experiment_docstring_commands_run_as_written(path, tmp_path):
 
 def test_docstring_commands_the_docs_run():
   """The experiments whose docstring commands are not run on their own: a page runs their equivalents."""
-  assert [os.path.basename(p) for p in EXPERIMENTS if run_by_docs(p)] == ["digits_cnn.py", "digits_mlp.py",
-                                                                        "text_transformer.py"]
+  assert [os.path.basename(p) for p in EXPERIMENTS if run_by_docs(p)] == ["digits_cnn.py", "digits_mixer.py",
+                                                                        "digits_mlp.py", "text_transformer.py"]
   assert equivalence("python experiments/a.py --workdir x") == equivalence("jaxmodels train --config experiments/a.py")
   assert equivalence("jaxmodels sample --workdir runs/a --length 2") != equivalence("jaxmodels sample --workdir runs/b")
 

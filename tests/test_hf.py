@@ -188,3 +188,20 @@ def test_restore_from_an_import_loads_its_parameters_and_refuses_misfits(tmp_pat
   bad.checkpoint.restore_mode = "full"
   with pytest.raises(UserError, match="is an export .parameters only.: use checkpoint.restore_mode=params"):
     restore(bad)
+
+
+def test_a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_a_one_line_error(tmp_path):
+  """Old code never read model.safetensors.index.json and ended in a KeyError traceback."""
+  reference = gpt2()
+  reference.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="40KB")
+  shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+  assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+  import_hf(str(tmp_path / "hf"), str(tmp_path / "whole"))  # every shard there: imports
+  (tmp_path / "hf" / shards[1]).unlink()
+  with pytest.raises(UserError, match=rf"{tmp_path / 'hf' / shards[1]} is missing: .*index.json lists it as the "
+                                      rf"shard of \d+ tensors"):
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+  (tmp_path / "hf" / "model.safetensors.index.json").unlink()  # no index: a tensor is missing
+  with pytest.raises(UserError, match=r"has no tensor 'transformer\..*': its \*.safetensors files do not hold"):
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

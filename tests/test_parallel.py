@@ -309,3 +309,47 @@ def test_tensor_axis_across_processes_gives_replicas_identical_rows():
   for k in ("x", "y", "mask"):
     np.testing.assert_array_equal(evals[0][k], evals[1][k])
   assert [len(list(ds.eval_batches(16, r))) for r in rows] == [len(list(ds.eval_batches(16)))] * 4
+
+
+def test_make_mesh_takes_keyword_arguments_equal_to_the_config_form():
+  for strategy, mesh in (("dp", ""), ("fsdp", ""), ("tp", "data=2,tensor=-1"), ("single", "")):
+    kwargs = parallel.make_mesh(strategy=strategy, mesh=mesh)
+    assert kwargs == parallel.make_mesh(pconfig(strategy, mesh))
+    assert kwargs == parallel.make_mesh({"strategy": strategy, "mesh": mesh})  # a plain dict of the group
+  assert dict(parallel.make_mesh(strategy="fsdp", devices=jax.devices()[:4]).shape) == {"data": 1, "fsdp": 4,
+                                                                                       "tensor": 1}
+  with pytest.raises(UserError, match="parallel.strategy='zero'"):
+    parallel.make_mesh(strategy="zero")
+  with pytest.raises(TypeError, match="not both"):
+    parallel.make_mesh(pconfig("dp"), strategy="dp")
+
+
+def test_activation_sharding_is_a_reusable_context_and_decorator_in_a_function_traced_twice():
+  mesh = parallel.make_mesh(pconfig("dp"))
+  pinned = parallel.activation_sharding(mesh, (("activation_batch", ("data", "fsdp")),))
+
+  @jax.jit
+  def inside(x):
+    with pinned:
+      return parallel.constrain(x * 2, ("activation_batch",))
+
+  decorated = jax.jit(pinned(lambda x: parallel.constrain(x + 1, ("activation_batch",))))
+  for fn in (inside, decorated):
+    for rows in (8, 16):  # two shapes: two traces entering the same context
+      assert "sharding_constraint" in str(jax.make_jaxpr(fn)(np.ones((rows, 3), np.float32)))
+      assert fn(np.ones((rows, 3), np.float32)).sharding.spec == P("data")  # fsdp has size 1
+  assert parallel.constrain(np.ones(3), ("activation_batch",)).shape == (3,)  # outside: unchanged
+
+
+def test_param_and_optimizer_state_shardings_for_any_pytree():
+  mesh = parallel.make_mesh(pconfig("fsdp"))
+  params = {"w": jax.ShapeDtypeStruct((16, 4), np.float32), "b": jax.ShapeDtypeStruct((4,), np.float32)}
+  shardings = parallel.param_shardings(params, mesh, fallback_rules=((".*", "fsdp"),))
+  assert shardings["w"].spec == P("fsdp", None) and shardings["b"].spec == P(None)  # 4 does not split 8 ways
+  assert parallel.param_shardings(params, mesh)["w"].spec == P(None, None)  # no rules: replicated
+  adam = parallel.opt_state_shardings(optax.adam(1e-3), params, shardings)
+  assert adam[0].mu["w"].spec == P("fsdp", None) and adam[0].nu["b"].spec == P(None)
+  assert adam[0].count.spec == P()  # a per-step scalar: replicated
+  state = jax.jit(optax.adam(1e-3).init, out_shardings=adam)(
+      {k: np.zeros(v.shape, v.dtype) for k, v in params.items()})
+  assert state[0].mu["w"].sharding.spec == P("fsdp", None)

@@ -149,6 +149,79 @@ def test_the_lock_renews_its_heartbeat_and_a_stale_lock_of_another_host_is_taken
   lock.release()
 
 
+TAKE_OVERS = """
+import json, multiprocessing, socket, subprocess, sys
+from jaxmodels.runtime import storage
+from jaxmodels.runtime.errors import UserError
+workdir, trials, processes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def contend(start, done, results):
+  lock = storage.WorkdirLock(workdir, log=lambda _line: None)
+  start.wait()
+  try:
+    lock.acquire()
+    results.put(True)
+  except UserError:
+    results.put(False)
+  done.wait()  # every contender has tried: only now may the holder release
+  lock.release()
+
+dead = subprocess.Popen([sys.executable, "-c", "pass"])
+dead.wait()
+fork = multiprocessing.get_context("fork")  # this process has imported nothing that runs threads
+holders = []
+for _ in range(trials):
+  record = json.dumps({"pid": dead.pid, "host": socket.gethostname()})
+  # gs://: written by another process, so that this one starts no gcsfs event-loop thread before forking
+  subprocess.run([sys.executable, "-c", f"from etils import epath; epath.Path({workdir!r}).joinpath('LOCK')"
+                  f".write_text({record!r})"], check=True)
+  start, done, results = fork.Barrier(processes), fork.Barrier(processes), fork.Queue()
+  ps = [fork.Process(target=contend, args=(start, done, results)) for _ in range(processes)]
+  for p in ps:
+    p.start()
+  holders.append(sum(results.get(timeout=60) for _ in ps))
+  for p in ps:
+    p.join()
+print(json.dumps(holders))
+"""
+
+
+def test_concurrent_take_overs_of_a_dead_holders_lock_give_exactly_one_holder(tmp_path):
+  """50 times, 4 processes take over the same dead holder's LOCK at once. Old code (read, unlink, re-create)
+  gave the lock to two of them in about one trial in ten."""
+  r = subprocess.run([sys.executable, "-c", TAKE_OVERS, str(tmp_path), "50", "4"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout) == [1] * 50
+  assert sorted(os.listdir(tmp_path)) == []  # each holder released; no temporary file left
+
+
+@pytest.mark.slow
+def test_concurrent_take_overs_on_gs_give_exactly_one_holder(gcs_env):
+  """The same on a bucket (a local GCS emulator): the take-over is an upload with ifGenerationMatch."""
+  r = subprocess.run([sys.executable, "-c", TAKE_OVERS, "gs://bkt/locked", "8", "3"], cwd=ROOT, env=gcs_env,
+                     capture_output=True, text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout) == [1] * 8
+
+
+def test_an_empty_or_torn_lock_is_taken_over_once_older_than_the_staleness_window(tmp_path, capsys):
+  """A kill during an old heartbeat's truncate-then-write left LOCK empty or torn: old code said 'in use by
+  process ? on ?' forever. Young, it may still be being written; older than stale_s, it is taken over."""
+  for torn in (b"", b'{"pid": 12, "ho'):
+    (tmp_path / "LOCK").write_bytes(torn)
+    with pytest.raises(UserError, match="is in use by process"):
+      storage.WorkdirLock(tmp_path, stale_s=600).acquire()
+    assert (tmp_path / "LOCK").read_bytes() == torn
+    os.utime(tmp_path / "LOCK", (time.time() - 3600, time.time() - 3600))
+    lock = storage.WorkdirLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert "holds no readable record and was last written 3600 s ago" in capsys.readouterr().out
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "LOCK").exists()
+
+
 def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, capsys):
   train_and_evaluate(small(10), str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -262,3 +335,70 @@ sys.exit(cli.main(["jaxmodels", "train", "--config", "experiments/digits_mlp.py"
   assert r.returncode == 75, r.stdout + r.stderr
   assert "signal 15 before training started" in r.stdout
   assert os.listdir(tmp_path) == []  # the lock is released; nothing was written
+
+
+# ---- write errors: one line naming the path and the cause, exit 1, the workdir as it was ----
+
+DIGITS = ["train", "--config", "experiments/digits_mlp.py", "--config.train.steps=30", "--config.checkpoint.every=10",
+          "--config.train.warmup_steps=2"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """A mount of a small tmpfs (`mount(size_kib, read_only=False)`); skipped where this process may not mount."""
+  mounts = []
+
+  def mount(size_kib, read_only=False, at=None):
+    target = at or tmp_path / f"tmpfs{len(mounts)}"
+    target.mkdir(exist_ok=True)
+    options = f"size={size_kib}k" + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                                           capture_output=True, check=False).returncode:
+      pytest.skip("needs permission to mount a tmpfs")
+    mounts.append(target)
+    return target
+  yield mount
+  for target in reversed(mounts):
+    subprocess.run(["umount", str(target)], check=False)
+
+
+def _one_line(r, prefix):
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert r.stderr.startswith(prefix) and r.stderr.count("\n") == 1, r.stderr
+  assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_directory_the_run_writes_that_cannot_be_written_is_refused_before_the_run_is_accepted(tmp_path, tmpfs):
+  """Old code accepted a run whose checkpoints/ it could not write, rewrote config.json and model.json, trained
+  and ended in a 413-line traceback."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "checkpoints").write_text("not a directory")  # where the run's checkpoints go
+  (run / "config.json").write_text("{}")
+  before = snapshot(run)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={run}")
+  _one_line(r, f"jaxmodels: error: cannot write {run}/checkpoints: {run}/checkpoints is a file")
+  assert snapshot(run) == before
+  (run / "checkpoints").unlink()
+  tmpfs(64, read_only=True, at=run / "checkpoints")  # a read-only disk (root ignores permission bits)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={run}")
+  _one_line(r, f"jaxmodels: error: cannot write {run}/checkpoints: {run}/checkpoints is not writable "
+               f"(read-only file system)")
+  assert snapshot(run) == {"config.json": b"{}"}
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, tmpfs):
+  """A disk that fills during a checkpoint save (old code: a 643-line RESOURCE_EXHAUSTED traceback) and a fresh
+  workdir on a disk with 8 KiB free (old code: an ENOSPC traceback after writing config.json and an empty
+  model.json)."""
+  disk = tmpfs(400)
+  r = _jaxmodels(None, *DIGITS, f"--workdir={disk}/run")
+  _one_line(r, f"jaxmodels: error: cannot write checkpoints in {disk}/run/checkpoints: No space left on device")
+  assert os.listdir(disk / "run" / "checkpoints") == []  # the failed save's partial files are removed
+  assert not (disk / "run" / "LOCK").exists()
+  small_disk = tmpfs(32)
+  (small_disk / "filler").write_bytes(b"x" * (24 << 10))  # 8 KiB left
+  r = _jaxmodels(None, *DIGITS, f"--workdir={small_disk}/run")
+  _one_line(r, f"jaxmodels: error: cannot write {small_disk}/run/")
+  assert r.stderr.endswith(": No space left on device\n")
+  assert os.listdir(small_disk) == ["filler"]  # the workdir the run created is gone again: nothing half written

@@ -10,14 +10,19 @@ Every experiment file also runs as a script with the same flags
 ml_collections form `--config.GROUP.KEY=VALUE` (`jaxmodels.config.apply_overrides`):
 values are parsed by the type of the key they replace, and unknown keys are
 errors. Bad config, data or flags print one line (`jaxmodels: error: ...`) and
-exit with code 2.
+exit with code 2; a write the storage refused (no space, no permission, a quota,
+a bucket) prints one line naming the path and the cause and exits with code 1;
+Ctrl-C before training started exits 130 (see jaxmodels.runtime.errors for all codes).
 """
 
 import importlib
+import os
 import sys
 
-from jaxmodels.runtime import hbm, host
-from jaxmodels.runtime.errors import Preempted, UserError
+from jaxmodels.runtime import hbm, host, storage
+from jaxmodels.runtime.errors import Preempted, StorageError, UserError
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
 USAGE = """usage: jaxmodels COMMAND [FLAGS]
 
@@ -57,16 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     return run(f"jaxmodels {command}", args)
-  except UserError as e:  # exit 2; 3 for a non-finite loss
+  except UserError as e:  # exit 2; 1 for a refused write, 3 for a non-finite loss
     print(f"jaxmodels: error: {e}", file=sys.stderr)
     return e.exit_code
   except Preempted as e:  # a signal stopped training after a synchronous save: rerun to resume
     return e.exit_code
-  except RuntimeError as e:  # XLA's device out-of-memory error (a JaxRuntimeError) is one line; others propagate
-    if not hbm.is_oom(e):
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, RuntimeError) and hbm.is_oom(e):  # XLA's device out-of-memory error (a JaxRuntimeError)
+      print(f"jaxmodels: error: {hbm.explain(e, plan_hint(args))}", file=sys.stderr)
+      return UserError.exit_code
+    failure = storage.write_failure(e, "the storage", only_writes=True)  # a write no code turned into one line
+    if failure is None:
       raise
-    print(f"jaxmodels: error: {hbm.explain(e, plan_hint(args))}", file=sys.stderr)
-    return UserError.exit_code
+    print(f"jaxmodels: error: {failure}", file=sys.stderr)
+    return StorageError.exit_code
 
 
 def plan_hint(args: list[str]) -> str:
@@ -82,15 +91,33 @@ def plan_hint(args: list[str]) -> str:
                    "--try train.grad_accum_steps=1,2,4,8"])
 
 
+def _run_quietly(argv: list[str] | None) -> None:
+  """Runs `main(argv)` and exits with its code, turning the faults of the terminal around it into exit codes:
+  Ctrl-C outside training (during imports, say) is one line and 130; a closed stdout (`jaxmodels ... | head`)
+  ends quietly (Python's recommended handling of SIGPIPE: point stdout at devnull, so the exit's flush does not
+  raise again)."""
+  try:
+    code = main(argv)
+    sys.stdout.flush()
+  except KeyboardInterrupt:
+    print("jaxmodels: interrupted", file=sys.stderr)
+    code = INTERRUPTED
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    code = 1
+  sys.exit(code)
+
+
 def entry() -> None:
   """The `jaxmodels` console script and `python -m jaxmodels`."""
   host.reexec_with_huge_pages()
   host.cpu_only_platform()
-  sys.exit(main())
+  _run_quietly(None)
 
 
 def run_experiment(path: str) -> None:
   """Entry point of an experiment file run as a script: `jaxmodels train --config <that file>`."""
   host.reexec_with_huge_pages()
   host.cpu_only_platform()
-  sys.exit(main(["jaxmodels", "train", "--config", path, *sys.argv[1:]]))
+  _run_quietly(["jaxmodels", "train", "--config", path, *sys.argv[1:]])

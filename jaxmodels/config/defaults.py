@@ -10,7 +10,9 @@ from ml_collections import config_dict
 
 
 def default_config() -> config_dict.ConfigDict:
-  """All keys with their defaults. Groups: data.*, model.*, train.*."""
+  """All keys with their defaults, locked: setting a key it does not have (a misspelling) raises AttributeError.
+  Groups: data.*, model.*, train.*, checkpoint.*, parallel.*. A module named by import path adds its own model.*
+  keys (`jaxmodels.config.set_family`); code that adds keys of its own does so inside `with c.unlocked():`."""
   c = config_dict.ConfigDict()
 
   c.data = config_dict.ConfigDict()
@@ -50,10 +52,12 @@ def default_config() -> config_dict.ConfigDict:
   c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split
 
   c.model = config_dict.ConfigDict()
-  # mlp | cnn | lstm | transformer | resnet | vit | encdec. lstm and transformer are language models on
-  # data.source=text and sequence classifiers on arrays (axis 1 of x is time); resnet and vit read images;
-  # encdec (a Transformer encoder-decoder, the transformer keys but pooling) maps copy/reverse sources to targets.
-  # Each family takes the keys that are fields of its typed config (jaxmodels.models.FAMILIES); a key
+  # mlp | cnn | lstm | transformer | resnet | vit | encdec, or your own module by import path,
+  # package.module:ClassName (an nnx.Module with a frozen-dataclass Config whose fields become model.* keys;
+  # docs/models.md#your-own-module). lstm and transformer are language models on data.source=text and sequence
+  # classifiers on arrays (axis 1 of x is time); resnet and vit read images; encdec (a Transformer
+  # encoder-decoder, the transformer keys but pooling) maps copy/reverse sources to targets.
+  # Each family takes the keys that are fields of its typed config (jaxmodels.models.registry); a key
   # of another family set to a value other than its default here is an error.
   c.model.family = "cnn"
   # A named configuration (jaxmodels.models.presets): gpt2, gpt2-medium, llama-tiny, llama-small,
@@ -238,6 +242,7 @@ def default_config() -> config_dict.ConfigDict:
   c.parallel.process_id = 0
   c.parallel.init_timeout_s = 300
   c.parallel.heartbeat_timeout_s = 100
+  c.lock()
   return c
 
 

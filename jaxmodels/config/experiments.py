@@ -1,25 +1,32 @@
 """Experiment files and `--config.GROUP.KEY=VALUE` overrides: loading, the one override parser, saved configs.
 
-`load_experiment(path, overrides)` runs an experiment file's `get_config()`, locks the result (so a misspelled
-key is an error) and applies the overrides; `parse_experiment_args` does so for a command's `--config PATH` and
-`--config.K=V` arguments. `apply_overrides` is the one parser of overrides, used by every command (train, bench
-and plan, eval's other data, a run's saved config), and `parse_override`, which it calls for each, parses the
-values of a `bench compile --sweep` or `plan --try` too: a value is parsed by the type of the key it replaces.
+`load_experiment(path, overrides)` runs an experiment file's `get_config()` (which starts from the locked
+`default_config()`, so a misspelled key is an error there too), adds the `model.*` keys of a module named by import
+path (`add_family_keys`; `set_family` does so inside `get_config`) and applies the overrides;
+`parse_experiment_args` does so for a command's `--config PATH` and `--config.K=V` arguments. `apply_overrides`
+is the one parser of overrides, used by every command (train, bench and plan, eval's other data, a run's saved
+config), and `parse_override`, which it calls for each, parses the values of a `bench compile --sweep` or
+`plan --try` too: a value is parsed by the type of the key it replaces.
 A run's `config.json` is read back by `from_saved` and `saved_config`.
 """
 
 import ast
 import copy
+import dataclasses
 import difflib
 import importlib.util
 import json
 import os
+import re
+import traceback
+import typing
 from collections.abc import Iterable, Mapping
 
 from ml_collections import config_dict
 
 from jaxmodels.config.defaults import default_config
 from jaxmodels.config.validate import validate
+from jaxmodels.models.registry import FAMILIES, get_family
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
@@ -28,17 +35,104 @@ BOOLEANS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0":
 
 
 def load_experiment(path: str, overrides: Iterable[str] = ()) -> config_dict.ConfigDict:
-  """Imports an experiment file and returns its `get_config()`, locked, with `overrides` applied."""
+  """Imports an experiment file and returns its `get_config()`, locked, with the `model.*` keys of a module named by
+  import path added (`add_family_keys`) and `overrides` applied.
+
+  Raises UserError for a missing file, and in one line naming the file and line for an error in it: a syntax
+  error, an exception inside `get_config()`, a key that `default_config()` (locked) does not have.
+  """
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_jaxmodels_experiment", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"{path} defines no get_config()")
-  config = module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise UserError(f"{path} defines no get_config()")
+    config = module.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # the user's code: where it failed and why, in one line
+    raise UserError(_experiment_error(path, e)) from None
   config.lock()
-  return apply_overrides(config, overrides)
+  return apply_overrides(add_family_keys(config), overrides)
+
+
+def _experiment_error(path: str, e: Exception) -> str:
+  """'PATH:LINE: what went wrong' for an exception raised while running experiment file `path`."""
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == os.path.abspath(path):
+    return f"{path}:{e.lineno}: {type(e).__name__}: {e.msg}"
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+  where = f"{path}:{frames[-1].lineno}" if frames else path
+  text = str(e)
+  if isinstance(e, (KeyError, AttributeError)) and e.args:  # ConfigDict's: a KeyError('text') inside either
+    inner = e.args[0]
+    text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
+  missing = re.match(r'Key "(\w+)" does not exist and cannot be added since the config is locked', text)
+  if missing:  # a ConfigDict locked by default_config(): a misspelled key
+    close = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)
+    line = f" ({frames[-1].line})" if frames and frames[-1].line else ""
+    return (f"{where}{line}: {missing.group(1)!r} is not a key of the config (default_config() has every key)."
+            + (f" {close.group(0)}" if close else ""))
+  return f"{where}: {type(e).__name__}: {' '.join(text.split())}"
+
+
+def add_family_keys(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """`config` with the `model.*` keys of its `model.family`'s Config added, at their defaults, where it lacks them
+  (a module named by import path, package.module:ClassName); in place, and returned. A key set already keeps its
+  value; the built-in families' keys are all in `default_config()`.
+
+  Raises UserError naming `model.family` for a family that does not resolve (jaxmodels.models.get_family) and for
+  a Config field named as a key of `default_config().model` whose default or type differs from that key's.
+  """
+  model = config.model
+  if model.family in FAMILIES:
+    return config
+  cls = get_family(model.family).config
+  defaults = default_config().model
+  hints = _type_hints(cls)
+  for field in dataclasses.fields(cls):
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if field.name in defaults:
+      known = defaults[field.name]
+      if type(value) is not type(known) or value != (tuple(known) if isinstance(known, list) else known):
+        raise UserError(f"model.family={model.family}: its Config field {field.name}={value!r} is also the key "
+                        f"model.{field.name} of the built-in families, whose default is {known!r}: give the field "
+                        f"that default or another name")
+      continue
+    if field.name not in model:
+      with model.unlocked():
+        model[field.name] = _typed_default(value, hints.get(field.name))
+  return config
+
+
+def _type_hints(cls) -> dict:
+  try:
+    return typing.get_type_hints(cls)
+  except Exception:  # an annotation that does not resolve: keys then take the types of their defaults
+    return {}
+
+
+def _typed_default(value, hint):
+  """A Config field's default as a ConfigDict value: a None default of `X | None` (X a scalar or tuple type) is a
+  placeholder of X, so overrides parse as X; any other value types itself."""
+  kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+  if value is None and len(kinds) == 1 and kinds[0] in (bool, int, float, str, tuple):
+    return config_dict.placeholder(kinds[0])
+  return value
+
+
+def set_family(config: config_dict.ConfigDict, family: str) -> None:
+  """Sets `model.family` (a built-in family or `package.module:ClassName`) and adds its module's `model.*` keys
+  (`add_family_keys`), in place, so that an experiment file can set them next:
+
+      set_family(c, "mixer:Mixer")
+      c.model.depth = 4
+
+  Raises UserError naming `model.family` for a family that does not resolve.
+  """
+  config.model.family = family
+  add_family_keys(config)
 
 
 def to_json(config: config_dict.ConfigDict) -> str:
@@ -95,14 +189,23 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: Iterable[str]) ->
   order, a later one of a key winning: the one parser of overrides, by every command. Each value is parsed by the
   type of the key it replaces (`parse_override`). Raises UserError naming the first bad override.
   """
+  overrides = list(overrides)
+  # A module named by import path brings its own model.* keys: added before the overrides that may set them.
+  family = [o for o in overrides if o.removeprefix(OVERRIDE).partition("=")[0] == "model.family"]
+  if family:
+    config = add_family_keys(with_values(config, dict([_parsed(config, family[-1])])))
   values = {}
   for override in overrides:
-    try:
-      key, value = parse_override(config, override)
-    except UserError as e:
-      raise UserError(f"bad config override {override}: {e}") from None
+    key, value = _parsed(config, override)
     values[key] = value
   return with_values(config, values)
+
+
+def _parsed(config: config_dict.ConfigDict, override: str) -> tuple[str, object]:
+  try:
+    return parse_override(config, override)
+  except UserError as e:
+    raise UserError(f"bad config override {override}: {e}") from None
 
 
 def parse_override(config: config_dict.ConfigDict, override: str) -> tuple[str, object]:

@@ -16,7 +16,7 @@ from jaxmodels.config.defaults import default_config
 from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCES
 from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
-from jaxmodels.models.registry import FAMILIES
+from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
 from jaxmodels.parallel.sharding import (
   MESH_AXES,
@@ -98,7 +98,7 @@ DATA_RULES = {
 
 
 MODEL_RULES = {
-    "model.family": one_of(FAMILIES), "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
+    "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(PARAM_DTYPES),
     "model.dropout": RATE, "model.hidden_sizes": SIZES, "model.features": SIZES, "model.kernel_sizes": SIZES,
     "model.strides": SIZES, "model.pool": one_of(cnn.POOLS), "model.head_sizes": SIZES,
     "model.norm": one_of(dict.fromkeys(cnn.NORMS + transformer.NORMS)), "model.num_layers": POSITIVE,
@@ -200,9 +200,13 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check(config, "model.preset", one_of(("",) + tuple(presets.PRESETS)))
   expand_preset(config)
   task = config_task(config.data)
+  # model.family: a registered family, or a module by import path whose Config checks its own keys
+  family = config.model.family
+  own = set() if family in FAMILIES else {f"model.{f.name}" for f in dataclasses.fields(get_family(family).config)}
   for rules in (DATA_RULES, MODEL_RULES, TRAIN_RULES, CHECKPOINT_RULES, PARALLEL_RULES, _derived_rules(config, task)):
     for key, rule in rules.items():
-      _check(config, key, rule)
+      if key not in own:
+        _check(config, key, rule)
   _check_data(config.data)
   _check_model(config, task)
   _check_train(config)
@@ -230,12 +234,14 @@ def _check_data(d) -> None:
 def _check_model(config, task: str) -> None:
   """The family against the task, and the family's own config (its fields and their relations)."""
   m = config.model
-  if (task == "seq2seq") != (FAMILIES[m.family].seq2seq is not None):
+  modules = get_family(m.family).modules
+  if m.family in FAMILIES and (task == "seq2seq") != ("seq2seq" in modules):
     raise UserError(f"model.family={m.family} with data.source={config.data.source}: the encoder-decoder (encdec) "
                     f"takes paired sequences (data.source=copy or reverse), and they take only it")
   family_config(m, default_config().model)
-  if task == "lm" and FAMILIES[m.family].lm is None:
-    raise UserError(f"model.family={m.family!r} is not a language model: use transformer or lstm for text")
+  kind = task if task in ("lm", "seq2seq") else "classify"
+  if kind not in modules:
+    raise UserError(f"model.family={m.family!r} {task_refusal(m.family, kind)}")
 
 
 def _check_train(config) -> None:

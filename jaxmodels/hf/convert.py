@@ -129,13 +129,39 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
   return config, hf["vocab_size"]
 
 
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's {"weight_map": {tensor: shard file}}
+
+
+def _shards(directory: str) -> list:
+  """The safetensors files of `directory`: those its index names (each checked to exist), else every one there.
+
+  UserError naming a shard the index lists that is missing, an index that is not JSON, or no file at all.
+  """
+  d = storage.path(directory)
+  index = d / INDEX_FILE
+  if not index.is_file():
+    files = sorted(d.glob("*.safetensors"), key=os.fspath)
+    if not files:
+      raise UserError(f"{directory} holds no *.safetensors file")
+    return files
+  try:
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e}): expected JSON with a "
+                    f"weight_map") from None
+  files = [d / name for name in sorted(set(weight_map.values()))]
+  for path in files:
+    if not path.is_file():
+      tensors = sum(shard == path.name for shard in weight_map.values())
+      raise UserError(f"{path} is missing: {index} lists it as the shard of {tensors} tensors; copy the whole "
+                      f"checkpoint")
+  return files
+
+
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
   safe_open = extras.require("safetensors", "import-hf").safe_open
-  files = sorted(storage.path(directory).glob("*.safetensors"), key=os.fspath)
-  if not files:
-    raise UserError(f"{directory} holds no *.safetensors file")
   tensors = {}
-  for path in files:
+  for path in _shards(directory):
     # flax: bfloat16 tensors load too (NumPy has no bfloat16)
     with _local_file(path) as local, safe_open(local, framework="flax") as f:
       for name in f.keys():
@@ -282,7 +308,11 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
     raise UserError(f"{directory}/config.json has no {e.args[0]!r}: not a complete {hf.get('model_type')} "
                     f"config") from None
   config = dataclasses.replace(config, scan_layers=scan_layers)
-  params = params_from_hf(hf["model_type"], _read_tensors(directory), config)
+  try:
+    params = params_from_hf(hf["model_type"], _read_tensors(directory), config)
+  except KeyError as e:  # a tensor every checkpoint of this config has
+    raise UserError(f"{directory} has no tensor {e.args[0]!r}: its *.safetensors files do not hold the whole "
+                    f"{hf['model_type']} model that config.json describes") from None
   abstract = nnx.eval_shape(lambda: TransformerLM(vocab_size, config, rngs=nnx.Rngs(0)))
   _, expected, _ = split_model(abstract)
   _check_shapes(expected, params)
@@ -294,8 +324,7 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
     c.model[name] = value
   save_params(out, params, {})
   spec = {"input_shape": [c.data.seq_len], "num_outputs": vocab_size, "task": "lm"}
-  for name, text in (("config.json", to_json(c)), ("model.json", json.dumps(spec))):
-    (storage.path(out) / name).write_text(text, encoding="utf-8")
+  storage.write_files(out, {"config.json": to_json(c), "model.json": json.dumps(spec)})
   return out
 
 

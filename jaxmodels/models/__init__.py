@@ -13,7 +13,9 @@ stream) is needed only when training with dropout. Language models also have
 `init_cache(batch, length)` and `decode(tokens, cache, index)` for compiled
 sampling; the encoder-decoder (`EncoderDecoder`, called as `model(source, decoder_input, ...)`) has
 `init_cache(source, length)`, `decode` and greedy `generate`. `build_model` is the command line's bridge: it
-maps the flat `model.*` config group onto the family's dataclass (`family_config`).
+maps the flat `model.*` config group onto the family's dataclass (`family_config`). Each module class names its
+config (`TransformerLM.Config`) and the data it models (`tasks`): the protocol of `registry`, which holds the
+families by name (`FAMILIES`, `register`) and resolves your own module by import path (`get_family`).
 """
 
 from jaxmodels.models import presets
@@ -21,7 +23,7 @@ from jaxmodels.models.cnn import CNN, CNNConfig
 from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
 from jaxmodels.models.mlp import MLP, MLPConfig
 from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
-from jaxmodels.models.registry import FAMILIES, build_family, build_model, family_config
+from jaxmodels.models.registry import FAMILIES, build_family, build_model, family_config, get_family, register
 from jaxmodels.models.resnet import ResNet, ResNetConfig
 from jaxmodels.models.transformer import (
            TransformerClassifier,
@@ -33,4 +35,4 @@ from jaxmodels.models.vit import ViT, ViTConfig
 __all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
            "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
-           "build_family", "build_model", "family_config", "presets"]
+           "build_family", "build_model", "family_config", "get_family", "presets", "register"]

@@ -63,6 +63,9 @@ class CNN(nnx.Module):
       CNN((8, 8, 1), 10, features=(16, 32), norm="batch", rngs=nnx.Rngs(0))
   """
 
+  Config = CNNConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
+
   def __init__(self, input_shape, num_outputs: int, config: CNNConfig | None = None, *, axis_name=None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(CNNConfig, config, fields)

@@ -72,6 +72,9 @@ class EncoderDecoder(nnx.Module):
   (a config of another family).
   """
 
+  Config = EncoderDecoderConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("seq2seq",)
+
   def __init__(self, vocab_size: int, config: EncoderDecoderConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(EncoderDecoderConfig, config, fields)

@@ -14,6 +14,9 @@ halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
 - ViT: the Transformer classifier's count over its patches (+ class token).
 - Encoder-decoder: the encoder's parameters over the S source tokens, the decoder's over the T = S + 1
   target tokens (6 x each), attention 12 x L x d_model x (S^2 + T^2 + T S), and the head as the LM's.
+- A module named by import path (`model.family=package.module:ClassName`): its `flops_per_example(input_shape)`
+  x examples where it defines one, else 6 x parameters x examples (x tokens for a language model), with a note
+  that says so.
 
 `jaxmodels bench step` cross-checks these against XLA's own count.
 """
@@ -25,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxmodels.models import registry
 
 # Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead (`matmul_flops`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -71,11 +76,21 @@ def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def model_flops_per_step(config, dataset, abstract_model) -> float:
-  """Analytic training FLOPs of one optimizer step (see the module docstring)."""
+def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | None = None) -> float:
+  """Analytic training FLOPs of one optimizer step (see the module docstring). A module of no built-in family
+  without `flops_per_example` is counted as 6 x parameters per example (per token for "lm"), which appends a
+  note saying so to `notices`."""
   m, batch = config.model, config.train.batch_size
   params = nnx.state(abstract_model, nnx.Param)
   n_params = _count(params)
+  if m.family not in registry.FAMILIES:
+    if hasattr(abstract_model, "flops_per_example"):
+      return float(batch * abstract_model.flops_per_example(tuple(dataset.input_shape)))
+    per_example = math.prod(dataset.input_shape) if dataset.task == "lm" else 1
+    if notices is not None:
+      notices.append(f"model.family={m.family} defines no flops_per_example(input_shape): MFU counts 6 x "
+                     f"parameters x {'tokens' if dataset.task == 'lm' else 'examples'} per step")
+    return 6.0 * n_params * batch * per_example
   if dataset.task == "seq2seq":
     s, t, d = dataset.input_shape[0], dataset.input_shape[0] + 1, m.d_model
     encoder = _count(nnx.state(abstract_model.encoder, nnx.Param))

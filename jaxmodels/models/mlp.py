@@ -37,6 +37,9 @@ class MLP(nnx.Module):
       MLP((8, 8, 1), 10, hidden_sizes=(64,), rngs=nnx.Rngs(0))
   """
 
+  Config = MLPConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
+
   def __init__(self, input_shape, num_outputs: int, config: MLPConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(MLPConfig, config, fields)

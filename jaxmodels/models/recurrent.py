@@ -140,6 +140,9 @@ class RecurrentLM(nnx.Module):
       RecurrentLM(vocab_size, LSTMConfig(cell="gru", hidden_size=128), rngs=nnx.Rngs(0))
   """
 
+  Config = LSTMConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("lm",)
+
   def __init__(self, vocab_size: int, config: LSTMConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(LSTMConfig, config, fields)
@@ -175,6 +178,9 @@ class RecurrentClassifier(nnx.Module):
 
       RecurrentClassifier((8, 8, 1), 10, LSTMConfig(pooling="last", bidirectional=True), rngs=nnx.Rngs(0))
   """
+
+  Config = LSTMConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
 
   def __init__(self, input_shape, num_classes: int, config: LSTMConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):

@@ -1,47 +1,149 @@
 """The model families by name: `model.family` -> its typed config and its modules per task, and `build_model`, the
-command line's bridge from the flat `model.*` config group to a module."""
+command line's bridge from the flat `model.*` config group to a module.
+
+One registry holds every family, and a family is any module class that follows one protocol:
+
+- it is an `nnx.Module` subclass with a class attribute `Config`, a frozen dataclass whose fields (each with a
+  default) are the family's `model.*` keys, and a class attribute `tasks`, the kinds of data it models (default
+  ("classify",)): "classify" for array data (data.task classify, binary, multilabel or regress: `num_outputs` logits
+  per example), "lm" for token sequences (text, tokens), "seq2seq" for paired sequences (copy, reverse);
+- for "classify" it is built as `Module(input_shape, num_outputs, config, dtype=..., param_dtype=..., rngs=...)`
+  and for "lm" and "seq2seq" as `Module(vocab_size, config, dtype=..., param_dtype=..., rngs=...)`, plus
+  `axis_name=` (the pmap axis, for BatchNorm) when its constructor takes that keyword;
+- it is called as `model(x, train=..., rngs=...)` (seq2seq: `model(source, decoder_input, source_mask_BS=...,
+  train=..., rngs=...)`; jaxmodels.models.forward) and returns logits;
+- optionally, `flops_per_example(input_shape)` gives the training FLOPs (forward and backward) of one example,
+  for MFU (jaxmodels.models.flops); without it MFU counts 6 x parameters per example (per token for "lm").
+
+The built-in families register here (`register`); any other is named by import path, `model.family=
+package.module:ClassName`, imported when first named (with the current directory on the import path, as
+`python -m` has it) and checked against the protocol.
+"""
 
 
 import dataclasses
+import functools
+import importlib
+import inspect
+import os
 import re
-from typing import NamedTuple
+import sys
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.models.cnn import CNN, CNNConfig
-from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
-from jaxmodels.models.mlp import MLP, MLPConfig
-from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
-from jaxmodels.models.resnet import ResNet, ResNetConfig
-from jaxmodels.models.transformer import (
-  TransformerClassifier,
-  TransformerConfig,
-  TransformerLM,
-)
-from jaxmodels.models.vit import ViT, ViTConfig
+from jaxmodels.models.cnn import CNN
+from jaxmodels.models.encdec import EncoderDecoder
+from jaxmodels.models.mlp import MLP
+from jaxmodels.models.recurrent import RecurrentClassifier, RecurrentLM
+from jaxmodels.models.resnet import ResNet
+from jaxmodels.models.transformer import TransformerClassifier, TransformerLM
+from jaxmodels.models.vit import ViT
 from jaxmodels.runtime.errors import UserError
 
-
-class Family(NamedTuple):
-  config: type  # the typed config
-  classifier: type | None  # module for task "classify": (input_shape, num_classes, config, ...)
-  lm: type | None  # module for task "lm": (vocab_size, config, ...), if the family models text
-  seq2seq: type | None = None  # module for task "seq2seq": (vocab_size, config, ...), for paired sequences
-
-
-FAMILIES = {
-    "mlp": Family(MLPConfig, MLP, None),
-    "cnn": Family(CNNConfig, CNN, None),
-    "lstm": Family(LSTMConfig, RecurrentClassifier, RecurrentLM),
-    "transformer": Family(TransformerConfig, TransformerClassifier, TransformerLM),
-    "resnet": Family(ResNetConfig, ResNet, None),
-    "vit": Family(ViTConfig, ViT, None),
-    "encdec": Family(EncoderDecoderConfig, None, None, EncoderDecoder),
-}
+MODEL_TASKS = ("classify", "lm", "seq2seq")  # the kinds of data a module declares in `tasks`
 # model.* keys of every family (the rest are fields of one or more families' configs).
 COMMON_KEYS = ("family", "preset", "dtype", "param_dtype")
-BATCH_NORM_FAMILIES = ("cnn", "resnet")  # modules that take `axis_name` for BatchNorm under pmap
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:ClassName
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  config: type  # the typed config, `Config` of each of its modules
+  modules: Mapping[str, type]  # task ("classify", "lm", "seq2seq") -> its module class
+
+
+FAMILIES: dict[str, Family] = {}  # the registered families by name; import paths resolve to a Family too
+
+
+def module_tasks(cls) -> tuple:
+  """The kinds of data module class `cls` declares (`tasks`; default ("classify",))."""
+  return getattr(cls, "tasks", ("classify",))
+
+
+def check_module(cls, name: str) -> None:
+  """Raises ValueError saying how `cls` (named `name`) breaks the module protocol (the module docstring)."""
+  if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+    raise ValueError(f"{name} is not an nnx.Module class")
+  config = getattr(cls, "Config", None)
+  if not (isinstance(config, type) and dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+    raise ValueError(f"{name} has no Config class attribute that is a frozen dataclass")
+  for field in dataclasses.fields(config):
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+      raise ValueError(f"{name}.Config field {field.name!r} has no default (every field is a model.* key)")
+    if field.name in COMMON_KEYS:
+      raise ValueError(f"{name}.Config field {field.name!r} is a key of every family: rename it")
+  tasks = module_tasks(cls)
+  if not (isinstance(tasks, tuple) and tasks and set(tasks) <= set(MODEL_TASKS)):
+    raise ValueError(f"{name}.tasks={tasks!r}: expected a tuple of {', '.join(MODEL_TASKS)}")
+
+
+def register(name: str, *modules: type) -> None:
+  """Registers family `name`: its module classes (one per task they declare), which share one `Config`.
+
+  Raises ValueError if a module breaks the protocol or two modules claim one task.
+  """
+  by_task = {}
+  for cls in modules:
+    check_module(cls, cls.__name__)
+    for task in module_tasks(cls):
+      if task in by_task:
+        raise ValueError(f"family {name!r}: {by_task[task].__name__} and {cls.__name__} both take {task}")
+      by_task[task] = cls
+  configs = {cls.Config for cls in modules}
+  if len(configs) != 1:
+    raise ValueError(f"family {name!r}: its modules have different Config classes")
+  FAMILIES[name] = Family(configs.pop(), by_task)
+
+
+register("mlp", MLP)
+register("cnn", CNN)
+register("lstm", RecurrentClassifier, RecurrentLM)
+register("transformer", TransformerClassifier, TransformerLM)
+register("resnet", ResNet)
+register("vit", ViT)
+register("encdec", EncoderDecoder)
+
+
+def is_import_path(family: str) -> bool:
+  """Whether `model.family` names a module by import path (`package.module:ClassName`)."""
+  return isinstance(family, str) and IMPORT_PATH.fullmatch(family) is not None
+
+
+@functools.cache
+def _imported(path: str) -> Family:
+  module_name, _, attribute = path.partition(":")
+  if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m jaxmodels` has it
+    sys.path.append(os.getcwd())
+  key = f"model.family={path!r}"
+  try:
+    obj = importlib.import_module(module_name)
+  except Exception as e:  # any failure of the user's import: its type and message, on one line
+    raise UserError(f"{key}: cannot import {module_name} ({type(e).__name__}: {e})".replace("\n", " ")) from None
+  for part in attribute.split("."):
+    if not hasattr(obj, part):
+      raise UserError(f"{key}: {module_name} has no attribute {attribute}")
+    obj = getattr(obj, part)
+  try:
+    check_module(obj, path)
+  except ValueError as e:
+    raise UserError(f"{key}: {e}; see the module protocol in docs/models.md#your-own-module") from None
+  return Family(obj.Config, {task: obj for task in module_tasks(obj)})
+
+
+def get_family(family: str) -> Family:
+  """The registered family `family`, or the module at import path `package.module:ClassName`.
+
+  Raises UserError naming `model.family` for an unknown name, a path that does not import, a missing attribute,
+  or a class that breaks the module protocol.
+  """
+  if family in FAMILIES:
+    return FAMILIES[family]
+  if is_import_path(family):
+    return _imported(family)
+  raise UserError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}, or an import path "
+                  f"package.module:ClassName")
 
 
 def _cli_message(message: str, fields) -> str:
@@ -65,9 +167,7 @@ def family_config(model_config, defaults=None):
   # A config read back from JSON (config.json of a run) holds lists where the defaults hold tuples.
   m = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_config).items()}
   family = m["family"]
-  if family not in FAMILIES:
-    raise UserError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}")
-  cls = FAMILIES[family].config
+  cls = get_family(family).config
   fields = {f.name for f in dataclasses.fields(cls)}
   if defaults is not None:
     for key in sorted(m):
@@ -77,27 +177,34 @@ def family_config(model_config, defaults=None):
   values = {k: v for k, v in m.items() if k in fields}
   try:
     return family, cls(**values)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise UserError(_cli_message(str(e), fields)) from None
+
+
+def task_refusal(family: str, task: str) -> str:
+  """Why `family` cannot model `task` data, for a message that names the family first."""
+  if task == "lm":
+    lms = " or ".join(n for n, f in FAMILIES.items() if "lm" in f.modules)
+    return f"is not a language model: use {lms} for text"
+  takes = {"classify": "array data", "lm": "text", "seq2seq": "paired sequences (data.source=copy or reverse)"}
+  return (f"does not take {takes[task]}: it takes {' and '.join(takes[t] for t in get_family(family).modules)}; "
+          f"families for {takes[task]}: {', '.join(n for n, f in FAMILIES.items() if task in f.modules)}")
 
 
 def build_family(family: str, config, input_shape, num_outputs: int, *, task: str = "classify", rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32, axis_name: str | None = None) -> nnx.Module:
-  """The module of `family` for `task`, from its typed config. ValueError if the family has no such task."""
-  f = FAMILIES[family]
+  """The module of `family` (a registered name or an import path) for `task` ("classify", "lm" or "seq2seq"),
+  from its typed config. ValueError if the family does not take that task."""
+  f = get_family(family)
+  if task not in f.modules:
+    raise ValueError(f"family={family!r} {task_refusal(family, task)}")
+  cls = f.modules[task]
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-  if family in BATCH_NORM_FAMILIES:
+  if "axis_name" in inspect.signature(cls.__init__).parameters:
     kw["axis_name"] = axis_name
-  if task == "lm":
-    if f.lm is None:
-      raise ValueError(f"family={family!r} is not a language model: use transformer or lstm for text")
-    return f.lm(num_outputs, config, **kw)
-  if (task == "seq2seq") != (f.seq2seq is not None):
-    raise ValueError(f"family={family!r} does not fit {task} data: paired sequences (data.source=copy, reverse) "
-                     f"take family=encdec, and it takes only them")
-  if task == "seq2seq":
-    return f.seq2seq(num_outputs, config, **kw)
-  return f.classifier(tuple(input_shape), num_outputs, config, **kw)
+  if task == "classify":
+    return cls(tuple(input_shape), num_outputs, config, **kw)
+  return cls(num_outputs, config, **kw)
 
 
 def build_model(model_config, input_shape, num_outputs: int, rngs: nnx.Rngs, task: str = "classify",

@@ -100,6 +100,9 @@ class ResNet(nnx.Module):
   Raises ValueError for a bad field or an input that is not (H, W, C).
   """
 
+  Config = ResNetConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
+
   def __init__(self, input_shape, num_classes: int, config: ResNetConfig | None = None, *, axis_name=None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(ResNetConfig, config, fields)

@@ -491,6 +491,9 @@ class TransformerLM(nnx.Module):
   Raises ValueError (a bad field) or TypeError (a config of another family).
   """
 
+  Config = TransformerConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("lm",)
+
   def __init__(self, vocab_size: int, config: TransformerConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(TransformerConfig, config, fields)
@@ -564,6 +567,9 @@ class TransformerClassifier(nnx.Module):
   flattened into features (digit rows: (8, 8, 1) -> 8 steps of 8 features).
   Raises ValueError if the sequence (plus a class token) exceeds `max_len`.
   """
+
+  Config = TransformerConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
 
   def __init__(self, input_shape, num_classes: int, config: TransformerConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):

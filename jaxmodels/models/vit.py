@@ -64,6 +64,9 @@ class ViT(nnx.Module):
   Raises ValueError for a bad field, or a patch size that does not divide the image.
   """
 
+  Config = ViTConfig  # the module protocol of jaxmodels.models.registry
+  tasks = ("classify",)
+
   def __init__(self, input_shape, num_classes: int, config: ViTConfig | None = None, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **fields):
     c = self.config = resolve(ViTConfig, config, fields)

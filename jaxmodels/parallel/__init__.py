@@ -18,10 +18,13 @@ from jaxmodels.parallel.sharding import (
                                          constrain,
                                          fetch,
                                          make_mesh,
+                                         opt_state_shardings,
+                                         param_shardings,
                                          partition_specs,
                                          per_device_bytes,
                                          process_rows,
 )
 
 __all__ = ["ACTIVATION_AXES", "MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "activation_sharding",
-           "constrain", "fetch", "initialize", "make_mesh", "partition_specs", "per_device_bytes", "process_rows"]
+           "constrain", "fetch", "initialize", "make_mesh", "opt_state_shardings",
+           "param_shardings", "partition_specs", "per_device_bytes", "process_rows"]

@@ -12,6 +12,7 @@ and exit 75 in the same way.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,8 +36,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# Lines a healthy job prints on every run, dropped from the forwarded output: gloo's report that a rank reached
+# all its peers (printed by the C++ library itself, with no switch to turn it off), and the absl warning of JAX's
+# preemption service that its pending call was cancelled at exit, which says itself that it "is expected upon
+# program shutdown". A rank that did not reach them all ("connected to 0 peer ranks. Expected ... : 1"), any
+# other preemption message and every other line still show.
+ROUTINE_LINES = re.compile(rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                           rb"Expected number of connected peer ranks is : \1\s*$"
+                           rb"|.*preemption notice\. This is expected upon program shutdown")
+
+
 def _forward(i: int, stream, lock) -> None:
   for line in iter(stream.readline, b""):
+    if ROUTINE_LINES.match(line):
+      continue
     with lock:
       sys.stdout.write(f"[{i}] {line.decode(errors='replace')}")
       sys.stdout.flush()

@@ -35,9 +35,9 @@ topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
 without slices, processes) through `mesh_utils.create_hybrid_device_mesh`.
 """
 
-import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
 
@@ -74,24 +74,39 @@ def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str
   return sizes
 
 
-def make_mesh(parallel_config, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all global devices; one size may be -1 (the rest)."""
-  strategy = parallel_config.strategy
+def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None, mesh: str = "",
+              dcn_mesh: str = "") -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
+
+  Plain arguments: `strategy` (one of STRATEGIES), `mesh` (`"data=2,fsdp=-1"`; empty: the strategy's
+  default, `DEFAULT_MESH`) and `dcn_mesh` (the sizes of the axes that cross TPU slices or processes; empty: none),
+  e.g. `make_mesh(strategy="fsdp")` for every device on `fsdp`. `parallel_config` instead: the `parallel.*`
+  config group (a ConfigDict or a dict with those keys). Raises UserError for a bad strategy or mesh, naming
+  the `parallel.*` key; TypeError when both forms or neither are given.
+  """
+  if parallel_config is not None:
+    if strategy is not None or mesh or dcn_mesh:
+      raise TypeError("make_mesh takes a parallel config or strategy=/mesh=/dcn_mesh=, not both")
+    get = parallel_config.get
+    return make_mesh(devices=devices, strategy=get("strategy"), mesh=get("mesh", "") or "",
+                     dcn_mesh=get("dcn_mesh", "") or "")
+  if strategy is None:
+    raise TypeError("make_mesh needs strategy= (one of " + ", ".join(STRATEGIES) + ") or a parallel config")
   if strategy not in STRATEGIES:
     raise UserError(f"parallel.strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
   devices = list(jax.devices() if devices is None else devices)
   if strategy == "single":
-    if parallel_config.mesh:
+    if mesh:
       raise UserError("parallel.strategy=single runs on one device: leave parallel.mesh empty")
     devices = devices[:1]
-  sizes = parse_mesh(parallel_config.mesh, strategy)
+  sizes = parse_mesh(mesh, strategy)
   fill = [a for a, n in sizes.items() if n == -1]
   if len(fill) > 1:
     raise UserError(f"parallel.mesh: only one axis may be -1, got {', '.join(fill)}")
   known = math.prod(n for n in sizes.values() if n != -1)
   if fill:
     if len(devices) % known:
-      raise UserError(f"parallel.mesh={parallel_config.mesh or DEFAULT_MESH[strategy]!r}: the fixed axes "
+      raise UserError(f"parallel.mesh={mesh or DEFAULT_MESH[strategy]!r}: the fixed axes "
                       f"({known} devices) do not divide the {len(devices)} devices")
     sizes[fill[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
@@ -100,7 +115,7 @@ def make_mesh(parallel_config, devices=None) -> Mesh:
   if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
   shape = tuple(sizes[a] for a in MESH_AXES)
-  dcn_spec = parallel_config.get("dcn_mesh", "")
+  dcn_spec = dcn_mesh
   dcn = parse_mesh(dcn_spec, "single", "parallel.dcn_mesh")
   slices = {getattr(d, "slice_index", 0) for d in devices}
   if math.prod(dcn.values()) == 1:
@@ -163,16 +178,61 @@ def partition_specs(abstract_state: nnx.State, mesh: Mesh, rules, fallback_rules
         if axis is not None and dim % mesh.shape[axis]:
           raise UserError(f"parameter {name} of shape {shape}: dimension {dim} ({names[spec.index(axis)]}) "
                           f"cannot be split over mesh axis {axis!r} of size {mesh.shape[axis]}")
+      spec = P(*spec)
     else:
-      spec = (None,) * len(shape)
-      axis = next((a for pattern, a in fallback_rules if re.search(pattern, name)), None)
-      if axis is not None and mesh.shape[axis] > 1:
-        divisible = [i for i, d in enumerate(shape) if d % mesh.shape[axis] == 0]
-        if divisible:
-          largest = max(divisible, key=lambda i: shape[i])
-          spec = tuple(axis if i == largest else None for i in range(len(shape)))
-    _set(specs, path, P(*spec))
+      spec = _fallback_spec(name, shape, mesh, fallback_rules)
+    _set(specs, path, spec)
   return specs
+
+
+def _fallback_spec(name: str, shape: tuple, mesh: Mesh, fallback_rules) -> P:
+  """A parameter without logical names: the first `fallback_rules` regex matching `name` picks a mesh axis, which
+  splits the largest dimension it divides (unsplit when none matches or none divides)."""
+  spec = (None,) * len(shape)
+  axis = next((a for pattern, a in fallback_rules if re.search(pattern, name)), None)
+  if axis is not None and mesh.shape[axis] > 1:
+    divisible = [i for i, d in enumerate(shape) if d % mesh.shape[axis] == 0]
+    if divisible:
+      largest = max(divisible, key=lambda i: shape[i])
+      spec = tuple(axis if i == largest else None for i in range(len(shape)))
+  return P(*spec)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def param_shardings(params, mesh: Mesh, rules=(), fallback_rules=()):
+  """NamedShardings over `mesh` for a parameter pytree, by the logical-axis `rules` (`parallel.rules`).
+
+  `params` is either an `nnx.State` of parameter variables (`nnx.state(model, nnx.Param)`, of arrays or
+  abstract values from `nnx.eval_shape`), whose logical axis names (`embed`, `mlp`, ...) `rules` maps to mesh
+  axes: the result is shaped like `nnx.to_pure_dict(params)`, the parameters `runs.state.split_model` gives;
+  or any pytree of arrays or ShapeDtypeStructs (no logical names): the result has its structure. A parameter
+  without names is split by `fallback_rules` ((regex over its "a/b/kernel" path, mesh axis) pairs: the first
+  match splits its largest dimension that axis divides) or replicated. Raises UserError for a rule naming an
+  unknown mesh axis or a dimension that does not divide its axis.
+  """
+  if isinstance(params, nnx.State):
+    specs = partition_specs(params, mesh, rules, fallback_rules)
+  else:
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, x: _fallback_spec(_path_name(path), x.shape, mesh, fallback_rules), params)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, shardings, opt_state=None):
+  """NamedShardings for `tx.init(params)`'s state: each per-parameter leaf (Adam's moments, ...) like its
+  parameter in `shardings` (a pytree of NamedShardings shaped like `params`, e.g. `param_shardings`'s), every
+  other leaf (step counts, a loss scale) replicated over their mesh.
+
+  `params`: the parameter pytree (arrays or ShapeDtypeStructs); `opt_state`: the (abstract) state if already
+  built, else `jax.eval_shape(tx.init, params)`. Works for any optax transformation whose state optax can map
+  to parameters (`optax.tree_map_params`). Returns a pytree shaped like the optimizer state.
+  """
+  opt_state = jax.eval_shape(tx.init, params) if opt_state is None else opt_state
+  replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, P())
+  return optax.tree_map_params(tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated)
 
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_norm_length", "activation_embed",
@@ -196,25 +256,36 @@ def activation_rules(rules) -> dict[str, tuple[str, ...]]:
   return rules
 
 
-def activation_sharding(mesh: Mesh, rules):
-  """A context (or function decorator) within which `constrain` pins activations to `mesh` by `rules`.
+class activation_sharding:  # pylint: disable=invalid-name  (a function in use: `with activation_sharding(...)`)
+  """`activation_sharding(mesh, rules)`: a context, and a function decorator, within which `constrain` pins
+  activations to `mesh` by `rules`.
 
   `rules` (`parallel.activation_rules`) maps each logical activation axis to a
   mesh axis, a tuple of mesh axes (split over their product) or None. Raises
   UserError at once for an unknown logical or mesh axis. The train and eval
-  steps are traced inside it, so the pins land in the compiled program.
+  steps are traced inside it, so the pins land in the compiled program. One
+  object may be entered any number of times, nested or in turn (e.g. inside a
+  jitted function traced once per input shape), and `@activation_sharding(mesh,
+  rules)` on a function traces each call inside the context.
   """
-  rules = activation_rules(rules)
 
-  @contextlib.contextmanager
-  def active():
-    token = _ACTIVATIONS.set((mesh, rules))
-    try:
-      yield
-    finally:
-      _ACTIVATIONS.reset(token)
+  def __init__(self, mesh: Mesh, rules):
+    self.mesh, self.rules = mesh, activation_rules(rules)
+    self._tokens = []
 
-  return active()
+  def __enter__(self):
+    self._tokens.append(_ACTIVATIONS.set((self.mesh, self.rules)))
+    return self
+
+  def __exit__(self, *exc):
+    _ACTIVATIONS.reset(self._tokens.pop())
+
+  def __call__(self, fn):
+    @functools.wraps(fn)
+    def pinned(*args, **kwargs):
+      with self:
+        return fn(*args, **kwargs)
+    return pinned
 
 
 def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
@@ -333,10 +404,10 @@ class Layout(_Share):
     return f"mesh {dict(self.mesh.shape)}: process of each device {processes.tolist()}"
 
   def state_shardings(self, state_cls, abstract_state, tx):
-    """Shardings for a TrainState: params by the rules, optimizer moments and the params' EMA like their params."""
+    """Shardings for a TrainState: params by the rules, optimizer moments and the params' EMA like their params
+    (`opt_state_shardings`), the rest replicated."""
     params = jax.tree.map(self.named, self.param_specs, is_leaf=lambda x: isinstance(x, P))
-    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
-                                      transform_non_params=lambda _: self.replicated)
+    opt_state = opt_state_shardings(tx, abstract_state.params, params, abstract_state.opt_state)
     return state_cls(step=self.replicated, params=params,
                      model_state=jax.tree.map(lambda _: self.replicated, abstract_state.model_state),
                      opt_state=opt_state, ema_params=None if abstract_state.ema_params is None else params,

@@ -120,20 +120,6 @@ def _first_line(e: BaseException) -> str:
           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
 
 
-def write_atomically(path, text: str) -> None:
-  """Writes `text` to `path` (local or gs://) so a reader sees the old file or the new one, never a torn one.
-
-  Locally a temporary sibling is renamed over `path`; a GCS upload replaces the object atomically.
-  """
-  p = storage.path(path)
-  if storage.is_remote(p):
-    p.write_text(text)
-    return
-  tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
-  os.replace(tmp, p)
-
-
 def _digest(p, start: int = 0, length: int | None = None) -> str:
   h = hashlib.sha256()
   with p.open("rb") as f:
@@ -152,14 +138,14 @@ def _digest(p, start: int = 0, length: int | None = None) -> str:
 def _files(directory) -> dict:
   """{path relative to `directory`: path} of every file under it (the manifest itself excepted)."""
   d = storage.path(directory)
-  return {os.fspath((root / name).relative_to(d)): root / name
-          for root, _, names in d.walk() for name in sorted(names) if root != d or name != CHECKSUMS}
+  return {os.fspath((root / name).relative_to(d)): root / name for root, _, names in d.walk()
+          for name in sorted(names) if root != d or not name.startswith((CHECKSUMS, f".{CHECKSUMS}"))}
 
 
 def write_checksums(step_dir) -> None:
   """Writes `step_dir/checksums.json`: the size and SHA-256 of every file under the committed step."""
   sums = {name: [f.stat().length, _digest(f)] for name, f in _files(step_dir).items()}
-  write_atomically(storage.path(step_dir) / CHECKSUMS, json.dumps({"sha256": sums}, sort_keys=True))
+  storage.write_files(step_dir, {CHECKSUMS: json.dumps({"sha256": sums}, sort_keys=True)})
 
 
 def verify_checksums(step_dir) -> bool:
@@ -345,7 +331,18 @@ class Checkpoints:
     """
     if step in self.manager.all_steps():
       return
-    self._seal()  # the previous save's checksums (Orbax's save would wait for it anyway)
+    with self._writing():  # a failed write (this save's or an earlier async one's): one StorageError line
+      self._seal()  # the previous save's checksums (Orbax's save would wait for it anyway)
+      self._save(step, state, config_dict, metrics, wait, unlogged, early_stopping)
+
+  def _writing(self):
+    """storage.writing for a save; a failed save's temporary directories are removed."""
+    def remove_partial_saves():
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        tmp.rmtree()
+    return storage.writing(f"checkpoints in {self.directory}", remove_partial_saves)
+
+  def _save(self, step, state, config_dict, metrics, wait, unlogged, early_stopping) -> None:
     path = config_dict.get("data", {}).get("path", "")
     if path not in self._data_records:
       self._data_records[path] = data_fingerprint(path)
@@ -568,10 +565,14 @@ class Checkpoints:
     return {"unlogged_metrics": loop["unlogged_metrics"], "early_stopping": loop.get("early_stopping")}
 
   def close(self) -> None:
-    """Waits for the last async save (raising if it failed), writes its checksums and releases the manager."""
-    self._seal()
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last async save (StorageError if it failed to write), writes its checksums and releases the
+    manager."""
+    try:
+      with self._writing():
+        self._seal()
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def _target(abstract, saved_shapes: dict):

@@ -7,24 +7,48 @@ resumes from it after the VM is recreated. A gs:// path without gcsfs is the
 one-line error of jaxmodels.runtime.extras, raised when the path is first made,
 before anything is written.
 
+Writes: `write_files` replaces a group of small files all or none (each written to
+a temporary sibling first, then renamed over its target), and `writing` turns a
+failed write anywhere (no space, no permission, a read-only disk, a quota, a bucket
+refusing the write; also as Orbax and TensorStore report them) into a
+`StorageError`: one line naming the path and the cause, exit code 1.
+
 The lock is written by hand because neither epath nor Orbax has one: a small
-JSON file `workdir/LOCK` holding the holder's pid, host and heartbeat, created atomically
-(`O_CREAT | O_EXCL` on a local disk; on GCS an upload with the precondition
-`ifGenerationMatch=0`, which fails if the object exists).
+JSON file `workdir/LOCK` holding the holder's pid, host, a random token and a
+heartbeat. Every change to it is atomic, so the file is never empty or torn:
+- created complete or not at all: on a local disk a temporary file hard-linked to
+  `LOCK` (`link` fails if it exists); on GCS an upload with the precondition
+  `ifGenerationMatch=0`, which fails if the object exists;
+- replaced (a take-over, a heartbeat) only if it is still the version that was
+  read: on GCS an upload with `ifGenerationMatch=<generation read>` (GCS checks
+  and writes in one step; HTTP 412 otherwise); on a local disk, under an exclusive
+  `flock` of the workdir directory, a check of the file's inode, mtime and bytes
+  followed by `rename` of a complete temporary file over it. Every replacer takes
+  that flock, so two processes taking over one dead holder's lock cannot both win:
+  the second finds a version other than the one it judged and reads the new holder.
+  (A file system without `flock` on directories, such as some NFS mounts, keeps the
+  rename's atomicity but not the check-and-replace; run one take-over at a time there.)
 """
 
+import contextlib
+import errno
+import fcntl
 import importlib
 import json
+import logging
 import os
+import re
 import socket
+import sys
 import threading
 import time
+import uuid
 
 import fsspec
 from etils import epath
 
 from jaxmodels.runtime import extras
-from jaxmodels.runtime.errors import UserError
+from jaxmodels.runtime.errors import StorageError, UserError
 
 LOCK_FILE = "LOCK"
 
@@ -47,9 +71,16 @@ def is_remote(p) -> bool:
   return "://" in os.fspath(p)
 
 
-def check_workdir(workdir) -> None:
-  """Raises UserError, writing nothing, if `workdir` is empty, a file, (local) cannot be created and written,
-  or (remote) cannot be reached: a network, credential or HTTP error on its first access."""
+# The directories a training run writes under its workdir: checkpoints (runs.checkpoint), TensorBoard scalars,
+# profiles and W&B files (train): the pre-flight check covers each.
+RUN_DIRECTORIES = ("checkpoints", "tb", "profile", "wandb")
+
+
+def check_workdir(workdir, writes=RUN_DIRECTORIES) -> None:
+  """Raises UserError, writing nothing, if `workdir` is empty, a file, or (remote) cannot be reached: a
+  network, credential or HTTP error on its first access; StorageError if (local) it or one of the directories
+  `writes` (names relative to it: every directory the run will write) cannot be created and written: a file
+  in its place, a read-only disk or no permission."""
   if not os.fspath(workdir).strip():
     raise UserError("--workdir is empty: give the run's directory (a local path or gs://bucket/dir)")
   p = path(workdir)
@@ -62,13 +93,18 @@ def check_workdir(workdir) -> None:
     raise UserError(f"--workdir {workdir} is a file, not a directory")
   if is_remote(p):
     return  # permissions on a bucket show only when writing; the lock is the first write
-  existing = os.fspath(p)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UserError(f"--workdir {workdir}: {existing} is a file, so the directory cannot be created")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f"--workdir {workdir}: {existing} is not writable")
+  for directory in [os.fspath(p), *(os.fspath(p / name) for name in writes)]:
+    existing, what = directory, (f"--workdir {workdir}:" if directory == os.fspath(p) else
+                                 f"cannot write {directory}:")
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      error = UserError if directory == os.fspath(p) else StorageError  # a mistyped --workdir is the input's fault
+      raise error(f"{what} {existing} is a file, so the directory cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+      raise StorageError(f"{what} {existing} is not writable "
+                         f"({'read-only file system' if read_only else 'permission denied'})")
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
@@ -87,17 +123,231 @@ def storage_errors() -> tuple[type[BaseException], ...]:
   return tuple(errors)
 
 
-def _create_exclusive(p: epath.Path, data: bytes) -> None:
-  """Writes `data` to a new file `p`; FileExistsError if it exists (atomic on local disks and on GCS)."""
-  if is_remote(p):
-    fs, inner = fsspec.core.url_to_fs(os.fspath(p))
-    fs.pipe_file(inner, data, mode="create")  # gcsfs: ifGenerationMatch=0; HTTP 412 -> FileExistsError
-    return
-  fd = os.open(os.fspath(p), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+
+
+# TensorStore's (and so Orbax's) status codes of a failed write, as they start its error messages.
+_WRITE_STATUS = {"RESOURCE_EXHAUSTED": "no space left or a quota exceeded", "PERMISSION_DENIED": "permission denied",
+                 "UNAUTHENTICATED": "no credentials for the storage"}
+
+
+# OS errors that only a write raises (a read never runs out of space or meets a read-only disk).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def write_failure(e: BaseException, where, only_writes: bool = False) -> str | None:
+  """'cannot write PATH: CAUSE' for an exception a write raised, or None when it is not a storage error.
+
+  Storage errors: an OSError (ENOSPC, EDQUOT, EROFS, EACCES, ...; PATH from the error when it names one), an
+  HTTP, network or credential error of gcsfs, and an error of TensorStore (raised by Orbax, also wrapped in a
+  bare Exception or chained) whose status is RESOURCE_EXHAUSTED or PERMISSION_DENIED or that carries an OS
+  error code. Other errors give None. `only_writes` (for an error of unknown origin) narrows it to the errors
+  no read raises: OSErrors of WRITE_ERRNOS and TensorStore's out-of-space or OS-error-code statuses.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen and not isinstance(e, UserError):
+    seen.add(id(e))
+    if isinstance(e, OSError) and only_writes and e.errno not in WRITE_ERRNOS:
+      return None
+    if isinstance(e, OSError):
+      cause = e.strerror or os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
+      return f"cannot write {e.filename or where}: {cause}"
+    if isinstance(e, storage_errors()) and not only_writes:  # gcsfs HttpError (403 refused, 429 quota), network
+      code = getattr(e, "code", None)
+      detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+      return f"cannot write {where}: {f'HTTP {code}: ' if code else ''}{detail}"
+    message = str(e)
+    os_code = re.search(r"os_error_code='?(\d+)", message)
+    status = next((s for s in _WRITE_STATUS if message.startswith(s)), None)
+    if only_writes:
+      os_code = os_code if os_code and int(os_code.group(1)) in WRITE_ERRNOS else None
+      status = status if status == "RESOURCE_EXHAUSTED" else None
+    if os_code or status:
+      return f"cannot write {where}: {os.strerror(int(os_code.group(1))) if os_code else _WRITE_STATUS[status]}"
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+  return None
+
+
+class _ReportedWriteErrors(logging.Filter):
+  """Drops Orbax's absl ERROR records (each with a traceback, from every thread of an async save) of a write
+  failure: `writing` raises that failure as one StorageError line when the save is waited for. Once it has,
+  the tracebacks the failed save's remaining threads log as they wind down (its executor shut down under them)
+  are dropped too."""
+
+  reported = False  # set by `writing` when it raised a StorageError
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[1] is not None
+                and (self.reported or write_failure(record.exc_info[1], "") is not None))
+
+
+_QUIET = _ReportedWriteErrors()
+
+
+def _late_callback(exc_type, exc, tb) -> bool:
+  """Whether an error printed as unraisable is TensorStore calling back into the event loop of an Orbax save
+  that a write failure already ended (`RuntimeError: Event loop is closed`, raised by asyncio's check)."""
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
+          and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _quiet_unraisablehook(previous):
+  def hook(unraisable):
+    if not _late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+      previous(unraisable)
+  hook.quiets_late_callbacks = True
+  return hook
+
+
+@contextlib.contextmanager
+def writing(where, on_failure=None):
+  """Turns a write error raised inside into StorageError('cannot write WHERE: CAUSE'), after calling
+  `on_failure` (e.g. to remove a partial write). Other errors pass unchanged. From the first call on,
+  Orbax's logged tracebacks of write failures are dropped (they are raised, and so reported, here), and so are
+  TensorStore's late callbacks into a failed save's closed event loop (`_late_callback`)."""
+  logging.getLogger("absl").addFilter(_QUIET)  # idempotent
+  if not getattr(sys.unraisablehook, "quiets_late_callbacks", False):
+    sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
   try:
-    os.write(fd, data)
+    yield
+  except StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Orbax wraps TensorStore's errors in a bare Exception
+    message = write_failure(e, where)
+    if message is None:
+      raise
+    if on_failure is not None:
+      with contextlib.suppress(Exception):
+        on_failure()
+    _QUIET.reported = True
+    raise StorageError(message) from None
+
+
+def write_files(directory, files: dict[str, str | bytes]) -> None:
+  """Writes the files `files` ({name: text or bytes}) into `directory` (local or gs://), all or none.
+
+  Each goes to a temporary sibling first; only when all are written are they renamed over their targets, so
+  a failed write (StorageError naming the file and the cause) leaves every target as it was: never empty,
+  never half written. The directory must exist.
+  """
+  d, tag = path(directory), f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  temps = {name: d / f".{name}{tag}" for name in files}
+  try:
+    for name, data in files.items():
+      with writing(d / name):
+        temps[name].write_bytes(data.encode() if isinstance(data, str) else data)
+    for name, tmp in temps.items():
+      with writing(d / name):
+        tmp.replace(d / name)
   finally:
-    os.close(fd)
+    for tmp in temps.values():
+      with contextlib.suppress(Exception):
+        tmp.unlink(missing_ok=True)
+
+
+class _LockFile:
+  """`LOCK`'s atomic operations (see the module docstring); a version is what a compare-and-replace compares."""
+
+  def __init__(self, file: epath.Path):
+    self.file, self.remote = file, is_remote(file)
+    if self.remote:
+      self.fs, self.inner = fsspec.core.url_to_fs(os.fspath(file))
+
+  def create(self, data: bytes) -> None:
+    """Writes a new LOCK holding `data`, complete or not at all; FileExistsError if one exists."""
+    if self.remote:
+      self.fs.pipe_file(self.inner, data, mode="create")  # gcsfs: ifGenerationMatch=0; HTTP 412 -> FileExistsError
+      return
+    tmp = self._temp(data)
+    try:
+      os.link(tmp, os.fspath(self.file))
+    finally:
+      os.unlink(tmp)
+
+  def read(self) -> tuple[bytes | None, object]:
+    """(bytes, version) of LOCK; (None, None) if there is none."""
+    try:
+      if self.remote:
+        while True:  # the generation of the bytes read: unchanged before and after the read
+          generation = self.fs.info(self.inner)["generation"]
+          data = self.fs.cat_file(self.inner)
+          self.fs.invalidate_cache(self.inner)
+          if self.fs.info(self.inner)["generation"] == generation:
+            return data, generation
+      with open(os.fspath(self.file), "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+      return data, (st.st_ino, st.st_mtime_ns, data)
+    except FileNotFoundError:
+      return None, None
+
+  def age_s(self) -> float:
+    """Seconds since LOCK was last written (by the storage's clock for the write, this host's for now)."""
+    if self.remote:
+      return time.time() - self.fs.modified(self.inner).timestamp()
+    return time.time() - os.stat(os.fspath(self.file)).st_mtime
+
+  def replace(self, data: bytes, version) -> None:
+    """Replaces LOCK by `data` if it is still at `version`; FileExistsError if it changed or is gone."""
+    if self.remote:
+      bucket, key, _ = self.fs.split_path(self.inner)
+      body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({'name': key})}\n"
+              f"--==0==\nContent-Type: application/octet-stream\n\n").encode() + data + b"\n--==0==--"
+      try:  # a multipart upload, as gcsfs's own: GCS checks the generation and writes in one step (412 otherwise)
+        self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{bucket}/o",  # pylint: disable=protected-access
+                     uploadType="multipart", headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                     data=body, json_out=True, ifGenerationMatch=str(version))
+      except FileNotFoundError:
+        raise FileExistsError(self.inner) from None
+      self.fs.invalidate_cache(self.inner)
+      return
+    with self._exclusive():
+      if self.read()[1] != version:
+        raise FileExistsError(os.fspath(self.file))
+      tmp = self._temp(data)
+      try:
+        os.replace(tmp, os.fspath(self.file))
+      except BaseException:
+        os.unlink(tmp)
+        raise
+
+  def remove(self, version) -> None:
+    """Deletes LOCK if it is still at `version` (a lock another process took over is left to it)."""
+    if self.remote:
+      bucket, key, _ = self.fs.split_path(self.inner)
+      with contextlib.suppress(FileNotFoundError, FileExistsError):
+        self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(version))
+      self.fs.invalidate_cache(self.inner)
+      return
+    with self._exclusive():
+      if self.read()[1] == version:
+        os.unlink(os.fspath(self.file))
+
+  def _temp(self, data: bytes) -> str:
+    tmp = f"{os.fspath(self.file)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+      with writing(self.file, lambda: os.unlink(tmp)):
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+      os.close(fd)
+    return tmp
+
+  @contextlib.contextmanager
+  def _exclusive(self):
+    """An exclusive flock of LOCK's directory (see the module docstring), held while the block runs."""
+    fd = os.open(os.fspath(self.file.parent), os.O_RDONLY)
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError as e:  # a file system without flock: the rename alone
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF, errno.EINVAL):
+          raise
+      yield
+    finally:
+      os.close(fd)  # releases the flock
 
 
 def _alive(pid: int) -> bool:
@@ -113,12 +363,15 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
   """One run per workdir: `workdir/LOCK` holds the running process's pid, host and a heartbeat until it exits.
 
-  The holder rewrites the heartbeat (unix seconds) every `refresh_s` from a
-  background thread. A lock left by a dead process on this host (a SIGKILL, a
-  crash) is taken over with a warning, and so is a lock of another host whose
-  heartbeat has stopped (a preempted TPU VM, recreated under a new hostname,
-  resumes from its bucket that way; see `_abandoned`). A live lock is a
-  UserError naming its holder.
+  The holder replaces the file with a new heartbeat (unix seconds) every `refresh_s`
+  from a background thread, atomically and only while the file is still its own. A
+  lock left by a dead process on this host (a SIGKILL, a crash) is taken over with
+  a warning, and so is a lock of another host whose heartbeat has stopped (a
+  preempted TPU VM, recreated under a new hostname, resumes from its bucket that
+  way; see `_abandoned`), and so is an empty or torn
+  one not written for `stale_s`. Take-overs are atomic (see the module docstring):
+  of processes taking over one abandoned lock at once, exactly one gets it. A
+  live lock is a UserError naming its holder.
   """
 
   def __init__(self, workdir, log=print, refresh_s: float = 60.0, stale_s: float = 600.0):
@@ -126,11 +379,14 @@ class WorkdirLock:
     self.refresh_s, self.stale_s = refresh_s, stale_s
     self.held, self._created_dir = False, False
     self.record = {"pid": os.getpid(), "host": socket.gethostname()}
+    self._token = uuid.uuid4().hex  # tells this lock from another process's with the same pid and host
+    self._lock_file = _LockFile(self.file)
+    self._version = None  # the version of LOCK this lock last wrote
     self._stop = threading.Event()
     self._thread = None
 
   def _data(self) -> bytes:
-    return json.dumps({**self.record, "heartbeat": time.time()}).encode()
+    return json.dumps({**self.record, "token": self._token, "heartbeat": time.time()}).encode()
 
   def _in_use(self, holder: dict) -> UserError:
     self.release()
@@ -143,9 +399,17 @@ class WorkdirLock:
 
     Same host: whether its process is alive. Another host: whether its heartbeat
     is older than `stale_s`, or else stays unchanged while this process watches
-    it for 2.5 renewal periods (so the hosts' clocks need not agree).
+    it for 2.5 renewal periods (so the hosts' clocks need not agree). A lock file
+    that holds no record (empty or torn, as an older heartbeat could leave it) is
+    abandoned once it was last written more than `stale_s` ago.
     """
     pid, beat = holder.get("pid"), holder.get("heartbeat")
+    if not holder:
+      try:
+        age = self._lock_file.age_s()
+      except FileNotFoundError:
+        return None
+      return f"it holds no readable record and was last written {age:.0f} s ago" if age > self.stale_s else None
     if holder.get("host") == self.record["host"] and isinstance(pid, int):
       return None if _alive(pid) else f"process {pid} on this host has ended"
     if not isinstance(beat, (int, float)):
@@ -157,43 +421,64 @@ class WorkdirLock:
     deadline = time.monotonic() + 2.5 * self.refresh_s
     while time.monotonic() < deadline:
       time.sleep(min(1.0, self.refresh_s / 4))
-      if self._holder().get("heartbeat") != beat:
+      if self._holder()[0].get("heartbeat") != beat:
         return None
     return f"process {pid} on {holder.get('host')} did not renew it for {2.5 * self.refresh_s:.0f} s"
 
   def acquire(self) -> None:
-    """Takes the lock (creating the workdir if needed); UserError naming the holder if another run has it."""
-    if not self.workdir.exists():
-      self.workdir.mkdir(parents=True)
-      self._created_dir = True
-    try:
-      _create_exclusive(self.file, self._data())
-    except FileExistsError:
-      holder = self._holder()
-      reason = self._abandoned(holder)
-      if reason is None:
-        raise self._in_use(holder) from None
-      self.log(f"warning: taking over {self.file}: {reason}")
-      self.file.unlink(missing_ok=True)
-      try:
-        _create_exclusive(self.file, self._data())
-      except FileExistsError:  # another run took it over first
-        raise self._in_use(self._holder()) from None
+    """Takes the lock (creating the workdir if needed); UserError naming the holder if another run has it,
+    StorageError if the lock cannot be written."""
+    with writing(self.file, self.release):
+      if not self.workdir.exists():
+        self.workdir.mkdir(parents=True)
+        self._created_dir = True
+      self._take()
     self.held = True
     self._stop.clear()
     self._thread = threading.Thread(target=self._renew, name="jaxmodels-workdir-lock", daemon=True)
     self._thread.start()
 
+  def _take(self) -> None:
+    """Creates LOCK, or replaces an abandoned one atomically if it is still the version judged abandoned."""
+    try:
+      self._lock_file.create(self._data())
+    except FileExistsError:
+      holder, version = self._holder()
+      reason = self._abandoned(holder)
+      if reason is None:
+        raise self._in_use(holder) from None
+      try:
+        self._lock_file.replace(self._data(), version)
+      except FileExistsError:  # another run took it over (or took it) first
+        raise self._in_use(self._holder()[0]) from None
+      self.log(f"warning: taking over {self.file}: {reason}")
+    holder, self._version = self._holder()
+    if holder.get("token") != self._token:  # cannot happen with the atomic create and replace; read back anyway
+      raise self._in_use(holder)
+
   def _renew(self) -> None:
     while not self._stop.wait(self.refresh_s):
-      self.file.write_bytes(self._data())
+      try:
+        self._lock_file.replace(self._data(), self._version)
+        self._version = self._lock_file.read()[1]
+      except FileExistsError:
+        self.log(f"warning: {self.file} was taken over by {self._who()}: this run no longer holds its workdir")
+        return
+      except Exception as e:  # pylint: disable=broad-except  # a storage hiccup: the next heartbeat retries
+        self.log(f"warning: could not renew {self.file} ({write_failure(e, self.file) or e})")
 
-  def _holder(self) -> dict:
+  def _who(self) -> str:
+    holder = self._holder()[0]
+    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+  def _holder(self) -> tuple[dict, object]:
+    """(the record in LOCK, its version): ({}, None) if there is none, ({}, version) if it holds no record."""
+    data, version = self._lock_file.read()
     try:
-      holder = json.loads(self.file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # released meanwhile, or being written right now
-      return {}
-    return holder if isinstance(holder, dict) else {}
+      holder = json.loads(data) if data is not None else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):  # empty or torn (written by an older heartbeat)
+      return {}, version
+    return (holder if isinstance(holder, dict) else {}), version
 
   def release(self) -> None:
     """Removes the lock; a workdir this lock created is removed again if nothing else was written to it."""
@@ -202,7 +487,8 @@ class WorkdirLock:
       self._thread.join()
       self._thread = None
     if self.held:
-      self.file.unlink(missing_ok=True)
+      with contextlib.suppress(FileNotFoundError):
+        self._lock_file.remove(self._version)
       self.held = False
     if self._created_dir and not is_remote(self.workdir) and not any(self.workdir.iterdir()):
       self.workdir.rmdir()

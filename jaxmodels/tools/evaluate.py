@@ -48,8 +48,8 @@ def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = 
   if checkpoint.is_export(workdir):  # `jaxmodels export` / `compress` output: its parameters, no checkpoints
     metrics = evaluate_model(exp, export.load_model(workdir))
     if write:
-      checkpoint.write_atomically(storage.path(workdir) / "eval_export.json",
-                                  json.dumps({"step": None, "data": config.data.to_dict(), **metrics}))
+      storage.write_files(workdir, {"eval_export.json": json.dumps({"step": None, "data": config.data.to_dict(),
+                                                                    **metrics})})
     return None, metrics
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
@@ -61,6 +61,6 @@ def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = 
   state = exp.layout.from_checkpoint(restored)
   metrics = exp.evaluate(state)
   if write:
-    checkpoint.write_atomically(storage.path(workdir) / f"eval_{step}.json",
-                                json.dumps({"step": step, "data": config.data.to_dict(), **metrics}))
+    storage.write_files(workdir, {f"eval_{step}.json": json.dumps({"step": step, "data": config.data.to_dict(),
+                                                                    **metrics})})
   return step, metrics

@@ -40,6 +40,9 @@ def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float
   through the loop, so no step copies it.
   """
   P = prompt_len
+  if not (hasattr(model, "init_cache") and hasattr(model, "decode")):  # a module of your own (docs/models.md)
+    raise UserError(f"{type(model).__name__} has no init_cache(batch, length) and decode(tokens, cache, index): "
+                    f"it cannot sample")
   max_len = getattr(model, "max_len", None)
   if max_len is not None and P + length > max_len:
     raise UserError(f"prompt ({P} tokens) + length ({length}) exceeds the model's max_len={max_len}")

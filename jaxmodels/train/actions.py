@@ -3,7 +3,7 @@
 Each action has an `every` (steps between runs; 0: not on a step schedule) and
 one method, `__call__(run)`, run when `due(run)`: by default every `every`
 steps and at the last step. `begin(run)` and `end(run)` run once around the
-loop. The loop (`train.train_loop`) keeps their order: train metrics are logged,
+loop. The loop (`trainer.run_steps`) keeps their order: train metrics are logged,
 then the model is evaluated, then the stop conditions are read, then the state
 is saved, so a save holds the step's eval metrics and happens before a stop.
 
@@ -65,12 +65,15 @@ def scalars(metrics: dict) -> dict[str, float]:
 class Run:
   """The loop's shared state: what one step leaves for the actions due after it."""
 
-  exp: Any  # train.Experiment
   state: Any  # train.TrainState after `done` steps
   done: int  # optimizer steps taken
+  last: int  # the step the run ends at (train.steps)
   logger: Any  # metrics.MetricsLogger
-  ckpts: Any  # checkpoint.Checkpoints
+  ckpts: Any  # checkpoint.Checkpoints, or None (nothing is saved)
   alarm: RecompileAlarm
+  metric_names: tuple[str, ...] = TRAIN_METRICS  # of the train step's metric vector (step.metric_names)
+  skip_nonfinite: bool = False  # a non-finite loss is a skipped step (train.skip_nonfinite), not the end
+  for_checkpoint: Any = lambda state: state  # the state as saved (the layout's for_checkpoint)
   pending: list = dataclasses.field(default_factory=list)  # metric vectors still on the device
   rows: list = dataclasses.field(default_factory=list)  # host metric rows since the last log line
   compile_seconds: dict = dataclasses.field(default_factory=dict)  # the last step's trace/lower/compile times
@@ -90,10 +93,6 @@ class Run:
     self.deferred = None
     write(self._checked(np.asarray(jax.device_get(copies)), last_step).tolist() if copies else [])
 
-  @property
-  def last(self) -> int:
-    return self.exp.config.train.steps
-
   def fetch(self) -> None:
     """Writes a deferred log record, then fetches pending metrics (one host sync); raises NonFiniteLoss on a
     non-finite loss unless skipping."""
@@ -106,9 +105,9 @@ class Run:
   def _checked(self, rows: np.ndarray, last_step: int) -> np.ndarray:
     """`rows` (of steps ..last_step), or NonFiniteLoss naming the first step whose loss is not finite."""
     losses = rows[:, 0]
-    if not self.exp.config.train.skip_nonfinite and not np.all(np.isfinite(losses)):
+    if not self.skip_nonfinite and not np.all(np.isfinite(losses)):
       bad = last_step - len(rows) + 1 + int(np.argmax(~np.isfinite(losses)))
-      newest = self.ckpts.latest_step()
+      newest = None if self.ckpts is None else self.ckpts.latest_step()
       kept = "no checkpoint was saved yet" if newest is None else f"the newest checkpoint is step {newest}"
       raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
                           f"that state ({kept}). Lower "
@@ -143,7 +142,8 @@ class LogTrain(Action):
 
   The first step of a process includes compilation: it is logged on its own with
   its compile times (a fresh run) or printed (a resumed run, which logs on the
-  uninterrupted run's schedule instead), and throughput is timed from its end.
+  uninterrupted run's schedule instead: its first step only if that schedule
+  logs it), and throughput is timed from its end.
   Later intervals start their metrics' copies to the host and leave the record
   to `Run.write_deferred`, called at the next log step, save, evaluation or the
   end: the host does not wait for the device at a log step, and stays at most
@@ -164,8 +164,12 @@ class LogTrain(Action):
   PEAK_EVERY = 5  # log intervals between peak samples (each a drained queue and a ~0.1 s matmul)
   FIRST_PEAKS = 3  # samples after the first step
 
-  def __init__(self, every: int, learning_rates: np.ndarray, start: int, peak_flops: float | None):
+  def __init__(self, every: int, learning_rates: np.ndarray | None, start: int, peak_flops: float | None,
+               batch_size: int, model_flops: float | None = None, tokens_per_example: int | None = None):
+    """`learning_rates`: every step's rate (None: not logged); `batch_size`: examples per step; `model_flops`:
+    the analytic FLOPs of one step (None: no MFU); `tokens_per_example`: for `tokens_per_sec` (None: not logged)."""
     self.every, self.learning_rates, self.start, self.peak_flops = every, learning_rates, start, peak_flops
+    self.batch_size, self.model_flops, self.tokens_per_example = batch_size, model_flops, tokens_per_example
     self.t0 = self.ready = None  # ready: when the metrics of the last written interval were on the host
     self.interval_step = start  # the step the next interval starts after
     self.intervals, self.peaks = 0, []
@@ -177,11 +181,13 @@ class LogTrain(Action):
     return self.ready is None or super().due(run)
 
   def __call__(self, run: Run) -> None:
-    record = {"step": run.done, "split": "train", "learning_rate": float(self.learning_rates[run.done - 1])}
+    record = {"step": run.done, "split": "train"}
+    if self.learning_rates is not None:
+      record["learning_rate"] = float(self.learning_rates[run.done - 1])
     if self.ready is None:
       run.fetch()
       first_step_s = time.perf_counter() - self.t0
-      record.update(summarize(np.asarray(run.rows), train_metric_names(run.exp.dataset.task)))
+      record.update(summarize(np.asarray(run.rows), run.metric_names))
       record.update({k: _scalar(v) for k, v in self._state_scalars(run).items()})
       compile_record = {k: round(v, 4) for k, v in run.compile_seconds.items()}
       if self.start == 0:
@@ -189,6 +195,9 @@ class LogTrain(Action):
         run.rows.clear()
       else:
         run.logger.print(f"first step after resuming took {first_step_s:.2f} s ({compile_record})")
+        if super().due(run):  # a step the uninterrupted run logs: its record, of the same rows
+          run.logger.write(record)
+          run.rows.clear()
       for _ in range(self.FIRST_PEAKS):
         self._sample_peak()
       self.ready, self.interval_step = time.perf_counter(), run.done
@@ -203,7 +212,7 @@ class LogTrain(Action):
     run.deferred = (lambda fetched: self._write(run, record, rows + fetched, scalars), run.done, copies)
     run.rows.clear()
     run.pending.clear()
-    if self.peak_flops is None and self.intervals % self.PEAK_EVERY == 0:
+    if self.peak_flops is None and self.model_flops is not None and self.intervals % self.PEAK_EVERY == 0:
       run.write_deferred()  # waits for the interval's steps: the matmul then runs on an idle device, untimed
       self._sample_peak()
       self.ready = time.perf_counter()
@@ -211,15 +220,16 @@ class LogTrain(Action):
   def _write(self, run: Run, record: dict, rows: list, scalars: dict) -> None:
     """Writes an interval's record (`scalars`: `_state_scalars` at its last step), timed from the previous
     interval's metrics being ready to this one's."""
-    now, exp = time.perf_counter(), run.exp
+    now = time.perf_counter()
     elapsed, timed = now - self.ready, record["step"] - self.interval_step
     self.ready, self.interval_step = now, record["step"]
-    record.update(summarize(np.asarray(rows), train_metric_names(exp.dataset.task)))
+    record.update(summarize(np.asarray(rows), run.metric_names))
     record.update({k: _scalar(v) for k, v in scalars.items()})
-    record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * exp.config.train.batch_size / elapsed,
-                  mfu=exp.model_flops * timed / elapsed / (self.peak_flops or max(self.peaks)))
-    if exp.dataset.task == "lm":
-      record["tokens_per_sec"] = record["examples_per_sec"] * exp.config.data.seq_len
+    record.update(step_time_ms=1000 * elapsed / timed, examples_per_sec=timed * self.batch_size / elapsed)
+    if self.model_flops is not None:
+      record["mfu"] = self.model_flops * timed / elapsed / (self.peak_flops or max(self.peaks))
+    if self.tokens_per_example is not None:
+      record["tokens_per_sec"] = record["examples_per_sec"] * self.tokens_per_example
     run.logger.write(record)
 
   @staticmethod
@@ -231,7 +241,7 @@ class LogTrain(Action):
     return {k: jnp.copy(v.addressable_data(0)) for k, v in arrays.items() if v is not None}
 
   def _sample_peak(self) -> None:
-    if self.peak_flops is None:
+    if self.peak_flops is None and self.model_flops is not None:
       self.peaks.append(flops.matmul_flops())
 
   def end(self, run: Run) -> None:
@@ -242,12 +252,13 @@ class Evaluate(Action):
   """Metrics over the whole eval split, written as an `eval` record and kept in `run.eval_metrics`; a
   classifier's confusion matrix goes to `confusion_<step>.json` (with its classes' scores) instead."""
 
-  def __init__(self, every: int):
-    self.every = every
+  def __init__(self, every: int, evaluate):
+    """`evaluate(state, alarm, step)` -> metrics (train.Experiment.evaluate)."""
+    self.every, self.evaluate = every, evaluate
 
   def __call__(self, run: Run) -> None:
     run.write_deferred()  # the train record of this step first
-    metrics = run.exp.evaluate(run.state, run.alarm, run.done)
+    metrics = self.evaluate(run.state, run.alarm, run.done)
     confusion = metrics.pop("confusion", None)
     run.eval_metrics, run.eval_step = metrics, run.done
     run.logger.write({"step": run.done, "split": "eval", **metrics})
@@ -326,7 +337,7 @@ class Save(Action):
 
   def __call__(self, run: Run) -> None:
     run.fetch()
-    run.ckpts.save(run.done, run.exp.layout.for_checkpoint(run.state), self.config_dict, unlogged=run.rows,
+    run.ckpts.save(run.done, run.for_checkpoint(run.state), self.config_dict, unlogged=run.rows,
                    metrics=scalars(run.eval_metrics) if run.eval_step == run.done else None, wait=bool(run.stop),
                    early_stopping=run.early_stopping)
 
@@ -383,6 +394,24 @@ class Profile(Action):
                f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
 
 
+class Hook(Action):
+  """A function of the caller's, `fn(step, state)`, run after every step that is a multiple of `every`
+  (`Trainer.add_hook`): `step` the optimizer steps taken, `state` the TrainState after them (its arrays are
+  donated to the next step: copy what you keep). Transfers to and from the host are allowed inside it."""
+
+  def __init__(self, fn, every: int):
+    if not isinstance(every, int) or every < 1:
+      raise ValueError(f"a hook's every={every!r}: expected a positive number of steps")
+    self.fn, self.every = fn, every
+
+  def due(self, run: Run) -> bool:
+    return run.done % self.every == 0
+
+  def __call__(self, run: Run) -> None:
+    with jax.transfer_guard("allow"):
+      self.fn(run.done, run.state)
+
+
 def default_actions(exp, start: int, logger, signals, resumed: dict | None = None) -> list[Action]:
   """The loop's actions in the order they run after a step; `resumed`: the checkpoint's loop state, if any."""
   t, es = exp.config.train, exp.config.train.early_stopping
@@ -391,8 +420,9 @@ def default_actions(exp, start: int, logger, signals, resumed: dict | None = Non
   return [
       Profile(t.profile_steps, os.fspath(logger.workdir / "profile"), logger.print),
       LogTrain(t.log_every, learning_rates, start,
-               flops.peak_flops(exp.layout.device_count)[0] if flops.datasheet_peak() else None),
-      Evaluate(t.eval_every),
+               flops.peak_flops(exp.layout.device_count)[0] if flops.datasheet_peak() else None,
+               t.batch_size, exp.model_flops, exp.config.data.seq_len if exp.dataset.task == "lm" else None),
+      Evaluate(t.eval_every, exp.evaluate),
       WatchSignals(signals),
       *([EarlyStop(es.metric, es.mode, es.patience, es.min_delta, (resumed or {}).get("early_stopping"))]
         if es.metric else []),

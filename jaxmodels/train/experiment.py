@@ -25,6 +25,7 @@ from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import scores
 from jaxmodels.train import distill
 from jaxmodels.train.step import make_steps, step_options
+from jaxmodels.train.trainer import jit_train_step
 
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
@@ -164,18 +165,16 @@ def build_experiment(config, devices=None) -> Experiment:
     train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset), teacher)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
-    train_fn, eval_fn = pinned(train_fn), pinned(eval_fn)
     teacher_sh = () if teacher is None else (teacher.shardings,)
-    train_step = jax.jit(train_fn, in_shardings=(state_sh, layout.batch_sharding, *teacher_sh),
-                         out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+    train_step = jit_train_step(train_fn, layout, state_sh, config.parallel.activation_rules, teacher_sh)
     if teacher is not None:  # the teacher's arrays are an argument of the step: not donated, not differentiated
       train_step = distill.StepWithTeacher(train_step, teacher.variables)
-    eval_step = jax.jit(eval_fn, in_shardings=(state_sh, layout.batch_sharding, layout.replicated),
+    eval_step = jax.jit(pinned(eval_fn), in_shardings=(state_sh, layout.batch_sharding, layout.replicated),
                         out_shardings=layout.replicated, donate_argnums=2)
     init_state = jax.jit(fresh_state, out_shardings=state_sh)
   layout.check_batch_size(t.batch_size)  # batch sizes must divide the data-parallel size: fail before training
   layout.check_batch_size(t.eval_batch_size)
-  model_flops = flops.model_flops_per_step(config, dataset, abstract_model)
+  model_flops = flops.model_flops_per_step(config, dataset, abstract_model, notices)
   checkpoint_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,

@@ -1,15 +1,15 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""The command line's training: `train_and_evaluate(config, workdir)`, a user of the Trainer's loop.
 
 The NNX model is split once into a static graph definition and pure pytrees
 (parameters, other model state such as BatchNorm statistics). The train and eval
 steps are `jax.jit` functions of those pytrees: no NNX graph traversal happens per
 step, the train state is donated, and metrics stay on the device until a log
-interval fetches them.
+interval fetches them. The loop is `trainer.run_steps` and the train step
+`step.make_train_step` of our tasks' loss, as a `Trainer` runs a loss of yours.
 """
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -25,96 +25,37 @@ from jaxmodels.optim import make_optimizer, precision
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState
 from jaxmodels.runtime import storage
-from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
+from jaxmodels.runtime.compilation import RecompileAlarm
 from jaxmodels.runtime.errors import Preempted, UserError
+from jaxmodels.tasks import train_metric_names
 from jaxmodels.train import actions as actions_lib
 from jaxmodels.train.actions import Run, scalars
 from jaxmodels.train.experiment import Experiment, build_experiment
 from jaxmodels.train.metrics import MetricsLogger
-
-
-class _Signals:
-  """SIGTERM/SIGINT ask the loop to stop after a step; `stop_after(step)` says whether this is that step.
-
-  One process: the step the signal arrived in; a second signal exits at once.
-  Several processes (jax.distributed with its preemption service): a signal on
-  any one of them stops all of them after the same step, so every process
-  saves that step and none enters a collective the others never reach. JAX's
-  coordination service owns SIGTERM there (its C++ handler tells every process
-  of the notice); SIGINT is turned into a SIGTERM to this process.
-  `reached_preemption_sync_point` must be called once per step on every process;
-  it reads a flag set in the background, so the hot path holds no host sync.
-  """
-
-  def __init__(self):
-    self.received = None
-    self._previous = {}
-    self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
-                    and jax.config.jax_enable_preemption_service)
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, _frame):
-    if self.received is not None:
-      os._exit(128 + signum)  # pylint: disable=protected-access
-    self.received = signum
-    if self._synced:
-      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells the other processes
-
-  def stop_after(self, step: int) -> bool:
-    """Whether the loop stops after `step`; with several processes, call it once per step on each."""
-    if self._synced:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.received is not None
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+from jaxmodels.train.trainer import Signals, run_steps
 
 
 def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
                resumed: dict | None = None) -> Run:
-  """Steps `start`..`train.steps`, each followed by the actions due (jaxmodels.train.actions); returns the Run
-  (its `state`, last `eval_metrics` or {}, and `stop`, why it stopped early, or "").
+  """Steps `start`..`train.steps` of the experiment's train step (the Trainer's loop, `trainer.run_steps`), each
+  followed by the actions due (jaxmodels.train.actions); returns the Run (its `state`, last `eval_metrics` or {},
+  and `stop`, why it stopped early, or "").
 
-  Metrics stay on the device until a log interval or a save fetches them. The
-  loop may move data only explicitly (device_put / device_get): an implicit
-  transfer, a hidden per-step host sync, is an error rather than a slowdown.
-  A non-finite loss stops the run before any save of that state; a signal
-  ends it after the current step (with several processes, after a step all agree
-  on) with a synchronous save. Each checkpoint also keeps the metric rows not
-  yet logged and the early-stopping record (`resumed`, Checkpoints.loop_state),
-  so a resumed run's log intervals average the same steps as an uninterrupted
-  run's, and an early-stopped run stays stopped.
+  Metrics stay on the device until a log interval or a save fetches them; the
+  loop may move data only explicitly. A non-finite loss stops the run before any
+  save of that state; a signal ends it after the current step (with several
+  processes, after a step all agree on) with a synchronous save. Each checkpoint
+  also keeps the metric rows not yet logged and the early-stopping record
+  (`resumed`, Checkpoints.loop_state), so a resumed run's log intervals average
+  the same steps as an uninterrupted run's, and an early-stopped run stays stopped.
   """
   t = exp.config.train
-  run = Run(exp, state, start, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
-            rows=list((resumed or {}).get("unlogged_metrics") or []))
-  signals = _Signals()
-  actions = actions_lib.default_actions(exp, start, logger, signals, resumed)
-  with jax.transfer_guard("disallow"), signals:
-    for action in actions:
-      action.begin(run)
-    for step in range(start, t.steps):
-      if run.stop:  # stopped early (or restored so)
-        break
-      batch = exp.batch(step)
-      inputs = {"state": run.state, "batch": batch}  # donated, but their shapes and shardings stay readable
-      with CompileTimer() as compile_time:
-        run.state, metrics = exp.train_step(run.state, batch)
-      run.alarm.check("train_step", exp.train_step, inputs, step + 1, compile_time)
-      run.pending.append(metrics)
-      run.done, run.compile_seconds = step + 1, compile_time.seconds
-      for action in actions:
-        if action.due(run):
-          action(run)
-    for action in actions:
-      action.end(run)
-  return run
+  run = Run(state, start, t.steps, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
+            metric_names=train_metric_names(exp.dataset.task), skip_nonfinite=t.skip_nonfinite,
+            for_checkpoint=exp.layout.for_checkpoint, rows=list((resumed or {}).get("unlogged_metrics") or []))
+  signals = Signals()
+  return run_steps(run, exp.train_step, exp.batch, actions_lib.default_actions(exp, start, logger, signals, resumed),
+                   signals)
 
 
 def _restore(exp: Experiment, ckpts, log):
@@ -235,8 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       # Accepted: from here on the run writes.
       note = schedule_change(exp, saved_config, start)
       if lead:
-        for name, text in files.items():
-          (storage.path(workdir) / name).write_text(text)
+        storage.write_files(workdir, files)  # all or none: a failed write leaves the workdir's files as they were
       ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir), config.checkpoint)
       logger = MetricsLogger(workdir, config.train.steps, enabled=lead, config=config.to_dict())
       logger.start(start)

@@ -1,21 +1,27 @@
-"""The compiled train and eval steps: `make_steps(graphdef, tx, options)` returns pure functions of pytrees.
+"""The compiled train and eval steps: `make_train_step(graphdef, tx, loss_fn, options)` (any loss: the one
+train-step builder, which `jaxmodels.train.Trainer` and the CLI's `make_steps` both use) and `make_steps(graphdef,
+tx, options)` (our tasks' loss, and the eval step) return pure functions of pytrees.
+
+A loss is `loss_fn(model, batch, rng, *extra) -> (loss_sum, metrics)`: `loss_sum` a float32 scalar SUM over the
+batch's examples (or targets), `metrics` a dict of float32 scalar sums over the same examples that holds
+`count`, the number summed over (`task_loss` is ours). Sums, not means, so that micro-batches and devices add up
+exactly: the step divides once, by the global count.
 
 The train step is a short sequence of small pieces, each with one job, in the order they run:
 
-    objective        the summed loss, or with `train.distill.teacher` the teacher's objective (train.distill)
+    objective        the loss function on the model merged from the state's pure pytrees
     gradients        of one pass, or summed over micro-batches (`train.grad_accum_steps`), in float32
     across_devices   pmap: gradient and metric sums summed over the devices, model state averaged
     mean_gradients   the one division, by the global target count (and float16's loss scale)
     tx.update        the optimizer, then `precision.ema_update` (`train.ema_decay`)
     verdict          whether the update is kept (`train.skip_nonfinite`, float16's overflow); the next loss scale
     keep_or_skip     a skipped step keeps the old parameters, model state, optimizer state and EMA
-    train_metrics    the step's metric vector (jaxmodels.tasks.train_metric_names)
+    train_metrics    the step's metric vector: each metric sum over the global count (`metric_names`)
 
 `StepOptions` holds what the steps do beyond a plain gradient step; `step_options` builds it from the config.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -61,27 +67,52 @@ def step_options(t, dataset, axis_name: str | None = None) -> StepOptions:
                      **evaluation_options(t, dataset))
 
 
-def objective(graphdef, options: StepOptions, teacher=None):
-  """The function the train step differentiates: (params, model_state, batch, rng, teacher_vars) -> (summed
-  objective, (the task's loss sums, new model state)).
+def task_loss(options: StepOptions, teacher=None):
+  """Our tasks' loss (`options.task`, `options.loss`; jaxmodels.tasks) in the loss protocol: (model, batch, rng,
+  teacher_vars=None) -> (summed objective, {"loss": the summed hard-label loss, the task's second train metric
+  (`accuracy` sum of hits; regression `mae`, of absolute errors): sum, "count": unmasked targets}).
 
-  A sum, not a mean, so that micro-batches and devices add up exactly. With a `teacher` (distill.Teacher) the
-  objective is `teacher.objective` of the teacher's arrays `teacher_vars`; the sums still hold the hard-label loss.
+  `batch` holds `x`, `y` and optionally `mask` (targets, 0/1). With a `teacher` (distill.Teacher) the objective is
+  `teacher.objective` of the teacher's arrays `teacher_vars`; the metrics still hold the hard-label loss.
   """
+  second = tasks.train_metric_names(options.task)[1]
 
-  def loss_fn(params, model_state, batch, rng, teacher_vars=None):
-    # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
-    model = nnx.merge(graphdef, params, model_state, copy=True)
+  def loss(model, batch, rng, teacher_vars=None):
     x = model_input(batch["x"])
     logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
     sums = tasks.loss_sums(options.task, logits, batch["y"], mask, options.loss)
-    _, _, new_model_state = split_model(model)
     value = sums["loss_sum"] if teacher is None else teacher.objective(logits, x, mask, sums["loss_sum"],
                                                                         teacher_vars)
-    return value, (sums, new_model_state)
+    return value, {"loss": sums["loss_sum"], second: sums["correct"], "count": sums["count"]}
 
-  return loss_fn
+  return loss
+
+
+def objective(graphdef, loss_fn):
+  """The function the train step differentiates: (params, model_state, batch, rng, *extra) -> (summed objective,
+  (metric sums, new model state)), calling `loss_fn(model, batch, rng, *extra)` on the module merged from
+  `graphdef` and the pure pytrees (traced once per compile: no graph traversal per step). The metric sums get
+  `loss` (the objective's sum) unless the loss function gave its own."""
+
+  def fn(params, model_state, batch, rng, *extra):
+    # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    value, metrics = loss_fn(model, batch, rng, *extra)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    if "count" not in metrics:
+      raise ValueError(f"the loss function's metrics {sorted(metrics)} lack 'count', the number of examples "
+                       f"(or targets) its loss_sum and metric sums are summed over")
+    _, _, new_model_state = split_model(model)
+    return value, ({"loss": jax.lax.stop_gradient(value), **metrics}, new_model_state)
+
+  return fn
+
+
+def metric_names(keys) -> tuple[str, ...]:
+  """Names of the train step's metric vector for a loss whose metric sums have `keys`: loss, the others (not
+  `count`) sorted, grad_norm, skipped. Our tasks' loss gives `tasks.train_metric_names(task)`."""
+  return ("loss", *sorted(k for k in keys if k not in ("loss", "count")), "grad_norm", "skipped")
 
 
 def dropout_key(options: StepOptions, step: jax.Array) -> jax.Array:
@@ -118,7 +149,8 @@ def gradients(grad_fn, params, model_state, batch, rng, micro_batches: int):
     return (model_state, jax.tree.map(jnp.add, grads_acc, _f32(grads)), jax.tree.map(jnp.add, sums_acc, sums)), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
+  shapes = jax.eval_shape(grad_fn, params, model_state, jax.tree.map(lambda a: a[0], micro), rng)[1][0]
+  zero_sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   (model_state, grads, sums), _ = jax.lax.scan(body, (model_state, zeros, zero_sums),
                                                (micro, jnp.arange(micro_batches)))
   return grads, sums, model_state
@@ -158,32 +190,34 @@ def keep_or_skip(ok: jax.Array | None, new, old):
   return new if ok is None else jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def train_metrics(loss: jax.Array, sums: dict, grad_norm: jax.Array, ok: jax.Array | None) -> jax.Array:
-  """The step's metrics stacked in one float32 vector in `tasks.train_metric_names` order: loss, accuracy
-  (regression: mean absolute error), gradient norm, skipped (1 for a skipped step). Each output array costs
-  dispatch time on every step; the stack costs one."""
+def train_metrics(sums: dict, grad_norm: jax.Array, ok: jax.Array | None) -> jax.Array:
+  """The step's metrics stacked in one float32 vector in `metric_names(sums)` order: each sum divided by the
+  global count (the loss; accuracy, or a regression's mean absolute error; a custom loss's metrics), the gradient
+  norm, skipped (1 for a skipped step). Each output array costs dispatch time on every step; the stack costs one."""
   skipped = jnp.zeros((), jnp.float32) if ok is None else 1.0 - ok.astype(jnp.float32)
-  return jnp.stack([loss, sums["correct"] / sums["count"], grad_norm, skipped]).astype(jnp.float32)
+  means = [(sums[k] / sums["count"]).astype(jnp.float32) for k in metric_names(sums)[:-2]]
+  return jnp.stack([*means, grad_norm.astype(jnp.float32), skipped]).astype(jnp.float32)
 
 
-def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None):
-  """The pure (train_step, eval_step) functions for a model graph and an optimizer; the caller compiles them.
+def make_train_step(graphdef, tx, loss_fn, options: StepOptions = StepOptions(),
+                    targets=lambda batch: batch["y"].size):
+  """The pure train step for a model graph, an optimizer and a loss (the module docstring's protocol); the
+  caller compiles it (jax.jit with the state donated, or jax.pmap with `options.axis_name`).
 
-  train_step(state, batch[, teacher_vars]) -> (state, metrics vector): the pieces above, in order. With a
-  `teacher` (distill.Teacher) it takes the teacher's arrays as a third argument and minimises the teacher's
-  objective. A state with a `loss_scale` (float16) differentiates the scaled loss and unscales the float32
-  gradient sums; a state with `ema_params` updates them by `options.ema_decay` after each kept update.
-
-  eval_step(state, batch, totals) adds the batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0;
-  regression sums about `y_shift`) to `totals` inside the compiled step (no eager sum per batch; None: the
-  batch's sums), summed over the pmap axis; a state with `ema_params` is evaluated with them.
+  train_step(state, batch, *extra) -> (state, metrics vector in `metric_names` order): the pieces above, in
+  order; `extra` (a distillation teacher's arrays) goes to `loss_fn` after the rng. The rng is `dropout_key`'s,
+  a pure function of (options.seed, step). A state with a `loss_scale` (float16) differentiates the loss sum
+  times loss_scale / (`targets(batch)` / micro-batches, static: targets per micro-batch slot) and unscales the
+  float32 gradient sums; a state with `ema_params` updates them by `options.ema_decay` after each kept update.
+  The update uses the global per-count mean gradient, exactly, however examples fall over micro-batches
+  (`options.grad_accum_steps`) and devices.
   """
-  loss_fn, o = objective(graphdef, options, teacher), options  # o: read on every line of the steps
+  loss_fn, o = objective(graphdef, loss_fn), options  # o: read on every line of the step
 
-  def train_step(state: TrainState, batch, teacher_vars=None):
-    # The summed loss is multiplied by loss_scale / (targets per micro-batch slot, static): precision.loss_factor.
-    factor = precision.loss_factor(state.loss_scale, batch["y"].size / o.grad_accum_steps)
-    grad_fn = jax.grad(precision.scaled(functools.partial(loss_fn, teacher_vars=teacher_vars), factor), has_aux=True)
+  def train_step(state: TrainState, batch, *extra):
+    factor = None if state.loss_scale is None else precision.loss_factor(state.loss_scale,
+                                                                          targets(batch) / o.grad_accum_steps)
+    grad_fn = jax.grad(precision.scaled(lambda *a: loss_fn(*a, *extra), factor), has_aux=True)
     grads, sums, model_state = gradients(grad_fn, state.params, state.model_state, batch,
                                          dropout_key(o, state.step), o.grad_accum_steps)
     grads, sums, model_state = across_devices(grads, sums, model_state, o.axis_name)
@@ -191,13 +225,31 @@ def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = precision.ema_update(state.ema_params, params, o.ema_decay)
-    loss, grad_norm = sums["loss_sum"] / sums["count"], optax.tree.norm(grads)
+    loss, grad_norm = sums["loss"] / sums["count"], optax.tree.norm(grads)
     ok, loss_scale = verdict(loss, grad_norm, state.loss_scale, o)
     params, model_state, opt_state, ema = keep_or_skip(
         ok, (params, model_state, opt_state, ema), (state.params, state.model_state, state.opt_state, state.ema_params))
-    metrics = train_metrics(loss, sums, grad_norm, ok)
+    metrics = train_metrics(sums, grad_norm, ok)
     return state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                          ema_params=ema, loss_scale=loss_scale), metrics
+
+  return train_step
+
+
+def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None):
+  """The pure (train_step, eval_step) functions of our tasks for a model graph and an optimizer; the caller
+  compiles them.
+
+  train_step(state, batch[, teacher_vars]) -> (state, metrics vector): `make_train_step` of `task_loss`; with a
+  `teacher` (distill.Teacher) it takes the teacher's arrays as a third argument and minimises the teacher's
+  objective.
+
+  eval_step(state, batch, totals) adds the batch's `tasks.eval_sums` (top-k hits for `eval_top_k` > 0;
+  regression sums about `y_shift`) to `totals` inside the compiled step (no eager sum per batch; None: the
+  batch's sums), summed over the pmap axis; a state with `ema_params` is evaluated with them.
+  """
+  o = options
+  train_step = make_train_step(graphdef, tx, task_loss(options, teacher), options)
 
   def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
