@@ -137,9 +137,16 @@ def _digest(p, start: int = 0, length: int | None = None) -> str:
 
 def _files(directory) -> dict:
   """{path relative to `directory`: path} of every file under it (the manifest itself excepted)."""
-  d = storage.path(directory)
-  return {os.fspath((root / name).relative_to(d)): root / name for root, _, names in d.walk()
-          for name in sorted(names) if root != d or not name.startswith((CHECKSUMS, f".{CHECKSUMS}"))}
+  out = {}
+
+  def visit(d, prefix: str) -> None:  # by hand: epath's glob refuses `**` on GCS, its walk drops gs://
+    for f in sorted(d.iterdir(), key=lambda f: f.name):
+      if f.is_dir():
+        visit(f, f"{prefix}{f.name}/")
+      elif prefix or not f.name.startswith((CHECKSUMS, f".{CHECKSUMS}")):
+        out[prefix + f.name] = f
+  visit(storage.path(directory), "")
+  return out
 
 
 def write_checksums(step_dir) -> None:
