@@ -31,8 +31,6 @@ place, and the previous one is read (`Checkpoints.restore_newest`, which trainin
 restores.
 """
 
-import contextlib
-import gc
 import hashlib
 import json
 import os
@@ -273,28 +271,34 @@ def _tree_differences(saved: dict, current: dict) -> list[str]:
                   if saved[k] != current[k]], "shaped differently"))
 
 
-@contextlib.contextmanager
-def _abandoned_reads_quiet():
-  """Drops the reports of the array reads Orbax abandons when one read of a restore fails (a damaged or deleted
-  checkpoint): Python's 'Exception ignored in <coroutine ...>' for each unawaited read, and tensorstore's
-  'Event loop is closed' traceback for each read that completes after Orbax closed its event loop. The failure
-  itself is reported once, by the caller."""
+# How Orbax's array reads wrap their errors (orbax/checkpoint/_src/serialization/serialization.py).
+_ABANDONED_READ = "Encountered error while reading array index"
+
+
+def _quiet_abandoned_reads() -> None:
+  """From the first read on, drops the reports of the array reads Orbax abandons when one read of a restore fails
+  (a damaged or deleted checkpoint), which arrive from other threads and at collection, also after the failure is
+  handled: Python's
+  'Exception ignored in <coroutine ...>' for each unawaited read, and tensorstore's 'Event loop is closed' for each
+  read that completes after Orbax closed its event loop. The failure itself is reported once, by the caller."""
+  if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+    return
   unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
-  def drop_unraisable(report):
-    if not damaged(report.exc_value):
+  def closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  def drop_unraisable(report):  # an abandoned read fails with its cause, or cancelled, wrapped by Orbax
+    value = report.exc_value
+    if not (damaged(value) or closed_loop(value) or str(value).startswith(_ABANDONED_READ)):
       unraisable(report)
 
-  def drop_closed_loop(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+  def drop_excepthook(kind, value, tb):
+    if not closed_loop(value):
       excepthook(kind, value, tb)
 
-  sys.unraisablehook, sys.excepthook = drop_unraisable, drop_closed_loop
-  try:
-    yield
-  finally:
-    gc.collect()  # the abandoned coroutines, while the hook is ours
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+  drop_unraisable.quiets_abandoned_reads = True
+  sys.unraisablehook, sys.excepthook = drop_unraisable, drop_excepthook
 
 
 def _listing(make):
@@ -502,9 +506,9 @@ class Checkpoints:
       state = like(self.metadata(step)[1])
       if jax.process_count() > 1:
         return step, self.restore(step, state, config_dict, params_only)
+      _quiet_abandoned_reads()
       try:
-        with _abandoned_reads_quiet():
-          return step, self._read(step, state, config_dict, params_only)
+        return step, self._read(step, state, config_dict, params_only)
       except Exception as e:  # pylint: disable=broad-exception-caught
         gone = self._vanished(step)
         if not gone and (isinstance(e, UserError) or not damaged(e)):
