@@ -105,7 +105,7 @@ def damaged(e: BaseException | None) -> bool:
       return True
     if str(e).startswith(_DAMAGED):
       return True
-    e = e.__cause__ or e.__context__
+    e = e.__cause__
   return False
 
 
