@@ -20,14 +20,19 @@ _host.cpu_only_platform()  # no accelerator: keep libtpu (the dev extra) from st
 __version__ = "0.1.0"
 
 
-def load_params(path: str) -> dict:
-  """Parameters written by `jaxmodels export`, as a pure nested dict."""
-  from jaxmodels.runs.export import load_params as load  # pylint: disable=import-outside-toplevel
-  return load(path)
+def load_params(path: str, step: int | str | None = None) -> dict:
+  """The trained parameters at `path` as a pure nested dict: see `load_model` for what `path` and `step` take."""
+  from jaxmodels.runs.export import load_trained_params as load  # pylint: disable=import-outside-toplevel
+  return load(path, step)
 
 
-def load_model(path: str):
-  """The trained module at `path` (local or gs://), rebuilt with its parameters: an export's (`jaxmodels export`,
-  `compress`, `import-hf`) or a training workdir's at its newest checkpoint."""
+def load_model(path: str, step: int | str | None = None):
+  """The trained module at `path` (local or gs://), rebuilt with its parameters.
+
+  `path` is an export (`jaxmodels export`, `compress`, `import-hf`) or a training workdir (or its `checkpoints/`
+  or `checkpoints/<step>`). A workdir gives its newest intact checkpoint (a damaged newer one is reported and
+  passed over), `step=N` checkpoint N, `step="best"` the one `checkpoint.keep_best` kept. Raises
+  `jaxmodels.runtime.errors.UserError` (one line) for a path that is neither or a step the run did not keep.
+  """
   from jaxmodels.runs.export import load_trained_model as load  # pylint: disable=import-outside-toplevel
-  return load(path)
+  return load(path, step)

@@ -178,6 +178,10 @@ def test_keep_newest_and_best(tmp_path):
   best = max(sorted(evals), key=lambda s: (evals[s], -s))
   kept = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
   assert kept == sorted({50, 60, best})
+  assert checkpoint.best_step(tmp_path / "checkpoints") == best  # what load_model(workdir, step="best") reads
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(tmp_path), step="best")(x),
+                                load_run_model(str(tmp_path), step=best)(x))
 
 
 def test_restore_from_another_run_params_or_full(tmp_path):
@@ -226,3 +230,163 @@ def test_fsdp_checkpoint_restores_onto_one_and_four_devices_and_pmap(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "training steps 20..40" in r.stdout
   assert read_metrics(tmp_path / "dp4")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+
+
+# What a run promises (docs/checkpoints.md): damaged checkpoints, readers during a run, one `load`, resumes that
+# would change the data.
+
+DAMAGE = {  # each of a model array file's kinds of damage: its bytes -> the damaged bytes
+    "truncated": lambda b: b[: len(b) // 2],
+    "zero-filled": lambda b: bytes(len(b)),
+    "0xff in the middle": lambda b: b[: len(b) // 2] + b"\xff" * 8 + b[len(b) // 2 + 8:],
+    "one flipped bit": lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:],
+}
+SMALL = ["--config.train.warmup_steps=2", "--config.checkpoint.every=10", "--config.train.log_every=5",
+         "--config.train.eval_every=5"]
+
+
+@pytest.fixture(scope="module")
+def run20(tmp_path_factory):
+  """digits_mlp trained 20 steps, checkpoints 10 and 20."""
+  workdir = tmp_path_factory.mktemp("run20")
+  small_run(workdir, 20)
+  return workdir
+
+
+def damage_model_array(step_dir, how) -> str:
+  """Damages the largest array file of the step's model item; returns its path relative to the step."""
+  arrays = [p for p in (step_dir / "model").rglob("*") if p.is_file() and "/d/" in str(p)]
+  f = max(arrays, key=lambda p: p.stat().st_size)
+  f.write_bytes(DAMAGE[how](f.read_bytes()))
+  return str(f.relative_to(step_dir))
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "truncated, saved without checksums"])
+def test_damaged_array_file_is_named_in_one_line_and_eval_and_resume_use_the_previous_checkpoint(run20, tmp_path,
+                                                                                                   how):
+  shutil.copytree(run20, tmp_path, dirs_exist_ok=True)
+  if how.endswith("without checksums"):  # a checkpoint written before checksums existed: Orbax's read error
+    for manifest in (tmp_path / "checkpoints").glob(f"*/{checkpoint.CHECKSUMS}"):
+      manifest.unlink()
+  name = damage_model_array(tmp_path / "checkpoints" / "20", how.split(",")[0])
+  r = run([sys.executable, "-m", "jaxmodels", "eval", "--workdir", str(tmp_path)])
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  warnings = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and f"checkpoint {tmp_path}/checkpoints/20 cannot be read" in warnings[0], r.stdout
+  if how.endswith("without checksums"):
+    assert "OUT_OF_RANGE" in warnings[0] and "/checkpoints/20/model/" in warnings[0]
+  else:
+    assert f"{tmp_path}/checkpoints/20/{name}" in warnings[0]
+  assert "eval: step 10 " in r.stdout and (tmp_path / "eval_10.json").is_file()
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=30", *SMALL))
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  assert "training steps 10..30" in r.stdout and "checkpoints/20 cannot be read" in r.stdout
+  assert (tmp_path / "checkpoints" / "20").is_dir()  # left in place
+
+
+def test_damaged_newest_metadata_export_and_load_model_use_the_previous_checkpoint(run20, tmp_path):
+  shutil.copytree(run20, tmp_path / "run")
+  for manifest in (tmp_path / "run" / "checkpoints").glob(f"*/{checkpoint.CHECKSUMS}"):
+    manifest.unlink()  # the metadata's own failure, as in runs saved before checksums
+  (tmp_path / "run" / "checkpoints" / "20" / "model" / "_METADATA").unlink()
+  r = run([sys.executable, "-m", "jaxmodels", "export", "--workdir", str(tmp_path / "run"), "--out",
+           str(tmp_path / "out")])
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  assert "checkpoints/20 cannot be read" in r.stdout
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  at10 = load_run_model(str(run20), step=10)(x)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(tmp_path / "out"))(x), at10)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(tmp_path / "run"))(x), at10)
+
+
+def test_eval_and_export_beside_a_run_saving_every_step_with_keep_1(tmp_path):
+  workdir = tmp_path / "run"
+  p = subprocess.Popen(command("digits_mlp", workdir, "--config.train.steps=100000", "--config.checkpoint.every=1",
+                               "--config.checkpoint.keep=1", "--config.train.log_every=1000",
+                               "--config.train.eval_every=100000"),
+                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    while not (workdir / "checkpoints").is_dir() or not [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]:
+      assert p.poll() is None
+      time.sleep(0.2)
+    for i in range(3):
+      for cmd in (["eval", "--workdir", str(workdir)],
+                  ["export", "--workdir", str(workdir), "--out", str(tmp_path / f"o{i}")]):
+        r = run([sys.executable, "-m", "jaxmodels", *cmd])
+        assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert p.poll() is None  # the run was saving all along
+  finally:
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+
+
+def test_load_model_and_params_take_a_workdir_a_step_or_an_export_and_say_what_they_expected(run20, tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jaxmodels.runtime.errors import UserError  # pylint: disable=import-outside-toplevel
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  at10 = load_run_model(str(run20), step=10)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(run20), step=10)(x), at10(x))
+  np.testing.assert_array_equal(jaxmodels.load_model(str(run20 / "checkpoints" / "10"))(x), at10(x))
+  params = jaxmodels.load_params(str(run20))  # a workdir's newest checkpoint, as a dict
+  newest = nnx.to_pure_dict(nnx.state(load_run_model(str(run20)), nnx.Param))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(newest)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(UserError, match="expected a training workdir .config.json and checkpoints/. or an export"):
+    jaxmodels.load_model(str(tmp_path))
+  with pytest.raises(UserError, match="has no checkpoint 7 .saved steps: 10, 20."):
+    jaxmodels.load_model(str(run20), step=7)
+  with pytest.raises(UserError, match="kept no best checkpoint"):
+    jaxmodels.load_model(str(run20), step="best")
+
+
+def test_library_evaluation_writes_nothing_into_the_run(run20):
+  from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  before = sorted(os.listdir(run20))
+  assert evaluate_run(str(run20))[0] == 20
+  assert sorted(os.listdir(run20)) == before
+
+
+@pytest.mark.parametrize("key,value", [("train.seed", 1), ("data.test_fraction", 0.3)])
+def test_resume_refuses_a_key_that_splits_the_data_differently(tmp_path, key, value):
+  small_run(tmp_path, 10)
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=20", f"--config.{key}={value}", *SMALL))
+  assert r.returncode == 2, r.stderr
+  assert "keys that shape the state or split the data" in r.stderr and f"{key} (saved " in r.stderr
+
+
+def test_resume_refuses_a_relative_data_path_that_names_other_data(tmp_path):
+  from jaxmodels.data.arrays import load_digits  # pylint: disable=import-outside-toplevel
+  arrays = load_digits(0.2, 0)
+  for name, labels in (("a", arrays["y_train"]), ("b", arrays["y_train"][::-1]), ("c", arrays["y_train"])):
+    (tmp_path / name).mkdir()
+    np.savez(tmp_path / name / "data.npz", **{**arrays, "y_train": labels})
+  args = ["--config.data.source=npz", "--config.data.path=data.npz", *SMALL]
+  script = os.path.join(ROOT, "experiments", "digits_mlp.py")
+
+  def train(cwd, steps):
+    return subprocess.run([sys.executable, script, f"--workdir={tmp_path / 'run'}", f"--config.train.steps={steps}",
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+  assert train(tmp_path / "a", 10).returncode == 0
+  r = train(tmp_path / "b", 20)  # the same name, other labels
+  assert r.returncode == 2, r.stderr
+  assert (f"data.path='data.npz' now resolves to {tmp_path / 'b' / 'data.npz'}, the run trained on "
+          f"{tmp_path / 'a' / 'data.npz'}: the same size, other content") in r.stderr
+  r = train(tmp_path / "c", 20)  # the same data, elsewhere
+  assert r.returncode == 0, r.stderr
+  assert "training steps 10..20" in r.stdout
+
+
+def test_a_checkpoint_deleted_while_it_is_read_makes_eval_read_the_newest(run20, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
+  shutil.copytree(run20, tmp_path, dirs_exist_ok=True)
+  ckdir = tmp_path / "checkpoints"
+  restore = ocp.CheckpointManager.restore
+
+  def saved_and_removed_meanwhile(self, step, *args, **kwargs):
+    if step == 20 and (ckdir / "20").is_dir():  # a run beside the reader saves step 30, retention removes 20
+      shutil.copytree(ckdir / "20", ckdir / "30")
+      shutil.rmtree(ckdir / "20")
+    return restore(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", saved_and_removed_meanwhile)
+  assert evaluate_run(str(tmp_path))[0] == 30

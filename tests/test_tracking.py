@@ -54,7 +54,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(mlp_run):
 def test_eval_command_reproduces_the_final_eval_and_reads_other_data(mlp_run, tmp_path):
   from jaxmodels.tools.evaluate import evaluate_run  # pylint: disable=import-outside-toplevel
   workdir, final, _ = mlp_run
-  step, metrics = evaluate_run(workdir)
+  step, metrics = evaluate_run(workdir, write=True)
   assert step == 20
   assert {k: v for k, v in metrics.items() if isinstance(v, float)} == pytest.approx(final)
   assert os.path.isfile(os.path.join(workdir, "eval_20.json"))

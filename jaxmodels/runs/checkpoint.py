@@ -15,15 +15,27 @@ a step directory that exists was complete when written; temporary leftovers of
 a killed save are removed on the next start. Saves are asynchronous: training
 goes on while they are written.
 
+Once a save is committed, process 0 writes `<step>/checksums.json`: the size and SHA-256 of every file
+of the step (read back once; written after the commit, so a step saved before this existed, or one whose
+save was killed between commit and manifest, has none and is read unverified). Reading a step checks the
+bytes against it first; a file that differs is reported by name (`DamagedCheckpoint`).
+
 Nothing here moves or deletes a checkpoint except retention (`checkpoint.keep`).
 Before restoring, the saved trees (from Orbax's metadata) are compared with the
 state the current config builds: a mismatch is a UserError naming the paths and
-config keys that differ. A checkpoint whose metadata cannot be read at all
-(damaged files) is skipped with a warning and left in place; process 0 decides
-which step every process restores.
+config keys that differ. A checkpoint that is damaged (a file differs from its
+checksum, its metadata or arrays cannot be read) is skipped with a one-line warning and left in
+place, and the previous one is read (`Checkpoints.restore_newest`, which training, `eval`,
+`export`, `sample`, `compress` and `jaxmodels.load_model` all use); a step deleted while it is read
+(retention of a run saving beside the reader) is re-chosen. Process 0 decides which step every process
+restores.
 """
 
+import hashlib
 import json
+import os
+import sys
+import time
 
 import jax
 import numpy as np
@@ -36,13 +48,26 @@ from jaxmodels.models.transformer import other_layer_layout
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
-# Config keys that shape the saved state: a resumed run must agree on them.
+# Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
+# data.test_fraction, data.val_fraction): a resumed run must agree on them.
 STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.spatial_dims",
-                      "data.vocab_size", "train.optimizer", "train.batch_size", "model.")
+                      "data.vocab_size", "data.test_fraction", "data.val_fraction", "train.seed",
+                      "train.optimizer", "train.batch_size", "model.")
 # model.* keys that do not change the state (or that restore converts, like scan_layers).
 FREE_MODEL_KEYS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention_impl", "model.dropout")
 # Tensorstore's status prefixes for files that are damaged or missing (not a transient storage error).
-_DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT")
+_DAMAGED = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+# Each step's manifest: {"sha256": {relative path: [bytes, hex digest]}} of every other file of the step.
+CHECKSUMS = "checksums.json"
+# The saved config's record of the data file a run trained on (`data_fingerprint`); not a config key.
+DATA_RECORD = "data_fingerprint"
+_MIB = 1 << 20
+# Times a reader re-chooses the newest step after the one it read was deleted under it.
+_REREADS = 5
+
+
+class DamagedCheckpoint(Exception):
+  """A file of a checkpoint is missing, or its size or bytes differ from the step's checksums.json."""
 
 
 def checkpoint_dir(workdir):
@@ -69,11 +94,129 @@ def _optional_items(state) -> dict:
   return out
 
 
-def damaged(e: Exception) -> bool:
-  """Whether an error reading a checkpoint means its files are damaged or missing (not, e.g., a network error)."""
-  if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
-    return True
-  return isinstance(e, ValueError) and str(e).startswith(_DAMAGED)
+def damaged(e: BaseException | None) -> bool:
+  """Whether an error reading a checkpoint means its files are damaged or missing (not, e.g., a network error).
+
+  Follows the chain of causes: Orbax wraps tensorstore's array-read errors (`OUT_OF_RANGE`, a failed Zstd
+  decode) in a bare Exception.
+  """
+  while e is not None:
+    if isinstance(e, (FileNotFoundError, json.JSONDecodeError, DamagedCheckpoint)):
+      return True
+    if str(e).startswith(_DAMAGED):
+      return True
+    e = e.__cause__
+  return False
+
+
+def _first_line(e: BaseException) -> str:
+  """'Type: first line' of the innermost cause (Orbax's bare Exception wraps tensorstore's error, which names the
+  array and the file), or of `e` for a DamagedCheckpoint."""
+  while e.__cause__ is not None and not isinstance(e, DamagedCheckpoint):
+    e = e.__cause__
+  return (str(e) if isinstance(e, DamagedCheckpoint) else
+          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+
+
+def _digest(p, start: int = 0, length: int | None = None) -> str:
+  h = hashlib.sha256()
+  with p.open("rb") as f:
+    f.seek(start)
+    left = length
+    while left is None or left > 0:
+      chunk = f.read(_MIB if left is None else min(_MIB, left))
+      if not chunk:
+        break
+      h.update(chunk)
+      if left is not None:
+        left -= len(chunk)
+  return h.hexdigest()
+
+
+def _files(directory) -> dict:
+  """{path relative to `directory`: path} of every file under it (the manifest itself excepted)."""
+  out = {}
+
+  def visit(d, prefix: str) -> None:  # by hand: epath's glob refuses `**` on GCS, its walk drops gs://
+    for f in sorted(d.iterdir(), key=lambda f: f.name):
+      if f.is_dir():
+        visit(f, f"{prefix}{f.name}/")
+      elif prefix or not f.name.startswith((CHECKSUMS, f".{CHECKSUMS}")):
+        out[prefix + f.name] = f
+  visit(storage.path(directory), "")
+  return out
+
+
+def write_checksums(step_dir) -> None:
+  """Writes `step_dir/checksums.json`: the size and SHA-256 of every file under the committed step."""
+  sums = {name: [f.stat().length, _digest(f)] for name, f in _files(step_dir).items()}
+  storage.write_files(step_dir, {CHECKSUMS: json.dumps({"sha256": sums}, sort_keys=True)})
+
+
+def verify_checksums(step_dir) -> bool:
+  """Checks every file listed in `step_dir/checksums.json`; False if the step has no manifest (saved before
+  checksums existed, or killed between commit and manifest).
+
+  Raises DamagedCheckpoint naming the first file that is missing or whose size or bytes differ (or an unreadable
+  manifest); storage errors propagate.
+  """
+  d = storage.path(step_dir)
+  manifest = d / CHECKSUMS
+  if not manifest.exists():
+    return False
+  try:
+    sums = json.loads(manifest.read_text())["sha256"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise DamagedCheckpoint(f"{manifest} cannot be read ({_first_line(e)})") from None
+  for name, (size, digest) in sorted(sums.items()):
+    f = d / name
+    if not f.exists():
+      raise DamagedCheckpoint(f"{f} is missing")
+    if f.stat().length != size:
+      raise DamagedCheckpoint(f"{f} has {f.stat().length} bytes, {size} when saved")
+    if _digest(f) != digest:
+      raise DamagedCheckpoint(f"{f} differs from its checksum in {CHECKSUMS}")
+  return True
+
+
+def data_fingerprint(data_path: str) -> dict | None:
+  """What identifies the data file a run reads: {"path": resolved absolute path or URL, "bytes": size,
+  "sha256": digest of its first and last MiB}; for a directory, of the sorted names and sizes of its top-level
+  entries. None for an empty or missing `data_path` (built-in data, or a path that the data loader refuses)."""
+  if not data_path:
+    return None
+  p = storage.path(data_path)
+  if p.is_file():
+    size = p.stat().length
+    h = hashlib.sha256(_digest(p, 0, _MIB).encode())
+    h.update(_digest(p, max(0, size - _MIB)).encode())
+    return {"path": os.fspath(p), "bytes": size, "sha256": h.hexdigest()}
+  if p.is_dir():
+    entries = sorted((f.name, f.stat().length if f.is_file() else -1) for f in p.iterdir())
+    return {"path": os.fspath(p), "bytes": sum(max(0, n) for _, n in entries),
+            "sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest()}
+  return None
+
+
+def data_difference(saved_config: dict, config_dict: dict) -> str | None:
+  """One line saying how the data file `config_dict`'s data.path resolves to differs from the one the saved run
+  trained on (size or content; the same file moved elsewhere is the same data), or None (same data, or no
+  record: a checkpoint from before records existed, or data without a file)."""
+  saved = saved_config.get(DATA_RECORD)
+  path = config_dict.get("data", {}).get("path", "")
+  if not saved:
+    return None
+  now = data_fingerprint(path)
+  if now is not None and (now["bytes"], now["sha256"]) == (saved["bytes"], saved["sha256"]):
+    return None
+  if now is None:
+    what = "it does not exist"
+  elif now["bytes"] != saved["bytes"]:
+    what = f"{now['bytes']} bytes, {saved['bytes']} when the run started"
+  else:
+    what = "the same size, other content (first and last MiB)"
+  return (f"data.path={path!r} now resolves to {now['path'] if now else storage.path(path)}, the run trained on "
+          f"{saved['path']}: {what}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -128,6 +271,47 @@ def _tree_differences(saved: dict, current: dict) -> list[str]:
                   if saved[k] != current[k]], "shaped differently"))
 
 
+# How Orbax's array reads wrap their errors (orbax/checkpoint/_src/serialization/serialization.py).
+_ABANDONED_READ = "Encountered error while reading array index"
+
+
+def _quiet_abandoned_reads() -> None:
+  """From the first read on, drops the reports of the array reads Orbax abandons when one read of a restore fails
+  (a damaged or deleted checkpoint), which arrive from other threads and at collection, also after the failure is
+  handled: Python's
+  'Exception ignored in <coroutine ...>' for each unawaited read, and tensorstore's 'Event loop is closed' for each
+  read that completes after Orbax closed its event loop. The failure itself is reported once, by the caller."""
+  if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+    return
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  def drop_unraisable(report):  # an abandoned read fails with its cause, or cancelled, wrapped by Orbax
+    value = report.exc_value
+    if not (damaged(value) or closed_loop(value) or str(value).startswith(_ABANDONED_READ)):
+      unraisable(report)
+
+  def drop_excepthook(kind, value, tb):
+    if not closed_loop(value):
+      excepthook(kind, value, tb)
+
+  drop_unraisable.quiets_abandoned_reads = True
+  sys.unraisablehook, sys.excepthook = drop_unraisable, drop_excepthook
+
+
+def _listing(make):
+  """`make()` (Orbax's listing of the steps), again if a step vanished while it was listed (retention)."""
+  for attempt in range(_REREADS):
+    try:
+      return make()
+    except FileNotFoundError:
+      if attempt == _REREADS - 1:
+        raise
+  return None
+
+
 class Checkpoints:
   """Periodic async saves, newest-N and best-by-metric retention, resume, and preemption-safe final saves."""
 
@@ -135,13 +319,16 @@ class Checkpoints:
     """Manages `directory` (local or gs://); without `ckpt_config` it only reads and creates nothing."""
     self.directory = storage.path(directory)
     self._metadata = {}
+    self._unsealed = []  # steps saved (possibly still in flight) without their checksums.json yet
+    self._data_records = {}  # data.path -> data_fingerprint, computed once per run
     if ckpt_config is None:
       options = ocp.CheckpointManagerOptions(create=False)
     else:
       options = ocp.CheckpointManagerOptions(
           create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True,
           preservation_policy=retention_policy(ckpt_config))
-    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
+    self.manager = _listing(lambda: ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
+                                                          options=options))
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -156,6 +343,7 @@ class Checkpoints:
     if step in self.manager.all_steps():
       return
     with self._writing():  # a failed write (this save's or an earlier async one's): one StorageError line
+      self._seal()  # the previous save's checksums (Orbax's save would wait for it anyway)
       self._save(step, state, config_dict, metrics, wait, unlogged, early_stopping)
 
   def _writing(self):
@@ -166,21 +354,40 @@ class Checkpoints:
     return storage.writing(f"checkpoints in {self.directory}", remove_partial_saves)
 
   def _save(self, step, state, config_dict, metrics, wait, unlogged, early_stopping) -> None:
+    path = config_dict.get("data", {}).get("path", "")
+    if path not in self._data_records:
+      self._data_records[path] = data_fingerprint(path)
     self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
         model=ocp.args.StandardSave({"params": state.params, "model_state": state.model_state}),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-        config=ocp.args.JsonSave(config_dict),
+        config=ocp.args.JsonSave({**config_dict, DATA_RECORD: self._data_records[path]}),
         loop=ocp.args.JsonSave({"unlogged_metrics": list(unlogged or []), "early_stopping": early_stopping}),
         **{name: ocp.args.StandardSave(tree) for name, tree in _optional_items(state).items()}))
+    self._unsealed.append(step)
     if wait:
-      self.manager.wait_until_finished()
+      self._seal()
+
+  def _seal(self) -> None:
+    """Waits for the saves in flight and writes each committed step's checksums.json (process 0)."""
+    if not self._unsealed:
+      return
+    self.manager.wait_until_finished()
+    steps, self._unsealed = self._unsealed, []
+    if jax.process_index() == 0:
+      for step in steps:
+        if step in self.manager.all_steps():  # not already removed by retention
+          write_checksums(self.directory / str(step))
 
   def metadata(self, step: int) -> tuple[dict, dict]:
-    """(saved config, {'model': shapes, 'train': shapes}) of `step`, read without reading its arrays.
+    """(saved config, {'model': shapes, 'train': shapes}) of `step`, read without reading its arrays, after
+    process 0 has checked the step's files against its checksums.json.
 
-    Raises what reading raised: `damaged(e)` tells a damaged checkpoint from other errors.
+    Raises what reading raised: `damaged(e)` tells a damaged checkpoint (DamagedCheckpoint naming the file that
+    differs) from other errors.
     """
     if step not in self._metadata:
+      if jax.process_index() == 0:
+        verify_checksums(self.directory / str(step))
       md = self.manager.item_metadata(step)
       trees = {}
       for name in ("model", "train"):
@@ -196,25 +403,49 @@ class Checkpoints:
       self._metadata[step] = (config, trees)
     return self._metadata[step]
 
-  def newest_readable_step(self, log=print) -> int | None:
-    """The newest step whose metadata reads, the same on every process (process 0 decides), or None.
+  def _warn_damaged(self, step: int, e: BaseException, log) -> None:
+    log(f"warning: checkpoint {self.directory}/{step} cannot be read ({_first_line(e)}); left in place, "
+        f"trying the previous one")
 
-    A damaged checkpoint is skipped with a warning and left where it is; any
-    other error (a storage outage, a permission) propagates.
+  def _vanished(self, step: int) -> bool:
+    """Whether `step` is gone from storage (retention of a run saving beside this reader removed it), looked at
+    again after a moment, so that a step whose deletion had begun is not reported as damaged."""
+    self._metadata.pop(step, None)
+    for wait in (0.0, 0.5):
+      time.sleep(wait)
+      _listing(self.manager.reload)
+      if step not in self.manager.all_steps():
+        return True
+    return False
+
+  def newest_readable_step(self, log=print, skip=()) -> int | None:
+    """The newest step (not in `skip`) whose files match their checksums and whose metadata reads, the same on
+    every process (process 0 decides), or None.
+
+    A damaged checkpoint is skipped with a one-line warning naming the file and left where it is; a step that
+    vanishes while it is read is passed over; any other error (a storage outage, a permission) propagates.
     """
     chosen = -1
     if jax.process_index() == 0:
-      for step in sorted(self.manager.all_steps(), reverse=True):
-        try:
-          self.metadata(step)
-        except (OSError, ValueError) as e:
-          if not damaged(e):
-            raise
-          log(f"warning: checkpoint {self.directory}/{step} cannot be read ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}); left in place, trying the previous one")
-          continue
-        chosen = step
-        break
+      for _ in range(_REREADS):
+        listed = set(self.manager.all_steps())
+        for step in sorted(listed - set(skip), reverse=True):
+          try:
+            self.metadata(step)
+          except Exception as e:  # pylint: disable=broad-exception-caught
+            if not damaged(e):
+              raise
+            if not self._vanished(step):
+              self._warn_damaged(step, e, log)
+              skip = {*skip, step}
+            continue
+          chosen = step
+          break
+        if chosen >= 0:
+          break
+        _listing(self.manager.reload)
+        if not set(self.manager.all_steps()) - listed:
+          break  # else steps were deleted while they were read and newer ones saved: read those
     if jax.process_count() > 1:
       chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
     return None if chosen < 0 else chosen
@@ -227,15 +458,86 @@ class Checkpoints:
     with `config_dict` the config keys that differ) or, with `config_dict`,
     when a state-shaping key differs. `params_only` restores the model item
     alone (and the EMA, parameters too), keeping `like`'s step, optimizer state and loss scale.
+    A damaged checkpoint is a UserError naming the file; `restore_newest` falls back instead.
     """
+    try:
+      return self._read(step, like, config_dict, params_only)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if not damaged(e):
+        raise
+      raise self._unreadable(step, e) from None
+
+  def _unreadable(self, step: int, e: BaseException) -> UserError:
+    return UserError(f"checkpoint {self.directory}/{step} cannot be read ({_first_line(e)}). Move it out of "
+                     f"{self.directory} to use the previous one.")
+
+  def restore_newest(self, like, config_dict: dict | None = None, params_only: bool = False, log=print,
+                     step: int | None = None):
+    """(step, state) of the newest intact checkpoint, or (None, None) if there is none: what training's resume,
+    `eval`, `export`, `sample`, `compress` and `jaxmodels.load_model` read. With `step`, that checkpoint's
+    (no fallback: UserError naming the saved steps if it is not one, or naming the damaged file).
+
+    `like(trees)` gives the state to fill (see `restore`) from the step's saved trees (`metadata(step)[1]`).
+    A damaged step (a file that differs from its checksum, metadata or arrays that cannot be read) is reported
+    in one line and the previous one is read; a step deleted while it is read (a run saving beside this reader
+    with checkpoint.keep) makes the newest be chosen again, at most a few times, then a UserError. In a
+    multi-process job an array that fails to read on restore is a UserError (the processes cannot agree on a
+    fallback); damage the checksums show is found before, by process 0, and falls back everywhere.
+    """
+    if step is not None:
+      steps = self.manager.all_steps()
+      if step not in steps:
+        raise UserError(f"{self.directory} has no checkpoint {step} (saved steps: "
+                        f"{', '.join(map(str, sorted(steps))) or 'none'})")
+      try:
+        state = like(self.metadata(step)[1])
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if not damaged(e):
+          raise
+        raise self._unreadable(step, e) from None
+      return step, self.restore(step, state, config_dict, params_only)
+    skipped, rereads = set(), 0
+    while True:
+      step = self.newest_readable_step(log, skipped)
+      if step is None:
+        return None, None
+      state = like(self.metadata(step)[1])
+      if jax.process_count() > 1:
+        return step, self.restore(step, state, config_dict, params_only)
+      _quiet_abandoned_reads()
+      try:
+        return step, self._read(step, state, config_dict, params_only)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        gone = self._vanished(step)
+        if not gone and (isinstance(e, UserError) or not damaged(e)):
+          raise
+        if gone:
+          rereads += 1
+          if rereads > _REREADS:
+            raise UserError(f"checkpoints in {self.directory} were deleted while being read, {rereads} times in a "
+                            f"row (a run saving there with a small checkpoint.keep): try again, or read a "
+                            f"copy") from None
+          log(f"note: checkpoint {self.directory}/{step} was deleted while it was read; reading the newest again")
+          continue
+        self._warn_damaged(step, e, log)
+        skipped.add(step)
+
+  def _read(self, step: int, like, config_dict: dict | None, params_only: bool):
+    """`restore` without turning a damaged checkpoint's error into a UserError."""
     saved_config, trees = self.metadata(step)
     where = f"{self.directory}/{step}"
     if config_dict is not None:
       diffs = config_differences(saved_config, config_dict)
       if diffs:
-        raise UserError(f"cannot resume from {where}: the config differs in keys that shape the state: "
-                        f"{'; '.join(diffs)}. Use a new --workdir, or --config.checkpoint.restore_from to start "
-                        f"from this run's parameters.")
+        raise UserError(f"cannot resume from {where}: the config differs in keys that shape the state or split "
+                        f"the data: {'; '.join(diffs)}. Use a new --workdir, or --config.checkpoint.restore_from "
+                        f"to start from this run's parameters.")
+      changed = data_difference(saved_config, config_dict)
+      if changed:
+        raise UserError(f"cannot resume from {where}: {changed}. Give data.path as the run's file (an absolute "
+                        f"path, or run from the directory the run started in), or use a new --workdir.")
     items = {"model": {"params": like.params, "model_state": like.model_state}}
     if not params_only:
       items["train"] = {"step": like.step, "opt_state": like.opt_state}
@@ -253,14 +555,8 @@ class Checkpoints:
       raise UserError(f"cannot restore {where}: its saved state does not match the state this config builds: "
                       f"{'; '.join(problems)}{changed}. Use a new --workdir, or "
                       f"--config.checkpoint.restore_from with restore_mode=params to start from its parameters.")
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          **{name: ocp.args.StandardRestore(target) for name, (target, _) in targets.items()}))
-    except ValueError as e:
-      if not damaged(e):
-        raise
-      raise UserError(f"checkpoint {where} cannot be read ({str(e).splitlines()[0][:200]}). Move it out of "
-                      f"{self.directory} to resume from the previous one.") from None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(target) for name, (target, _) in targets.items()}))
     out = {}
     for name, (target, convert) in targets.items():
       tree = restored[name]
@@ -280,9 +576,11 @@ class Checkpoints:
     return {"unlogged_metrics": loop["unlogged_metrics"], "early_stopping": loop.get("early_stopping")}
 
   def close(self) -> None:
-    """Waits for the last async save (StorageError if it failed to write) and releases the manager."""
+    """Waits for the last async save (StorageError if it failed to write), writes its checksums and releases the
+    manager."""
     try:
       with self._writing():
+        self._seal()
         self.manager.wait_until_finished()
     finally:
       self.manager.close()
@@ -360,15 +658,46 @@ def restore_export(path: str, like, config_dict: dict):
   return like.replace(**restored)
 
 
+def best_step(directory) -> int:
+  """The step of `directory` (a run's checkpoints/) that `checkpoint.keep_best` keeps: of the kept steps, the one
+  whose evaluation (the run's metrics.jsonl, beside checkpoints/) has the best value of that metric
+  (`checkpoint.best_mode`; the oldest of equal ones, as retention keeps). UserError if the run kept no best
+  checkpoint."""
+  reader = Checkpoints(directory)
+  try:
+    newest = reader.newest_readable_step()
+    c = reader.metadata(newest)[0].get("checkpoint", {}) if newest is not None else {}
+    kept = set(reader.manager.all_steps())
+  finally:
+    reader.close()
+  metric, sign = c.get("keep_best"), (-1 if c.get("best_mode") == "min" else 1)
+  log = storage.path(directory).parent / "metrics.jsonl"
+  scored = []
+  for line in (log.read_text().splitlines() if metric and log.is_file() else []):
+    try:
+      row = json.loads(line)
+    except ValueError:  # a line torn by a kill
+      continue
+    if row.get("split") == "eval" and row.get("step") in kept and isinstance(row.get(metric), (int, float)):
+      scored.append((sign * row[metric], -row["step"]))
+  if not scored:
+    raise UserError(f"{directory}: the run kept no best checkpoint (checkpoint.keep_best was not set, or no kept "
+                    f"step was evaluated): pass step=N")
+  return -max(scored)[1]
+
+
 def resolve_restore_from(path: str):
-  """(checkpoints directory, step) for --config.checkpoint.restore_from: a workdir, its checkpoints/, or a step."""
+  """(checkpoints directory, step) for --config.checkpoint.restore_from: a workdir, its checkpoints/ (their newest
+  intact step), or a step."""
   p = storage.path(path)
   if p.name.isdigit():
     return p.parent, int(p.name)
   directory = p if p.name == "checkpoints" else checkpoint_dir(p)
   reader = Checkpoints(directory)
-  step = reader.latest_step()
-  reader.close()
+  try:
+    step = reader.newest_readable_step()
+  finally:
+    reader.close()
   if step is None:
     raise UserError(f"checkpoint.restore_from={path!r}: no checkpoint found")
   return directory, step

@@ -49,20 +49,25 @@ def build_saved_model(directory) -> nnx.Module:
   return quantization.apply(model, quantization.spec_of(directory), tuple(spec["input_shape"]), spec["task"])
 
 
-def load_run_model(workdir) -> nnx.Module:
-  """The model of a training run (local or gs://), with the parameters of its newest checkpoint: their moving
-  average (cast to the parameters' dtypes) when the run kept one (train.ema_decay), else the raw parameters."""
+def load_run_model(workdir, step: int | None = None, log=print) -> nnx.Module:
+  """The model of a training run (local or gs://), with the parameters of its newest intact checkpoint (or of
+  checkpoint `step`): their moving average (cast to the parameters' dtypes) when the run kept one
+  (train.ema_decay), else the raw parameters. A damaged newest checkpoint is reported through `log` and the
+  previous one is read (checkpoint.Checkpoints.restore_newest). UserError if the run has no readable checkpoint."""
   graphdef, params, model_state = split_model(build_saved_model(workdir))
+
+  def like(trees):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None,
+                      ema_params=precision.ema_init(params) if "ema" in trees else None)
+
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
-  step = ckpts.latest_step()
+  try:
+    step, restored = ckpts.restore_newest(like, params_only=True, log=log, step=step)
+  finally:
+    ckpts.close()
   if step is None:
-    raise UserError(f"{workdir} has no checkpoint")
-  has_ema = "ema" in ckpts.metadata(step)[1]
-  like = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=None,
-                    ema_params=precision.ema_init(params) if has_ema else None)
-  restored = ckpts.restore(step, like, params_only=True)
-  ckpts.close()
-  if has_ema:
+    raise UserError(f"{workdir} has no readable checkpoint")
+  if restored.ema_params is not None:
     return nnx.merge(graphdef, precision.ema_as_params(restored.ema_params, restored.params), restored.model_state)
   return nnx.merge(graphdef, restored.params, restored.model_state)
 
@@ -125,7 +130,37 @@ def load_model(path) -> nnx.Module:
   return nnx.merge(graphdef, tree["params"], tree["model_state"])
 
 
-def load_trained_model(path) -> nnx.Module:
-  """The trained model at `path` (local or gs://): an export's (`export`, `compress`, `import-hf`), or a training
-  run's at its newest checkpoint (`load_run_model`)."""
-  return load_model(path) if checkpoint.is_export(path) else load_run_model(path)
+def load_trained_model(path, step: int | str | None = None, log=print) -> nnx.Module:
+  """The trained model at `path` (local or gs://), rebuilt with its parameters.
+
+  `path` is an export (`jaxmodels export`, `compress`, `import-hf`: a `params/` directory), or a training workdir
+  (`config.json` and `checkpoints/`; also its `checkpoints/` or `checkpoints/<step>` directory). A workdir gives
+  its newest intact checkpoint (a damaged newer one is reported through `log` and passed over), `step=N` that
+  checkpoint, `step="best"` the one kept by `checkpoint.keep_best`. Raises UserError, in one line, for a path
+  that is neither, a step an export cannot have, or a step the run did not keep.
+  """
+  p = storage.path(path)
+  if checkpoint.is_export(p):
+    if step is not None:
+      raise UserError(f"{path} is an export (one set of parameters): step={step!r} applies to a training workdir")
+    return load_model(path)
+  workdir = path
+  if p.name.isdigit() and p.parent.name == "checkpoints":
+    if step is not None and str(step) != p.name:
+      raise UserError(f"{path} is checkpoint {p.name}: step={step!r} names another")
+    workdir, step = p.parent.parent, int(p.name)
+  elif p.name == "checkpoints":
+    workdir = p.parent
+  if not (storage.path(workdir) / "config.json").is_file() or not checkpoint.checkpoint_dir(workdir).is_dir():
+    raise UserError(f"{path}: expected a training workdir (config.json and checkpoints/) or an export (params/, "
+                    f"from jaxmodels export, compress or import-hf)")
+  if step == "best":
+    step = checkpoint.best_step(checkpoint.checkpoint_dir(workdir))
+  return load_run_model(workdir, step, log)
+
+
+def load_trained_params(path, step: int | str | None = None, log=print) -> dict:
+  """The parameters of `load_trained_model(path, step)` as a pure nested dict (an export's read directly)."""
+  if checkpoint.is_export(path) and step is None:
+    return load_params(path)
+  return split_model(load_trained_model(path, step, log))[1]

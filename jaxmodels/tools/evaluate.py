@@ -32,28 +32,35 @@ def evaluate_model(exp, model) -> dict:
   return dataclasses.replace(exp, eval_step=jax.jit(eval_fn)).evaluate(state)
 
 
-def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = ()) -> tuple[int | None, dict]:
-  """(step, metrics) of checkpoint `step` (default: the newest) of `workdir`; writes `eval_<step>.json`. An export
-  (`jaxmodels export` or `compress` output) evaluates its parameters: (None, metrics), `eval_export.json`."""
+def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = (),
+                 write: bool = False) -> tuple[int | None, dict]:
+  """(step, metrics) of checkpoint `step` (default: the newest intact one) of `workdir`. An export (`jaxmodels
+  export` or `compress` output) evaluates its parameters: (None, metrics).
+
+  Writes nothing unless `write` (as `jaxmodels eval` asks): then `workdir/eval_<step>.json` (`eval_export.json`),
+  replaced atomically, so it may run beside the training run that writes `workdir` (no file of the run's is
+  touched, and no lock is taken). A damaged newest checkpoint is reported and the previous one evaluated; one
+  deleted while it is read (a run saving with checkpoint.keep) makes the newest be read again.
+  """
 
   config = saved_config(workdir, list(overrides))
   exp = build_experiment(config)
   if checkpoint.is_export(workdir):  # `jaxmodels export` / `compress` output: its parameters, no checkpoints
     metrics = evaluate_model(exp, export.load_model(workdir))
-    (storage.path(workdir) / "eval_export.json").write_text(
-        json.dumps({"step": None, "data": config.data.to_dict(), **metrics}))
+    if write:
+      storage.write_files(workdir, {"eval_export.json": json.dumps({"step": None, "data": config.data.to_dict(),
+                                                                    **metrics})})
     return None, metrics
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
-    steps = ckpts.manager.all_steps()
-    step = ckpts.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise UserError(f"{workdir} has no checkpoint {step if step is not None else ''}".rstrip()
-                      + f" (saved steps: {', '.join(map(str, sorted(steps))) or 'none'})")
-    state = exp.layout.from_checkpoint(ckpts.restore(step, exp.checkpoint_state, params_only=True))
+    step, restored = ckpts.restore_newest(lambda _trees: exp.checkpoint_state, params_only=True, step=step)
   finally:
     ckpts.close()
+  if step is None:
+    raise UserError(f"{workdir} has no readable checkpoint")
+  state = exp.layout.from_checkpoint(restored)
   metrics = exp.evaluate(state)
-  (storage.path(workdir) / f"eval_{step}.json").write_text(
-      json.dumps({"step": step, "data": config.data.to_dict(), **metrics}))
+  if write:
+    storage.write_files(workdir, {f"eval_{step}.json": json.dumps({"step": step, "data": config.data.to_dict(),
+                                                                    **metrics})})
   return step, metrics

@@ -236,9 +236,9 @@ class Trainer:
         ckpt_config = config_lib.default_config().checkpoint
         ckpt_config.keep = self.keep
         ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(self.workdir), ckpt_config)
-        step = ckpts.newest_readable_step(log)
+        step, restored = ckpts.restore_newest(lambda _trees: self.checkpoint_state, log=log)
         if step is not None:  # read straight into the state's shardings; no fresh state is built
-          state, start, resumed = ckpts.restore(step, self.checkpoint_state), step, ckpts.loop_state(step)
+          state, start, resumed = restored, step, ckpts.loop_state(step)
       state = self._init() if state is None else state
       logger = MetricsLogger(self.workdir or ".", steps, enabled=lead and self.workdir is not None)
       logger.start(start)
