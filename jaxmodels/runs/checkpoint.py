@@ -36,6 +36,9 @@ from jaxmodels.models.transformer import other_layer_layout
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["checkpoint_dir", "Checkpoints", "config_differences", "damaged", "FREE_MODEL_KEYS", "is_export",
+           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS"]
+
 # Config keys that shape the saved state: a resumed run must agree on them.
 STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.spatial_dims",
                       "data.vocab_size", "train.optimizer", "train.batch_size", "model.")
