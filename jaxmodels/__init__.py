@@ -13,11 +13,34 @@ Subpackages, each importing only those below it (the layers contract in pyprojec
     runtime                 errors, host settings, storage (local or gs://), compilation cache, device memory
 """
 
+import importlib as _importlib
+
 from jaxmodels.runtime import host as _host
 
 _host.cpu_only_platform()  # no accelerator: keep libtpu (the dev extra) from starting a TPU runtime and its noise
 
 __version__ = "0.1.0"
+
+# `import jaxmodels` stays light (no checkpoints, no Orbax, no data loaders): each subpackage, and the few names
+# research code reaches for first, load on first use (PEP 562's module __getattr__).
+SUBPACKAGES = ("bench", "cli", "compress", "config", "data", "hf", "models", "optim", "parallel", "runs", "runtime",
+               "tasks", "tools", "train")
+_NAMES = {"Trainer": "jaxmodels.train", "count_params": "jaxmodels.models", "compile_stats": "jaxmodels.bench",
+          "make_optimizer": "jaxmodels.optim", "make_mesh": "jaxmodels.parallel", "load_dataset": "jaxmodels.data",
+          "default_config": "jaxmodels.config"}
+__all__ = [*SUBPACKAGES, *_NAMES, "load_model", "load_params"]
+
+
+def __getattr__(name: str):
+  if name in SUBPACKAGES:
+    return _importlib.import_module(f"jaxmodels.{name}")
+  if name in _NAMES:
+    return getattr(_importlib.import_module(_NAMES[name]), name)
+  raise AttributeError(f"module 'jaxmodels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
 
 
 def load_params(path: str, step: int | str | None = None) -> dict:

@@ -32,6 +32,10 @@ from jaxmodels.runtime import extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 
+__all__ = ["candidates", "chip_peak_flops", "command_line", "compile_all", "compile_candidate", "default_workers",
+           "label", "loop_trips", "others", "PlanArgs", "plot", "rank", "roofline_s", "run_plan", "table", "worker",
+           "WORKER_HOST_BYTES"]
+
 WORKER_HOST_BYTES = 4 * hbm.GiB  # host memory one ahead-of-time compile of a large step may hold
 
 

@@ -40,6 +40,12 @@ from jaxmodels.runtime.host import accelerator_present
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
 
+__all__ = ["abstract_args", "compare_pure_jax", "COMPARED", "compile_point", "compile_stats", "CompileArgs",
+           "data_point", "growth_exponent", "hlo_counts", "loop_point", "measure_compile", "parse_sweeps", "plot",
+           "pure_jax_mlp_step", "regressions", "run_compile", "run_data", "run_step", "split_values", "step_point",
+           "STEPS_PER_PEAK_SAMPLE", "TABLE", "table", "time_steps", "topology_devices", "warm_cache_compile_s",
+           "write_csv", "xla_flops"]
+
 STEPS_PER_PEAK_SAMPLE = 5  # steps between the CPU peak samples of `step_point`
 # Lower is better for each; --baseline compares these.
 COMPARED = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "step_s", "temp_bytes", "hlo_ops")

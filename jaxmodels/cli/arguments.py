@@ -4,6 +4,8 @@ import argparse
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["parse_args"]
+
 
 def parse_args(prog: str, args: list[str], arguments: list[tuple]) -> argparse.Namespace:
   """Parses a command's flags, each `(name, kwargs)`; any problem (missing, unknown, mistyped) is a UserError."""

@@ -5,6 +5,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.config import parse_experiment_args
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["FLAGS", "run"]
+
 FLAGS = {  # each subcommand's own flags, beside --config and its overrides
     "compile": [("--steps", dict(type=int, default=20)), ("--sweep", dict(action="append", default=[])),
                 ("--repeat", dict(type=int, default=3)), ("--topology", dict(default="")),

@@ -4,6 +4,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.optim.pruning import SCOPES
 from jaxmodels.tools.compress import ACTIVATIONS, METHODS, compress
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels compress --workdir DIR --method ptq [--bits 8|4] [--activations [static|dynamic]]

@@ -4,6 +4,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.config.experiments import OVERRIDE
 from jaxmodels.tools.evaluate import evaluate_run
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels eval --workdir DIR [--step N] [--config.data.KEY=VALUE ...]

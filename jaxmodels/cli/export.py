@@ -3,6 +3,8 @@
 from jaxmodels.cli.arguments import parse_args
 from jaxmodels.runs.export import export
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels export --workdir DIR --out PATH

@@ -3,6 +3,8 @@
 from jaxmodels.cli.arguments import parse_args
 from jaxmodels.hf.convert import import_hf
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels import-hf DIR --out PATH

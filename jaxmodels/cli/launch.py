@@ -4,6 +4,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.parallel.launch import launch
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels launch --processes N [--devices-per-process D] [--port P] -- COMMAND [ARGS ...]

@@ -22,6 +22,8 @@ import sys
 from jaxmodels.runtime import hbm, host, storage
 from jaxmodels.runtime.errors import Preempted, StorageError, UserError
 
+__all__ = ["COMMANDS", "entry", "INTERRUPTED", "main", "plan_hint", "run_experiment", "USAGE"]
+
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
 USAGE = """usage: jaxmodels COMMAND [FLAGS]

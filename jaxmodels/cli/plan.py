@@ -5,6 +5,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.config import parse_experiment_args
 from jaxmodels.config.experiments import OVERRIDE
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels plan --config experiments/X.py [--topology v5e:2x4[,slices=2]] [--global-batch 256]

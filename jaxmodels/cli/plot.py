@@ -3,6 +3,8 @@
 from jaxmodels.cli.arguments import parse_args
 from jaxmodels.tools.plot import plot_runs
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels plot RUN [RUN ...] [--metric loss] --out curves.png [--confusion]

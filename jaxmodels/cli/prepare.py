@@ -3,6 +3,8 @@
 from jaxmodels.cli.arguments import parse_args
 from jaxmodels.data.prepare import SHARD_TOKENS, prepare
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels prepare INPUT [INPUT ...] --out DIR [--field text]

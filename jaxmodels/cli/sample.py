@@ -6,6 +6,8 @@ from jaxmodels.cli.arguments import parse_args
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tools.sample import benchmark, generate, load_language_model
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels sample --workdir DIR --prompt TEXT [--length N] [--temperature T] [--top-k K] [--seed S]

@@ -8,6 +8,8 @@ from jaxmodels.config import parse_experiment_args
 from jaxmodels.runtime import compilation
 from jaxmodels.train.loop import train_and_evaluate
 
+__all__ = ["run"]
+
 
 def run(prog: str, args: list[str]) -> int:
   """usage: jaxmodels train --config experiments/X.py [--workdir DIR] [--config.GROUP.KEY=VALUE ...]

@@ -70,6 +70,9 @@ from jaxmodels.models.forward import forward as model_forward
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["apply", "BITS", "check", "CONV_QTYPE", "FEATURE", "for_decoding", "module_path", "ptq", "qat", "QTYPES",
+           "sample_batch", "SPEC_FILE", "spec_of"]
+
 BITS = (4, 8)  # integer widths qwix quantizes to on every backend (int4 is stored as jnp.int4)
 QTYPES = {8: jnp.int8, 4: jnp.int4}
 # Convolutions are int8 at any width: qwix's PTQ convolution quantizes both operands to one type, and XLA's CPU

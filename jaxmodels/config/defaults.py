@@ -8,6 +8,8 @@ arguments of the library's factories.
 
 from ml_collections import config_dict
 
+__all__ = ["default_config", "text_lm_config"]
+
 
 def default_config() -> config_dict.ConfigDict:
   """All keys with their defaults, locked: setting a key it does not have (a misspelling) raises AttributeError.

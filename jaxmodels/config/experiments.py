@@ -30,6 +30,10 @@ from jaxmodels.models.registry import FAMILIES, get_family
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["add_family_keys", "apply_overrides", "BOOLEANS", "from_saved", "load_experiment", "OVERRIDE",
+           "parse_experiment_args", "parse_override", "pop_config_path", "saved_config", "set_family", "to_json",
+           "with_values"]
+
 OVERRIDE = "--config."  # the command-line flag of an override: --config.GROUP.KEY=VALUE
 BOOLEANS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}  # absl's spellings
 

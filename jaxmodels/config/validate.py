@@ -28,6 +28,11 @@ from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.tasks import LOSSES, TASKS, eval_metric_names, top_k_name
 
+__all__ = ["CHECKPOINT_RULES", "config_task", "DATA_RULES", "DTYPES", "expand_preset", "fit_to_steps", "FRACTION",
+           "metric_names", "MODEL_RULES", "NON_NEGATIVE", "NON_NEGATIVE_REAL", "one_of", "OPEN_UNIT",
+           "PARALLEL_RULES", "PARAM_DTYPES", "POSITIVE", "POSITIVE_REAL", "RATE", "SEED", "SIZES", "TRAIN_RULES",
+           "validate"]
+
 # Compute dtypes: float16 trains with dynamic loss scaling (jaxmodels.optim.precision). Parameters and the
 # optimizer state in float16 turn Adam's update NaN within steps, and float64 silently becomes float32 while
 # jax_enable_x64 is off, so neither is offered.

@@ -17,6 +17,10 @@ from etils import epath
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["ALL_ROWS", "ArrayDataset", "check_batch_size", "digits", "DIGITS_FILE", "existing_file", "infer_task",
+           "INT32_MAX", "load_digits", "load_digits_dataset", "load_npz", "load_npz_dataset", "NPZ_KEYS",
+           "padded_batches", "Rows", "validate_arrays"]
+
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 Rows = np.ndarray | slice  # which rows of a global batch a process loads: indices (Layout.local_rows) or a slice
 ALL_ROWS = slice(None)

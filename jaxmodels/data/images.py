@@ -37,6 +37,9 @@ from jaxmodels.data.arrays import (
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["CROP_RATIO", "CROP_SCALE", "decode", "EVAL_CROP", "FEATURE", "IMAGE_EXTENSIONS", "ImageDataset",
+           "ImageLoader", "load_image_dataset", "TEST_SPLITS"]
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_SPLITS = ("val", "validation", "test")
 CROP_SCALE = (0.25, 1.0)  # share of the image's area a training crop covers

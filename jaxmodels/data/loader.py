@@ -30,6 +30,8 @@ from absl import flags
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["FAR", "in_order", "prefetched", "StepStream"]
+
 FAR = 1 << 40  # the end of an open-ended step range
 
 

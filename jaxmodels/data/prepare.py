@@ -32,6 +32,9 @@ from jaxmodels.data.tokenizers import Vocab
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["CHUNK_BYTES", "documents", "expand_inputs", "FORMAT", "GLOB_CHARS", "INDEX_FILE", "prepare",
+           "resolve_tokenizer", "SHARD_TOKENS", "ShardWriter", "tasks", "train_bpe"]
+
 INDEX_FILE = "index.json"
 FORMAT = "jaxmodels.tokens/1"
 CHUNK_BYTES = 1 << 20  # text per worker task

@@ -19,6 +19,9 @@ from jaxmodels.data.arrays import ALL_ROWS, Rows, padded_batches
 from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["BOS", "DEFAULT_VOCAB", "EOS", "EVAL_SEQUENCES", "EVAL_STREAM", "examples", "load_seq2seq_dataset", "PAD",
+           "Seq2SeqDataset"]
+
 PAD, BOS, EOS = 0, 1, 2
 DEFAULT_VOCAB = 16  # data.vocab_size=0: 13 symbols
 EVAL_SEQUENCES = 512

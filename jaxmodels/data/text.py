@@ -24,6 +24,8 @@ from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["CORPUS_MODULES", "default_corpus", "load_text_dataset", "read_text", "TextDataset", "unigram_entropy"]
+
 CORPUS_MODULES = ("argparse", "textwrap", "difflib", "dataclasses", "inspect")
 
 

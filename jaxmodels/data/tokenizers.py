@@ -20,6 +20,9 @@ import numpy as np
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["CL100K_PATTERN", "EOT_CANDIDATES", "EOT_TEXT", "from_file", "from_spec", "HFTokenizer", "IdTokenizer",
+           "SentencePieceTokenizer", "TiktokenTokenizer", "TOKENIZERS", "Vocab", "VOCAB_FILE"]
+
 EOT_TEXT = "<|endoftext|>"
 TOKENIZERS = ("char", "byte")  # data.tokenizer: the Vocab kinds; subword tokenizers come from data.path
 VOCAB_FILE = "vocab.json"  # a run's tokenizer spec, in its workdir

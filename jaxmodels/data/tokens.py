@@ -34,6 +34,9 @@ from jaxmodels.data.windows import SequenceSource
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["ID_DTYPES", "INDEX_FIELDS", "load_index", "load_token_dataset", "load_tokenizer", "NANOGPT_FILES",
+           "TokenDataset", "TokenStream"]
+
 NANOGPT_FILES = ("train.bin", "val.bin")
 ID_DTYPES = ("uint16", "uint32")  # what `jaxmodels prepare` writes
 

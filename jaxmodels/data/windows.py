@@ -13,6 +13,8 @@ import numpy as np
 
 from jaxmodels.data.arrays import Rows
 
+__all__ = ["SequenceSource"]
+
 
 class SequenceSource:
   """A base for the sequence datasets (dataclasses with the fields `seq_len`, `seed` and `vocab_size`, or a

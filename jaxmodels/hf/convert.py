@@ -53,6 +53,9 @@ from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["export_hf", "hf_config", "hf_kind", "HF_MODEL_TYPES", "import_hf", "INDEX_FILE", "params_from_hf",
+           "params_to_hf", "transformer_config"]
+
 HF_MODEL_TYPES = ("gpt2", "llama")  # the Hugging Face architectures (config.json's model_type) that convert
 
 

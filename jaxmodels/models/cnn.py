@@ -18,6 +18,8 @@ from jaxmodels.models.layers import (
 )
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["BATCH", "CNN", "CNNConfig", "NORMS", "POOLS"]
+
 BATCH = ("activation_batch",)  # the batch axis of every activation (see jaxmodels.parallel.constrain)
 
 POOLS = {"max": nnx.max_pool, "avg": nnx.avg_pool, "none": None}

@@ -33,6 +33,8 @@ from jaxmodels.models.transformer import (
 )
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["EncoderDecoder", "EncoderDecoderConfig"]
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoderConfig:

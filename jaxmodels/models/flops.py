@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jaxmodels.models import registry
 from jaxmodels.models.params import count_params
 
+__all__ = ["datasheet_peak", "matmul_flops", "model_flops_per_step", "PEAK_FLOPS", "peak_flops"]
+
 # Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead (`matmul_flops`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}

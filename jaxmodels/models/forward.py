@@ -3,6 +3,8 @@
 
 import jax.numpy as jnp
 
+__all__ = ["forward", "model_input"]
+
 
 def model_input(x):
   """The model's input: uint8 images (data.source=images, moved as bytes) scaled to float32 [0, 1] on the device."""

@@ -12,6 +12,9 @@ import dataclasses
 import jax
 import numpy as np
 
+__all__ = ["activation", "axes", "check_indices", "check_length", "check_slots", "choice", "known", "POSITIVE",
+           "POSITIVE_REAL", "RATE", "require", "resolve", "SIZES", "tuples"]
+
 
 def activation(name: str):
   """A `jax.nn` activation by name (relu, gelu, silu, tanh, ...); ValueError if there is none."""

@@ -9,6 +9,8 @@ from flax import nnx
 from jaxmodels.models.layers import RATE, SIZES, activation, require, resolve, tuples
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["BATCH", "MLP", "MLPConfig"]
+
 BATCH = ("activation_batch",)  # the batch axis of every activation (see jaxmodels.parallel.constrain)
 
 

@@ -5,6 +5,8 @@ import math
 import jax
 from flax import nnx
 
+__all__ = ["count_params"]
+
 
 def count_params(module_or_state, kind=nnx.Param) -> int:
   """The number of scalars in a model's parameters.

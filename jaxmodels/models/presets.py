@@ -17,6 +17,8 @@ from jaxmodels.models.resnet import ResNetConfig
 from jaxmodels.models.transformer import TransformerConfig
 from jaxmodels.models.vit import ViTConfig
 
+__all__ = ["build", "config", "get", "IMAGENET", "Preset", "PRESETS"]
+
 IMAGENET = dict(input_shape=(224, 224, 3), num_outputs=1000)
 
 

@@ -20,6 +20,9 @@ from flax import nnx
 from jaxmodels.models.layers import POSITIVE, RATE, check_indices, choice, require, resolve
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["BATCH", "cell_step", "CELLS", "LENGTH", "LSTMConfig", "make_cell", "POOLINGS", "recurrent_param_count",
+           "RecurrentClassifier", "RecurrentLM", "RecurrentStack", "run_cell", "zero_carry"]
+
 BATCH, LENGTH = "activation_batch", "activation_length"
 
 CELLS = {"lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell}

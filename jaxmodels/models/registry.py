@@ -40,6 +40,9 @@ from jaxmodels.models.vit import ViT
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.runtime.imports import import_object, is_import_path
 
+__all__ = ["build_family", "build_model", "check_module", "COMMON_KEYS", "FAMILIES", "Family", "family_config",
+           "get_family", "MODEL_TASKS", "module_tasks", "register", "task_refusal"]
+
 MODEL_TASKS = ("classify", "lm", "seq2seq")  # the kinds of data a module declares in `tasks`
 # model.* keys of every family (the rest are fields of one or more families' configs).
 COMMON_KEYS = ("family", "preset", "dtype", "param_dtype")

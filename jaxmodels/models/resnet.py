@@ -30,6 +30,8 @@ from jaxmodels.models.layers import (
 )
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["BATCH", "Block", "BLOCKS", "ConvBN", "ResNet", "ResNetConfig", "STEMS"]
+
 BATCH = ("activation_batch",)
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("imagenet", "small")

@@ -54,6 +54,13 @@ from jaxmodels.models.layers import (
 )
 from jaxmodels.parallel.sharding import constrain, per_shard
 
+__all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
+           "check_heads", "check_stack_fields", "EMBED", "FeedForward", "HEADS", "LENGTH", "lookup", "make_norm",
+           "MLP_AXIS", "MLPS", "NORMS", "other_layer_layout", "POOLINGS", "POSITIONS", "REMAT_POLICIES", "rotary",
+           "ROWS", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
+           "Stack", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
+           "unrolled_to_scan", "VOCAB"]
+
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
 ROWS = (BATCH, "activation_norm_length")  # the residual stream's token rows, sequence-parallel over `tensor`

@@ -27,6 +27,8 @@ from jaxmodels.models.transformer import (
 )
 from jaxmodels.parallel.sharding import constrain
 
+__all__ = ["ViT", "ViTConfig"]
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:

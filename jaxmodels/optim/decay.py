@@ -3,6 +3,8 @@
 
 import jax
 
+__all__ = ["decay_mask", "EMBEDDINGS", "NO_DECAY"]
+
 NO_DECAY = ("bias", "scale")  # biases, and the scales of LayerNorm, RMSNorm and BatchNorm
 
 

@@ -17,6 +17,9 @@ from jaxmodels.optim import pruning
 from jaxmodels.optim.decay import decay_mask
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["make_optimizer", "make_optimizer_from_config", "make_schedule", "make_schedule_from_config",
+           "OPTIMIZERS", "SCHEDULES"]
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 

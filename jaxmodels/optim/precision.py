@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["ema_as_params", "ema_init", "ema_update", "initial_loss_scale", "INITIAL_SCALE", "loss_factor",
+           "LossScale", "needs_loss_scale", "scaled", "update_loss_scale"]
+
 INITIAL_SCALE = 2.0**15  # float16's largest power of two is 2**15; loss sums of O(1) stay far below its max 65504
 
 

@@ -28,6 +28,9 @@ import optax
 from jaxmodels.optim.decay import decay_mask
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["check", "compute_masks", "from_config", "magnitude_pruning", "parse_pattern", "prunable", "prune",
+           "PruningState", "SCOPES", "sparsity_at", "sparsity_of", "valid_pattern"]
+
 SCOPES = ("layer", "global")
 
 

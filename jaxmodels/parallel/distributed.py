@@ -16,6 +16,8 @@ import jax
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "initialize", "job_settings"]
+
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
     "JAXMODELS_COORDINATOR", "JAXMODELS_NUM_PROCESSES", "JAXMODELS_PROCESS_ID")
 

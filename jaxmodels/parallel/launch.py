@@ -27,6 +27,8 @@ from jaxmodels.parallel.distributed import (
 )
 from jaxmodels.runtime.errors import Preempted
 
+__all__ = ["free_port", "launch", "ROUTINE_LINES", "SAVE_GRACE_S"]
+
 SAVE_GRACE_S = 300.0  # how long preempted processes may take to agree on a step and save it
 
 

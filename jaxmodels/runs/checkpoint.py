@@ -48,6 +48,11 @@ from jaxmodels.models.transformer import other_layer_layout
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_differences", "damaged",
+           "DamagedCheckpoint", "data_difference", "data_fingerprint", "DATA_RECORD", "FREE_MODEL_KEYS", "is_export",
+           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS",
+           "verify_checksums", "write_checksums"]
+
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
 # data.test_fraction, data.val_fraction): a resumed run must agree on them.
 STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.spatial_dims",

@@ -28,6 +28,9 @@ from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["build_saved_model", "copy_run_files", "export", "load_model", "load_params", "load_run_model",
+           "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params"]
+
 # A run's files an export keeps beside its parameters: what rebuilds the model (and its vocabulary).
 RUN_FILES = ("config.json", "model.json", "vocab.json")
 

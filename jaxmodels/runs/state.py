@@ -12,6 +12,8 @@ from flax import nnx
 
 from jaxmodels.optim import precision
 
+__all__ = ["split_model", "TrainState"]
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -7,3 +7,7 @@ recompile alarms), `hbm` (device memory: capacities, a step's bytes, OOM
 messages), `extras` (optional dependencies and the `pip install` that brings
 each) and `imports` (objects named by import path, `package.module:name`).
 """
+
+from jaxmodels.runtime.errors import NonFiniteLoss, Preempted, StorageError, UserError
+
+__all__ = ["NonFiniteLoss", "Preempted", "StorageError", "UserError"]

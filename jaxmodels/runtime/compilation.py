@@ -21,6 +21,9 @@ from jax import monitoring
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["COMPILE_EVENT", "CompileTimer", "DEFAULT_CACHE_DIR", "enable_persistent_cache", "libtpu_problem",
+           "LOWER_EVENT", "RecompileAlarm", "signature", "TRACE_EVENT"]
+
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -6,6 +6,8 @@ storage refused) or an unexpected error (a traceback); 2 a problem with the conf
 to resume); 130 interrupted by Ctrl-C before training started.
 """
 
+__all__ = ["NonFiniteLoss", "Preempted", "StorageError", "UserError"]
+
 
 class UserError(Exception):
   """A problem with the user's config, data or command line, reported without a traceback."""

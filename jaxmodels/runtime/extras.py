@@ -16,6 +16,8 @@ from types import ModuleType
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["check", "EXTRAS", "installed", "message", "require"]
+
 # module (as imported) -> the extra of pyproject.toml that installs it
 EXTRAS = {
   "gcsfs": "gcs",  # gs:// paths (runtime.storage: workdirs, data, exports)

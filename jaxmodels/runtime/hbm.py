@@ -18,6 +18,9 @@ not attached, nor parses its own out-of-memory messages.
 
 import re
 
+__all__ = ["BANDWIDTH", "CAPACITY", "capacity", "explain", "figures", "first_line", "GiB", "gib", "is_oom", "listed",
+           "needed_bytes", "refused", "verdict"]
+
 GiB = 2**30
 # Per-chip memory, bytes, matched against `device.device_kind` (longest name first). Sources: TPU system
 # architecture pages, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e

@@ -26,6 +26,9 @@ import os
 import platform
 import sys
 
+__all__ = ["ACCELERATOR_DEVICE_FILES", "accelerator_present", "cpu_backend", "cpu_only_platform",
+           "reexec_with_huge_pages", "SAVED_TUNABLES", "TUNABLE"]
+
 TUNABLE = "glibc.malloc.hugetlb=1"
 # Set only across the restart: GLIBC_TUNABLES as it was before it ("" when unset), restored by the restarted process.
 SAVED_TUNABLES = "JAXMODELS_SAVED_GLIBC_TUNABLES"

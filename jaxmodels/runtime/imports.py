@@ -8,6 +8,8 @@ import sys
 
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["import_object", "IMPORT_PATH", "is_import_path"]
+
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:name
 
 

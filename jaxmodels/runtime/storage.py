@@ -50,6 +50,9 @@ from etils import epath
 from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import StorageError, UserError
 
+__all__ = ["check_workdir", "is_remote", "LOCK_FILE", "path", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
+           "WRITE_ERRNOS", "write_failure", "write_files", "writing"]
+
 LOCK_FILE = "LOCK"
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "eval_sums", "loss_sums", "LOSSES", "TASKS", "train_metric_names"]
+
 TASKS = ("classify", "binary", "multilabel", "regress")
 
 

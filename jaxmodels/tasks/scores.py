@@ -16,6 +16,9 @@ import math
 
 import numpy as np
 
+__all__ = ["binary_scores", "confusion_scores", "eval_metric_names", "eval_scores", "multilabel_scores",
+           "regression_scores", "top_k_name"]
+
 
 def confusion_scores(confusion_CC: np.ndarray) -> dict:
   """Scores of a (C, C) confusion matrix, rows the true class and columns the predicted one.

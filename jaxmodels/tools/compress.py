@@ -43,6 +43,9 @@ from jaxmodels.tools.evaluate import evaluate_model
 from jaxmodels.train.actions import scalars
 from jaxmodels.train.experiment import build_experiment
 
+__all__ = ["ACTIVATIONS", "CALIBRATION_BATCHES", "compress", "disk_bytes", "evaluation", "FLAGS", "format_table",
+           "measure", "METHODS", "report"]
+
 
 def _ptq(model: nnx.Module, options: dict, exp):
   spec = dict(method="ptq", bits=options["bits"], activations=options["activations"], exclude=options["exclude"])

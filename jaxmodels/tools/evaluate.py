@@ -21,6 +21,8 @@ from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.step import make_steps, step_options
 
+__all__ = ["evaluate_model", "evaluate_run"]
+
 
 def evaluate_model(exp, model) -> dict:
   """`Experiment.evaluate` of any module of the experiment's task and shapes (a compressed one too), compiled on its

@@ -11,6 +11,8 @@ import json
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["plot_runs"]
+
 
 def _records(run) -> list[dict]:
   path = storage.path(run) / "metrics.jsonl"

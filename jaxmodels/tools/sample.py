@@ -18,6 +18,8 @@ from jaxmodels.data.tokenizers import Vocab
 from jaxmodels.runs.export import load_trained_model
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["benchmark", "generate", "load_language_model", "programs", "sample_token"]
+
 
 def sample_token(logits_BV, key, temperature: float, top_k: int):
   """One token per row: argmax at temperature 0, else a draw from softmax(logits / T) over the top k."""

@@ -33,6 +33,9 @@ from jaxmodels.runtime.compilation import RecompileAlarm, libtpu_problem
 from jaxmodels.runtime.errors import NonFiniteLoss, Preempted, UserError
 from jaxmodels.tasks import train_metric_names
 
+__all__ = ["Action", "default_actions", "EarlyStop", "Evaluate", "Hook", "LogTrain", "Preempt", "Profile", "Run",
+           "Save", "scalars", "summarize", "TRAIN_METRICS", "WatchSignals"]
+
 # The train step returns its metrics stacked in one float32 vector in this order (regression: mae for accuracy):
 # each output array costs dispatch time on every step, the stack costs one.
 TRAIN_METRICS = train_metric_names("classify")

@@ -29,6 +29,8 @@ from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
+__all__ = ["kl_sum", "load_teacher", "SOFTMAX_TASKS", "StepWithTeacher", "Teacher"]
+
 SOFTMAX_TASKS = ("classify", "lm")  # the tasks whose outputs are softmax logits, which a temperature softens
 
 

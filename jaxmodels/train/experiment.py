@@ -27,6 +27,8 @@ from jaxmodels.train import distill
 from jaxmodels.train.step import make_steps, step_options
 from jaxmodels.train.trainer import jit_train_step
 
+__all__ = ["build_experiment", "Experiment", "make_model"]
+
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
   """The config's model, sized for the dataset's inputs, outputs and task."""

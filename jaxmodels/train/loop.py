@@ -34,6 +34,8 @@ from jaxmodels.train.experiment import Experiment, build_experiment
 from jaxmodels.train.metrics import MetricsLogger
 from jaxmodels.train.trainer import Signals, run_steps
 
+__all__ = ["schedule_change", "SCHEDULE_KEYS", "train_and_evaluate", "train_loop"]
+
 
 def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLogger, ckpts,
                resumed: dict | None = None) -> Run:

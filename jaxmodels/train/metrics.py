@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 from jaxmodels.runtime import extras, storage
 
+__all__ = ["MetricsLogger", "TensorBoard", "WandB"]
+
 
 class TensorBoard:
   """Scalars of metric records in `workdir/tb/`, readable by `tensorboard --logdir workdir/tb`."""

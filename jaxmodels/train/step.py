@@ -34,6 +34,10 @@ from jaxmodels.models.forward import forward, model_input
 from jaxmodels.optim import precision
 from jaxmodels.runs.state import TrainState, split_model
 
+__all__ = ["across_devices", "dropout_key", "evaluation_options", "gradients", "keep_or_skip", "make_steps",
+           "make_train_step", "mean_gradients", "metric_names", "objective", "step_options", "StepOptions",
+           "task_loss", "train_metrics", "verdict"]
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepOptions:

@@ -29,6 +29,8 @@ from jaxmodels.train.actions import Run
 from jaxmodels.train.metrics import MetricsLogger
 from jaxmodels.train.step import StepOptions, make_train_step, metric_names, objective
 
+__all__ = ["jit_train_step", "run_steps", "Signals", "Trainer"]
+
 
 class Signals:
   """SIGTERM/SIGINT ask the loop to stop after a step; `stop_after(step)` says whether this is that step.
