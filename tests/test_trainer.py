@@ -120,3 +120,15 @@ def test_a_signal_saves_the_step_raises_preempted_and_fit_again_resumes(tmp_path
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [4]
   state = fsdp_trainer(tmp_path / "run").fit(STEPS)
   assert int(state.step) == STEPS and set(records(tmp_path / "run")) == set(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("bad_loss, message", [
+    (lambda m, b, r: loss_fn(m, b, r)[0], "returned one array: expected a pair (loss_sum, metrics)"),
+    (lambda m, b, r: (jnp.sum((m(b["x"], rngs=nnx.Rngs(r)) - b["y"]) ** 2, -1), {"count": 16}), "loss_sum has shape (16,)"),
+    (lambda m, b, r: (loss_fn(m, b, r)[0], {"count": 16, "err": jnp.zeros(8)}), "metrics err (8,): expected scalar"),
+])
+def test_a_loss_that_breaks_the_protocol_is_a_value_error_naming_what_it_returned(bad_loss, message):
+  trainer = Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), bad_loss, batch_fn)
+  with pytest.raises(ValueError, match="the loss function") as raised:
+    trainer.fit(1)
+  assert message in str(raised.value)
