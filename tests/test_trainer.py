@@ -124,7 +124,8 @@ def test_a_signal_saves_the_step_raises_preempted_and_fit_again_resumes(tmp_path
 
 @pytest.mark.parametrize("bad_loss, message", [
     (lambda m, b, r: loss_fn(m, b, r)[0], "returned one array: expected a pair (loss_sum, metrics)"),
-    (lambda m, b, r: (jnp.sum((m(b["x"], rngs=nnx.Rngs(r)) - b["y"]) ** 2, -1), {"count": 16}), "loss_sum has shape (16,)"),
+    (lambda m, b, r: (jnp.sum((m(b["x"], rngs=nnx.Rngs(r)) - b["y"]) ** 2, -1), {"count": 16}),
+     "loss_sum has shape (16,)"),
     (lambda m, b, r: (loss_fn(m, b, r)[0], {"count": 16, "err": jnp.zeros(8)}), "metrics err (8,): expected scalar"),
 ])
 def test_a_loss_that_breaks_the_protocol_is_a_value_error_naming_what_it_returned(bad_loss, message):
