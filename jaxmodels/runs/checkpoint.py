@@ -50,7 +50,7 @@ from jaxmodels.runtime.errors import UserError
 
 __all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_differences", "damaged",
            "DamagedCheckpoint", "data_difference", "data_fingerprint", "DATA_RECORD", "FREE_MODEL_KEYS", "is_export",
-           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS",
+           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "verify_export", "retention_policy", "STATE_SHAPING_KEYS",
            "verify_checksums", "write_checksums"]
 
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
@@ -182,6 +182,16 @@ def verify_checksums(step_dir) -> bool:
     if _digest(f) != digest:
       raise DamagedCheckpoint(f"{f} differs from its checksum in {CHECKSUMS}")
   return True
+
+
+def verify_export(path) -> None:
+  """Checks the files of the export (or Hugging Face import) at `path` against `params/checksums.json`, when it
+  has one (exports written before checksums existed are read unchecked). UserError in one line naming the first
+  missing or changed file; storage errors propagate."""
+  try:
+    verify_checksums(storage.path(path) / "params")
+  except DamagedCheckpoint as e:
+    raise UserError(f"{path} is a damaged export: {e}; write it again (jaxmodels export, compress or import-hf)") from None
 
 
 def data_fingerprint(data_path: str) -> dict | None:
@@ -645,6 +655,7 @@ def restore_export(path: str, like, config_dict: dict):
   if saved_family != family:
     raise UserError(f"{key} holds a model.family={saved_family} model, but this run builds model.family={family}")
   tree = {"params": like.params, "model_state": like.model_state}
+  verify_export(path)
   with ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(p / "params").item_metadata
     saved_shapes = _shapes(getattr(metadata, "tree", metadata))

@@ -102,9 +102,11 @@ def copy_run_files(workdir, out) -> None:
 
 def save_params(out, params: dict, model_state: dict) -> None:
   """Writes `out/params/` (Orbax; `out` local or gs://): the pure parameter and model-state dicts that `load_model`
-  reads."""
+  reads, and `out/params/checksums.json` (the size and SHA-256 of each file), which loading checks."""
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(storage.path(out) / "params", {"params": params, "model_state": model_state})
+  if jax.process_index() == 0:
+    checkpoint.write_checksums(storage.path(out) / "params")
 
 
 def save_model(out, model: nnx.Module) -> None:
@@ -116,6 +118,7 @@ def save_model(out, model: nnx.Module) -> None:
 def _load(path):
   graphdef, params, model_state = split_model(build_saved_model(path))
   like = {"params": params, "model_state": model_state}
+  checkpoint.verify_export(path)
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(storage.path(path) / "params",
                          jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
