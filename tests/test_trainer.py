@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxmodels import parallel
 from jaxmodels.models.layers import axes
-from jaxmodels.runtime.errors import Preempted
+from jaxmodels.runtime.errors import NonFiniteLoss, Preempted
 from jaxmodels.train import Trainer
 
 STEPS = 10
@@ -133,3 +133,11 @@ def test_a_loss_that_breaks_the_protocol_is_a_value_error_naming_what_it_returne
   with pytest.raises(ValueError, match="the loss function") as raised:
     trainer.fit(1)
   assert message in str(raised.value)
+
+
+def test_a_nonfinite_loss_advises_the_trainers_arguments_not_config_keys():
+  def inf_loss(model, batch, rng):
+    loss, metrics = loss_fn(model, batch, rng)
+    return loss * jnp.inf, metrics
+  with pytest.raises(NonFiniteLoss, match=r"loss is inf at step 1.*or pass skip_nonfinite=True$"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), inf_loss, batch_fn, log_every=1).fit(2)

@@ -264,6 +264,8 @@ class Trainer:
                           self.checkpoint_state.model_state, micro, jax.random.PRNGKey(0))[1][0]
     run = Run(state, start, steps, logger, ckpts, RecompileAlarm(log=logger.print),
               metric_names=metric_names(keys), skip_nonfinite=self.options.skip_nonfinite,
+              nonfinite_advice="Lower the optimizer's learning rate, clip the gradients (optax.clip_by_global_norm), "
+                               "or pass skip_nonfinite=True",
               rows=list(resumed.get("unlogged_metrics") or []))
     learning_rates = (None if self.schedule is None else
                       np.asarray(jax.jit(jax.vmap(self.schedule))(jnp.arange(steps))))
