@@ -400,3 +400,13 @@ def test_a_damaged_export_is_refused_in_one_line_naming_the_file(run20, tmp_path
   for load in (jaxmodels.load_model, jaxmodels.load_params):
     with pytest.raises(UserError, match=f"damaged export: {f} differs from its checksum"):
       load(str(tmp_path / "out"))
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over_them(run20, tmp_path):
+  shutil.copytree(run20, tmp_path, dirs_exist_ok=True)
+  for step in ("10", "20"):
+    damage_model_array(tmp_path / "checkpoints" / step, "truncated")
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=30", *SMALL))
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert "none of the saved checkpoints (10, 20) is intact" in r.stderr.strip().splitlines()[-1]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]

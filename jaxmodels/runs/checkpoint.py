@@ -539,6 +539,15 @@ class Checkpoints:
         self._warn_damaged(step, e, log)
         skipped.add(step)
 
+  def resume_newest(self, like, config_dict: dict | None = None, log=print):
+    """`restore_newest` for a run that goes on training here: (None, None) only when nothing was saved. If every
+    saved checkpoint is damaged, UserError (a fresh start would train step 0 on over them)."""
+    step, restored = self.restore_newest(like, config_dict, log=log)
+    if step is None and (saved := sorted(self.manager.all_steps())):
+      raise UserError(f"{self.directory}: none of the saved checkpoints ({', '.join(map(str, saved))}) is intact, "
+                      f"so the run cannot resume; move them away to start over, or use a new workdir")
+    return step, restored
+
   def _read(self, step: int, like, config_dict: dict | None, params_only: bool):
     """`restore` without turning a damaged checkpoint's error into a UserError."""
     saved_config, trees = self.metadata(step)

@@ -238,7 +238,7 @@ class Trainer:
         ckpt_config = config_lib.default_config().checkpoint
         ckpt_config.keep = self.keep
         ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(self.workdir), ckpt_config)
-        step, restored = ckpts.restore_newest(lambda _trees: self.checkpoint_state, log=log)
+        step, restored = ckpts.resume_newest(lambda _trees: self.checkpoint_state, log=log)
         if step is not None:  # read straight into the state's shardings; no fresh state is built
           state, start, resumed = restored, step, ckpts.loop_state(step)
       state = self._init() if state is None else state
