@@ -50,8 +50,8 @@ from jaxmodels.runtime.errors import UserError
 
 __all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_differences", "damaged",
            "DamagedCheckpoint", "data_difference", "data_fingerprint", "DATA_RECORD", "FREE_MODEL_KEYS", "is_export",
-           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "verify_export", "retention_policy", "STATE_SHAPING_KEYS",
-           "verify_checksums", "write_checksums"]
+           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS",
+           "verify_checksums", "verify_export", "write_checksums"]
 
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
 # data.test_fraction, data.val_fraction): a resumed run must agree on them.
@@ -191,7 +191,8 @@ def verify_export(path) -> None:
   try:
     verify_checksums(storage.path(path) / "params")
   except DamagedCheckpoint as e:
-    raise UserError(f"{path} is a damaged export: {e}; write it again (jaxmodels export, compress or import-hf)") from None
+    raise UserError(f"{path} is a damaged export: {e}; write it again (jaxmodels export, compress or "
+                    f"import-hf)") from None
 
 
 def data_fingerprint(data_path: str) -> dict | None:
