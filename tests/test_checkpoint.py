@@ -410,3 +410,11 @@ def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over_them(run2
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
   assert "none of the saved checkpoints (10, 20) is intact" in r.stderr.strip().splitlines()[-1]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+
+
+def test_load_model_takes_a_step_as_an_int_or_its_digits_and_names_any_other_value(run20):
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(run20), step="10")(x), load_run_model(str(run20), step=10)(x))
+  for step in (10.0, -1, "latest", True):
+    with pytest.raises(UserError, match=r"^step=.*: expected a saved step \(an int\), 'best', or None"):
+      jaxmodels.load_model(str(run20), step=step)

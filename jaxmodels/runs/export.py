@@ -143,8 +143,13 @@ def load_trained_model(path, step: int | str | None = None, log=print) -> nnx.Mo
   (`config.json` and `checkpoints/`; also its `checkpoints/` or `checkpoints/<step>` directory). A workdir gives
   its newest intact checkpoint (a damaged newer one is reported through `log` and passed over), `step=N` that
   checkpoint, `step="best"` the one kept by `checkpoint.keep_best`. Raises UserError, in one line, for a path
-  that is neither, a step an export cannot have, or a step the run did not keep.
+  that is neither, a step an export cannot have, a step that is no int, "best" or None, or a step the run did
+  not keep.
   """
+  if isinstance(step, str) and step.isdigit():
+    step = int(step)
+  if not (step is None or step == "best" or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)):
+    raise UserError(f"step={step!r}: expected a saved step (an int), 'best', or None for the newest intact one")
   p = storage.path(path)
   if checkpoint.is_export(p):
     if step is not None:
