@@ -141,3 +141,11 @@ def test_a_nonfinite_loss_advises_the_trainers_arguments_not_config_keys():
     return loss * jnp.inf, metrics
   with pytest.raises(NonFiniteLoss, match=r"loss is inf at step 1.*or pass skip_nonfinite=True$"):
     Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), inf_loss, batch_fn, log_every=1).fit(2)
+
+
+def test_a_batch_fn_that_breaks_the_protocol_is_a_value_error_naming_it():
+  as_list = lambda step: list(batch_fn(step).values())
+  with pytest.raises(ValueError, match=r"^batch_fn\(0\) returned list: expected a dict of host arrays$"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, as_list).fit(1)
+  with pytest.raises(ValueError, match=r"^batch_fn\(0\) gave 16 examples, which grad_accum_steps=3 micro-batches"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, batch_fn, grad_accum_steps=3).fit(1)
