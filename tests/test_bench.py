@@ -211,6 +211,17 @@ def test_compile_stats_ahead_of_time_for_a_tpu_topology():
   assert sharded["argument_bytes"] == (128 * 256 + 256 * 128) * 4  # a quarter of the rows per chip, `b` whole
 
 
+@pytest.mark.parametrize("name", ["v9z:2x2", "v5e:3x3"])
+def test_a_topology_name_libtpu_refuses_is_blamed_on_the_name_not_the_install(name):
+  try:
+    bench.topology_devices("v5e:2x2")
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+  with pytest.raises(UserError, match=rf"--topology {name}: .*expected GENERATION:CHIPS as v5e:2x2") as raised:
+    bench.topology_devices(name)
+  assert "pip install" not in str(raised.value)
+
+
 def test_topology_compile_ahead_of_time():
   try:
     bench.topology_devices("v5e:2x2")

@@ -14,7 +14,8 @@ from conftest import ROOT, experiment, read_metrics
 
 import jaxmodels
 from jaxmodels.runs import checkpoint
-from jaxmodels.runs.export import load_run_model
+from jaxmodels.runs.export import export, load_run_model
+from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.loop import train_and_evaluate
 
 SCORES = ("loss", "accuracy", "perplexity", "bits_per_char")
@@ -322,7 +323,6 @@ def test_eval_and_export_beside_a_run_saving_every_step_with_keep_1(tmp_path):
 
 def test_load_model_and_params_take_a_workdir_a_step_or_an_export_and_say_what_they_expected(run20, tmp_path):
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxmodels.runtime.errors import UserError  # pylint: disable=import-outside-toplevel
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
   at10 = load_run_model(str(run20), step=10)
   np.testing.assert_array_equal(jaxmodels.load_model(str(run20), step=10)(x), at10(x))
@@ -390,3 +390,31 @@ def test_a_checkpoint_deleted_while_it_is_read_makes_eval_read_the_newest(run20,
     return restore(self, step, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, "restore", saved_and_removed_meanwhile)
   assert evaluate_run(str(tmp_path))[0] == 30
+
+
+def test_a_damaged_export_is_refused_in_one_line_naming_the_file(run20, tmp_path):
+  export(str(run20), str(tmp_path / "out"))
+  arrays = [p for p in (tmp_path / "out" / "params").rglob("*") if p.is_file() and "/d/" in str(p)]
+  f = max(arrays, key=lambda p: p.stat().st_size)
+  f.write_bytes(DAMAGE["one flipped bit"](f.read_bytes()))
+  for load in (jaxmodels.load_model, jaxmodels.load_params):
+    with pytest.raises(UserError, match=f"damaged export: {f} differs from its checksum"):
+      load(str(tmp_path / "out"))
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over_them(run20, tmp_path):
+  shutil.copytree(run20, tmp_path, dirs_exist_ok=True)
+  for step in ("10", "20"):
+    damage_model_array(tmp_path / "checkpoints" / step, "truncated")
+  r = run(command("digits_mlp", tmp_path, "--config.train.steps=30", *SMALL))
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert "none of the saved checkpoints (10, 20) is intact" in r.stderr.strip().splitlines()[-1]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+
+
+def test_load_model_takes_a_step_as_an_int_or_its_digits_and_names_any_other_value(run20):
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(jaxmodels.load_model(str(run20), step="10")(x), load_run_model(str(run20), step=10)(x))
+  for step in (10.0, -1, "latest", True):
+    with pytest.raises(UserError, match=r"^step=.*: expected a saved step \(an int\), 'best', or None"):
+      jaxmodels.load_model(str(run20), step=step)

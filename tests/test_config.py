@@ -45,3 +45,10 @@ def test_errors_in_an_experiment_file_are_one_line_naming_file_and_line(tmp_path
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"jaxmodels: error: {path}:"), err
   assert not workdir.exists()
+
+
+def test_get_config_returning_no_config_is_one_line(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text("def get_config():\n  return 5\n")
+  with pytest.raises(UserError, match=r"exp.py: get_config\(\) returned int: expected the ConfigDict"):
+    load_experiment(str(path))

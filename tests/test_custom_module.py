@@ -187,7 +187,8 @@ def test_module_keys_are_typed_overridable_validated_and_only_for_that_family(mo
   # The family set on the command line brings its keys, which later overrides set.
   d = apply_overrides(default_config(), ["--config.model.hidden=8", "--config.model.family=mixer_module:Mixer"])
   assert (d.model.family, d.model.hidden, d.model.patch) == ("mixer_module:Mixer", 8, 2)
-  with pytest.raises(UserError, match="model.family=.mixer_module:Mixer. is not a language model"):
+  with pytest.raises(UserError, match=r"model.family=.mixer_module:Mixer. is not a language model.*"
+                                      r"its .tasks. attribute \(tasks = \('lm',\)"):
     set_family(e := default_config(), "mixer_module:Mixer")
     e.data.source = "text"
     validate(e)

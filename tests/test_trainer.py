@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxmodels import parallel
 from jaxmodels.models.layers import axes
-from jaxmodels.runtime.errors import Preempted
+from jaxmodels.runtime.errors import NonFiniteLoss, Preempted
 from jaxmodels.train import Trainer
 
 STEPS = 10
@@ -120,3 +120,32 @@ def test_a_signal_saves_the_step_raises_preempted_and_fit_again_resumes(tmp_path
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [4]
   state = fsdp_trainer(tmp_path / "run").fit(STEPS)
   assert int(state.step) == STEPS and set(records(tmp_path / "run")) == set(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("bad_loss, message", [
+    (lambda m, b, r: loss_fn(m, b, r)[0], "returned one array: expected a pair (loss_sum, metrics)"),
+    (lambda m, b, r: (jnp.sum((m(b["x"], rngs=nnx.Rngs(r)) - b["y"]) ** 2, -1), {"count": 16}),
+     "loss_sum has shape (16,)"),
+    (lambda m, b, r: (loss_fn(m, b, r)[0], {"count": 16, "err": jnp.zeros(8)}), "metrics err (8,): expected scalar"),
+])
+def test_a_loss_that_breaks_the_protocol_is_a_value_error_naming_what_it_returned(bad_loss, message):
+  trainer = Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), bad_loss, batch_fn)
+  with pytest.raises(ValueError, match="the loss function") as raised:
+    trainer.fit(1)
+  assert message in str(raised.value)
+
+
+def test_a_nonfinite_loss_advises_the_trainers_arguments_not_config_keys():
+  def inf_loss(model, batch, rng):
+    loss, metrics = loss_fn(model, batch, rng)
+    return loss * jnp.inf, metrics
+  with pytest.raises(NonFiniteLoss, match=r"loss is inf at step 1.*or pass skip_nonfinite=True$"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), inf_loss, batch_fn, log_every=1).fit(2)
+
+
+def test_a_batch_fn_that_breaks_the_protocol_is_a_value_error_naming_it():
+  as_list = lambda step: list(batch_fn(step).values())
+  with pytest.raises(ValueError, match=r"^batch_fn\(0\) returned list: expected a dict of host arrays$"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, as_list).fit(1)
+  with pytest.raises(ValueError, match=r"^batch_fn\(0\) gave 16 examples, which grad_accum_steps=3 micro-batches"):
+    Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, batch_fn, grad_accum_steps=3).fit(1)

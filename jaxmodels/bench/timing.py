@@ -75,8 +75,11 @@ def topology_devices(name: str):
   try:
     return _described(topology, int(slices or 1))
   except (RuntimeError, ValueError, ImportError) as e:  # JaxRuntimeError is a RuntimeError; no libtpu: ImportError
+    # libtpu loaded and refused the name (INVALID_ARGUMENT): the name is at fault, not the install.
+    hint = ("expected GENERATION:CHIPS as v5e:2x2 or v5p:2x2x1, a chip count the generation's hosts divide"
+            if str(e).startswith("INVALID_ARGUMENT") else "It needs libtpu: pip install 'jaxmodels[tpu]'")
     raise UserError(f"--topology {name}: cannot describe this TPU topology ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}). It needs libtpu: pip install 'jaxmodels[tpu]'") from None
+                    f"{str(e).splitlines()[0][:200]}). {hint}") from None
 
 
 @functools.cache

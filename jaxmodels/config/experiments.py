@@ -58,6 +58,9 @@ def load_experiment(path: str, overrides: Iterable[str] = ()) -> config_dict.Con
     raise
   except Exception as e:  # the user's code: where it failed and why, in one line
     raise UserError(_experiment_error(path, e)) from None
+  if not isinstance(config, config_dict.ConfigDict):
+    raise UserError(f"{path}: get_config() returned {type(config).__name__}: expected the ConfigDict that "
+                    f"default_config() returns")
   config.lock()
   return apply_overrides(add_family_keys(config), overrides)
 

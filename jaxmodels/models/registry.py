@@ -167,13 +167,16 @@ def family_config(model_config, defaults=None):
 
 
 def task_refusal(family: str, task: str) -> str:
-  """Why `family` cannot model `task` data, for a message that names the family first."""
+  """Why `family` cannot model `task` data, for a message that names the family first; for a module named by
+  import path, it also says how the module declares what it models."""
+  own = "" if family in FAMILIES else (f"; your module declares the data it models in its `tasks` attribute "
+                                       f"(tasks = ({task!r},): see docs/models.md#your-own-module)")
   if task == "lm":
     lms = " or ".join(n for n, f in FAMILIES.items() if "lm" in f.modules)
-    return f"is not a language model: use {lms} for text"
+    return f"is not a language model: use {lms} for text{own}"
   takes = {"classify": "array data", "lm": "text", "seq2seq": "paired sequences (data.source=copy or reverse)"}
   return (f"does not take {takes[task]}: it takes {' and '.join(takes[t] for t in get_family(family).modules)}; "
-          f"families for {takes[task]}: {', '.join(n for n, f in FAMILIES.items() if task in f.modules)}")
+          f"families for {takes[task]}: {', '.join(n for n, f in FAMILIES.items() if task in f.modules)}{own}")
 
 
 def build_family(family: str, config, input_shape, num_outputs: int, *, task: str = "classify", rngs: nnx.Rngs,

@@ -51,7 +51,7 @@ from jaxmodels.runtime.errors import UserError
 __all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_differences", "damaged",
            "DamagedCheckpoint", "data_difference", "data_fingerprint", "DATA_RECORD", "FREE_MODEL_KEYS", "is_export",
            "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS",
-           "verify_checksums", "write_checksums"]
+           "verify_checksums", "verify_export", "write_checksums"]
 
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
 # data.test_fraction, data.val_fraction): a resumed run must agree on them.
@@ -182,6 +182,17 @@ def verify_checksums(step_dir) -> bool:
     if _digest(f) != digest:
       raise DamagedCheckpoint(f"{f} differs from its checksum in {CHECKSUMS}")
   return True
+
+
+def verify_export(path) -> None:
+  """Checks the files of the export (or Hugging Face import) at `path` against `params/checksums.json`, when it
+  has one (exports written before checksums existed are read unchecked). UserError in one line naming the first
+  missing or changed file; storage errors propagate."""
+  try:
+    verify_checksums(storage.path(path) / "params")
+  except DamagedCheckpoint as e:
+    raise UserError(f"{path} is a damaged export: {e}; write it again (jaxmodels export, compress or "
+                    f"import-hf)") from None
 
 
 def data_fingerprint(data_path: str) -> dict | None:
@@ -529,6 +540,15 @@ class Checkpoints:
         self._warn_damaged(step, e, log)
         skipped.add(step)
 
+  def resume_newest(self, like, config_dict: dict | None = None, log=print):
+    """`restore_newest` for a run that goes on training here: (None, None) only when nothing was saved. If every
+    saved checkpoint is damaged, UserError (a fresh start would train step 0 on over them)."""
+    step, restored = self.restore_newest(like, config_dict, log=log)
+    if step is None and (saved := sorted(self.manager.all_steps())):
+      raise UserError(f"{self.directory}: none of the saved checkpoints ({', '.join(map(str, saved))}) is intact, "
+                      f"so the run cannot resume; move them away to start over, or use a new workdir")
+    return step, restored
+
   def _read(self, step: int, like, config_dict: dict | None, params_only: bool):
     """`restore` without turning a damaged checkpoint's error into a UserError."""
     saved_config, trees = self.metadata(step)
@@ -645,6 +665,7 @@ def restore_export(path: str, like, config_dict: dict):
   if saved_family != family:
     raise UserError(f"{key} holds a model.family={saved_family} model, but this run builds model.family={family}")
   tree = {"params": like.params, "model_state": like.model_state}
+  verify_export(path)
   with ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(p / "params").item_metadata
     saved_shapes = _shapes(getattr(metadata, "tree", metadata))

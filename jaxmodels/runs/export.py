@@ -102,9 +102,11 @@ def copy_run_files(workdir, out) -> None:
 
 def save_params(out, params: dict, model_state: dict) -> None:
   """Writes `out/params/` (Orbax; `out` local or gs://): the pure parameter and model-state dicts that `load_model`
-  reads."""
+  reads, and `out/params/checksums.json` (the size and SHA-256 of each file), which loading checks."""
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(storage.path(out) / "params", {"params": params, "model_state": model_state})
+  if jax.process_index() == 0:
+    checkpoint.write_checksums(storage.path(out) / "params")
 
 
 def save_model(out, model: nnx.Module) -> None:
@@ -116,6 +118,7 @@ def save_model(out, model: nnx.Module) -> None:
 def _load(path):
   graphdef, params, model_state = split_model(build_saved_model(path))
   like = {"params": params, "model_state": model_state}
+  checkpoint.verify_export(path)
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(storage.path(path) / "params",
                          jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
@@ -140,8 +143,13 @@ def load_trained_model(path, step: int | str | None = None, log=print) -> nnx.Mo
   (`config.json` and `checkpoints/`; also its `checkpoints/` or `checkpoints/<step>` directory). A workdir gives
   its newest intact checkpoint (a damaged newer one is reported through `log` and passed over), `step=N` that
   checkpoint, `step="best"` the one kept by `checkpoint.keep_best`. Raises UserError, in one line, for a path
-  that is neither, a step an export cannot have, or a step the run did not keep.
+  that is neither, a step an export cannot have, a step that is no int, "best" or None, or a step the run did
+  not keep.
   """
+  if isinstance(step, str) and step.isdigit():
+    step = int(step)
+  if not (step is None or step == "best" or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)):
+    raise UserError(f"step={step!r}: expected a saved step (an int), 'best', or None for the newest intact one")
   p = storage.path(path)
   if checkpoint.is_export(p):
     if step is not None:

@@ -76,6 +76,8 @@ class Run:
   alarm: RecompileAlarm
   metric_names: tuple[str, ...] = TRAIN_METRICS  # of the train step's metric vector (step.metric_names)
   skip_nonfinite: bool = False  # a non-finite loss is a skipped step (train.skip_nonfinite), not the end
+  # What NonFiniteLoss advises (the Trainer's names its arguments, not the config's keys).
+  nonfinite_advice: str = "Lower train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true"
   for_checkpoint: Any = lambda state: state  # the state as saved (the layout's for_checkpoint)
   pending: list = dataclasses.field(default_factory=list)  # metric vectors still on the device
   rows: list = dataclasses.field(default_factory=list)  # host metric rows since the last log line
@@ -113,8 +115,7 @@ class Run:
       newest = None if self.ckpts is None else self.ckpts.latest_step()
       kept = "no checkpoint was saved yet" if newest is None else f"the newest checkpoint is step {newest}"
       raise NonFiniteLoss(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving "
-                          f"that state ({kept}). Lower "
-                          f"train.learning_rate, set train.grad_clip, or set train.skip_nonfinite=true")
+                          f"that state ({kept}). {self.nonfinite_advice}")
     return rows
 
 

@@ -70,7 +70,7 @@ def _restore(exp: Experiment, ckpts, log):
   state is built only when nothing is restored, so a resume never holds two.
   """
   c = exp.config.checkpoint
-  step, restored = ckpts.restore_newest(lambda _trees: exp.checkpoint_state, exp.config.to_dict(), log=log)
+  step, restored = ckpts.resume_newest(lambda _trees: exp.checkpoint_state, exp.config.to_dict(), log=log)
   if step is not None:
     restored = _complete(exp, restored, log)
     return exp.layout.from_checkpoint(restored), step, ckpts.loop_state(step), ckpts.metadata(step)[0]

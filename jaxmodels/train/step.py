@@ -102,8 +102,19 @@ def objective(graphdef, loss_fn):
   def fn(params, model_state, batch, rng, *extra):
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    value, metrics = loss_fn(model, batch, rng, *extra)
+    out = loss_fn(model, batch, rng, *extra)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+      what = f"a tuple of {len(out)}" if isinstance(out, tuple) else "one array" if hasattr(out, "shape") else (
+          type(out).__name__)
+      raise ValueError(f"the loss function returned {what}: expected a pair (loss_sum, metrics), "
+                       f"metrics a dict of sums holding 'count'")
+    value, metrics = out
+    if jnp.shape(value) != ():
+      raise ValueError(f"the loss function's loss_sum has shape {jnp.shape(value)}: expected a scalar, the SUM of "
+                       f"the loss over the batch's examples (or tokens)")
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    if shaped := sorted(f"{k} {v.shape}" for k, v in metrics.items() if v.shape != ()):
+      raise ValueError(f"the loss function's metrics {', '.join(shaped)}: expected scalar sums over the batch")
     if "count" not in metrics:
       raise ValueError(f"the loss function's metrics {sorted(metrics)} lack 'count', the number of examples "
                        f"(or targets) its loss_sum and metric sums are summed over")

@@ -223,7 +223,11 @@ class Trainer:
 
   def fit(self, steps: int) -> TrainState:
     """Trains until `steps` optimizer steps are taken (resuming a workdir's checkpoint) and returns the final
-    TrainState (step, params, model_state, opt_state: pure pytrees, sharded over the mesh)."""
+    TrainState (step, params, model_state, opt_state: pure pytrees, sharded over the mesh).
+
+    Raises ValueError, before the first step runs, for a `batch_fn` that returns no dict or a batch that
+    `grad_accum_steps` does not divide, and for a `loss_fn` whose result is not (scalar loss_sum, dict of scalar
+    sums holding `count`); UserError for a workdir whose saved checkpoints are all damaged."""
     lead = jax.process_index() == 0
     log = print if lead else lambda _line: None
     lock = ckpts = None
@@ -238,7 +242,7 @@ class Trainer:
         ckpt_config = config_lib.default_config().checkpoint
         ckpt_config.keep = self.keep
         ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(self.workdir), ckpt_config)
-        step, restored = ckpts.restore_newest(lambda _trees: self.checkpoint_state, log=log)
+        step, restored = ckpts.resume_newest(lambda _trees: self.checkpoint_state, log=log)
         if step is not None:  # read straight into the state's shardings; no fresh state is built
           state, start, resumed = restored, step, ckpts.loop_state(step)
       state = self._init() if state is None else state
@@ -257,13 +261,22 @@ class Trainer:
 
   def _loop(self, state, start: int, steps: int, logger, ckpts, resumed: dict) -> Run:
     with jax.transfer_guard("allow"):
-      first = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in self.batch_fn(start).items()}
+      batch = self.batch_fn(start)
+      if not isinstance(batch, dict):
+        raise ValueError(f"batch_fn({start}) returned {type(batch).__name__}: expected a dict of host arrays")
+      first = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+    for n in {v.shape[0] for v in first.values() if v.shape}:
+      if n % self.options.grad_accum_steps:
+        raise ValueError(f"batch_fn({start}) gave {n} examples, which grad_accum_steps="
+                         f"{self.options.grad_accum_steps} micro-batches do not divide")
     micro = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] // self.options.grad_accum_steps,
                                                          *a.shape[1:]), a.dtype), first)
     keys = jax.eval_shape(objective(self.graphdef, self.loss_fn), self.checkpoint_state.params,
                           self.checkpoint_state.model_state, micro, jax.random.PRNGKey(0))[1][0]
     run = Run(state, start, steps, logger, ckpts, RecompileAlarm(log=logger.print),
               metric_names=metric_names(keys), skip_nonfinite=self.options.skip_nonfinite,
+              nonfinite_advice="Lower the optimizer's learning rate, clip the gradients (optax.clip_by_global_norm), "
+                               "or pass skip_nonfinite=True",
               rows=list(resumed.get("unlogged_metrics") or []))
     learning_rates = (None if self.schedule is None else
                       np.asarray(jax.jit(jax.vmap(self.schedule))(jnp.arange(steps))))
