@@ -60,7 +60,7 @@ def test_a_resume_that_changes_the_optimizer_tree_is_refused_and_nothing_moves(t
   notes = [r for r in read_metrics(tmp_path) if r["split"] == "note"]
   assert len(notes) == 1 and notes[0]["step"] == 20
   assert "changed learning-rate schedule (train.steps (saved 20, now 40))" in notes[0]["note"]
-  assert notes[0]["note"] in capsys.readouterr().out
+  assert f"step 20 note: {notes[0]['note']}" in capsys.readouterr().out  # the sentence, not `note=...`
   assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20, 30, 40]
 
 

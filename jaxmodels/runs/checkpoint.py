@@ -549,6 +549,15 @@ class Checkpoints:
                       f"so the run cannot resume; move them away to start over, or use a new workdir")
     return step, restored
 
+  def nothing_readable(self, run) -> UserError:
+    """The one-line error of a reader that found no checkpoint of `run` to read (restore_newest gave None):
+    none saved, or every saved one damaged."""
+    saved = sorted(self.manager.all_steps())
+    if not saved:
+      return UserError(f"{run} has no checkpoint")
+    return UserError(f"{run} has no readable checkpoint: every saved one ({', '.join(map(str, saved))}) is "
+                     f"damaged (the warnings above name the files)")
+
   def _read(self, step: int, like, config_dict: dict | None, params_only: bool):
     """`restore` without turning a damaged checkpoint's error into a UserError."""
     saved_config, trees = self.metadata(step)

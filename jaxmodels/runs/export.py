@@ -66,10 +66,10 @@ def load_run_model(workdir, step: int | None = None, log=print) -> nnx.Module:
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
     step, restored = ckpts.restore_newest(like, params_only=True, log=log, step=step)
+    if step is None:
+      raise ckpts.nothing_readable(workdir)
   finally:
     ckpts.close()
-  if step is None:
-    raise UserError(f"{workdir} has no readable checkpoint")
   if restored.ema_params is not None:
     return nnx.merge(graphdef, precision.ema_as_params(restored.ema_params, restored.params), restored.model_state)
   return nnx.merge(graphdef, restored.params, restored.model_state)

@@ -17,7 +17,6 @@ from jaxmodels.config.experiments import saved_config
 from jaxmodels.runs import checkpoint, export
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime import storage
-from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.step import make_steps, step_options
 
@@ -56,10 +55,10 @@ def evaluate_run(workdir, step: int | None = None, overrides: tuple[str, ...] = 
   ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
   try:
     step, restored = ckpts.restore_newest(lambda _trees: exp.checkpoint_state, params_only=True, step=step)
+    if step is None:
+      raise ckpts.nothing_readable(workdir)
   finally:
     ckpts.close()
-  if step is None:
-    raise UserError(f"{workdir} has no readable checkpoint")
   state = exp.layout.from_checkpoint(restored)
   metrics = exp.evaluate(state)
   if write:

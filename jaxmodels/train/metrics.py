@@ -176,7 +176,8 @@ class MetricsLogger:
       self._tb.write(record)
     if self._wandb is not None:
       self._wandb.write(record)
-    shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
+    shown = (record["note"] if record["split"] == "note" else  # a note is a sentence: shown as written
+             " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("step", "split")))
     if self._bar is not None:
       self._bar.update(record["step"] - self._step)
       self._step = record["step"]
