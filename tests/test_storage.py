@@ -402,3 +402,26 @@ def test_a_full_disk_is_one_line_and_leaves_the_workdir_as_it_was(tmp_path, tmpf
   _one_line(r, f"jaxmodels: error: cannot write {small_disk}/run/")
   assert r.stderr.endswith(": No space left on device\n")
   assert os.listdir(small_disk) == ["filler"]  # the workdir the run created is gone again: nothing half written
+
+
+@pytest.mark.parametrize("abandoned", [False, True])
+def test_a_process_that_abandoned_io_ends_after_its_atexit_handlers_and_skips_finalization(abandoned):
+  # TensorStore reports an abandoned read when it ends, also during interpreter finalization, when sys's hooks are
+  # gone and it prints a raw traceback (as a CI run printed: 'RuntimeError: Event loop is closed'). A process
+  # that abandoned I/O ends after its atexit handlers, without finalization, where `Finalized.__del__` would run.
+  script = f"""
+import atexit
+from jaxmodels.runtime import storage
+class Finalized:
+  def __del__(self):
+    print("finalization ran", flush=True)
+kept = Finalized()
+atexit.register(lambda: print("atexit ran", flush=True))
+if {abandoned}:
+  storage.abandoned_io()
+print("done", flush=True)
+storage.end_process(3)
+"""
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert r.returncode == 3, r.stderr
+  assert r.stdout.split() == ["done", "atexit", "ran", *([] if abandoned else ["finalization", "ran"])], r.stdout

@@ -108,7 +108,7 @@ def _run_quietly(argv: list[str] | None) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     code = 1
-  sys.exit(code)
+  storage.end_process(code)
 
 
 def entry() -> None:

@@ -34,7 +34,6 @@ restores.
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
@@ -291,30 +290,10 @@ def _tree_differences(saved: dict, current: dict) -> list[str]:
 _ABANDONED_READ = "Encountered error while reading array index"
 
 
-def _quiet_abandoned_reads() -> None:
-  """From the first read on, drops the reports of the array reads Orbax abandons when one read of a restore fails
-  (a damaged or deleted checkpoint), which arrive from other threads and at collection, also after the failure is
-  handled: Python's
-  'Exception ignored in <coroutine ...>' for each unawaited read, and tensorstore's 'Event loop is closed' for each
-  read that completes after Orbax closed its event loop. The failure itself is reported once, by the caller."""
-  if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
-    return
-  unraisable, excepthook = sys.unraisablehook, sys.excepthook
-
-  def closed_loop(value) -> bool:
-    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-
-  def drop_unraisable(report):  # an abandoned read fails with its cause, or cancelled, wrapped by Orbax
-    value = report.exc_value
-    if not (damaged(value) or closed_loop(value) or str(value).startswith(_ABANDONED_READ)):
-      unraisable(report)
-
-  def drop_excepthook(kind, value, tb):
-    if not closed_loop(value):
-      excepthook(kind, value, tb)
-
-  drop_unraisable.quiets_abandoned_reads = True
-  sys.unraisablehook, sys.excepthook = drop_unraisable, drop_excepthook
+def _abandoned_read(e: BaseException) -> bool:
+  """Whether `e` is the late report of an array read Orbax abandoned when another read of a restore failed (its
+  cause, or its cancellation, wrapped by Orbax): see storage.quiet_late_reports."""
+  return damaged(e) or str(e).startswith(_ABANDONED_READ)
 
 
 def _listing(make):
@@ -476,11 +455,13 @@ class Checkpoints:
     alone (and the EMA, parameters too), keeping `like`'s step, optimizer state and loss scale.
     A damaged checkpoint is a UserError naming the file; `restore_newest` falls back instead.
     """
+    storage.quiet_late_reports(_abandoned_read)
     try:
       return self._read(step, like, config_dict, params_only)
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-exception-caught
+      storage.abandoned_io()
       if not damaged(e):
         raise
       raise self._unreadable(step, e) from None
@@ -522,10 +503,11 @@ class Checkpoints:
       state = like(self.metadata(step)[1])
       if jax.process_count() > 1:
         return step, self.restore(step, state, config_dict, params_only)
-      _quiet_abandoned_reads()
+      storage.quiet_late_reports(_abandoned_read)
       try:
         return step, self._read(step, state, config_dict, params_only)
       except Exception as e:  # pylint: disable=broad-exception-caught
+        storage.abandoned_io()
         gone = self._vanished(step)
         if not gone and (isinstance(e, UserError) or not damaged(e)):
           raise

@@ -30,6 +30,7 @@ heartbeat. Every change to it is atomic, so the file is never empty or torn:
   rename's atomicity but not the check-and-replace; run one take-over at a time there.)
 """
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -50,7 +51,7 @@ from etils import epath
 from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import StorageError, UserError
 
-__all__ = ["check_workdir", "is_remote", "LOCK_FILE", "path", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
+__all__ = ["abandoned_io", "check_workdir", "end_process", "is_remote", "LOCK_FILE", "path", "quiet_late_reports", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
            "WRITE_ERRNOS", "write_failure", "write_files", "writing"]
 
 LOCK_FILE = "LOCK"
@@ -186,21 +187,58 @@ class _ReportedWriteErrors(logging.Filter):
 _QUIET = _ReportedWriteErrors()
 
 
-def _late_callback(exc_type, exc, tb) -> bool:
-  """Whether an error printed as unraisable is TensorStore calling back into the event loop of an Orbax save
-  that a write failure already ended (`RuntimeError: Event loop is closed`, raised by asyncio's check)."""
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
-          and tb.tb_frame.f_code.co_name == "_check_closed")
+# Late reports of abandoned I/O. When one TensorStore read or write of an Orbax restore or save fails, Orbax ends
+# its event loop and leaves the others in flight; each reports later, from TensorStore's threads or at garbage
+# collection: 'Event loop is closed' (asyncio's check, when it calls back into the closed loop), 'Exception ignored
+# in <coroutine ...>' for an unawaited read, and the read's own error. The failure itself is reported once, by the
+# caller. Written by hand: neither Orbax nor TensorStore can wait for or silence the operations it abandoned.
+_LATE: list = []  # predicates (exception -> bool) of the late reports to drop, besides the closed event loop's
+_ABANDONED: list = []  # non-empty once a failed read or write left operations in flight
 
 
-def _quiet_unraisablehook(previous):
-  def hook(unraisable):
-    if not _late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
-      previous(unraisable)
-  hook.quiets_late_callbacks = True
-  return hook
+def _late_report(value) -> bool:
+  return (isinstance(value, RuntimeError) and str(value) == "Event loop is closed") or any(p(value) for p in _LATE)
+
+
+def quiet_late_reports(predicate=None) -> None:
+  """From now on, drops the late reports of abandoned I/O (see above) from `sys.unraisablehook` and
+  `sys.excepthook`: the closed event loop's, and those `predicate(exception)` recognises (e.g. a damaged file's
+  error). Idempotent per predicate."""
+  if predicate is not None and predicate not in _LATE:
+    _LATE.append(predicate)
+  if getattr(sys.unraisablehook, "quiets_late_reports", False):
+    return
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def drop_unraisable(report):
+    if not _late_report(report.exc_value):
+      unraisable(report)
+
+  def drop_excepthook(kind, value, tb):
+    if not _late_report(value):
+      excepthook(kind, value, tb)
+
+  drop_unraisable.quiets_late_reports = True
+  sys.unraisablehook, sys.excepthook = drop_unraisable, drop_excepthook
+
+
+def abandoned_io() -> None:
+  """Records that a failed read or write (already reported) left TensorStore operations in flight: the process
+  should end through `end_process`, since a late report that arrives during interpreter finalization, when sys's
+  hooks are gone, prints a raw traceback."""
+  _ABANDONED.append(True)
+
+
+def end_process(code: int) -> None:
+  """Ends the process with exit `code`. After abandoned I/O (`abandoned_io`): runs the atexit handlers, flushes
+  and exits without interpreter finalization (see `abandoned_io`); otherwise `sys.exit(code)`."""
+  if not _ABANDONED:
+    sys.exit(code)
+  atexit._run_exitfuncs()  # pylint: disable=protected-access  # what finalization would run first
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
@@ -208,10 +246,9 @@ def writing(where, on_failure=None):
   """Turns a write error raised inside into StorageError('cannot write WHERE: CAUSE'), after calling
   `on_failure` (e.g. to remove a partial write). Other errors pass unchanged. From the first call on,
   Orbax's logged tracebacks of write failures are dropped (they are raised, and so reported, here), and so are
-  TensorStore's late callbacks into a failed save's closed event loop (`_late_callback`)."""
+  the late reports of the operations a failed save abandons (`quiet_late_reports`)."""
   logging.getLogger("absl").addFilter(_QUIET)  # idempotent
-  if not getattr(sys.unraisablehook, "quiets_late_callbacks", False):
-    sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+  quiet_late_reports()
   try:
     yield
   except StorageError:
@@ -224,6 +261,7 @@ def writing(where, on_failure=None):
       with contextlib.suppress(Exception):
         on_failure()
     _QUIET.reported = True
+    abandoned_io()
     raise StorageError(message) from None
 
 
