@@ -50,7 +50,8 @@ from etils import epath
 from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import StorageError, UserError
 
-__all__ = ["check_workdir", "is_remote", "LOCK_FILE", "path", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
+__all__ = ["check_workdir", "is_remote", "LOCK_FILE", "path", "read_ranges", "RUN_DIRECTORIES", "storage_errors",
+           "WorkdirLock",
            "WRITE_ERRNOS", "write_failure", "write_files", "writing"]
 
 LOCK_FILE = "LOCK"
@@ -124,6 +125,26 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     except (ImportError, AttributeError):
       pass
   return tuple(errors)
+
+
+def read_ranges(paths: list[str], starts: list[int], stops: list[int]) -> list[bytes]:
+  """Bytes [starts[i], stops[i]) of file `paths[i]` (all on one file system, e.g. all gs://), fetched concurrently.
+
+  fsspec's `cat_ranges` sends the ranged reads as one batch of concurrent requests (gcsfs: HTTP GETs with a
+  Range header, run together on its event loop), so a batch of many small windows costs about one round trip,
+  not one each. Raises UserError naming the first path whose read failed (not found, network, credentials).
+  """
+  if not paths:
+    return []
+  fs, _ = fsspec.core.url_to_fs(paths[0])
+  try:
+    out = fs.cat_ranges(list(paths), list(starts), list(stops), on_error="return")
+  except storage_errors() as e:
+    out = [e]
+  for p, data in zip(paths, out):
+    if isinstance(data, BaseException):
+      raise UserError(f"cannot read {p}: {type(data).__name__}: {(str(data).splitlines() or [''])[0][:200]}")
+  return out
 
 
 
