@@ -350,3 +350,18 @@ def test_shards_in_a_bucket_train_resume_after_sigkill_and_equal_local_shards(tm
   assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
   for a, b in zip(final_params(tmp_path / "killed"), final_params(tmp_path / "straight")):
     np.testing.assert_array_equal(a, b)
+
+
+def test_bench_data_reports_the_bytes_a_token_source_reads_against_a_given_step_time(tmp_path, capsys):
+  from jaxmodels.cli.main import main  # pylint: disable=import-outside-toplevel
+  write_corpus(tmp_path, 30)
+  prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False)
+  args = ["jaxmodels", "bench", "data", "--config", os.path.join(ROOT, "experiments", "text_transformer.py"),
+          "--config.data.source=tokens", f"--config.data.path={tmp_path / 'out'}", "--config.data.seq_len=16",
+          "--config.train.batch_size=8", "--steps", "3"]
+  assert main([*args, "--step-time", "1000"]) == 0
+  loader, step, verdict = capsys.readouterr().out.strip().splitlines()[-3:]
+  assert "MB/s read (0.272 kB a batch;" in loader  # 8 windows of 17 uint16 ids
+  assert step.endswith("tokens/s consumed (--step-time 1000 s)") and verdict.startswith("the loader keeps up")
+  assert main([*args, "--step-time", "1e-9"]) == 0
+  assert "the input pipeline is the bottleneck" in capsys.readouterr().out
