@@ -74,10 +74,10 @@ def slurm_env(tmp_path_factory):
   (d / "munge.key").write_bytes(os.urandom(1024))
   os.chmod(d / "munge.key", 0o400)
   conf = d / "slurm.conf"
+  user = subprocess.check_output(["id", "-un"], text=True).strip()  # the daemons and the jobs run as this user
   # A job's coordinator port is derived from its id (jax's SlurmCluster): a random first id keeps two test
   # sessions on one machine apart.
-  conf.write_text(SLURM_CONF.format(user=os.environ.get("USER") or subprocess.check_output(["id", "-un"], text=True)
-                                    .strip(), ctld_port=_free_port(), d_port=_free_port(), dir=d,
+  conf.write_text(SLURM_CONF.format(user=user, ctld_port=_free_port(), d_port=_free_port(), dir=d,
                                     first_job=int.from_bytes(os.urandom(2), "little") + 1000))
   env = {**os.environ, "SLURM_CONF": str(conf), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -99,7 +99,7 @@ def slurm_env(tmp_path_factory):
                   f"{(d / 'slurmctld.log').read_text()[-2000:]}")
     yield env
   finally:
-    subprocess.run(["scancel", "--user", env.get("USER", "root")], env=env, capture_output=True, check=False)
+    subprocess.run(["scancel", "--user", user], env=env, capture_output=True, check=False)
     for pid in map(_pid, reversed(pid_files)):  # the daemons this fixture started, by the pids they wrote
       if pid:
         try:
