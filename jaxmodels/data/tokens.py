@@ -56,7 +56,9 @@ class TokenStream:
   `read` fetched concurrently (storage.read_ranges). Either way only the windows asked for are read.
   """
 
-  def __init__(self, directory: epath.Path, segments: list, dtype):
+  def __init__(self, directory: epath.Path, segments: list, dtype, sizes: dict[str, int]):
+    """`sizes`: {file name: bytes} of the directory's files (storage.file_sizes), which every segment must be
+    in and fit."""
     self.dtype = np.dtype(dtype).newbyteorder("<")
     self.remote = storage.is_remote(directory)
     self.arrays = []  # local: a memmap of each segment
@@ -64,15 +66,10 @@ class TokenStream:
     counts = []
     for name, start, count in segments:
       path = directory / name
-      try:
-        if path.is_dir():
-          raise UserError(f"{path} is a directory, not a token file")
-        if not path.is_file():
-          raise UserError(f"{path}: token file not found")
-        length = path.stat().length
-      except storage.storage_errors() as e:
-        raise UserError(f"{path}: not readable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
-                        ) from None
+      if name not in sizes:
+        raise UserError(f"{path} is a directory, not a token file" if path.is_dir() else
+                        f"{path}: token file not found")
+      length = sizes[name]
       if length < (start + count) * self.dtype.itemsize:
         raise UserError(f"{path} holds {length // self.dtype.itemsize} {self.dtype.name} ids, fewer "
                         f"than the {start + count} its index lists: truncated?")
@@ -209,9 +206,10 @@ INDEX_FIELDS = {"format": str, "dtype": str, "vocab_size": int, "tokenizer": dic
                 "validation": dict}
 
 
-def load_index(directory: epath.Path) -> dict:
+def load_index(directory: epath.Path, sizes: dict[str, int] | None = None) -> dict:
   """The `jaxmodels prepare` index of `directory`; UserError for a file that is not JSON, lacks a field, names
-  another format or a dtype that is not an unsigned integer, or lists a shard of the wrong size."""
+  another format or a dtype that is not an unsigned integer, or lists a shard of the wrong size. `sizes`: the
+  directory's {file name: bytes} if already listed (storage.file_sizes)."""
   path = directory / INDEX_FILE
   try:
     index = json.loads(path.read_text(encoding="utf-8"))
@@ -227,12 +225,13 @@ def load_index(directory: epath.Path) -> dict:
   if index["dtype"] not in ID_DTYPES:
     raise UserError(f"{path}: dtype {index['dtype']!r}, expected one of {', '.join(ID_DTYPES)}")
   itemsize = np.dtype(index["dtype"]).itemsize
+  sizes = storage.file_sizes(directory) if sizes is None else sizes
   for shard in index["shards"]:
     if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)):
       raise UserError(f"{path}: shard {shard!r} is not a {{'file': name, 'tokens': count}} (rerun jaxmodels prepare)")
     file = directory / shard["file"]
-    if file.is_file() and file.stat().length != shard["tokens"] * itemsize:
-      raise UserError(f"{file}: {file.stat().length} bytes, but {path} lists {shard['tokens']} {index['dtype']} "
+    if shard["file"] in sizes and sizes[shard["file"]] != shard["tokens"] * itemsize:
+      raise UserError(f"{file}: {sizes[shard['file']]} bytes, but {path} lists {shard['tokens']} {index['dtype']} "
                       f"ids ({shard['tokens'] * itemsize} bytes): truncated or rewritten; rerun jaxmodels prepare")
   return index
 
@@ -250,27 +249,28 @@ def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, e
   training windows. Raises UserError for a missing or malformed directory, a file of the wrong size, a
   vocabulary that does not hold the corpus's ids, or splits shorter than one window."""
   directory = _directory(path)
-  if (directory / INDEX_FILE).is_file():
-    index = load_index(directory)
+  sizes = storage.file_sizes(directory)  # one listing, not a request per shard
+  if INDEX_FILE in sizes:
+    index = load_index(directory, sizes)
     tok = load_tokenizer(directory, index["tokenizer"])
     if vocab_size and vocab_size < index["vocab_size"]:
       raise UserError(f"data.vocab_size={vocab_size} is below the corpus's vocabulary of {index['vocab_size']} "
                       f"({path}/{INDEX_FILE}); 0 takes the corpus's")
     vocab_size, dtype = max(vocab_size, index["vocab_size"]), index["dtype"]
-    train = TokenStream(directory, index["train"]["segments"], dtype)
-    val = TokenStream(directory, index["validation"]["segments"], dtype)
-  elif all((directory / name).is_file() for name in NANOGPT_FILES):
+    train = TokenStream(directory, index["train"]["segments"], dtype, sizes)
+    val = TokenStream(directory, index["validation"]["segments"], dtype, sizes)
+  elif all(name in sizes for name in NANOGPT_FILES):
     if not vocab_size:
       raise UserError(f"{path} holds nanoGPT's train.bin/val.bin: set data.vocab_size to its vocabulary size "
                       f"(meta.pkl's vocab_size; 50257 for GPT-2 BPE), since pickles are not loaded")
     tok = tokenizers.IdTokenizer(vocab_size)
     streams = []
     for name in NANOGPT_FILES:
-      length = (directory / name).stat().length
+      length = sizes[name]
       if length % 2:  # flat uint16 ids: an odd size is a damaged file, and its last byte would be dropped
         raise UserError(f"{directory / name}: {length} bytes, an odd size for nanoGPT's uint16 ids (2 bytes each): "
                         f"truncated or not nanoGPT's format")
-      streams.append(TokenStream(directory, [[name, 0, length // 2]], np.uint16))
+      streams.append(TokenStream(directory, [[name, 0, length // 2]], np.uint16, sizes))
     train, val = streams
   else:
     raise UserError(f"{path} holds neither {INDEX_FILE} (jaxmodels prepare) nor {' and '.join(NANOGPT_FILES)} "
