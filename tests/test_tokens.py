@@ -250,33 +250,37 @@ COUNTING_SITECUSTOMIZE = '''
 import atexit, functools, json, os
 import jaxmodels.data as data
 import jaxmodels.data.tokens as tokens
-reads = {"train": 0, "val": 0}
-_read = tokens.TokenStream.read
-def read(self, start, n):
-  reads["val" if getattr(self, "is_val", False) else "train"] += 1
-  return _read(self, start, n)
-tokens.TokenStream.read = read
+loaded = []
 _load = tokens.load_token_dataset
 @functools.wraps(_load)  # load_dataset passes the arguments its signature names
 def load(*a, **kw):
-  ds = _load(*a, **kw)
-  ds.val.is_val = True
-  return ds
+  loaded.append(_load(*a, **kw))
+  return loaded[-1]
 data.SOURCES["tokens"] = load  # the table load_dataset looks sources up in
-atexit.register(lambda: reads["train"] and open(os.path.join(os.environ["READS_DIR"], f"{os.getpid()}.json"),
-                                                "w").write(json.dumps(reads)))
+def report():  # the windows and bytes this process's token streams read
+  reads = {name: sum(getattr(getattr(ds, split), counter) for ds in loaded) for name, split, counter in
+           (("train", "train", "windows_read"), ("train_bytes", "train", "bytes_read"), ("val", "val", "windows_read"))}
+  if reads["train"]:
+    with open(os.path.join(os.environ["READS_DIR"], f"{os.getpid()}.json"), "w") as f:
+      f.write(json.dumps(reads))
+atexit.register(report)
 '''
 
 
 @pytest.mark.slow
-def test_two_process_launch_reads_only_its_rows_and_equals_one_process(tmp_path):
+def test_two_process_launch_from_a_bucket_reads_only_its_rows_and_equals_one_process(tmp_path, gcs_env):
+  """Two processes of `jaxmodels launch` train from shards in the GCS emulator, each fetching only the windows
+  (and bytes) of its own rows, and reach the losses of one process reading the same shards from a local disk."""
   write_corpus(tmp_path, 200)
   prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False,
           val_fraction=0.02)
+  r = run([sys.executable, "-m", "jaxmodels", "prepare", str(tmp_path / "corpus.jsonl"), "--out", "gs://bkt/rows",
+           "--workers", "0", "--val-fraction", "0.02"], env=gcs_env)
+  assert r.returncode == 0, r.stderr
   (tmp_path / "site").mkdir()
   (tmp_path / "site" / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE)  # counts windows read, per process
   train = ["train", "--config", "experiments/text_transformer.py", "--config.data.source=tokens",
-           f"--config.data.path={tmp_path / 'out'}", "--config.data.seq_len=16", "--config.model.num_layers=1",
+           "--config.data.seq_len=16", "--config.model.num_layers=1",
            "--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.max_len=16",
            "--config.train.batch_size=8", "--config.train.eval_batch_size=16", "--config.train.steps=10",
            "--config.train.warmup_steps=2", "--config.train.log_every=5", "--config.train.eval_every=10",
@@ -284,7 +288,7 @@ def test_two_process_launch_reads_only_its_rows_and_equals_one_process(tmp_path)
 
   def jaxmodels(name, *args, devices=None):
     (tmp_path / name).mkdir()
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "READS_DIR": str(tmp_path / name),
+    env = {**gcs_env, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "READS_DIR": str(tmp_path / name),
            "JAX_PLATFORMS": "cpu"}
     if devices:
       env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -293,13 +297,71 @@ def test_two_process_launch_reads_only_its_rows_and_equals_one_process(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(p.read_text()) for p in (tmp_path / name).glob("*.json")]
 
-  multi = jaxmodels("multi", "launch", "--processes", "2", "--devices-per-process", "2", "--", *train)
-  single = jaxmodels("single", *train, devices=4)
-  # 10 steps of 8 rows: each process reads its 4 rows of each. 20 evaluation windows in 2 batches of 16 rows:
-  # 8 + 8 of the first, and the second's 4 real windows all lie in process 0's rows 16..23 (the rest is padding).
+  multi = jaxmodels("multi", "launch", "--processes", "2", "--devices-per-process", "2", "--", *train,
+                    "--config.data.path=gs://bkt/rows")
+  single = jaxmodels("single", *train, f"--config.data.path={tmp_path / 'out'}", devices=4)
+  # 10 steps of 8 rows: each process reads its 4 rows of each, 17 uint16 ids a window. 20 evaluation windows in
+  # 2 batches of 16 rows: 8 + 8 of the first, and the second's 4 real windows all lie in process 0's rows 16..23.
   assert sorted(r["train"] for r in multi) == [40, 40] and single[0]["train"] == 80
+  assert [r["train_bytes"] for r in multi] == [40 * 17 * 2] * 2 and single[0]["train_bytes"] == 80 * 17 * 2
   assert sorted(r["val"] for r in multi) == [8, 12] and single[0]["val"] == 20
   a, b = read_metrics(tmp_path / "multi" / "run"), read_metrics(tmp_path / "single" / "run")
   assert [r["step"] for r in a] == [r["step"] for r in b]
   for ra, rb in zip(a, b):
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)  # all-reduce order differs across processes
+
+
+@pytest.mark.slow
+def test_shards_in_a_bucket_train_resume_after_sigkill_and_equal_local_shards(tmp_path, gcs_env):
+  """`prepare --out gs://` writes the shards to the GCS emulator; training reads them there by byte ranges (no
+  local copy), and a run SIGKILLed and resumed from the bucket ends where an uninterrupted run on local shards
+  does."""
+  write_corpus(tmp_path, 60)
+  index = prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "local"), tokenizer="char", workers=0,
+                  shard_tokens=8000, val_fraction=0.05, progress=False)
+  r = run([sys.executable, "-m", "jaxmodels", "prepare", str(tmp_path / "corpus.jsonl"), "--out", "gs://bkt/corpus",
+           "--tokenizer", "char", "--workers", "0", "--shard-tokens", "8000", "--val-fraction", "0.05"], env=gcs_env)
+  assert r.returncode == 0, r.stderr
+  assert f"prepared gs://bkt/corpus: {index['tokens']:,} tokens" in r.stdout and len(index["shards"]) > 2
+
+  def command(path, workdir):
+    return [sys.executable, "-m", "jaxmodels", "train", "--config", "experiments/text_transformer.py",
+            f"--workdir={workdir}", "--config.data.source=tokens", f"--config.data.path={path}",
+            "--config.data.seq_len=16", "--config.model.d_model=16", "--config.model.d_ff=32",
+            "--config.model.num_layers=1", "--config.model.max_len=16", "--config.train.batch_size=8",
+            "--config.train.steps=20", "--config.train.log_every=5", "--config.train.eval_every=20",
+            "--config.checkpoint.every=5", "--config.data.eval_windows=16", "--config.train.warmup_steps=2"]
+
+  assert run(command(tmp_path / "local", tmp_path / "straight"), env=gcs_env).returncode == 0
+  p = subprocess.Popen(command("gs://bkt/corpus", tmp_path / "killed"), cwd=ROOT, env=gcs_env, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  out = []
+  for line in p.stdout:
+    out.append(line)
+    if line.startswith("step 15 train"):
+      p.kill()
+      break
+  p.communicate(timeout=60)
+  assert p.returncode == -signal.SIGKILL, "".join(out)
+  assert any("gs://bkt/corpus: " in line and "(uint16, ranged reads)" in line for line in out), "".join(out)
+  resumed = run(command("gs://bkt/corpus", tmp_path / "killed"), env=gcs_env)
+  assert resumed.returncode == 0, resumed.stderr
+  assert any(f"training steps {s}..20" in resumed.stdout for s in (5, 10, 15)), resumed.stdout
+  assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
+  for a, b in zip(final_params(tmp_path / "killed"), final_params(tmp_path / "straight")):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bench_data_reports_the_bytes_a_token_source_reads_against_a_given_step_time(tmp_path, capsys):
+  from jaxmodels.cli.main import main  # pylint: disable=import-outside-toplevel
+  write_corpus(tmp_path, 30)
+  prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "out"), tokenizer="byte", workers=0, progress=False)
+  args = ["jaxmodels", "bench", "data", "--config", os.path.join(ROOT, "experiments", "text_transformer.py"),
+          "--config.data.source=tokens", f"--config.data.path={tmp_path / 'out'}", "--config.data.seq_len=16",
+          "--config.train.batch_size=8", "--steps", "3"]
+  assert main([*args, "--step-time", "1000"]) == 0
+  loader, step, verdict = capsys.readouterr().out.strip().splitlines()[-3:]
+  assert "MB/s read (0.272 kB a batch;" in loader  # 8 windows of 17 uint16 ids
+  assert step.endswith("tokens/s consumed (--step-time 1000 s)") and verdict.startswith("the loader keeps up")
+  assert main([*args, "--step-time", "1e-9"]) == 0
+  assert "the input pipeline is the bottleneck" in capsys.readouterr().out

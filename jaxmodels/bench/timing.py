@@ -638,9 +638,15 @@ def run_step(config, steps: int, compare: bool, log=print, loop: bool = False) -
 
 
 
-def data_point(exp, steps: int = 20) -> dict:
+def data_point(exp, steps: int = 20, step_s: float = 0.0) -> dict:
   """The input pipeline's rate against the step's: batches/s of host loading alone, of the loader as training
-  runs it (prefetch thread, device transfer), and of the compiled step on a device-resident batch."""
+  runs it (prefetch thread, device transfer), and of the compiled step on a device-resident batch (or
+  1 / `step_s` when a step time in seconds is given: nothing is compiled). `bytes_per_batch` is what the source
+  reads per batch: the bytes its token streams fetch (`data.source=tokens`: ids from a disk or a bucket), else
+  the host batch's arrays."""
+  stream = getattr(exp.dataset, "train", None)
+  counted = lambda: getattr(stream, "bytes_read", 0)  # only token streams count their reads
+
   def rate(load, first: int) -> float:
     load(first)  # start-up (worker processes, first file reads) is not throughput
     t0 = time.perf_counter()
@@ -648,17 +654,20 @@ def data_point(exp, steps: int = 20) -> dict:
       jax.block_until_ready(load(s))
     return steps / (time.perf_counter() - t0)
 
+  before = counted()
   host = rate(exp.host_batch, 0)
+  per_batch = (counted() - before) / (steps + 1) or sum(np.asarray(v).nbytes for v in exp.host_batch(0).values())
   loader = rate(exp.batch, steps + 1)
   exp.stop_loader()  # before step_point's batch 0 restarts it: image workers are stopped from one thread at a time
-  step = 1.0 / step_point(exp, steps=steps)["step_s"]
-  return {"host_batches_per_sec": host, "loader_batches_per_sec": loader, "step_batches_per_sec": step}
+  step = 1.0 / (step_s or step_point(exp, steps=steps)["step_s"])
+  return {"host_batches_per_sec": host, "loader_batches_per_sec": loader, "step_batches_per_sec": step,
+          "bytes_per_batch": per_batch, "loader_mb_per_sec": loader * per_batch / 1e6}
 
 
-def run_data(config, steps: int, log=print) -> dict:
-  """The `bench data` command: does the loader keep up with the step?"""
+def run_data(config, steps: int, log=print, step_s: float = 0.0) -> dict:
+  """The `bench data` command: does the loader keep up with the step (measured, or `step_s` seconds)?"""
   exp = build_experiment(config)
-  r = data_point(exp, steps)
+  r = data_point(exp, steps, step_s)
   t = config.train
   unit, per_batch = {"lm": ("tokens", t.batch_size * config.data.seq_len)}.get(
       exp.dataset.task, ("images" if config.data.source == "images" else "examples", t.batch_size))
@@ -667,10 +676,11 @@ def run_data(config, steps: int, log=print) -> dict:
              f"the input pipeline is the bottleneck ({ratio:.2f}x the step's rate): raise data.workers (images) or "
              f"data.prefetch, or prepare the data ahead")
   log("\n".join([
-      f"loader: {r['loader_batches_per_sec']:.4g} batches/s, {r['loader_batches_per_sec'] * per_batch:.4g} {unit}/s "
-      f"(data.prefetch={config.data.prefetch}, put on {exp.layout.device_count} device(s); host loading alone "
+      f"loader: {r['loader_batches_per_sec']:.4g} batches/s, {r['loader_batches_per_sec'] * per_batch:.4g} {unit}/s, "
+      f"{r['loader_mb_per_sec']:.4g} MB/s read ({r['bytes_per_batch'] / 1e3:.4g} kB a batch; "
+      f"data.prefetch={config.data.prefetch}, put on {exp.layout.device_count} device(s); host loading alone "
       f"{r['host_batches_per_sec']:.4g} batches/s)",
       f"step:   {r['step_batches_per_sec']:.4g} batches/s, {r['step_batches_per_sec'] * per_batch:.4g} {unit}/s "
-      f"consumed (median of {steps} steps)",
+      f"consumed ({f'--step-time {step_s:g} s' if step_s else f'median of {steps} steps'})",
       verdict]))
   return {**r, "unit": unit, "per_batch": per_batch}

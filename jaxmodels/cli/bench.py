@@ -15,7 +15,7 @@ FLAGS = {  # each subcommand's own flags, beside --config and its overrides
                 ("--csv", dict(default="")), ("--plot", dict(default=""))],
     "step": [("--steps", dict(type=int, default=20)), ("--compare-pure-jax", dict(action="store_true")),
              ("--loop", dict(action="store_true"))],
-    "data": [("--steps", dict(type=int, default=20))],
+    "data": [("--steps", dict(type=int, default=20)), ("--step-time", dict(type=float, default=0.0))],
 }
 
 
@@ -25,7 +25,7 @@ def run(prog: str, args: list[str]) -> int:
              [--topology v5e:2x2[,slices=2]] [--dump-hlo DIR] [--baseline OLD.json --max-regression 0.2]
              [--out results.json] [--csv results.csv] [--plot compile.png] [--steps N]
        jaxmodels bench step --config experiments/X.py [--config.K=V ...] [--steps N] [--compare-pure-jax] [--loop]
-       jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N]
+       jaxmodels bench data --config experiments/X.py [--config.K=V ...] [--steps N] [--step-time S]
 
 compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
@@ -48,9 +48,10 @@ against XLA's count) and MFU; --compare-pure-jax (MLP experiments) also times a
 hand-written pure JAX + Optax step of the same math; --loop also trains N
 steps in a temporary workdir and reports the loop's median logged step time
 beside the step's (the loop's overhead, as a ratio).
-data: the loader's batches/s and tokens/s (images/s, examples/s), with and
-without its prefetch and device transfer, next to the rate at which the step
-consumes them: whether the input pipeline keeps up.
+data: the loader's batches/s, tokens/s (images/s, examples/s) and MB/s read
+from the source (a local disk or gs://), with and without its prefetch and
+device transfer, next to the rate at which the step consumes them (or one
+batch per --step-time seconds, compiling nothing): whether the loader keeps up.
 """
   if not args or args[0] not in FLAGS:
     raise UserError("bench needs a subcommand: compile, step or data (see jaxmodels bench --help)")
@@ -63,7 +64,9 @@ consumes them: whether the input pipeline keeps up.
     timing.run_step(config, a.steps, a.compare_pure_jax, loop=a.loop)
     return 0
   if sub == "data":
-    timing.run_data(config, a.steps)
+    if a.step_time < 0:
+      raise UserError(f"--step-time {a.step_time}: expected seconds >= 0 (0: measure the step)")
+    timing.run_data(config, a.steps, step_s=a.step_time)
     return 0
   return timing.run_compile(config, timing.CompileArgs(
       sweeps=a.sweep, repeat=a.repeat, topology=a.topology, dump_hlo=a.dump_hlo, baseline=a.baseline,

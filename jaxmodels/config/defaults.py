@@ -26,7 +26,7 @@ def default_config() -> config_dict.ConfigDict:
   # `copy` / `reverse`: synthetic sequence-to-sequence tasks for model.family=encdec (jaxmodels/data/seq2seq.py):
   # sources of seq_len // 2 .. data.seq_len random symbols, targets the same symbols (reversed), then EOS.
   c.data.source = "digits"
-  c.data.path = ""  # the .npz or text file, or the tokens directory (local disk); unused for digits
+  c.data.path = ""  # the .npz or text file, or the tokens directory (local or gs://); unused for digits
   # Array data (digits, npz): classify | binary | multilabel | regress (jaxmodels/tasks/losses.py). Empty: inferred from
   # y_train where unambiguous: (N, C) of 0/1 -> multilabel, else classify. Text and tokens are always lm.
   c.data.task = ""

@@ -1,26 +1,34 @@
-"""Token corpora read from disk, memory-mapped: `data.source=tokens`.
+"""Token corpora read from a local disk (memory-mapped) or a bucket (ranged reads): `data.source=tokens`.
 
 `data.path` is a directory prepared by `jaxmodels prepare` (index.json, token
-shards, tokenizer) or in nanoGPT's layout (`train.bin`, `val.bin`: flat uint16
-ids, read as they are; `data.vocab_size` gives the vocabulary, since nanoGPT's
-meta.pkl is a pickle and is not loaded). The files are `np.memmap`ed, never read
-whole: a batch reads its windows' pages only, and each process reads only the
-rows it feeds (`rows`), so a corpus of any size trains in little host memory.
+shards, tokenizer), local or `gs://`, or a local one in nanoGPT's layout
+(`train.bin`, `val.bin`: flat uint16 ids, read as they are; `data.vocab_size`
+gives the vocabulary, since nanoGPT's meta.pkl is a pickle and is not loaded).
+Files are never read whole: local ones are `np.memmap`ed and a batch touches its
+windows' pages only; shards in a bucket are read by byte ranges, one ranged GET
+per window, all of a batch's windows requested concurrently (fsspec's
+`cat_ranges` through jaxmodels.runtime.storage), and the loader thread
+(`data.prefetch`) fetches the next batches while the step runs. Each process
+reads only the rows it feeds (`rows`), so a corpus of any size trains in little
+host memory and with no local copy.
+
+Why ranged reads of the flat shards rather than ArrayRecord through grain: a
+training window starts at any token, not at a record boundary, and the flat
+shards give any window as one byte range of `(seq_len + 1) * itemsize` bytes,
+so the same shards serve a local disk and a bucket with no second format to
+write, and nanoGPT's files keep working as they are.
 
 Training windows start at `default_rng([seed, step]).integers(0, n - seq_len)`
 (jaxmodels.data.windows, the same draw as `data.source=text`): a pure function
 of (seed, step, row), so resume is exact with no iterator state. Evaluation
 reads consecutive windows of the validation split, or `data.eval_windows` of
 them evenly spaced, so the cost of evaluating a large corpus is known.
-
-np.memmap needs a local file: shards on gs:// are refused with a message (copy
-them to a local disk first, e.g. `gsutil -m cp -r`), rather than copied
-silently onto a disk that may not hold them.
 """
 
 import dataclasses
 import json
 import math
+import os
 from typing import Iterator
 
 import numpy as np
@@ -42,42 +50,76 @@ ID_DTYPES = ("uint16", "uint32")  # what `jaxmodels prepare` writes
 
 
 class TokenStream:
-  """The ids of one split: `[file, start, count]` segments of flat id files, read as one sequence."""
+  """The ids of one split: `[file, start, count]` segments of flat id files, read as one sequence.
 
-  def __init__(self, directory: epath.Path, segments: list, dtype):
+  Local files are memory-mapped; files behind a URL (gs://) are read by byte ranges, every window of a call to
+  `read` fetched concurrently (storage.read_ranges). Either way only the windows asked for are read.
+  """
+
+  def __init__(self, directory: epath.Path, segments: list, dtype, sizes: dict[str, int]):
+    """`sizes`: {file name: bytes} of the directory's files (storage.file_sizes), which every segment must be
+    in and fit."""
     self.dtype = np.dtype(dtype).newbyteorder("<")
-    self.arrays = []
+    self.remote = storage.is_remote(directory)
+    self.arrays = []  # local: a memmap of each segment
+    self.urls, self.byte_offsets = [], []  # remote: each segment's file and the byte offset of its first id
+    counts = []
     for name, start, count in segments:
       path = directory / name
-      if path.is_dir():
-        raise UserError(f"{path} is a directory, not a token file")
-      if not path.is_file():
-        raise UserError(f"{path}: token file not found")
-      if path.stat().length < (start + count) * self.dtype.itemsize:
-        raise UserError(f"{path} holds {path.stat().length // self.dtype.itemsize} {self.dtype.name} ids, fewer "
+      if name not in sizes:
+        raise UserError(f"{path} is a directory, not a token file" if path.is_dir() else
+                        f"{path}: token file not found")
+      length = sizes[name]
+      if length < (start + count) * self.dtype.itemsize:
+        raise UserError(f"{path} holds {length // self.dtype.itemsize} {self.dtype.name} ids, fewer "
                         f"than the {start + count} its index lists: truncated?")
-      if count:
-        try:
-          self.arrays.append(np.memmap(path, self.dtype, mode="r", offset=start * self.dtype.itemsize,
-                                       shape=(count,)))
-        except OSError as e:
-          raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
-    self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
-    self.windows_read = 0  # read() calls: a test counts that each process reads only its own rows
+      if not count:
+        continue
+      counts.append(count)
+      if self.remote:
+        self.urls.append(os.fspath(path))
+        self.byte_offsets.append(start * self.dtype.itemsize)
+        continue
+      try:
+        self.arrays.append(np.memmap(path, self.dtype, mode="r", offset=start * self.dtype.itemsize,
+                                     shape=(count,)))
+      except OSError as e:
+        raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
+    self.offsets = np.cumsum([0] + counts)
+    # Windows and bytes read: a test counts that each process reads only its own rows; `jaxmodels bench data`
+    # reports the bytes.
+    self.windows_read = 0
+    self.bytes_read = 0
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
 
-  def read(self, start: int, n: int) -> np.ndarray:
-    """ids [start, start + n) as int32; only those pages of the files are touched."""
-    self.windows_read += 1
-    parts, i = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+  def _pieces(self, start: int, n: int) -> list[tuple[int, int, int]]:
+    """(segment, first id, end id) pieces of ids [start, start + n), ids counted within each segment."""
+    pieces, i = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
     while n > 0:
       lo = start - int(self.offsets[i])
-      piece = self.arrays[i][lo:lo + n]
-      parts.append(piece)
-      start, n, i = start + len(piece), n - len(piece), i + 1
-    return np.concatenate(parts).astype(np.int32)
+      take = min(n, int(self.offsets[i + 1]) - start)
+      pieces.append((i, lo, lo + take))
+      start, n, i = start + take, n - take, i + 1
+    return pieces
+
+  def read(self, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """ids [start, start + n) of each (start, n) of `spans`, as int32 arrays; only those ids are read (remote
+    files: all the spans' byte ranges requested at once). UserError if a remote read fails."""
+    pieces = [self._pieces(int(start), int(n)) for start, n in spans]
+    flat = [piece for window in pieces for piece in window]
+    size = self.dtype.itemsize
+    if self.remote:
+      data = storage.read_ranges([self.urls[i] for i, _, _ in flat],
+                                 [self.byte_offsets[i] + lo * size for i, lo, _ in flat],
+                                 [self.byte_offsets[i] + hi * size for i, _, hi in flat])
+      arrays = iter([np.frombuffer(d, self.dtype) for d in data])
+    else:
+      arrays = iter([self.arrays[i][lo:hi] for i, lo, hi in flat])
+    self.windows_read += len(spans)
+    self.bytes_read += sum(hi - lo for _, lo, hi in flat) * size
+    return [np.concatenate([next(arrays) for _ in window]).astype(np.int32) for window in pieces]
 
 
 @dataclasses.dataclass
@@ -99,7 +141,7 @@ class TokenDataset(SequenceSource):
   def describe(self) -> str:
     n = self.num_eval_windows()
     return (f"{self.source}: {len(self.train):,} train / {len(self.val):,} validation tokens "
-            f"({self.train.dtype.name}, memory-mapped), {self.vocab.kind} vocabulary of {self.vocab.size:,}"
+            f"({self.train.dtype.name}, {'ranged reads' if self.train.remote else 'memory-mapped'}), {self.vocab.kind} vocabulary of {self.vocab.size:,}"
             f"{f' (model outputs {self.vocab_size:,})' if self.vocab_size != self.vocab.size else ''}, "
             f"{n:,} evaluation windows")
 
@@ -115,7 +157,7 @@ class TokenDataset(SequenceSource):
 
   def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
     """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
-    read = lambda starts: self._check_ids(np.stack([self.train.read(int(s), self.seq_len + 1) for s in starts]))
+    read = lambda starts: self._check_ids(np.stack(self.train.read([(s, self.seq_len + 1) for s in starts])))
     return self.random_windows(step, batch_size, rows, len(self.train), read)
 
   def num_eval_windows(self) -> int:
@@ -134,27 +176,28 @@ class TokenDataset(SequenceSource):
       index = (b * batch_size + np.arange(batch_size))[rows]
       x, y = np.zeros((2, len(index), L), np.int32)
       mask = np.zeros((len(index), L), np.float32)
-      for r, i in enumerate(index):
-        if i < k:
-          start = int(i) * stride * L
-          window = self.val.read(start, min(L + 1, n_val - start))
-          x[r, :len(window) - 1], y[r, :len(window) - 1] = window[:-1], window[1:]
-          mask[r, :len(window) - 1] = 1
+      real = [(r, int(i) * stride * L) for r, i in enumerate(index) if i < k]
+      windows = self.val.read([(start, min(L + 1, n_val - start)) for _, start in real])
+      for (r, _), window in zip(real, windows):
+        x[r, :len(window) - 1], y[r, :len(window) - 1] = window[:-1], window[1:]
+        mask[r, :len(window) - 1] = 1
       yield {"x": self._check_ids(x), "y": self._check_ids(y), "mask": mask}
 
 
-def _local_directory(path: str) -> epath.Path:
+def _directory(path: str) -> epath.Path:
   if not path:
     raise UserError("data.source=tokens needs data.path: a directory from `jaxmodels prepare`, or nanoGPT's "
                     "train.bin and val.bin")
-  if "://" in path:
-    raise UserError(f"data.path={path}: token files are memory-mapped (np.memmap), which needs a local disk; copy "
-                    f"them to one first (e.g. gsutil -m cp -r {path} /local/dir)")
   directory = storage.path(path)
-  if directory.is_file():
+  try:
+    is_file, is_dir = directory.is_file(), directory.is_dir()
+  except storage.storage_errors() as e:
+    raise UserError(f"data.path={path}: cannot reach the storage ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0][:200]})") from None
+  if is_file:
     raise UserError(f"data.path={path} is a file, not a directory: data.source=tokens reads a directory from "
                     f"jaxmodels prepare, or one holding nanoGPT's {' and '.join(NANOGPT_FILES)}")
-  if not directory.is_dir():
+  if not is_dir:
     raise UserError(f"data.path: directory not found: {path}")
   return directory
 
@@ -163,9 +206,10 @@ INDEX_FIELDS = {"format": str, "dtype": str, "vocab_size": int, "tokenizer": dic
                 "validation": dict}
 
 
-def load_index(directory: epath.Path) -> dict:
+def load_index(directory: epath.Path, sizes: dict[str, int] | None = None) -> dict:
   """The `jaxmodels prepare` index of `directory`; UserError for a file that is not JSON, lacks a field, names
-  another format or a dtype that is not an unsigned integer, or lists a shard of the wrong size."""
+  another format or a dtype that is not an unsigned integer, or lists a shard of the wrong size. `sizes`: the
+  directory's {file name: bytes} if already listed (storage.file_sizes)."""
   path = directory / INDEX_FILE
   try:
     index = json.loads(path.read_text(encoding="utf-8"))
@@ -181,12 +225,13 @@ def load_index(directory: epath.Path) -> dict:
   if index["dtype"] not in ID_DTYPES:
     raise UserError(f"{path}: dtype {index['dtype']!r}, expected one of {', '.join(ID_DTYPES)}")
   itemsize = np.dtype(index["dtype"]).itemsize
+  sizes = storage.file_sizes(directory) if sizes is None else sizes
   for shard in index["shards"]:
     if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)):
       raise UserError(f"{path}: shard {shard!r} is not a {{'file': name, 'tokens': count}} (rerun jaxmodels prepare)")
     file = directory / shard["file"]
-    if file.is_file() and file.stat().length != shard["tokens"] * itemsize:
-      raise UserError(f"{file}: {file.stat().length} bytes, but {path} lists {shard['tokens']} {index['dtype']} "
+    if shard["file"] in sizes and sizes[shard["file"]] != shard["tokens"] * itemsize:
+      raise UserError(f"{file}: {sizes[shard['file']]} bytes, but {path} lists {shard['tokens']} {index['dtype']} "
                       f"ids ({shard['tokens'] * itemsize} bytes): truncated or rewritten; rerun jaxmodels prepare")
   return index
 
@@ -203,28 +248,29 @@ def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, e
   prepared corpus's; required for nanoGPT's files), `eval_windows` validation windows (0: all); `seed` draws the
   training windows. Raises UserError for a missing or malformed directory, a file of the wrong size, a
   vocabulary that does not hold the corpus's ids, or splits shorter than one window."""
-  directory = _local_directory(path)
-  if (directory / INDEX_FILE).is_file():
-    index = load_index(directory)
+  directory = _directory(path)
+  sizes = storage.file_sizes(directory)  # one listing, not a request per shard
+  if INDEX_FILE in sizes:
+    index = load_index(directory, sizes)
     tok = load_tokenizer(directory, index["tokenizer"])
     if vocab_size and vocab_size < index["vocab_size"]:
       raise UserError(f"data.vocab_size={vocab_size} is below the corpus's vocabulary of {index['vocab_size']} "
                       f"({path}/{INDEX_FILE}); 0 takes the corpus's")
     vocab_size, dtype = max(vocab_size, index["vocab_size"]), index["dtype"]
-    train = TokenStream(directory, index["train"]["segments"], dtype)
-    val = TokenStream(directory, index["validation"]["segments"], dtype)
-  elif all((directory / name).is_file() for name in NANOGPT_FILES):
+    train = TokenStream(directory, index["train"]["segments"], dtype, sizes)
+    val = TokenStream(directory, index["validation"]["segments"], dtype, sizes)
+  elif all(name in sizes for name in NANOGPT_FILES):
     if not vocab_size:
       raise UserError(f"{path} holds nanoGPT's train.bin/val.bin: set data.vocab_size to its vocabulary size "
                       f"(meta.pkl's vocab_size; 50257 for GPT-2 BPE), since pickles are not loaded")
     tok = tokenizers.IdTokenizer(vocab_size)
     streams = []
     for name in NANOGPT_FILES:
-      length = (directory / name).stat().length
+      length = sizes[name]
       if length % 2:  # flat uint16 ids: an odd size is a damaged file, and its last byte would be dropped
         raise UserError(f"{directory / name}: {length} bytes, an odd size for nanoGPT's uint16 ids (2 bytes each): "
                         f"truncated or not nanoGPT's format")
-      streams.append(TokenStream(directory, [[name, 0, length // 2]], np.uint16))
+      streams.append(TokenStream(directory, [[name, 0, length // 2]], np.uint16, sizes))
     train, val = streams
   else:
     raise UserError(f"{path} holds neither {INDEX_FILE} (jaxmodels prepare) nor {' and '.join(NANOGPT_FILES)} "

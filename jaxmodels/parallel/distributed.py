@@ -6,7 +6,9 @@ A process is part of a multi-process job when any of these says so:
 - the config: parallel.coordinator_address, parallel.num_processes > 1, parallel.process_id;
 - JAXMODELS_DISTRIBUTED=auto (set by tpu/run.sh), a Cloud TPU VM slice with
   several hosts (TPU_WORKER_HOSTNAMES lists more than one) or a SLURM job with
-  several tasks: JAX detects the coordinator and process ids itself.
+  several tasks (`slurm/train.sbatch`, docs/slurm.md): JAX detects the
+  coordinator and process ids itself (under SLURM: the first node of
+  SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, and GPU SLURM_LOCALID).
 Otherwise nothing happens, and a single process sees its local devices.
 """
 
