@@ -51,12 +51,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "BATCH_AXES",
+__all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "active_mesh", "BATCH_AXES",
            "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
            "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
            "process_rows", "STRATEGIES"]
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")  # stage: pipeline parallelism (jaxmodels.parallel.pipeline)
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
@@ -291,6 +291,12 @@ class activation_sharding:  # pylint: disable=invalid-name  (a function in use: 
       with self:
         return fn(*args, **kwargs)
     return pinned
+
+
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding` context, None outside one."""
+  active = _ACTIVATIONS.get()
+  return None if active is None else active[0]
 
 
 def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
