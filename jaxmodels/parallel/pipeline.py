@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.parallel.sharding import active_mesh
 
-__all__ = ["active_schedule", "pipeline", "pipeline_schedule", "Schedule", "STAGE"]
+__all__ = ["active_schedule", "pipeline", "pipeline_schedule", "Schedule", "schedule_for", "STAGE"]
 
 STAGE = "stage"  # the mesh axis
 _OPTIONS = contextvars.ContextVar("jaxmodels_pipeline_options", default=(0, 1))  # (microbatches, repeats)
@@ -100,15 +100,17 @@ class pipeline_schedule:  # pylint: disable=invalid-name  (a function in use: `w
     return scheduled
 
 
-def active_schedule() -> Schedule | None:
-  """The Schedule of the mesh `jaxmodels.parallel.activation_sharding` pins to, None unless its `stage` axis has
-  more than one device."""
-  mesh = active_mesh()
+def schedule_for(mesh, microbatches: int = 0, repeats: int = 1) -> Schedule | None:
+  """The Schedule `mesh` runs with `parallel.pipeline_microbatches` (0: one per stage) and `_repeats`; None
+  without a `stage` axis of more than one device."""
   stages = 1 if mesh is None else mesh.shape.get(STAGE, 1)
-  if stages == 1:
-    return None
-  microbatches, repeats = _OPTIONS.get()
-  return Schedule(stages, microbatches or stages, repeats)
+  return None if stages == 1 else Schedule(stages, microbatches or stages, repeats)
+
+
+def active_schedule() -> Schedule | None:
+  """The Schedule of the mesh `jaxmodels.parallel.activation_sharding` pins to, with the enclosing
+  `pipeline_schedule`'s options; None unless its `stage` axis has more than one device."""
+  return schedule_for(active_mesh(), *_OPTIONS.get())
 
 
 def _on_stages(x, mesh):
