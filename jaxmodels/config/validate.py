@@ -299,6 +299,8 @@ def _check_pipeline(config, task: str) -> None:
   stages = parse_mesh(p.mesh, p.strategy)["stage"]
   if stages in (1, -1):
     return
+  if p.strategy == "pmap":
+    raise UserError(f"parallel.mesh={p.mesh!r}: pipeline stages need a jit strategy (dp, fsdp or tp), not pmap")
   if m.family != "transformer" or task != "lm" or not m.scan_layers:
     raise UserError(f"parallel.mesh={p.mesh!r}: pipeline parallelism (stage={stages}) runs the Transformer LM "
                     f"(model.family=transformer, a language-model data.source) with model.scan_layers=True only")

@@ -136,17 +136,21 @@ def pipeline(stage_fn, layers, x_BTD, per_example, schedule: Schedule):
   L = jax.tree.leaves(layers)[0].shape[0]
   schedule.check(L, B)
   K, b = L // (S * R), B // N
-  layers_RSK = jax.tree.map(lambda a: a.reshape(R, S, K, *a.shape[1:]), layers)
+  layers_SRK = jax.tree.map(lambda a: _on_stages(jnp.swapaxes(a.reshape(R, S, K, *a.shape[1:]), 0, 1), mesh), layers)
   split = lambda a: jnp.swapaxes(a.reshape(b, N, *a.shape[1:]), 0, 1)  # (B, ...) -> (N, b, ...)
   per_example_N = jax.tree.map(split, per_example)
   buffer_NMD = split(x_BTD).reshape(N, b * T, D)
 
   def run_stage(layers_RK, x_MD, repeat, microbatch):
-    layers_K = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, 0, keepdims=False), layers_RK)
+    pick = lambda a: jax.lax.dynamic_index_in_dim(a, repeat, 0, keepdims=False)
     mine = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, microbatch, 0, keepdims=False), per_example_N)
-    return stage_fn(layers_K, x_MD, mine, microbatch)
+    return stage_fn(jax.tree.map(pick, layers_RK), x_MD, mine, microbatch)
 
-  stages = jax.vmap(run_stage, in_axes=(1, 0, 0, 0), spmd_axis_name=STAGE)
+  # Each stage's iteration is rematerialized (its forward recomputed in the backward pass, saving what
+  # model.remat saves inside it): saved, the layers a stage picks for its repeat would be one copy of the device's
+  # layers per iteration, N R + S - 1 copies (XLA's CPU temporaries 2.7x those of this form, 8 layers of 256 x 1024).
+  run_stage = jax.checkpoint(run_stage, policy=jax.checkpoint_policies.nothing_saveable)
+  stages = jax.vmap(run_stage, spmd_axis_name=STAGE)
   s_S = jnp.arange(S)
 
   def iteration(carry, t):
@@ -154,7 +158,7 @@ def pipeline(stage_fn, layers, x_BTD, per_example, schedule: Schedule):
     item_S = t - s_S  # the item each stage works on; outside [0, N R) a bubble
     first = buffer_NMD[t % N]  # stage 0's input: a fresh micro-batch, or its output from the previous repeat
     state_SMD = _on_stages(jnp.where((s_S == 0)[:, None, None], first[None], state_SMD), mesh)
-    out_SMD = _on_stages(stages(layers_RSK, state_SMD, jnp.clip(item_S // N, 0, R - 1), item_S % N), mesh)
+    out_SMD = _on_stages(stages(layers_SRK, state_SMD, jnp.clip(item_S // N, 0, R - 1), item_S % N), mesh)
     done = t - (S - 1)  # the item the last stage finished
     slot = done % N
     kept = jnp.where(done >= 0, out_SMD[S - 1], buffer_NMD[slot])
