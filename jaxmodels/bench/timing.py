@@ -43,9 +43,9 @@ from jaxmodels.train.loop import train_and_evaluate
 
 __all__ = ["abstract_args", "compare_pure_jax", "COMPARED", "compile_point", "compile_stats", "CompileArgs",
            "data_point", "growth_exponent", "hlo_counts", "loop_point", "measure_compile", "parse_sweeps",
-           "pipeline_fields", "plot", "pure_jax_mlp_step", "regressions", "run_compile", "run_data", "run_step", "split_values", "step_point",
-           "STEPS_PER_PEAK_SAMPLE", "TABLE", "table", "time_steps", "topology_devices", "warm_cache_compile_s",
-           "write_csv", "xla_flops"]
+           "pipeline_fields", "plot", "pure_jax_mlp_step", "regressions", "run_compile", "run_data", "run_step",
+           "split_values", "step_point", "STEPS_PER_PEAK_SAMPLE", "TABLE", "table", "time_steps", "topology_devices",
+           "warm_cache_compile_s", "write_csv", "xla_flops"]
 
 STEPS_PER_PEAK_SAMPLE = 5  # steps between the CPU peak samples of `step_point`
 # Lower is better for each; --baseline compares these.
@@ -263,9 +263,9 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
 
   The step is built once from abstract inputs (`abstract_args`) and measured by `compile_stats` (its fields),
   plus `label`, with a `stage` mesh axis `pipeline_bubble` (the schedule's idle fraction,
-  `jaxmodels.parallel.pipeline.Schedule.bubble_fraction`), and the analytic `model_flops`, and without a topology `step_point`'s fields. A compile or run
-  that XLA refuses for lack of memory returns a record with fits False, the figures of XLA's message and its
-  first line as `oom`.
+  `jaxmodels.parallel.pipeline.Schedule.bubble_fraction`), and the analytic `model_flops`, and without a
+  topology `step_point`'s fields. A compile or run that XLA refuses for lack of memory returns a record with fits
+  False, the figures of XLA's message and its first line as `oom`.
   """
   devices = topology_devices(topology) if topology else None
   if topology and config.parallel.strategy == "pmap":

@@ -52,9 +52,9 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "active_mesh",
-           "BATCH_AXES", "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
-           "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
-           "process_rows", "STRATEGIES"]
+           "BATCH_AXES", "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES",
+           "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard",
+           "PmapLayout", "process_rows", "STRATEGIES"]
 
 MESH_AXES = ("stage", "data", "fsdp", "tensor")  # stage: pipeline parallelism (jaxmodels.parallel.pipeline)
 BATCH_AXES = ("data", "fsdp")
