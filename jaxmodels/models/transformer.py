@@ -408,6 +408,9 @@ class Stack(nnx.Module):
   """`config.num_layers` blocks (stacked and scanned, or a list) followed by a final norm.
 
   `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
+  Under a mesh with a `stage` axis (`jaxmodels.parallel.activation_sharding`) a `pipelined` stack (the
+  Transformer LM's) runs its scanned layers as a micro-batch pipeline (`jaxmodels.parallel.pipeline`) when
+  called without a cache; any other stack, or an unscanned one, raises ValueError there.
   """
 
   def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False,
