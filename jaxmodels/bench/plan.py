@@ -9,8 +9,10 @@ gets a memory verdict (`jaxmodels.runtime.hbm`); those that fit are ranked by XL
 estimated step time or, where XLA gives none, by FLOPs and bytes accessed per
 device. XLA's cost analysis counts a loop body once, so its figures are
 multiplied by the loops' trip counts: `train.grad_accum_steps` micro-batches
-and, for a transformer with `model.scan_layers`, `model.num_layers` layers
-(an upper bound: the embedding, head and optimizer update run once).
+and, for a transformer with `model.scan_layers`, `model.num_layers` layers (under
+a `stage` mesh axis, the pipeline's iterations times a stage's layers) (an
+upper bound: the embedding, head and optimizer update run once). `--try
+parallel.mesh=stages` proposes the pipeline-parallel meshes (`stage_meshes`).
 """
 
 import dataclasses
@@ -27,14 +29,17 @@ import jax
 
 from jaxmodels.bench import timing as bench
 from jaxmodels.config import load_experiment, validate, with_values
+from jaxmodels.config.validate import config_task
 from jaxmodels.models import flops
+from jaxmodels.parallel import pipeline
+from jaxmodels.parallel.sharding import parse_mesh
 from jaxmodels.runtime import extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 
 __all__ = ["candidates", "chip_peak_flops", "command_line", "compile_all", "compile_candidate", "default_workers",
-           "label", "loop_trips", "others", "PlanArgs", "plot", "rank", "roofline_s", "run_plan", "table", "worker",
-           "WORKER_HOST_BYTES"]
+           "label", "loop_trips", "others", "PlanArgs", "plot", "rank", "roofline_s", "run_plan", "stage_meshes",
+           "STAGE_SEARCH", "table", "worker", "WORKER_HOST_BYTES"]
 
 WORKER_HOST_BYTES = 4 * hbm.GiB  # host memory one ahead-of-time compile of a large step may hold
 
@@ -65,6 +70,45 @@ def default_workers(topology: str) -> int:
   return max(1, min(cpus // 2, available // WORKER_HOST_BYTES))
 
 
+STAGE_SEARCH = "stages"  # `--try parallel.mesh=stages`: the stage splits `stage_meshes` proposes
+
+
+def stage_meshes(config, device_count: int) -> list[str]:
+  """The `parallel.mesh` values `--try parallel.mesh=stages` stands for: `stage=S,fsdp=-1` (pipeline stages, FSDP
+  over the rest) for every S >= 2 dividing `device_count` whose schedule the config can run (S x
+  parallel.pipeline_repeats dividing model.num_layers, its micro-batches dividing the batch), fewest stages
+  first; none for another family than the Transformer LM."""
+  p, t = config.parallel, config.train
+  if config.model.family != "transformer" or config_task(config.data) != "lm":
+    return []
+  meshes = []
+  for s in range(2, device_count + 1):
+    try:
+      if device_count % s == 0:
+        pipeline.Schedule(s, p.pipeline_microbatches or s, p.pipeline_repeats).check(
+            config.model.num_layers, t.batch_size // t.grad_accum_steps)
+        meshes.append(f"stage={s},fsdp=-1")
+    except ValueError:
+      continue
+  return meshes
+
+
+def _expand_stages(config, points: list[dict], device_count: int) -> list[dict]:
+  """Each point trying `parallel.mesh=stages` replaced by one point per `stage_meshes` value (a jit strategy)."""
+  out = []
+  for point in points:
+    if point.get("parallel.mesh") != STAGE_SEARCH:
+      out.append(point)
+      continue
+    c = with_values(config, {k: v for k, v in point.items() if k != "parallel.mesh"})
+    strategy = {} if c.parallel.strategy in ("dp", "fsdp", "tp") else {"parallel.strategy": "fsdp"}
+    out += [{**point, **strategy, "parallel.mesh": mesh} for mesh in stage_meshes(c, device_count)]
+  if not out:
+    raise UserError(f"--try parallel.mesh={STAGE_SEARCH}: no stage split of the {device_count} devices fits the "
+                    f"layers and batch (or the model is not the Transformer LM)")
+  return out
+
+
 def candidates(config, a: PlanArgs) -> list[dict]:
   """The points to compile, each a {key: value} dict, every one validated. Raises UserError."""
   points = bench.parse_sweeps(config, a.tries, flag="--try")
@@ -72,6 +116,9 @@ def candidates(config, a: PlanArgs) -> list[dict]:
     if any("train.batch_size" in p for p in points):
       raise UserError("--global-batch and --try train.batch_size=...: give one of them")
     points = [{**p, "train.batch_size": a.global_batch} for p in points]
+  if any(p.get("parallel.mesh") == STAGE_SEARCH for p in points):
+    points = _expand_stages(config, points, len(bench.topology_devices(a.topology)) if a.topology
+                            else jax.device_count())
   for point in points:
     c = with_values(config, point)
     try:
@@ -100,8 +147,14 @@ def command_line(a: PlanArgs, point: dict) -> str:
 
 
 def loop_trips(config) -> int:
-  """How many times the loops XLA's cost analysis counts once run per step (see the module docstring)."""
+  """How many times the loops XLA's cost analysis counts once run per step (see the module docstring); under a
+  `stage` axis the pipeline's iterations times each stage's layers."""
   layers = config.model.num_layers if config.model.family == "transformer" and config.model.scan_layers else 1
+  p = config.parallel
+  stages = parse_mesh(p.mesh, p.strategy)["stage"]
+  if stages > 1 and layers > 1:
+    schedule = pipeline.Schedule(stages, p.pipeline_microbatches or stages, p.pipeline_repeats)
+    layers = schedule.iterations * layers // (stages * schedule.repeats)
   return config.train.grad_accum_steps * layers
 
 
@@ -133,6 +186,7 @@ def compile_candidate(config, topology: str) -> dict:
       "bytes_accessed_per_device": trips * float(cost.get("bytes accessed", math.nan)),
       "xla_step_s": trips * seconds if seconds > 0 else None,  # XLA gives -1 or a negative figure when it has none
       "model_flops": exp.model_flops, "device_kind": devices[0].device_kind, "device_count": len(devices),
+      **bench.pipeline_fields(config, exp),
   }
 
 
@@ -309,8 +363,8 @@ def run_plan(config, a: PlanArgs, log=print) -> int:
   if ranked:
     log(f"best setting:\n  {command_line(a, ranked[0]['config'])}")
   else:
-    log("no setting fits: try more FSDP (parallel.strategy=fsdp), model.remat=full, a larger "
-        "train.grad_accum_steps or a smaller batch")
+    log("no setting fits: try more FSDP (parallel.strategy=fsdp), pipeline stages (--try parallel.mesh=stages), "
+        "model.remat=full, a larger train.grad_accum_steps or a smaller batch")
   if a.out:
     storage.path(a.out).write_text(json.dumps({"ranked_by": ranked_by, "topology": a.topology,
                                                "best": ranked[0]["config"] if ranked else None,

@@ -34,6 +34,7 @@ import optax
 
 from jaxmodels.config import parse_override, validate, with_values
 from jaxmodels.models import flops
+from jaxmodels.parallel import pipeline
 from jaxmodels.runtime import compilation, extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.runtime.host import accelerator_present
@@ -41,16 +42,16 @@ from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
 
 __all__ = ["abstract_args", "compare_pure_jax", "COMPARED", "compile_point", "compile_stats", "CompileArgs",
-           "data_point", "growth_exponent", "hlo_counts", "loop_point", "measure_compile", "parse_sweeps", "plot",
-           "pure_jax_mlp_step", "regressions", "run_compile", "run_data", "run_step", "split_values", "step_point",
-           "STEPS_PER_PEAK_SAMPLE", "TABLE", "table", "time_steps", "topology_devices", "warm_cache_compile_s",
-           "write_csv", "xla_flops"]
+           "data_point", "growth_exponent", "hlo_counts", "loop_point", "measure_compile", "parse_sweeps",
+           "pipeline_fields", "plot", "pure_jax_mlp_step", "regressions", "run_compile", "run_data", "run_step",
+           "split_values", "step_point", "STEPS_PER_PEAK_SAMPLE", "TABLE", "table", "time_steps", "topology_devices",
+           "warm_cache_compile_s", "write_csv", "xla_flops"]
 
 STEPS_PER_PEAK_SAMPLE = 5  # steps between the CPU peak samples of `step_point`
 # Lower is better for each; --baseline compares these.
 COMPARED = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "step_s", "temp_bytes", "hlo_ops")
 TABLE = ("trace_s", "lower_s", "compile_s", "warm_cache_compile_s", "hlo_ops", "fusions", "flops", "temp_bytes",
-         "needed_bytes", "headroom_bytes", "fits", "step_s")
+         "needed_bytes", "headroom_bytes", "fits", "step_s", "pipeline_bubble")
 
 
 def topology_devices(name: str):
@@ -248,21 +249,30 @@ def compile_stats(fn, *args, repeat: int = 3, topology: str | None = None, **kwa
   return measure_compile(fn, args, kwargs, repeat, devices, topology)[0]
 
 
+def pipeline_fields(config, exp) -> dict:
+  """{'pipeline_bubble': (stages - 1) / (microbatches x repeats + stages - 1)} for an experiment whose mesh has a
+  `stage` axis (`jaxmodels.parallel.pipeline.Schedule.bubble_fraction`), else {}."""
+  p = config.parallel
+  schedule = pipeline.schedule_for(getattr(exp.layout, "mesh", None), p.pipeline_microbatches, p.pipeline_repeats)
+  return {} if schedule is None else {"pipeline_bubble": schedule.bubble_fraction}
+
+
 def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
                   label: str = "point", steps: int = 10) -> dict:
   """Compile (and, without a topology, run) the experiment's train step; returns one results record.
 
   The step is built once from abstract inputs (`abstract_args`) and measured by `compile_stats` (its fields),
-  plus `label` and the analytic `model_flops`, and without a topology `step_point`'s fields. A compile or run
-  that XLA refuses for lack of memory returns a record with fits False, the figures of XLA's message and its
-  first line as `oom`.
+  plus `label`, with a `stage` mesh axis `pipeline_bubble` (the schedule's idle fraction,
+  `jaxmodels.parallel.pipeline.Schedule.bubble_fraction`), and the analytic `model_flops`, and without a
+  topology `step_point`'s fields. A compile or run that XLA refuses for lack of memory returns a record with fits
+  False, the figures of XLA's message and its first line as `oom`.
   """
   devices = topology_devices(topology) if topology else None
   if topology and config.parallel.strategy == "pmap":
     raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
   exp = build_experiment(config, devices=devices)
   stats, lowered, compiled = measure_compile(exp.train_step, abstract_args(exp), {}, repeat, devices, topology)
-  record = {"label": label, **stats}
+  record = {"label": label, **stats, **pipeline_fields(config, exp)}
   if compiled is None:
     return record
   record["model_flops"] = exp.model_flops

@@ -31,6 +31,7 @@ compile: for every point of the sweep (the cartesian product of the --sweep
 lists), builds the experiment's train step from abstract inputs and reports
 trace_s, lower_s, compile_s (medians of R cold runs), hlo_ops, fusions, flops,
 bytes_accessed, argument/output/alias/temp/generated_code bytes, warm_cache_compile_s,
+pipeline_bubble (with a `stage` mesh axis: (stages - 1) / (microbatches x repeats + stages - 1)),
 the memory verdict (needed_bytes per device, device_memory_bytes, headroom_bytes,
 fits: true, false, or null where the device's memory is unknown, as on a CPU; a
 step XLA refuses for lack of memory is a fits: false point), and, unless

@@ -225,7 +225,14 @@ def default_config() -> config_dict.ConfigDict:
   c.parallel.dcn_mesh = ""
   # Logical parameter axis -> mesh axis (None: not split).
   c.parallel.rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
-                      ("conv_in", None), ("conv_out", "fsdp"), ("layers", None))
+                      ("conv_in", None), ("conv_out", "fsdp"), ("layers", "stage"))
+  # Pipeline parallelism over the mesh axis `stage` (e.g. parallel.mesh="stage=4,data=2"; the Transformer LM with
+  # scanned layers only; jaxmodels/parallel/pipeline.py): micro-batches per step (0: one per stage; at least
+  # the stage count, dividing train.batch_size / train.grad_accum_steps) and the circular schedule's repeats R
+  # (each device runs R non-adjacent stages; stage x R divides model.num_layers). Idle (bubble) fraction:
+  # (stages - 1) / (microbatches x R + stages - 1).
+  c.parallel.pipeline_microbatches = 0
+  c.parallel.pipeline_repeats = 1
   # Logical activation axis -> mesh axis, tuple of mesh axes, or None (not split). Pins the
   # activations (MaxText's names) so each device computes on its share of the batch; under fsdp
   # the weights are then gathered, never the batch. A dimension the axes do not divide stays whole.

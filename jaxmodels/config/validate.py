@@ -18,6 +18,7 @@ from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
+from jaxmodels.parallel import pipeline
 from jaxmodels.parallel.sharding import (
   MESH_AXES,
   STRATEGIES,
@@ -155,6 +156,7 @@ PARALLEL_RULES = {
     "parallel.coordinator_address": (lambda v: not v or re.fullmatch(r"[^\s:]+:[0-9]+", v) is not None,
                                      "empty or HOST:PORT"),
     "parallel.init_timeout_s": POSITIVE_REAL, "parallel.heartbeat_timeout_s": POSITIVE_REAL,
+    "parallel.pipeline_microbatches": NON_NEGATIVE, "parallel.pipeline_repeats": POSITIVE,
 }
 
 
@@ -216,6 +218,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_model(config, task)
   _check_train(config)
   _check_parallel(config.parallel)
+  _check_pipeline(config, task)
 
 
 def _derived_rules(config, task: str) -> dict:
@@ -288,6 +291,25 @@ def _check_parallel(p) -> None:
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
   activation_rules(p.activation_rules)
+
+
+def _check_pipeline(config, task: str) -> None:
+  """A `stage` mesh axis: the family, layers and batch sizes its schedule needs (jaxmodels.parallel.pipeline)."""
+  p, m, t = config.parallel, config.model, config.train
+  stages = parse_mesh(p.mesh, p.strategy)["stage"]
+  if stages in (1, -1):
+    return
+  if p.strategy == "pmap":
+    raise UserError(f"parallel.mesh={p.mesh!r}: pipeline stages need a jit strategy (dp, fsdp or tp), not pmap")
+  if m.family != "transformer" or task != "lm" or not m.scan_layers:
+    raise UserError(f"parallel.mesh={p.mesh!r}: pipeline parallelism (stage={stages}) runs the Transformer LM "
+                    f"(model.family=transformer, a language-model data.source) with model.scan_layers=True only")
+  schedule = pipeline.Schedule(stages, p.pipeline_microbatches or stages, p.pipeline_repeats)
+  try:
+    schedule.check(m.num_layers, t.batch_size // t.grad_accum_steps)
+    schedule.check(m.num_layers, t.eval_batch_size)
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 def expand_preset(config: config_dict.ConfigDict) -> None:

@@ -52,6 +52,7 @@ from jaxmodels.models.layers import (
   require,
   resolve,
 )
+from jaxmodels.parallel import pipeline
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
@@ -407,10 +408,15 @@ class Stack(nnx.Module):
   """`config.num_layers` blocks (stacked and scanned, or a list) followed by a final norm.
 
   `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
+  Under a mesh with a `stage` axis (`jaxmodels.parallel.activation_sharding`) a `pipelined` stack (the
+  Transformer LM's) runs its scanned layers as a micro-batch pipeline (`jaxmodels.parallel.pipeline`) when
+  called without a cache; any other stack, or an unscanned one, raises ValueError there.
   """
 
-  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False):
+  def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False,
+               pipelined=False):
     c = config
+    self.pipelined = pipelined  # runs as a pipeline over a `stage` mesh axis (jaxmodels.parallel.pipeline)
     block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, d_ff=c.d_ff, causal=causal, norm=c.norm,
                         mlp=c.mlp, rotary_positions=rotary_positions, implementation=c.attention_impl,
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
@@ -452,13 +458,31 @@ class Stack(nnx.Module):
         shared["memory_MD"] = constrain(memory_BSD.reshape(-1, D), (BATCH, EMBED))
         shared["positions_BS"] = jnp.broadcast_to(jnp.arange(memory_BSD.shape[1]), memory_BSD.shape[:2])
 
-    def apply(graphdef, state, x, cache, key, i, kv):
+    def apply(graphdef, state, x, cache, key, i, kv, positions=positions_BT, mask=mask_B1TS):
       block = nnx.merge(graphdef, state)
-      return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
+      return block(x, positions, mask, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
                    layer=i, cross=None if shared is None else {**shared, **(kv or {})})
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
+    schedule = pipeline.active_schedule() if cache is None else None
+    if schedule is not None:  # a `stage` mesh axis: the layers run as a micro-batch pipeline over it
+      if not (self.pipelined and self.scan_layers):
+        raise ValueError(f"pipeline parallelism (mesh axis stage={schedule.stages}) runs the Transformer LM "
+                         f"with scanned layers (model.scan_layers=True) only")
+      graphdef, state = nnx.split(self.blocks)
+
+      def stage(layers_K, rows_MD, per_example, microbatch):
+        def body(rows, xs):
+          state_l, key_l, i = xs
+          key_l = None if key_l is None else jax.random.fold_in(key_l, microbatch)  # a mask per micro-batch
+          return apply(graphdef, state_l, rows, None, key_l, i, None, **per_example)[0], None
+        return jax.lax.scan(body, rows_MD, layers_K)[0]
+
+      per_example = {"positions": positions_BT, "mask": mask_B1TS}
+      x_BTD = pipeline.pipeline(stage, (state, keys_L, jnp.arange(self.num_layers)), x_MD.reshape(B, T, D),
+                                per_example, schedule)
+      return constrain(self.final_norm(x_BTD.reshape(B * T, D)).reshape(B, T, D), (ROWS, LENGTH, EMBED)), None
     if self.scan_layers:
       graphdef, state = nnx.split(self.blocks)
 
@@ -518,7 +542,7 @@ class TransformerLM(nnx.Module):
                                 embedding_metadata=axes(None, "embed"), rngs=rngs)
                       if c.positions == "learned" else None)
     self.stack = Stack(c, causal=True, rotary_positions=c.positions == "rotary", dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       param_dtype=param_dtype, rngs=rngs, pipelined=True)
     self.head = (None if c.tie_embeddings else
                  nnx.Linear(d, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                             kernel_metadata=axes("embed", "vocab"), rngs=rngs))

@@ -4,10 +4,12 @@
 `data`, parameters replicated), `fsdp` (parameters and optimizer state sharded
 over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
 attention heads and MLPs over `tensor`, with sequence parallelism between them;
-combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
+combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step). A `stage`
+mesh axis adds pipeline parallelism to the jit strategies (`jaxmodels.parallel.pipeline`).
 """
 
 from jaxmodels.parallel.distributed import initialize
+from jaxmodels.parallel.pipeline import Schedule, pipeline_schedule
 from jaxmodels.parallel.sharding import (
                                          ACTIVATION_AXES,
                                          MESH_AXES,
@@ -27,4 +29,4 @@ from jaxmodels.parallel.sharding import (
 
 __all__ = ["ACTIVATION_AXES", "MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "activation_sharding",
            "constrain", "fetch", "initialize", "make_mesh", "opt_state_shardings",
-           "param_shardings", "partition_specs", "per_device_bytes", "process_rows"]
+           "param_shardings", "partition_specs", "per_device_bytes", "pipeline_schedule", "process_rows", "Schedule"]

@@ -165,6 +165,9 @@ def build_experiment(config, devices=None) -> Experiment:
     state_sh = layout.state_shardings(TrainState, abstract_state, tx)
     teacher = distill.load_teacher(config, dataset, layout)  # train.distill.teacher, or None
     train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset), teacher)
+    # A `stage` mesh axis runs the layers as a pipeline of parallel.pipeline_microbatches (parallel.pipeline).
+    scheduled = parallel.pipeline_schedule(config.parallel.pipeline_microbatches, config.parallel.pipeline_repeats)
+    train_fn, eval_fn = scheduled(train_fn), scheduled(eval_fn)
     # Traced with the activations pinned to the mesh (parallel.constrain): each device computes its rows.
     pinned = parallel.activation_sharding(mesh, config.parallel.activation_rules)
     teacher_sh = () if teacher is None else (teacher.shardings,)

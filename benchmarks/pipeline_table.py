@@ -1,0 +1,70 @@
+"""What pipeline parallelism (the `stage` mesh axis) holds and moves per device, read from the compiled train step.
+
+    python benchmarks/pipeline_table.py [--devices 8] [--layers 8] [--d-model 256] [--batch 64] [--seq-len 64]
+
+Compiles (never runs) the text transformer's train step (scanned layers, d_ff 4 x d_model) under dp, fsdp and
+stage=4 x data=2 (4 and 8 micro-batches, 1 and 2 repeats of the circular schedule) on simulated CPU devices.
+Prints per device: the parameter bytes the compiled step takes (its input shardings' shard shapes), the
+state it takes (XLA's argument bytes: parameters, Adam's moments, the batch), temporaries, the optimized
+HLO's collective permutes and all-gathers, and the schedule's bubble (stages - 1) / (microbatches x repeats +
+stages - 1).
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINTS = (("dp", "", 0, 1), ("fsdp", "", 0, 1), ("dp", "stage=4,data=2", 4, 1), ("dp", "stage=4,data=2", 8, 2))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--devices", type=int, default=8)
+  parser.add_argument("--layers", type=int, default=8)
+  parser.add_argument("--d-model", type=int, default=256)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--seq-len", type=int, default=64)
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from jaxmodels.bench.timing import abstract_args, pipeline_fields  # pylint: disable=import-outside-toplevel
+  from jaxmodels.config import load_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
+
+  print(f"text transformer: {args.layers} scanned layers, d_model {args.d_model}, d_ff {4 * args.d_model}, batch "
+        f"{args.batch} x {args.seq_len} tokens; {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}")
+  print(f"{'setting':<34} {'param MiB/device':>16} {'args MiB/device':>15} {'temp MiB/device':>15} "
+        f"{'permutes':>8} {'all-gathers':>11} {'bubble':>6}")
+  for strategy, mesh, microbatches, repeats in POINTS:
+    config = load_experiment(os.path.join(ROOT, "experiments", "text_transformer.py"))
+    config.data.seq_len = args.seq_len
+    config.model.update(dict(num_layers=args.layers, d_model=args.d_model, d_ff=4 * args.d_model,
+                             max_len=args.seq_len))
+    config.train.update(dict(batch_size=args.batch, eval_batch_size=args.batch))
+    config.parallel.update(dict(strategy=strategy, mesh=mesh, pipeline_microbatches=microbatches,
+                                pipeline_repeats=repeats))
+    exp = build_experiment(config)
+    state, batch = abstract_args(exp)
+    compiled = exp.train_step.lower(state, batch).compile()
+    shardings = compiled.input_shardings[0][0].params
+    param_bytes = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                      for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings)))
+    text, memory = compiled.as_text(), compiled.memory_analysis()
+    permutes = len(re.findall(r"\scollective-permute(?:-start)?\(", text))
+    gathers = len(re.findall(r"\sall-gather(?:-start)?\(", text))
+    bubble = pipeline_fields(config, exp).get("pipeline_bubble")
+    label = f"{strategy} {mesh}".strip() + (f" microbatches={microbatches} repeats={repeats}" if mesh else "")
+    print(f"{label:<34} {param_bytes / 2**20:>16.2f} {memory.argument_size_in_bytes / 2**20:>15.2f} "
+          f"{memory.temp_size_in_bytes / 2**20:>15.2f} {permutes:>8} {gathers:>11} "
+          f"{'-' if bubble is None else f'{bubble:.3f}':>6}")
+
+
+if __name__ == "__main__":
+  main()
