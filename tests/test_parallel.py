@@ -355,3 +355,11 @@ def test_param_and_optimizer_state_shardings_for_any_pytree():
   state = jax.jit(optax.adam(1e-3).init, out_shardings=adam)(
       {k: np.zeros(v.shape, v.dtype) for k, v in params.items()})
   assert state[0].mu["w"].sharding.spec == P("fsdp", None)
+
+
+def test_single_strategy_in_a_multi_process_job_is_a_one_line_error(monkeypatch):
+  # Only process 0's first device would be in the mesh: the others had no rows to load (a traceback in
+  # process_rows, 'need at least one array to concatenate').
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="parallel.strategy=single runs on one device, but this job has 2 processes"):
+    parallel.make_mesh(strategy="single")

@@ -103,6 +103,9 @@ def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None
   if strategy == "single":
     if mesh:
       raise UserError("parallel.strategy=single runs on one device: leave parallel.mesh empty")
+    if jax.process_count() > 1:
+      raise UserError(f"parallel.strategy=single runs on one device, but this job has {jax.process_count()} "
+                      f"processes, each of which must feed devices of the mesh: choose dp, fsdp or tp")
     devices = devices[:1]
   sizes = parse_mesh(mesh, strategy)
   fill = [a for a, n in sizes.items() if n == -1]
