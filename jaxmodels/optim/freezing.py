@@ -13,6 +13,7 @@ everything trains). Two pieces use it, and both must get the same one (the CLI a
   gradient of a frozen weight is ever computed (its zero gradient is a constant the optimizer never reads).
 """
 
+import math
 import re
 from typing import Callable
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-__all__ = ["ADAPTERS", "freeze", "from_config", "is_adapter", "lr_multipliers", "matches", "merge_trainable", "path_name", "split_trainable",
+__all__ = ["ADAPTERS", "describe", "freeze", "from_config", "is_adapter", "lr_multipliers", "matches", "merge_trainable", "path_name", "split_trainable",
            "trainable_filter", "trainable_mask"]
 
 ADAPTERS = ("lora_a", "lora_b")  # the leaf names of LoRA's adapter matrices (jaxmodels.models.lora)
@@ -105,3 +106,15 @@ def lr_multipliers(pairs) -> optax.GradientTransformation:
     return u if m == 1.0 else (u * jnp.asarray(m, u.dtype))
 
   return optax.stateless(lambda updates, _params: jax.tree_util.tree_map_with_path(scale, updates))
+
+
+def describe(params, opt_state, trainable: Callable[[str], bool]) -> str:
+  """One line: how many of `params`' scalars train under `trainable`, and the optimizer state's size in bytes
+  (`params`, `opt_state`: arrays or ShapeDtypeStructs)."""
+  size = lambda x: math.prod(x.shape)
+  total = sum(size(x) for x in jax.tree.leaves(params))
+  trained = sum(size(x) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, trainable)))
+                if t)
+  state_bytes = sum(size(x) * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+  return (f"{trained:,} of {total:,} parameters train ({100 * trained / total:.2g}%; train.freeze, train.lora); "
+          f"optimizer state {state_bytes:,} bytes")

@@ -18,7 +18,7 @@ from jaxmodels import parallel
 from jaxmodels.compress import quantization
 from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset_from_config, loader
 from jaxmodels.models import build_model, flops, lora
-from jaxmodels.optim import make_optimizer_from_config, precision
+from jaxmodels.optim import freezing, make_optimizer_from_config, precision
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.runtime.errors import UserError
@@ -146,6 +146,8 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
+  if trainable := freezing.from_config(t):
+    notices.append(freezing.describe(abstract_state.params, abstract_state.opt_state, trainable))
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset, layout.axis_name))
