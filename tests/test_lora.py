@@ -18,6 +18,7 @@ from jaxmodels.optim import freezing, make_optimizer
 from jaxmodels.runs.export import export, load_run_model
 from jaxmodels.runs.state import split_model
 from jaxmodels.runtime.errors import UserError
+from jaxmodels.tools.compress import compress
 from jaxmodels.train import Trainer
 from jaxmodels.train.experiment import build_experiment
 from jaxmodels.train.loop import train_and_evaluate
@@ -92,6 +93,9 @@ def test_merged_export_matches_the_unmerged_model_and_keep_adapters_keeps_them(r
   kept = jaxmodels.load_model(export(tuned, str(tmp_path / "kept"), merge_lora=False))
   assert isinstance(kept.out, LoRALinear)
   np.testing.assert_array_equal(kept(x), unmerged(x))
+  compress(tuned, "prune", str(tmp_path / "pruned"), sparsity=0.5, repeats=1)  # compresses the merged model
+  pruned = jaxmodels.load_model(str(tmp_path / "pruned"))
+  assert type(pruned.out) is nnx.Linear and float(jnp.mean(pruned.out.kernel[...] == 0)) == 0.5
 
 
 def test_lora_run_resumes_exactly(runs, tmp_path):

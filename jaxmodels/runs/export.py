@@ -87,14 +87,8 @@ def export(workdir, out, merge_lora: bool = True) -> str:
   """
   refuse_existing(out)
   model = load_run_model(workdir)
-  merged = merge_lora and any(isinstance(m, lora.LoRALinear) for _, m in nnx.iter_modules(model))
-  save_model(out, lora.merge_lora(model) if merged else model)
-  copy_run_files(workdir, out)
-  if merged:  # the export rebuilds as the plain model
-    config_file = storage.path(out) / "config.json"
-    saved = json.loads(config_file.read_text())
-    saved["train"]["lora"]["rank"] = 0
-    config_file.write_text(json.dumps(saved, indent=2))
+  save_model(out, lora.merge_lora(model) if merge_lora else model)
+  copy_run_files(workdir, out, lora_merged=merge_lora)
   return str(out)
 
 
@@ -104,12 +98,19 @@ def refuse_existing(out) -> None:
     raise UserError(f"--out {out} already exists")
 
 
-def copy_run_files(workdir, out) -> None:
-  """Copies the RUN_FILES that `workdir` has into the export `out` (either local or gs://)."""
+def copy_run_files(workdir, out, lora_merged: bool = False) -> None:
+  """Copies the RUN_FILES that `workdir` has into the export `out` (either local or gs://). `lora_merged`: `out`
+  holds the model with any LoRA adapters merged (jaxmodels.models.lora.merge_lora), so its config says
+  `train.lora.rank=0` and it rebuilds as the plain model."""
   for name in RUN_FILES:
     source = storage.path(workdir) / name
     if source.is_file():
-      (storage.path(out) / name).write_text(source.read_text())
+      text = source.read_text()
+      if name == "config.json" and lora_merged and json.loads(text).get("train", {}).get("lora", {}).get("rank"):
+        saved = json.loads(text)
+        saved["train"]["lora"]["rank"] = 0
+        text = json.dumps(saved, indent=2)
+      (storage.path(out) / name).write_text(text)
 
 
 def save_params(out, params: dict, model_state: dict) -> None:
