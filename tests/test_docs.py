@@ -215,7 +215,7 @@ def test_pages_with_commands():
   or only repeat another's."""
   assert [name(p) for p in RUN] == [
       "README.md", "docs/benchmarks.md", "docs/checkpoints.md", "docs/compression.md", "docs/data-in-a-bucket.md",
-      "docs/data.md", "docs/experiments.md", "docs/library.md", "docs/models.md", "docs/tpu.md"]
+      "docs/data.md", "docs/experiments.md", "docs/finetuning.md", "docs/library.md", "docs/models.md", "docs/tpu.md"]
   for page, other in REPEATS.items():
     commands, others = page_commands(os.path.join(ROOT, page)), iter(page_commands(os.path.join(ROOT, other)))
     assert commands and all(c in others for c in commands), f"{page} runs what {other} does not"

@@ -14,6 +14,7 @@ from jaxmodels.models import CNN, TransformerConfig, TransformerLM
 from jaxmodels.models.transformer import scan_to_unrolled
 from jaxmodels.optim import (
   decay_mask,
+  freezing,
   make_optimizer,
   make_optimizer_from_config,
   make_schedule,
@@ -171,8 +172,11 @@ def test_factory_defaults_are_the_configs_and_typos_are_type_errors():
   t = default_config().train
   for fn in (make_optimizer, make_schedule):
     params = inspect.signature(fn).parameters
-    assert {k: p.default for k, p in params.items() if k != "prune"} == {k: t[k] for k in params if k != "prune"}
+    not_keys = ("prune", "trainable")
+    assert {k: p.default for k, p in params.items() if k not in not_keys} == {k: t[k] for k in params
+                                                                              if k not in not_keys}
   assert inspect.signature(make_optimizer).parameters["prune"].default is pruning.from_config(t) is None
+  assert inspect.signature(make_optimizer).parameters["trainable"].default is freezing.from_config(t) is None
   with pytest.raises(TypeError, match="learnig_rate"):
     make_optimizer(learnig_rate=1.0)
   with pytest.raises(TypeError, match="warmup"):

@@ -199,6 +199,22 @@ def default_config() -> config_dict.ConfigDict:
   # the embeddings (a tied LM head is the embedding); add e.g. |out|head to keep a final layer in float, as is
   # common at 4 bits. Convolutions always quantize their inputs too (qwix's integer conv needs both operands).
   c.train.quantization.exclude = "(.*/)?(pos_)?embed"
+  # Fine-tuning (jaxmodels.optim.freezing). Patterns are regexes searched in parameter paths, names joined by '/'
+  # (stack/blocks/attn/query/kernel, embed/embedding, layers/0/bias), as parallel.fallback_rules.
+  c.train.freeze = ()  # parameters frozen: no gradient, no update, no optimizer state (e.g. ("embed", "stack/blocks"))
+  # (pattern, multiplier) pairs: a parameter's updates are scaled by the multiplier of the first pattern found in
+  # its path (1 where none is), e.g. (("embed", 0.1),); 0 leaves it unchanged but, unlike train.freeze, keeps its
+  # optimizer state.
+  c.train.lr_multipliers = ()
+  # LoRA (Hu et al. 2021; jaxmodels.models.lora): each selected Linear layer's kernel W is frozen and learns
+  # W + (alpha / rank) A B instead, A (in, rank) and B (rank, out) the only trained parameters (every other
+  # parameter frozen too, without optimizer state). Checkpoints hold W, A and B; `jaxmodels export` merges them.
+  c.train.lora = config_dict.ConfigDict()
+  c.train.lora.rank = 0  # r: 0 = off; Hu et al. use 1-64 (4 and 8 most)
+  c.train.lora.alpha = 16.0  # the update's scale is alpha / rank (so a rank change needs no new learning rate)
+  # Regexes over the Linear layers' kernel paths: adapted where one is found. Default: attention's query and value
+  # projections (Hu et al.); all of a Transformer's: ("attn", "mlp"); an MLP's: ("hidden", "out").
+  c.train.lora.targets = ("query", "value")
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 500  # steps between async saves (the last step is always saved); 0: only the last

@@ -142,6 +142,13 @@ TRAIN_RULES = {
     "train.pruning.every": POSITIVE, "train.distill.temperature": POSITIVE_REAL, "train.distill.alpha": FRACTION,
     "train.quantization.bits": one_of((0, 4, 8)),
     "train.quantization.exclude": (_is_regex, "a regex of module paths"),
+    "train.freeze": (lambda v: isinstance(v, (tuple, list)) and all(map(_is_regex, v)), "a tuple of regexes"),
+    "train.lr_multipliers": (lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and _is_regex(p[0]) and NON_NEGATIVE_REAL[0](p[1]) for p in v),
+                             "a tuple of (regex, multiplier >= 0) pairs"),
+    "train.lora.rank": NON_NEGATIVE, "train.lora.alpha": POSITIVE_REAL,
+    "train.lora.targets": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_is_regex, v)),
+                           "a non-empty tuple of regexes"),
 }
 
 
@@ -273,6 +280,9 @@ def _check_train(config) -> None:
                     "quantization scales in the compute dtype and replaces one under sqrt(float16's smallest "
                     "normal) = 0.0078 by 1, which rounds a typical weight to 0; train quantization-aware in "
                     "float32 or bfloat16")
+  if t.lora.rank and t.quantization.bits:
+    raise UserError(f"train.lora.rank={t.lora.rank} with train.quantization.bits={t.quantization.bits}: LoRA "
+                    f"adapts float kernels; quantization-aware training of a LoRA run is not supported")
   if t.distill.teacher and config.parallel.strategy == "pmap":
     raise UserError("train.distill.teacher is set but parallel.strategy=pmap cannot take the teacher: use dp or fsdp")
   if t.batch_size % t.grad_accum_steps:

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmodels.config import default_config, to_json
+from jaxmodels.models import lora
 from jaxmodels.models.transformer import (
   TransformerConfig,
   TransformerLM,
@@ -345,7 +346,7 @@ def export_hf(model_path: str, out: str) -> str:
   """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`."""
   save_file = extras.require("safetensors.numpy", "export-hf").save_file
   refuse_existing(out)
-  model = load_trained_model(model_path)
+  model = lora.merge_lora(load_trained_model(model_path))  # a LoRA run's adapters merged into its kernels
   if not isinstance(model, TransformerLM):
     raise UserError(f"{model_path} holds a {type(model).__name__}: only Transformer language models export")
   kind = hf_kind(model.config)

@@ -18,11 +18,13 @@ naming the sizes. `count_params(model)` counts a model's parameters. `build_mode
 maps the flat `model.*` config group onto the family's dataclass (`family_config`). Each module class names its
 config (`TransformerLM.Config`) and the data it models (`tasks`): the protocol of `registry`, which holds the
 families by name (`FAMILIES`, `register`) and resolves your own module by import path (`get_family`).
+`apply_lora` adds LoRA adapters to any module's Linear layers and `merge_lora` folds them back in (`lora`).
 """
 
 from jaxmodels.models import presets
 from jaxmodels.models.cnn import CNN, CNNConfig
 from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
+from jaxmodels.models.lora import LoRALinear, apply_lora, merge_lora
 from jaxmodels.models.mlp import MLP, MLPConfig
 from jaxmodels.models.params import count_params
 from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
@@ -35,7 +37,8 @@ from jaxmodels.models.transformer import (
 )
 from jaxmodels.models.vit import ViT, ViTConfig
 
-__all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
-           "RecurrentClassifier", "RecurrentLM",
+__all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LoRALinear", "LSTMConfig", "MLP",
+           "MLPConfig", "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
-           "build_family", "build_model", "count_params", "family_config", "get_family", "presets", "register"]
+           "apply_lora", "build_family", "build_model", "count_params", "family_config", "get_family", "merge_lora",
+           "presets", "register"]

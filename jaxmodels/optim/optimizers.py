@@ -13,7 +13,7 @@ import inspect
 
 import optax
 
-from jaxmodels.optim import pruning
+from jaxmodels.optim import freezing, pruning
 from jaxmodels.optim.decay import decay_mask
 from jaxmodels.runtime.errors import UserError
 
@@ -54,8 +54,8 @@ def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warm
 def make_optimizer(*, optimizer: str = "adamw", learning_rate: float = 1e-3, schedule: str = "cosine",
                    warmup_steps: int = 0, steps: int = 1000, end_lr_fraction: float = 0.0, weight_decay: float = 0.0,
                    decay_embeddings: bool = True, momentum: float = 0.9, nesterov: bool = False, b1: float = 0.9,
-                   b2: float = 0.999, grad_clip: float = 0.0,
-                   prune: optax.GradientTransformation | None = None
+                   b2: float = 0.999, grad_clip: float = 0.0, lr_multipliers=(),
+                   prune: optax.GradientTransformation | None = None, trainable=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, learning-rate schedule): `optimizer` (adamw | adam | sgd) on `make_schedule`'s rates.
 
@@ -65,6 +65,11 @@ def make_optimizer(*, optimizer: str = "adamw", learning_rate: float = 1e-3, sch
   and `b2` adam's and adamw's; `grad_clip` > 0 clips the gradients' global norm first. `prune`: a transformation
   chained last, e.g. `pruning.magnitude_pruning(0.5)`. A misspelled keyword is a TypeError; an unknown optimizer
   or schedule a UserError.
+
+  Fine-tuning (jaxmodels.optim.freezing): `lr_multipliers`, (regex, multiplier) pairs, scale the updates of the
+  parameters whose path a regex occurs in (the first pair that matches; `train.lr_multipliers`); `trainable`, a
+  trainable filter (`freezing.trainable_filter`, e.g. `train.freeze`'s patterns or a LoRA run's adapters), leaves
+  the other parameters unchanged and keeps no optimizer state for them.
   """
   lr = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
                      end_lr_fraction=end_lr_fraction)
@@ -82,14 +87,17 @@ def make_optimizer(*, optimizer: str = "adamw", learning_rate: float = 1e-3, sch
     raise UserError(f"train.optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
   if grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  if lr_multipliers:
+    tx = optax.chain(tx, freezing.lr_multipliers(lr_multipliers))
   if prune is not None:  # last: it zeroes the pruned weights' final updates (params + updates = 0 there)
     tx = optax.chain(tx, prune)
-  return tx, lr
+  return freezing.freeze(tx, trainable), lr
 
 
 def _train_keys(fn, t) -> dict:
-  """The `train.*` values of group `t` that `fn` takes as keyword arguments (all of its parameters but `prune`)."""
-  return {name: t[name] for name in inspect.signature(fn).parameters if name != "prune"}
+  """The `train.*` values of group `t` that `fn` takes as keyword arguments (all of its parameters but `prune` and
+  `trainable`)."""
+  return {name: t[name] for name in inspect.signature(fn).parameters if name not in ("prune", "trainable")}
 
 
 def make_schedule_from_config(t) -> optax.Schedule:
@@ -98,5 +106,7 @@ def make_schedule_from_config(t) -> optax.Schedule:
 
 
 def make_optimizer_from_config(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`make_optimizer` of the `train.*` config group `t`, magnitude pruning (`train.pruning`) included."""
-  return make_optimizer(**_train_keys(make_optimizer, t), prune=pruning.from_config(t))
+  """`make_optimizer` of the `train.*` config group `t`, magnitude pruning (`train.pruning`) and the trainable
+  filter (`train.freeze`, `train.lora`; freezing.from_config) included."""
+  return make_optimizer(**_train_keys(make_optimizer, t), prune=pruning.from_config(t),
+                        trainable=freezing.from_config(t))

@@ -240,7 +240,10 @@ def opt_state_shardings(tx: optax.GradientTransformation, params, shardings, opt
   """
   opt_state = jax.eval_shape(tx.init, params) if opt_state is None else opt_state
   replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, P())
-  return optax.tree_map_params(tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated)
+  # A frozen parameter's place in a partitioned (optax.partition, masked) state is an empty MaskedNode: kept.
+  masked = lambda v: isinstance(v, optax.MaskedNode)
+  return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_state, shardings,
+                               transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_norm_length", "activation_embed",

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxmodels import config as config_lib
 from jaxmodels.compress import quantization
-from jaxmodels.models import build_model
+from jaxmodels.models import build_model, lora
 from jaxmodels.optim import precision
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState, split_model
@@ -44,12 +44,13 @@ def _read_json(directory, name: str) -> dict:
 
 def build_saved_model(directory) -> nnx.Module:
   """The (randomly initialised) model a workdir or export was trained with, quantized as it was (QAT run,
-  `jaxmodels compress` export; jaxmodels.compress.quantization)."""
+  `jaxmodels compress` export; jaxmodels.compress.quantization), with its LoRA adapters (`train.lora`)."""
   config = config_lib.from_saved(_read_json(directory, "config.json"))
   spec = _read_json(directory, "model.json")
   model = build_model(config.model, tuple(spec["input_shape"]), spec["num_outputs"], nnx.Rngs(0),
                       task=spec["task"])
-  return quantization.apply(model, quantization.spec_of(directory), tuple(spec["input_shape"]), spec["task"])
+  model = quantization.apply(model, quantization.spec_of(directory), tuple(spec["input_shape"]), spec["task"])
+  return lora.from_config(model, config.train.lora, nnx.Rngs(0))
 
 
 def load_run_model(workdir, step: int | None = None, log=print) -> nnx.Module:
@@ -75,14 +76,19 @@ def load_run_model(workdir, step: int | None = None, log=print) -> nnx.Module:
   return nnx.merge(graphdef, restored.params, restored.model_state)
 
 
-def export(workdir, out) -> str:
+def export(workdir, out, merge_lora: bool = True) -> str:
   """Writes the newest checkpoint's parameters (and non-parameter model state) of `workdir` to `out`.
 
-  Both may be local paths or gs:// URLs. Raises UserError if `out` exists or `workdir` has no checkpoint.
+  A LoRA run's adapters (`train.lora`) are merged into their kernels (W + (alpha / r) A B; jaxmodels.models.lora),
+  and the export's config says `train.lora.rank=0`: a plain model of the base's structure, which `load_model`,
+  `export-hf` and `restore_from` take. `merge_lora=False` keeps W, A and B apart (`load_model` rebuilds the
+  LoRA layers). Both paths may be local or gs:// URLs. Raises UserError if `out` exists or `workdir` has no
+  checkpoint.
   """
   refuse_existing(out)
-  save_model(out, load_run_model(workdir))
-  copy_run_files(workdir, out)
+  model = load_run_model(workdir)
+  save_model(out, lora.merge_lora(model) if merge_lora else model)
+  copy_run_files(workdir, out, lora_merged=merge_lora)
   return str(out)
 
 
@@ -92,12 +98,19 @@ def refuse_existing(out) -> None:
     raise UserError(f"--out {out} already exists")
 
 
-def copy_run_files(workdir, out) -> None:
-  """Copies the RUN_FILES that `workdir` has into the export `out` (either local or gs://)."""
+def copy_run_files(workdir, out, lora_merged: bool = False) -> None:
+  """Copies the RUN_FILES that `workdir` has into the export `out` (either local or gs://). `lora_merged`: `out`
+  holds the model with any LoRA adapters merged (jaxmodels.models.lora.merge_lora), so its config says
+  `train.lora.rank=0` and it rebuilds as the plain model."""
   for name in RUN_FILES:
     source = storage.path(workdir) / name
     if source.is_file():
-      (storage.path(out) / name).write_text(source.read_text())
+      text = source.read_text()
+      if name == "config.json" and lora_merged and json.loads(text).get("train", {}).get("lora", {}).get("rank"):
+        saved = json.loads(text)
+        saved["train"]["lora"]["rank"] = 0
+        text = json.dumps(saved, indent=2)
+      (storage.path(out) / name).write_text(text)
 
 
 def save_params(out, params: dict, model_state: dict) -> None:

@@ -33,6 +33,7 @@ from flax import nnx
 from jaxmodels.compress import quantization
 from jaxmodels.config import default_config
 from jaxmodels.config.experiments import saved_config
+from jaxmodels.models import lora
 from jaxmodels.models.forward import forward
 from jaxmodels.optim import pruning
 from jaxmodels.runs import export
@@ -212,7 +213,8 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   options = (_ptq_options(workdir, bits, activations, calibration_batches) if method == "ptq" else
              _prune_options(sparsity, pattern, scope))
   _check_out(out)
-  before = export.load_run_model(workdir)  # raises for a workdir without config or checkpoint
+  # raises for a workdir without config or checkpoint; a LoRA run's adapters merged into their kernels
+  before = lora.merge_lora(export.load_run_model(workdir))
   exp = evaluation(workdir)
   after, qspec = METHODS[method](before, options, exp)
   # Measured before anything is written: a model the report cannot run fails here, not after a half-written OUT.
@@ -225,7 +227,7 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
     shutil.rmtree(baseline, ignore_errors=True)
   # Accepted: from here on OUT is written.
   export.save_model(out, after)
-  export.copy_run_files(workdir, out)
+  export.copy_run_files(workdir, out, lora_merged=True)
   out_path = storage.path(out)
   if qspec:
     (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))

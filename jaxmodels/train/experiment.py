@@ -17,8 +17,8 @@ from jaxmodels import config as config_lib
 from jaxmodels import parallel
 from jaxmodels.compress import quantization
 from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset_from_config, loader
-from jaxmodels.models import build_model, flops
-from jaxmodels.optim import make_optimizer_from_config, precision
+from jaxmodels.models import build_model, flops, lora
+from jaxmodels.optim import freezing, make_optimizer_from_config, precision
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime.compilation import CompileTimer, RecompileAlarm
 from jaxmodels.runtime.errors import UserError
@@ -31,14 +31,14 @@ __all__ = ["build_experiment", "Experiment", "make_model"]
 
 
 def make_model(config, dataset, rngs: nnx.Rngs) -> nnx.Module:
-  """The config's model, sized for the dataset's inputs, outputs and task."""
+  """The config's model, sized for the dataset's inputs, outputs and task, with LoRA adapters (`train.lora`)."""
   # BatchNorm syncs statistics over the pmap axis
   axis_name = parallel.PmapLayout.axis_name if config.parallel.strategy == "pmap" else None
   task = dataset.task if dataset.task in ("lm", "seq2seq") else "classify"
   model = build_model(config.model, dataset.input_shape, dataset.num_outputs, rngs, task=task, axis_name=axis_name)
   q = config.train.quantization  # quantization-aware training: the forward pass computes on int weights
   spec = dict(method="qat", bits=q.bits, activations=q.activations, exclude=q.exclude) if q.bits else None
-  return quantization.apply(model, spec, dataset.input_shape, task)
+  return lora.from_config(quantization.apply(model, spec, dataset.input_shape, task), config.train.lora, rngs)
 
 
 @dataclasses.dataclass
@@ -146,6 +146,8 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
+  if trainable := freezing.from_config(t):
+    notices.append(freezing.describe(abstract_state.params, abstract_state.opt_state, trainable))
   if config.parallel.strategy == "pmap":
     layout = parallel.PmapLayout(jax.local_devices())
     train_fn, eval_fn = make_steps(graphdef, tx, step_options(t, dataset, layout.axis_name))

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from jaxmodels import config as config_lib
 from jaxmodels import parallel
-from jaxmodels.optim import make_schedule_from_config, precision
+from jaxmodels.optim import freezing, make_schedule_from_config, precision
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState
 from jaxmodels.runtime import storage
@@ -77,20 +77,23 @@ def _restore(exp: Experiment, ckpts, log):
   if c.restore_from:
     if c.restore_mode not in ("params", "full"):
       raise UserError(f"checkpoint.restore_mode={c.restore_mode!r}: expected params or full")
+    like, adapters = _restore_target(exp)
     if checkpoint.is_export(c.restore_from):  # `jaxmodels export` or `import-hf`: parameters alone
       if c.restore_mode != "params":
         raise UserError(f"checkpoint.restore_from={c.restore_from!r} is an export (parameters only): "
                         f"use checkpoint.restore_mode=params")
-      restored = checkpoint.restore_export(c.restore_from, exp.checkpoint_state, exp.config.to_dict())
+      restored = checkpoint.restore_export(c.restore_from, like, exp.config.to_dict())
       where = c.restore_from
     else:
       directory, step = checkpoint.resolve_restore_from(c.restore_from)
       source = checkpoint.Checkpoints(directory)
       try:
-        restored = source.restore(step, exp.checkpoint_state, params_only=c.restore_mode == "params")
+        restored = source.restore(step, like, params_only=c.restore_mode == "params")
       finally:
         source.close()
       where = f"{directory}/{step}"
+    if adapters is not None:
+      restored = restored.replace(params=freezing.merge_trainable(adapters(), restored.params))
     if c.restore_mode == "params":  # a new optimizer state (and step 0) for the restored parameters
       sh = jax.tree.map(lambda x: x.sharding, exp.checkpoint_state)
       step0, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), exp.tx.init(p)),
@@ -102,6 +105,23 @@ def _restore(exp: Experiment, ckpts, log):
     log(f"started from {where} ({c.restore_mode})")
     return exp.layout.from_checkpoint(restored), int(parallel.fetch(restored.step)), {}, None
   return exp.init_state(), 0, {}, None
+
+
+def _restore_target(exp: Experiment):
+  """(the state checkpoint.restore_from fills, None or a function giving fresh LoRA adapters): a LoRA run
+  (train.lora.rank) reads the base model's parameters alone (a run or export without adapters; restore_mode=params)
+  and adds fresh adapters, made without a whole fresh state (XLA drops the rest of `init_state`'s work)."""
+  if not exp.config.train.lora.rank:
+    return exp.checkpoint_state, None
+  if exp.config.checkpoint.restore_mode != "params":
+    raise UserError(f"checkpoint.restore_mode={exp.config.checkpoint.restore_mode} with train.lora.rank="
+                    f"{exp.config.train.lora.rank}: a LoRA run starts from the base model's parameters alone "
+                    f"(restore_mode=params)")
+  adapters, base = freezing.split_trainable(exp.checkpoint_state.params, freezing.is_adapter)
+  sh = jax.tree.map(lambda x: x.sharding, adapters)
+  fresh = jax.jit(lambda: freezing.split_trainable(exp.init_state().params, freezing.is_adapter)[0],
+                  out_shardings=sh)
+  return exp.checkpoint_state.replace(params=base, ema_params=None), fresh
 
 
 def _complete(exp: Experiment, state: TrainState, log) -> TrainState:

@@ -22,6 +22,7 @@ The train step is a short sequence of small pieces, each with one job, in the or
 """
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from flax import nnx
 
 from jaxmodels import parallel, tasks
 from jaxmodels.models.forward import forward, model_input
-from jaxmodels.optim import precision
+from jaxmodels.optim import freezing, precision
 from jaxmodels.runs.state import TrainState, split_model
 
 __all__ = ["across_devices", "dropout_key", "evaluation_options", "gradients", "keep_or_skip", "make_steps",
@@ -53,6 +54,9 @@ class StepOptions:
   y_shift: np.ndarray | None = None  # a regression's eval sums are of y - y_shift (tasks.eval_sums)
   ema_decay: float = 0.0  # of a state's `ema_params`
   loss_scale_period: int = 2000  # finite steps before float16's loss scale doubles
+  # A trainable filter (path -> bool; jaxmodels.optim.freezing): only those parameters are differentiated (the
+  # others get zero gradients, which the optimizer built with the same filter never reads). None: all of them.
+  trainable: Callable[[str], bool] | None = None
 
 
 def evaluation_options(t, dataset) -> dict:
@@ -68,7 +72,7 @@ def step_options(t, dataset, axis_name: str | None = None) -> StepOptions:
   """The steps' options from train config `t` (`config.train`) and the dataset; `axis_name` for pmap."""
   return StepOptions(seed=t.seed, grad_accum_steps=t.grad_accum_steps, axis_name=axis_name,
                      skip_nonfinite=t.skip_nonfinite, ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period,
-                     **evaluation_options(t, dataset))
+                     trainable=freezing.from_config(t), **evaluation_options(t, dataset))
 
 
 def task_loss(options: StepOptions, teacher=None):
@@ -232,11 +236,14 @@ def make_train_step(graphdef, tx, loss_fn, options: StepOptions = StepOptions(),
   def train_step(state: TrainState, batch, *extra):
     factor = None if state.loss_scale is None else precision.loss_factor(state.loss_scale,
                                                                           targets(batch) / o.grad_accum_steps)
-    grad_fn = jax.grad(precision.scaled(lambda *a: loss_fn(*a, *extra), factor), has_aux=True)
-    grads, sums, model_state = gradients(grad_fn, state.params, state.model_state, batch,
+    trained, frozen = freezing.split_trainable(state.params, o.trainable)
+    grad_fn = jax.grad(precision.scaled(lambda p, *a: loss_fn(freezing.merge_trainable(p, frozen), *a, *extra),
+                                        factor), has_aux=True)
+    grads, sums, model_state = gradients(grad_fn, trained, state.model_state, batch,
                                          dropout_key(o, state.step), o.grad_accum_steps)
     grads, sums, model_state = across_devices(grads, sums, model_state, o.axis_name)
-    grads = mean_gradients(grads, sums["count"], factor, state.params)
+    grads = mean_gradients(grads, sums["count"], factor, trained)
+    grads = freezing.merge_trainable(grads, jax.tree.map(jnp.zeros_like, frozen))  # frozen ones: never read
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = precision.ema_update(state.ema_params, params, o.ema_decay)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from jaxmodels import config as config_lib
 from jaxmodels import parallel
+from jaxmodels.optim import freezing
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState, split_model
 from jaxmodels.runtime import storage
@@ -166,6 +167,10 @@ class Trainer:
     keep: newest checkpoints kept.
     schedule: the learning-rate schedule (an optax schedule of the step) to log as `learning_rate`; None: not
       logged.
+    trainable: a trainable filter (parameter path -> bool; `jaxmodels.optim.freezing.trainable_filter`, e.g.
+      `trainable_filter(adapters_only=True)` after `jaxmodels.models.lora.apply_lora`, or frozen patterns): only
+      those parameters are differentiated and updated, and `tx` keeps state for them alone
+      (`freezing.freeze(tx, trainable)`). None: every parameter trains.
 
   Raises UserError for a mesh, rule or batch size that does not fit, a workdir in use, or a checkpoint whose
   saved trees differ from this model's and optimizer's.
@@ -174,11 +179,13 @@ class Trainer:
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_fn, batch_fn, *, mesh=None,
                rules=None, fallback_rules=None, activation_rules=None, workdir=None, seed: int = 0,
                grad_accum_steps: int = 1, skip_nonfinite: bool = False, log_every: int = 10,
-               checkpoint_every: int = 0, keep: int = 1, schedule=None):
+               checkpoint_every: int = 0, keep: int = 1, schedule=None, trainable=None):
     defaults = config_lib.default_config().parallel
+    tx = freezing.freeze(tx, trainable)
     self.tx, self.loss_fn, self.batch_fn, self.workdir, self.schedule = tx, loss_fn, batch_fn, workdir, schedule
     self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep
-    self.options = StepOptions(seed=seed, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite)
+    self.options = StepOptions(seed=seed, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
+                               trainable=trainable)
     mesh = parallel.make_mesh(strategy="single") if mesh is None else mesh
     shardings = parallel.param_shardings(nnx.state(model, nnx.Param), mesh,
                                          defaults.rules if rules is None else rules,
