@@ -270,9 +270,9 @@ def test_sliding_window_is_a_mask_for_every_attention_path():
   assert np.abs(changed[:, 4] - logits[:, 4]).max() > 1e-4
   np.testing.assert_allclose(np.asarray(make("xla")(tokens)), logits, atol=1e-5)
   cache = model.init_cache(2, 16)
-  step_logits, cache = model.decode(tokens[:, :7], cache, 0)
+  step_logits, cache = model.decode(tokens[:, :10], cache, 0)
   rest = [step_logits]
-  for t in range(7, 12):
+  for t in range(10, 12):  # one token at a time: its window in the cache
     step_logits, cache = model.decode(tokens[:, t:t + 1], cache, t)
     rest.append(step_logits)
   np.testing.assert_allclose(np.concatenate(rest, axis=1), logits, atol=1e-5)
