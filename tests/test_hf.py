@@ -229,6 +229,8 @@ ARCHITECTURES = {  # every architecture's variant fields, at sizes where they ma
     "qwen3": tiny("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),  # 4 heads of 16 in d_model 32
     "olmo2": tiny("Olmo2Config", "Olmo2ForCausalLM"),
     "gemma": tiny("GemmaConfig", "GemmaForCausalLM", head_dim=16, tie_word_embeddings=True),
+    "gemma2": tiny("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, tie_word_embeddings=True, sliding_window=5,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
 }
 
 
@@ -245,7 +247,7 @@ def test_every_architecture_matches_transformers_and_round_trips(tmp_path, name)
   export_hf(str(tmp_path / "imported"), str(tmp_path / "back"))
   original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
   assert sorted(back) == sorted(original)
-  atol = 1e-6 if name == "gemma" else 0  # Gemma's norm scales w are stored as 1 + w: one float32 rounding
+  atol = 1e-6 if name.startswith("gemma") else 0  # Gemma's norm scales w are stored as 1 + w: one float32 rounding
   for key, value in original.items():
     np.testing.assert_allclose(back[key], value, rtol=0, atol=atol, err_msg=key)
   again = type(reference).from_pretrained(tmp_path / "back").eval()
@@ -310,7 +312,7 @@ def test_new_presets_have_the_published_parameter_counts():
   from jaxmodels.models import presets
   from jaxmodels.models.transformer import transformer_param_count
   published = {"llama3.1-8b": 8_030_261_248, "llama3.2-1b": 1_235_814_400, "mistral-7b": 7_241_732_096,
-               "qwen2.5-0.5b": 494_032_768}
+               "qwen2.5-0.5b": 494_032_768, "gemma2-2b": 2_614_341_888}
   for name, count in published.items():
     p = presets.get(name)
     assert p.params == count == transformer_param_count(p.config, p.reference["num_outputs"])

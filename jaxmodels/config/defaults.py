@@ -116,8 +116,14 @@ def default_config() -> config_dict.ConfigDict:
   c.model.sliding_window = config_dict.placeholder(int)
   c.model.qkv_bias = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
   c.model.qk_norm = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (all heads at once: OLMo 2)
-  c.model.norm_position = "pre"  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2)
+  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
+  c.model.norm_position = "pre"
   c.model.embed_scale = False  # token embeddings times sqrt(d_model) (Gemma; a tied head uses the table unscaled)
+  c.model.global_layer_every = 0  # with sliding_window: layers i with (i + 1) % this == 0 see all (Gemma 2: 2)
+  c.model.attn_logit_softcap = config_dict.placeholder(float)  # attention scores c tanh(s / c) (Gemma 2: 50)
+  c.model.final_logit_softcap = config_dict.placeholder(float)  # logits c tanh(z / c) (Gemma 2: 30)
+  # attention scores divided by sqrt(this) instead of sqrt(head size) (Gemma 2's query_pre_attn_scalar)
+  c.model.attention_scale_dim = config_dict.placeholder(float)
   # LSTM / GRU
   c.model.cell = "lstm"  # lstm | gru
   c.model.hidden_size = 256

@@ -121,8 +121,11 @@ MODEL_RULES = {
     "model.rope_scaling": one_of(rope.ROPE_SCALINGS), "model.rope_original_max_len": POSITIVE,
     **{f"model.rope_{k}": POSITIVE_REAL for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
                                                     "beta_slow")},
-    "model.rope_attention_factor": (lambda v: v is None or POSITIVE_REAL[0](v), "unset or a positive number"),
+    "model.rope_attention_factor": transformer.OPTIONAL_POSITIVE_REAL,
     "model.qk_norm": one_of(transformer.QK_NORMS), "model.norm_position": one_of(transformer.NORM_POSITIONS),
+    **{f"model.{k}": transformer.OPTIONAL_POSITIVE_REAL for k in ("attn_logit_softcap", "final_logit_softcap",
+                                                                   "attention_scale_dim")},
+    "model.global_layer_every": NON_NEGATIVE,
 }
 
 

@@ -121,7 +121,8 @@ def _llama_like_json(c: TransformerConfig, vocab_size: int, model_type: str, hf_
           "hidden_size": c.d_model, "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
           "head_dim": c.head_dim or c.d_model // c.num_heads, "num_hidden_layers": c.num_layers,
           "intermediate_size": c.d_ff, "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
-          "hidden_act": {v: k for k, v in _ACTIVATIONS.items()}[c.mlp], "tie_word_embeddings": c.tie_embeddings, "rope_theta": c.rope_theta,
+          "hidden_act": {v: k for k, v in _ACTIVATIONS.items()}[c.mlp], "tie_word_embeddings": c.tie_embeddings,
+          "rope_theta": c.rope_theta,
           "rope_parameters": _rope_json(c), **fields}
 
 
@@ -152,6 +153,33 @@ def _gemma(hf: dict) -> TransformerConfig:
   return _llama_like(hf, activation="gelu_pytorch_tanh", embed_scale=True)
 
 
+def _gemma2(hf: dict) -> TransformerConfig:
+  _refuse(hf, "attention_bias", (False,), False)
+  _refuse(hf, "hidden_activation", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh")
+  n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+  alternating = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+  if window is not None and hf.get("layer_types", alternating) != alternating:
+    raise UserError(f"config.json: layer_types={hf['layer_types']!r} is not supported (expected sliding and full "
+                    f"attention alternating, starting with sliding)")
+  return _llama_like({k: v for k, v in hf.items() if k != "hidden_act"}, activation="gelu_pytorch_tanh",
+                     embed_scale=True, norm_position="sandwich", sliding_window=window,
+                     global_layer_every=2 if window else 0, attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                     final_logit_softcap=hf.get("final_logit_softcapping"),
+                     attention_scale_dim=float(hf["query_pre_attn_scalar"]))  # an integer in transformers
+
+
+def _gemma2_json(c: TransformerConfig, vocab_size: int) -> dict:
+  h = c.head_dim or c.d_model // c.num_heads
+  layer_types = ["sliding_attention" if c.sliding_window and (i + 1) % 2 else "full_attention"
+                 for i in range(c.num_layers)]
+  hf = _llama_like_json(c, vocab_size, "gemma2", "Gemma2ForCausalLM", attention_bias=False,
+                        hidden_activation="gelu_pytorch_tanh", sliding_window=c.sliding_window,
+                        layer_types=layer_types, query_pre_attn_scalar=int(c.attention_scale_dim or h),
+                        attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap)
+  del hf["hidden_act"]
+  return hf
+
+
 def _olmo2(hf: dict) -> TransformerConfig:
   _refuse(hf, "attention_bias", (False,), False)
   return _llama_like(hf, qk_norm="full", norm_position="post")
@@ -159,10 +187,12 @@ def _olmo2(hf: dict) -> TransformerConfig:
 
 def _variants(c: TransformerConfig, **expected) -> bool:
   """Whether `c` has the Llama layout with exactly these architecture variants (the others at their defaults;
-  "set": any value but None)."""
+  "set": any value but None; `...`: any value)."""
   want = {"norm": "rms", "mlp": "swiglu", "positions": "rotary", "use_bias": False, "sliding_window": None,
-          "qkv_bias": False, "qk_norm": "none", "norm_position": "pre", "embed_scale": False, **expected}
-  return all((getattr(c, k) is not None if v == "set" else getattr(c, k) == v) for k, v in want.items())
+          "qkv_bias": False, "qk_norm": "none", "norm_position": "pre", "embed_scale": False,
+          "global_layer_every": 0, "attn_logit_softcap": None, "final_logit_softcap": None,
+          "attention_scale_dim": None, **expected}
+  return all(v is ... or (getattr(c, k) is not None if v == "set" else getattr(c, k) == v) for k, v in want.items())
 
 
 ARCHITECTURES = {a.model_type: a for a in (
@@ -188,11 +218,18 @@ ARCHITECTURES = {a.model_type: a for a in (
     Architecture("gemma", "GemmaForCausalLM", "llama", _gemma,
                  lambda c, v: _llama_like_json(c, v, "gemma", "GemmaForCausalLM", attention_bias=False),
                  lambda c: _variants(c, mlp="geglu", embed_scale=True) and c.rope_scaling == "none", norm_offset=1.0),
+    Architecture("gemma2", "Gemma2ForCausalLM", "llama", _gemma2, _gemma2_json,
+                 lambda c: _variants(c, mlp="geglu", embed_scale=True, norm_position="sandwich", sliding_window=...,
+                                     global_layer_every=2 if c.sliding_window else 0, attn_logit_softcap=...,
+                                     final_logit_softcap=..., attention_scale_dim=...) and c.rope_scaling == "none"
+                 and float(c.attention_scale_dim or 0).is_integer(),  # query_pre_attn_scalar: an integer
+                 norm_offset=1.0),
     Architecture("olmo2", "Olmo2ForCausalLM", "llama", _olmo2,
                  lambda c, v: _llama_like_json(c, v, "olmo2", "Olmo2ForCausalLM", attention_bias=False),
                  lambda c: _variants(c, qk_norm="full", norm_position="post")),
 )}
-EXPORT_ORDER = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2")  # architecture_of's preference
+# architecture_of's preference
+EXPORT_ORDER = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2")
 
 
 def architecture_of(config: TransformerConfig) -> Architecture:
@@ -203,5 +240,5 @@ def architecture_of(config: TransformerConfig) -> Architecture:
   raise UserError(f"this model fits none of the Hugging Face architectures that export ({', '.join(EXPORT_ORDER)}): "
                   "GPT-2 is model.norm=layer, mlp=gelu, positions=learned, use_bias=true, tied; the others are "
                   "norm=rms, mlp=swiglu, positions=rotary, use_bias=false with one of sliding_window (mistral), "
-                  "qkv_bias (qwen2), qk_norm=head (qwen3), mlp=geglu + embed_scale (gemma), qk_norm=full + "
-                  "norm_position=post (olmo2)")
+                  "qkv_bias (qwen2), qk_norm=head (qwen3), mlp=geglu + embed_scale (gemma; with "
+                  "norm_position=sandwich, gemma2), qk_norm=full + norm_position=post (olmo2)")

@@ -89,9 +89,11 @@ def layer_names(config: TransformerConfig) -> list[tuple[str, tuple[str, ...], b
   names = [(f"self_attn.{hf}_proj.weight", ("attn", ours, "kernel"), True)
            for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))]
   names += [(f"mlp.{hf}_proj.weight", ("mlp", hf, "kernel"), True) for hf in ("gate", "up", "down")]
-  norms = (("post_attention", "post_feedforward") if config.norm_position == "post" else
-           ("input", "post_attention"))
-  names += [(f"{hf}_layernorm.weight", (ours, "scale"), False) for hf, ours in zip(norms, ("attn_norm", "mlp_norm"))]
+  norms = {"pre": (("input", "attn_norm"), ("post_attention", "mlp_norm")),
+           "post": (("post_attention", "attn_norm"), ("post_feedforward", "mlp_norm")),
+           "sandwich": (("input", "attn_norm"), ("post_attention", "post_attn_norm"), ("pre_feedforward", "mlp_norm"),
+                        ("post_feedforward", "post_mlp_norm"))}[config.norm_position]
+  names += [(f"{hf}_layernorm.weight", (ours, "scale"), False) for hf, ours in norms]
   if config.qkv_bias:
     names += [(f"self_attn.{hf}_proj.bias", ("attn", ours, "bias"), False)
               for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"))]

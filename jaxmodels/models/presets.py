@@ -36,9 +36,9 @@ def _gpt2(d, layers, heads):
                            norm_eps=1e-5, mlp="gelu", positions="learned", use_bias=True, tie_embeddings=True)
 
 
-def _llama(d, layers, heads, kv_heads, d_ff, max_len, theta=10000.0, tied=False, eps=1e-5, **variants):
+def _llama(d, layers, heads, kv_heads, d_ff, max_len, theta=10000.0, tied=False, eps=1e-5, mlp="swiglu", **variants):
   return TransformerConfig(d_model=d, num_heads=heads, num_kv_heads=kv_heads, num_layers=layers, d_ff=d_ff,
-                           max_len=max_len, norm="rms", norm_eps=eps, mlp="swiglu", positions="rotary",
+                           max_len=max_len, norm="rms", norm_eps=eps, mlp=mlp, positions="rotary",
                            rope_theta=theta, use_bias=False, tie_embeddings=tied, **variants)
 
 
@@ -79,6 +79,12 @@ PRESETS = {
                                                  qkv_bias=True),
                            dict(input_shape=(32768,), num_outputs=151936), 494_032_768,
                            "Qwen2.5 0.5B's architecture (q/k/v biases, GQA 14/2, tied head)"),
+    "gemma2-2b": Preset("transformer", _llama(2304, 26, 8, 4, 9216, 8192, tied=True, eps=1e-6, mlp="geglu",
+                                              head_dim=256, embed_scale=True, norm_position="sandwich",
+                                              sliding_window=4096, global_layer_every=2, attn_logit_softcap=50.0,
+                                              final_logit_softcap=30.0, attention_scale_dim=256.0),
+                        dict(input_shape=(8192,), num_outputs=256000), 2_614_341_888,
+                        "Gemma 2 2B's architecture (GeGLU, sandwich norms, local/global layers, soft-capping)"),
     "resnet18": Preset("resnet", ResNetConfig((2, 2, 2, 2), "basic"), IMAGENET, 11_689_512,
                        "ResNet-18 (v1.5); stem=small for 32x32 images"),
     "resnet50": Preset("resnet", ResNetConfig((3, 4, 6, 3), "bottleneck"), IMAGENET, 25_557_032,

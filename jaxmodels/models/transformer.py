@@ -58,7 +58,8 @@ from jaxmodels.parallel.sharding import constrain, per_shard
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
            "check_heads", "check_stack_fields", "check_variant_fields", "EMBED", "FeedForward", "HEADS", "LENGTH",
            "lookup", "make_norm", "MLP_AXIS", "MLPS", "NORM_POSITIONS", "NORMS", "OPTIONAL_POSITIVE",
-           "other_layer_layout", "POOLINGS", "POSITIONS", "QK_NORMS", "REMAT_POLICIES", "rotary",
+           "OPTIONAL_POSITIVE_REAL", "other_layer_layout", "POOLINGS", "POSITIONS", "QK_NORMS", "REMAT_POLICIES",
+           "rotary",
            "ROWS", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
            "Stack", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
            "unrolled_to_scan", "VOCAB"]
@@ -72,7 +73,7 @@ POSITIONS = ("learned", "rotary")
 MLPS = ("gelu", "swiglu", "geglu")
 POOLINGS = ("mean", "cls")
 QK_NORMS = ("none", "head", "full")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -82,6 +83,7 @@ ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 SPLASH_BLOCKS = (512, 256, 128)  # splash attention's query / key blocks, largest first (TPU lanes: 128)
 BOOL = (lambda v: isinstance(v, bool), "True or False")
 OPTIONAL_POSITIVE = (lambda v: v is None or POSITIVE[0](v), "unset or a positive integer")
+OPTIONAL_POSITIVE_REAL = (lambda v: v is None or POSITIVE_REAL[0](v), "unset or a positive number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,13 @@ class TransformerConfig:
   sliding_window: int | None = None  # W: a query attends only to the W latest positions, itself included (Mistral)
   qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
   qk_norm: str = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (of all heads at once: OLMo 2)
-  norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2)
+  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
+  norm_position: str = "pre"
   embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma; the tied head uses the table unscaled)
+  global_layer_every: int = 0  # with sliding_window: layers i with (i + 1) % this == 0 see every position (Gemma 2: 2)
+  attn_logit_softcap: float | None = None  # attention scores c tanh(s / c) (Gemma 2: 50; runs the einsum path)
+  final_logit_softcap: float | None = None  # logits c tanh(z / c) (Gemma 2: 30)
+  attention_scale_dim: float | None = None  # scores / sqrt(this), not / sqrt(H) (Gemma 2's query_pre_attn_scalar)
 
   def __post_init__(self):
     check_stack_fields(self)
@@ -160,7 +167,10 @@ def check_variant_fields(config):
     require(config, name, POSITIVE_REAL)
   for name in ("head_dim", "sliding_window"):
     require(config, name, OPTIONAL_POSITIVE)
-  require(config, "rope_attention_factor", (lambda v: v is None or POSITIVE_REAL[0](v), "unset or a positive number"))
+  for name in ("rope_attention_factor", "attn_logit_softcap", "final_logit_softcap", "attention_scale_dim"):
+    require(config, name, OPTIONAL_POSITIVE_REAL)
+  require(config, "global_layer_every", (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                         "a non-negative integer"))
   if config.rope_scaling == "llama3" and config.rope_high_freq_factor <= config.rope_low_freq_factor:
     raise ValueError(f"rope_high_freq_factor={config.rope_high_freq_factor} must exceed rope_low_freq_factor="
                      f"{config.rope_low_freq_factor} (rope_scaling=llama3 blends the wavelengths between)")
@@ -256,7 +266,8 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, is_causal=False, interpret=False
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
+def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None,
+              softcap=None):
   """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
 
   `mask_BNTS` (bool, True = attend) broadcasts over batch and heads (its N may be 1); with
@@ -271,8 +282,11 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   - `splash`: `splash_attention`, the Pallas TPU kernel (TPUs only; causal or full attention).
 
   cuDNN's and splash's kernels take no arbitrary mask here: with a mask (segments, padding, a KV cache),
-  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead.
+  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead. `softcap` c (Gemma 2) bounds the scaled
+  scores to c tanh(s / c) before the mask; only `einsum` computes it, so any implementation runs `einsum` then.
   """
+  if softcap is not None:
+    implementation = "einsum"
   if implementation == "splash":
     if mask_BNTS is None:  # each device runs the kernel on its examples and heads (never a split sequence)
       kernel = lambda q, k, v: splash_attention(q, k, v, is_causal=is_causal)
@@ -290,6 +304,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS * H ** -0.5
+  if softcap is not None:
+    scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
   if is_causal:
     causal_TS = jnp.tril(jnp.ones(scores_BKGTS.shape[-2:], bool))
     mask_BNTS = causal_TS[None, None] if mask_BNTS is None else mask_BNTS & causal_TS
@@ -340,7 +356,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model, num_heads, *, causal, rotary_positions, implementation, dtype, param_dtype, rngs,
                num_kv_heads=None, use_bias=False, rope_theta=10000.0, head_dim=None, qkv_bias=False,
-               qk_norm="none", norm_eps=1e-6, rope_scaling=(), sliding_window=None):
+               qk_norm="none", norm_eps=1e-6, rope_scaling=(), sliding_window=None, global_layer_every=0,
+               attn_logit_softcap=None, attention_scale_dim=None):
     check_heads(d_model, num_heads, num_kv_heads, rotary_positions, head_dim)
     self.num_heads, self.head_dim = num_heads, head_dim or d_model // num_heads
     self.num_kv_heads = num_kv_heads or num_heads
@@ -359,6 +376,9 @@ class Attention(nnx.Module):
     self.qk_norm = qk_norm
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
     self.rope_scaling, self.sliding_window = tuple(rope_scaling), sliding_window
+    self.global_layer_every, self.softcap = global_layer_every, attn_logit_softcap
+    # `attention` divides scores by sqrt(H): queries times sqrt(H / attention_scale_dim) divide them by sqrt(that)
+    self.query_scale = None if attention_scale_dim is None else (self.head_dim / attention_scale_dim) ** 0.5
     self.implementation = implementation
 
   def _heads(self, y_MD, B, T, n, norm):
@@ -368,11 +388,13 @@ class Attention(nnx.Module):
     y_BTNH = self._split(y_MD, B, T, n)
     return norm(y_BTNH).astype(y_MD.dtype) if self.qk_norm == "head" else y_BTNH
 
-  def _window(self, mask_B1TS, q_slots_T, num_keys):
-    """`mask_B1TS` narrowed to the sliding window (unchanged without one)."""
+  def _window(self, mask_B1TS, q_slots_T, num_keys, layer):
+    """`mask_B1TS` narrowed to the sliding window (unchanged without one, or in a global layer)."""
     if self.sliding_window is None:
       return mask_B1TS
     window_TS = q_slots_T[:, None] - jnp.arange(num_keys)[None, :] < self.sliding_window
+    if self.global_layer_every:  # `layer` may be traced (scan): a mask of all True in the global layers
+      window_TS = window_TS | ((layer + 1) % self.global_layer_every == 0)
     return window_TS[None, None] if mask_B1TS is None else mask_B1TS & window_TS
 
   def _split(self, y_MD, B, T, n):
@@ -404,17 +426,20 @@ class Attention(nnx.Module):
     q_BTNH = self._heads(self.query(x_MD), B, T, self.num_heads, self.query_norm)
     if self.rotary_positions:
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta, self.rope_scaling)
+    if self.query_scale is not None:
+      q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
     k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
       out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
-                                     mask_BNTS=self._window(mask_B1TS, jnp.arange(T), T)), (BATCH, LENGTH, HEADS))
+                                     mask_BNTS=self._window(mask_B1TS, jnp.arange(T), T, layer),
+                                     softcap=self.softcap), (BATCH, LENGTH, HEADS))
       new_cache = None
     else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
       write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
       new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
-      mask_B1TS = self._window(mask_B1TS, cache_index + jnp.arange(T), new_cache["k"].shape[2])
+      mask_B1TS = self._window(mask_B1TS, cache_index + jnp.arange(T), new_cache["k"].shape[2], layer)
       out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
-                           mask_BNTS=mask_B1TS)
+                           mask_BNTS=mask_B1TS, softcap=self.softcap)
     return self._project_out(out_BTNH), new_cache
 
   def cross(self, x_MD, k_BSKH, v_BSKH, mask_B1TS=None):
@@ -464,6 +489,9 @@ class Block(nnx.Module):
         rope_theta=rope_theta, norm_eps=norm_eps, **more)
     self.attn = attn(causal, rotary_positions, **variants)  # Attention's variant keywords (head_dim, ...)
     self.post_norm = norm_position == "post"  # x + norm(f(x)) (OLMo 2): the norms take the branches' outputs
+    sandwich = norm_position == "sandwich"  # x + post_norm(f(norm(x))) (Gemma 2): a second norm on each branch
+    self.post_attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if sandwich else None
+    self.post_mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if sandwich else None
     self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
     self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
@@ -484,6 +512,8 @@ class Block(nnx.Module):
       return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
+    if self.post_attn_norm is not None:
+      h_MD = self.post_attn_norm(h_MD).astype(self.dtype)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     if self.cross_attn is not None:
       if "k" in cross:
@@ -493,6 +523,8 @@ class Block(nnx.Module):
       h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
       x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
+    if self.post_mlp_norm is not None:
+      h_MD = self.post_mlp_norm(h_MD).astype(self.dtype)
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
 
 
@@ -511,7 +543,9 @@ class Stack(nnx.Module):
                         rope_theta=getattr(c, "rope_theta", 10000.0), cross_attention=cross_attention)
     if isinstance(c, TransformerConfig):  # the architecture variants (other configs have none)
       block_kwargs.update(head_dim=c.head_dim, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_position=c.norm_position,
-                          rope_scaling=c.rope_scaling_args(), sliding_window=c.sliding_window)
+                          rope_scaling=c.rope_scaling_args(), sliding_window=c.sliding_window,
+                          global_layer_every=c.global_layer_every, attn_logit_softcap=c.attn_logit_softcap,
+                          attention_scale_dim=c.attention_scale_dim)
     make = lambda r: Block(rngs=r, **block_kwargs)
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -634,6 +668,9 @@ class TransformerLM(nnx.Module):
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
     # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
+    if self.config.final_logit_softcap is not None:
+      cap = self.config.final_logit_softcap
+      logits_MV = (cap * jnp.tanh(logits_MV.astype(jnp.float32) / cap)).astype(logits_MV.dtype)
     return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
 
   def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
@@ -780,7 +817,8 @@ def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
 
   Per layer: 2 D N H + 2 D K H attention projections (N H = K H = D without GQA or a head_dim of
   its own), 2 D F (gelu) or 3 D F (swiglu, geglu) MLP, their biases if any (or q, k, v biases alone with qkv_bias),
-  q and k norms if any (2 H per head, N H + K H over all heads), two norms (2 D for LayerNorm, D for RMSNorm).
+  q and k norms if any (2 H per head, N H + K H over all heads), two norms (four with norm_position=sandwich;
+  2 D for LayerNorm, D for RMSNorm).
   Plus V D token embedding, max_len D learned positions, a final norm, and D V for an untied head.
   """
   c = config
@@ -788,7 +826,7 @@ def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
   d, f, q, kv = c.d_model, c.d_ff, c.num_heads * h, c.kv_heads * h
   norm = 2 * d if c.norm == "layer" else d
   mlp_mats = 2 if c.mlp == "gelu" else 3
-  per_layer = 2 * d * q + 2 * d * kv + mlp_mats * d * f + 2 * norm
+  per_layer = 2 * d * q + 2 * d * kv + mlp_mats * d * f + (4 if c.norm_position == "sandwich" else 2) * norm
   per_layer += {"none": 0, "head": 2 * h, "full": q + kv}[c.qk_norm]
   if c.use_bias or c.qkv_bias:
     per_layer += q + 2 * kv
