@@ -13,7 +13,7 @@ def run(prog: str, args: list[str]) -> int:
 Writes the Transformer language model at PATH (an export, an import-hf output or
 a training workdir) as a Hugging Face directory DIR (config.json + safetensors;
 PATH and DIR local or gs://) of the architecture whose layout the model has
-(gpt2, llama, mistral, qwen2, qwen3, olmo2: see `jaxmodels import-hf --help`).
+(gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, olmo2: see `jaxmodels import-hf --help`).
 An import-hf output's tokenizer files, generation_config.json and bos/eos/pad
 token ids are written too.
 

@@ -17,7 +17,8 @@ generation_config.json and tokenizer files are kept in PATH/hf/.
 
 Architectures (config.json's model_type): gpt2; llama (Llama 2 and 3.x, rope
 scaling default, linear, llama3, yarn); mistral (sliding window); qwen2 (Qwen2,
-Qwen2.5: q/k/v biases); qwen3 (q/k RMSNorm); olmo2 (post-norms, q/k RMSNorm).
+Qwen2.5: q/k/v biases); qwen3 (q/k RMSNorm); gemma (Gemma 1); gemma2 (Gemma 2:
+soft-capping, local/global layers); olmo2 (post-norms, q/k RMSNorm).
 """
   a = parse_args(prog, args, [("dir", {}), ("--out", dict(required=True))])
   print(f"imported {a.dir} to {import_hf(a.dir, a.out)}")

@@ -32,7 +32,10 @@ Name map (per layer i; jaxmodels kernels are (in, out)):
 | head.kernel (untied only)        | (tied to wte)                        | lm_head.weight^T (no prefix)          |
 
 (1) With norm_position=post (OLMo 2) the norms follow the branches: attn_norm is post_attention_layernorm and
-mlp_norm post_feedforward_layernorm. (2) With qkv_bias (Qwen2) the q, k, v projections' biases too.
+mlp_norm post_feedforward_layernorm; with norm_position=sandwich (Gemma 2) attn_norm, post_attn_norm, mlp_norm,
+post_mlp_norm are input_, post_attention_, pre_feedforward_, post_feedforward_layernorm. Gemma's norms scale by
+1 + w: its weights w are stored as 1 + w (`Architecture.norm_offset`). (2) With qkv_bias (Qwen2) the q, k, v
+projections' biases too.
 
 GPT-2's Conv1D weights are already (in, out); its fused QKV is split along the
 output axis, biases likewise. `nn.Linear` weights are (out, in): transposed.
