@@ -1,5 +1,5 @@
-"""Hugging Face interop: small random GPT-2 and Llama models built by `transformers` from a config (nothing is
-downloaded), imported, compared logit by logit, and exported back to identical tensors."""
+"""Hugging Face interop: small random models of every supported architecture built by `transformers` from a
+config (nothing is downloaded), imported, compared logit by logit, and exported back to identical tensors."""
 
 import json
 import os
@@ -78,8 +78,8 @@ def test_unsupported_models_are_one_line_errors(tmp_path):
     import_hf(str(tmp_path / "bert"), str(tmp_path / "out"))
   (tmp_path / "scaled").mkdir()
   (tmp_path / "scaled" / "config.json").write_text(json.dumps(
-      {**llama().config.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None}))
-  with pytest.raises(UserError, match="rope_type='llama3' is not supported"):
+      {**llama().config.to_dict(), "rope_scaling": {"rope_type": "longrope", "factor": 8.0}, "rope_parameters": None}))
+  with pytest.raises(UserError, match="rope_type='longrope' is not supported"):
     import_hf(str(tmp_path / "scaled"), str(tmp_path / "out"))
   (tmp_path / "partial").mkdir()
   (tmp_path / "partial" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -205,3 +205,116 @@ def test_a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_a_one_line_error
   with pytest.raises(UserError, match=r"has no tensor 'transformer\..*': its \*.safetensors files do not hold"):
     import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def tiny(config_class, model_class, **fields):
+  """A `transformers` model of 2 layers, d_model 32, 4 query and 2 key/value heads, from a config."""
+  base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+  return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(**{**base, **fields}))
+
+
+def rope(kind, **fields):
+  return {"rope_parameters": {"rope_type": kind, "rope_theta": 5000.0, **fields}}
+
+
+ARCHITECTURES = {  # every architecture's variant fields, at sizes where they matter in 16 tokens
+    "llama3-rope": tiny("LlamaConfig", "LlamaForCausalLM", **rope(
+        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "yarn-rope": tiny("LlamaConfig", "LlamaForCausalLM", num_attention_heads=2, num_key_value_heads=1, **rope(
+        "yarn", factor=4.0, original_max_position_embeddings=16)),
+    "linear-rope": tiny("LlamaConfig", "LlamaForCausalLM", **rope("linear", factor=2.0)),
+    "mistral": tiny("MistralConfig", "MistralForCausalLM", sliding_window=5),
+    "qwen2": tiny("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True),
+    "qwen3": tiny("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),  # 4 heads of 16 in d_model 32
+    "olmo2": tiny("Olmo2Config", "Olmo2ForCausalLM"),
+    "gemma": tiny("GemmaConfig", "GemmaForCausalLM", head_dim=16, tie_word_embeddings=True),
+    "gemma2": tiny("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, tie_word_embeddings=True, sliding_window=5,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_matches_transformers_and_round_trips(tmp_path, name):
+  """Old code refused each (`rope_type='llama3' is not supported`, `model_type='mistral' is not supported`)."""
+  reference = saved(ARCHITECTURES[name], tmp_path / "hf")
+  import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), scan_layers=name != "qwen3")
+  model = jaxmodels.load_model(str(tmp_path / "imported"))
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+  with torch.no_grad():
+    expected = reference(torch.tensor(tokens)).logits.numpy()
+  assert np.abs(np.asarray(model(tokens)) - expected).max() < 1e-4
+  export_hf(str(tmp_path / "imported"), str(tmp_path / "back"))
+  original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
+  assert sorted(back) == sorted(original)
+  atol = 1e-6 if name.startswith("gemma") else 0  # Gemma's norm scales w are stored as 1 + w: one float32 rounding
+  for key, value in original.items():
+    np.testing.assert_allclose(back[key], value, rtol=0, atol=atol, err_msg=key)
+  again = type(reference).from_pretrained(tmp_path / "back").eval()
+  assert reference.config.to_dict()["rope_parameters"].items() <= again.config.to_dict()["rope_parameters"].items()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(torch.tensor(tokens)).logits.numpy(), expected, rtol=0, atol=100 * atol)
+
+
+def test_sliding_window_is_a_mask_for_every_attention_path():
+  """A token past the window changes nothing; einsum, xla and KV-cache decoding agree (our own models too)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxmodels.models.transformer import TransformerLM
+  make = lambda impl: TransformerLM(VOCAB, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, num_layers=2,
+                                    max_len=16, sliding_window=3, attention_impl=impl, rngs=nnx.Rngs(0))
+  model = make("einsum")
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 12)))
+  logits = np.asarray(model(tokens))
+  changed = np.asarray(model(tokens.at[:, 0].set((tokens[:, 0] + 1) % VOCAB)))
+  np.testing.assert_array_equal(changed[:, 5:], logits[:, 5:])  # 2 layers of window 3 reach 4 tokens back
+  assert np.abs(changed[:, 4] - logits[:, 4]).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(make("xla")(tokens)), logits, atol=1e-5)
+  cache = model.init_cache(2, 16)
+  step_logits, cache = model.decode(tokens[:, :10], cache, 0)
+  rest = [step_logits]
+  for t in range(10, 12):  # one token at a time: its window in the cache
+    step_logits, cache = model.decode(tokens[:, t:t + 1], cache, t)
+    rest.append(step_logits)
+  np.testing.assert_allclose(np.concatenate(rest, axis=1), logits, atol=1e-5)
+
+
+def test_export_hf_dtype_shards_token_ids_and_tokenizer_files(tmp_path):
+  """Old export-hf wrote float32 in one file and dropped the token ids, generation config and tokenizer files."""
+  reference = saved(ARCHITECTURES["qwen2"], tmp_path / "hf")
+  reference.generation_config.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0"}')
+  hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf, "bos_token_id": 1, "eos_token_id": 2,
+                                                           "pad_token_id": 3}))
+  import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+  export_hf(str(tmp_path / "imported"), str(tmp_path / "back"), dtype="bfloat16", max_shard_size="8KB")
+  back = tmp_path / "back"
+  index = json.loads((back / "model.safetensors.index.json").read_text())
+  shards = sorted({*index["weight_map"].values()})
+  assert len(shards) > 2 and all((back / f).is_file() for f in shards)
+  config = json.loads((back / "config.json").read_text())
+  assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"], config["head_dim"]) == (1, 2, 3, 8)
+  assert (back / "tokenizer.json").read_text() == '{"version": "1.0"}' and (back / "generation_config.json").is_file()
+  again = transformers.Qwen2ForCausalLM.from_pretrained(back)
+  assert again.dtype == torch.bfloat16
+  for key, value in reference.state_dict().items():
+    np.testing.assert_array_equal(again.state_dict()[key].float().numpy(), value.bfloat16().float().numpy())
+  with pytest.raises(UserError, match="--max-shard-size 5XB: expected a positive size"):
+    export_hf(str(tmp_path / "imported"), str(tmp_path / "other"), max_shard_size="5XB")
+  with pytest.raises(UserError, match="--dtype int8: expected one of float32, bfloat16, float16"):
+    export_hf(str(tmp_path / "imported"), str(tmp_path / "other"), dtype="int8")
+
+
+def test_new_presets_have_the_published_parameter_counts():
+  """Published counts (Hugging Face model cards' safetensors totals); llama3.2-1b now carries its rope scaling."""
+  from jaxmodels.models import presets
+  from jaxmodels.models.transformer import transformer_param_count
+  published = {"llama3.1-8b": 8_030_261_248, "llama3.2-1b": 1_235_814_400, "mistral-7b": 7_241_732_096,
+               "qwen2.5-0.5b": 494_032_768, "gemma2-2b": 2_614_341_888}
+  for name, count in published.items():
+    p = presets.get(name)
+    assert p.params == count == transformer_param_count(p.config, p.reference["num_outputs"])
+  assert (presets.get("llama3.2-1b").config.rope_scaling, presets.get("llama3.2-1b").config.rope_factor) == (
+      "llama3", 32.0)

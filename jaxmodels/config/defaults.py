@@ -91,7 +91,7 @@ def default_config() -> config_dict.ConfigDict:
   c.model.max_len = 256  # longest sequence (positions) the model accepts
   c.model.positions = "rotary"  # rotary | learned
   c.model.rope_theta = 10000.0  # rotary base wavelength (Llama 3: 500000)
-  c.model.mlp = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2)
+  c.model.mlp = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2) | geglu (gelu(x W_gate) * x W_up: Gemma)
   c.model.norm_eps = 1e-6  # transformer and vit norms' epsilon (GPT-2 and Llama: 1e-5)
   c.model.use_bias = False  # biases on the attention and MLP projections (GPT-2, ViT)
   c.model.tie_embeddings = True  # LM head shares the token embedding
@@ -101,6 +101,29 @@ def default_config() -> config_dict.ConfigDict:
   # | splash (TPUs only: JAX's Pallas splash-attention kernel, causal or full; with a mask, xla)
   c.model.attention_impl = "auto"
   c.model.pooling = "mean"  # classifiers: mean | cls (transformer, vit) | last (lstm)
+  # Transformer architecture variants (Hugging Face interop; jaxmodels.models.transformer.TransformerConfig)
+  c.model.head_dim = config_dict.placeholder(int)  # each head's size; unset: d_model / num_heads (Qwen3, Gemma)
+  # rotary frequencies stretched for long contexts (jaxmodels/models/rope.py): none | linear | llama3 | yarn
+  c.model.rope_scaling = "none"
+  c.model.rope_factor = 1.0  # rope_scaling's context-extension factor (Llama 3.1: 8, Llama 3.2: 32)
+  c.model.rope_original_max_len = 8192  # llama3, yarn: the context length the model was pretrained at
+  c.model.rope_low_freq_factor = 1.0  # llama3: wavelengths above rope_original_max_len / this are divided by factor
+  c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+  c.model.rope_beta_fast = 32.0  # yarn: pairs making more rotations than this in rope_original_max_len are kept
+  c.model.rope_beta_slow = 1.0  # yarn: pairs making fewer rotations than this are divided by factor
+  c.model.rope_attention_factor = config_dict.placeholder(float)  # yarn: cos/sin scale; unset: 0.1 ln(factor) + 1
+  # a query attends only to the W latest positions, itself included (Mistral's sliding window); unset: all
+  c.model.sliding_window = config_dict.placeholder(int)
+  c.model.qkv_bias = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
+  c.model.qk_norm = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (all heads at once: OLMo 2)
+  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
+  c.model.norm_position = "pre"
+  c.model.embed_scale = False  # token embeddings times sqrt(d_model) (Gemma; a tied head uses the table unscaled)
+  c.model.global_layer_every = 0  # with sliding_window: layers i with (i + 1) % this == 0 see all (Gemma 2: 2)
+  c.model.attn_logit_softcap = config_dict.placeholder(float)  # attention scores c tanh(s / c) (Gemma 2: 50)
+  c.model.final_logit_softcap = config_dict.placeholder(float)  # logits c tanh(z / c) (Gemma 2: 30)
+  # attention scores divided by sqrt(this) instead of sqrt(head size) (Gemma 2's query_pre_attn_scalar)
+  c.model.attention_scale_dim = config_dict.placeholder(float)
   # LSTM / GRU
   c.model.cell = "lstm"  # lstm | gru
   c.model.hidden_size = 256

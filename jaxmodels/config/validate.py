@@ -15,7 +15,7 @@ from ml_collections import config_dict
 from jaxmodels.config.defaults import default_config
 from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCE_CHOICES, is_source
 from jaxmodels.data.tokenizers import TOKENIZERS
-from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
+from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, rope, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
 from jaxmodels.parallel import pipeline
@@ -117,6 +117,16 @@ MODEL_RULES = {
     "model.norm_eps": POSITIVE_REAL, "model.rope_theta": POSITIVE_REAL, "model.patch_size": POSITIVE,
     "model.stage_sizes": (lambda v: SIZES[0](v) and len(v) > 0, "a non-empty tuple of positive integers"),
     "model.block": one_of(resnet.BLOCKS), "model.width": POSITIVE, "model.stem": one_of(resnet.STEMS),
+    # Transformer architecture variants (Hugging Face interop)
+    "model.head_dim": transformer.OPTIONAL_POSITIVE, "model.sliding_window": transformer.OPTIONAL_POSITIVE,
+    "model.rope_scaling": one_of(rope.ROPE_SCALINGS), "model.rope_original_max_len": POSITIVE,
+    **{f"model.rope_{k}": POSITIVE_REAL for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
+                                                    "beta_slow")},
+    "model.rope_attention_factor": transformer.OPTIONAL_POSITIVE_REAL,
+    "model.qk_norm": one_of(transformer.QK_NORMS), "model.norm_position": one_of(transformer.NORM_POSITIONS),
+    **{f"model.{k}": transformer.OPTIONAL_POSITIVE_REAL for k in ("attn_logit_softcap", "final_logit_softcap",
+                                                                   "attention_scale_dim")},
+    "model.global_layer_every": NON_NEGATIVE,
 }
 
 

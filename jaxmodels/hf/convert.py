@@ -1,47 +1,64 @@
-"""Hugging Face interop: GPT-2 and Llama-family checkpoints to jaxmodels parameters and back.
+"""Hugging Face interop: checkpoints of the architectures in `jaxmodels.hf.architectures` to jaxmodels parameters
+and back.
 
-    jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors
-    jaxmodels export-hf --model exported/gpt2 --out hf/gpt2
+    jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors (sharded: with the index)
+    jaxmodels export-hf --model exported/gpt2 --out hf/gpt2 [--dtype bfloat16] [--max-shard-size 5GB]
 
 Every directory may be local or gs:// (read and written through jaxmodels.runtime.storage).
 
 `import-hf` writes what `jaxmodels export` writes (`params/`, `config.json`,
-`model.json`), so `jaxmodels.load_model(OUT)` returns a `TransformerLM`.
+`model.json`), so `jaxmodels.load_model(OUT)` returns a `TransformerLM`, and keeps
+the original config.json, generation_config.json and tokenizer files in `OUT/hf/`.
 `export-hf` takes such a directory (or a training workdir) and writes
-`config.json` + `model.safetensors` that `transformers` loads. Nothing is
-downloaded and `torch` is not needed: tensors are read and written with
-`safetensors` as NumPy arrays.
+`config.json` (with the bos/eos/pad token ids of `hf/config.json`, where there
+is one) + safetensors that `transformers` loads, and copies `hf/`'s other files.
+Nothing is downloaded and `torch` is not needed: tensors are read and written
+with `safetensors` as NumPy arrays.
 
 Name map (per layer i; jaxmodels kernels are (in, out)):
 
-| jaxmodels                        | GPT-2 (`transformer.` prefix)        | Llama (`model.` prefix)               |
+| jaxmodels                        | GPT-2 (`transformer.` prefix)        | Llama layout (`model.` prefix)        |
 |----------------------------------|--------------------------------------|---------------------------------------|
 | embed.embedding                  | wte.weight                           | embed_tokens.weight                   |
 | pos_embed.embedding              | wpe.weight                           | (rotary: none)                        |
-| attn_norm.scale / .bias          | h.i.ln_1.weight / .bias              | layers.i.input_layernorm.weight       |
-| attn.query/key/value.kernel      | h.i.attn.c_attn.weight, split in 3   | layers.i.self_attn.{q,k,v}_proj.weight^T |
+| attn_norm.scale / .bias          | h.i.ln_1.weight / .bias              | layers.i.input_layernorm.weight (1)   |
+| attn.query/key/value.kernel      | h.i.attn.c_attn.weight, split in 3   | layers.i.self_attn.{q,k,v}_proj.weight^T(2)|
+| attn.query_norm/key_norm.scale   |                                      | layers.i.self_attn.{q,k}_norm.weight  |
 | attn.out.kernel                  | h.i.attn.c_proj.weight               | layers.i.self_attn.o_proj.weight^T    |
-| mlp_norm.scale / .bias           | h.i.ln_2.weight / .bias              | layers.i.post_attention_layernorm.weight |
+| mlp_norm.scale / .bias           | h.i.ln_2.weight / .bias              | layers.i.post_attention_layernorm.weight(1)|
 | mlp.up / mlp.down .kernel        | h.i.mlp.c_fc / c_proj .weight        | layers.i.mlp.up_proj / down_proj .weight^T |
 | mlp.gate.kernel                  | (gelu: none)                         | layers.i.mlp.gate_proj.weight^T       |
 | stack.final_norm                 | ln_f                                 | norm                                  |
 | head.kernel (untied only)        | (tied to wte)                        | lm_head.weight^T (no prefix)          |
 
+(1) With norm_position=post (OLMo 2) the norms follow the branches: attn_norm is post_attention_layernorm and
+mlp_norm post_feedforward_layernorm; with norm_position=sandwich (Gemma 2) attn_norm, post_attn_norm, mlp_norm,
+post_mlp_norm are input_, post_attention_, pre_feedforward_, post_feedforward_layernorm. Gemma's norms scale by
+1 + w: its weights w are stored as 1 + w (`Architecture.norm_offset`). (2) With qkv_bias (Qwen2) the q, k, v
+projections' biases too.
+
 GPT-2's Conv1D weights are already (in, out); its fused QKV is split along the
-output axis, biases likewise. Llama's `nn.Linear` weights are (out, in): transposed.
+output axis, biases likewise. `nn.Linear` weights are (out, in): transposed.
 """
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from jaxmodels.config import default_config, to_json
+from jaxmodels.hf.architectures import ARCHITECTURES, Architecture, architecture_of
+from jaxmodels.hf.files import (
+  CARRIED_FILES,
+  EXPORT_DTYPES,
+  copy_files,
+  parse_size,
+  read_config,
+  read_tensors,
+  write_tensors,
+)
 from jaxmodels.models import lora
 from jaxmodels.models.transformer import (
   TransformerConfig,
@@ -54,158 +71,73 @@ from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["export_hf", "hf_config", "hf_kind", "HF_MODEL_TYPES", "import_hf", "INDEX_FILE", "params_from_hf",
-           "params_to_hf", "transformer_config"]
+__all__ = ["export_hf", "hf_config", "HF_DIR", "import_hf", "layer_names", "params_from_hf", "params_to_hf",
+           "TOKEN_IDS", "transformer_config"]
 
-HF_MODEL_TYPES = ("gpt2", "llama")  # the Hugging Face architectures (config.json's model_type) that convert
-
-
-def _read_config(directory: str) -> dict:
-  path = storage.path(directory) / "config.json"
-  if not path.is_file():
-    raise UserError(f"{path} not found: expected a Hugging Face model directory (config.json + *.safetensors)")
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not JSON ({e}): expected a Hugging Face config.json") from None
-
-
-@contextlib.contextmanager
-def _local_file(path, write: bool = False):
-  """A local filename for the file `path` (local or gs://), since safetensors reads and writes local files only:
-  `path` itself on a local disk, else a temporary file copied from `path` first (`write` false) or to it after."""
-  path = storage.path(path)
-  if not storage.is_remote(path):
-    yield os.fspath(path)
-    return
-  with tempfile.TemporaryDirectory(prefix="jaxmodels-hf-") as tmp:
-    local = storage.path(tmp) / path.name
-    if not write:
-      _copy(path, local)
-    yield os.fspath(local)
-    if write:
-      _copy(local, path)
-
-
-def _copy(source, target) -> None:
-  """Streams the file `source` to `target` (epath paths, each local or gs://)."""
-  with source.open("rb") as src, target.open("wb") as dst:
-    shutil.copyfileobj(src, dst, 64 << 20)
-
-
-def _refuse(hf: dict, key: str, allowed, default=None) -> None:
-  if hf.get(key, default) not in allowed:
-    raise UserError(f"config.json: {key}={hf.get(key, default)!r} is not supported (expected one of "
-                    f"{', '.join(map(repr, allowed))})")
+HF_DIR = "hf"  # import-hf's OUT/hf/: the original config.json and CARRIED_FILES, which export-hf writes back
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json fields export-hf carries over
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
-  """(TransformerConfig, vocabulary size) for a Hugging Face GPT-2 or Llama config.json; UserError otherwise."""
+  """(TransformerConfig, vocabulary size) for a Hugging Face config.json; UserError for an unsupported one."""
   kind = hf.get("model_type")
-  if kind == "gpt2":
-    _refuse(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
-    _refuse(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
-    _refuse(hf, "tie_word_embeddings", (True,), True)
-    d = hf["n_embd"]
-    config = TransformerConfig(d_model=d, num_heads=hf["n_head"], num_layers=hf["n_layer"],
-                               d_ff=hf.get("n_inner") or 4 * d, max_len=hf["n_positions"], norm="layer",
-                               norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", positions="learned",
-                               use_bias=True, tie_embeddings=True)
-  elif kind == "llama":
-    _refuse(hf, "hidden_act", ("silu",), "silu")
-    _refuse(hf, "attention_bias", (False,), False)
-    _refuse(hf, "mlp_bias", (False,), False)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    _refuse(rope, "rope_type", ("default",), "default")
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-      raise UserError(f"config.json: head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads")
-    config = TransformerConfig(d_model=hf["hidden_size"], num_heads=heads,
-                               num_kv_heads=hf.get("num_key_value_heads") or heads,
-                               num_layers=hf["num_hidden_layers"], d_ff=hf["intermediate_size"],
-                               max_len=hf["max_position_embeddings"], norm="rms", norm_eps=hf["rms_norm_eps"],
-                               mlp="swiglu", positions="rotary",
-                               rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                               use_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-  else:
+  if kind not in ARCHITECTURES:
     raise UserError(f"config.json: model_type={kind!r} is not supported (expected one of "
-                    f"{', '.join(HF_MODEL_TYPES)})")
-  return config, hf["vocab_size"]
+                    f"{', '.join(ARCHITECTURES)})")
+  return ARCHITECTURES[kind].to_config(hf), hf["vocab_size"]
 
 
-INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's {"weight_map": {tensor: shard file}}
+def layer_names(config: TransformerConfig) -> list[tuple[str, tuple[str, ...], bool]]:
+  """A Llama-layout layer's tensors: (name after `model.layers.i.`, our parameter path, transposed)."""
+  names = [(f"self_attn.{hf}_proj.weight", ("attn", ours, "kernel"), True)
+           for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))]
+  names += [(f"mlp.{hf}_proj.weight", ("mlp", hf, "kernel"), True) for hf in ("gate", "up", "down")]
+  norms = {"pre": (("input", "attn_norm"), ("post_attention", "mlp_norm")),
+           "post": (("post_attention", "attn_norm"), ("post_feedforward", "mlp_norm")),
+           "sandwich": (("input", "attn_norm"), ("post_attention", "post_attn_norm"), ("pre_feedforward", "mlp_norm"),
+                        ("post_feedforward", "post_mlp_norm"))}[config.norm_position]
+  names += [(f"{hf}_layernorm.weight", (ours, "scale"), False) for hf, ours in norms]
+  if config.qkv_bias:
+    names += [(f"self_attn.{hf}_proj.bias", ("attn", ours, "bias"), False)
+              for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"))]
+  if config.qk_norm != "none":
+    names += [(f"self_attn.{hf}_norm.weight", ("attn", ours, "scale"), False)
+              for hf, ours in (("q", "query_norm"), ("k", "key_norm"))]
+  return names
 
 
-def _shards(directory: str) -> list:
-  """The safetensors files of `directory`: those its index names (each checked to exist), else every one there.
-
-  UserError naming a shard the index lists that is missing, an index that is not JSON, or no file at all.
-  """
-  d = storage.path(directory)
-  index = d / INDEX_FILE
-  if not index.is_file():
-    files = sorted(d.glob("*.safetensors"), key=os.fspath)
-    if not files:
-      raise UserError(f"{directory} holds no *.safetensors file")
-    return files
-  try:
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e}): expected JSON with a "
-                    f"weight_map") from None
-  files = [d / name for name in sorted(set(weight_map.values()))]
-  for path in files:
-    if not path.is_file():
-      tensors = sum(shard == path.name for shard in weight_map.values())
-      raise UserError(f"{path} is missing: {index} lists it as the shard of {tensors} tensors; copy the whole "
-                      f"checkpoint")
-  return files
+def _put(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
-def _read_tensors(directory: str) -> dict[str, np.ndarray]:
-  safe_open = extras.require("safetensors", "import-hf").safe_open
-  tensors = {}
-  for path in _shards(directory):
-    # flax: bfloat16 tensors load too (NumPy has no bfloat16)
-    with _local_file(path) as local, safe_open(local, framework="flax") as f:
-      for name in f.keys():
-        tensors[name] = np.asarray(f.get_tensor(name), np.float32)
-  return tensors
+def _get(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
-def _layers_from_hf(kind: str, t: dict, config: TransformerConfig) -> dict:
-  """The unrolled jaxmodels parameter dict from Hugging Face tensors (consumed from `t`)."""
-  take = lambda name: t.pop(name)
-  layers = {}
-  for i in range(config.num_layers):
-    if kind == "gpt2":
-      p = f"transformer.h.{i}."
-      q, k, v = np.split(take(p + "attn.c_attn.weight"), 3, axis=1)
-      qb, kb, vb = np.split(take(p + "attn.c_attn.bias"), 3)
-      layers[i] = {
-          "attn_norm": {"scale": take(p + "ln_1.weight"), "bias": take(p + "ln_1.bias")},
+def _gpt2_layer(t: dict, i: int) -> dict:
+  take = lambda name: t.pop(f"transformer.h.{i}.{name}")
+  q, k, v = np.split(take("attn.c_attn.weight"), 3, axis=1)
+  qb, kb, vb = np.split(take("attn.c_attn.bias"), 3)
+  return {"attn_norm": {"scale": take("ln_1.weight"), "bias": take("ln_1.bias")},
           "attn": {"query": {"kernel": q, "bias": qb}, "key": {"kernel": k, "bias": kb},
                    "value": {"kernel": v, "bias": vb},
-                   "out": {"kernel": take(p + "attn.c_proj.weight"), "bias": take(p + "attn.c_proj.bias")}},
-          "mlp_norm": {"scale": take(p + "ln_2.weight"), "bias": take(p + "ln_2.bias")},
-          "mlp": {"up": {"kernel": take(p + "mlp.c_fc.weight"), "bias": take(p + "mlp.c_fc.bias")},
-                  "down": {"kernel": take(p + "mlp.c_proj.weight"), "bias": take(p + "mlp.c_proj.bias")}}}
-    else:
-      p = f"model.layers.{i}."
-      linear = lambda name: {"kernel": take(p + name + ".weight").T}  # pylint: disable=cell-var-from-loop
-      layers[i] = {
-          "attn_norm": {"scale": take(p + "input_layernorm.weight")},
-          "attn": {"query": linear("self_attn.q_proj"), "key": linear("self_attn.k_proj"),
-                   "value": linear("self_attn.v_proj"), "out": linear("self_attn.o_proj")},
-          "mlp_norm": {"scale": take(p + "post_attention_layernorm.weight")},
-          "mlp": {"gate": linear("mlp.gate_proj"), "up": linear("mlp.up_proj"), "down": linear("mlp.down_proj")}}
-  return layers
+                   "out": {"kernel": take("attn.c_proj.weight"), "bias": take("attn.c_proj.bias")}},
+          "mlp_norm": {"scale": take("ln_2.weight"), "bias": take("ln_2.bias")},
+          "mlp": {"up": {"kernel": take("mlp.c_fc.weight"), "bias": take("mlp.c_fc.bias")},
+                  "down": {"kernel": take("mlp.c_proj.weight"), "bias": take("mlp.c_proj.bias")}}}
 
 
 def params_from_hf(kind: str, tensors: dict, config: TransformerConfig) -> dict:
-  """jaxmodels parameters (in `config.scan_layers`' layout) from Hugging Face tensors; UserError on leftovers."""
+  """jaxmodels parameters (in `config.scan_layers`' layout) from Hugging Face tensors of architecture `kind`;
+  KeyError for a missing tensor, UserError on leftovers."""
   t = dict(tensors)
-  if kind == "gpt2":
+  blocks = {}
+  if ARCHITECTURES[kind].layout == "gpt2":
     t = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in t.items()}
     t.pop("lm_head.weight", None)  # tied: the same tensor as wte
     for name in [k for k in t if k.endswith((".attn.bias", ".attn.masked_bias"))]:  # causal-mask buffers
@@ -213,15 +145,21 @@ def params_from_hf(kind: str, tensors: dict, config: TransformerConfig) -> dict:
     params = {"embed": {"embedding": t.pop("transformer.wte.weight")},
               "pos_embed": {"embedding": t.pop("transformer.wpe.weight")}}
     final = {"scale": t.pop("transformer.ln_f.weight"), "bias": t.pop("transformer.ln_f.bias")}
+    blocks = {i: _gpt2_layer(t, i) for i in range(config.num_layers)}
   else:
+    offset = ARCHITECTURES[kind].norm_offset
     params = {"embed": {"embedding": t.pop("model.embed_tokens.weight")}}
-    final = {"scale": t.pop("model.norm.weight")}
+    final = {"scale": t.pop("model.norm.weight") + offset}
     head = t.pop("lm_head.weight", None)
     if not config.tie_embeddings:
       if head is None:
         raise UserError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
       params["head"] = {"kernel": head.T}
-  params["stack"] = {"blocks": _layers_from_hf(kind, t, config), "final_norm": final}
+    for i in range(config.num_layers):
+      for name, path, transpose in layer_names(config):
+        value = t.pop(f"model.layers.{i}.{name}")
+        _put(blocks.setdefault(i, {}), path, value.T if transpose else value + offset * (path[-1] == "scale"))
+  params["stack"] = {"blocks": blocks, "final_norm": final}
   if t:
     raise UserError(f"tensors without a jaxmodels parameter: {', '.join(sorted(t)[:5])}")
   return unrolled_to_scan(params) if config.scan_layers else params
@@ -233,9 +171,10 @@ def params_to_hf(kind: str, params: dict, config: TransformerConfig) -> dict[str
   if config.scan_layers and not isinstance(next(iter(params["stack"]["blocks"])), int):
     params = scan_to_unrolled(params)
   out = {}
+  gpt2, offset = ARCHITECTURES[kind].layout == "gpt2", ARCHITECTURES[kind].norm_offset
   for i, b in params["stack"]["blocks"].items():
-    a, m = b["attn"], b["mlp"]
-    if kind == "gpt2":
+    if gpt2:
+      a, m = b["attn"], b["mlp"]
       p = f"transformer.h.{i}."
       out.update({
           p + "ln_1.weight": b["attn_norm"]["scale"], p + "ln_1.bias": b["attn_norm"]["bias"],
@@ -246,21 +185,16 @@ def params_to_hf(kind: str, params: dict, config: TransformerConfig) -> dict[str
           p + "mlp.c_fc.weight": m["up"]["kernel"], p + "mlp.c_fc.bias": m["up"]["bias"],
           p + "mlp.c_proj.weight": m["down"]["kernel"], p + "mlp.c_proj.bias": m["down"]["bias"]})
     else:
-      p = f"model.layers.{i}."
-      out.update({
-          p + "input_layernorm.weight": b["attn_norm"]["scale"],
-          p + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
-          **{p + f"self_attn.{hf}.weight": a[ours]["kernel"].T
-             for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "out"))},
-          **{p + f"mlp.{hf}.weight": m[ours]["kernel"].T
-             for hf, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}})
+      out.update({f"model.layers.{i}.{name}": _get(b, path).T if transpose else
+                  _get(b, path) - offset * (path[-1] == "scale") for name, path, transpose in layer_names(config)})
   final = params["stack"]["final_norm"]
-  if kind == "gpt2":
+  if gpt2:
     out.update({"transformer.wte.weight": params["embed"]["embedding"],
                 "transformer.wpe.weight": params["pos_embed"]["embedding"],
                 "transformer.ln_f.weight": final["scale"], "transformer.ln_f.bias": final["bias"]})
   else:
-    out.update({"model.embed_tokens.weight": params["embed"]["embedding"], "model.norm.weight": final["scale"]})
+    out.update({"model.embed_tokens.weight": params["embed"]["embedding"],
+                "model.norm.weight": final["scale"] - offset})
     if "head" in params:
       out["lm_head.weight"] = params["head"]["kernel"].T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -273,47 +207,28 @@ def _to_numpy(tree):
   return np.asarray(tree)
 
 
-def hf_kind(config: TransformerConfig) -> str:
-  """gpt2 or llama: the Hugging Face family whose layout `config` has; UserError if neither."""
-  c = config
-  if (c.norm, c.mlp, c.positions, c.use_bias, c.tie_embeddings, c.kv_heads) == (
-      "layer", "gelu", "learned", True, True, c.num_heads):
-    return "gpt2"
-  if (c.norm, c.mlp, c.positions, c.use_bias) == ("rms", "swiglu", "rotary", False):
-    return "llama"
-  raise UserError("this model has neither GPT-2's layout (model.norm=layer, mlp=gelu, positions=learned, "
-                  "use_bias=true, tied) nor Llama's (norm=rms, mlp=swiglu, positions=rotary, use_bias=false)")
-
-
 def hf_config(config: TransformerConfig, vocab_size: int) -> dict:
-  """A Hugging Face config.json for `config` (GPT-2 or Llama layout)."""
-  c = config
-  if hf_kind(c) == "gpt2":
-    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
-            "n_embd": c.d_model, "n_head": c.num_heads, "n_layer": c.num_layers, "n_inner": c.d_ff,
-            "n_positions": c.max_len, "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
-            "tie_word_embeddings": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-  return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
-          "hidden_size": c.d_model, "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
-          "num_hidden_layers": c.num_layers, "intermediate_size": c.d_ff, "max_position_embeddings": c.max_len,
-          "rms_norm_eps": c.norm_eps, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
-          "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-          "attention_bias": False, "mlp_bias": False}
+  """A Hugging Face config.json for `config` (its `architecture_of`); UserError if no architecture fits."""
+  return architecture_of(config).from_config(config, vocab_size)
 
 
 def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
-  """Writes a Hugging Face model directory's weights to `out` in `jaxmodels export`'s format; returns `out`."""
+  """Writes a Hugging Face model directory's weights to `out` in `jaxmodels export`'s format, and its config.json,
+  generation config and tokenizer files to `out/hf/`; returns `out`. UserError for an unsupported or incomplete
+  directory (naming the field, tensor or shard)."""
   refuse_existing(out)
   extras.check("safetensors", "import-hf")
-  hf = _read_config(directory)
+  hf = read_config(directory)
   try:
     config, vocab_size = transformer_config(hf)
   except KeyError as e:  # a field every config.json of that model_type has
     raise UserError(f"{directory}/config.json has no {e.args[0]!r}: not a complete {hf.get('model_type')} "
                     f"config") from None
+  except ValueError as e:  # a value TransformerConfig refuses
+    raise UserError(f"{directory}/config.json: {e}") from None
   config = dataclasses.replace(config, scan_layers=scan_layers)
   try:
-    params = params_from_hf(hf["model_type"], _read_tensors(directory), config)
+    params = params_from_hf(hf["model_type"], read_tensors(directory), config)
   except KeyError as e:  # a tensor every checkpoint of this config has
     raise UserError(f"{directory} has no tensor {e.args[0]!r}: its *.safetensors files do not hold the whole "
                     f"{hf['model_type']} model that config.json describes") from None
@@ -329,6 +244,10 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   save_params(out, params, {})
   spec = {"input_shape": [c.data.seq_len], "num_outputs": vocab_size, "task": "lm"}
   storage.write_files(out, {"config.json": to_json(c), "model.json": json.dumps(spec)})
+  kept = storage.path(out) / HF_DIR
+  kept.mkdir()
+  (kept / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
+  copy_files(directory, kept, CARRIED_FILES)
   return out
 
 
@@ -342,19 +261,42 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
       raise UserError(f"parameter {path}/{k}: expected shape {tuple(v.shape)}, got {tuple(got[k].shape)}")
 
 
-def export_hf(model_path: str, out: str) -> str:
-  """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`."""
-  save_file = extras.require("safetensors.numpy", "export-hf").save_file
+def _kept_config(model_path: str, architecture: Architecture) -> dict:
+  """The token ids of the original config.json that import-hf kept (only if it is of the same architecture)."""
+  path = storage.path(model_path) / HF_DIR / "config.json"
+  if not path.is_file():
+    return {}
+  original = json.loads(path.read_text(encoding="utf-8"))
+  if original.get("model_type") != architecture.model_type:
+    return {}
+  return {k: original[k] for k in TOKEN_IDS if original.get(k) is not None}
+
+
+def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size: str = "5GB") -> str:
+  """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`.
+
+  Tensors are cast to `dtype` (EXPORT_DTYPES) and split into shards of at most `max_shard_size` (transformers'
+  notation: 5GB, 500MB, 2GiB) with a model.safetensors.index.json when there are several. An import-hf output's
+  `hf/` files (generation config, tokenizer) are copied and its bos/eos/pad token ids written to config.json.
+  UserError for another kind of model, a layout no architecture fits, or a bad dtype or size.
+  """
+  if dtype not in EXPORT_DTYPES:
+    raise UserError(f"--dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
+  max_bytes = parse_size(max_shard_size)
+  extras.check("safetensors", "export-hf")
   refuse_existing(out)
   model = lora.merge_lora(load_trained_model(model_path))  # a LoRA run's adapters merged into its kernels
   if not isinstance(model, TransformerLM):
     raise UserError(f"{model_path} holds a {type(model).__name__}: only Transformer language models export")
-  kind = hf_kind(model.config)
+  architecture = architecture_of(model.config)
   _, params, _ = split_model(model)
+  tensors = {k: v.astype(_DTYPES[dtype]) for k, v in params_to_hf(architecture.model_type, params,
+                                                                   model.config).items()}
   path = storage.path(out)
   path.mkdir(parents=True)
-  with _local_file(path / "model.safetensors", write=True) as local:
-    save_file(params_to_hf(kind, params, model.config), local, metadata={"format": "pt"})
-  (path / "config.json").write_text(json.dumps(hf_config(model.config, model.embed.num_embeddings), indent=2),
-                                    encoding="utf-8")
+  write_tensors(path, tensors, max_bytes)
+  hf = {**architecture.from_config(model.config, model.embed.num_embeddings),
+        **_kept_config(model_path, architecture), "dtype": dtype}
+  (path / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
+  copy_files(storage.path(model_path) / HF_DIR, path, CARRIED_FILES)
   return out

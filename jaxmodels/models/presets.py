@@ -36,10 +36,16 @@ def _gpt2(d, layers, heads):
                            norm_eps=1e-5, mlp="gelu", positions="learned", use_bias=True, tie_embeddings=True)
 
 
-def _llama(d, layers, heads, kv_heads, d_ff, max_len, theta=10000.0, tied=False):
+def _llama(d, layers, heads, kv_heads, d_ff, max_len, theta=10000.0, tied=False, eps=1e-5, mlp="swiglu", **variants):
   return TransformerConfig(d_model=d, num_heads=heads, num_kv_heads=kv_heads, num_layers=layers, d_ff=d_ff,
-                           max_len=max_len, norm="rms", norm_eps=1e-5, mlp="swiglu", positions="rotary",
-                           rope_theta=theta, use_bias=False, tie_embeddings=tied)
+                           max_len=max_len, norm="rms", norm_eps=eps, mlp=mlp, positions="rotary",
+                           rope_theta=theta, use_bias=False, tie_embeddings=tied, **variants)
+
+
+def _llama3(d, layers, heads, kv_heads, d_ff, factor, tied):
+  """Llama 3.1 / 3.2: 128K context by rope_scaling=llama3 from 8K (Meta's config.json of each release)."""
+  return _llama(d, layers, heads, kv_heads, d_ff, 131072, theta=500000.0, tied=tied, rope_scaling="llama3",
+                rope_factor=factor, rope_original_max_len=8192, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
 
 
 def _vit(d, layers, heads):
@@ -60,9 +66,25 @@ PRESETS = {
     "tinyllama-1.1b": Preset("transformer", _llama(2048, 22, 32, 4, 5632, 2048),
                              dict(input_shape=(2048,), num_outputs=32000), 1_100_048_384,
                              "TinyLlama 1.1B's architecture (Llama 2 layout, GQA 32/4)"),
-    "llama3.2-1b": Preset("transformer", _llama(2048, 16, 32, 8, 8192, 131072, theta=500000.0, tied=True),
+    "llama3.2-1b": Preset("transformer", _llama3(2048, 16, 32, 8, 8192, 32.0, tied=True),
                           dict(input_shape=(131072,), num_outputs=128256), 1_235_814_400,
-                          "Llama 3.2 1B's architecture (tied head, rope_theta 500000; no rope scaling)"),
+                          "Llama 3.2 1B's architecture (tied head, rope_theta 500000, llama3 rope scaling x32)"),
+    "llama3.1-8b": Preset("transformer", _llama3(4096, 32, 32, 8, 14336, 8.0, tied=False),
+                          dict(input_shape=(131072,), num_outputs=128256), 8_030_261_248,
+                          "Llama 3.1 8B's architecture (GQA 32/8, llama3 rope scaling x8 to 128K)"),
+    "mistral-7b": Preset("transformer", _llama(4096, 32, 32, 8, 14336, 32768, sliding_window=4096),
+                         dict(input_shape=(32768,), num_outputs=32000), 7_241_732_096,
+                         "Mistral 7B v0.1's architecture (GQA 32/8, 4096-token sliding window)"),
+    "qwen2.5-0.5b": Preset("transformer", _llama(896, 24, 14, 2, 4864, 32768, theta=1000000.0, tied=True, eps=1e-6,
+                                                 qkv_bias=True),
+                           dict(input_shape=(32768,), num_outputs=151936), 494_032_768,
+                           "Qwen2.5 0.5B's architecture (q/k/v biases, GQA 14/2, tied head)"),
+    "gemma2-2b": Preset("transformer", _llama(2304, 26, 8, 4, 9216, 8192, tied=True, eps=1e-6, mlp="geglu",
+                                              head_dim=256, embed_scale=True, norm_position="sandwich",
+                                              sliding_window=4096, global_layer_every=2, attn_logit_softcap=50.0,
+                                              final_logit_softcap=30.0, attention_scale_dim=256.0),
+                        dict(input_shape=(8192,), num_outputs=256000), 2_614_341_888,
+                        "Gemma 2 2B's architecture (GeGLU, sandwich norms, local/global layers, soft-capping)"),
     "resnet18": Preset("resnet", ResNetConfig((2, 2, 2, 2), "basic"), IMAGENET, 11_689_512,
                        "ResNet-18 (v1.5); stem=small for 32x32 images"),
     "resnet50": Preset("resnet", ResNetConfig((3, 4, 6, 3), "bottleneck"), IMAGENET, 25_557_032,

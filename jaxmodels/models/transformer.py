@@ -52,12 +52,15 @@ from jaxmodels.models.layers import (
   require,
   resolve,
 )
+from jaxmodels.models.rope import ROPE_SCALINGS, rope_frequencies
 from jaxmodels.parallel import pipeline
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
-           "check_heads", "check_stack_fields", "EMBED", "FeedForward", "HEADS", "LENGTH", "lookup", "make_norm",
-           "MLP_AXIS", "MLPS", "NORMS", "other_layer_layout", "POOLINGS", "POSITIONS", "REMAT_POLICIES", "rotary",
+           "check_heads", "check_stack_fields", "check_variant_fields", "EMBED", "FeedForward", "HEADS", "LENGTH",
+           "lookup", "make_norm", "MLP_AXIS", "MLPS", "NORM_POSITIONS", "NORMS", "OPTIONAL_POSITIVE",
+           "OPTIONAL_POSITIVE_REAL", "other_layer_layout", "POOLINGS", "POSITIONS", "QK_NORMS", "REMAT_POLICIES",
+           "rotary",
            "ROWS", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
            "Stack", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
            "unrolled_to_scan", "VOCAB"]
@@ -68,8 +71,10 @@ ROWS = (BATCH, "activation_norm_length")  # the residual stream's token rows, se
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
 POOLINGS = ("mean", "cls")
+QK_NORMS = ("none", "head", "full")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -78,6 +83,8 @@ REMAT_POLICIES = {
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 SPLASH_BLOCKS = (512, 256, 128)  # splash attention's query / key blocks, largest first (TPU lanes: 128)
 BOOL = (lambda v: isinstance(v, bool), "True or False")
+OPTIONAL_POSITIVE = (lambda v: v is None or POSITIVE[0](v), "unset or a positive integer")
+OPTIONAL_POSITIVE_REAL = (lambda v: v is None or POSITIVE_REAL[0](v), "unset or a positive number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +105,7 @@ class TransformerConfig:
   max_len: int = 256  # longest sequence (the learned position table's rows): longer inputs are refused
   norm: str = "layer"  # layer (LayerNorm) | rms (RMSNorm), computed in float32
   norm_eps: float = 1e-6  # the norms' epsilon (GPT-2 1e-5, Llama 1e-5 or 1e-6)
-  mlp: str = "swiglu"  # gelu (tanh approximation, as GPT-2) | swiglu (silu(x W_gate) * x W_up)
+  mlp: str = "swiglu"  # gelu (tanh approximation, GPT-2) | swiglu (silu(x W_gate) * x W_up) | geglu (Gemma)
   positions: str = "rotary"  # rotary (RoFormer, on q and k) | learned (an embedding table of max_len rows)
   rope_theta: float = 10000.0  # rotary base wavelength (Llama 3: 500000)
   use_bias: bool = False  # biases on the attention and MLP projections (GPT-2, ViT)
@@ -108,14 +115,66 @@ class TransformerConfig:
   remat: str = "none"  # recompute in the backward pass: none | dots | full
   attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
+  # Architecture variants (Hugging Face interop): how released models depart from the GPT-2 and Llama layouts.
+  # Each default leaves the model as it was; jaxmodels.hf maps config.json fields onto these.
+  head_dim: int | None = None  # H, each head's size; None: d_model / num_heads (Qwen3 and Gemma set their own)
+  rope_scaling: str = "none"  # none | linear | llama3 | yarn: rotary frequencies stretched for long contexts (rope.py)
+  rope_factor: float = 1.0  # rope_scaling's context-extension factor (Llama 3.1: 8, Llama 3.2: 32)
+  rope_original_max_len: int = 8192  # llama3, yarn: the context length the model was pretrained at
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_len / this are divided by factor
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+  rope_beta_fast: float = 32.0  # yarn: pairs making more rotations than this in rope_original_max_len are kept
+  rope_beta_slow: float = 1.0  # yarn: pairs making fewer rotations than this are divided by factor
+  rope_attention_factor: float | None = None  # yarn: the cos/sin scale; None: 0.1 ln(rope_factor) + 1
+  sliding_window: int | None = None  # W: a query attends only to the W latest positions, itself included (Mistral)
+  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
+  qk_norm: str = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (of all heads at once: OLMo 2)
+  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
+  norm_position: str = "pre"
+  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma; the tied head uses the table unscaled)
+  global_layer_every: int = 0  # with sliding_window: layers i with (i + 1) % this == 0 see every position (Gemma 2: 2)
+  attn_logit_softcap: float | None = None  # attention scores c tanh(s / c) (Gemma 2: 50; runs the einsum path)
+  final_logit_softcap: float | None = None  # logits c tanh(z / c) (Gemma 2: 30)
+  attention_scale_dim: float | None = None  # scores / sqrt(this), not / sqrt(H) (Gemma 2's query_pre_attn_scalar)
 
   def __post_init__(self):
     check_stack_fields(self)
     choice(self, "pooling", POOLINGS)
+    check_variant_fields(self)
+
+  def rope_scaling_args(self) -> tuple:
+    """`rotary`'s `scaling`: rope_frequencies' keyword arguments for rope_scaling, as (name, value) pairs."""
+    if self.rope_scaling == "none":
+      return ()
+    return (("scaling", self.rope_scaling), ("factor", self.rope_factor),
+            ("original_max_len", self.rope_original_max_len), ("low_freq_factor", self.rope_low_freq_factor),
+            ("high_freq_factor", self.rope_high_freq_factor), ("beta_fast", self.rope_beta_fast),
+            ("beta_slow", self.rope_beta_slow), ("attention_factor", self.rope_attention_factor))
 
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+
+def check_variant_fields(config):
+  """ValueError naming the first bad one of TransformerConfig's architecture-variant fields."""
+  choice(config, "rope_scaling", ROPE_SCALINGS)
+  choice(config, "qk_norm", QK_NORMS)
+  choice(config, "norm_position", NORM_POSITIONS)
+  require(config, "qkv_bias", BOOL)
+  require(config, "embed_scale", BOOL)
+  require(config, "rope_original_max_len", POSITIVE)
+  for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow"):
+    require(config, name, POSITIVE_REAL)
+  for name in ("head_dim", "sliding_window"):
+    require(config, name, OPTIONAL_POSITIVE)
+  for name in ("rope_attention_factor", "attn_logit_softcap", "final_logit_softcap", "attention_scale_dim"):
+    require(config, name, OPTIONAL_POSITIVE_REAL)
+  require(config, "global_layer_every", (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                         "a non-negative integer"))
+  if config.rope_scaling == "llama3" and config.rope_high_freq_factor <= config.rope_low_freq_factor:
+    raise ValueError(f"rope_high_freq_factor={config.rope_high_freq_factor} must exceed rope_low_freq_factor="
+                     f"{config.rope_low_freq_factor} (rope_scaling=llama3 blends the wavelengths between)")
 
 
 def check_block_fields(config):
@@ -141,19 +200,20 @@ def check_stack_fields(config):
   require(config, "tie_embeddings", BOOL)
   require(config, "rope_theta", POSITIVE_REAL)
   choice(config, "positions", POSITIONS)
-  check_heads(config.d_model, config.num_heads, config.num_kv_heads, config.positions == "rotary")
+  check_heads(config.d_model, config.num_heads, config.num_kv_heads, config.positions == "rotary",
+              getattr(config, "head_dim", None))
 
 
-def check_heads(d_model, num_heads, num_kv_heads, rotary_positions):
-  """ValueError unless the heads split d_model (into even sizes for rotary) and K divides N."""
-  if d_model % num_heads:
+def check_heads(d_model, num_heads, num_kv_heads, rotary_positions, head_dim=None):
+  """ValueError unless the heads split d_model (or have their own `head_dim`; even for rotary) and K divides N."""
+  if head_dim is None and d_model % num_heads:
     raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+  head_dim = head_dim or d_model // num_heads
   if num_kv_heads is not None and not (POSITIVE[0](num_kv_heads) and num_heads % num_kv_heads == 0):
     raise ValueError(f"num_kv_heads={num_kv_heads!r}: expected unset or a positive divisor of "
                      f"num_heads={num_heads}")
-  if rotary_positions and (d_model // num_heads) % 2:
-    raise ValueError(f"positions=rotary needs an even head size, but d_model / num_heads = "
-                     f"{d_model // num_heads}")
+  if rotary_positions and head_dim % 2:
+    raise ValueError(f"positions=rotary needs an even head size, but the heads have {head_dim}")
 
 
 def make_norm(kind, d, eps, param_dtype, rngs):
@@ -165,12 +225,16 @@ def make_norm(kind, d, eps, param_dtype, rngs):
                      rngs=rngs)
 
 
-def rotary(x_BTNH, positions_BT, theta: float = 10000.0):
-  """Rotary position embedding (RoFormer), in float32, on the two halves of the head dim (Llama's layout)."""
-  h = x_BTNH.shape[-1] // 2
-  freqs_H = 1.0 / (theta ** (jnp.arange(h, dtype=jnp.float32) / h))
-  angles_BTH = positions_BT[..., None].astype(jnp.float32) * freqs_H
-  sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
+def rotary(x_BTNH, positions_BT, theta: float = 10000.0, scaling: tuple = ()):
+  """Rotary position embedding (RoFormer), in float32, on the two halves of the head dim (Llama's layout).
+
+  `scaling`: `rope_frequencies`' keyword arguments after head_dim and theta, as (name, value) pairs (the
+  context-extension scalings of `jaxmodels.models.rope`; `TransformerConfig.rope_scaling_args`); empty: the
+  plain frequencies theta^(-2i/H).
+  """
+  freqs_H, factor = rope_frequencies(x_BTNH.shape[-1], theta, **dict(scaling))
+  angles_BTH = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(freqs_H)
+  sin, cos = jnp.sin(angles_BTH)[:, :, None, :] * factor, jnp.cos(angles_BTH)[:, :, None, :] * factor
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
@@ -203,7 +267,8 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, is_causal=False, interpret=False
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None):
+def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal=False, mask_BNTS=None,
+              softcap=None):
   """Softmax attention with a float32 softmax; K key/value heads serve N = K x G query heads (GQA).
 
   `mask_BNTS` (bool, True = attend) broadcasts over batch and heads (its N may be 1); with
@@ -218,8 +283,11 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   - `splash`: `splash_attention`, the Pallas TPU kernel (TPUs only; causal or full attention).
 
   cuDNN's and splash's kernels take no arbitrary mask here: with a mask (segments, padding, a KV cache),
-  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead.
+  `cudnn` runs jax.nn's choice and `splash` the `xla` path instead. `softcap` c (Gemma 2) bounds the scaled
+  scores to c tanh(s / c) before the mask; only `einsum` computes it, so any implementation runs `einsum` then.
   """
+  if softcap is not None:
+    implementation = "einsum"
   if implementation == "splash":
     if mask_BNTS is None:  # each device runs the kernel on its examples and heads (never a split sequence)
       kernel = lambda q, k, v: splash_attention(q, k, v, is_causal=is_causal)
@@ -237,6 +305,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, implementation: str = "auto", *, is_causal
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS * H ** -0.5
+  if softcap is not None:
+    scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
   if is_causal:
     causal_TS = jnp.tril(jnp.ones(scores_BKGTS.shape[-2:], bool))
     mask_BNTS = causal_TS[None, None] if mask_BNTS is None else mask_BNTS & causal_TS
@@ -277,22 +347,56 @@ def _linear(a, b, names, use_bias, dtype, param_dtype, rngs):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with `num_kv_heads` key/value heads; with a KV cache it attends to the prefix too."""
+  """Multi-head self-attention with `num_kv_heads` key/value heads; with a KV cache it attends to the prefix too.
+
+  The architecture variants of TransformerConfig (its fields of the same names): `head_dim` apart from
+  d_model / num_heads, `qkv_bias`, `qk_norm` (RMSNorm of q and k, per head or over all heads, before rotary),
+  `rope_scaling` (`rotary`'s `scaling` pairs) and `sliding_window` (a mask: query slot t sees key slots s with
+  t - W < s <= t, which with a KV cache or packed segments is the same as their positions).
+  """
 
   def __init__(self, d_model, num_heads, *, causal, rotary_positions, implementation, dtype, param_dtype, rngs,
-               num_kv_heads=None, use_bias=False, rope_theta=10000.0):
-    check_heads(d_model, num_heads, num_kv_heads, rotary_positions)
-    self.num_heads, self.head_dim = num_heads, d_model // num_heads
+               num_kv_heads=None, use_bias=False, rope_theta=10000.0, head_dim=None, qkv_bias=False,
+               qk_norm="none", norm_eps=1e-6, rope_scaling=(), sliding_window=None, global_layer_every=0,
+               attn_logit_softcap=None, attention_scale_dim=None):
+    check_heads(d_model, num_heads, num_kv_heads, rotary_positions, head_dim)
+    self.num_heads, self.head_dim = num_heads, head_dim or d_model // num_heads
     self.num_kv_heads = num_kv_heads or num_heads
-    kv_width = self.num_kv_heads * self.head_dim
-    linear = lambda a, b, names: _linear(a, b, names, use_bias, dtype, param_dtype, rngs)
+    q_width, kv_width = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    linear = lambda a, b, names, bias=use_bias: _linear(a, b, names, bias, dtype, param_dtype, rngs)
     # Column-parallel projections into heads, row-parallel out of them (Megatron).
-    self.query = linear(d_model, d_model, ("embed", "heads"))
-    self.key = linear(d_model, kv_width, ("embed", "heads"))
-    self.value = linear(d_model, kv_width, ("embed", "heads"))
-    self.out = linear(d_model, d_model, ("heads", "embed"))
+    self.query = linear(d_model, q_width, ("embed", "heads"), use_bias or qkv_bias)
+    self.key = linear(d_model, kv_width, ("embed", "heads"), use_bias or qkv_bias)
+    self.value = linear(d_model, kv_width, ("embed", "heads"), use_bias or qkv_bias)
+    self.out = linear(q_width, d_model, ("heads", "embed"))
+    norm = lambda d, name: nnx.RMSNorm(d, epsilon=norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
+                                       scale_metadata=axes(name), rngs=rngs)
+    widths = {"head": (self.head_dim, self.head_dim, None), "full": (q_width, kv_width, "heads")}.get(qk_norm)
+    self.query_norm = norm(widths[0], widths[2]) if widths else None
+    self.key_norm = norm(widths[1], widths[2]) if widths else None
+    self.qk_norm = qk_norm
     self.causal, self.rotary_positions, self.rope_theta = causal, rotary_positions, rope_theta
+    self.rope_scaling, self.sliding_window = tuple(rope_scaling), sliding_window
+    self.global_layer_every, self.softcap = global_layer_every, attn_logit_softcap
+    # `attention` divides scores by sqrt(H): queries times sqrt(H / attention_scale_dim) divide them by sqrt(that)
+    self.query_scale = None if attention_scale_dim is None else (self.head_dim / attention_scale_dim) ** 0.5
     self.implementation = implementation
+
+  def _heads(self, y_MD, B, T, n, norm):
+    """(B, T, n, H) heads of a projection, through `norm` (qk_norm) where there is one."""
+    if self.qk_norm == "full":
+      y_MD = norm(y_MD).astype(y_MD.dtype)
+    y_BTNH = self._split(y_MD, B, T, n)
+    return norm(y_BTNH).astype(y_MD.dtype) if self.qk_norm == "head" else y_BTNH
+
+  def _window(self, mask_B1TS, q_slots_T, num_keys, layer):
+    """`mask_B1TS` narrowed to the sliding window (unchanged without one, or in a global layer)."""
+    if self.sliding_window is None:
+      return mask_B1TS
+    window_TS = q_slots_T[:, None] - jnp.arange(num_keys)[None, :] < self.sliding_window
+    if self.global_layer_every:  # `layer` may be traced (scan): a mask of all True in the global layers
+      window_TS = window_TS | ((layer + 1) % self.global_layer_every == 0)
+    return window_TS[None, None] if mask_B1TS is None else mask_B1TS & window_TS
 
   def _split(self, y_MD, B, T, n):
     return constrain(y_MD.reshape(B, T, n, self.head_dim), (BATCH, LENGTH, HEADS))
@@ -305,10 +409,10 @@ class Attention(nnx.Module):
   def keys_values(self, x_MD, positions_BS):
     """(k_BSKH, v_BSKH) of the B x S token rows x_MD, rotary on the keys if this module uses it."""
     B, S = positions_BS.shape
-    k_BSKH = self._split(self.key(x_MD), B, S, self.num_kv_heads)
+    k_BSKH = self._heads(self.key(x_MD), B, S, self.num_kv_heads, self.key_norm)
     v_BSKH = self._split(self.value(x_MD), B, S, self.num_kv_heads)
     if self.rotary_positions:
-      k_BSKH = rotary(k_BSKH, positions_BS, self.rope_theta)
+      k_BSKH = rotary(k_BSKH, positions_BS, self.rope_theta, self.rope_scaling)
     return k_BSKH, v_BSKH
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
@@ -320,19 +424,23 @@ class Attention(nnx.Module):
     """
     B, T = positions_BT.shape
     x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
-    q_BTNH = self._split(self.query(x_MD), B, T, self.num_heads)
+    q_BTNH = self._heads(self.query(x_MD), B, T, self.num_heads, self.query_norm)
     if self.rotary_positions:
-      q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
+      q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta, self.rope_scaling)
+    if self.query_scale is not None:
+      q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
     k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
       out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
-                                     mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
+                                     mask_BNTS=self._window(mask_B1TS, jnp.arange(T), T, layer),
+                                     softcap=self.softcap), (BATCH, LENGTH, HEADS))
       new_cache = None
     else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
       write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
       new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
+      mask_B1TS = self._window(mask_B1TS, cache_index + jnp.arange(T), new_cache["k"].shape[2], layer)
       out_BTNH = attention(q_BTNH, new_cache["k"][layer], new_cache["v"][layer], self.implementation,
-                           mask_BNTS=mask_B1TS)
+                           mask_BNTS=mask_B1TS, softcap=self.softcap)
     return self._project_out(out_BTNH), new_cache
 
   def cross(self, x_MD, k_BSKH, v_BSKH, mask_B1TS=None):
@@ -347,17 +455,20 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """GELU MLP (D -> F -> D) or SwiGLU (silu(x W_gate) * x W_up, then W_down)."""
+  """GELU MLP (D -> F -> D), SwiGLU (silu(x W_gate) * x W_up, then W_down) or GeGLU (gelu(x W_gate) * x W_up,
+  tanh-approximated GELU: Gemma)."""
 
   def __init__(self, d_model, d_ff, kind, *, dtype, param_dtype, rngs, use_bias=False):
     linear = lambda a, b, names: _linear(a, b, names, use_bias, dtype, param_dtype, rngs)
     self.up, self.down = linear(d_model, d_ff, ("embed", "mlp")), linear(d_ff, d_model, ("mlp", "embed"))
-    self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
+    self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind in ("swiglu", "geglu") else None
+    self.gate_activation = jax.nn.gelu if kind == "geglu" else jax.nn.silu
 
   def __call__(self, x_MD):
     x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
     hidden = lambda layer: constrain(layer(x_MD), (BATCH, MLP_AXIS))
-    h_MF = jax.nn.gelu(hidden(self.up)) if self.gate is None else jax.nn.silu(hidden(self.gate)) * hidden(self.up)
+    h_MF = (jax.nn.gelu(hidden(self.up)) if self.gate is None else
+            self.gate_activation(hidden(self.gate)) * hidden(self.up))
     return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
 
 
@@ -371,13 +482,17 @@ class Block(nnx.Module):
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
-               rope_theta=10000.0, cross_attention=False):
+               rope_theta=10000.0, cross_attention=False, norm_position="pre", **variants):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
-    attn = lambda causal, rotary_positions: Attention(
+    attn = lambda causal, rotary_positions, **more: Attention(
         d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs, num_kv_heads=num_kv_heads, use_bias=use_bias,
-        rope_theta=rope_theta)
-    self.attn = attn(causal, rotary_positions)
+        rope_theta=rope_theta, norm_eps=norm_eps, **more)
+    self.attn = attn(causal, rotary_positions, **variants)  # Attention's variant keywords (head_dim, ...)
+    self.post_norm = norm_position == "post"  # x + norm(f(x)) (OLMo 2): the norms take the branches' outputs
+    sandwich = norm_position == "sandwich"  # x + post_norm(f(norm(x))) (Gemma 2): a second norm on each branch
+    self.post_attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if sandwich else None
+    self.post_mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if sandwich else None
     self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
     self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
@@ -390,8 +505,16 @@ class Block(nnx.Module):
     """(x_MD, cache); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
     with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
     deterministic = rngs is None
+    if self.post_norm:
+      h_MD, cache = self.attn(x_MD.astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index, layer)
+      x_MD = constrain(x_MD + self.dropout(self.attn_norm(h_MD).astype(self.dtype), deterministic=deterministic,
+                                           rngs=rngs), (ROWS, EMBED))
+      h_MD = self.mlp_norm(self.mlp(x_MD.astype(self.dtype))).astype(self.dtype)
+      return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
+    if self.post_attn_norm is not None:
+      h_MD = self.post_attn_norm(h_MD).astype(self.dtype)
     x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     if self.cross_attn is not None:
       if "k" in cross:
@@ -401,6 +524,8 @@ class Block(nnx.Module):
       h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
       x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
     h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
+    if self.post_mlp_norm is not None:
+      h_MD = self.post_mlp_norm(h_MD).astype(self.dtype)
     return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
 
 
@@ -422,6 +547,11 @@ class Stack(nnx.Module):
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
                         num_kv_heads=getattr(c, "num_kv_heads", None), use_bias=c.use_bias, norm_eps=c.norm_eps,
                         rope_theta=getattr(c, "rope_theta", 10000.0), cross_attention=cross_attention)
+    if isinstance(c, TransformerConfig):  # the architecture variants (other configs have none)
+      block_kwargs.update(head_dim=c.head_dim, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_position=c.norm_position,
+                          rope_scaling=c.rope_scaling_args(), sliding_window=c.sliding_window,
+                          global_layer_every=c.global_layer_every, attn_logit_softcap=c.attn_logit_softcap,
+                          attention_scale_dim=c.attention_scale_dim)
     make = lambda r: Block(rngs=r, **block_kwargs)
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -431,7 +561,7 @@ class Stack(nnx.Module):
     self.final_norm = make_norm(c.norm, c.d_model, c.norm_eps, param_dtype, rngs)
     self.num_layers, self.scan_layers, self.remat, self.dropout_rate = c.num_layers, c.scan_layers, c.remat, c.dropout
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
-    self.head_dim = c.d_model // c.num_heads
+    self.head_dim = getattr(c, "head_dim", None) or c.d_model // c.num_heads
 
   def __call__(self, x_BTD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, cross=None):
     """Returns (normed output, new cache); `cache` holds per-layer arrays on a leading L axis.
@@ -500,7 +630,6 @@ class Stack(nnx.Module):
                                 None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
 
-
   def cross_keys_values(self, memory_BSD) -> dict:
     """Every layer's cross-attention keys and values of `memory_BSD`: {'k', 'v'} (L, B, S, K, H), computed once
     per sequence for decoding (`__call__`'s `cross`)."""
@@ -551,6 +680,8 @@ class TransformerLM(nnx.Module):
 
   def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
+    if self.config.embed_scale:
+      x_BTD = x_BTD * jnp.asarray(self.config.d_model ** 0.5, self.dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
@@ -560,6 +691,9 @@ class TransformerLM(nnx.Module):
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
     # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
+    if self.config.final_logit_softcap is not None:
+      cap = self.config.final_logit_softcap
+      logits_MV = (cap * jnp.tanh(logits_MV.astype(jnp.float32) / cap)).astype(logits_MV.dtype)
     return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
 
   def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
@@ -704,18 +838,23 @@ def other_layer_layout(tree):
 def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
   """Parameters of TransformerLM from its config, by formula (checked against the module in tests).
 
-  Per layer: 2 D^2 + 2 D K H attention projections (K H = D without GQA), 2 D F (gelu)
-  or 3 D F (swiglu) MLP, their biases if any, two norms (2 D for LayerNorm, D for
-  RMSNorm). Plus V D token embedding, max_len D learned positions, a final norm,
-  and D V for an untied head.
+  Per layer: 2 D N H + 2 D K H attention projections (N H = K H = D without GQA or a head_dim of
+  its own), 2 D F (gelu) or 3 D F (swiglu, geglu) MLP, their biases if any (or q, k, v biases alone with qkv_bias),
+  q and k norms if any (2 H per head, N H + K H over all heads), two norms (four with norm_position=sandwich;
+  2 D for LayerNorm, D for RMSNorm).
+  Plus V D token embedding, max_len D learned positions, a final norm, and D V for an untied head.
   """
   c = config
-  d, f, kv = c.d_model, c.d_ff, c.kv_heads * (c.d_model // c.num_heads)
+  h = c.head_dim or c.d_model // c.num_heads
+  d, f, q, kv = c.d_model, c.d_ff, c.num_heads * h, c.kv_heads * h
   norm = 2 * d if c.norm == "layer" else d
-  mlp_mats = 3 if c.mlp == "swiglu" else 2
-  per_layer = 2 * d * d + 2 * d * kv + mlp_mats * d * f + 2 * norm
+  mlp_mats = 2 if c.mlp == "gelu" else 3
+  per_layer = 2 * d * q + 2 * d * kv + mlp_mats * d * f + (4 if c.norm_position == "sandwich" else 2) * norm
+  per_layer += {"none": 0, "head": 2 * h, "full": q + kv}[c.qk_norm]
+  if c.use_bias or c.qkv_bias:
+    per_layer += q + 2 * kv
   if c.use_bias:
-    per_layer += 2 * d + 2 * kv + (mlp_mats - 1) * f + d
+    per_layer += (mlp_mats - 1) * f + 2 * d
   total = vocab_size * d + c.num_layers * per_layer + norm
   if c.positions == "learned":
     total += c.max_len * d
