@@ -52,6 +52,7 @@ from jaxmodels.models.layers import (
   require,
   resolve,
 )
+from jaxmodels.models.moe import MoE, MoETerms, check_moe_fields, moe_block_kwargs, moe_period
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
@@ -107,9 +108,19 @@ class TransformerConfig:
   remat: str = "none"  # recompute in the backward pass: none | dots | full
   attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
+  # Mixture of experts (jaxmodels.models.moe)
+  num_experts: int = 0  # E expert MLPs (each of width d_ff) in each MoE block; 0: dense MLPs only
+  experts_per_token: int = 2  # K experts each token visits (top-k routing), 1..E
+  num_shared_experts: int = 0  # experts every token visits besides its K (DeepSeekMoE): one MLP of width S x d_ff
+  moe_every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...), the others dense; divides num_layers
+  router: str = "softmax"  # softmax (top-k, weights renormalized: Mixtral) | sigmoid (normalized: DeepSeek-V3)
+  capacity_factor: float = 0.0  # 0: dropless; > 0: an expert takes at most ceil(factor x M x K / E) assignments
+  aux_loss_weight: float = 0.01  # of the load-balancing loss (Switch Transformer) in the training objective
+  z_loss_weight: float = 0.001  # of the router z-loss (ST-MoE) in the training objective
 
   def __post_init__(self):
     check_stack_fields(self)
+    check_moe_fields(self)
     choice(self, "pooling", POOLINGS)
 
   @property
@@ -370,7 +381,7 @@ class Block(nnx.Module):
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
-               rope_theta=10000.0, cross_attention=False):
+               rope_theta=10000.0, cross_attention=False, moe=None, shared_d_ff=0):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     attn = lambda causal, rotary_positions: Attention(
         d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
@@ -380,13 +391,16 @@ class Block(nnx.Module):
     self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
     self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
-    self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
+    self.mlp = (FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
+                if moe is None else MoE(d_model, d_ff, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **moe))
+    self.shared = (FeedForward(d_model, shared_d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   if shared_d_ff else None)  # shared experts: one MLP as wide as all of them
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0,
                cross=None):
-    """(x_MD, cache); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
+    """(x_MD, cache, MoE stats or None); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
     with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
@@ -399,14 +413,24 @@ class Block(nnx.Module):
         k_BSKH, v_BSKH = self.cross_attn.keys_values(cross["memory_MD"], cross["positions_BS"])
       h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
       x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
-    h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
-    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
+    normed_MD, stats = self.mlp_norm(x_MD).astype(self.dtype), None
+    if isinstance(self.mlp, MoE):
+      h_MD, stats = self.mlp(normed_MD)
+      h_MD = h_MD if self.shared is None else h_MD + self.shared(normed_MD)
+    else:
+      h_MD = self.mlp(normed_MD)
+    x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
+    return x_MD, cache, stats
 
 
 class Stack(nnx.Module):
   """`config.num_layers` blocks (stacked and scanned, or a list) followed by a final norm.
 
-  `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
+  `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`). With
+  MoE fields (`num_experts` > 0), every `moe_every`-th block is MoE: the scan (or the list) then runs units of
+  `moe_every` blocks, the last of each MoE (one unit per block for moe_every=1), so scanned units are alike.
+  In training, the MoE blocks' auxiliary losses and load are kept in `moe_terms` for the objective
+  (`jaxmodels.models.moe.pop_moe_terms`).
   """
 
   def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False):
@@ -416,12 +440,22 @@ class Stack(nnx.Module):
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
                         num_kv_heads=getattr(c, "num_kv_heads", None), use_bias=c.use_bias, norm_eps=c.norm_eps,
                         rope_theta=getattr(c, "rope_theta", 10000.0), cross_attention=cross_attention)
-    make = lambda r: Block(rngs=r, **block_kwargs)
+    self.period, moe = moe_period(c), moe_block_kwargs(c)
+    units = c.num_layers // max(self.period, 1)
+
+    def make(r):  # one unit: a block, or `period` blocks the last of which is MoE
+      if not self.period:
+        return Block(rngs=r, **block_kwargs)
+      blocks = [Block(rngs=r, **block_kwargs, **(moe if j == self.period - 1 else {})) for j in range(self.period)]
+      return blocks[0] if self.period == 1 else nnx.List(blocks)
+
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      self.blocks = nnx.split_rngs(splits=c.num_layers)(stacked)(rngs)
+      self.blocks = nnx.split_rngs(splits=units)(stacked)(rngs)
     else:
-      self.blocks = nnx.List([make(rngs) for _ in range(c.num_layers)])
+      self.blocks = nnx.List([make(rngs) for _ in range(units)])
+    self.units = units
+    self.moe_loss_weights = (getattr(c, "aux_loss_weight", 0.0), getattr(c, "z_loss_weight", 0.0))
     self.final_norm = make_norm(c.norm, c.d_model, c.norm_eps, param_dtype, rngs)
     self.num_layers, self.scan_layers, self.remat, self.dropout_rate = c.num_layers, c.scan_layers, c.remat, c.dropout
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
@@ -440,7 +474,7 @@ class Stack(nnx.Module):
     B, T, D = x_BTD.shape
     x_MD = constrain(x_BTD.reshape(B * T, D), (ROWS, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
-    keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
+    keys_U = jax.random.split(rngs.dropout(), self.units) if use_dropout else None
 
     layer_kv, shared = None, None  # cross-attention inputs: per layer (scanned with the blocks) and common
     if cross is not None:
@@ -452,10 +486,16 @@ class Stack(nnx.Module):
         shared["memory_MD"] = constrain(memory_BSD.reshape(-1, D), (BATCH, EMBED))
         shared["positions_BS"] = jnp.broadcast_to(jnp.arange(memory_BSD.shape[1]), memory_BSD.shape[:2])
 
-    def apply(graphdef, state, x, cache, key, i, kv):
-      block = nnx.merge(graphdef, state)
-      return block(x, positions_BT, mask_B1TS, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
-                   layer=i, cross=None if shared is None else {**shared, **(kv or {})})
+    def apply(graphdef, state, x, cache, key, i, kv):  # one unit (see the class): (x, cache, MoE stats or None)
+      unit = nnx.merge(graphdef, state)
+      blocks, stats = (list(unit) if isinstance(unit, nnx.List) else [unit]), None
+      for j, block in enumerate(blocks):
+        key_j = key if len(blocks) == 1 or key is None else jax.random.fold_in(key, j)
+        x, cache, block_stats = block(x, positions_BT, mask_B1TS, cache, cache_index,
+                                      nnx.Rngs(dropout=key_j) if use_dropout else None, layer=i * len(blocks) + j,
+                                      cross=None if shared is None else {**shared, **(kv or {})})
+        stats = stats if block_stats is None else block_stats
+      return x, cache, stats
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
@@ -464,16 +504,23 @@ class Stack(nnx.Module):
 
       def body(carry, xs):
         state_l, key_l, i, kv_l = xs
-        return apply(graphdef, state_l, *carry, key_l, i, kv_l), None
+        x, cache, stats = apply(graphdef, state_l, *carry, key_l, i, kv_l)
+        return (x, cache), stats
 
-      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache),
-                                          (state, keys_L, jnp.arange(self.num_layers), layer_kv))
+      (x_MD, new_cache), stats_U = jax.lax.scan(body, (x_MD, cache),
+                                                (state, keys_U, jnp.arange(self.units), layer_kv))
     else:
-      new_cache = cache
+      new_cache, unit_stats = cache, []
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i,
-                                None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
+        x_MD, new_cache, stats = apply(graphdef, state, x_MD, new_cache, None if keys_U is None else keys_U[i], i,
+                                       None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
+        unit_stats.append(stats)
+      stats_U = None if unit_stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *unit_stats)
+    if stats_U is not None and rngs is not None:  # training: the MoE layers' mean losses and load
+      stats = jax.tree.map(lambda a: a.mean(0), stats_U)
+      penalty = self.moe_loss_weights[0] * stats["moe_aux_loss"] + self.moe_loss_weights[1] * stats["moe_z_loss"]
+      self.moe_terms = MoETerms((penalty, stats))
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
 
 

@@ -1,7 +1,8 @@
 """Device meshes and shardings: how the train state and batches are laid out over devices.
 
-The mesh always has the three axes `data`, `fsdp` and `tensor` (unused ones of
-size 1), so one set of rules serves every strategy:
+The mesh always has the axes `data`, `fsdp`, `tensor` and `expert` (unused ones
+of size 1), so one set of rules serves every strategy (`expert`, expert
+parallelism: `jaxmodels.parallel.experts`):
 
 - modules name each parameter dimension's logical axis (`embed`, `mlp`,
   `heads`, `vocab`, `conv_out`, `layers`, ...; see `jaxmodels.models.layers.axes`);
@@ -52,12 +53,12 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "BATCH_AXES",
-           "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
+           "constrain", "current_activation_sharding", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
            "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
            "process_rows", "STRATEGIES"]
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # `expert` splits the batch too: its devices hold different experts
 STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
 
@@ -117,7 +118,7 @@ def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None
   if math.prod(sizes.values()) != len(devices):
     raise UserError(f"parallel.mesh {sizes} needs {math.prod(sizes.values())} devices, "
                     f"but {len(devices)} are available")
-  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
+  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1 or sizes["expert"] > 1):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
   shape = tuple(sizes[a] for a in MESH_AXES)
   dcn_spec = dcn_mesh
@@ -330,6 +331,11 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh, rules)))
 
 
+def current_activation_sharding():
+  """(mesh, activation rules) of the enclosing `activation_sharding`, or None outside one."""
+  return _ACTIVATIONS.get()
+
+
 def per_shard(fn, names):
   """`fn(*arrays)`, run on each device's shard (jax.shard_map) under `activation_sharding`; `fn` itself outside.
 
@@ -393,7 +399,7 @@ class Layout(_Share):
 
   @property
   def data_parallel_size(self) -> int:
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
   @property
   def device_count(self) -> int:
