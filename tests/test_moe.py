@@ -10,7 +10,7 @@ from conftest import experiment
 from flax import nnx
 
 from jaxmodels.bench.timing import abstract_args
-from jaxmodels.models import moe
+from jaxmodels.models import count_active_params, count_params, moe, presets
 from jaxmodels.models.transformer import TransformerConfig, TransformerLM
 from jaxmodels.train.experiment import build_experiment
 
@@ -112,3 +112,11 @@ def test_expert_parallel_train_step_all_to_all_a_quarter_of_the_experts_each_and
   assert re.search(r"all-to-all", text)
   # Inside the layer each device multiplies its 2 experts' weights: grouped matmuls over (2, 32, 32) operands.
   assert re.search(r"f32\[2,32,32\]", text)
+
+
+def test_moe_presets_hold_the_published_total_and_active_parameter_counts():
+  # Mixtral 8x7B: 46.7B total, 12.9B active (Jiang et al. 2024); OLMoE-1B-7B: 6.9B total, 1.3B active.
+  for name, total, active in (("mixtral-8x7b", 46.7e9, 12.9e9), ("olmoe-1b-7b", 6.9e9, 1.3e9)):
+    model = nnx.eval_shape(lambda name=name: presets.build(name, rngs=nnx.Rngs(0)))
+    assert round(count_params(model) / 1e8) == round(total / 1e8)
+    assert round(count_active_params(model) / 1e8) == round(active / 1e8)

@@ -724,13 +724,15 @@ def other_layer_layout(tree):
   return unrolled_to_scan(tree) if unrolled else scan_to_unrolled(tree)
 
 
-def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
+def transformer_param_count(config: TransformerConfig, vocab_size: int, active: bool = False) -> int:
   """Parameters of TransformerLM from its config, by formula (checked against the module in tests).
 
   Per layer: 2 D^2 + 2 D K H attention projections (K H = D without GQA), 2 D F (gelu)
   or 3 D F (swiglu) MLP, their biases if any, two norms (2 D for LayerNorm, D for
   RMSNorm). Plus V D token embedding, max_len D learned positions, a final norm,
-  and D V for an untied head.
+  and D V for an untied head. A MoE block (every `moe_every`-th with num_experts E > 0) has E expert MLPs
+  (no biases), a D x E router and its shared experts' MLP; `active`: only the K experts a token visits count
+  (`jaxmodels.models.params.count_active_params`).
   """
   c = config
   d, f, kv = c.d_model, c.d_ff, c.kv_heads * (c.d_model // c.num_heads)
@@ -740,6 +742,10 @@ def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
   if c.use_bias:
     per_layer += 2 * d + 2 * kv + (mlp_mats - 1) * f + d
   total = vocab_size * d + c.num_layers * per_layer + norm
+  if c.num_experts:
+    experts = c.experts_per_token if active else c.num_experts
+    moe_layers = c.num_layers // c.moe_every  # each: its experts and shared experts instead of one MLP, a router
+    total += moe_layers * (mlp_mats * d * f * (experts + c.num_shared_experts - 1) + d * c.num_experts)
   if c.positions == "learned":
     total += c.max_len * d
   if not c.tie_embeddings:

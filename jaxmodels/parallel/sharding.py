@@ -82,7 +82,7 @@ def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str
 
 def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None, mesh: str = "",
               dcn_mesh: str = "") -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
+  """The (data, fsdp, tensor, expert) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
 
   Plain arguments: `strategy` (one of STRATEGIES), `mesh` (`"data=2,fsdp=-1"`; empty: the strategy's
   default, `DEFAULT_MESH`) and `dcn_mesh` (the sizes of the axes that cross TPU slices or processes; empty: none),
@@ -407,7 +407,7 @@ class Layout(_Share):
     return self.mesh.size
 
   def describe(self) -> str:
-    """The mesh's axis sizes and the process holding each of its devices, as a (data, fsdp, tensor) grid.
+    """The mesh's axis sizes and the process holding each of its devices, as a (data, fsdp, tensor, expert) grid.
 
     Shows which axes cross processes (hosts; slices under `parallel.dcn_mesh`).
     """
