@@ -1,4 +1,5 @@
-"""Hugging Face interop: GPT-2 and Llama-family checkpoints to jaxmodels parameters and back.
+"""Hugging Face interop: GPT-2, Llama-family and Mixtral (`jaxmodels.hf.moe`) checkpoints to jaxmodels
+parameters and back.
 
     jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors
     jaxmodels export-hf --model exported/gpt2 --out hf/gpt2
@@ -41,6 +42,7 @@ import tempfile
 import numpy as np
 from flax import nnx
 
+from jaxmodels.hf.moe import MIXTRAL, mixtral_config, mixtral_hf_config, mixtral_mlp_from_hf, mixtral_mlp_to_hf
 from jaxmodels.config import default_config, to_json
 from jaxmodels.models.transformer import (
   TransformerConfig,
@@ -56,7 +58,7 @@ from jaxmodels.runtime.errors import UserError
 __all__ = ["export_hf", "hf_config", "hf_kind", "HF_MODEL_TYPES", "import_hf", "INDEX_FILE", "params_from_hf",
            "params_to_hf", "transformer_config"]
 
-HF_MODEL_TYPES = ("gpt2", "llama")  # the Hugging Face architectures (config.json's model_type) that convert
+HF_MODEL_TYPES = ("gpt2", "llama", MIXTRAL)  # the Hugging Face architectures (config.json's model_type) that convert
 
 
 def _read_config(directory: str) -> dict:
@@ -110,7 +112,7 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
                                d_ff=hf.get("n_inner") or 4 * d, max_len=hf["n_positions"], norm="layer",
                                norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", positions="learned",
                                use_bias=True, tie_embeddings=True)
-  elif kind == "llama":
+  elif kind in ("llama", MIXTRAL):
     _refuse(hf, "hidden_act", ("silu",), "silu")
     _refuse(hf, "attention_bias", (False,), False)
     _refuse(hf, "mlp_bias", (False,), False)
@@ -126,6 +128,7 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
                                mlp="swiglu", positions="rotary",
                                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                                use_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    config = mixtral_config(hf, config) if kind == MIXTRAL else config
   else:
     raise UserError(f"config.json: model_type={kind!r} is not supported (expected one of "
                     f"{', '.join(HF_MODEL_TYPES)})")
@@ -197,7 +200,8 @@ def _layers_from_hf(kind: str, t: dict, config: TransformerConfig) -> dict:
           "attn": {"query": linear("self_attn.q_proj"), "key": linear("self_attn.k_proj"),
                    "value": linear("self_attn.v_proj"), "out": linear("self_attn.o_proj")},
           "mlp_norm": {"scale": take(p + "post_attention_layernorm.weight")},
-          "mlp": {"gate": linear("mlp.gate_proj"), "up": linear("mlp.up_proj"), "down": linear("mlp.down_proj")}}
+          "mlp": (mixtral_mlp_from_hf(take, p, config.num_experts) if kind == MIXTRAL else
+                  {"gate": linear("mlp.gate_proj"), "up": linear("mlp.up_proj"), "down": linear("mlp.down_proj")})}
   return layers
 
 
@@ -251,8 +255,9 @@ def params_to_hf(kind: str, params: dict, config: TransformerConfig) -> dict[str
           p + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
           **{p + f"self_attn.{hf}.weight": a[ours]["kernel"].T
              for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "out"))},
-          **{p + f"mlp.{hf}.weight": m[ours]["kernel"].T
-             for hf, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}})
+          **(mixtral_mlp_to_hf(m, p) if kind == MIXTRAL else
+             {p + f"mlp.{hf}.weight": m[ours]["kernel"].T
+              for hf, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))})})
   final = params["stack"]["final_norm"]
   if kind == "gpt2":
     out.update({"transformer.wte.weight": params["embed"]["embedding"],
@@ -273,13 +278,16 @@ def _to_numpy(tree):
 
 
 def hf_kind(config: TransformerConfig) -> str:
-  """gpt2 or llama: the Hugging Face family whose layout `config` has; UserError if neither."""
+  """gpt2, llama or mixtral: the Hugging Face family whose layout `config` has; UserError if none."""
   c = config
   if (c.norm, c.mlp, c.positions, c.use_bias, c.tie_embeddings, c.kv_heads) == (
       "layer", "gelu", "learned", True, True, c.num_heads):
     return "gpt2"
   if (c.norm, c.mlp, c.positions, c.use_bias) == ("rms", "swiglu", "rotary", False):
-    return "llama"
+    if c.num_experts and (c.moe_every, c.num_shared_experts, c.router, c.capacity_factor) != (1, 0, "softmax", 0):
+      raise UserError("this mixture of experts is not Mixtral's (model.moe_every=1, num_shared_experts=0, "
+                      "router=softmax, capacity_factor=0)")
+    return MIXTRAL if c.num_experts else "llama"
   raise UserError("this model has neither GPT-2's layout (model.norm=layer, mlp=gelu, positions=learned, "
                   "use_bias=true, tied) nor Llama's (norm=rms, mlp=swiglu, positions=rotary, use_bias=false)")
 
@@ -292,12 +300,13 @@ def hf_config(config: TransformerConfig, vocab_size: int) -> dict:
             "n_embd": c.d_model, "n_head": c.num_heads, "n_layer": c.num_layers, "n_inner": c.d_ff,
             "n_positions": c.max_len, "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
             "tie_word_embeddings": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-  return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
+  llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
           "hidden_size": c.d_model, "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
           "num_hidden_layers": c.num_layers, "intermediate_size": c.d_ff, "max_position_embeddings": c.max_len,
           "rms_norm_eps": c.norm_eps, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
           "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
           "attention_bias": False, "mlp_bias": False}
+  return mixtral_hf_config(c, llama) if c.num_experts else llama
 
 
 def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
