@@ -102,6 +102,8 @@ def command_line(a: PlanArgs, point: dict) -> str:
 def loop_trips(config) -> int:
   """How many times the loops XLA's cost analysis counts once run per step (see the module docstring)."""
   layers = config.model.num_layers if config.model.family == "transformer" and config.model.scan_layers else 1
+  if layers > 1 and config.model.num_experts:  # the scan's body holds moe_every blocks (models.moe)
+    layers //= config.model.moe_every
   return config.train.grad_accum_steps * layers
 
 

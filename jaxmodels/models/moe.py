@@ -7,6 +7,10 @@ tokens x experts x capacity dispatch tensor). With a `capacity_factor` C > 0, an
 ceil(C x assignments / experts) of them, in token order (Switch Transformer, Fedus et al. 2021); the rest are
 dropped (the token keeps its residual), and the kept rows are still multiplied by `ragged_dot`.
 
+XLA's CPU backend expands `ragged_dot` into one dense matmul over every expert's weights with the other
+groups' rows masked (its compiled program multiplies (M, E x D) by (E x D, F)): on a CPU the experts cost E
+times their FLOPs, so CPU runs check correctness, not speed.
+
 Under an `expert` mesh axis the experts are split over it and the rows move to their experts' devices and
 back with all-to-all collectives (`jaxmodels.parallel.experts`).
 

@@ -4,7 +4,9 @@
 `data`, parameters replicated), `fsdp` (parameters and optimizer state sharded
 over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
 attention heads and MLPs over `tensor`, with sequence parallelism between them;
-combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
+combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step). An
+`expert` mesh axis (`parallel.mesh=data=2,expert=4`) splits mixture-of-experts layers' experts over its devices
+(`jaxmodels.parallel.experts`: all-to-all dispatch).
 """
 
 from jaxmodels.parallel.distributed import initialize
