@@ -38,4 +38,5 @@ from jaxmodels.models.vit import ViT, ViTConfig
 __all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LSTMConfig", "MLP", "MLPConfig",
            "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
-           "build_family", "build_model", "count_active_params", "count_params", "family_config", "get_family", "presets", "register"]
+           "build_family", "build_model", "count_active_params", "count_params", "family_config", "get_family",
+           "presets", "register"]

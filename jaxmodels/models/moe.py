@@ -34,8 +34,9 @@ from jaxmodels.models.layers import POSITIVE, axes, choice, require
 from jaxmodels.parallel import experts as expert_parallel
 from jaxmodels.parallel.sharding import constrain
 
-__all__ = ["capacity", "check_moe_fields", "dispatch", "expert_mlp", "load_balancing_loss", "MoE", "moe_block_kwargs", "MOE_METRICS", "moe_period", "MoETerms", "pop_moe_terms",
-           "route", "router_z_loss", "ROUTERS"]
+__all__ = ["capacity", "check_moe_fields", "dispatch", "expert_mlp", "load_balancing_loss", "MoE",
+           "moe_block_kwargs", "MOE_METRICS", "moe_period", "MoETerms", "pop_moe_terms", "route", "router_z_loss",
+           "ROUTERS"]
 
 ROUTERS = ("softmax", "sigmoid")
 # The train step's MoE metrics, each a mean over the MoE layers: the two auxiliary losses (unweighted), the most
@@ -150,13 +151,13 @@ def dispatch(x_MD, experts_MK, weights_MK, mlp, num_experts: int, capacity_facto
   rank_R = jnp.cumsum(keep_R) - 1 - (jnp.cumsum(kept_P) - kept_P)[dest_R]  # rows sorted by expert: dest-major
   slot_R = jnp.where(keep_R, dest_R * rows + rank_R, shards * rows)  # out of range: dropped
   send_xD = jnp.zeros((shards * rows, D), x_MD.dtype).at[slot_R].set(x_MD[order_R // K], mode="drop")
-  send_x = jnp.full((shards * rows,), local, jnp.int32).at[slot_R].set(expert_R - dest_R * local, mode="drop")
+  send_tag = jnp.full((shards * rows,), local, jnp.int32).at[slot_R].set(expert_R - dest_R * local, mode="drop")
   exchange = ((lambda a: a) if axis_name is None else
               lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True))
-  recv_xD, recv_x = exchange(send_xD), exchange(send_x)  # rows from every device, each tagged by local expert
-  order_x = jnp.argsort(recv_x, stable=True)  # empty slots (tag `local`) last
-  y_sorted = mlp(recv_xD[order_x], jnp.bincount(recv_x, length=local))
-  back_xD = exchange(jnp.zeros_like(y_sorted).at[order_x].set(y_sorted))
+  recv_xD, recv_tag = exchange(send_xD), exchange(send_tag)  # rows from every device, each tagged by local expert
+  order_tag = jnp.argsort(recv_tag, stable=True)  # empty slots (tag `local`) last
+  y_sorted = mlp(recv_xD[order_tag], jnp.bincount(recv_tag, length=local))
+  back_xD = exchange(jnp.zeros_like(y_sorted).at[order_tag].set(y_sorted))
   y_RD = back_xD.at[slot_R].get(mode="fill", fill_value=0)  # dropped assignments: zero
   y_MKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(M, K, D)
   return jnp.einsum("mkd,mk->md", y_MKD, weights_MK.astype(y_MKD.dtype)), keep_R.sum()

@@ -392,7 +392,8 @@ class Block(nnx.Module):
     self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     self.mlp = (FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
-                if moe is None else MoE(d_model, d_ff, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **moe))
+                if moe is None else
+                MoE(d_model, d_ff, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **moe))
     self.shared = (FeedForward(d_model, shared_d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                    if shared_d_ff else None)  # shared experts: one MLP as wide as all of them
     self.dropout = nnx.Dropout(dropout)
@@ -400,8 +401,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0,
                cross=None):
-    """(x_MD, cache, MoE stats or None); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
-    with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
+    """(x_MD, cache, MoE stats or None); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's
+    rows 'memory_MD' with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K,
+    H)."""
     deterministic = rngs is None
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)

@@ -53,7 +53,8 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "BATCH_AXES",
-           "constrain", "current_activation_sharding", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
+           "constrain", "current_activation_sharding", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES",
+           "opt_state_shardings",
            "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
            "process_rows", "STRATEGIES"]
 
