@@ -34,6 +34,12 @@ def llama():  # grouped-query attention (4 query heads, 2 key/value heads), unti
       tie_word_embeddings=False))
 
 
+def mixtral():  # Llama's attention with 4 SwiGLU experts, top-2, in every layer
+  return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2))
+
+
 def saved(make, directory):
   torch.manual_seed(0)
   model = make().eval()
@@ -49,8 +55,8 @@ def tensors(directory):
   return safetensors_numpy.load_file(str(directory / "model.safetensors"))
 
 
-@pytest.mark.parametrize("make, scan_layers", [(gpt2, True), (llama, False), (llama, True)],
-                         ids=["gpt2-scanned", "llama-unrolled", "llama-scanned"])
+@pytest.mark.parametrize("make, scan_layers", [(gpt2, True), (llama, False), (llama, True), (mixtral, True)],
+                         ids=["gpt2-scanned", "llama-unrolled", "llama-scanned", "mixtral-scanned"])
 def test_import_matches_transformers_logits_and_export_round_trips(tmp_path, make, scan_layers):
   reference = saved(make, tmp_path / "hf")
   import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), scan_layers=scan_layers)

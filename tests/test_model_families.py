@@ -20,6 +20,7 @@ from jaxmodels.models import (
   ViT,
   ViTConfig,
   build_model,
+  count_active_params,
   count_params,
   family_config,
   presets,
@@ -36,6 +37,10 @@ def test_preset_parameter_counts_equal_the_published_ones(name):
   assert count_params(model) == p.params
   if p.family == "transformer":
     assert transformer_param_count(p.config, p.reference["num_outputs"]) == p.params
+  active = p.active_params or p.params  # mixtures of experts: the parameters one token uses
+  assert count_active_params(model) == active
+  if p.family == "transformer":
+    assert transformer_param_count(p.config, p.reference["num_outputs"], active=True) == active
 
 
 def test_published_figures_are_the_ones_in_the_issue():

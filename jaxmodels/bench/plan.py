@@ -150,6 +150,8 @@ def loop_trips(config) -> int:
   """How many times the loops XLA's cost analysis counts once run per step (see the module docstring); under a
   `stage` axis the pipeline's iterations times each stage's layers."""
   layers = config.model.num_layers if config.model.family == "transformer" and config.model.scan_layers else 1
+  if layers > 1 and config.model.num_experts:  # the scan's body holds moe_every blocks (models.moe)
+    layers //= config.model.moe_every
   p = config.parallel
   stages = parse_mesh(p.mesh, p.strategy)["stage"]
   if stages > 1 and layers > 1:

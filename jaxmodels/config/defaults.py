@@ -124,6 +124,15 @@ def default_config() -> config_dict.ConfigDict:
   c.model.final_logit_softcap = config_dict.placeholder(float)  # logits c tanh(z / c) (Gemma 2: 30)
   # attention scores divided by sqrt(this) instead of sqrt(head size) (Gemma 2's query_pre_attn_scalar)
   c.model.attention_scale_dim = config_dict.placeholder(float)
+  # Mixture of experts (transformer; jaxmodels/models/moe.py, docs/models.md#mixture-of-experts)
+  c.model.num_experts = 0  # expert MLPs (each d_ff wide) per MoE block; 0: dense MLPs only
+  c.model.experts_per_token = 2  # top-k: experts each token visits, 1..num_experts
+  c.model.num_shared_experts = 0  # experts every token visits besides its top-k (DeepSeekMoE)
+  c.model.moe_every = 1  # every n-th block is MoE, the others dense; divides num_layers
+  c.model.router = "softmax"  # softmax (top-k, weights renormalized: Mixtral) | sigmoid (DeepSeek-V3)
+  c.model.capacity_factor = 0.0  # 0: dropless; > 0: an expert takes at most ceil(factor x tokens x k / experts)
+  c.model.aux_loss_weight = 0.01  # load-balancing loss (Switch Transformer) weight in the training objective
+  c.model.z_loss_weight = 0.001  # router z-loss (ST-MoE) weight in the training objective
   # LSTM / GRU
   c.model.cell = "lstm"  # lstm | gru
   c.model.hidden_size = 256
@@ -256,7 +265,8 @@ def default_config() -> config_dict.ConfigDict:
   # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and docs/parallelism.md).
   c.parallel.strategy = "single"
   # Mesh axis sizes, e.g. "data=2,tensor=4"; -1 fills the remaining devices. Empty: the
-  # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1).
+  # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1). Axes: data, fsdp,
+  # tensor, expert (MoE models: the experts split over it, the batch too; e.g. "data=2,expert=4").
   c.parallel.mesh = ""
   # Mesh axes that cross TPU slices (the slower DCN network), e.g. "data=2" for two slices: each size
   # divides that axis of parallel.mesh, whose rest stays inside a slice (ICI). On platforms without
@@ -264,7 +274,7 @@ def default_config() -> config_dict.ConfigDict:
   c.parallel.dcn_mesh = ""
   # Logical parameter axis -> mesh axis (None: not split).
   c.parallel.rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
-                      ("conv_in", None), ("conv_out", "fsdp"), ("layers", "stage"))
+                      ("conv_in", None), ("conv_out", "fsdp"), ("layers", "stage"), ("expert", "expert"))
   # Pipeline parallelism over the mesh axis `stage` (e.g. parallel.mesh="stage=4,data=2"; the Transformer LM with
   # scanned layers only; jaxmodels/parallel/pipeline.py): micro-batches per step (0: one per stage; at least
   # the stage count, dividing train.batch_size / train.grad_accum_steps) and the circular schedule's repeats R
@@ -277,7 +287,7 @@ def default_config() -> config_dict.ConfigDict:
   # the weights are then gathered, never the batch. A dimension the axes do not divide stays whole.
   # activation_norm_length -> tensor is sequence parallelism: the residual stream, norms, dropout and
   # logits split their tokens over `tensor` between the tensor-parallel regions (None: kept whole).
-  c.parallel.activation_rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
+  c.parallel.activation_rules = (("activation_batch", ("data", "fsdp", "expert")), ("activation_length", None),
                                  ("activation_norm_length", "tensor"), ("activation_embed", None),
                                  ("activation_heads", "tensor"), ("activation_mlp", "tensor"),
                                  ("activation_vocab", "tensor"))

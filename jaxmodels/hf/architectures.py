@@ -6,7 +6,7 @@ Each `Architecture` names its `model_type`, the `transformers` class, the tensor
 Conv1D; `llama`: one `nn.Linear` per projection under `model.layers.i.`, shared by every other entry), a
 `to_config` reading config.json (UserError for a field whose value it cannot compute) and a `from_config`
 writing it back. `architecture_of` picks the entry a jaxmodels model exports as: the first in EXPORT_ORDER
-whose `fits` accepts it.
+whose `fits` accepts it. The mixture-of-experts entry (Mixtral) maps its expert tensors in `jaxmodels.hf.moe`.
 
 Adding an architecture of the Llama layout: a `to_config` calling `_llama_like(hf, **fields)` with the
 TransformerConfig variant fields it sets, a `from_config` calling `_llama_like_json(c, vocab, model_type,
@@ -17,6 +17,7 @@ would also fit it). Tensor names that differ from Llama's go into `jaxmodels.hf.
 import dataclasses
 from collections.abc import Callable
 
+from jaxmodels.hf.moe import MIXTRAL, mixtral_config, mixtral_fits, mixtral_hf_config
 from jaxmodels.models.transformer import TransformerConfig
 from jaxmodels.runtime.errors import UserError
 
@@ -191,7 +192,7 @@ def _variants(c: TransformerConfig, **expected) -> bool:
   want = {"norm": "rms", "mlp": "swiglu", "positions": "rotary", "use_bias": False, "sliding_window": None,
           "qkv_bias": False, "qk_norm": "none", "norm_position": "pre", "embed_scale": False,
           "global_layer_every": 0, "attn_logit_softcap": None, "final_logit_softcap": None,
-          "attention_scale_dim": None, **expected}
+          "attention_scale_dim": None, "num_experts": 0, **expected}
   return all(v is ... or (getattr(c, k) is not None if v == "set" else getattr(c, k) == v) for k, v in want.items())
 
 
@@ -227,9 +228,13 @@ ARCHITECTURES = {a.model_type: a for a in (
     Architecture("olmo2", "Olmo2ForCausalLM", "llama", _olmo2,
                  lambda c, v: _llama_like_json(c, v, "olmo2", "Olmo2ForCausalLM", attention_bias=False),
                  lambda c: _variants(c, qk_norm="full", norm_position="post")),
+    # Mistral's attention with a sparse MoE block per layer (its tensors: jaxmodels.hf.moe)
+    Architecture(MIXTRAL, "MixtralForCausalLM", "llama", lambda hf: mixtral_config(hf, _mistral(hf)),
+                 lambda c, v: mixtral_hf_config(c, _llama_like_json(c, v, MIXTRAL, "MixtralForCausalLM")),
+                 lambda c: _variants(c, sliding_window=..., num_experts=...) and mixtral_fits(c)),
 )}
 # architecture_of's preference
-EXPORT_ORDER = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2")
+EXPORT_ORDER = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", MIXTRAL)
 
 
 def architecture_of(config: TransformerConfig) -> Architecture:
@@ -241,4 +246,5 @@ def architecture_of(config: TransformerConfig) -> Architecture:
                   "GPT-2 is model.norm=layer, mlp=gelu, positions=learned, use_bias=true, tied; the others are "
                   "norm=rms, mlp=swiglu, positions=rotary, use_bias=false with one of sliding_window (mistral), "
                   "qkv_bias (qwen2), qk_norm=head (qwen3), mlp=geglu + embed_scale (gemma; with "
-                  "norm_position=sandwich, gemma2), qk_norm=full + norm_position=post (olmo2)")
+                  "norm_position=sandwich, gemma2), qk_norm=full + norm_position=post (olmo2), Mixtral's mixture of "
+                  "experts (num_experts > 0, moe_every=1, num_shared_experts=0, router=softmax, capacity_factor=0)")

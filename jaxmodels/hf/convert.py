@@ -1,5 +1,5 @@
-"""Hugging Face interop: checkpoints of the architectures in `jaxmodels.hf.architectures` to jaxmodels parameters
-and back.
+"""Hugging Face interop: checkpoints of the architectures in `jaxmodels.hf.architectures` (Mixtral's experts:
+`jaxmodels.hf.moe`) to jaxmodels parameters and back.
 
     jaxmodels import-hf DIR --out exported/gpt2      # DIR: config.json + *.safetensors (sharded: with the index)
     jaxmodels export-hf --model exported/gpt2 --out hf/gpt2 [--dtype bfloat16] [--max-shard-size 5GB]
@@ -48,6 +48,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxmodels.hf.moe import mixtral_mlp_from_hf, mixtral_mlp_to_hf
 from jaxmodels.config import default_config, to_json
 from jaxmodels.hf.architectures import ARCHITECTURES, Architecture, architecture_of
 from jaxmodels.hf.files import (
@@ -89,10 +90,12 @@ def transformer_config(hf: dict) -> tuple[TransformerConfig, int]:
 
 
 def layer_names(config: TransformerConfig) -> list[tuple[str, tuple[str, ...], bool]]:
-  """A Llama-layout layer's tensors: (name after `model.layers.i.`, our parameter path, transposed)."""
+  """A Llama-layout layer's tensors: (name after `model.layers.i.`, our parameter path, transposed). A mixture of
+  experts' MLP is not among them (jaxmodels.hf.moe maps it)."""
   names = [(f"self_attn.{hf}_proj.weight", ("attn", ours, "kernel"), True)
            for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))]
-  names += [(f"mlp.{hf}_proj.weight", ("mlp", hf, "kernel"), True) for hf in ("gate", "up", "down")]
+  if not config.num_experts:
+    names += [(f"mlp.{hf}_proj.weight", ("mlp", hf, "kernel"), True) for hf in ("gate", "up", "down")]
   norms = {"pre": (("input", "attn_norm"), ("post_attention", "mlp_norm")),
            "post": (("post_attention", "attn_norm"), ("post_feedforward", "mlp_norm")),
            "sandwich": (("input", "attn_norm"), ("post_attention", "post_attn_norm"), ("pre_feedforward", "mlp_norm"),
@@ -159,6 +162,8 @@ def params_from_hf(kind: str, tensors: dict, config: TransformerConfig) -> dict:
       for name, path, transpose in layer_names(config):
         value = t.pop(f"model.layers.{i}.{name}")
         _put(blocks.setdefault(i, {}), path, value.T if transpose else value + offset * (path[-1] == "scale"))
+      if config.num_experts:
+        blocks[i]["mlp"] = mixtral_mlp_from_hf(t.pop, f"model.layers.{i}.", config.num_experts)
   params["stack"] = {"blocks": blocks, "final_norm": final}
   if t:
     raise UserError(f"tensors without a jaxmodels parameter: {', '.join(sorted(t)[:5])}")
@@ -187,6 +192,8 @@ def params_to_hf(kind: str, params: dict, config: TransformerConfig) -> dict[str
     else:
       out.update({f"model.layers.{i}.{name}": _get(b, path).T if transpose else
                   _get(b, path) - offset * (path[-1] == "scale") for name, path, transpose in layer_names(config)})
+      if config.num_experts:
+        out.update(mixtral_mlp_to_hf(b["mlp"], f"model.layers.{i}."))
   final = params["stack"]["final_norm"]
   if gpt2:
     out.update({"transformer.wte.weight": params["embed"]["embedding"],

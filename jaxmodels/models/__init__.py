@@ -26,7 +26,7 @@ from jaxmodels.models.cnn import CNN, CNNConfig
 from jaxmodels.models.encdec import EncoderDecoder, EncoderDecoderConfig
 from jaxmodels.models.lora import LoRALinear, apply_lora, merge_lora
 from jaxmodels.models.mlp import MLP, MLPConfig
-from jaxmodels.models.params import count_params
+from jaxmodels.models.params import count_active_params, count_params
 from jaxmodels.models.recurrent import LSTMConfig, RecurrentClassifier, RecurrentLM
 from jaxmodels.models.registry import FAMILIES, build_family, build_model, family_config, get_family, register
 from jaxmodels.models.resnet import ResNet, ResNetConfig
@@ -40,5 +40,6 @@ from jaxmodels.models.vit import ViT, ViTConfig
 __all__ = ["CNN", "CNNConfig", "EncoderDecoder", "EncoderDecoderConfig", "FAMILIES", "LoRALinear", "LSTMConfig", "MLP",
            "MLPConfig", "RecurrentClassifier", "RecurrentLM",
            "ResNet", "ResNetConfig", "TransformerClassifier", "TransformerConfig", "TransformerLM", "ViT", "ViTConfig",
-           "apply_lora", "build_family", "build_model", "count_params", "family_config", "get_family", "merge_lora",
+           "apply_lora", "build_family", "build_model", "count_active_params", "count_params", "family_config",
+           "get_family", "merge_lora",
            "presets", "register"]

@@ -10,7 +10,10 @@ halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
 - LSTM/GRU: 6 x parameters x tokens (each weight is used once per time step).
 - ResNet: as the CNN (each convolution's multiply-accumulates at its output resolution).
 - Transformer: 6 x (parameters - embeddings) x tokens + 12 x L x T x d_model x tokens,
-  plus the LM head (2 x d_model x V per token, x3) when the embedding is tied.
+  plus the LM head (2 x d_model x V per token, x3) when the embedding is tied. With mixture-of-experts layers
+  the parameters are the active ones (`count_active_params`: the K of E experts a token visits, shared experts,
+  routers, attention), as MaxText and the Mixtral paper (Jiang et al. 2024, "13B active parameters") count them;
+  the dispatch's sorts, gathers and all-to-alls are not counted.
 - ViT: the Transformer classifier's count over its patches (+ class token).
 - Encoder-decoder: the encoder's parameters over the S source tokens, the decoder's over the T = S + 1
   target tokens (6 x each), attention 12 x L x d_model x (S^2 + T^2 + T S), and the head as the LM's.
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels.models import registry
-from jaxmodels.models.params import count_params
+from jaxmodels.models.params import count_active_params, count_params
 
 __all__ = ["datasheet_peak", "matmul_flops", "model_flops_per_step", "PEAK_FLOPS", "peak_flops"]
 
@@ -79,6 +82,12 @@ def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | N
   note saying so to `notices`."""
   m, batch = config.model, config.train.batch_size
   n_params = count_params(abstract_model)
+  if m.family in ("transformer", "vit") and getattr(m, "num_experts", 0):  # MoE: the parameters a token uses
+    active = count_active_params(abstract_model)
+    if notices is not None:
+      notices.append(f"parameters: {n_params:,} total, {active:,} active per token (mixture of experts: model "
+                     f"FLOPs and MFU count the active ones)")
+    n_params = active
   if m.family not in registry.FAMILIES:
     if hasattr(abstract_model, "flops_per_example"):
       return float(batch * abstract_model.flops_per_example(tuple(dataset.input_shape)))

@@ -29,6 +29,7 @@ class Preset:
   reference: dict  # input_shape (classifiers; for LMs (max_len,)), num_outputs (classes or vocabulary size)
   params: int  # parameters at the reference sizes: the published count (llama-tiny/-small: ours, no paper)
   about: str  # what it is for
+  active_params: int | None = None  # mixtures of experts: parameters one token uses (the published count)
 
 
 def _gpt2(d, layers, heads):
@@ -46,6 +47,11 @@ def _llama3(d, layers, heads, kv_heads, d_ff, factor, tied):
   """Llama 3.1 / 3.2: 128K context by rope_scaling=llama3 from 8K (Meta's config.json of each release)."""
   return _llama(d, layers, heads, kv_heads, d_ff, 131072, theta=500000.0, tied=tied, rope_scaling="llama3",
                 rope_factor=factor, rope_original_max_len=8192, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+
+
+def _mixtral(d, layers, heads, kv_heads, d_ff, experts, k, max_len, theta):
+  return dataclasses.replace(_llama(d, layers, heads, kv_heads, d_ff, max_len, theta), num_experts=experts,
+                             experts_per_token=k, aux_loss_weight=0.02)
 
 
 def _vit(d, layers, heads):
@@ -85,6 +91,21 @@ PRESETS = {
                                               final_logit_softcap=30.0, attention_scale_dim=256.0),
                         dict(input_shape=(8192,), num_outputs=256000), 2_614_341_888,
                         "Gemma 2 2B's architecture (GeGLU, sandwich norms, local/global layers, soft-capping)"),
+    "mixtral-8x7b": Preset("transformer", _mixtral(4096, 32, 32, 8, 14336, 8, 2, 32768, 1e6),
+                           dict(input_shape=(32768,), num_outputs=32000), 46_702_792_704,
+                           "Mixtral 8x7B (Jiang et al. 2024): 8 SwiGLU experts, top-2, GQA 32/8",
+                           active_params=12_879_925_248),
+    # OLMoE also normalizes queries and keys (RMSNorm, 2 x 2048 per layer) and does not renormalize the top-8
+    # weights; this architecture omits both (65,536 parameters fewer than the published 6.92B).
+    "olmoe-1b-7b": Preset("transformer", dataclasses.replace(_mixtral(2048, 16, 16, 16, 1024, 64, 8, 4096, 1e4),
+                                                             aux_loss_weight=0.01),
+                          dict(input_shape=(4096,), num_outputs=50304), 6_919_096_320,
+                          "OLMoE-1B-7B's architecture (Muennighoff et al. 2024): 64 experts, top-8",
+                          active_params=1_281_951_744),
+    "mixtral-tiny": Preset("transformer", _mixtral(64, 2, 4, 2, 128, 8, 2, 256, 1e6),
+                           dict(input_shape=(256,), num_outputs=256), 451_904,
+                           "a Mixtral-style MoE decoder for tests and CPU experiments (ours, no paper)",
+                           active_params=156_992),
     "resnet18": Preset("resnet", ResNetConfig((2, 2, 2, 2), "basic"), IMAGENET, 11_689_512,
                        "ResNet-18 (v1.5); stem=small for 32x32 images"),
     "resnet50": Preset("resnet", ResNetConfig((3, 4, 6, 3), "bottleneck"), IMAGENET, 25_557_032,

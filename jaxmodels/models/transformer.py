@@ -54,6 +54,7 @@ from jaxmodels.models.layers import (
 )
 from jaxmodels.models.rope import ROPE_SCALINGS, rope_frequencies
 from jaxmodels.parallel import pipeline
+from jaxmodels.models.moe import MoE, MoETerms, check_moe_fields, moe_block_kwargs, moe_period
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
@@ -115,30 +116,12 @@ class TransformerConfig:
   remat: str = "none"  # recompute in the backward pass: none | dots | full
   attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
-  # Architecture variants (Hugging Face interop): how released models depart from the GPT-2 and Llama layouts.
-  # Each default leaves the model as it was; jaxmodels.hf maps config.json fields onto these.
-  head_dim: int | None = None  # H, each head's size; None: d_model / num_heads (Qwen3 and Gemma set their own)
-  rope_scaling: str = "none"  # none | linear | llama3 | yarn: rotary frequencies stretched for long contexts (rope.py)
-  rope_factor: float = 1.0  # rope_scaling's context-extension factor (Llama 3.1: 8, Llama 3.2: 32)
-  rope_original_max_len: int = 8192  # llama3, yarn: the context length the model was pretrained at
-  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_len / this are divided by factor
-  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
-  rope_beta_fast: float = 32.0  # yarn: pairs making more rotations than this in rope_original_max_len are kept
-  rope_beta_slow: float = 1.0  # yarn: pairs making fewer rotations than this are divided by factor
-  rope_attention_factor: float | None = None  # yarn: the cos/sin scale; None: 0.1 ln(rope_factor) + 1
-  sliding_window: int | None = None  # W: a query attends only to the W latest positions, itself included (Mistral)
-  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
-  qk_norm: str = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (of all heads at once: OLMo 2)
-  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
-  norm_position: str = "pre"
-  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma; the tied head uses the table unscaled)
-  global_layer_every: int = 0  # with sliding_window: layers i with (i + 1) % this == 0 see every position (Gemma 2: 2)
-  attn_logit_softcap: float | None = None  # attention scores c tanh(s / c) (Gemma 2: 50; runs the einsum path)
-  final_logit_softcap: float | None = None  # logits c tanh(z / c) (Gemma 2: 30)
-  attention_scale_dim: float | None = None  # scores / sqrt(this), not / sqrt(H) (Gemma 2's query_pre_attn_scalar)
+               rope_theta=10000.0, cross_attention=False, norm_position="pre", moe=None, shared_d_ff=0,
+               **variants):
 
   def __post_init__(self):
     check_stack_fields(self)
+    check_moe_fields(self)
     choice(self, "pooling", POOLINGS)
     check_variant_fields(self)
 
@@ -483,6 +466,7 @@ class Block(nnx.Module):
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
                rope_theta=10000.0, cross_attention=False, norm_position="pre", **variants):
+               rope_theta=10000.0, cross_attention=False, moe=None, shared_d_ff=0):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     attn = lambda causal, rotary_positions, **more: Attention(
         d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
@@ -496,21 +480,27 @@ class Block(nnx.Module):
     self.cross_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs) if cross_attention else None
     self.cross_attn = attn(False, False) if cross_attention else None
     self.mlp_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
-    self.mlp = FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
+    self.mlp = (FeedForward(d_model, d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
+                if moe is None else
+                MoE(d_model, d_ff, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **moe))
+    self.shared = (FeedForward(d_model, shared_d_ff, mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   if shared_d_ff else None)  # shared experts: one MLP as wide as all of them
     self.dropout = nnx.Dropout(dropout)
     self.dtype = dtype
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, rngs=None, layer=0,
                cross=None):
-    """(x_MD, cache); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's rows 'memory_MD'
-    with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K, H)."""
+    """(x_MD, cache, MoE stats or None); `cross` (cross-attention blocks): {'mask_B1TS'} and either the memory's
+    rows 'memory_MD' with its 'positions_BS' (keys and values projected here) or this layer's 'k', 'v' (B, S, K,
+    H)."""
     deterministic = rngs is None
     if self.post_norm:
       h_MD, cache = self.attn(x_MD.astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index, layer)
       x_MD = constrain(x_MD + self.dropout(self.attn_norm(h_MD).astype(self.dtype), deterministic=deterministic,
                                            rngs=rngs), (ROWS, EMBED))
-      h_MD = self.mlp_norm(self.mlp(x_MD.astype(self.dtype))).astype(self.dtype)
-      return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
+      h_MD, stats = self._mlp(x_MD.astype(self.dtype))
+      h_MD = self.mlp_norm(h_MD).astype(self.dtype)
+      return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache, stats
     h_MD, cache = self.attn(self.attn_norm(x_MD).astype(self.dtype), positions_BT, mask_B1TS, cache, cache_index,
                             layer)
     if self.post_attn_norm is not None:
@@ -523,19 +513,31 @@ class Block(nnx.Module):
         k_BSKH, v_BSKH = self.cross_attn.keys_values(cross["memory_MD"], cross["positions_BS"])
       h_MD = self.cross_attn.cross(self.cross_norm(x_MD).astype(self.dtype), k_BSKH, v_BSKH, cross["mask_B1TS"])
       x_MD = constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED))
-    h_MD = self.mlp(self.mlp_norm(x_MD).astype(self.dtype))
+    h_MD, stats = self._mlp(self.mlp_norm(x_MD).astype(self.dtype))
     if self.post_mlp_norm is not None:
       h_MD = self.post_mlp_norm(h_MD).astype(self.dtype)
-    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache
+    return constrain(x_MD + self.dropout(h_MD, deterministic=deterministic, rngs=rngs), (ROWS, EMBED)), cache, stats
+
+  def _mlp(self, x_MD):
+    """(the MLP branch's output, MoE stats or None): the dense MLP, or the MoE's routed experts plus its shared
+    experts."""
+    if not isinstance(self.mlp, MoE):
+      return self.mlp(x_MD), None
+    h_MD, stats = self.mlp(x_MD)
+    return (h_MD if self.shared is None else h_MD + self.shared(x_MD)), stats
 
 
 class Stack(nnx.Module):
   """`config.num_layers` blocks (stacked and scanned, or a list) followed by a final norm.
 
-  `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`).
+  `config` is any object with TransformerConfig's block fields (a `TransformerConfig`, a `ViTConfig`). With
+  MoE fields (`num_experts` > 0), every `moe_every`-th block is MoE: the scan (or the list) then runs units of
+  `moe_every` blocks, the last of each MoE (one unit per block for moe_every=1), so scanned units are alike.
+  In training, the MoE blocks' auxiliary losses and load are kept in `moe_terms` for the objective
+  (`jaxmodels.models.moe.pop_moe_terms`).
   Under a mesh with a `stage` axis (`jaxmodels.parallel.activation_sharding`) a `pipelined` stack (the
   Transformer LM's) runs its scanned layers as a micro-batch pipeline (`jaxmodels.parallel.pipeline`) when
-  called without a cache; any other stack, or an unscanned one, raises ValueError there.
+  called without a cache; any other stack, an unscanned one or one with MoE blocks raises ValueError there.
   """
 
   def __init__(self, config, *, causal, rotary_positions, dtype, param_dtype, rngs, cross_attention=False,
@@ -552,12 +554,22 @@ class Stack(nnx.Module):
                           rope_scaling=c.rope_scaling_args(), sliding_window=c.sliding_window,
                           global_layer_every=c.global_layer_every, attn_logit_softcap=c.attn_logit_softcap,
                           attention_scale_dim=c.attention_scale_dim)
-    make = lambda r: Block(rngs=r, **block_kwargs)
+    self.period, moe = moe_period(c), moe_block_kwargs(c)
+    units = c.num_layers // max(self.period, 1)
+
+    def make(r):  # one unit: a block, or `period` blocks the last of which is MoE
+      if not self.period:
+        return Block(rngs=r, **block_kwargs)
+      blocks = [Block(rngs=r, **block_kwargs, **(moe if j == self.period - 1 else {})) for j in range(self.period)]
+      return blocks[0] if self.period == 1 else nnx.List(blocks)
+
     if c.scan_layers:
       stacked = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      self.blocks = nnx.split_rngs(splits=c.num_layers)(stacked)(rngs)
+      self.blocks = nnx.split_rngs(splits=units)(stacked)(rngs)
     else:
-      self.blocks = nnx.List([make(rngs) for _ in range(c.num_layers)])
+      self.blocks = nnx.List([make(rngs) for _ in range(units)])
+    self.units = units
+    self.moe_loss_weights = (getattr(c, "aux_loss_weight", 0.0), getattr(c, "z_loss_weight", 0.0))
     self.final_norm = make_norm(c.norm, c.d_model, c.norm_eps, param_dtype, rngs)
     self.num_layers, self.scan_layers, self.remat, self.dropout_rate = c.num_layers, c.scan_layers, c.remat, c.dropout
     self.num_kv_heads = getattr(c, "num_kv_heads", None) or c.num_heads
@@ -576,7 +588,7 @@ class Stack(nnx.Module):
     B, T, D = x_BTD.shape
     x_MD = constrain(x_BTD.reshape(B * T, D), (ROWS, EMBED))
     use_dropout = rngs is not None and self.dropout_rate > 0
-    keys_L = jax.random.split(rngs.dropout(), self.num_layers) if use_dropout else None
+    keys_U = jax.random.split(rngs.dropout(), self.units) if use_dropout else None
 
     layer_kv, shared = None, None  # cross-attention inputs: per layer (scanned with the blocks) and common
     if cross is not None:
@@ -589,17 +601,24 @@ class Stack(nnx.Module):
         shared["positions_BS"] = jnp.broadcast_to(jnp.arange(memory_BSD.shape[1]), memory_BSD.shape[:2])
 
     def apply(graphdef, state, x, cache, key, i, kv, positions=positions_BT, mask=mask_B1TS):
-      block = nnx.merge(graphdef, state)
-      return block(x, positions, mask, cache, cache_index, nnx.Rngs(dropout=key) if use_dropout else None,
-                   layer=i, cross=None if shared is None else {**shared, **(kv or {})})
+      """One unit (see the class): (x, cache, MoE stats or None)."""
+      unit = nnx.merge(graphdef, state)
+      blocks, stats = (list(unit) if isinstance(unit, nnx.List) else [unit]), None
+      for j, block in enumerate(blocks):
+        key_j = key if len(blocks) == 1 or key is None else jax.random.fold_in(key, j)
+        x, cache, block_stats = block(x, positions, mask, cache, cache_index,
+                                      nnx.Rngs(dropout=key_j) if use_dropout else None, layer=i * len(blocks) + j,
+                                      cross=None if shared is None else {**shared, **(kv or {})})
+        stats = stats if block_stats is None else block_stats
+      return x, cache, stats
 
     if REMAT_POLICIES[self.remat] is not None:
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
     schedule = pipeline.active_schedule() if cache is None else None
     if schedule is not None:  # a `stage` mesh axis: the layers run as a micro-batch pipeline over it
-      if not (self.pipelined and self.scan_layers):
-        raise ValueError(f"pipeline parallelism (mesh axis stage={schedule.stages}) runs the Transformer LM "
-                         f"with scanned layers (model.scan_layers=True) only")
+      if not (self.pipelined and self.scan_layers) or self.period:
+        raise ValueError(f"pipeline parallelism (mesh axis stage={schedule.stages}) runs the dense Transformer LM "
+                         f"with scanned layers (model.scan_layers=True, model.num_experts=0) only")
       graphdef, state = nnx.split(self.blocks)
 
       def stage(layers_K, rows_MD, per_example, microbatch):
@@ -610,7 +629,7 @@ class Stack(nnx.Module):
         return jax.lax.scan(body, rows_MD, layers_K)[0]
 
       per_example = {"positions": positions_BT, "mask": mask_B1TS}
-      x_BTD = pipeline.pipeline(stage, (state, keys_L, jnp.arange(self.num_layers)), x_MD.reshape(B, T, D),
+      x_BTD = pipeline.pipeline(stage, (state, keys_U, jnp.arange(self.units)), x_MD.reshape(B, T, D),
                                 per_example, schedule)
       return constrain(self.final_norm(x_BTD.reshape(B * T, D)).reshape(B, T, D), (ROWS, LENGTH, EMBED)), None
     if self.scan_layers:
@@ -618,16 +637,23 @@ class Stack(nnx.Module):
 
       def body(carry, xs):
         state_l, key_l, i, kv_l = xs
-        return apply(graphdef, state_l, *carry, key_l, i, kv_l), None
+        x, cache, stats = apply(graphdef, state_l, *carry, key_l, i, kv_l)
+        return (x, cache), stats
 
-      (x_MD, new_cache), _ = jax.lax.scan(body, (x_MD, cache),
-                                          (state, keys_L, jnp.arange(self.num_layers), layer_kv))
+      (x_MD, new_cache), stats_U = jax.lax.scan(body, (x_MD, cache),
+                                                (state, keys_U, jnp.arange(self.units), layer_kv))
     else:
-      new_cache = cache
+      new_cache, unit_stats = cache, []
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i,
-                                None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
+        x_MD, new_cache, stats = apply(graphdef, state, x_MD, new_cache, None if keys_U is None else keys_U[i], i,
+                                       None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
+        unit_stats.append(stats)
+      stats_U = None if unit_stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *unit_stats)
+    if stats_U is not None and rngs is not None:  # training: the MoE layers' mean losses and load
+      stats = jax.tree.map(lambda a: a.mean(0), stats_U)
+      penalty = self.moe_loss_weights[0] * stats["moe_aux_loss"] + self.moe_loss_weights[1] * stats["moe_z_loss"]
+      self.moe_terms = MoETerms((penalty, stats))
     return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
 
   def cross_keys_values(self, memory_BSD) -> dict:
@@ -835,14 +861,16 @@ def other_layer_layout(tree):
   return unrolled_to_scan(tree) if unrolled else scan_to_unrolled(tree)
 
 
-def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
+def transformer_param_count(config: TransformerConfig, vocab_size: int, active: bool = False) -> int:
   """Parameters of TransformerLM from its config, by formula (checked against the module in tests).
 
   Per layer: 2 D N H + 2 D K H attention projections (N H = K H = D without GQA or a head_dim of
   its own), 2 D F (gelu) or 3 D F (swiglu, geglu) MLP, their biases if any (or q, k, v biases alone with qkv_bias),
   q and k norms if any (2 H per head, N H + K H over all heads), two norms (four with norm_position=sandwich;
   2 D for LayerNorm, D for RMSNorm).
-  Plus V D token embedding, max_len D learned positions, a final norm, and D V for an untied head.
+  Plus V D token embedding, max_len D learned positions, a final norm, and D V for an untied head. A MoE block
+  (every `moe_every`-th with num_experts E > 0) has E expert MLPs (no biases), a D x E router and its shared
+  experts' MLP; `active`: only the K experts a token visits count (`jaxmodels.models.params.count_active_params`).
   """
   c = config
   h = c.head_dim or c.d_model // c.num_heads
@@ -856,6 +884,10 @@ def transformer_param_count(config: TransformerConfig, vocab_size: int) -> int:
   if c.use_bias:
     per_layer += (mlp_mats - 1) * f + 2 * d
   total = vocab_size * d + c.num_layers * per_layer + norm
+  if c.num_experts:
+    experts = c.experts_per_token if active else c.num_experts
+    moe_layers = c.num_layers // c.moe_every  # each: its experts and shared experts instead of one MLP, a router
+    total += moe_layers * (mlp_mats * d * f * (experts + c.num_shared_experts - 1) + d * c.num_experts)
   if c.positions == "learned":
     total += c.max_len * d
   if not c.tie_embeddings:

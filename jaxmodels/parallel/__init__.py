@@ -5,7 +5,9 @@
 over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
 attention heads and MLPs over `tensor`, with sequence parallelism between them;
 combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step). A `stage`
-mesh axis adds pipeline parallelism to the jit strategies (`jaxmodels.parallel.pipeline`).
+mesh axis adds pipeline parallelism to the jit strategies (`jaxmodels.parallel.pipeline`); an `expert` mesh axis
+(`parallel.mesh=data=2,expert=4`) splits mixture-of-experts layers' experts over its devices
+(`jaxmodels.parallel.experts`: all-to-all dispatch).
 """
 
 from jaxmodels.parallel.distributed import initialize

@@ -1,7 +1,8 @@
 """Device meshes and shardings: how the train state and batches are laid out over devices.
 
-The mesh always has the axes `stage`, `data`, `fsdp` and `tensor` (unused ones of
-size 1), so one set of rules serves every strategy (`stage`, pipeline parallelism: `jaxmodels.parallel.pipeline`):
+The mesh always has the axes `stage`, `data`, `fsdp`, `tensor` and `expert` (unused
+ones of size 1), so one set of rules serves every strategy (`stage`, pipeline parallelism:
+`jaxmodels.parallel.pipeline`; `expert`, expert parallelism: `jaxmodels.parallel.experts`):
 
 - modules name each parameter dimension's logical axis (`embed`, `mlp`,
   `heads`, `vocab`, `conv_out`, `layers`, ...; see `jaxmodels.models.layers.axes`);
@@ -52,12 +53,13 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "active_mesh",
-           "BATCH_AXES", "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES",
-           "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard",
-           "PmapLayout", "process_rows", "STRATEGIES"]
+           "BATCH_AXES", "constrain", "current_activation_sharding", "DEFAULT_MESH", "fetch", "Layout", "make_mesh",
+           "MESH_AXES", "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes",
+           "per_shard", "PmapLayout", "process_rows", "STRATEGIES"]
 
-MESH_AXES = ("stage", "data", "fsdp", "tensor")  # stage: pipeline parallelism (jaxmodels.parallel.pipeline)
-BATCH_AXES = ("data", "fsdp")
+# stage: pipeline parallelism (jaxmodels.parallel.pipeline); expert: expert parallelism (jaxmodels.parallel.experts)
+MESH_AXES = ("stage", "data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # `expert` splits the batch too: its devices hold different experts
 STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
 
@@ -81,7 +83,8 @@ def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str
 
 def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None, mesh: str = "",
               dcn_mesh: str = "") -> Mesh:
-  """The (stage, data, fsdp, tensor) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
+  """The (stage, data, fsdp, tensor, expert) mesh over `devices` (default: all global devices); one size may be -1
+  (the rest).
 
   Plain arguments: `strategy` (one of STRATEGIES), `mesh` (`"data=2,fsdp=-1"`; empty: the strategy's
   default, `DEFAULT_MESH`) and `dcn_mesh` (the sizes of the axes that cross TPU slices or processes; empty: none),
@@ -120,7 +123,7 @@ def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None
   if math.prod(sizes.values()) != len(devices):
     raise UserError(f"parallel.mesh {sizes} needs {math.prod(sizes.values())} devices, "
                     f"but {len(devices)} are available")
-  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1 or sizes["stage"] > 1):
+  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1 or sizes["stage"] > 1 or sizes["expert"] > 1):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
   shape = tuple(sizes[a] for a in MESH_AXES)
   dcn_spec = dcn_mesh
@@ -342,6 +345,11 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh, rules)))
 
 
+def current_activation_sharding():
+  """(mesh, activation rules) of the enclosing `activation_sharding`, or None outside one."""
+  return _ACTIVATIONS.get()
+
+
 def per_shard(fn, names):
   """`fn(*arrays)`, run on each device's shard (jax.shard_map) under `activation_sharding`; `fn` itself outside.
 
@@ -405,7 +413,7 @@ class Layout(_Share):
 
   @property
   def data_parallel_size(self) -> int:
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
   @property
   def device_count(self) -> int:
@@ -413,7 +421,7 @@ class Layout(_Share):
     return self.mesh.size
 
   def describe(self) -> str:
-    """The mesh's axis sizes and the process holding each of its devices, as a (stage, data, fsdp, tensor) grid.
+    """The mesh's axis sizes and the process holding each of its devices, as a (stage, data, fsdp, tensor, expert) grid.
 
     Shows which axes cross processes (hosts; slices under `parallel.dcn_mesh`).
     """

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from jaxmodels import config as config_lib
 from jaxmodels import parallel
+from jaxmodels.models.moe import MOE_METRICS
 from jaxmodels.optim import freezing, make_schedule_from_config, precision
 from jaxmodels.runs import checkpoint
 from jaxmodels.runs.state import TrainState
@@ -32,6 +33,7 @@ from jaxmodels.train import actions as actions_lib
 from jaxmodels.train.actions import Run, scalars
 from jaxmodels.train.experiment import Experiment, build_experiment
 from jaxmodels.train.metrics import MetricsLogger
+from jaxmodels.train.step import metric_names
 from jaxmodels.train.trainer import Signals, run_steps
 
 __all__ = ["schedule_change", "SCHEDULE_KEYS", "train_and_evaluate", "train_loop"]
@@ -53,11 +55,19 @@ def train_loop(exp: Experiment, state: TrainState, start: int, logger: MetricsLo
   """
   t = exp.config.train
   run = Run(state, start, t.steps, logger, ckpts, RecompileAlarm(fail=t.fail_on_recompile, log=logger.print),
-            metric_names=train_metric_names(exp.dataset.task), skip_nonfinite=t.skip_nonfinite,
+            metric_names=_step_metric_names(exp), skip_nonfinite=t.skip_nonfinite,
             for_checkpoint=exp.layout.for_checkpoint, rows=list((resumed or {}).get("unlogged_metrics") or []))
   signals = Signals()
   return run_steps(run, exp.train_step, exp.batch, actions_lib.default_actions(exp, start, logger, signals, resumed),
                    signals)
+
+
+def _step_metric_names(exp: Experiment) -> tuple[str, ...]:
+  """The train step's metric names: the task's, and a mixture-of-experts model's MOE_METRICS."""
+  names = train_metric_names(exp.dataset.task)
+  if not getattr(exp.config.model, "num_experts", 0):
+    return names
+  return metric_names((*names[:2], *MOE_METRICS))
 
 
 def _restore(exp: Experiment, ckpts, log):

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxmodels import parallel, tasks
 from jaxmodels.models.forward import forward, model_input
+from jaxmodels.models.moe import pop_moe_terms
 from jaxmodels.optim import freezing, precision
 from jaxmodels.runs.state import TrainState, split_model
 
@@ -101,7 +102,9 @@ def objective(graphdef, loss_fn):
   """The function the train step differentiates: (params, model_state, batch, rng, *extra) -> (summed objective,
   (metric sums, new model state)), calling `loss_fn(model, batch, rng, *extra)` on the module merged from
   `graphdef` and the pure pytrees (traced once per compile: no graph traversal per step). The metric sums get
-  `loss` (the objective's sum) unless the loss function gave its own."""
+  `loss` (the objective's sum) unless the loss function gave its own. A mixture-of-experts model's auxiliary
+  losses (`jaxmodels.models.moe.pop_moe_terms`: weighted, per target) are added to the objective, and its
+  MOE_METRICS to the metric sums."""
 
   def fn(params, model_state, batch, rng, *extra):
     # copy=True: fresh Variables at this trace level, which the forward pass may mutate (BatchNorm).
@@ -122,6 +125,10 @@ def objective(graphdef, loss_fn):
     if "count" not in metrics:
       raise ValueError(f"the loss function's metrics {sorted(metrics)} lack 'count', the number of examples "
                        f"(or targets) its loss_sum and metric sums are summed over")
+    penalty, moe_stats = pop_moe_terms(model)
+    if penalty is not None:  # per-target means, as sums over the batch's count
+      value = value + penalty * metrics["count"]
+      metrics = {**metrics, **{k: v * metrics["count"] for k, v in moe_stats.items()}}
     _, _, new_model_state = split_model(model)
     return value, ({"loss": jax.lax.stop_gradient(value), **metrics}, new_model_state)
 
