@@ -100,6 +100,7 @@ def test_bubble_fraction_is_the_schedules_formula():
     (dict(experiment="digits_transformer"), "pipeline parallelism \\(stage=4\\) runs the Transformer LM"),
     (dict(model=dict(scan_layers=False)), "with model.scan_layers=True only"),
     (dict(parallel=dict(strategy="pmap")), "pipeline stages need a jit strategy"),
+    (dict(model=dict(num_experts=4)), "runs dense Transformers only, not model.num_experts=4"),
 ])
 def test_one_line_refusals(change, message):
   c = tiny("dp", "stage=4,data=2")
@@ -116,7 +117,7 @@ def test_a_classifier_stack_refuses_a_stage_mesh():
   model = transformer.TransformerClassifier((8, 8), 10, d_model=8, num_heads=2, num_layers=1, d_ff=8,
                                             rngs=nnx.Rngs(0))
   mesh = parallel.make_mesh(strategy="dp", mesh="stage=4,data=2")
-  with parallel.activation_sharding(mesh, ()), pytest.raises(ValueError, match="runs the Transformer LM"):
+  with parallel.activation_sharding(mesh, ()), pytest.raises(ValueError, match="runs the dense Transformer LM"):
     jax.eval_shape(model, jax.ShapeDtypeStruct((8, 8, 8), np.float32))
 
 

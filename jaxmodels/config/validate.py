@@ -324,6 +324,9 @@ def _check_pipeline(config, task: str) -> None:
   if m.family != "transformer" or task != "lm" or not m.scan_layers:
     raise UserError(f"parallel.mesh={p.mesh!r}: pipeline parallelism (stage={stages}) runs the Transformer LM "
                     f"(model.family=transformer, a language-model data.source) with model.scan_layers=True only")
+  if m.num_experts:
+    raise UserError(f"parallel.mesh={p.mesh!r}: pipeline parallelism (stage={stages}) runs dense Transformers "
+                    f"only, not model.num_experts={m.num_experts} (use the expert axis for mixtures of experts)")
   schedule = pipeline.Schedule(stages, p.pipeline_microbatches or stages, p.pipeline_repeats)
   try:
     schedule.check(m.num_layers, t.batch_size // t.grad_accum_steps)

@@ -116,8 +116,36 @@ class TransformerConfig:
   remat: str = "none"  # recompute in the backward pass: none | dots | full
   attention_impl: str = "auto"  # auto | einsum | xla | cudnn | splash (TPU; see `attention`)
   pooling: str = "mean"  # classifiers: mean | cls (a learned class token)
-               rope_theta=10000.0, cross_attention=False, norm_position="pre", moe=None, shared_d_ff=0,
-               **variants):
+  # Architecture variants (Hugging Face interop): how released models depart from the GPT-2 and Llama layouts.
+  # Each default leaves the model as it was; jaxmodels.hf maps config.json fields onto these.
+  head_dim: int | None = None  # H, each head's size; None: d_model / num_heads (Qwen3 and Gemma set their own)
+  rope_scaling: str = "none"  # none | linear | llama3 | yarn: rotary frequencies stretched for long contexts (rope.py)
+  rope_factor: float = 1.0  # rope_scaling's context-extension factor (Llama 3.1: 8, Llama 3.2: 32)
+  rope_original_max_len: int = 8192  # llama3, yarn: the context length the model was pretrained at
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_len / this are divided by factor
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+  rope_beta_fast: float = 32.0  # yarn: pairs making more rotations than this in rope_original_max_len are kept
+  rope_beta_slow: float = 1.0  # yarn: pairs making fewer rotations than this are divided by factor
+  rope_attention_factor: float | None = None  # yarn: the cos/sin scale; None: 0.1 ln(rope_factor) + 1
+  sliding_window: int | None = None  # W: a query attends only to the W latest positions, itself included (Mistral)
+  qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); use_bias: on all
+  qk_norm: str = "none"  # none | head (RMSNorm of each head's q and k: Qwen3) | full (of all heads at once: OLMo 2)
+  # pre: x + f(norm(x)) (GPT-2, Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm2(f(norm(x))) (Gemma 2)
+  norm_position: str = "pre"
+  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma; the tied head uses the table unscaled)
+  global_layer_every: int = 0  # with sliding_window: layers i with (i + 1) % this == 0 see every position (Gemma 2: 2)
+  attn_logit_softcap: float | None = None  # attention scores c tanh(s / c) (Gemma 2: 50; runs the einsum path)
+  final_logit_softcap: float | None = None  # logits c tanh(z / c) (Gemma 2: 30)
+  attention_scale_dim: float | None = None  # scores / sqrt(this), not / sqrt(H) (Gemma 2's query_pre_attn_scalar)
+  # Mixture of experts (jaxmodels.models.moe)
+  num_experts: int = 0  # E expert MLPs (each of width d_ff) in each MoE block; 0: dense MLPs only
+  experts_per_token: int = 2  # K experts each token visits (top-k routing), 1..E
+  num_shared_experts: int = 0  # experts every token visits besides its K (DeepSeekMoE): one MLP of width S x d_ff
+  moe_every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...), the others dense; divides num_layers
+  router: str = "softmax"  # softmax (top-k, weights renormalized: Mixtral) | sigmoid (normalized: DeepSeek-V3)
+  capacity_factor: float = 0.0  # 0: dropless; > 0: an expert takes at most ceil(factor x M x K / E) assignments
+  aux_loss_weight: float = 0.01  # of the load-balancing loss (Switch Transformer) in the training objective
+  z_loss_weight: float = 0.001  # of the router z-loss (ST-MoE) in the training objective
 
   def __post_init__(self):
     check_stack_fields(self)
@@ -465,8 +493,8 @@ class Block(nnx.Module):
 
   def __init__(self, d_model, num_heads, d_ff, *, causal, norm, mlp, rotary_positions, implementation,
                dropout, dtype, param_dtype, rngs, num_kv_heads=None, use_bias=False, norm_eps=1e-6,
-               rope_theta=10000.0, cross_attention=False, norm_position="pre", **variants):
-               rope_theta=10000.0, cross_attention=False, moe=None, shared_d_ff=0):
+               rope_theta=10000.0, cross_attention=False, norm_position="pre", moe=None, shared_d_ff=0,
+               **variants):
     self.attn_norm = make_norm(norm, d_model, norm_eps, param_dtype, rngs)
     attn = lambda causal, rotary_positions, **more: Attention(
         d_model, num_heads, causal=causal, rotary_positions=rotary_positions, implementation=implementation,
