@@ -243,6 +243,11 @@ def _check_model(config, task: str) -> None:
   if m.family in FAMILIES and (task == "seq2seq") != ("seq2seq" in modules):
     raise UserError(f"model.family={m.family} with data.source={config.data.source}: the encoder-decoder (encdec) "
                     f"takes paired sequences (data.source=copy or reverse), and they take only it")
+  packed = config.data.source == "sft" or (config.data.source == "tokens" and config.data.document_mask)
+  if packed and m.family in FAMILIES and m.family != "transformer":
+    what = "data.source=sft" if config.data.source == "sft" else "data.document_mask=True"
+    raise UserError(f"model.family={m.family} with {what}: packed documents (segment ids) need "
+                    f"model.family=transformer, or a module of your own whose __call__ takes segment_ids_BT")
   family_config(m, default_config().model)
   kind = task if task in ("lm", "seq2seq") else "classify"
   if kind not in modules:
