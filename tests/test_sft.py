@@ -195,3 +195,47 @@ def test_sft_errors(tmp_path):
   c.data.source, c.data.path, c.model.family = "sft", path, "lstm"
   with pytest.raises(UserError, match="model.family=lstm with data.source=sft"):
     validate(c)
+
+
+@pytest.fixture(scope="module")
+def lm():
+  """A small random float32 Transformer LM over bytes."""
+  return TransformerLM(257, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_len=64, rngs=nnx.Rngs(2))
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(lm):
+  """Prompts of different lengths in one left-padded batch, temperature 0, decode exactly the tokens each decodes
+  alone; the timing counts the real prompt tokens."""
+  from jaxmodels.tools.sample import generate, generate_batch
+  prompts = [np.arange(3, 8), np.array([9, 200, 4]), np.arange(40, 45)]
+  batched, timing = generate_batch(lm, prompts, 12, temperature=0.0)
+  for p, row in zip(prompts, batched):
+    np.testing.assert_array_equal(row, generate(lm, p, 12, temperature=0.0))
+  assert timing["prompt_tokens"] == 13 and timing["new_tokens"] == 36 and timing["decode_tokens_per_sec"] > 0
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+  """On probabilities 0.05, 0.5, 0.15, 0.3 (shuffled order), top-p keeps the fewest likeliest tokens reaching p;
+  draws at that p land in the nucleus only, and in all of it."""
+  from jaxmodels.tools.sample import nucleus, sample_token
+  logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+  for p, kept in ((0.4, [1]), (0.7, [1, 3]), (0.9, [1, 2, 3]), (0.99, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])):
+    assert np.flatnonzero(np.asarray(nucleus(logits, p))[0]).tolist() == kept
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+  draws = jax.vmap(lambda k: sample_token(logits, k, 1.0, 0, 0.7))(keys)
+  assert set(np.asarray(draws).ravel().tolist()) == {1, 3}
+
+
+def test_stop_strings_cut_the_output(lm):
+  """A completion ends before the first stop string; the tokens stay whole; several prompts decode as one batch."""
+  from jaxmodels.data.tokenizers import Vocab
+  from jaxmodels.tools.sample import sample
+  vocab = Vocab("byte")
+  whole = sample((lm, vocab), ["ab", "xyz1"], max_new_tokens=12, temperature=0.0)
+  text = whole.completions[0]
+  stop = text[4:6]
+  cut = sample((lm, vocab), ["ab", "xyz1"], max_new_tokens=12, temperature=0.0, stop=[stop, "\x00never"])
+  assert cut.completions[0] == text[:text.index(stop)] and len(cut.completions[0]) < len(text)
+  np.testing.assert_array_equal(cut.tokens, whole.tokens)
+  with pytest.raises(UserError, match="top_p"):
+    sample((lm, vocab), ["ab"], top_p=0.0)
