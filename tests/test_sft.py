@@ -4,6 +4,7 @@ batched sampling (temperature 0) equals one prompt at a time, top-p keeps the nu
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from flax import nnx
 from jaxmodels.data import load_dataset
 from jaxmodels.data.chat import ChatTemplate, load_chat_template
 from jaxmodels.data.sft import pack
+from jaxmodels.data.tokenizers import from_file
 from jaxmodels.models.forward import forward
 from jaxmodels.models.transformer import TransformerLM
 from jaxmodels.runtime.errors import UserError
@@ -135,7 +137,13 @@ def test_chat_template_renders_as_transformers():
   tokenizers = pytest.importorskip("tokenizers")
   import tempfile
   with tempfile.TemporaryDirectory() as d:
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(["Reverse abc. And xy? cba yx [INST] [/INST] [SYS] Be brief."] * 4,
+                            tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                           show_progress=False,
+                                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>")
     fast.chat_template = LLAMA_LIKE
@@ -145,6 +153,14 @@ def test_chat_template_renders_as_transformers():
       for gen in (False, True):
         assert ours.render(messages, gen) == fast.apply_chat_template(messages, tokenize=False,
                                                                       add_generation_prompt=gen)
+    # the ids a chat prompt samples from: our rendering, tokenized by the directory's tokenizer.json
+    vocab = from_file(os.path.join(d, "tokenizer.json"))
+    ids = fast.apply_chat_template(CHAT[:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert vocab.encode(ours.render(CHAT[:3], True)).tolist() == list(ids)
+    # data.source=sft reads the same directory: its tokenizer and its template
+    path = write_jsonl(pathlib.Path(d) / "chat.jsonl", [{"messages": CHAT}] * 4)
+    dataset = load_dataset("sft", path=path, tokenizer_path=d, seq_len=64)
+    assert dataset.template == ours and dataset.vocab.size == vocab.size
   pieces = ours.pieces(CHAT)
   assert "".join(t for t, _ in pieces) == ours.render(CHAT)
   assert [t for t, r in pieces if r] == [" cba</s>", " yx</s>"]

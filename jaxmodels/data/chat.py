@@ -22,7 +22,7 @@ from datetime import datetime
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["ChatTemplate", "directory_template", "load_chat_template", "SPECIAL_TOKENS", "TEMPLATE_FILE"]
+__all__ = ["ChatTemplate", "CONFIG_FILE", "directory_template", "load_chat_template", "SPECIAL_TOKENS", "TEMPLATE_FILE"]
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.47 saves a tokenizer's template

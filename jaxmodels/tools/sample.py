@@ -34,7 +34,7 @@ from jaxmodels.runs.export import load_trained_model
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["benchmark", "generate", "generate_batch", "load_chat", "load_language_model", "nucleus",
+__all__ = ["benchmark", "check_settings", "generate", "generate_batch", "load_chat", "load_language_model", "nucleus",
            "programs", "read_prompts", "sample", "Samples", "sample_token"]
 
 
@@ -242,6 +242,19 @@ class Samples:
   timing: dict
 
 
+def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float = 1.0,
+                   vocab_size: int | None = None) -> None:
+  """UserError unless max_new_tokens > 0, temperature finite and >= 0, 0 <= top_k (<= `vocab_size` when given)
+  and top_p in (0, 1]."""
+  if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+    raise UserError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
+  if not (np.isfinite(temperature) and temperature >= 0) or top_k < 0 or not 0 < top_p <= 1:
+    raise UserError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: expected a finite temperature >= 0, "
+                    f"top_k >= 0 and top_p in (0, 1]")
+  if vocab_size is not None and top_k > vocab_size:
+    raise UserError(f"top_k={top_k} exceeds the vocabulary of {vocab_size} tokens")
+
+
 def _cut(text: str, stop) -> str:
   """`text` up to the first occurrence of any stop string."""
   return text[:min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
@@ -258,16 +271,11 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
   UserError for bad settings, a chat prompt and a run without a chat template, or prompts + max_new_tokens beyond
   the model's max_len. Example: `jaxmodels.sample("runs/sft", ["Reverse lemon."], chat=True, temperature=0)`.
   """
-  if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
-    raise UserError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
-  if not (np.isfinite(temperature) and temperature >= 0) or top_k < 0 or not 0 < top_p <= 1:
-    raise UserError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: expected a finite temperature >= 0, "
-                    f"top_k >= 0 and top_p in (0, 1]")
+  check_settings(max_new_tokens, temperature, top_k, top_p)
   if not prompts:
     raise UserError("no prompts given")
   model, vocab = load_language_model(run) if isinstance(run, str) else run
-  if top_k > vocab.size:
-    raise UserError(f"top_k={top_k} exceeds the vocabulary of {vocab.size} tokens")
+  check_settings(max_new_tokens, temperature, top_k, top_p, vocab.size)
   chats = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
   if any(not isinstance(p, str) for p in chats):
     if not isinstance(run, str):
