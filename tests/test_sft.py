@@ -160,7 +160,9 @@ def test_chat_template_renders_as_transformers():
     # data.source=sft reads the same directory: its tokenizer and its template
     path = write_jsonl(pathlib.Path(d) / "chat.jsonl", [{"messages": CHAT}] * 4)
     dataset = load_dataset("sft", path=path, tokenizer_path=d, seq_len=64)
-    assert dataset.template == ours and dataset.vocab.size == vocab.size
+    assert dataset.template == ours and dataset.vocab_size == vocab.size
+    assert load_dataset("sft", path=path, tokenizer_path=d, seq_len=64, vocab_size=vocab.size + 4).num_outputs == (
+        vocab.size + 4)  # an imported model's padded vocabulary
   pieces = ours.pieces(CHAT)
   assert "".join(t for t, _ in pieces) == ours.render(CHAT)
   assert [t for t, r in pieces if r] == [" cba</s>", " yx</s>"]

@@ -50,7 +50,8 @@ def default_config() -> config_dict.ConfigDict:
   # (batches stay a function of the step, so resume is exact); 0 = load each when the step needs it.
   c.data.prefetch = 2
   # Tokens: model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
-  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded). Copy/reverse: the symbols plus PAD,
+  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded). Sft: 0 = the tokenizer's size; larger
+  # pads it (an imported model's vocabulary). Copy/reverse: the symbols plus PAD,
   # BOS and EOS (at least 5); 0 = 16.
   c.data.vocab_size = 0
   c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split

@@ -178,6 +178,8 @@ class SFTDataset(SequenceSource):
   val: Examples
   vocab: object  # a tokenizer (jaxmodels.data.tokenizers)
   template: ChatTemplate | None
+  vocab_size: int  # the model's output count: the tokenizer's size, or data.vocab_size when larger (an imported
+  # model's padded vocabulary)
   seq_len: int
   seed: int
   source: str
@@ -187,10 +189,6 @@ class SFTDataset(SequenceSource):
     self.train_rows = pack(self.train.lengths, self.seq_len, shuffled)
     self.val_rows = pack(self.val.lengths, self.seq_len)
     self._order = (-1, None)
-
-  @property
-  def vocab_size(self) -> int:
-    return self.vocab.size
 
   def packing_efficiency(self) -> float:
     """The fraction of the training rows' positions that hold an example (not padding)."""
@@ -245,12 +243,13 @@ def _tokenizer(tokenizer: str, tokenizer_path: str, texts: list[str]):
 
 
 def load_sft_dataset(*, path: str, seed: int, seq_len: int, val_fraction: float, tokenizer: str,
-                     tokenizer_path: str, chat_template: str) -> SFTDataset:
+                     tokenizer_path: str, chat_template: str, vocab_size: int = 0) -> SFTDataset:
   """`data.source=sft` (the module docstring): the JSONL file `path`, its last `val_fraction` of examples
   validating, tokenized by `tokenizer_path` (else `tokenizer`), conversations rendered with `chat_template` (else
-  the tokenizer directory's), packed into rows of `seq_len`; `seed` shuffles the packing and the rows. UserError
-  for an unreadable file, a line that is neither format, messages without a chat template, or splits with no
-  example left."""
+  the tokenizer directory's), packed into rows of `seq_len`; `seed` shuffles the packing and the rows;
+  `vocab_size` model outputs (0: the tokenizer's size; larger pads them, as an imported model's may be). UserError
+  for an unreadable file, a line that is neither format, messages without a chat template, splits with no
+  example left, or a `vocab_size` below the tokenizer's."""
   if not path:
     raise UserError("data.source=sft needs data.path: a JSON Lines file of {'prompt', 'response'} or "
                     "{'messages'} examples")
@@ -269,5 +268,7 @@ def load_sft_dataset(*, path: str, seed: int, seq_len: int, val_fraction: float,
   for name, examples in (("training", train), ("validation", val)):
     if not len(examples):
       raise UserError(f"the {name} split of {path} has no example with a response token to train on")
-  return SFTDataset(train, val, tok, template, seq_len, seed, path)
+  if vocab_size and vocab_size < tok.size:
+    raise UserError(f"data.vocab_size={vocab_size} is below the tokenizer's {tok.size} ids; 0 takes the tokenizer's")
+  return SFTDataset(train, val, tok, template, max(vocab_size, tok.size), seq_len, seed, path)
 
