@@ -231,6 +231,10 @@ def _check_data(d) -> None:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source in SEQ2SEQ_SOURCES and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source={d.source} is always seq2seq: leave it empty")
+  for key in ("tokenizer_path", "chat_template"):  # sft's own keys
+    if d[key] and d.source != "sft":
+      raise UserError(f"data.{key}={d[key]!r} is set but data.source={d.source} does not read it: it applies to "
+                      f"data.source=sft")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
