@@ -48,7 +48,13 @@ def write_jsonl(path, records):
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
+def lm():
+  """A small random float32 Transformer LM over bytes and an end-of-text id (257 tokens)."""
+  return TransformerLM(257, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_len=64, rngs=nnx.Rngs(2))
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory, lm):
   """A packed byte-level dataset of pairs and conversations, and a small float32 Transformer."""
   directory = tmp_path_factory.mktemp("sft")
   (directory / "short.jinja").write_text(SHORT)
@@ -61,9 +67,8 @@ def sft(tmp_path_factory):
                    {"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": word.upper()}]})
   dataset = load_dataset("sft", path=write_jsonl(path, records), seq_len=64, tokenizer="byte",
                          chat_template=str(directory / "short.jinja"), seed=3)
-  model = TransformerLM(dataset.vocab_size, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_len=64,
-                        rngs=nnx.Rngs(0))
-  return dataset, model
+  assert dataset.vocab_size == 257
+  return dataset, lm
 
 
 def test_packed_rows_give_each_example_its_own_logits(sft):
@@ -171,7 +176,7 @@ def test_chat_template_renders_as_transformers():
   assert ChatTemplate.from_json(ours.to_json()) == ours
 
 
-def test_token_document_mask(tmp_path):
+def test_token_document_mask(tmp_path, lm):
   """data.document_mask: each end-of-text token starts a segment, and a token's logits are those of its document
   alone (from its end-of-text token); off by default (no segment ids, as nanoGPT)."""
   from jaxmodels.data.prepare import prepare
@@ -185,15 +190,14 @@ def test_token_document_mask(tmp_path):
   dataset = load_dataset("tokens", **kw, document_mask=True)
   batch = dataset.train_batch(0, 2)
   eot = dataset.vocab.eot
-  model = TransformerLM(dataset.vocab_size, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=32,
-                        rngs=nnx.Rngs(1))
-  logits = np.asarray(forward(model, batch))
+  assert dataset.vocab_size == 257
+  logits = np.asarray(forward(lm, batch))
   starts = [np.flatnonzero(batch["x"][r] == eot) for r in range(2)]
   assert all(len(s) >= 2 for s in starts)
   for r in range(2):
     np.testing.assert_array_equal(np.diff(batch["segment_ids"][r])[starts[r][starts[r] > 0] - 1], 1)
   # one whole document of each row, its end-of-text token first
-  alone = np.asarray(model(jnp.asarray(right_padded([batch["x"][r, s[0]:s[1]] for r, s in enumerate(starts)], 32))))
+  alone = np.asarray(lm(jnp.asarray(right_padded([batch["x"][r, s[0]:s[1]] for r, s in enumerate(starts)], 32))))
   for r, s in enumerate(starts):
     np.testing.assert_allclose(logits[r, s[0]:s[1]], alone[r, :s[1] - s[0]], atol=1e-5, rtol=0)
   assert "segment_ids" in next(iter(dataset.eval_batches(2)))
@@ -213,12 +217,6 @@ def test_sft_errors(tmp_path):
   c.data.source, c.data.path, c.model.family = "sft", path, "lstm"
   with pytest.raises(UserError, match="model.family=lstm with data.source=sft"):
     validate(c)
-
-
-@pytest.fixture(scope="module")
-def lm():
-  """A small random float32 Transformer LM over bytes."""
-  return TransformerLM(257, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_len=64, rngs=nnx.Rngs(2))
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(lm):
