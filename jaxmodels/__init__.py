@@ -27,7 +27,7 @@ SUBPACKAGES = ("bench", "cli", "compress", "config", "data", "hf", "models", "op
                "tasks", "tools", "train")
 _NAMES = {"Trainer": "jaxmodels.train", "count_params": "jaxmodels.models", "compile_stats": "jaxmodels.bench",
           "make_optimizer": "jaxmodels.optim", "make_mesh": "jaxmodels.parallel", "load_dataset": "jaxmodels.data",
-          "default_config": "jaxmodels.config", "apply_lora": "jaxmodels.models"}
+          "default_config": "jaxmodels.config", "apply_lora": "jaxmodels.models", "sample": "jaxmodels.tools.sample"}
 __all__ = [*SUBPACKAGES, *_NAMES, "load_model", "load_params"]
 
 

@@ -37,6 +37,8 @@ BAD_VALUES = [
     ("data.val_fraction", 0.0, "data.val_fraction=0.0"),
     ("data.val_fraction", 1.5, "data.val_fraction=1.5"),
     ("data.tokenizer", "word", "data.tokenizer='word': expected one of char, byte"),
+    ("data.tokenizer_path", "tok", "data.tokenizer_path='tok' is set but data.source=digits does not read it"),
+    ("data.chat_template", "t.jinja", "data.chat_template='t.jinja' is set but data.source=digits does not read it"),
     ("data.task", "rank", "data.task='rank': expected one of , classify, binary, multilabel, regress"),
     ("model.family", "rnn", "model.family='rnn'"),
     ("model.dtype", "int8", "model.dtype='int8': expected one of float32, bfloat16, float16"),

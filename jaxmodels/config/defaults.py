@@ -23,6 +23,8 @@ def default_config() -> config_dict.ConfigDict:
   # `text`: a UTF-8 file for language modelling (data.path; empty = the embedded corpus).
   # `images`: uint8 images from class sub-directories (the ImageNet layout) or an .npz, decoded by grain workers.
   # `tokens`: token ids memory-mapped from a `jaxmodels prepare` directory or nanoGPT's train.bin/val.bin.
+  # `sft`: instruction data, JSON Lines of prompt/response pairs or chat messages, the loss on the responses only,
+  # packed into rows of data.seq_len (docs/data.md#instruction-and-chat-data-datasourcesft).
   # `copy` / `reverse`: synthetic sequence-to-sequence tasks for model.family=encdec (jaxmodels/data/seq2seq.py):
   # sources of seq_len // 2 .. data.seq_len random symbols, targets the same symbols (reversed), then EOS.
   c.data.source = "digits"
@@ -48,10 +50,18 @@ def default_config() -> config_dict.ConfigDict:
   # (batches stay a function of the step, so resume is exact); 0 = load each when the step needs it.
   c.data.prefetch = 2
   # Tokens: model outputs: 0 = the prepared corpus's vocabulary; larger pads it (e.g. 50304 for GPT-2's
-  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded). Copy/reverse: the symbols plus PAD,
+  # 50257); required for nanoGPT's train.bin (its meta.pkl is not loaded). Sft: 0 = the tokenizer's size; larger
+  # pads it (an imported model's vocabulary). Copy/reverse: the symbols plus PAD,
   # BOS and EOS (at least 5); 0 = 16.
   c.data.vocab_size = 0
   c.data.eval_windows = 0  # validation windows per evaluation, evenly spaced; 0 = the whole validation split
+  # Tokens: each end-of-text token starts a new document that attends only to itself (segment ids; the Transformer
+  # family); False (nanoGPT's behaviour) lets a window attend across documents.
+  c.data.document_mask = False
+  # sft (jaxmodels/data/sft.py): the tokenizer, a Hugging Face tokenizer directory (its tokenizer.json, and its
+  # chat template for `messages` examples) or a tokenizer file; empty = data.tokenizer (char | byte).
+  c.data.tokenizer_path = ""
+  c.data.chat_template = ""  # sft: a Jinja chat template file (or tokenizer directory); empty = data.tokenizer_path's
 
   c.model = config_dict.ConfigDict()
   # mlp | cnn | lstm | transformer | resnet | vit | encdec, or your own module by import path,

@@ -251,6 +251,10 @@ def _check_data(d) -> None:
     raise UserError(f"data.task={d.task!r} is set but data.source=text is always a language model: leave it empty")
   if d.source in SEQ2SEQ_SOURCES and d.task:
     raise UserError(f"data.task={d.task!r} is set but data.source={d.source} is always seq2seq: leave it empty")
+  for key in ("tokenizer_path", "chat_template"):  # sft's own keys
+    if d[key] and d.source != "sft":
+      raise UserError(f"data.{key}={d[key]!r} is set but data.source={d.source} does not read it: it applies to "
+                      f"data.source=sft")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
@@ -263,6 +267,11 @@ def _check_model(config, task: str) -> None:
   if m.family in FAMILIES and (task == "seq2seq") != ("seq2seq" in modules):
     raise UserError(f"model.family={m.family} with data.source={config.data.source}: the encoder-decoder (encdec) "
                     f"takes paired sequences (data.source=copy or reverse), and they take only it")
+  packed = config.data.source == "sft" or (config.data.source == "tokens" and config.data.document_mask)
+  if packed and m.family in FAMILIES and m.family != "transformer":
+    what = "data.source=sft" if config.data.source == "sft" else "data.document_mask=True"
+    raise UserError(f"model.family={m.family} with {what}: packed documents (segment ids) need "
+                    f"model.family=transformer, or a module of your own whose __call__ takes segment_ids_BT")
   family_config(m, default_config().model)
   kind = task if task in ("lm", "seq2seq") else "classify"
   if kind not in modules:

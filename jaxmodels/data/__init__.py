@@ -29,6 +29,7 @@ from jaxmodels.data.arrays import (
 from jaxmodels.data.images import ImageDataset, load_image_dataset
 from jaxmodels.data.loader import StepStream
 from jaxmodels.data.seq2seq import Seq2SeqDataset, load_seq2seq_dataset
+from jaxmodels.data.sft import SFTDataset, load_sft_dataset
 from jaxmodels.data.text import TextDataset, load_text_dataset
 from jaxmodels.data.tokenizers import Vocab
 from jaxmodels.data.tokens import TokenDataset, load_token_dataset
@@ -37,10 +38,12 @@ from jaxmodels.runtime.imports import import_object, is_import_path
 
 
 class Dataset(Protocol):
-  """What every source returns (ArrayDataset, TextDataset, TokenDataset, ImageDataset, Seq2SeqDataset).
+  """What every source returns (ArrayDataset, TextDataset, TokenDataset, SFTDataset, ImageDataset, Seq2SeqDataset).
 
   Batches are dicts of NumPy arrays: 'x' (B, *input_shape) and 'y' (classify: int32 (B,) labels; lm: int32 (B, T)
-  next tokens), plus what the task needs ('mask' (B,) or (B, T) float32 on evaluation batches: 0 on padding).
+  next tokens), plus what the task needs ('mask' (B,) or (B, T) float32 on evaluation batches: 0 on padding; on
+  training batches too where targets carry no loss, e.g. sft's prompts) and, for packed documents, 'segment_ids'
+  (B, T) int32 (the Transformer attends within a segment; jaxmodels.models.forward passes them).
   `rows` picks the rows of the global batch this process loads (indices or a slice; default all). Besides these
   members, a dataset of task lm or seq2seq has `unit` (a token's name for the eval metric bits_per_<unit>), one of
   the array tasks `x_train` (its length is the number of training examples), and regress `y_train` too (its mean
@@ -68,10 +71,10 @@ class Dataset(Protocol):
 SOURCES: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits_dataset, "npz": load_npz_dataset, "text": load_text_dataset,
     "tokens": load_token_dataset, "images": load_image_dataset, "copy": load_seq2seq_dataset,
-    "reverse": load_seq2seq_dataset,
+    "reverse": load_seq2seq_dataset, "sft": load_sft_dataset,
 }
 SEQ2SEQ_SOURCES = ("copy", "reverse")  # jaxmodels.data.seq2seq: paired sequences for the encoder-decoder
-LM_SOURCES = ("text", "tokens")
+LM_SOURCES = ("text", "tokens", "sft")
 SOURCE_CHOICES = f"one of {', '.join(SOURCES)}, or package.module:function"
 
 
@@ -109,7 +112,8 @@ def is_source(value) -> bool:
 def load_dataset(source: str = "digits", *, path: str = "", seed: int = 0, compute_dtype: str = "float32",
                  task: str = "", test_fraction: float = 0.2, spatial_dims: int | None = None, seq_len: int = 128,
                  val_fraction: float = 0.1, tokenizer: str = "char", image_size: int = 0, augment: bool = True,
-                 workers: int = 2, vocab_size: int = 0, eval_windows: int = 0) -> Dataset:
+                 workers: int = 2, vocab_size: int = 0, eval_windows: int = 0, tokenizer_path: str = "",
+                 chat_template: str = "", document_mask: bool = False) -> Dataset:
   """The dataset of `source` (see the module docstring), from keyword arguments: each is the `data.*` key of its
   name with its default, `seed` is `train.seed` (the split and the batch order) and `compute_dtype` `model.dtype`
   (array values must fit it). Only the arguments the source's function lists are passed to it.
@@ -149,8 +153,8 @@ def load_dataset_from_config(config) -> Dataset:
   return load_dataset(**{k: config.data[k] for k in keys}, seed=config.train.seed, compute_dtype=config.model.dtype)
 
 
-__all__ = ["ArrayDataset", "Dataset", "ImageDataset", "LM_SOURCES", "SEQ2SEQ_SOURCES", "SOURCES", "SOURCE_CHOICES",
-           "Seq2SeqDataset", "StepStream", "TextDataset", "TokenDataset", "Vocab", "check_batch_size", "is_source",
-           "load_dataset", "load_dataset_from_config", "load_digits_dataset", "load_image_dataset",
-           "load_npz_dataset", "load_seq2seq_dataset", "load_text_dataset", "load_token_dataset", "loader",
-           "padded_batches", "source_function", "validate_arrays"]
+__all__ = ["ArrayDataset", "Dataset", "ImageDataset", "LM_SOURCES", "SEQ2SEQ_SOURCES", "SFTDataset", "SOURCES",
+           "SOURCE_CHOICES", "Seq2SeqDataset", "StepStream", "TextDataset", "TokenDataset", "Vocab", "check_batch_size",
+           "is_source", "load_dataset", "load_dataset_from_config", "load_digits_dataset", "load_image_dataset",
+           "load_npz_dataset", "load_seq2seq_dataset", "load_sft_dataset", "load_text_dataset", "load_token_dataset",
+           "loader", "padded_batches", "source_function", "validate_arrays"]

@@ -137,6 +137,14 @@ class TokenDataset(SequenceSource):
   seed: int
   eval_windows: int  # 0: the whole validation split
   source: str
+  document_mask: bool = False  # batches carry segment_ids: attention stays within a document
+
+  def segments(self, batch: dict) -> dict:
+    """`batch` with `segment_ids` under `document_mask`: each end-of-text token starts the next document (it is
+    that document's first token, as a BOS is), so a token attends only to its own document's earlier tokens."""
+    if self.document_mask:
+      batch["segment_ids"] = (1 + np.cumsum(batch["x"] == self.vocab.eot, axis=1)).astype(np.int32)
+    return batch
 
   def describe(self) -> str:
     n = self.num_eval_windows()
@@ -158,7 +166,7 @@ class TokenDataset(SequenceSource):
   def train_batch(self, step: int, batch_size: int, rows: Rows = ALL_ROWS) -> dict[str, np.ndarray]:
     """Rows `rows` (indices into the global batch) of the global batch of random windows for `step`."""
     read = lambda starts: self._check_ids(np.stack(self.train.read([(s, self.seq_len + 1) for s in starts])))
-    return self.random_windows(step, batch_size, rows, len(self.train), read)
+    return self.segments(self.random_windows(step, batch_size, rows, len(self.train), read))
 
   def num_eval_windows(self) -> int:
     n = math.ceil((len(self.val) - 1) / self.seq_len)
@@ -181,7 +189,7 @@ class TokenDataset(SequenceSource):
       for (r, _), window in zip(real, windows):
         x[r, :len(window) - 1], y[r, :len(window) - 1] = window[:-1], window[1:]
         mask[r, :len(window) - 1] = 1
-      yield {"x": self._check_ids(x), "y": self._check_ids(y), "mask": mask}
+      yield self.segments({"x": self._check_ids(x), "y": self._check_ids(y), "mask": mask})
 
 
 def _directory(path: str) -> epath.Path:
@@ -243,11 +251,13 @@ def load_tokenizer(directory: epath.Path, spec: dict):
   return tokenizers.from_spec(spec)
 
 
-def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, eval_windows: int) -> TokenDataset:
+def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, eval_windows: int,
+                       document_mask: bool = False) -> TokenDataset:
   """`data.source=tokens`: the corpus in directory `path` in windows of `seq_len`, `vocab_size` outputs (0: the
   prepared corpus's; required for nanoGPT's files), `eval_windows` validation windows (0: all); `seed` draws the
-  training windows. Raises UserError for a missing or malformed directory, a file of the wrong size, a
-  vocabulary that does not hold the corpus's ids, or splits shorter than one window."""
+  training windows; `document_mask` adds `segment_ids` at the end-of-text tokens. Raises UserError for a missing
+  or malformed directory, a file of the wrong size, a vocabulary that does not hold the corpus's ids, splits
+  shorter than one window, or `document_mask` on a corpus whose tokenizer has no end-of-text token."""
   directory = _directory(path)
   sizes = storage.file_sizes(directory)  # one listing, not a request per shard
   if INDEX_FILE in sizes:
@@ -279,4 +289,7 @@ def load_token_dataset(*, path: str, seed: int, seq_len: int, vocab_size: int, e
     if len(stream) < seq_len + 1:
       raise UserError(f"the {name} split of {path} has {len(stream)} tokens, shorter than one window of "
                       f"data.seq_len + 1 = {seq_len + 1}")
-  return TokenDataset(train, val, tok, vocab_size, seq_len, seed, eval_windows, path)
+  if document_mask and tok.eot is None:
+    raise UserError(f"data.document_mask=True but {path} has no tokenizer with an end-of-text token (nanoGPT's "
+                    f"raw ids): documents cannot be told apart; prepare the corpus with jaxmodels prepare")
+  return TokenDataset(train, val, tok, vocab_size, seq_len, seed, eval_windows, path, document_mask)

@@ -13,7 +13,10 @@ def model_input(x):
 
 def forward(model, batch: dict, **kwargs):
   """The model's logits for a batch: an encoder-decoder (seq2seq) reads the source and, teacher-forced, the
-  decoder input; every other model reads `x` alone. `kwargs`: train, rngs."""
+  decoder input; a batch of packed documents (`segment_ids`: data.source=sft, tokens with data.document_mask)
+  gives them to the model as `segment_ids_BT`; every other model reads `x` alone. `kwargs`: train, rngs."""
   if "decoder_input" in batch:
     return model(batch["x"], batch["decoder_input"], source_mask_BS=batch["source_mask"], **kwargs)
+  if "segment_ids" in batch:
+    return model(batch["x"], segment_ids_BT=batch["segment_ids"], **kwargs)
   return model(model_input(batch["x"]), **kwargs)

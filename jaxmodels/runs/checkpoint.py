@@ -54,7 +54,8 @@ __all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_di
 
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
 # data.test_fraction, data.val_fraction): a resumed run must agree on them.
-STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.spatial_dims",
+STATE_SHAPING_KEYS = ("data.source", "data.path", "data.seq_len", "data.tokenizer", "data.tokenizer_path",
+                      "data.chat_template", "data.spatial_dims",
                       "data.vocab_size", "data.test_fraction", "data.val_fraction", "train.seed",
                       "train.optimizer", "train.batch_size", "model.")
 # model.* keys that do not change the state (or that restore converts, like scan_layers).

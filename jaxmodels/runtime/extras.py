@@ -25,6 +25,7 @@ EXTRAS = {
   "sentencepiece": "text",  # SentencePiece .model files
   "tiktoken": "text",  # tiktoken BPE files
   "tiktoken_ext": "text",  # tiktoken's patterns (installed with it)
+  "jinja2": "text",  # chat templates (jaxmodels.data.chat: data.source=sft, sample --chat)
   "PIL": "images",  # Pillow: data.source=images decodes and augments with it (data.images)
   "safetensors": "hf",  # import-hf, export-hf (hf.convert)
   "qwix": "quant",  # QAT (train.quantization.bits) and PTQ (compress --method ptq) (compress.quantization)
