@@ -525,7 +525,7 @@ class TransformerLM(nnx.Module):
     self.embed_dropout = nnx.Dropout(c.dropout)
     self.max_len, self.vocab_size, self.dtype = c.max_len, vocab_size, dtype
 
-  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
+  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs, head_weights=False):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
@@ -534,6 +534,8 @@ class TransformerLM(nnx.Module):
     h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
+    if head_weights:
+      return h_MD, cache
     # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
     return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
@@ -549,6 +551,18 @@ class TransformerLM(nnx.Module):
     else:
       positions_BT, mask_B1TS = segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
     return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
+
+  def hidden_and_head(self, tokens_BT, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """(h_MD, w, vocab_axis): the final hidden states of the token rows (M = B x T, the compute dtype) and the
+    head's weights, so that the logits are h_MD @ w (`vocab_axis` 1, an untied (D, V) head) or h_MD @ w.T
+    (`vocab_axis` 0, the tied (V, D) embedding table), without computing them: a loss can then make the logits
+    a chunk at a time (jaxmodels.tasks.chunked). ValueError as `__call__`."""
+    B, T = tokens_BT.shape
+    check_length(T, self.max_len)
+    check_indices(tokens_BT, self.vocab_size, "token id")
+    h_MD, _ = self._forward(tokens_BT, jnp.broadcast_to(jnp.arange(T), (B, T)), None, None, None,
+                            rngs if train else None, head_weights=True)
+    return (h_MD, self.embed.embedding[...], 0) if self.head is None else (h_MD, self.head.kernel[...], 1)
 
   def init_cache(self, batch_size: int, length: int) -> dict:
     """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S).
