@@ -1,6 +1,6 @@
 """The text LSTM's train step in jaxmodels against the same model in PyTorch eager (`nn.LSTM`), in one process.
 
-    python benchmarks/lstm_vs_torch.py [--steps 20] [--repeats 5] [--threads N]
+    python benchmarks/lstm_vs_torch.py [--steps 20] [--repeats 5] [--threads N] [--devices N]
 
 jaxmodels: experiments/text_lstm.py as `train` builds it (embedding 256, 2 x LSTM
 256, head to the vocabulary, batch 32, sequence 64, AdamW with global-norm clip
@@ -14,7 +14,10 @@ jaxmodels model with the previous formulation (each time step's input
 projection inside the scan, as flax's cells do it), is timed with them: the
 effect of hoisting the projection out of the scan. `--threads 1` runs both
 frameworks on one thread each (XLA's intra-op pool and torch's), steadier on
-a shared machine. PyTorch is a benchmark-only dependency (the `dev` extra),
+a shared machine. `--devices N` (N > 1) also times the jaxmodels step with its batch
+split over N CPU devices (`--xla_force_host_platform_device_count=N`,
+`parallel.strategy=dp`): each device runs its own serial time loop, so N cores can
+work at once. PyTorch is a benchmark-only dependency (the `dev` extra),
 never imported by the package.
 """
 
@@ -29,6 +32,9 @@ sys.path.insert(0, ROOT)
 if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1:][:1] == ["1"]:  # before jax starts
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if "--devices" in sys.argv:  # before jax starts
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                             + sys.argv[sys.argv.index("--devices") + 1]).strip()
 
 from jaxmodels.runtime import host  # pylint: disable=wrong-import-position
 
@@ -85,6 +91,7 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=0, help="torch threads (1: XLA single-threaded too)")
+  parser.add_argument("--devices", type=int, default=1, help="N > 1: also the step data-parallel over N CPU devices")
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -102,8 +109,17 @@ def main():
   step = torch_step(config, exp.dataset.num_outputs)
   for _ in range(2):
     step(x_BT, y_BT)
+  split, split_times = None, []
+  if args.devices > 1:
+    config.parallel.strategy = "dp"
+    split = build_experiment(config)
+    split_state, split_batch = split.init_state(), split.batch(0)
+    split_state, _ = split.train_step(split_state, split_batch)
   ours, theirs, previous = [], [], []
   for _ in range(args.repeats):
+    if split is not None:
+      s, split_state = time_steps(split.train_step, split_state, split_batch, args.steps)
+      split_times.append(s)
     s, state = time_steps(exp.train_step, state, batch, args.steps)
     ours.append(s)
     t0 = time.perf_counter()
@@ -124,6 +140,12 @@ def main():
   print(f"previous:       {pv:8.2f} ms (input projection inside the scan; per round "
         f"{', '.join(f'{1e3 * v:.1f}' for v in previous)})")
   print(f"speed ratio (PyTorch time / jaxmodels time): {pt / jm:.2f}x; hoisting: previous / now {pv / jm:.2f}x")
+  if split is not None:
+    sp = 1e3 * statistics.median(split_times)
+    print(f"data-parallel over {args.devices} CPU devices: {sp:8.2f} ms (per round "
+          f"{', '.join(f'{1e3 * v:.1f}' for v in split_times)}); PyTorch / it {pt / sp:.2f}x, one device / it "
+          f"{jm / sp:.2f}x")
+  print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def test_compile_sweep_records_every_field(compile_results):
     assert p["warm_cache_compile_s"] < p["compile_s"]  # the persistent cache skips XLA's work
   assert results[1]["flops"] > 1.5 * results[0]["flops"]  # twice the batch, about twice the work
   assert "compile_s" in stdout.splitlines()[-3] and "batch_size=64" in stdout
+  assert "model: mlp, 50,826 parameters, 32 examples per step" in stdout  # before each point's figures
   assert (tmp / "r.csv").read_text().startswith("label,")
 
 
@@ -119,7 +120,7 @@ def test_bench_step_mfu_and_pure_jax_overhead():
   r = bench.run_step(c, steps=5, compare=False, log=lines.append)
   assert 0 < r["mfu"] < 1 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
   assert 0.5 < r["model_flops"] / r["xla_flops"] < 2  # the analytic count agrees with XLA's
-  assert "MFU:" in lines[0] and "FLOP by XLA" in lines[0] and "counts" not in lines[0]  # no scan: no note
+  assert "MFU:" in lines[-1] and "FLOP by XLA" in lines[-1] and "counts" not in lines[-1]  # no scan: no note
   exp = build_experiment(c)
   overhead = bench.compare_pure_jax(exp, steps=20, repeats=1)
   assert overhead["overhead_ratio"] > 0

@@ -32,6 +32,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from jaxmodels.bench.summary import model_summary, preset_overrides
 from jaxmodels.config import parse_override, validate, with_values
 from jaxmodels.models import flops
 from jaxmodels.parallel import pipeline
@@ -258,8 +259,9 @@ def pipeline_fields(config, exp) -> dict:
 
 
 def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir: str | None = None,
-                  label: str = "point", steps: int = 10) -> dict:
-  """Compile (and, without a topology, run) the experiment's train step; returns one results record.
+                  label: str = "point", steps: int = 10, log=None) -> dict:
+  """Compile (and, without a topology, run) the experiment's train step; returns one results record. `log`
+  (print) gets the model summary line and preset notes (jaxmodels.bench.summary) before the compile.
 
   The step is built once from abstract inputs (`abstract_args`) and measured by `compile_stats` (its fields),
   plus `label`, with a `stage` mesh axis `pipeline_bubble` (the schedule's idle fraction,
@@ -271,11 +273,13 @@ def compile_point(config, repeat: int = 3, topology: str | None = None, dump_dir
   if topology and config.parallel.strategy == "pmap":
     raise UserError("--topology compiles jit strategies; pmap has no ahead-of-time path")
   exp = build_experiment(config, devices=devices)
+  if log is not None:
+    log("\n".join([model_summary(exp), *preset_overrides(config)]))
   stats, lowered, compiled = measure_compile(exp.train_step, abstract_args(exp), {}, repeat, devices, topology)
   record = {"label": label, **stats, **pipeline_fields(config, exp)}
   if compiled is None:
     return record
-  record["model_flops"] = exp.model_flops
+  record["model_flops"], record["hardware_flops"] = exp.model_flops, exp.hardware_flops
   if not topology:
     try:
       record.update(step_point(exp, steps=steps, warmup=2))
@@ -328,7 +332,8 @@ def step_point(exp, steps: int = 20, warmup: int = 3) -> dict:
   out = {"step_s": step_s, "step_ms": 1e3 * step_s, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
          "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "examples_per_sec": t.batch_size / step_s,
          "model_flops": exp.model_flops, "peak_flops": peak, "peak_source": peak_source,
-         "mfu": exp.model_flops / step_s / peak}
+         "mfu": exp.model_flops / step_s / peak, "hardware_flops": exp.hardware_flops,
+         "hfu": exp.hardware_flops / step_s / peak}
   if exp.dataset.task == "lm":
     out["tokens_per_sec"] = t.batch_size * exp.config.data.seq_len / step_s
   return out
@@ -572,7 +577,7 @@ def run_compile(config, a: CompileArgs, log=print) -> int:
   for i, (point, label) in enumerate(zip(points, labels)):
     log(f"[{i + 1}/{len(points)}] {label}")
     record = compile_point(with_values(config, point), a.repeat, a.topology or None, a.dump_hlo or None,
-                           re.sub(r"[^\w.=,-]", "_", label), a.steps)
+                           re.sub(r"[^\w.=,-]", "_", label), a.steps, log)
     record["config"] = point
     results.append(record)
   log(table(results))
@@ -617,6 +622,7 @@ def run_step(config, steps: int, compare: bool, log=print, loop: bool = False) -
   exp = build_experiment(config)
   for notice in exp.notices:
     log(f"note: {notice}")
+  log("\n".join([model_summary(exp), *preset_overrides(config)]))
   r = step_point(exp, steps=steps)
   r["xla_flops"] = xla_flops(exp)
   scanned = [what for what, on in (("the scanned layers' body", config.model.family == "transformer"
@@ -632,6 +638,9 @@ def run_step(config, steps: int, compare: bool, log=print, loop: bool = False) -
            + (f"; XLA counts {' and '.join(scanned)} once, so its figure is low by about that many iterations"
               if scanned else ""),
            f"MFU: {100 * r['mfu']:.1f}% of a peak of {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['peak_source']})"]
+  if r["hardware_flops"] != r["model_flops"]:
+    lines.append(f"hardware FLOPs/step: {r['hardware_flops']:.4g} FLOP with model.remat={config.model.remat}'s "
+                 f"recomputation; HFU: {100 * r['hfu']:.1f}%")
   if compare:
     r.update(compare_pure_jax(exp))
     lines.append(f"host overhead: jaxmodels {r['jaxmodels_us']:.1f} us/step, pure JAX {r['pure_jax_us']:.1f} "

@@ -188,6 +188,10 @@ def default_config() -> config_dict.ConfigDict:
   # model.dtype=float16: finite steps in a row after which the loss scale doubles (a non-finite gradient halves it
   # and skips the update); unused for other dtypes.
   c.train.loss_scale_period = 2000
+  # Language models (Transformer): a vocabulary larger than this is scored by a cross-entropy over chunks of this
+  # many vocabulary columns (jaxmodels/tasks/chunked.py), so the whole (tokens, vocab) float32 logits never exist
+  # (Llama 3.2's 128,256: 2.1 GB a chip at 4,096 tokens); same loss and gradients. 0: whole logits always.
+  c.train.logits_chunk = 8192
   # Decay d of an exponential moving average of the parameters (float32; ema <- d ema + (1 - d) params after each
   # update, from the initial parameters); 0: none. When set, evaluation (eval records, keep_best, early stopping,
   # `jaxmodels eval`) and export/load_model use the EMA in place of the raw parameters.

@@ -139,6 +139,7 @@ TRAIN_RULES = {
     "train.grad_clip": NON_NEGATIVE_REAL, "train.seed": SEED, "train.log_every": POSITIVE,
     "train.eval_every": POSITIVE, "train.eval_batch_size": POSITIVE,
     "train.eval_top_k": NON_NEGATIVE, "train.loss_scale_period": POSITIVE, "train.ema_decay": RATE,
+    "train.logits_chunk": NON_NEGATIVE,
     "train.wandb_mode": one_of(("", "online", "offline")),
     "train.wandb_project": (lambda v: isinstance(v, str) and re.fullmatch(r"[^/\\#?%:]{0,128}", v) is not None,
                             "a W&B project name (at most 128 characters, none of / \\ # ? % :)"),

@@ -2,24 +2,35 @@
 
 Convention (PaLM, appendix B): a training step costs 6 FLOPs per parameter per
 token it touches (2 forward, 4 backward), plus, for attention, 6 x 2 x T x d_model
-per token per layer for the score and value products (`12 L T d` per token,
-halved for causal models is NOT applied, as in PaLM and MaxText). Per family:
+per token per layer for the score and value products (`12 L T d` per token), HALVED
+where the mask is causal (`6 L T d`): a causal query attends to half the keys on
+average, and kernels that skip masked blocks (flash, splash) do only that work. The
+halving is MaxText's (`calculate_tflops_training_per_device`, since
+AI-Hypercomputer/maxtext PR #1988); PaLM counts attention whole. Bidirectional
+attention (encoders, ViT, cross-attention) is counted whole. Per family:
 
 - MLP: 6 x parameters x examples (every weight is used once per example).
 - CNN: 6 x (multiply-accumulates of each conv and dense layer per example) x examples.
 - LSTM/GRU: 6 x parameters x tokens (each weight is used once per time step).
 - ResNet: as the CNN (each convolution's multiply-accumulates at its output resolution).
-- Transformer: 6 x (parameters - embeddings) x tokens + 12 x L x T x d_model x tokens,
-  plus the LM head (2 x d_model x V per token, x3) when the embedding is tied. With mixture-of-experts layers
-  the parameters are the active ones (`count_active_params`: the K of E experts a token visits, shared experts,
-  routers, attention), as MaxText and the Mixtral paper (Jiang et al. 2024, "13B active parameters") count them;
-  the dispatch's sorts, gathers and all-to-alls are not counted.
+- Transformer LM: 6 x (parameters - embeddings) x tokens + 6 x L x T x d_model x tokens (causal), plus the LM
+  head (2 x d_model x V per token, x3) when the embedding is tied. The classifier: 12 x L x T x d. With
+  mixture-of-experts layers the parameters are the active ones (`count_active_params`: the K of E experts a token
+  visits, shared experts, routers, attention), as MaxText and the Mixtral paper (Jiang et al. 2024, "13B active
+  parameters") count them; the dispatch's sorts, gathers and all-to-alls are not counted.
 - ViT: the Transformer classifier's count over its patches (+ class token).
 - Encoder-decoder: the encoder's parameters over the S source tokens, the decoder's over the T = S + 1
-  target tokens (6 x each), attention 12 x L x d_model x (S^2 + T^2 + T S), and the head as the LM's.
+  target tokens (6 x each), attention 12 x L x d_model x (S^2 + T^2 / 2 + T S) (the decoder's self-attention
+  causal), and the head as the LM's.
 - A module named by import path (`model.family=package.module:ClassName`): its `flops_per_example(input_shape)`
   x examples where it defines one, else 6 x parameters x examples (x tokens for a language model), with a note
   that says so.
+
+These are model FLOPs: the work the model needs, whatever the implementation. `hardware_flops_per_step` adds
+what activation rematerialisation (`model.remat`) computes again in the backward pass: with `full`, each
+Transformer block's forward pass (2 x its parameters x tokens + a third of its attention); with `dots`, which
+saves the matmul outputs without batch dimensions, the attention score and value products' forward third. MFU
+divides model FLOPs by the peak, HFU hardware FLOPs (PaLM, appendix B, names both).
 
 `jaxmodels bench step` cross-checks these against XLA's own count.
 """
@@ -33,7 +44,8 @@ import jax.numpy as jnp
 from jaxmodels.models import registry
 from jaxmodels.models.params import count_active_params, count_params
 
-__all__ = ["datasheet_peak", "matmul_flops", "model_flops_per_step", "PEAK_FLOPS", "peak_flops"]
+__all__ = ["attention_flops", "datasheet_peak", "hardware_flops_per_step", "matmul_flops", "model_flops_per_step",
+           "PEAK_FLOPS", "peak_flops"]
 
 # Dense bf16 peak FLOP/s per chip, vendor datasheets. CPUs are measured instead (`matmul_flops`).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -101,7 +113,7 @@ def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | N
     encoder = count_params(abstract_model.encoder)
     decoder = count_params(abstract_model.decoder)
     head = 2 * d * dataset.num_outputs * 3
-    attention = 12 * m.num_layers * d * (s * s + t * t + t * s)
+    attention = 12 * m.num_layers * d * (s * s + t * t / 2 + t * s)
     return batch * (6 * (encoder * s + decoder * t) + attention + head * t)
   if dataset.task == "lm":
     tokens = batch * config.data.seq_len
@@ -110,7 +122,7 @@ def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | N
       if abstract_model.pos_embed is not None:
         embed += count_params(abstract_model.pos_embed)
       head = 2 * m.d_model * dataset.num_outputs * 3 if m.tie_embeddings else 0
-      attention = 12 * m.num_layers * config.data.seq_len * m.d_model
+      attention = attention_flops(m.num_layers, config.data.seq_len, m.d_model, causal=True)
       return tokens * (6 * (n_params - embed) + attention + head)
     return 6.0 * n_params * tokens
   if m.family == "cnn":
@@ -120,10 +132,29 @@ def model_flops_per_step(config, dataset, abstract_model, notices: list[str] | N
   if m.family in ("transformer", "vit"):  # a ViT's tokens are its patches
     patches = math.prod(n // m.patch_size for n in dataset.input_shape[:2]) if m.family == "vit" else None
     length = (patches or dataset.input_shape[0]) + (m.pooling == "cls")
-    return batch * length * (6 * n_params + 12 * m.num_layers * length * m.d_model)
+    return batch * length * (6 * n_params + attention_flops(m.num_layers, length, m.d_model, causal=False))
   if m.family == "lstm":
     return 6.0 * n_params * batch * dataset.input_shape[0]
   return 6.0 * n_params * batch
+
+
+def attention_flops(layers: int, length: int, d_model: int, causal: bool) -> float:
+  """Training FLOPs per token of attention's score and value products over `length` keys: 12 x layers x length
+  x d_model (forward 4, backward 8), halved for a `causal` mask (the module docstring; MaxText PR #1988)."""
+  return 12 * layers * length * d_model / (2 if causal else 1)
+
+
+def hardware_flops_per_step(config, dataset, abstract_model, model_flops: float) -> float:
+  """`model_flops` plus the forward work `model.remat` recomputes in the backward pass (the module docstring):
+  for a Transformer (LM or classifier) whose stack is rematerialised, else `model_flops` itself."""
+  m, batch = config.model, config.train.batch_size
+  if m.family != "transformer" or m.get("remat", "none") == "none" or dataset.task not in ("lm", "classify"):
+    return model_flops
+  causal = dataset.task == "lm"
+  length = config.data.seq_len if causal else dataset.input_shape[0] + (m.pooling == "cls")
+  attention_forward = attention_flops(m.num_layers, length, m.d_model, causal) / 3
+  blocks = count_params(abstract_model.stack.blocks) if m.remat == "full" else 0
+  return model_flops + batch * length * (2 * blocks + attention_forward)
 
 
 def _cnn_macs(model, input_shape) -> float:

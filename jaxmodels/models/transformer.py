@@ -343,13 +343,16 @@ def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
 
 
 def lookup(embed: nnx.Embed, ids, dtype):
-  """`embed(ids)`, from the whole table: under FSDP the table (split over `embed`) is all-gathered.
+  """`embed(ids)`, the table left split as its parameter is: under FSDP (the table split over `embed`) XLA
+  all-gathers the batch's ids (4 bytes a token), every device looks up all of them in its own columns of the
+  table, and the rows then go to their devices (the caller pins them).
 
-  Left to itself XLA may instead all-gather the ids of the whole batch, look up
-  every token's slice of the table on every device and reshuffle the result.
+  Gathering the whole table instead (as this did before) cost, for Llama 3.2's 128,256 x 2,048 table on a v5e
+  2x2 slice, a 0.5 GB bfloat16 copy per chip and, in the backward pass, a 1 GB float32 gradient of the whole
+  table per chip before its reduce-scatter (docs/benchmarks.md); here the gradient is a scatter into the
+  device's own columns.
   """
-  table = constrain(embed.embedding[...], (None, None))  # unsplit: the whole table on every device
-  return jnp.take(table, ids, axis=0).astype(dtype)
+  return jnp.take(embed.embedding[...], ids, axis=0).astype(dtype)
 
 
 def _linear(a, b, names, use_bias, dtype, param_dtype, rngs):
@@ -732,7 +735,7 @@ class TransformerLM(nnx.Module):
     self.embed_dropout = nnx.Dropout(c.dropout)
     self.max_len, self.vocab_size, self.dtype = c.max_len, vocab_size, dtype
 
-  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs):
+  def _forward(self, tokens_BT, positions_BT, mask_B1TS, cache, cache_index, rngs, head_weights=False):
     x_BTD = lookup(self.embed, tokens_BT, self.dtype)
     if self.config.embed_scale:
       x_BTD = x_BTD * jnp.asarray(self.config.d_model ** 0.5, self.dtype)
@@ -743,6 +746,8 @@ class TransformerLM(nnx.Module):
     h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
+    if head_weights:
+      return h_MD, cache
     # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
     if self.config.final_logit_softcap is not None:
@@ -753,14 +758,29 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
     """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
     its own segment, and positions restart at each segment's first token."""
+    return self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT), None, None,
+                         rngs if train else None)[0]
+
+  def _positions_mask(self, tokens_BT, segment_ids_BT):
+    """(positions_BT, mask_B1TS or None) of a full-sequence call, after checking its length and token ids."""
     B, T = tokens_BT.shape
     check_length(T, self.max_len)
     check_indices(tokens_BT, self.vocab_size, "token id")
     if segment_ids_BT is None:
-      positions_BT, mask_B1TS = jnp.broadcast_to(jnp.arange(T), (B, T)), None
-    else:
-      positions_BT, mask_B1TS = segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
-    return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
+      return jnp.broadcast_to(jnp.arange(T), (B, T)), None
+    return segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
+
+  def hidden_and_head(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+    """(h_MD, w, vocab_axis): the final hidden states of the token rows (M = B x T, the compute dtype) and the
+    head's weights, so that the logits are h_MD @ w (`vocab_axis` 1, an untied (D, V) head) or h_MD @ w.T
+    (`vocab_axis` 0, the tied (V, D) embedding table), without computing them: a loss can then make the logits
+    a chunk at a time (jaxmodels.tasks.chunked). None, computing nothing, where the logits are more than that
+    product (a final_logit_softcap, a head with LoRA adapters). `segment_ids_BT` and ValueError as `__call__`."""
+    if self.config.final_logit_softcap is not None or getattr(self.head, "lora_a", None) is not None:
+      return None
+    h_MD, _ = self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT), None, None,
+                            rngs if train else None, head_weights=True)
+    return (h_MD, self.embed.embedding[...], 0) if self.head is None else (h_MD, self.head.kernel[...], 1)
 
   def init_cache(self, batch_size: int, length: int) -> dict:
     """An empty KV cache for `length` slots: 'k', 'v' (L, B, S, K, H) and each slot's 'segment_ids' (B, S).

@@ -1,6 +1,8 @@
-"""What a model's outputs mean: each task's loss and on-device metric sums (`losses`), and the scores derived
-from them on the host (`scores`: precision, recall, F1, ROC AUC, R^2)."""
+"""What a model's outputs mean: each task's loss and on-device metric sums (`losses`; a language model's
+cross-entropy by vocabulary chunks in `chunked`), and the scores derived from them on the host (`scores`:
+precision, recall, F1, ROC AUC, R^2)."""
 
+from jaxmodels.tasks.chunked import chunked_cross_entropy, chunked_loss_sums
 from jaxmodels.tasks.losses import (
     AUC_BINS,
     AUC_LOGIT_RANGE,
@@ -12,5 +14,5 @@ from jaxmodels.tasks.losses import (
 )
 from jaxmodels.tasks.scores import eval_metric_names, eval_scores, top_k_name
 
-__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSSES", "TASKS", "eval_metric_names", "eval_scores", "eval_sums",
-           "loss_sums", "top_k_name", "train_metric_names"]
+__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSSES", "TASKS", "chunked_cross_entropy", "chunked_loss_sums",
+           "eval_metric_names", "eval_scores", "eval_sums", "loss_sums", "top_k_name", "train_metric_names"]

@@ -57,6 +57,7 @@ class Experiment:
   train_step: Callable  # (state, batch) -> (state, metrics vector, see actions.TRAIN_METRICS); donates state
   eval_step: Callable  # (state, batch, totals) -> totals + the batch's summed metrics; donates totals (None: the sums)
   notices: list[str] = dataclasses.field(default_factory=list)  # config adjustments (config.fit_to_steps) to print
+  hardware_flops: float | None = None  # model_flops plus what remat recomputes (flops.hardware_flops_per_step)
   _loader: Any = None  # jaxmodels.data.loader.StepStream of device batches, made data.prefetch steps ahead
 
   def host_batch(self, step: int) -> dict:
@@ -185,4 +186,5 @@ def build_experiment(config, devices=None) -> Experiment:
   checkpoint_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   abstract_state, state_sh)
   return Experiment(config, dataset, graphdef, tx, schedule, layout, model_flops, init_state, checkpoint_state,
-                    train_step, eval_step, notices)
+                    train_step, eval_step, notices,
+                    flops.hardware_flops_per_step(config, dataset, abstract_model, model_flops))

@@ -58,6 +58,7 @@ class StepOptions:
   # A trainable filter (path -> bool; jaxmodels.optim.freezing): only those parameters are differentiated (the
   # others get zero gradients, which the optimizer built with the same filter never reads). None: all of them.
   trainable: Callable[[str], bool] | None = None
+  logits_chunk: int = 0  # lm: cross-entropy by vocabulary chunks of this size where the vocabulary is larger
 
 
 def evaluation_options(t, dataset) -> dict:
@@ -73,7 +74,9 @@ def step_options(t, dataset, axis_name: str | None = None) -> StepOptions:
   """The steps' options from train config `t` (`config.train`) and the dataset; `axis_name` for pmap."""
   return StepOptions(seed=t.seed, grad_accum_steps=t.grad_accum_steps, axis_name=axis_name,
                      skip_nonfinite=t.skip_nonfinite, ema_decay=t.ema_decay, loss_scale_period=t.loss_scale_period,
-                     trainable=freezing.from_config(t), **evaluation_options(t, dataset))
+                     trainable=freezing.from_config(t),
+                     # QAT quantizes the head's matmul inside the model's forward pass: whole logits there.
+                     logits_chunk=0 if t.quantization.bits else t.logits_chunk, **evaluation_options(t, dataset))
 
 
 def task_loss(options: StepOptions, teacher=None):
@@ -83,13 +86,25 @@ def task_loss(options: StepOptions, teacher=None):
 
   `batch` holds `x`, `y` and optionally `mask` (targets, 0/1). With a `teacher` (distill.Teacher) the objective is
   `teacher.objective` of the teacher's arrays `teacher_vars`; the metrics still hold the hard-label loss.
+  Without one, a language model with `hidden_and_head` (TransformerLM) whose vocabulary is larger than
+  `options.logits_chunk` > 0 never makes its whole logits: `tasks.chunked_loss_sums` of its hidden states.
   """
   second = tasks.train_metric_names(options.task)[1]
 
   def loss(model, batch, rng, teacher_vars=None):
     x = model_input(batch["x"])
-    logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
+    head = None
+    if (teacher is None and options.task == "lm" and 0 < options.logits_chunk < getattr(model, "vocab_size", 0)
+        and hasattr(model, "hidden_and_head")):
+      head = model.hidden_and_head(x, segment_ids_BT=batch.get("segment_ids"), train=True,
+                                   rngs=nnx.Rngs(dropout=rng))
+    if head is not None:
+      h_MD, w, vocab_axis = head
+      sums = tasks.chunked_loss_sums(h_MD, w, batch["y"], mask, options.logits_chunk, vocab_axis=vocab_axis,
+                                     dtype=h_MD.dtype)
+      return sums["loss_sum"], {"loss": sums["loss_sum"], second: sums["correct"], "count": sums["count"]}
+    logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=rng))
     sums = tasks.loss_sums(options.task, logits, batch["y"], mask, options.loss)
     value = sums["loss_sum"] if teacher is None else teacher.objective(logits, x, mask, sums["loss_sum"],
                                                                         teacher_vars)
