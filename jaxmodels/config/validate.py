@@ -18,6 +18,7 @@ from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
+from jaxmodels.parallel.context import check_length as check_context_length
 from jaxmodels.parallel.sharding import (
   MESH_AXES,
   STRATEGIES,
@@ -216,6 +217,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_model(config, task)
   _check_train(config)
   _check_parallel(config.parallel)
+  _check_context(config, task)
 
 
 def _derived_rules(config, task: str) -> dict:
@@ -288,6 +290,19 @@ def _check_parallel(p) -> None:
   _check_rules("parallel.rules", p.rules, lambda n: isinstance(n, str), "logical axis name", MESH_AXES)
   _check_rules("parallel.fallback_rules", p.fallback_rules, _is_regex, "path regex", MESH_AXES)
   activation_rules(p.activation_rules)
+
+
+def _check_context(config, task: str) -> None:
+  """A `context` mesh axis (context parallelism) splits a Transformer LM's sequences into 2 x context chunks."""
+  context = parse_mesh(config.parallel.mesh, config.parallel.strategy)["context"]
+  if context == 1:
+    return
+  if config.model.family != "transformer" or task != "lm":
+    raise UserError(f"parallel.mesh={config.parallel.mesh!r}: the context axis splits the sequences of the "
+                    f"Transformer LM only (model.family=transformer on text or tokens), not model.family="
+                    f"{config.model.family} on data.source={config.data.source}")
+  if context > 1:
+    check_context_length(config.data.seq_len, context, "data.seq_len")
 
 
 def expand_preset(config: config_dict.ConfigDict) -> None:

@@ -52,18 +52,21 @@ from jaxmodels.models.layers import (
   require,
   resolve,
 )
+from jaxmodels.parallel import context
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
            "check_heads", "check_stack_fields", "EMBED", "FeedForward", "HEADS", "LENGTH", "lookup", "make_norm",
            "MLP_AXIS", "MLPS", "NORMS", "other_layer_layout", "POOLINGS", "POSITIONS", "REMAT_POLICIES", "rotary",
-           "ROWS", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
-           "Stack", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
+           "ROWS", "SEQUENCES", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
+           "Stack", "TOKENS", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
            "unrolled_to_scan", "VOCAB"]
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
-ROWS = (BATCH, "activation_norm_length")  # the residual stream's token rows, sequence-parallel over `tensor`
+ROWS = (BATCH, LENGTH, "activation_norm_length")  # the residual stream's token rows: over `context` and `tensor`
+TOKENS = (BATCH, LENGTH)  # the token rows inside the tensor-parallel regions: a sequence split over `context` only
+SEQUENCES = (BATCH, "activation_norm_length")  # the batch axis of (B, T, ...) views of the residual stream
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
@@ -298,7 +301,7 @@ class Attention(nnx.Module):
 
   def _project_out(self, out_BTNH):
     B, T = out_BTNH.shape[:2]
-    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
+    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (TOKENS, HEADS)))
     return constrain(out_MD, (ROWS, EMBED))  # sequence parallelism: a reduce-scatter
 
   def keys_values(self, x_MD, positions_BS):
@@ -312,20 +315,26 @@ class Attention(nnx.Module):
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
     """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
+    Under context parallelism (`jaxmodels.parallel.context`) `mask_B1TS` is instead None or the (B, T) segment
+    ids, and the tokens come in its load-balanced order.
 
     With `cache` ({'k', 'v'}: every layer's (L, B, S, K, H)), this chunk's keys and values are written in place
     at (`layer`, slots `cache_index`..), and the queries attend to the layer's slots under `mask_B1TS`; returns
     (out_MD, the updated cache), or (out_MD, None) without a cache.
     """
     B, T = positions_BT.shape
-    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
+    x_MD = constrain(x_MD, (TOKENS, EMBED))  # sequence parallelism: all-gather the tensor group's rows
     q_BTNH = self._split(self.query(x_MD), B, T, self.num_heads)
     if self.rotary_positions:
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
     k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
-      out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
-                                     mask_BNTS=mask_B1TS), (BATCH, LENGTH, HEADS))
+      if context.size() > 1:  # context parallelism: a ring of key/value blocks; mask_B1TS holds segment ids
+        out_BTNH = context.attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal, segment_ids_BT=mask_B1TS)
+      else:
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
+                             mask_BNTS=mask_B1TS)
+      out_BTNH = constrain(out_BTNH, (BATCH, LENGTH, HEADS))
       new_cache = None
     else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
       write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
@@ -354,10 +363,10 @@ class FeedForward(nnx.Module):
     self.gate = linear(d_model, d_ff, ("embed", "mlp")) if kind == "swiglu" else None
 
   def __call__(self, x_MD):
-    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
-    hidden = lambda layer: constrain(layer(x_MD), (BATCH, MLP_AXIS))
+    x_MD = constrain(x_MD, (TOKENS, EMBED))  # sequence parallelism: all-gather the tensor group's rows
+    hidden = lambda layer: constrain(layer(x_MD), (TOKENS, MLP_AXIS))
     h_MF = jax.nn.gelu(hidden(self.up)) if self.gate is None else jax.nn.silu(hidden(self.gate)) * hidden(self.up)
-    return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
+    return constrain(self.down(constrain(h_MF, (TOKENS, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
 
 
 class Block(nnx.Module):
@@ -474,7 +483,7 @@ class Stack(nnx.Module):
         graphdef, state = nnx.split(block)
         x_MD, new_cache = apply(graphdef, state, x_MD, new_cache, None if keys_L is None else keys_L[i], i,
                                 None if layer_kv is None else jax.tree.map(lambda a, i=i: a[i], layer_kv))
-    return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
+    return constrain(self.final_norm(x_MD).reshape(B, T, D), (SEQUENCES, LENGTH, EMBED)), new_cache
 
 
   def cross_keys_values(self, memory_BSD) -> dict:
@@ -530,24 +539,40 @@ class TransformerLM(nnx.Module):
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
-    x_BTD = constrain(x_BTD, (ROWS, LENGTH, EMBED))  # the stack's (sequence-parallel) rows, see Stack
+    x_BTD = constrain(x_BTD, (SEQUENCES, LENGTH, EMBED))  # the stack's (sequence-parallel) rows, see Stack
     h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
     # Sequence-parallel logits: split by rows (vocabulary whole) where ROWS take `tensor`, else by vocabulary.
     logits_MV = constrain(self.embed.attend(h_MD) if self.head is None else self.head(h_MD), (ROWS, VOCAB))
-    return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
+    return constrain(logits_MV.reshape(B, T, -1), (SEQUENCES, LENGTH, VOCAB)), cache
 
-  def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, train: bool = False,
+               rngs: nnx.Rngs | None = None):
     """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
-    its own segment, and positions restart at each segment's first token."""
+    its own segment, and positions restart at each segment's first token. `positions_BT` (int): the tokens'
+    positions, if not those.
+
+    Under context parallelism (an `activation_sharding` splitting `activation_length`), the tokens (and segment
+    ids) come in `jaxmodels.parallel.context.load_balance` order with their `positions_BT`, and so do the
+    logits: the train and eval steps arrange it (`jaxmodels.models.forward.context_order`). ValueError without
+    `positions_BT` there.
+    """
     B, T = tokens_BT.shape
     check_length(T, self.max_len)
     check_indices(tokens_BT, self.vocab_size, "token id")
-    if segment_ids_BT is None:
-      positions_BT, mask_B1TS = jnp.broadcast_to(jnp.arange(T), (B, T)), None
+    if context.size() > 1:  # the ring attends by segment ids and the chunks' places, never a (T, T) mask
+      if positions_BT is None:
+        raise ValueError("under context parallelism the tokens come in context.load_balance order with their "
+                         "positions_BT (the train and eval steps arrange it: models.forward.context_order)")
+      mask_B1TS = segment_ids_BT
+    elif segment_ids_BT is None:
+      mask_B1TS = None
     else:
-      positions_BT, mask_B1TS = segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
+      mask_B1TS = segment_mask(segment_ids_BT, segment_ids_BT)
+    if positions_BT is None:
+      positions_BT = (jnp.broadcast_to(jnp.arange(T), (B, T)) if segment_ids_BT is None
+                      else segment_positions(segment_ids_BT))
     return self._forward(tokens_BT, positions_BT, mask_B1TS, None, None, rngs if train else None)[0]
 
   def init_cache(self, batch_size: int, length: int) -> dict:
@@ -568,6 +593,8 @@ class TransformerLM(nnx.Module):
     ValueError (see the class) for a cache of more than max_len slots, tokens past its slots, and known token ids
     or positions out of range.
     """
+    if context.size() > 1:
+      raise ValueError("decoding under context parallelism is not supported: decode without a context axis")
     B, T = tokens_BT.shape
     S = cache["segment_ids"].shape[1]
     check_length(S, self.max_len, "a cache")

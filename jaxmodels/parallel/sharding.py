@@ -1,7 +1,7 @@
 """Device meshes and shardings: how the train state and batches are laid out over devices.
 
-The mesh always has the three axes `data`, `fsdp` and `tensor` (unused ones of
-size 1), so one set of rules serves every strategy:
+The mesh always has the axes `data`, `fsdp`, `context` and `tensor` (unused ones
+of size 1), so one set of rules serves every strategy:
 
 - modules name each parameter dimension's logical axis (`embed`, `mlp`,
   `heads`, `vocab`, `conv_out`, `layers`, ...; see `jaxmodels.models.layers.axes`);
@@ -28,7 +28,10 @@ size 1), so one set of rules serves every strategy:
   tensor-parallel regions' inputs whole and their outputs split makes XLA
   all-gather the tokens before QKV and the MLP and reduce-scatter after the
   output projections (on the CPU: an all-reduce and a slice); under `dp` or
-  `fsdp` the `tensor` axis has size 1 and the rule does nothing.
+  `fsdp` the `tensor` axis has size 1 and the rule does nothing;
+- context parallelism is a rule too: `activation_length` -> `context` splits
+  each sequence's tokens over `context`; attention alone needs a collective
+  (`jaxmodels.parallel.context`).
 
 Meshes come from `jax.make_mesh` (which orders TPU devices by their ICI
 topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
@@ -51,12 +54,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "BATCH_AXES",
+__all__ = ["ACTIVATION_AXES", "active_sharding", "activation_rules", "activation_sharding", "activation_spec", "BATCH_AXES",
            "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES", "opt_state_shardings",
            "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
            "process_rows", "STRATEGIES"]
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
@@ -81,7 +84,7 @@ def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str
 
 def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None, mesh: str = "",
               dcn_mesh: str = "") -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
+  """The (data, fsdp, context, tensor) mesh over `devices` (default: all global devices); one size may be -1 (the rest).
 
   Plain arguments: `strategy` (one of STRATEGIES), `mesh` (`"data=2,fsdp=-1"`; empty: the strategy's
   default, `DEFAULT_MESH`) and `dcn_mesh` (the sizes of the axes that cross TPU slices or processes; empty: none),
@@ -117,7 +120,7 @@ def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None
   if math.prod(sizes.values()) != len(devices):
     raise UserError(f"parallel.mesh {sizes} needs {math.prod(sizes.values())} devices, "
                     f"but {len(devices)} are available")
-  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
+  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["context"] > 1 or sizes["tensor"] > 1):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
   shape = tuple(sizes[a] for a in MESH_AXES)
   dcn_spec = dcn_mesh
@@ -293,6 +296,11 @@ class activation_sharding:  # pylint: disable=invalid-name  (a function in use: 
     return pinned
 
 
+def active_sharding() -> tuple[Mesh, dict] | None:
+  """(mesh, {logical activation axis: mesh axes}) of the `activation_sharding` being traced in; None outside."""
+  return _ACTIVATIONS.get()
+
+
 def activation_spec(shape, names, mesh: Mesh, rules: dict) -> P:
   """The PartitionSpec of an activation of `shape` whose leading dimensions have logical `names`.
 
@@ -401,7 +409,7 @@ class Layout(_Share):
     return self.mesh.size
 
   def describe(self) -> str:
-    """The mesh's axis sizes and the process holding each of its devices, as a (data, fsdp, tensor) grid.
+    """The mesh's axis sizes and the process holding each of its devices, as a (data, fsdp, context, tensor) grid.
 
     Shows which axes cross processes (hosts; slices under `parallel.dcn_mesh`).
     """

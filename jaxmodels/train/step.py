@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from jaxmodels import parallel, tasks
-from jaxmodels.models.forward import forward, model_input
+from jaxmodels.models.forward import context_order, forward, model_input
 from jaxmodels.optim import precision
 from jaxmodels.runs.state import TrainState, split_model
 
@@ -230,6 +230,7 @@ def make_train_step(graphdef, tx, loss_fn, options: StepOptions = StepOptions(),
   loss_fn, o = objective(graphdef, loss_fn), options  # o: read on every line of the step
 
   def train_step(state: TrainState, batch, *extra):
+    batch = context_order(batch)  # context parallelism's load-balanced token order (else the batch itself)
     factor = None if state.loss_scale is None else precision.loss_factor(state.loss_scale,
                                                                           targets(batch) / o.grad_accum_steps)
     grad_fn = jax.grad(precision.scaled(lambda *a: loss_fn(*a, *extra), factor), has_aux=True)
@@ -269,6 +270,7 @@ def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None)
   def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
+    batch = context_order(batch)
     sums = tasks.eval_sums(o.task, forward(model, batch, train=False), batch["y"], batch["mask"], o.eval_top_k,
                            o.loss, o.y_shift)
     sums = sums if o.axis_name is None else jax.lax.psum(sums, o.axis_name)
