@@ -26,8 +26,13 @@ attention and the MLP pin their input rows whole within the tensor group
 (an all-gather) and their output rows split (a reduce-scatter of the
 row-parallel projection's partial sums). With batch-major rows, splitting M
 further over `tensor` splits each device's sequences when the local batch
-divides (the (B, T, ...) views then split B over ROWS' axes), else it cuts
+divides (the (B, T, ...) views then split B over SEQUENCES' axes), else it cuts
 across sequences.
+
+Context parallelism (`jaxmodels.parallel.context`): `activation_length` maps
+to the `context` axis, so ROWS, the tensor-parallel regions' TOKENS and the
+(B, T, ...) views split each sequence's tokens over it, and attention runs a
+ring of key/value blocks over it (the tokens in its load-balanced order).
 
 Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
@@ -58,9 +63,9 @@ from jaxmodels.parallel.sharding import constrain, per_shard
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
            "check_heads", "check_stack_fields", "EMBED", "FeedForward", "HEADS", "LENGTH", "lookup", "make_norm",
            "MLP_AXIS", "MLPS", "NORMS", "other_layer_layout", "POOLINGS", "POSITIONS", "REMAT_POLICIES", "rotary",
-           "ROWS", "SEQUENCES", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
-           "Stack", "TOKENS", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
-           "unrolled_to_scan", "VOCAB"]
+           "ROWS", "SEQUENCES", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention",
+           "SPLASH_BLOCKS", "Stack", "TOKENS", "transformer_param_count", "TransformerClassifier", "TransformerConfig",
+           "TransformerLM", "unrolled_to_scan", "VOCAB"]
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"

@@ -5,6 +5,8 @@
 over `fsdp`, batch over `data` x `fsdp`), `tp` (Megatron tensor parallelism of
 attention heads and MLPs over `tensor`, with sequence parallelism between them;
 combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step).
+A `context` axis in `parallel.mesh` adds context parallelism (`jaxmodels.parallel.context`): each sequence split
+over it, attention by a ring of key/value blocks.
 """
 
 from jaxmodels.parallel.distributed import initialize
