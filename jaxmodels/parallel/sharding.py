@@ -56,8 +56,8 @@ from jaxmodels.runtime.errors import UserError
 
 __all__ = ["ACTIVATION_AXES", "active_sharding", "activation_rules", "activation_sharding", "activation_spec",
            "BATCH_AXES", "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES",
-           "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard", "PmapLayout",
-           "process_rows", "STRATEGIES"]
+           "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard",
+           "PmapLayout", "process_rows", "STRATEGIES"]
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
