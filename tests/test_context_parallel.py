@@ -13,6 +13,7 @@ from jaxmodels import parallel
 from jaxmodels.bench.plan import PlanArgs, candidates
 from jaxmodels.bench.timing import abstract_args
 from jaxmodels.config import validate
+from jaxmodels.models.forward import context_order, forward
 from jaxmodels.models.transformer import TransformerLM, attention, rotary, segment_mask, segment_positions
 from jaxmodels.parallel import context
 from jaxmodels.runtime.errors import UserError
@@ -35,12 +36,21 @@ def test_ring_attention_equals_plain_attention_with_segments_and_rope():
   segments = jnp.asarray(segments, jnp.int32)
   positions = segment_positions(segments)  # RoPE positions restart at each document
   q, k = rotary(q, positions), rotary(k, positions)
-  ring = sharded(lambda q, k, v, s: [context.attention(q, k, v, causal=causal, segment_ids_BT=s)
-                                     for causal in (True, False)])  # one compile for both
-  outs = ring(*(context.load_balance(a, C) for a in (q, k, v, segments)))
+  order = context.load_balance_order(T, C)
+  # The whole LM too: the step's reorder (context_order) adds positions restarting per document for its RoPE.
+  model = TransformerLM(32, d_model=16, num_heads=4, num_kv_heads=2, num_layers=1, d_ff=32, max_len=T,
+                        rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(3), (B, T), 0, 32)
+
+  def both(q, k, v, segments, tokens):  # one compile for all three
+    return ([context.attention(q, k, v, causal=causal, segment_ids_BT=context.load_balance(segments, C))
+             for causal in (True, False)], forward(model, context_order({"x": tokens, "segment_ids": segments})))
+
+  outs, logits = sharded(both)(*(context.load_balance(a, C) for a in (q, k, v)), segments, tokens)
   for causal, out in zip((True, False), outs):
     plain = attention(q, k, v, "einsum", is_causal=causal, mask_BNTS=segment_mask(segments, segments))
-    np.testing.assert_allclose(out, plain[:, context.load_balance_order(T, C)], atol=1e-5)
+    np.testing.assert_allclose(out, plain[:, order], atol=1e-5)
+  np.testing.assert_allclose(logits, model(tokens, segment_ids_BT=segments)[:, order], atol=1e-5)
 
 
 def test_causal_load_balancing_gives_every_device_the_same_attention_flops():

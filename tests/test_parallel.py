@@ -30,8 +30,9 @@ def pconfig(strategy, mesh=""):
 
 def test_mesh_sizes_fill_and_errors():
   assert jax.device_count() == 8
-  assert dict(parallel.make_mesh(pconfig("dp")).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-  assert dict(parallel.make_mesh(pconfig("tp", "data=2,tensor=-1")).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert dict(parallel.make_mesh(pconfig("dp")).shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
+  assert dict(parallel.make_mesh(pconfig("tp", "data=2,tensor=-1")).shape) == {"data": 2, "fsdp": 1, "context": 1,
+                                                                                       "tensor": 4}
   assert parallel.make_mesh(pconfig("single")).size == 1
   with pytest.raises(UserError, match="do not divide the 8 devices"):
     parallel.make_mesh(pconfig("dp", "data=-1,tensor=3"))
@@ -250,7 +251,8 @@ def test_sigint_to_one_process_stops_every_process_at_one_step_on_a_dcn_mesh(tmp
   os.kill(pids[0], signal.SIGINT)
   out = "".join(lines) + launcher.communicate(timeout=300)[0]
   assert launcher.returncode == 75, out
-  assert "[0] mesh {'data': 2, 'fsdp': 2, 'tensor': 1}: process of each device [[[0], [1]], [[0], [1]]]" in out
+  assert ("[0] mesh {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 1}: process of each device "
+          "[[[[0]], [[1]]], [[[0]], [[1]]]]") in out
   saved = dict(re.findall(r"^\[(\d)\] (?:signal 2|preemption notice): saved step (\d+); rerun", out, re.M))
   assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
   assert os.listdir(tmp_path / "run" / "checkpoints") == [saved["0"]]

@@ -225,7 +225,8 @@ def make_train_step(graphdef, tx, loss_fn, options: StepOptions = StepOptions(),
   times loss_scale / (`targets(batch)` / micro-batches, static: targets per micro-batch slot) and unscales the
   float32 gradient sums; a state with `ema_params` updates them by `options.ema_decay` after each kept update.
   The update uses the global per-count mean gradient, exactly, however examples fall over micro-batches
-  (`options.grad_accum_steps`) and devices.
+  (`options.grad_accum_steps`) and devices. Under context parallelism the loss gets the batch in its load-balanced
+  token order, with `positions` (`jaxmodels.models.forward.context_order`).
   """
   loss_fn, o = objective(graphdef, loss_fn), options  # o: read on every line of the step
 
