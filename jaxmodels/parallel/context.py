@@ -33,13 +33,13 @@ from jaxmodels.runtime.errors import UserError
 __all__ = ["attention", "check_length", "context_axes", "load_balance", "load_balance_order", "ring_attention",
            "size"]
 
-LENGTH, BATCH, HEADS = "activation_length", "activation_batch", "activation_heads"
+_LENGTH, _BATCH, _HEADS = "activation_length", "activation_batch", "activation_heads"
 
 
 def context_axes(mesh, rules) -> tuple[str, ...]:
   """The mesh axes (of size > 1) a sequence's tokens are split over: those `rules` (`activation_rules`'s dict)
   map `activation_length` to."""
-  return tuple(a for a in rules.get(LENGTH, ()) if mesh.shape[a] > 1)
+  return tuple(a for a in rules.get(_LENGTH, ()) if mesh.shape[a] > 1)
 
 
 def size() -> int:
@@ -198,7 +198,7 @@ def attention(q_BTNH, k_BTKH, v_BTKH, *, causal: bool, segment_ids_BT=None, load
   if segment_ids_BT is not None and segment_ids_BT.ndim != 2:
     raise ValueError(f"context-parallel attention takes (B, T) segment ids, not a mask of shape "
                      f"{segment_ids_BT.shape}")
-  names = (BATCH, LENGTH, HEADS)
+  names = (_BATCH, _LENGTH, _HEADS)
   specs = [tuple(activation_spec(a.shape, names, mesh, rules)) + (None,) * 4 for a in (q_BTNH, k_BTKH)]
   want = axes[0] if len(axes) == 1 else axes
   if specs[0][1] != want:
