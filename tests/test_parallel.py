@@ -319,7 +319,7 @@ def test_make_mesh_takes_keyword_arguments_equal_to_the_config_form():
     assert kwargs == parallel.make_mesh(pconfig(strategy, mesh))
     assert kwargs == parallel.make_mesh({"strategy": strategy, "mesh": mesh})  # a plain dict of the group
   assert dict(parallel.make_mesh(strategy="fsdp", devices=jax.devices()[:4]).shape) == {"data": 1, "fsdp": 4,
-                                                                                       "tensor": 1}
+                                                                                       "context": 1, "tensor": 1}
   with pytest.raises(UserError, match="parallel.strategy='zero'"):
     parallel.make_mesh(strategy="zero")
   with pytest.raises(TypeError, match="not both"):
