@@ -247,7 +247,7 @@ def test_two_slice_topology_compiles_with_a_dcn_axis():
     parallel.make_mesh(c.parallel, devices)
   c.parallel.dcn_mesh = "data=2"
   mesh = parallel.make_mesh(c.parallel, devices)
-  assert dict(mesh.shape) == {"stage": 1, "data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 8, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1}
   assert [d.slice_index for d in mesh.devices.flat] == [0] * 4 + [1] * 4  # `data` crosses the slices once
   record = bench.compile_point(c, repeat=1, topology="v5e:2x2,slices=2")
   assert record["device_count"] == 8 and "TPU" in record["device_kind"] and record["compile_s"] > 0

@@ -30,9 +30,9 @@ def pconfig(strategy, mesh=""):
 
 def test_mesh_sizes_fill_and_errors():
   assert jax.device_count() == 8
-  assert dict(parallel.make_mesh(pconfig("dp")).shape) == {"stage": 1, "data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
-  assert dict(parallel.make_mesh(pconfig("tp", "data=2,tensor=-1")).shape) == {"stage": 1, "data": 2, "fsdp": 1,
-                                                                               "tensor": 4, "expert": 1}
+  one = {"stage": 1, "data": 1, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1}
+  assert dict(parallel.make_mesh(pconfig("dp")).shape) == {**one, "data": 8}
+  assert dict(parallel.make_mesh(pconfig("tp", "data=2,tensor=-1")).shape) == {**one, "data": 2, "tensor": 4}
   assert parallel.make_mesh(pconfig("single")).size == 1
   with pytest.raises(UserError, match="do not divide the 8 devices"):
     parallel.make_mesh(pconfig("dp", "data=-1,tensor=3"))
@@ -251,8 +251,8 @@ def test_sigint_to_one_process_stops_every_process_at_one_step_on_a_dcn_mesh(tmp
   os.kill(pids[0], signal.SIGINT)
   out = "".join(lines) + launcher.communicate(timeout=300)[0]
   assert launcher.returncode == 75, out
-  assert ("[0] mesh {'stage': 1, 'data': 2, 'fsdp': 2, 'tensor': 1, 'expert': 1}: process of each device "
-          "[[[[[0]], [[1]]], [[[0]], [[1]]]]]") in out
+  assert ("[0] mesh {'stage': 1, 'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 1, 'expert': 1}: process of each "
+          "device [[[[[[0]]], [[[1]]]], [[[[0]]], [[[1]]]]]]") in out
   saved = dict(re.findall(r"^\[(\d)\] (?:signal 2|preemption notice): saved step (\d+); rerun", out, re.M))
   assert set(saved) == {"0", "1"} and saved["0"] == saved["1"], out
   assert os.listdir(tmp_path / "run" / "checkpoints") == [saved["0"]]
@@ -318,8 +318,8 @@ def test_make_mesh_takes_keyword_arguments_equal_to_the_config_form():
     kwargs = parallel.make_mesh(strategy=strategy, mesh=mesh)
     assert kwargs == parallel.make_mesh(pconfig(strategy, mesh))
     assert kwargs == parallel.make_mesh({"strategy": strategy, "mesh": mesh})  # a plain dict of the group
-  assert dict(parallel.make_mesh(strategy="fsdp", devices=jax.devices()[:4]).shape) == {"stage": 1, "data": 1,
-                                                                                       "fsdp": 4, "tensor": 1, "expert": 1}
+  assert dict(parallel.make_mesh(strategy="fsdp", devices=jax.devices()[:4]).shape) == {
+      "stage": 1, "data": 1, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
   with pytest.raises(UserError, match="parallel.strategy='zero'"):
     parallel.make_mesh(strategy="zero")
   with pytest.raises(TypeError, match="not both"):

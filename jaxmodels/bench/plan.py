@@ -366,7 +366,8 @@ def run_plan(config, a: PlanArgs, log=print) -> int:
     log(f"best setting:\n  {command_line(a, ranked[0]['config'])}")
   else:
     log("no setting fits: try more FSDP (parallel.strategy=fsdp), pipeline stages (--try parallel.mesh=stages), "
-        "model.remat=full, a larger train.grad_accum_steps or a smaller batch")
+        "model.remat=full, a larger train.grad_accum_steps or a smaller batch; for long sequences, a context axis "
+        "(--try \"parallel.mesh='data=2,context=4'\": each sequence split over 4 devices)")
   if a.out:
     storage.path(a.out).write_text(json.dumps({"ranked_by": ranked_by, "topology": a.topology,
                                                "best": ranked[0]["config"] if ranked else None,

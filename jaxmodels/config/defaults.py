@@ -278,9 +278,11 @@ def default_config() -> config_dict.ConfigDict:
   c.parallel = config_dict.ConfigDict()
   # single | dp | fsdp | tp | pmap (see jaxmodels/parallel/__init__.py and docs/parallelism.md).
   c.parallel.strategy = "single"
-  # Mesh axis sizes, e.g. "data=2,tensor=4"; -1 fills the remaining devices. Empty: the
-  # strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1). Axes: data, fsdp,
-  # tensor, expert (MoE models: the experts split over it, the batch too; e.g. "data=2,expert=4").
+  # Mesh axis sizes (axes stage, data, fsdp, context, tensor, expert), e.g. "data=2,tensor=4"; -1 fills the
+  # remaining devices. Empty: the strategy's default (dp: data=-1, fsdp: fsdp=-1, tp: tensor=-1, pmap: data=-1).
+  # context=C splits each sequence over C devices (Transformer LM only; data.seq_len divisible by 2 x C).
+  # expert=E (MoE models) splits the experts over E devices, the batch too; e.g. "data=2,expert=4".
+  # stage=S: pipeline parallelism (parallel.pipeline_microbatches, parallel.pipeline_repeats below).
   c.parallel.mesh = ""
   # Mesh axes that cross TPU slices (the slower DCN network), e.g. "data=2" for two slices: each size
   # divides that axis of parallel.mesh, whose rest stays inside a slice (ICI). On platforms without
@@ -301,7 +303,8 @@ def default_config() -> config_dict.ConfigDict:
   # the weights are then gathered, never the batch. A dimension the axes do not divide stays whole.
   # activation_norm_length -> tensor is sequence parallelism: the residual stream, norms, dropout and
   # logits split their tokens over `tensor` between the tensor-parallel regions (None: kept whole).
-  c.parallel.activation_rules = (("activation_batch", ("data", "fsdp", "expert")), ("activation_length", None),
+  # activation_length -> context is context parallelism: every activation holds 1/C of each sequence.
+  c.parallel.activation_rules = (("activation_batch", ("data", "fsdp", "expert")), ("activation_length", "context"),
                                  ("activation_norm_length", "tensor"), ("activation_embed", None),
                                  ("activation_heads", "tensor"), ("activation_mlp", "tensor"),
                                  ("activation_vocab", "tensor"))

@@ -19,6 +19,7 @@ from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, rop
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
 from jaxmodels.parallel import pipeline
+from jaxmodels.parallel.context import check_length as check_context_length
 from jaxmodels.parallel.sharding import (
   MESH_AXES,
   STRATEGIES,
@@ -237,6 +238,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_train(config)
   _check_parallel(config.parallel)
   _check_pipeline(config, task)
+  _check_context(config, task)
 
 
 def _derived_rules(config, task: str) -> dict:
@@ -343,6 +345,29 @@ def _check_pipeline(config, task: str) -> None:
     schedule.check(m.num_layers, t.eval_batch_size)
   except ValueError as e:
     raise UserError(str(e)) from None
+
+
+def _check_context(config, task: str) -> None:
+  """A `context` mesh axis (context parallelism) splits a Transformer LM's sequences into 2 x context chunks."""
+  context = parse_mesh(config.parallel.mesh, config.parallel.strategy)["context"]
+  if context == 1:
+    return
+  if config.model.family != "transformer" or task != "lm":
+    raise UserError(f"parallel.mesh={config.parallel.mesh!r}: the context axis splits the sequences of the "
+                    f"Transformer LM only (model.family=transformer on text or tokens), not model.family="
+                    f"{config.model.family} on data.source={config.data.source}")
+  m, sizes = config.model, parse_mesh(config.parallel.mesh, config.parallel.strategy)
+  # The ring attends by segment ids and causal places alone, each expert's tokens and each stage's micro-batches
+  # are whole sequences: what it does not compute is refused, not approximated.
+  unsupported = [what for what, on in (
+      ("model.sliding_window", m.sliding_window is not None), ("model.attn_logit_softcap", m.attn_logit_softcap),
+      (f"model.num_experts={m.num_experts}", m.num_experts), (f"stage={sizes['stage']}", sizes["stage"] not in (1, -1)),
+      (f"expert={sizes['expert']}", sizes["expert"] not in (1, -1))) if on]
+  if unsupported:
+    raise UserError(f"parallel.mesh={config.parallel.mesh!r}: context parallelism does not combine with "
+                    f"{', '.join(unsupported)}")
+  if context > 1:
+    check_context_length(config.data.seq_len, context, "data.seq_len")
 
 
 def expand_preset(config: config_dict.ConfigDict) -> None:

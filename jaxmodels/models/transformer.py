@@ -26,8 +26,13 @@ attention and the MLP pin their input rows whole within the tensor group
 (an all-gather) and their output rows split (a reduce-scatter of the
 row-parallel projection's partial sums). With batch-major rows, splitting M
 further over `tensor` splits each device's sequences when the local batch
-divides (the (B, T, ...) views then split B over ROWS' axes), else it cuts
+divides (the (B, T, ...) views then split B over SEQUENCES' axes), else it cuts
 across sequences.
+
+Context parallelism (`jaxmodels.parallel.context`): `activation_length` maps
+to the `context` axis, so ROWS, the tensor-parallel regions' TOKENS and the
+(B, T, ...) views split each sequence's tokens over it, and attention runs a
+ring of key/value blocks over it (the tokens in its load-balanced order).
 
 Shape suffixes: B batch, T query length, S key length, M = B x T token rows,
 D d_model, N heads, H head dim, F d_ff, V vocabulary, L layers.
@@ -52,23 +57,24 @@ from jaxmodels.models.layers import (
   require,
   resolve,
 )
-from jaxmodels.models.rope import ROPE_SCALINGS, rope_frequencies
-from jaxmodels.parallel import pipeline
 from jaxmodels.models.moe import MoE, MoETerms, check_moe_fields, moe_block_kwargs, moe_period
+from jaxmodels.models.rope import ROPE_SCALINGS, rope_frequencies
+from jaxmodels.parallel import context, pipeline
 from jaxmodels.parallel.sharding import constrain, per_shard
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
            "check_heads", "check_stack_fields", "check_variant_fields", "EMBED", "FeedForward", "HEADS", "LENGTH",
            "lookup", "make_norm", "MLP_AXIS", "MLPS", "NORM_POSITIONS", "NORMS", "OPTIONAL_POSITIVE",
            "OPTIONAL_POSITIVE_REAL", "other_layer_layout", "POOLINGS", "POSITIONS", "QK_NORMS", "REMAT_POLICIES",
-           "rotary",
-           "ROWS", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention", "SPLASH_BLOCKS",
-           "Stack", "transformer_param_count", "TransformerClassifier", "TransformerConfig", "TransformerLM",
-           "unrolled_to_scan", "VOCAB"]
+           "rotary", "ROWS", "SEQUENCES", "scan_to_unrolled", "segment_mask", "segment_positions", "splash_attention",
+           "SPLASH_BLOCKS", "Stack", "TOKENS", "transformer_param_count", "TransformerClassifier", "TransformerConfig",
+           "TransformerLM", "unrolled_to_scan", "VOCAB"]
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, MLP_AXIS, VOCAB = "activation_heads", "activation_mlp", "activation_vocab"
-ROWS = (BATCH, "activation_norm_length")  # the residual stream's token rows, sequence-parallel over `tensor`
+ROWS = (BATCH, LENGTH, "activation_norm_length")  # the residual stream's token rows: over `context` and `tensor`
+TOKENS = (BATCH, LENGTH)  # the token rows inside the tensor-parallel regions: a sequence split over `context` only
+SEQUENCES = (BATCH, "activation_norm_length")  # the batch axis of (B, T, ...) views of the residual stream
 
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rotary")
@@ -417,7 +423,7 @@ class Attention(nnx.Module):
 
   def _project_out(self, out_BTNH):
     B, T = out_BTNH.shape[:2]
-    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (BATCH, HEADS)))
+    out_MD = self.out(constrain(out_BTNH.reshape(B * T, -1), (TOKENS, HEADS)))
     return constrain(out_MD, (ROWS, EMBED))  # sequence parallelism: a reduce-scatter
 
   def keys_values(self, x_MD, positions_BS):
@@ -431,13 +437,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_MD, positions_BT, mask_B1TS=None, cache=None, cache_index=None, layer=0):
     """x_MD (token rows) -> out_MD; `mask_B1TS` restricts attention (segments, padding; with a cache: all of it).
+    Under context parallelism (`jaxmodels.parallel.context`) `mask_B1TS` is instead None or the (B, T) segment
+    ids, and the tokens come in its load-balanced order.
 
     With `cache` ({'k', 'v'}: every layer's (L, B, S, K, H)), this chunk's keys and values are written in place
     at (`layer`, slots `cache_index`..), and the queries attend to the layer's slots under `mask_B1TS`; returns
     (out_MD, the updated cache), or (out_MD, None) without a cache.
     """
     B, T = positions_BT.shape
-    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
+    x_MD = constrain(x_MD, (TOKENS, EMBED))  # sequence parallelism: all-gather the tensor group's rows
     q_BTNH = self._heads(self.query(x_MD), B, T, self.num_heads, self.query_norm)
     if self.rotary_positions:
       q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta, self.rope_scaling)
@@ -445,9 +453,12 @@ class Attention(nnx.Module):
       q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
     k_BTKH, v_BTKH = self.keys_values(x_MD, positions_BT)
     if cache is None:
-      out_BTNH = constrain(attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
-                                     mask_BNTS=self._window(mask_B1TS, jnp.arange(T), T, layer),
-                                     softcap=self.softcap), (BATCH, LENGTH, HEADS))
+      if context.size() > 1:  # context parallelism: a ring of key/value blocks; mask_B1TS holds segment ids
+        out_BTNH = context.attention(q_BTNH, k_BTKH, v_BTKH, causal=self.causal, segment_ids_BT=mask_B1TS)
+      else:
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, self.implementation, is_causal=self.causal,
+                             mask_BNTS=self._window(mask_B1TS, jnp.arange(T), T, layer), softcap=self.softcap)
+      out_BTNH = constrain(out_BTNH, (BATCH, LENGTH, HEADS))
       new_cache = None
     else:  # decoding: write this chunk into the carried cache, attend where the caller's mask allows
       write = lambda c, u: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
@@ -479,11 +490,11 @@ class FeedForward(nnx.Module):
     self.gate_activation = jax.nn.gelu if kind == "geglu" else jax.nn.silu
 
   def __call__(self, x_MD):
-    x_MD = constrain(x_MD, (BATCH, EMBED))  # sequence parallelism: all-gather the tensor group's rows
-    hidden = lambda layer: constrain(layer(x_MD), (BATCH, MLP_AXIS))
+    x_MD = constrain(x_MD, (TOKENS, EMBED))  # sequence parallelism: all-gather the tensor group's rows
+    hidden = lambda layer: constrain(layer(x_MD), (TOKENS, MLP_AXIS))
     h_MF = (jax.nn.gelu(hidden(self.up)) if self.gate is None else
             self.gate_activation(hidden(self.gate)) * hidden(self.up))
-    return constrain(self.down(constrain(h_MF, (BATCH, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
+    return constrain(self.down(constrain(h_MF, (TOKENS, MLP_AXIS))), (ROWS, EMBED))  # SP: a reduce-scatter
 
 
 class Block(nnx.Module):
@@ -685,7 +696,7 @@ class Stack(nnx.Module):
       stats = jax.tree.map(lambda a: a.mean(0), stats_U)
       penalty = self.moe_loss_weights[0] * stats["moe_aux_loss"] + self.moe_loss_weights[1] * stats["moe_z_loss"]
       self.moe_terms = MoETerms((penalty, stats))
-    return constrain(self.final_norm(x_MD).reshape(B, T, D), (ROWS, LENGTH, EMBED)), new_cache
+    return constrain(self.final_norm(x_MD).reshape(B, T, D), (SEQUENCES, LENGTH, EMBED)), new_cache
 
   def cross_keys_values(self, memory_BSD) -> dict:
     """Every layer's cross-attention keys and values of `memory_BSD`: {'k', 'v'} (L, B, S, K, H), computed once
@@ -742,7 +753,7 @@ class TransformerLM(nnx.Module):
     if self.pos_embed is not None:
       x_BTD = x_BTD + lookup(self.pos_embed, positions_BT, self.dtype)
     x_BTD = self.embed_dropout(x_BTD, deterministic=rngs is None, rngs=rngs)
-    x_BTD = constrain(x_BTD, (ROWS, LENGTH, EMBED))  # the stack's (sequence-parallel) rows, see Stack
+    x_BTD = constrain(x_BTD, (SEQUENCES, LENGTH, EMBED))  # the stack's (sequence-parallel) rows, see Stack
     h_BTD, cache = self.stack(x_BTD, positions_BT, mask_B1TS, cache, cache_index, rngs)
     B, T, D = h_BTD.shape
     h_MD = constrain(h_BTD.reshape(B * T, D).astype(self.dtype), (ROWS, EMBED))  # a 2-D head matmul
@@ -753,32 +764,54 @@ class TransformerLM(nnx.Module):
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
       logits_MV = (cap * jnp.tanh(logits_MV.astype(jnp.float32) / cap)).astype(logits_MV.dtype)
-    return constrain(logits_MV.reshape(B, T, -1), (ROWS, LENGTH, VOCAB)), cache
+    return constrain(logits_MV.reshape(B, T, -1), (SEQUENCES, LENGTH, VOCAB)), cache
 
-  def __call__(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, train: bool = False,
+               rngs: nnx.Rngs | None = None):
     """logits_BTV. `segment_ids_BT` (int) packs documents in a row: a token attends only to earlier tokens of
-    its own segment, and positions restart at each segment's first token."""
-    return self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT), None, None,
+    its own segment, and positions restart at each segment's first token. `positions_BT` (int): the tokens'
+    positions, if not those.
+
+    Under context parallelism (an `activation_sharding` splitting `activation_length`), the tokens (and segment
+    ids) come in `jaxmodels.parallel.context.load_balance` order with their `positions_BT`, and so do the
+    logits: the train and eval steps arrange it (`jaxmodels.models.forward.context_order`). ValueError without
+    `positions_BT` there.
+    """
+    return self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT, positions_BT), None, None,
                          rngs if train else None)[0]
 
-  def _positions_mask(self, tokens_BT, segment_ids_BT):
-    """(positions_BT, mask_B1TS or None) of a full-sequence call, after checking its length and token ids."""
+  def _positions_mask(self, tokens_BT, segment_ids_BT, positions_BT):
+    """(positions_BT, mask_B1TS or None) of a full-sequence call, after checking its length and token ids; under
+    context parallelism the mask is the segment ids themselves (the ring attends by them and the chunks' places,
+    never a (T, T) mask)."""
     B, T = tokens_BT.shape
     check_length(T, self.max_len)
     check_indices(tokens_BT, self.vocab_size, "token id")
-    if segment_ids_BT is None:
-      return jnp.broadcast_to(jnp.arange(T), (B, T)), None
-    return segment_positions(segment_ids_BT), segment_mask(segment_ids_BT, segment_ids_BT)
+    if context.size() > 1:
+      if positions_BT is None:
+        raise ValueError("under context parallelism the tokens come in context.load_balance order with their "
+                         "positions_BT (the train and eval steps arrange it: models.forward.context_order)")
+      mask_B1TS = segment_ids_BT
+    elif segment_ids_BT is None:
+      mask_B1TS = None
+    else:
+      mask_B1TS = segment_mask(segment_ids_BT, segment_ids_BT)
+    if positions_BT is None:
+      positions_BT = (jnp.broadcast_to(jnp.arange(T), (B, T)) if segment_ids_BT is None
+                      else segment_positions(segment_ids_BT))
+    return positions_BT, mask_B1TS
 
-  def hidden_and_head(self, tokens_BT, *, segment_ids_BT=None, train: bool = False, rngs: nnx.Rngs | None = None):
+  def hidden_and_head(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, train: bool = False,
+                      rngs: nnx.Rngs | None = None):
     """(h_MD, w, vocab_axis): the final hidden states of the token rows (M = B x T, the compute dtype) and the
     head's weights, so that the logits are h_MD @ w (`vocab_axis` 1, an untied (D, V) head) or h_MD @ w.T
     (`vocab_axis` 0, the tied (V, D) embedding table), without computing them: a loss can then make the logits
     a chunk at a time (jaxmodels.tasks.chunked). None, computing nothing, where the logits are more than that
-    product (a final_logit_softcap, a head with LoRA adapters). `segment_ids_BT` and ValueError as `__call__`."""
+    product (a final_logit_softcap, a head with LoRA adapters). `segment_ids_BT`, `positions_BT` and ValueError
+    as `__call__`."""
     if self.config.final_logit_softcap is not None or getattr(self.head, "lora_a", None) is not None:
       return None
-    h_MD, _ = self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT), None, None,
+    h_MD, _ = self._forward(tokens_BT, *self._positions_mask(tokens_BT, segment_ids_BT, positions_BT), None, None,
                             rngs if train else None, head_weights=True)
     return (h_MD, self.embed.embedding[...], 0) if self.head is None else (h_MD, self.head.kernel[...], 1)
 
@@ -800,6 +833,8 @@ class TransformerLM(nnx.Module):
     ValueError (see the class) for a cache of more than max_len slots, tokens past its slots, and known token ids
     or positions out of range.
     """
+    if context.size() > 1:
+      raise ValueError("decoding under context parallelism is not supported: decode without a context axis")
     B, T = tokens_BT.shape
     S = cache["segment_ids"].shape[1]
     check_length(S, self.max_len, "a cache")

@@ -7,7 +7,8 @@ attention heads and MLPs over `tensor`, with sequence parallelism between them;
 combine with dp/fsdp through `parallel.mesh`), or `pmap` (the classic `jax.pmap` data-parallel step). A `stage`
 mesh axis adds pipeline parallelism to the jit strategies (`jaxmodels.parallel.pipeline`); an `expert` mesh axis
 (`parallel.mesh=data=2,expert=4`) splits mixture-of-experts layers' experts over its devices
-(`jaxmodels.parallel.experts`: all-to-all dispatch).
+(`jaxmodels.parallel.experts`: all-to-all dispatch); a `context` axis adds context parallelism
+(`jaxmodels.parallel.context`): each sequence split over it, attention by a ring of key/value blocks.
 """
 
 from jaxmodels.parallel.distributed import initialize

@@ -13,7 +13,7 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxmodels.parallel.sharding import activation_spec, current_activation_sharding
+from jaxmodels.parallel.sharding import activation_spec, active_sharding
 
 __all__ = ["EXPERT", "run"]
 
@@ -35,7 +35,7 @@ def run(dispatch, mlp, x_MD, experts_MK, weights_MK, expert_weights: dict, *, nu
   device runs it on its token rows (split over the batch's mesh axes) and its experts. ValueError when the
   `expert` axis does not divide num_experts or cannot split the token rows.
   """
-  active = current_activation_sharding()
+  active = active_sharding()
   if active is None:
     return dispatch(x_MD, experts_MK, weights_MK, functools.partial(mlp, **expert_weights), num_experts,
                     capacity_factor)

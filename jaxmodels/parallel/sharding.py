@@ -1,8 +1,9 @@
 """Device meshes and shardings: how the train state and batches are laid out over devices.
 
-The mesh always has the axes `stage`, `data`, `fsdp`, `tensor` and `expert` (unused
-ones of size 1), so one set of rules serves every strategy (`stage`, pipeline parallelism:
-`jaxmodels.parallel.pipeline`; `expert`, expert parallelism: `jaxmodels.parallel.experts`):
+The mesh always has the axes `stage`, `data`, `fsdp`, `context`, `tensor` and `expert`
+(unused ones of size 1), so one set of rules serves every strategy (`stage`, pipeline parallelism:
+`jaxmodels.parallel.pipeline`; `context`, context parallelism: `jaxmodels.parallel.context`; `expert`, expert
+parallelism: `jaxmodels.parallel.experts`):
 
 - modules name each parameter dimension's logical axis (`embed`, `mlp`,
   `heads`, `vocab`, `conv_out`, `layers`, ...; see `jaxmodels.models.layers.axes`);
@@ -29,7 +30,10 @@ ones of size 1), so one set of rules serves every strategy (`stage`, pipeline pa
   tensor-parallel regions' inputs whole and their outputs split makes XLA
   all-gather the tokens before QKV and the MLP and reduce-scatter after the
   output projections (on the CPU: an all-reduce and a slice); under `dp` or
-  `fsdp` the `tensor` axis has size 1 and the rule does nothing.
+  `fsdp` the `tensor` axis has size 1 and the rule does nothing;
+- context parallelism is a rule too: `activation_length` -> `context` splits
+  each sequence's tokens over `context`; attention alone needs a collective
+  (`jaxmodels.parallel.context`).
 
 Meshes come from `jax.make_mesh` (which orders TPU devices by their ICI
 topology); `parallel.dcn_mesh` splits axes across slices (or, on platforms
@@ -52,13 +56,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.runtime.errors import UserError
 
-__all__ = ["ACTIVATION_AXES", "activation_rules", "activation_sharding", "activation_spec", "active_mesh",
-           "BATCH_AXES", "constrain", "current_activation_sharding", "DEFAULT_MESH", "fetch", "Layout", "make_mesh",
-           "MESH_AXES", "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes",
-           "per_shard", "PmapLayout", "process_rows", "STRATEGIES"]
+__all__ = ["ACTIVATION_AXES", "active_mesh", "active_sharding", "activation_rules", "activation_sharding",
+           "activation_spec", "BATCH_AXES", "constrain", "DEFAULT_MESH", "fetch", "Layout", "make_mesh", "MESH_AXES",
+           "opt_state_shardings", "param_shardings", "parse_mesh", "partition_specs", "per_device_bytes", "per_shard",
+           "PmapLayout", "process_rows", "STRATEGIES"]
 
-# stage: pipeline parallelism (jaxmodels.parallel.pipeline); expert: expert parallelism (jaxmodels.parallel.experts)
-MESH_AXES = ("stage", "data", "fsdp", "tensor", "expert")
+# stage: pipeline parallelism (jaxmodels.parallel.pipeline); context: context parallelism (jaxmodels.parallel.context);
+# expert: expert parallelism (jaxmodels.parallel.experts)
+MESH_AXES = ("stage", "data", "fsdp", "context", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # `expert` splits the batch too: its devices hold different experts
 STRATEGIES = ("single", "dp", "fsdp", "tp", "pmap")
 DEFAULT_MESH = {"single": "", "dp": "data=-1", "fsdp": "fsdp=-1", "tp": "tensor=-1", "pmap": "data=-1"}
@@ -83,8 +88,8 @@ def parse_mesh(spec: str, strategy: str, key: str = "parallel.mesh") -> dict[str
 
 def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None, mesh: str = "",
               dcn_mesh: str = "") -> Mesh:
-  """The (stage, data, fsdp, tensor, expert) mesh over `devices` (default: all global devices); one size may be -1
-  (the rest).
+  """The (stage, data, fsdp, context, tensor, expert) mesh over `devices` (default: all global devices); one size
+  may be -1 (the rest).
 
   Plain arguments: `strategy` (one of STRATEGIES), `mesh` (`"data=2,fsdp=-1"`; empty: the strategy's
   default, `DEFAULT_MESH`) and `dcn_mesh` (the sizes of the axes that cross TPU slices or processes; empty: none),
@@ -123,7 +128,7 @@ def make_mesh(parallel_config=None, devices=None, *, strategy: str | None = None
   if math.prod(sizes.values()) != len(devices):
     raise UserError(f"parallel.mesh {sizes} needs {math.prod(sizes.values())} devices, "
                     f"but {len(devices)} are available")
-  if strategy == "pmap" and (sizes["fsdp"] > 1 or sizes["tensor"] > 1 or sizes["stage"] > 1 or sizes["expert"] > 1):
+  if strategy == "pmap" and any(sizes[a] > 1 for a in ("stage", "fsdp", "context", "tensor", "expert")):
     raise UserError("parallel.strategy=pmap is data-parallel only: use dp, fsdp or tp for other axes")
   shape = tuple(sizes[a] for a in MESH_AXES)
   dcn_spec = dcn_mesh
@@ -302,6 +307,11 @@ class activation_sharding:  # pylint: disable=invalid-name  (a function in use: 
     return pinned
 
 
+def active_sharding() -> tuple[Mesh, dict] | None:
+  """(mesh, {logical activation axis: mesh axes}) of the `activation_sharding` being traced in; None outside."""
+  return _ACTIVATIONS.get()
+
+
 def active_mesh() -> Mesh | None:
   """The mesh of the enclosing `activation_sharding` context, None outside one."""
   active = _ACTIVATIONS.get()
@@ -343,11 +353,6 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, names, mesh, rules)))
-
-
-def current_activation_sharding():
-  """(mesh, activation rules) of the enclosing `activation_sharding`, or None outside one."""
-  return _ACTIVATIONS.get()
 
 
 def per_shard(fn, names):
@@ -421,7 +426,8 @@ class Layout(_Share):
     return self.mesh.size
 
   def describe(self) -> str:
-    """The mesh's axis sizes and the process holding each of its devices, as a (stage, data, fsdp, tensor, expert) grid.
+    """The mesh's axis sizes and the process holding each of its devices, as a (stage, data, fsdp, context, tensor,
+    expert) grid.
 
     Shows which axes cross processes (hosts; slices under `parallel.dcn_mesh`).
     """

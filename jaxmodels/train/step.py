@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from jaxmodels import parallel, tasks
-from jaxmodels.models.forward import forward, model_input
+from jaxmodels.models.forward import context_order, forward, model_input
 from jaxmodels.models.moe import pop_moe_terms
 from jaxmodels.optim import freezing, precision
 from jaxmodels.runs.state import TrainState, split_model
@@ -97,8 +97,8 @@ def task_loss(options: StepOptions, teacher=None):
     head = None
     if (teacher is None and options.task == "lm" and 0 < options.logits_chunk < getattr(model, "vocab_size", 0)
         and hasattr(model, "hidden_and_head")):
-      head = model.hidden_and_head(x, segment_ids_BT=batch.get("segment_ids"), train=True,
-                                   rngs=nnx.Rngs(dropout=rng))
+      head = model.hidden_and_head(x, segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
+                                   train=True, rngs=nnx.Rngs(dropout=rng))
     if head is not None:
       h_MD, w, vocab_axis = head
       sums = tasks.chunked_loss_sums(h_MD, w, batch["y"], mask, options.logits_chunk, vocab_axis=vocab_axis,
@@ -251,11 +251,13 @@ def make_train_step(graphdef, tx, loss_fn, options: StepOptions = StepOptions(),
   times loss_scale / (`targets(batch)` / micro-batches, static: targets per micro-batch slot) and unscales the
   float32 gradient sums; a state with `ema_params` updates them by `options.ema_decay` after each kept update.
   The update uses the global per-count mean gradient, exactly, however examples fall over micro-batches
-  (`options.grad_accum_steps`) and devices.
+  (`options.grad_accum_steps`) and devices. Under context parallelism the loss gets the batch in its load-balanced
+  token order, with `positions` (`jaxmodels.models.forward.context_order`).
   """
   loss_fn, o = objective(graphdef, loss_fn), options  # o: read on every line of the step
 
   def train_step(state: TrainState, batch, *extra):
+    batch = context_order(batch)  # context parallelism's load-balanced token order (else the batch itself)
     factor = None if state.loss_scale is None else precision.loss_factor(state.loss_scale,
                                                                           targets(batch) / o.grad_accum_steps)
     trained, frozen = freezing.split_trainable(state.params, o.trainable)
@@ -298,6 +300,7 @@ def make_steps(graphdef, tx, options: StepOptions = StepOptions(), teacher=None)
   def eval_step(state: TrainState, batch, totals=None):
     params = state.params if state.ema_params is None else precision.ema_as_params(state.ema_params, state.params)
     model = nnx.merge(graphdef, params, state.model_state)
+    batch = context_order(batch)
     sums = tasks.eval_sums(o.task, forward(model, batch, train=False), batch["y"], batch["mask"], o.eval_top_k,
                            o.loss, o.y_shift)
     sums = sums if o.axis_name is None else jax.lax.psum(sums, o.axis_name)

@@ -144,7 +144,7 @@ class Trainer:
       array's leading axis the batch (divisible by the mesh's data x fsdp size). It must be a pure function of
       the step, so a resumed run sees the batches an uninterrupted one would. With several processes each
       process keeps the rows its devices hold.
-    mesh: a `jax.sharding.Mesh` with axes (stage, data, fsdp, tensor, expert)
+    mesh: a `jax.sharding.Mesh` with axes (stage, data, fsdp, context, tensor, expert)
       (`parallel.make_mesh(strategy=..., mesh=...)`);
       None: one device.
     rules: (logical axis, mesh axis or None) pairs that shard parameters by the logical axis names modules give
