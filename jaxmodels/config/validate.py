@@ -237,8 +237,8 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_model(config, task)
   _check_train(config)
   _check_parallel(config.parallel)
-  _check_pipeline(config, task)
   _check_context(config, task)
+  _check_pipeline(config, task)
 
 
 def _derived_rules(config, task: str) -> dict:
