@@ -58,6 +58,7 @@ from jaxmodels.hf.files import (
   parse_size,
   read_config,
   read_tensors,
+  sampling_files,
   write_tensors,
 )
 from jaxmodels.models import lora
@@ -255,6 +256,7 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   kept.mkdir()
   (kept / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
   copy_files(directory, kept, CARRIED_FILES)
+  storage.write_files(out, sampling_files(kept))  # the tokenizer and chat template, for `jaxmodels sample`
   return out
 
 
