@@ -4,7 +4,6 @@ by experiments/finetune_lora.py on experiments/data/instructions.jsonl (only the
 written back by export-hf, and loaded in `transformers` with jaxmodels' logits."""
 
 import importlib.util
-import json
 import os
 
 import jax
