@@ -4,6 +4,7 @@ by experiments/finetune_lora.py on experiments/data/instructions.jsonl (only the
 written back by export-hf, and loaded in `transformers` with jaxmodels' logits."""
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -69,3 +70,7 @@ def test_lora_finetune_exports_what_transformers_computes(imported, monkeypatch)
   export("runs/lora", "exported/lora")
   export_hf("exported/lora", "exported/lora-hf")
   assert _script("compare_hf_logits").logit_difference("exported/lora-hf", "exported/lora") < 1e-4
+  # the tokenizer and token ids of the import the run started from are carried through
+  assert transformers.AutoTokenizer.from_pretrained("exported/lora-hf").apply_chat_template(
+      [{"role": "user", "content": "Hi"}], tokenize=False).startswith("<|begin_of_text|>")
+  assert json.loads((root / "exported" / "lora-hf" / "config.json").read_text())["eos_token_id"] == 1

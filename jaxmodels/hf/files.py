@@ -50,12 +50,16 @@ def sampling_files(directory) -> dict[str, str]:
   """What a run keeps for `jaxmodels sample`, from a Hugging Face directory's tokenizer files: VOCAB_FILE, the spec
   of its tokenizer (jaxmodels.data.tokenizers; `tokenizer.json`, else a SentencePiece `tokenizer.model`, where the
   `text` extra's library for it is installed), and CHAT_FILE, its chat template with the special tokens
-  (jaxmodels.data.chat). Either is left out where the directory has no such file."""
+  (jaxmodels.data.chat). Either is left out where the directory has no such file (or a tokenizer file its
+  library does not read)."""
   p = storage.path(directory)
   out = {}
   for name, module in (("tokenizer.json", "tokenizers"), ("tokenizer.model", "sentencepiece")):
     if (p / name).is_file() and extras.installed(module):
-      out[VOCAB_FILE] = tokenizers.from_file(str(p / name)).to_json()
+      try:
+        out[VOCAB_FILE] = tokenizers.from_file(str(p / name)).to_json()
+      except UserError:  # a file its library cannot read: the weights still import; sample says vocab.json is missing
+        pass
       break
   if (template := directory_template(p)) is not None:
     out[CHAT_FILE] = template.to_json()
