@@ -1,9 +1,9 @@
 """Writes a small random Llama-3-style model, as a user would download one, for the worked example of
 docs/finetuning.md: a `transformers.LlamaConfig` with Llama 3's `rope_scaling` (`rope_type` llama3), grouped-query
 attention and untied embeddings (d_model 64, 2 layers), its random weights, and a byte-level BPE tokenizer trained
-with the `tokenizers` library on experiments/data/instructions.jsonl, with Llama 3's special tokens and a Llama-3
-chat template in its tokenizer_config.json. All saved with `save_pretrained` (safetensors); nothing is downloaded;
-seeded, so the same directory every time.
+with the `tokenizers` library on experiments/data/instructions.jsonl, with Llama 3's special tokens and a Llama 3
+chat template (written to chat_template.jinja, where transformers 5 saves a tokenizer's template). All saved with
+`save_pretrained` (safetensors); nothing is downloaded; seeded, so the same directory every time.
 
     python experiments/hf/make_tiny_llama.py --out tiny-llama-hf
 

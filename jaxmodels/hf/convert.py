@@ -8,7 +8,8 @@ Every directory may be local or gs:// (read and written through jaxmodels.runtim
 
 `import-hf` writes what `jaxmodels export` writes (`params/`, `config.json`,
 `model.json`), so `jaxmodels.load_model(OUT)` returns a `TransformerLM`, and keeps
-the original config.json, generation_config.json and tokenizer files in `OUT/hf/`.
+the original config.json, generation_config.json and tokenizer files in `OUT/hf/`
+(and, for `jaxmodels sample`, the tokenizer's spec and chat template: jaxmodels.hf.files.sampling_files).
 `export-hf` takes such a directory (or a training workdir) and writes
 `config.json` (with the bos/eos/pad token ids of `hf/config.json`, where there
 is one) + safetensors that `transformers` loads, and copies `hf/`'s other files.
