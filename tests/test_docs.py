@@ -119,7 +119,7 @@ def shortened(words: list[str]) -> list[str]:
     return with_flag(words, "--steps", BENCH_STEPS)
   if words[0] == "python" and words[1].startswith("benchmarks/"):
     return with_flag(with_flag(words, "--steps", BENCH_STEPS), "--repeats", "1")
-  trains = ((words[0] == "python" and words[1].startswith("experiments/"))
+  trains = ((words[0] == "python" and re.fullmatch(r"experiments/[^/]+\.py", words[1]))  # not experiments/hf/'s tools
             or (words[0] == "jaxmodels" and "train" in words[1:]))
   return [*words, TRAIN_STEPS] if trains else words
 
@@ -183,6 +183,7 @@ def test_extraction_finds_the_commands():
   assert any(c.startswith("tpu/create.sh") for c in page_commands(os.path.join(ROOT, "docs", "tpu.md")))  # included
   assert docstring_commands(os.path.join(ROOT, "experiments", "text_lstm.py"))[1].startswith("jaxmodels sample")
   assert shortened(["python", "experiments/x.py"])[-1] == TRAIN_STEPS
+  assert shortened(["python", "experiments/hf/x.py"]) == ["python", "experiments/hf/x.py"]
   assert shortened(shlex.split("jaxmodels bench compile --sweep a.b=1,2,4 --sweep c=x,y --repeat 3")) == shlex.split(
       "jaxmodels bench compile --sweep a.b=1,2 --sweep c=x --repeat 1")
   assert shortened(shlex.split("jaxmodels bench step --config x.py --steps 50 --loop")) == shlex.split(
@@ -261,7 +262,8 @@ def test_experiment_docstring_commands_run_as_written(path, tmp_path):
 def test_docstring_commands_the_docs_run():
   """The experiments whose docstring commands are not run on their own: a page runs their equivalents."""
   assert [os.path.basename(p) for p in EXPERIMENTS if run_by_docs(p)] == ["digits_cnn.py", "digits_mixer.py",
-                                                                        "digits_mlp.py", "text_transformer.py"]
+                                                                        "digits_mlp.py", "finetune_lora.py",
+                                                                        "text_transformer.py"]
   assert equivalence("python experiments/a.py --workdir x") == equivalence("jaxmodels train --config experiments/a.py")
   assert equivalence("jaxmodels sample --workdir runs/a --length 2") != equivalence("jaxmodels sample --workdir runs/b")
 

@@ -8,7 +8,8 @@ Every directory may be local or gs:// (read and written through jaxmodels.runtim
 
 `import-hf` writes what `jaxmodels export` writes (`params/`, `config.json`,
 `model.json`), so `jaxmodels.load_model(OUT)` returns a `TransformerLM`, and keeps
-the original config.json, generation_config.json and tokenizer files in `OUT/hf/`.
+the original config.json, generation_config.json and tokenizer files in `OUT/hf/`
+(and, for `jaxmodels sample`, the tokenizer's spec and chat template: jaxmodels.hf.files.sampling_files).
 `export-hf` takes such a directory (or a training workdir) and writes
 `config.json` (with the bos/eos/pad token ids of `hf/config.json`, where there
 is one) + safetensors that `transformers` loads, and copies `hf/`'s other files.
@@ -58,6 +59,7 @@ from jaxmodels.hf.files import (
   parse_size,
   read_config,
   read_tensors,
+  sampling_files,
   write_tensors,
 )
 from jaxmodels.models import lora
@@ -255,6 +257,7 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   kept.mkdir()
   (kept / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
   copy_files(directory, kept, CARRIED_FILES)
+  storage.write_files(out, sampling_files(kept))  # the tokenizer and chat template, for `jaxmodels sample`
   return out
 
 
@@ -268,9 +271,18 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
       raise UserError(f"parameter {path}/{k}: expected shape {tuple(v.shape)}, got {tuple(got[k].shape)}")
 
 
+def _kept_dir(model_path: str):
+  """The `hf/` directory import-hf kept for `model_path`: its own, else that of the import its run started from
+  (`checkpoint.restore_from` of its config.json, as the run read it: a fine-tuning run or its export)."""
+  p = storage.path(model_path)
+  saved = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+  restore_from = saved.get("checkpoint", {}).get("restore_from")
+  return p / HF_DIR if (p / HF_DIR).is_dir() or not restore_from else storage.path(restore_from) / HF_DIR
+
+
 def _kept_config(model_path: str, architecture: Architecture) -> dict:
   """The token ids of the original config.json that import-hf kept (only if it is of the same architecture)."""
-  path = storage.path(model_path) / HF_DIR / "config.json"
+  path = _kept_dir(model_path) / "config.json"
   if not path.is_file():
     return {}
   original = json.loads(path.read_text(encoding="utf-8"))
@@ -284,7 +296,8 @@ def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size:
 
   Tensors are cast to `dtype` (EXPORT_DTYPES) and split into shards of at most `max_shard_size` (transformers'
   notation: 5GB, 500MB, 2GiB) with a model.safetensors.index.json when there are several. An import-hf output's
-  `hf/` files (generation config, tokenizer) are copied and its bos/eos/pad token ids written to config.json.
+  `hf/` files (generation config, tokenizer) are copied and its bos/eos/pad token ids written to config.json; so are
+  those of the import a fine-tuning run started from (its `checkpoint.restore_from`), for the run and its exports.
   UserError for another kind of model, a layout no architecture fits, or a bad dtype or size.
   """
   if dtype not in EXPORT_DTYPES:
@@ -305,5 +318,5 @@ def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size:
   hf = {**architecture.from_config(model.config, model.embed.num_embeddings),
         **_kept_config(model_path, architecture), "dtype": dtype}
   (path / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
-  copy_files(storage.path(model_path) / HF_DIR, path, CARRIED_FILES)
+  copy_files(_kept_dir(model_path), path, CARRIED_FILES)
   return out

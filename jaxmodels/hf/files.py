@@ -15,11 +15,15 @@ import tempfile
 
 import numpy as np
 
+from jaxmodels.data import tokenizers
+from jaxmodels.data.chat import directory_template
+from jaxmodels.data.sft import CHAT_FILE
+from jaxmodels.data.tokenizers import VOCAB_FILE
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["CARRIED_FILES", "copy_files", "EXPORT_DTYPES", "INDEX_FILE", "local_file", "parse_size", "read_config",
-           "read_tensors", "shards", "write_tensors"]
+           "read_tensors", "sampling_files", "shards", "write_tensors"]
 
 INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's {"weight_map": {tensor: shard file}}
 # Files of a Hugging Face directory that import-hf keeps (in OUT/hf/) and export-hf writes back beside the weights:
@@ -40,6 +44,26 @@ def read_config(directory) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not JSON ({e}): expected a Hugging Face config.json") from None
+
+
+def sampling_files(directory) -> dict[str, str]:
+  """What a run keeps for `jaxmodels sample`, from a Hugging Face directory's tokenizer files: VOCAB_FILE, the spec
+  of its tokenizer (jaxmodels.data.tokenizers; `tokenizer.json`, else a SentencePiece `tokenizer.model`, where the
+  `text` extra's library for it is installed), and CHAT_FILE, its chat template with the special tokens
+  (jaxmodels.data.chat). Either is left out where the directory has no such file (or a tokenizer file its
+  library does not read)."""
+  p = storage.path(directory)
+  out = {}
+  for name, module in (("tokenizer.json", "tokenizers"), ("tokenizer.model", "sentencepiece")):
+    if (p / name).is_file() and extras.installed(module):
+      try:
+        out[VOCAB_FILE] = tokenizers.from_file(str(p / name)).to_json()
+      except UserError:  # a file its library cannot read: the weights still import; sample says vocab.json is missing
+        pass
+      break
+  if (template := directory_template(p)) is not None:
+    out[CHAT_FILE] = template.to_json()
+  return out
 
 
 @contextlib.contextmanager

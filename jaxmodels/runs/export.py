@@ -32,7 +32,7 @@ __all__ = ["build_saved_model", "copy_run_files", "export", "load_model", "load_
            "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params"]
 
 # A run's files an export keeps beside its parameters: what rebuilds the model (and its vocabulary).
-RUN_FILES = ("config.json", "model.json", "vocab.json")
+RUN_FILES = ("config.json", "model.json", "vocab.json", "chat_template.json")  # chat: data.source=sft
 
 
 def _read_json(directory, name: str) -> dict:

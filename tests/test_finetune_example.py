@@ -1,0 +1,76 @@
+"""The worked example of docs/finetuning.md, in process and shortened: a small random Llama 3-style model written
+by experiments/hf/make_tiny_llama.py is imported (its tokenizer and chat template kept for sampling), LoRA-fine-tuned
+by experiments/finetune_lora.py on experiments/data/instructions.jsonl (only the adapters change), exported merged,
+written back by export-hf, and loaded in `transformers` with jaxmodels' logits."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import jaxmodels
+from jaxmodels.cli.main import main
+from jaxmodels.data.tokenizers import Vocab
+from jaxmodels.hf.convert import export_hf, import_hf
+from jaxmodels.runs.export import export, load_params, load_trained_params
+from jaxmodels.tools.sample import load_chat
+
+pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("jinja2")
+
+
+def _script(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "hf", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """(a directory holding experiments/ and exported/tiny-llama, the Hugging Face directory it came from)."""
+  root = tmp_path_factory.mktemp("example")
+  os.symlink(os.path.join(ROOT, "experiments"), root / "experiments")
+  _script("make_tiny_llama").main(["--out", str(root / "tiny-llama-hf")])
+  import_hf(str(root / "tiny-llama-hf"), str(root / "exported" / "tiny-llama"))
+  return root, root / "tiny-llama-hf"
+
+
+def test_import_keeps_the_tokenizer_and_chat_template_for_sampling(imported):
+  root, hf_dir = imported
+  out = str(root / "exported" / "tiny-llama")
+  reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  tok = Vocab.load(out)  # vocab.json
+  text = "Reverse lemon. <|eot_id|>"
+  assert tok.encode(text).tolist() == reference.encode(text, add_special_tokens=False)
+  assert tok.eot == reference.eos_token_id
+  messages = [{"role": "user", "content": "Reverse lemon."}]
+  assert load_chat(out).render(messages, add_generation_prompt=True) == reference.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True)
+  samples = jaxmodels.sample(out, ["Reverse lemon."], chat=True, max_new_tokens=2, temperature=0)
+  assert samples.prompts[0].startswith("<|begin_of_text|><|start_header_id|>user")
+
+
+def test_lora_finetune_exports_what_transformers_computes(imported, monkeypatch):
+  root, _ = imported
+  monkeypatch.chdir(root)  # the experiment's paths are relative, as in the docs
+  assert main(["jaxmodels", "train", "--config", "experiments/finetune_lora.py", "--workdir", "runs/lora",
+               "--config.train.steps=3", "--config.train.eval_every=3"]) == 0
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  base, tuned = flat(load_params("exported/tiny-llama")), flat(load_trained_params("runs/lora", log=lambda _: None))
+  adapters = {k for k in tuned if "lora_" in k}
+  assert set(tuned) - adapters == set(base)
+  assert all(np.array_equal(tuned[k], base[k]) for k in base)  # every base weight bit-identical
+  assert any(np.abs(tuned[k]).max() > 0 for k in adapters if "lora_b" in k)  # the adapters (B starts at 0) trained
+  export("runs/lora", "exported/lora")
+  export_hf("exported/lora", "exported/lora-hf")
+  assert _script("compare_hf_logits").logit_difference("exported/lora-hf", "exported/lora") < 1e-4
+  # the tokenizer and token ids of the import the run started from are carried through
+  assert transformers.AutoTokenizer.from_pretrained("exported/lora-hf").apply_chat_template(
+      [{"role": "user", "content": "Hi"}], tokenize=False).startswith("<|begin_of_text|>")
+  assert json.loads((root / "exported" / "lora-hf" / "config.json").read_text())["eos_token_id"] == 1
