@@ -15,7 +15,7 @@ from ml_collections import config_dict
 from jaxmodels.config.defaults import default_config
 from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCE_CHOICES, is_source
 from jaxmodels.data.tokenizers import TOKENIZERS
-from jaxmodels.models import cnn, family_config, presets, recurrent, resnet, rope, transformer
+from jaxmodels.models import cnn, family_config, moe, presets, recurrent, resnet, rope, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES, pruning
 from jaxmodels.parallel import pipeline
@@ -128,6 +128,10 @@ MODEL_RULES = {
     **{f"model.{k}": transformer.OPTIONAL_POSITIVE_REAL for k in ("attn_logit_softcap", "final_logit_softcap",
                                                                    "attention_scale_dim")},
     "model.global_layer_every": NON_NEGATIVE,
+    # Mixture of experts (checked whether or not num_experts turns them on)
+    "model.num_experts": NON_NEGATIVE, "model.experts_per_token": POSITIVE, "model.num_shared_experts": NON_NEGATIVE,
+    "model.moe_every": POSITIVE, "model.router": one_of(moe.ROUTERS), "model.capacity_factor": NON_NEGATIVE_REAL,
+    "model.aux_loss_weight": NON_NEGATIVE_REAL, "model.z_loss_weight": NON_NEGATIVE_REAL,
 }
 
 
