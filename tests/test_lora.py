@@ -180,3 +180,16 @@ def test_lora_config_errors_are_one_line():
   c.train.lr_multipliers = (("out", -1.0),)
   with pytest.raises(UserError, match="train.lr_multipliers"):
     build_experiment(c)
+
+
+def test_lora_targets_selecting_weights_no_linear_holds_are_refused_not_skipped():
+  # An MoE's experts are stacked weights, not nnx.Linear layers: "mlp" used to adapt the router alone, silently.
+  moe = TransformerLM(37, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8, num_experts=4,
+                      experts_per_token=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="select stack/blocks/mlp/down.*which no Linear layer holds.*mlp/router"):
+    apply_lora(moe, rank=2, targets=("mlp",), rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="select embed/embedding, which no Linear"):
+    apply_lora(TransformerLM(37, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=8, rngs=nnx.Rngs(0)),
+               rank=2, targets=("query", "embed"), rngs=nnx.Rngs(1))
+  adapted = apply_lora(moe, rank=2, targets=("attn", "router"), rngs=nnx.Rngs(1))  # norms' scales are no matter
+  assert sum(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(adapted)) == 5

@@ -25,7 +25,8 @@ from jaxmodels.runtime.errors import UserError
 
 __all__ = ["apply_lora", "from_config", "LoRALinear", "lora_targets", "merge_lora"]
 
-_INTERNAL = ("_pytree__state", "_pytree__nodes")  # NNX's own bookkeeping, made per module by its metaclass
+_INTERNAL = ("_pytree__state", "_pytree__nodes")
+_NOT_MATRICES = ("scale", "bias")  # norms' and biases' names: vectors, stacked to (L, D) by scanned layers  # NNX's own bookkeeping, made per module by its metaclass
 
 
 def _copy_fields(source: nnx.Module, target: nnx.Module, skip=()) -> None:
@@ -104,14 +105,26 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float = 16.0, targets=("q
   """`model` with each nnx.Linear that `targets` selects (`lora_targets`) replaced by a `LoRALinear` of that
   `rank` and `alpha` (in place; returns the model, a new one if the model itself is a Linear). Rank 0: the model
   unchanged. `targets`: regexes over the kernels' paths; the default adapts attention's query and value
-  projections, as Hu et al. Raises ValueError when `targets` selects no Linear (naming those there are)."""
+  projections, as Hu et al. Raises ValueError when `targets` selects no Linear (naming those there are), or
+  selects a weight matrix that is no nnx.Linear's (a mixture of experts' expert weights, an embedding, a
+  convolution...): LoRA cannot adapt it, and leaving it out silently would train less than asked."""
   if rank == 0:
     return model
   paths = lora_targets(model, targets)
+  linears = [freezing.path_name(p) for p, m in nnx.iter_modules(model) if type(m) is nnx.Linear]
   if not paths:
-    linears = [freezing.path_name(p) for p, m in nnx.iter_modules(model) if type(m) is nnx.Linear]
     raise ValueError(f"LoRA targets {tuple(targets)} match no Linear layer's kernel path; the model's Linear "
                      f"layers: {', '.join(linears) or 'none'}")
+  match, inside = freezing.matches(targets), tuple(f"{name}/" for name in linears)
+  weights = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  others = [name for name in (freezing.path_name(path) for path, param in weights
+                              if param.ndim >= 2 and path[-1] not in _NOT_MATRICES
+                              and not isinstance(param, nnx.LoRAParam))
+            if match(name) and not name.startswith(inside)]
+  if others:
+    raise ValueError(f"LoRA targets {tuple(targets)} select {', '.join(others)}, which no Linear layer holds "
+                     f"(LoRA adapts only nnx.Linear kernels); narrow the patterns to Linear layers: "
+                     f"{', '.join(linears)}")
   for path in paths:
     model = _replace(model, path, lambda linear: LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs))
   return model
