@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("data.tokenizer", "word", "data.tokenizer='word': expected one of char, byte"),
     ("data.tokenizer_path", "tok", "data.tokenizer_path='tok' is set but data.source=digits does not read it"),
     ("data.chat_template", "t.jinja", "data.chat_template='t.jinja' is set but data.source=digits does not read it"),
+    ("data.document_mask", True, "data.document_mask=True is set but data.source=digits does not read it"),
     ("data.task", "rank", "data.task='rank': expected one of , classify, binary, multilabel, regress"),
     ("model.family", "rnn", "model.family='rnn'"),
     ("model.dtype", "int8", "model.dtype='int8': expected one of float32, bfloat16, float16"),

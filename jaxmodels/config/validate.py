@@ -13,7 +13,7 @@ import re
 from ml_collections import config_dict
 
 from jaxmodels.config.defaults import default_config
-from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCE_CHOICES, is_source
+from jaxmodels.data import LM_SOURCES, SEQ2SEQ_SOURCES, SOURCE_CHOICES, SOURCES, is_source
 from jaxmodels.data.tokenizers import TOKENIZERS
 from jaxmodels.models import cnn, family_config, moe, presets, recurrent, resnet, rope, transformer
 from jaxmodels.models.registry import FAMILIES, get_family, task_refusal
@@ -262,6 +262,9 @@ def _check_data(d) -> None:
     if d[key] and d.source != "sft":
       raise UserError(f"data.{key}={d[key]!r} is set but data.source={d.source} does not read it: it applies to "
                       f"data.source=sft")
+  if d.document_mask and d.source in SOURCES and d.source != "tokens":  # only token corpora have end-of-text cuts
+    raise UserError(f"data.document_mask=True is set but data.source={d.source} does not read it: it applies to "
+                    f"data.source=tokens (sft examples are always kept apart)")
   if d.source == "digits" and d.path:
     raise UserError(f"data.path={d.path!r} is set but data.source=digits reads no file: set data.source=npz "
                     f"or text, or leave data.path empty")
