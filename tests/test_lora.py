@@ -193,3 +193,16 @@ def test_lora_targets_selecting_weights_no_linear_holds_are_refused_not_skipped(
                rank=2, targets=("query", "embed"), rngs=nnx.Rngs(1))
   adapted = apply_lora(moe, rank=2, targets=("attn", "router"), rngs=nnx.Rngs(1))  # norms' scales are no matter
   assert sum(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(adapted)) == 5
+
+
+def test_restore_from_a_run_or_export_holding_adapters_says_to_merge_them(runs, tmp_path):
+  # It used to advise "restore_from with restore_mode=params", which is what had just failed.
+  _, tuned = runs
+  kept = export(tuned, str(tmp_path / "kept"), merge_lora=False)
+  for source, lora in ((tuned, {}), (kept, LORA)):
+    c = mlp_config(5)
+    c.train.lora.update(lora)
+    c.checkpoint.restore_from = source
+    with pytest.raises(UserError, match=r"holds LoRA adapters apart from its weights \(train.lora.rank=4\).*"
+                                        r"merge them first \(jaxmodels export"):
+      train_and_evaluate(c, str(tmp_path / "next"))

@@ -49,8 +49,8 @@ from jaxmodels.runtime.errors import UserError
 
 __all__ = ["best_step", "checkpoint_dir", "Checkpoints", "CHECKSUMS", "config_differences", "damaged",
            "DamagedCheckpoint", "data_difference", "data_fingerprint", "DATA_RECORD", "FREE_MODEL_KEYS", "is_export",
-           "OPTIONAL_ITEMS", "resolve_restore_from", "restore_export", "retention_policy", "STATE_SHAPING_KEYS",
-           "verify_checksums", "verify_export", "write_checksums"]
+           "OPTIONAL_ITEMS", "refuse_adapters", "resolve_restore_from", "restore_export", "retention_policy",
+           "STATE_SHAPING_KEYS", "verify_checksums", "verify_export", "write_checksums"]
 
 # Config keys that shape the saved state, or split the data into training and held-out examples (train.seed,
 # data.test_fraction, data.val_fraction): a resumed run must agree on them.
@@ -643,6 +643,17 @@ def is_export(path) -> bool:
   return (storage.path(path) / "params").is_dir()
 
 
+def refuse_adapters(path: str, saved_config: dict) -> None:
+  """UserError naming checkpoint.restore_from=`path` when the run or export it names (its saved config) holds
+  LoRA adapters apart from the weights: a run starts from a model without them, which `jaxmodels export` (merged,
+  the default) makes."""
+  rank = saved_config.get("train", {}).get("lora", {}).get("rank", 0)
+  if rank:
+    raise UserError(f"checkpoint.restore_from={path!r} holds LoRA adapters apart from its weights (train.lora.rank="
+                    f"{rank}): a run starts from a model without them; merge them first (jaxmodels export "
+                    f"--workdir RUN --out DIR, without --keep-adapters) and restore from DIR")
+
+
 def restore_export(path: str, like, config_dict: dict):
   """`like` (a TrainState of ShapeDtypeStructs with shardings) with its params and model_state read from the
   export or Hugging Face import at `path`, straight into `like`'s shardings (scanned <-> unrolled layouts
@@ -656,6 +667,7 @@ def restore_export(path: str, like, config_dict: dict):
   family, saved_family = config_dict["model"]["family"], saved.get("model", {}).get("family")
   if saved_family != family:
     raise UserError(f"{key} holds a model.family={saved_family} model, but this run builds model.family={family}")
+  refuse_adapters(path, saved)
   tree = {"params": like.params, "model_state": like.model_state}
   verify_export(path)
   with ocp.StandardCheckpointer() as ckptr:

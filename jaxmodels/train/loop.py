@@ -98,6 +98,7 @@ def _restore(exp: Experiment, ckpts, log):
       directory, step = checkpoint.resolve_restore_from(c.restore_from)
       source = checkpoint.Checkpoints(directory)
       try:
+        checkpoint.refuse_adapters(c.restore_from, source.metadata(step)[0])
         restored = source.restore(step, like, params_only=c.restore_mode == "params")
       finally:
         source.close()
