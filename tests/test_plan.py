@@ -126,3 +126,14 @@ def test_plan_refuses_bad_candidates_before_compiling():
     plan.candidates(config, plan.PlanArgs("x.py", [], ["train.grad_accum_steps=1,3"]))
   with pytest.raises(UserError, match="--try 'model.nope=1'"):
     plan.candidates(config, plan.PlanArgs("x.py", [], ["model.nope=1"]))
+
+
+def test_plan_where_the_memory_is_unknown_does_not_say_no_setting_fits(monkeypatch, capsys):
+  # On a CPU every candidate compiles to "unknown": the last line used to read "no setting fits: try more FSDP...".
+  unknown = {"status": "unknown", "setting": "mesh=data=1", "needed_bytes": 2**20,
+             "device_memory_source": "cpu: unknown (the device reports no memory limit)"}
+  monkeypatch.setattr(plan, "compile_all", lambda *_args: [unknown])
+  args = plan.PlanArgs(config_path="x.py", overrides=[], tries=[], workers=1, timeout=60)
+  assert plan.run_plan(small_config(64), args) == 1
+  last = capsys.readouterr().out.splitlines()[-1]
+  assert last.startswith("no setting is known to fit: the devices report no memory limit") and "--topology" in last

@@ -364,6 +364,10 @@ def run_plan(config, a: PlanArgs, log=print) -> int:
     log(others(records))
   if ranked:
     log(f"best setting:\n  {command_line(a, ranked[0]['config'])}")
+  elif any(r["status"] == "unknown" for r in records):  # compiled, but against no known memory: not "too big"
+    log("no setting is known to fit: the devices report no memory limit (a CPU); compile for a TPU slice "
+        "ahead of time with --topology (e.g. --topology v5e:2x2, pip install 'jaxmodels[tpu]') or run plan on "
+        "the accelerator")
   else:
     log("no setting fits: try more FSDP (parallel.strategy=fsdp), pipeline stages (--try parallel.mesh=stages), "
         "model.remat=full, a larger train.grad_accum_steps or a smaller batch; for long sequences, a context axis "
