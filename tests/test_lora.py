@@ -206,3 +206,15 @@ def test_restore_from_a_run_or_export_holding_adapters_says_to_merge_them(runs, 
     with pytest.raises(UserError, match=r"holds LoRA adapters apart from its weights \(train.lora.rank=4\).*"
                                         r"merge them first \(jaxmodels export"):
       train_and_evaluate(c, str(tmp_path / "next"))
+
+
+def test_freeze_and_lr_multiplier_patterns_that_select_nothing_are_one_line_errors():
+  # A misspelt pattern used to freeze or scale nothing, silently ("1e+02%" of the parameters trained).
+  c = mlp_config(5)
+  c.train.freeze = ("hiden",)
+  with pytest.raises(UserError, match=r"train.freeze: the pattern 'hiden' occurs in no parameter's path; .*hidden/0/"):
+    build_experiment(c)
+  c = mlp_config(5)
+  c.train.lr_multipliers = (("hidden", 0.5), ("outt", 2.0))
+  with pytest.raises(UserError, match=r"train.lr_multipliers: the pattern 'outt' occurs in no parameter's path"):
+    build_experiment(c)

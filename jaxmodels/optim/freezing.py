@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-__all__ = ["ADAPTERS", "describe", "freeze", "from_config", "is_adapter", "lr_multipliers", "matches", "merge_trainable", "path_name", "split_trainable",
-           "trainable_filter", "trainable_mask"]
+from jaxmodels.runtime.errors import UserError
+
+__all__ = ["ADAPTERS", "check_patterns", "describe", "freeze", "from_config", "is_adapter", "lr_multipliers",
+           "matches", "merge_trainable", "path_name", "split_trainable", "trainable_filter", "trainable_mask"]
 
 ADAPTERS = ("lora_a", "lora_b")  # the leaf names of LoRA's adapter matrices (jaxmodels.models.lora)
 
@@ -106,6 +108,19 @@ def lr_multipliers(pairs) -> optax.GradientTransformation:
     return u if m == 1.0 else (u * jnp.asarray(m, u.dtype))
 
   return optax.stateless(lambda updates, _params: jax.tree_util.tree_map_with_path(scale, updates))
+
+
+def check_patterns(params, t) -> None:
+  """UserError naming `train.freeze` or `train.lr_multipliers` (the config group `t`) and a pattern of it that
+  occurs in no path of `params` (arrays or ShapeDtypeStructs): a misspelt pattern would otherwise freeze or scale
+  nothing, silently. The message lists the paths there are."""
+  names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for key, patterns in (("train.freeze", tuple(t.freeze)), ("train.lr_multipliers", [p for p, _ in t.lr_multipliers])):
+    for pattern in patterns:
+      if not any(re.search(pattern, name) for name in names):
+        more = f" and {len(names) - 24} more" if len(names) > 24 else ""
+        raise UserError(f"{key}: the pattern {pattern!r} occurs in no parameter's path; the paths: "
+                        f"{', '.join(names[:24])}{more}")
 
 
 def describe(params, opt_state, trainable: Callable[[str], bool]) -> str:

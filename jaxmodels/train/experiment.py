@@ -147,6 +147,7 @@ def build_experiment(config, devices=None) -> Experiment:
   abstract_model = nnx.eval_shape(lambda: make_model(config, dataset, nnx.Rngs(0)))
   graphdef, _, _ = split_model(abstract_model)
   abstract_state = jax.eval_shape(fresh_state)
+  freezing.check_patterns(abstract_state.params, t)
   if trainable := freezing.from_config(t):
     notices.append(freezing.describe(abstract_state.params, abstract_state.opt_state, trainable))
   if config.parallel.strategy == "pmap":
