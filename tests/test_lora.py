@@ -218,3 +218,18 @@ def test_freeze_and_lr_multiplier_patterns_that_select_nothing_are_one_line_erro
   c.train.lr_multipliers = (("hidden", 0.5), ("outt", 2.0))
   with pytest.raises(UserError, match=r"train.lr_multipliers: the pattern 'outt' occurs in no parameter's path"):
     build_experiment(c)
+
+
+def test_lora_run_under_pmap_starts_from_the_base(runs, tmp_path):
+  # pmap's fresh adapters came stacked per device, and the first step failed with a reshape error.
+  base, _ = runs
+  c = mlp_config(2)
+  c.train.lora.update(LORA)
+  c.checkpoint.restore_from = base
+  c.parallel.strategy = "pmap"
+  train_and_evaluate(c, str(tmp_path))
+  before = flat(split_model(load_run_model(base))[1])
+  after = flat(split_model(load_run_model(str(tmp_path), log=lambda _: None))[1])
+  assert after["out/lora_a"].shape == (32, 4) and after["out/lora_b"].shape == (4, 10)
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)

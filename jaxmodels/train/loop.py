@@ -130,8 +130,13 @@ def _restore_target(exp: Experiment):
                     f"(restore_mode=params)")
   adapters, base = freezing.split_trainable(exp.checkpoint_state.params, freezing.is_adapter)
   sh = jax.tree.map(lambda x: x.sharding, adapters)
-  fresh = jax.jit(lambda: freezing.split_trainable(exp.init_state().params, freezing.is_adapter)[0],
-                  out_shardings=sh)
+  pmap = isinstance(exp.layout, parallel.PmapLayout)  # whose fresh state holds a copy per device, stacked
+
+  def fresh_adapters():
+    made = freezing.split_trainable(exp.init_state().params, freezing.is_adapter)[0]
+    return jax.tree.map(lambda x: x[0], made) if pmap else made  # in the checkpoint's layout: one copy
+
+  fresh = jax.jit(fresh_adapters, out_shardings=sh)
   return exp.checkpoint_state.replace(params=base, ema_params=None), fresh
 
 
