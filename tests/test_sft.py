@@ -208,6 +208,11 @@ def test_sft_errors(tmp_path):
   path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a"}]}] * 3)
   with pytest.raises(UserError, match="no chat template"):
     load_dataset("sft", path=path, tokenizer="byte")
+  # a missing tokenizer is named, not taken for a missing chat template ("set data.tokenizer_path", which was set)
+  with pytest.raises(UserError, match="data.tokenizer_path='nope' not found: expected a Hugging Face tokenizer"):
+    load_dataset("sft", path=path, tokenizer_path="nope")
+  with pytest.raises(UserError, match="tokenizer file not found: .*tokenizer.json"):
+    load_dataset("sft", path=path, tokenizer_path=str(tmp_path))
   path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}])
   with pytest.raises(UserError, match="line 1: expected 'prompt' and 'response'"):
     load_dataset("sft", path=path, tokenizer="byte")

@@ -238,6 +238,9 @@ def _tokenizer(tokenizer: str, tokenizer_path: str, texts: list[str]):
   `data.tokenizer` over `texts`, with an end-of-text id."""
   if tokenizer_path:
     p = storage.path(tokenizer_path)
+    if not p.exists():
+      raise UserError(f"data.tokenizer_path={tokenizer_path!r} not found: expected a Hugging Face tokenizer "
+                      f"directory (its tokenizer.json) or a tokenizer file")
     return tokenizers.from_file(str(p / "tokenizer.json") if p.is_dir() else tokenizer_path)
   return dataclasses.replace(Vocab.build(tokenizer, "".join(texts)), with_eot=True)
 
@@ -256,6 +259,8 @@ def load_sft_dataset(*, path: str, seed: int, seq_len: int, val_fraction: float,
   if not 0.0 < val_fraction < 1.0:
     raise UserError(f"data.val_fraction must lie in (0, 1), got {val_fraction}")
   records = read_jsonl(path)
+  # a tokenizer file is read first, so that a missing one is named, not taken for a missing chat template
+  tok = _tokenizer(tokenizer, tokenizer_path, []) if tokenizer_path else None
   template = (load_chat_template(chat_template) if chat_template else
               directory_template(tokenizer_path) if tokenizer_path else None)
   examples = [_example(record, f"{path} line {n}", template) for n, record in enumerate(records, 1)]
@@ -263,7 +268,7 @@ def load_sft_dataset(*, path: str, seed: int, seq_len: int, val_fraction: float,
   if split < 1:
     raise UserError(f"{path} holds {len(records)} example(s): too few to keep data.val_fraction={val_fraction} "
                     f"for validation and train on the rest")
-  tok = _tokenizer(tokenizer, tokenizer_path, [t for pieces, _ in examples[:split] for t, _ in pieces])
+  tok = tok or _tokenizer(tokenizer, tokenizer_path, [t for pieces, _ in examples[:split] for t, _ in pieces])
   train, val = tokenize_examples(examples[:split], tok, seq_len), tokenize_examples(examples[split:], tok, seq_len)
   for name, examples in (("training", train), ("validation", val)):
     if not len(examples):
