@@ -260,3 +260,5 @@ def test_stop_strings_cut_the_output(lm):
   np.testing.assert_array_equal(cut.tokens, whole.tokens)
   with pytest.raises(UserError, match="top_p"):
     sample((lm, vocab), ["ab"], top_p=0.0)
+  with pytest.raises(UserError, match=r"stop strings \['a', ''\]: expected non-empty strings"):  # used to cut all
+    sample((lm, vocab), ["ab"], stop=["a", ""])

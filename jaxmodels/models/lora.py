@@ -26,7 +26,8 @@ from jaxmodels.runtime.errors import UserError
 __all__ = ["apply_lora", "from_config", "LoRALinear", "lora_targets", "merge_lora"]
 
 _INTERNAL = ("_pytree__state", "_pytree__nodes")
-_NOT_MATRICES = ("scale", "bias")  # norms' and biases' names: vectors, stacked to (L, D) by scanned layers  # NNX's own bookkeeping, made per module by its metaclass
+# norms' and biases' parameter names: vectors, stacked to (L, D) by scanned layers, never LoRA's matrices
+_NOT_MATRICES = ("scale", "bias")  # NNX's own bookkeeping, made per module by its metaclass
 
 
 def _copy_fields(source: nnx.Module, target: nnx.Module, skip=()) -> None:

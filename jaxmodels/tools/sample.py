@@ -268,12 +268,14 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
   from `seed`, cut at the first of the `stop` strings. Chat prompts are rendered with the run's chat template
   (`load_chat`) and its generation prompt, as `transformers`' `apply_chat_template(..., add_generation_prompt=True)`.
 
-  UserError for bad settings, a chat prompt and a run without a chat template, or prompts + max_new_tokens beyond
-  the model's max_len. Example: `jaxmodels.sample("runs/sft", ["Reverse lemon."], chat=True, temperature=0)`.
+  UserError for bad settings (an empty stop string included), a chat prompt and a run without a chat template, or
+  prompts + max_new_tokens beyond the model's max_len. Example: `jaxmodels.sample("runs/sft", ["Reverse lemon."], chat=True, temperature=0)`.
   """
   check_settings(max_new_tokens, temperature, top_k, top_p)
   if not prompts:
     raise UserError("no prompts given")
+  if any(not s for s in stop):  # found at 0 in every text: it would cut every completion to nothing
+    raise UserError(f"stop strings {list(stop)!r}: expected non-empty strings")
   model, vocab = load_language_model(run) if isinstance(run, str) else run
   check_settings(max_new_tokens, temperature, top_k, top_p, vocab.size)
   chats = [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
