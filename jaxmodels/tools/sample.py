@@ -269,7 +269,8 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
   (`load_chat`) and its generation prompt, as `transformers`' `apply_chat_template(..., add_generation_prompt=True)`.
 
   UserError for bad settings (an empty stop string included), a chat prompt and a run without a chat template, or
-  prompts + max_new_tokens beyond the model's max_len. Example: `jaxmodels.sample("runs/sft", ["Reverse lemon."], chat=True, temperature=0)`.
+  prompts + max_new_tokens beyond the model's max_len.
+  Example: `jaxmodels.sample("runs/sft", ["Reverse lemon."], chat=True, temperature=0)`.
   """
   check_settings(max_new_tokens, temperature, top_k, top_p)
   if not prompts:
