@@ -140,9 +140,10 @@ def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature
     prompt_BP = jnp.asarray(np.stack([np.pad(prompts[i], (P - len(prompts[i]), 0)) for i in g]), jnp.int32)
     lengths_B, key = jnp.asarray(lengths[g]), jax.random.PRNGKey(seed)
     state, prefill, decode = programs(model, P, length, temperature, top_k, top_p)
-    prefill = prefill.lower(state, prompt_BP, lengths_B).compile()
-    logits, cache = prefill(state, prompt_BP, lengths_B)
-    decode = decode.lower(state, logits, cache, lengths_B, key).compile()
+    # Compiled by a first, untimed call of each: an ahead-of-time compiled executable (`.lower().compile()`)
+    # refuses arrays in other layouts than it chose (a PTQ export's packed int4 weights), which jit's dispatch
+    # converts.
+    jax.block_until_ready(decode(state, *prefill(state, prompt_BP, lengths_B), lengths_B, key))
     t0 = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill(state, prompt_BP, lengths_B))
     t1 = time.perf_counter()
