@@ -22,7 +22,7 @@ import sys
 from jaxmodels.runtime import hbm, host, storage
 from jaxmodels.runtime.errors import Preempted, StorageError, UserError
 
-__all__ = ["COMMANDS", "entry", "INTERRUPTED", "main", "plan_hint", "run_experiment", "USAGE"]
+__all__ = ["COMMANDS", "entry", "INTERRUPTED", "main", "plan_hint", "READERS", "run_experiment", "USAGE"]
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
@@ -49,6 +49,11 @@ COMMANDS = {"train": "train", "sample": "sample", "prepare": "prepare", "launch"
             "compress": "compress", "plan": "plan"}  # command -> its module in jaxmodels.cli
 
 
+# Commands that read a run's checkpoints and write no checkpoint: they end without interpreter finalization
+# (storage.end_process), where TensorStore's reports of reads Orbax abandoned would print raw tracebacks.
+READERS = ("eval", "export", "sample", "compress", "export-hf")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -62,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in args):
     print(run.__doc__ or USAGE)
     return 0
+  if command in READERS:  # a checkpoint it reads may be deleted mid-read by a run saving beside it
+    storage.quiet_late_reports()
+    storage.abandoned_io()
   try:
     return run(f"jaxmodels {command}", args)
   except UserError as e:  # exit 2; 1 for a refused write, 3 for a non-finite loss

@@ -257,7 +257,8 @@ def quiet_late_reports(predicate=None) -> None:
 
 
 def abandoned_io() -> None:
-  """Records that a failed read or write (already reported) left TensorStore operations in flight: the process
+  """Records that TensorStore operations may be in flight when the process ends (a failed read or write, already
+  reported, left them; or a command reads checkpoints that a run beside it may delete mid-read): the process
   should end through `end_process`, since a late report that arrives during interpreter finalization, when sys's
   hooks are gone, prints a raw traceback."""
   _ABANDONED.append(True)
