@@ -307,7 +307,8 @@ def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size:
   notation: 5GB, 500MB, 2GiB) with a model.safetensors.index.json when there are several. An import-hf output's
   `hf/` files (generation config, tokenizer) are copied and its bos/eos/pad token ids written to config.json; so are
   those of the import a fine-tuning run started from (its `checkpoint.restore_from`), for the run and its exports;
-  `log` gets a note where that import is not found. UserError for another kind of model, a layout no architecture fits, or a bad dtype or size.
+  `log` gets a note where that import is not found.
+  UserError for another kind of model, a layout no architecture fits, or a bad dtype or size.
   """
   if dtype not in EXPORT_DTYPES:
     raise UserError(f"--dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
