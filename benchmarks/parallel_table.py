@@ -12,49 +12,30 @@ all-gathers with the largest one. A strategy that gives each device its share
 of the batch has about 1/N of single's FLOPs.
 """
 
-import argparse
 import math
-import os
 import re
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _compiled_table import compile_step, describe, parse_args, transformer_config
+
 POINTS = (("single", "", 1), ("dp", "", 1), ("fsdp", "", 1), ("tp", "data=2,tensor=4", 1), ("dp", "", 2))
 PRODUCT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+(?:dot|convolution)\(")
 ALL_GATHER = re.compile(r"=\s*(\w+\[[\d,]*\])\S*\s+all-gather(?:-start)?\(")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--d-model", type=int, default=256)
-  args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, ROOT)
+  args = parse_args(__doc__, batch=256, seq_len=64, d_model=256)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from jaxmodels.bench.timing import abstract_args  # pylint: disable=import-outside-toplevel
-  from jaxmodels.config import load_experiment  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
-
-  print(f"text transformer: 2 layers, d_model {args.d_model}, d_ff {4 * args.d_model}, batch {args.batch} x "
-        f"{args.seq_len} tokens, layers unrolled; {jax.device_count()} x {jax.devices()[0].device_kind} "
+  print(f"{describe('2 layers', args)}, layers unrolled; {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}")
   print(f"{'strategy':<24} {'GFLOPs/device':>13} {'vs single':>9} {'temp MiB/device':>15} "
         f"{'largest matmul':>15} {'all-gathers':>11}  largest all-gather")
   single_flops = None
   for strategy, mesh, accum in POINTS:
-    config = load_experiment(os.path.join(ROOT, "experiments", "text_transformer.py"))
-    config.data.seq_len = args.seq_len
-    config.model.update(dict(num_layers=2, d_model=args.d_model, d_ff=4 * args.d_model, max_len=args.seq_len,
-                             scan_layers=False))
-    config.train.update(dict(batch_size=args.batch, eval_batch_size=args.batch, grad_accum_steps=accum))
+    config = transformer_config(args, 2, scan_layers=False)
+    config.train.grad_accum_steps = accum
     config.parallel.update(dict(strategy=strategy, mesh=mesh))
-    exp = build_experiment(config)
-    compiled = exp.train_step.lower(*abstract_args(exp)).compile()
+    compiled = compile_step(config)[2]
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

@@ -10,49 +10,29 @@ HLO's collective permutes and all-gathers, and the schedule's bubble (stages - 1
 stages - 1).
 """
 
-import argparse
 import math
-import os
 import re
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _compiled_table import compile_step, describe, parse_args, transformer_config
+
 POINTS = (("dp", "", 0, 1), ("fsdp", "", 0, 1), ("dp", "stage=4,data=2", 4, 1), ("dp", "stage=4,data=2", 8, 2))
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--layers", type=int, default=8)
-  parser.add_argument("--d-model", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--seq-len", type=int, default=64)
-  args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, ROOT)
+  args = parse_args(__doc__, layers=8, d_model=256, batch=64, seq_len=64)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from jaxmodels.bench.timing import abstract_args, pipeline_fields  # pylint: disable=import-outside-toplevel
-  from jaxmodels.config import load_experiment  # pylint: disable=import-outside-toplevel
-  from jaxmodels.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
+  from jaxmodels.bench.timing import pipeline_fields  # pylint: disable=import-outside-toplevel
 
-  print(f"text transformer: {args.layers} scanned layers, d_model {args.d_model}, d_ff {4 * args.d_model}, batch "
-        f"{args.batch} x {args.seq_len} tokens; {jax.device_count()} x {jax.devices()[0].device_kind}, "
+  print(f"{describe(f'{args.layers} scanned layers', args)}; {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"jax {jax.__version__}")
   print(f"{'setting':<34} {'param MiB/device':>16} {'args MiB/device':>15} {'temp MiB/device':>15} "
         f"{'permutes':>8} {'all-gathers':>11} {'bubble':>6}")
   for strategy, mesh, microbatches, repeats in POINTS:
-    config = load_experiment(os.path.join(ROOT, "experiments", "text_transformer.py"))
-    config.data.seq_len = args.seq_len
-    config.model.update(dict(num_layers=args.layers, d_model=args.d_model, d_ff=4 * args.d_model,
-                             max_len=args.seq_len))
-    config.train.update(dict(batch_size=args.batch, eval_batch_size=args.batch))
+    config = transformer_config(args, args.layers)
     config.parallel.update(dict(strategy=strategy, mesh=mesh, pipeline_microbatches=microbatches,
                                 pipeline_repeats=repeats))
-    exp = build_experiment(config)
-    state, batch = abstract_args(exp)
-    compiled = exp.train_step.lower(state, batch).compile()
+    exp, (state, _), compiled = compile_step(config)
     shardings = compiled.input_shardings[0][0].params
     param_bytes = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                       for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings)))

@@ -56,11 +56,21 @@ def test_import_keeps_the_tokenizer_and_chat_template_for_sampling(imported):
   assert samples.prompts[0].startswith("<|begin_of_text|><|start_header_id|>user")
 
 
-def test_lora_finetune_exports_what_transformers_computes(imported, monkeypatch):
+@pytest.fixture(scope="module")
+def tuned(imported):
+  """The root of `imported`, where runs/lora holds experiments/finetune_lora.py's run of 3 steps (its paths are
+  relative, as in the docs: checkpoint.restore_from=exported/tiny-llama)."""
   root, _ = imported
-  monkeypatch.chdir(root)  # the experiment's paths are relative, as in the docs
-  assert main(["jaxmodels", "train", "--config", "experiments/finetune_lora.py", "--workdir", "runs/lora",
-               "--config.train.steps=3", "--config.train.eval_every=3"]) == 0
+  with pytest.MonkeyPatch.context() as m:
+    m.chdir(root)
+    assert main(["jaxmodels", "train", "--config", "experiments/finetune_lora.py", "--workdir", "runs/lora",
+                 "--config.train.steps=3", "--config.train.eval_every=3"]) == 0
+  return root
+
+
+def test_lora_finetune_exports_what_transformers_computes(tuned, monkeypatch):
+  root = tuned
+  monkeypatch.chdir(root)
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
   base, tuned = flat(load_params("exported/tiny-llama")), flat(load_trained_params("runs/lora", log=lambda _: None))
   adapters = {k for k in tuned if "lora_" in k}
@@ -74,3 +84,25 @@ def test_lora_finetune_exports_what_transformers_computes(imported, monkeypatch)
   assert transformers.AutoTokenizer.from_pretrained("exported/lora-hf").apply_chat_template(
       [{"role": "user", "content": "Hi"}], tokenize=False).startswith("<|begin_of_text|>")
   assert json.loads((root / "exported" / "lora-hf" / "config.json").read_text())["eos_token_id"] == 1
+
+
+def test_export_hf_of_a_run_from_a_relative_import_from_another_directory_keeps_its_tokenizer(tuned, tmp_path,
+                                                                                            monkeypatch, capsys):
+  # The run saved restore_from as written ("exported/tiny-llama"): export-hf from elsewhere found no tokenizer
+  # files and token ids, and said nothing.
+  root = tuned
+  saved = json.loads((root / "runs" / "lora" / "config.json").read_text())["checkpoint"]["restore_from"]
+  assert saved == str(root / "exported" / "tiny-llama")
+  monkeypatch.chdir(tmp_path)
+  export_hf(str(root / "runs" / "lora"), "lora-hf")
+  assert (tmp_path / "lora-hf" / "tokenizer.json").is_file()
+  assert json.loads((tmp_path / "lora-hf" / "config.json").read_text())["eos_token_id"] == 1
+  # a run saved before restore_from was made absolute, its import not found from here: a note, not silence
+  old = export(str(root / "runs" / "lora"), "old-export")
+  config = json.loads((tmp_path / old / "config.json").read_text())
+  config["checkpoint"]["restore_from"] = "exported/tiny-llama"
+  (tmp_path / old / "config.json").write_text(json.dumps(config))
+  capsys.readouterr()
+  export_hf(old, "old-hf")
+  assert "restore_from='exported/tiny-llama', which is not found from here" in capsys.readouterr().out
+  assert not (tmp_path / "old-hf" / "tokenizer.json").exists()

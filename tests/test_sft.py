@@ -262,3 +262,25 @@ def test_stop_strings_cut_the_output(lm):
     sample((lm, vocab), ["ab"], top_p=0.0)
   with pytest.raises(UserError, match=r"stop strings \['a', ''\]: expected non-empty strings"):  # used to cut all
     sample((lm, vocab), ["ab"], stop=["a", ""])
+
+
+def test_stop_strings_end_the_decoding_loop_once_every_row_has_one(lm):
+  """The loop ran every step and the stop strings cut the text after it; now it ends once each row has produced
+  a stop string's tokens, with the same completions."""
+  from jaxmodels.data.tokenizers import Vocab
+  from jaxmodels.tools.sample import sample
+  vocab = Vocab("char", "".join(chr(0x100 + i) for i in range(256)))  # ids 1..256, each one character
+  prompts = ["ab", "xyz1", "q"]
+  whole = sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0)
+  assert whole.timing["decode_steps"] == 16 and whole.tokens.shape == (3, 16)
+  stops = [text[3:5] for text in whole.completions]  # each row stops by its 5th token
+  cut = sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0, stop=stops)
+  steps = cut.timing["decode_steps"]
+  assert steps < 16 and cut.tokens.shape == (3, steps) and cut.timing["new_tokens"] == 3 * steps
+  cut_at = lambda text, stops: text[:min(i for s in stops if (i := text.find(s)) >= 0)]  # the cut of the text
+  assert cut.completions == [cut_at(text, stops) for text in whole.completions]
+  np.testing.assert_array_equal(cut.tokens, whole.tokens[:, :steps])
+  assert not any(stops[0] in text for text in whole.completions[1:])  # rows 1 and 2 never stop: every step runs
+  one = sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0, stop=stops[:1])
+  assert one.timing["decode_steps"] == 16 and one.completions == [cut_at(whole.completions[0], stops[:1]),
+                                                                  *whole.completions[1:]]

@@ -25,7 +25,8 @@ prefill (prompt tokens/s) and decode (new tokens/s) throughput of the batch.
   --chat: each prompt is a user message, rendered with the run's chat template
     (data.source=sft) and its generation prompt; 'messages' are always.
   --temperature 0 decodes greedily; --top-k 0 and --top-p 1 keep every token.
-  --stop TEXT (repeatable) cuts a continuation before the first stop string.
+  --stop TEXT (repeatable) cuts a continuation before the first stop string; decoding ends early once
+      every continuation has produced one.
   --benchmark prints the prefill and decode throughput at batch 1 instead of
     text (of --prompt): medians of 5 timed calls after a compiling one.
 """

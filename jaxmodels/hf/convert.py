@@ -271,18 +271,27 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
       raise UserError(f"parameter {path}/{k}: expected shape {tuple(v.shape)}, got {tuple(got[k].shape)}")
 
 
-def _kept_dir(model_path: str):
+def _kept_dir(model_path: str, log):
   """The `hf/` directory import-hf kept for `model_path`: its own, else that of the import its run started from
-  (`checkpoint.restore_from` of its config.json, as the run read it: a fine-tuning run or its export)."""
+  (`checkpoint.restore_from` of its config.json: a fine-tuning run or its export). Runs save it absolute; a run
+  saved before that holds it as written, relative to a directory unknown here: where that path is not found,
+  `log` says the export goes without its tokenizer files and token ids."""
   p = storage.path(model_path)
   saved = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
   restore_from = saved.get("checkpoint", {}).get("restore_from")
-  return p / HF_DIR if (p / HF_DIR).is_dir() or not restore_from else storage.path(restore_from) / HF_DIR
+  if (p / HF_DIR).is_dir() or not restore_from:
+    return p / HF_DIR
+  if not storage.path(restore_from).exists():
+    log(f"note: {p / 'config.json'} names checkpoint.restore_from={restore_from!r}, which is not found from here "
+        f"(a relative path: run export-hf from the directory that run started in): no tokenizer files or token ids "
+        f"of its import are written")
+  return storage.path(restore_from) / HF_DIR
 
 
-def _kept_config(model_path: str, architecture: Architecture) -> dict:
-  """The token ids of the original config.json that import-hf kept (only if it is of the same architecture)."""
-  path = _kept_dir(model_path) / "config.json"
+def _kept_config(kept, architecture: Architecture) -> dict:
+  """The token ids of the original config.json that import-hf kept in `kept` (its `_kept_dir`), only if it is of
+  the same architecture."""
+  path = kept / "config.json"
   if not path.is_file():
     return {}
   original = json.loads(path.read_text(encoding="utf-8"))
@@ -291,13 +300,14 @@ def _kept_config(model_path: str, architecture: Architecture) -> dict:
   return {k: original[k] for k in TOKEN_IDS if original.get(k) is not None}
 
 
-def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size: str = "5GB") -> str:
+def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size: str = "5GB", log=print) -> str:
   """Writes a jaxmodels export (or import, or training workdir) as a Hugging Face directory; returns `out`.
 
   Tensors are cast to `dtype` (EXPORT_DTYPES) and split into shards of at most `max_shard_size` (transformers'
   notation: 5GB, 500MB, 2GiB) with a model.safetensors.index.json when there are several. An import-hf output's
   `hf/` files (generation config, tokenizer) are copied and its bos/eos/pad token ids written to config.json; so are
-  those of the import a fine-tuning run started from (its `checkpoint.restore_from`), for the run and its exports.
+  those of the import a fine-tuning run started from (its `checkpoint.restore_from`), for the run and its exports;
+  `log` gets a note where that import is not found.
   UserError for another kind of model, a layout no architecture fits, or a bad dtype or size.
   """
   if dtype not in EXPORT_DTYPES:
@@ -315,8 +325,9 @@ def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size:
   path = storage.path(out)
   path.mkdir(parents=True)
   write_tensors(path, tensors, max_bytes)
+  kept = _kept_dir(model_path, log)
   hf = {**architecture.from_config(model.config, model.embed.num_embeddings),
-        **_kept_config(model_path, architecture), "dtype": dtype}
+        **_kept_config(kept, architecture), "dtype": dtype}
   (path / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
-  copy_files(_kept_dir(model_path), path, CARRIED_FILES)
+  copy_files(kept, path, CARRIED_FILES)
   return out

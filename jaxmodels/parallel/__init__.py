@@ -12,6 +12,7 @@ mesh axis adds pipeline parallelism to the jit strategies (`jaxmodels.parallel.p
 """
 
 from jaxmodels.parallel.distributed import initialize
+from jaxmodels.parallel.keys import rows_key
 from jaxmodels.parallel.pipeline import Schedule, pipeline_schedule
 from jaxmodels.parallel.sharding import (
                                          ACTIVATION_AXES,
@@ -32,4 +33,4 @@ from jaxmodels.parallel.sharding import (
 
 __all__ = ["ACTIVATION_AXES", "MESH_AXES", "STRATEGIES", "Layout", "PmapLayout", "activation_sharding",
            "constrain", "fetch", "initialize", "make_mesh", "opt_state_shardings",
-           "param_shardings", "partition_specs", "per_device_bytes", "pipeline_schedule", "process_rows", "Schedule"]
+           "param_shardings", "partition_specs", "per_device_bytes", "pipeline_schedule", "process_rows", "rows_key", "Schedule"]

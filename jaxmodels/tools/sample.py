@@ -1,7 +1,7 @@
 """Compiled text generation from a trained language model, for a batch of prompts at once.
 
-The prompts are fed once (prefill), then one token per step inside a `jax.lax.scan`: the Transformer attends to
-its KV cache, the LSTM carries its state. Prompts of different lengths share one batch, left-padded: the padding
+The prompts are fed once (prefill), then one token per step inside a `jax.lax.while_loop`: the Transformer attends
+to its KV cache, the LSTM carries its state. Prompts of different lengths share one batch, left-padded: the padding
 has segment id 0 and each row's positions count its own tokens from 0 (`TransformerLM.decode`), so every row
 decodes as it would alone. A model whose `decode` takes no segment ids (the LSTM) runs one batch per prompt
 length instead.
@@ -9,13 +9,15 @@ length instead.
 Each token is drawn from softmax(logits / temperature) restricted to the top k (`top_k` > 0) and to the nucleus
 (`top_p` < 1: the fewest likeliest tokens whose probabilities sum to at least p; Holtzman et al. 2020, "The
 Curious Case of Neural Text Degeneration"); temperature 0 is greedy. Stop strings cut each completion before the
-first of them (decoding runs its `max_new_tokens` steps in one compiled loop; the cut is made on the text).
+first of them (the cut is made on the text); the compiled loop ends before its `max_new_tokens` steps once every
+row has produced the token ids of a stop string.
 
 `sample(run, prompts)` (also `jaxmodels.sample`) does it all for a workdir or export: its tokenizer, its chat
 template with `chat=True`, prefill and decode tokens/s.
 """
 
 import dataclasses
+import functools
 import inspect
 import json
 import statistics
@@ -69,15 +71,16 @@ def _left_padded(model) -> bool:
 
 
 def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0):
+             top_p: float = 1.0, stop_ids=()):
   """(state, prefill, decode): the compiled halves of `generate_batch` for prompts left-padded to `prompt_len`.
 
   prefill(state, prompt_BP, lengths_B) -> (last logits_BV, cache): the whole batch in one call; `lengths_B` (int32)
   are the rows' real token counts (each row's padding is on the left). A model whose decode takes no segment ids
   must get rows of length `prompt_len` only.
-  decode(state, logits_BV, cache, lengths_B, key) -> tokens (B, length) int32: `length` steps in one `lax.scan`,
-  the cache (a Transformer's KV cache, written one position per step in place; an LSTM's carries) carried
-  through the loop, so no step copies it.
+  decode(state, logits_BV, cache, lengths_B, key) -> (tokens (B, length) int32, steps int32): up to `length` steps
+  in one `lax.while_loop`, the cache (a Transformer's KV cache, written one position per step in place; an LSTM's
+  carries) carried through the loop, so no step copies it. `stop_ids` (sequences of token ids): the loop ends
+  after `steps` < `length` steps once every row's new tokens hold one of them; tokens past `steps` are 0.
   """
   P = prompt_len
   if not (hasattr(model, "init_cache") and hasattr(model, "decode")):  # a module of your own (docs/models.md)
@@ -103,30 +106,49 @@ def programs(model: nnx.Module, prompt_len: int, length: int, temperature: float
     logits_BPV, cache = call(model, prompt_BP, model.init_cache(prompt_BP.shape[0], P + length), 0, positions_BP)
     return logits_BPV[:, -1], cache
 
+  # The stop sequences right-aligned in a window of the last W tokens: -1 pads them (no token id), and matches any.
+  W = max(map(len, stop_ids), default=1)
+  stops_SW = jnp.asarray([[-1] * (W - len(ids)) + list(ids) for ids in stop_ids] or [[-1] * W], jnp.int32)
+
   @jax.jit
   def decode(state, logits_BV, cache, lengths_B, key):
     model = nnx.merge(graphdef, state)
+    B = logits_BV.shape[0]
 
-    def step(carry, i):
-      logits_BV, cache, key = carry
+    def running(carry):
+      i, done_B = carry[0], carry[-1]
+      return (i < length) & ~jnp.all(done_B)
+
+    def step(carry):
+      i, logits_BV, cache, key, tokens_BN, window_BW, done_B = carry
       key, sub = jax.random.split(key)
       token_B = sample_token(logits_BV, sub, temperature, top_k, top_p)
       logits_B1V, cache = call(model, token_B[:, None], cache, P + i, (lengths_B + i)[:, None])
-      return (logits_B1V[:, -1], cache, key), token_B
+      window_BW = jnp.concatenate([window_BW[:, 1:], token_B[:, None]], axis=1)
+      hit_BSW = (window_BW[:, None, :] == stops_SW[None]) | (stops_SW[None] < 0)
+      done_B = done_B | (jnp.any(jnp.all(hit_BSW, axis=-1), axis=-1) if stop_ids else False)
+      tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
+      return i + 1, logits_B1V[:, -1], cache, key, tokens_BN, window_BW, done_B
 
-    _, tokens_NB = jax.lax.scan(step, (logits_BV, cache, key), jnp.arange(length))
-    return tokens_NB.T
+    # the window starts with -2, which no stop sequence holds: only new tokens match
+    carry = (jnp.int32(0), logits_BV, cache, key, jnp.zeros((B, length), jnp.int32),
+             jnp.full((B, W), -2, jnp.int32), jnp.zeros((B,), bool))
+    steps, _, _, _, tokens_BN, _, _ = jax.lax.while_loop(running, step, carry)
+    return tokens_BN, steps
 
   return state, prefill, decode
 
 
 def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, seed: int = 0) -> tuple[np.ndarray, dict]:
-  """(tokens (len(prompts), length) int32, timing) for the 1-D id arrays `prompts`: one compiled prefill and one
+                   top_p: float = 1.0, seed: int = 0, stop_ids=()) -> tuple[np.ndarray, dict]:
+  """(tokens (len(prompts), N) int32, timing) for the 1-D id arrays `prompts`: one compiled prefill and one
   compiled decode loop per batch (one batch, left-padded; per prompt length for a model that cannot pad).
 
+  N = `length`, or fewer where every row produced one of the token id sequences `stop_ids` (`programs`): the
+  most steps a batch ran; a row's tokens after its batch's steps are 0.
   timing: prefill_s and decode_s (the compiled calls, timed after compiling), prompt_tokens (real, not padding),
-  new_tokens, prefill_tokens_per_sec and decode_tokens_per_sec. UserError for an empty prompt.
+  new_tokens (those decoded), decode_steps (N), prefill_tokens_per_sec and decode_tokens_per_sec. UserError for an
+  empty prompt.
   """
   if any(len(p) == 0 for p in prompts):
     raise UserError("a prompt encodes to no tokens: every prompt needs at least one")
@@ -135,11 +157,12 @@ def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature
                                                                   for n in np.unique(lengths)]
   out = np.zeros((len(prompts), length), np.int32)
   prefill_s = decode_s = 0.0
+  new_tokens = steps = 0
   for g in groups:
     P = int(lengths[g].max())
     prompt_BP = jnp.asarray(np.stack([np.pad(prompts[i], (P - len(prompts[i]), 0)) for i in g]), jnp.int32)
     lengths_B, key = jnp.asarray(lengths[g]), jax.random.PRNGKey(seed)
-    state, prefill, decode = programs(model, P, length, temperature, top_k, top_p)
+    state, prefill, decode = programs(model, P, length, temperature, top_k, top_p, stop_ids)
     # Compiled by a first, untimed call of each: an ahead-of-time compiled executable (`.lower().compile()`)
     # refuses arrays in other layouts than it chose (a PTQ export's packed int4 weights), which jit's dispatch
     # converts.
@@ -147,12 +170,14 @@ def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature
     t0 = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill(state, prompt_BP, lengths_B))
     t1 = time.perf_counter()
-    out[g] = np.asarray(jax.block_until_ready(decode(state, logits, cache, lengths_B, key)))
+    tokens, n = jax.block_until_ready(decode(state, logits, cache, lengths_B, key))
     prefill_s, decode_s = prefill_s + t1 - t0, decode_s + time.perf_counter() - t1
+    out[g], n = np.asarray(tokens), int(n)
+    new_tokens, steps = new_tokens + len(g) * n, max(steps, n)
   timing = {"prefill_s": prefill_s, "decode_s": decode_s, "prompt_tokens": int(lengths.sum()),
-            "new_tokens": len(prompts) * length, "prefill_tokens_per_sec": int(lengths.sum()) / prefill_s,
-            "decode_tokens_per_sec": len(prompts) * length / decode_s}
-  return out, timing
+            "new_tokens": new_tokens, "decode_steps": steps, "prefill_tokens_per_sec": int(lengths.sum()) / prefill_s,
+            "decode_tokens_per_sec": new_tokens / decode_s}
+  return out[:, :steps], timing
 
 
 def generate(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, temperature: float = 1.0,
@@ -172,7 +197,7 @@ def benchmark(model: nnx.Module, prompt_ids: np.ndarray, length: int, *, tempera
   state, prefill, decode = programs(model, prompt_1P.shape[1], length, temperature, top_k)
   key = jax.random.PRNGKey(0)
   jax.block_until_ready(decode(state, *prefill(state, prompt_1P, lengths_1), lengths_1, key))
-  prefill_s, decode_s = [], []
+  prefill_s, decode_s = [], []  # no stop sequences: every call runs `length` steps
   for _ in range(repeats):
     t0 = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill(state, prompt_1P, lengths_1))
@@ -235,11 +260,12 @@ def read_prompts(path: str) -> list:
 @dataclasses.dataclass(frozen=True)
 class Samples:
   """What `sample` returns: each prompt's text as fed to the model, its completion (cut at the first stop string),
-  the completions' token ids (uncut: `max_new_tokens` each) and `generate_batch`'s timing."""
+  the completions' token ids (uncut: `max_new_tokens` each, or the fewer steps decoding ran where every row
+  produced a stop string's tokens) and `generate_batch`'s timing."""
 
   prompts: list[str]
   completions: list[str]
-  tokens: np.ndarray  # int32 (len(prompts), max_new_tokens)
+  tokens: np.ndarray  # int32 (len(prompts), timing["decode_steps"] <= max_new_tokens)
   timing: dict
 
 
@@ -286,6 +312,13 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
       raise UserError("chat prompts need a run path (its chat template)")
     template = load_chat(run)
     chats = [p if isinstance(p, str) else template.render(p, add_generation_prompt=True) for p in chats]
-  tokens, timing = generate_batch(model, [vocab.encode(p) for p in chats], max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed)
-  return Samples(chats, [_cut(vocab.decode(t), stop) for t in tokens], tokens, timing)
+  run_batch = functools.partial(generate_batch, model, [vocab.encode(p) for p in chats], max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  tokens, timing = run_batch(stop_ids=tuple(tuple(int(i) for i in vocab.encode(s)) for s in stop))
+  texts = [vocab.decode(t) for t in tokens]
+  if timing["decode_steps"] < max_new_tokens and not all(any(s in text for s in stop) for text in texts):
+    # A tokenizer whose decoding of a stop string's ids in context is not that string (a SentencePiece space):
+    # every step again, so the completions are those of the whole loop.
+    tokens, timing = run_batch()
+    texts = [vocab.decode(t) for t in tokens]
+  return Samples(chats, [_cut(text, stop) for text in texts], tokens, timing)

@@ -181,10 +181,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` into `workdir` (a local path or gs://bucket/dir) and returns the final eval metrics
   (the floats; see Experiment.evaluate).
 
-  Writes `config.json`, `model.json`, `metrics.jsonl`, `confusion_<step>.json` (classifiers) and `checkpoints/`. A
-  workdir that already holds a checkpoint resumes from its newest readable one.
-  Holds `workdir/LOCK` while it runs. Raises `UserError` for a bad workdir,
-  config or data, a workdir in use by another run, or a checkpoint this config
+  Writes `config.json` (`checkpoint.restore_from` made absolute there and in `config`), `model.json`,
+  `metrics.jsonl`, `confusion_<step>.json` (classifiers) and `checkpoints/`. A workdir that already holds a
+  checkpoint resumes from its newest readable one. Holds `workdir/LOCK` while it runs. Raises `UserError` for a
+  bad workdir, config or data, a workdir in use by another run, or a checkpoint this config
   cannot resume, all before anything is written; `NonFiniteLoss` if the loss
   diverges, and `Preempted` after a signal's save. Early stopping
   (`train.early_stopping`) returns normally, before `train.steps`.
@@ -192,6 +192,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   lead = jax.process_index() == 0  # only process 0 writes files and logs; every process saves checkpoints
   log = print if lead else lambda _line: None
   storage.check_workdir(workdir)
+  if config.checkpoint.restore_from:  # saved absolute (gs:// as given): export-hf finds an import's tokenizer by it
+    config.checkpoint.restore_from = str(storage.path(config.checkpoint.restore_from))
   exp = build_experiment(config)  # every config and data error surfaces here
   checkpoint.retention_policy(config.checkpoint)
   d = exp.dataset

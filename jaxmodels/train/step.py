@@ -158,9 +158,10 @@ def metric_names(keys) -> tuple[str, ...]:
 
 def dropout_key(options: StepOptions, step: jax.Array) -> jax.Array:
   """`fold_in(PRNGKey(seed + 1), step)`: a pure function of the step, so the RNG needs no state of its own and a
-  resumed run draws the same masks. Under pmap each device folds in its axis index (else all draw the same)."""
+  resumed run draws the same masks. Under pmap the key draws each device's rows of the global batch's masks
+  (`parallel.rows_key`), so the masks are those of the jit strategies."""
   rng = jax.random.fold_in(jax.random.PRNGKey(options.seed + 1), step)
-  return rng if options.axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(options.axis_name))
+  return rng if options.axis_name is None else parallel.rows_key(rng, options.axis_name)
 
 
 def _f32(tree):
