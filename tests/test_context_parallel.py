@@ -10,8 +10,9 @@ from conftest import experiment
 from flax import nnx
 
 from jaxmodels import parallel
+from jaxmodels.bench import plan
 from jaxmodels.bench.plan import PlanArgs, candidates
-from jaxmodels.bench.timing import abstract_args
+from jaxmodels.bench.timing import abstract_args, topology_devices
 from jaxmodels.config import validate
 from jaxmodels.models.forward import context_order, forward
 from jaxmodels.models.transformer import TransformerLM, attention, rotary, segment_mask, segment_positions
@@ -129,3 +130,35 @@ def test_plan_takes_context_meshes_as_try_values():
   config = lm_config()
   points = candidates(config, PlanArgs("x.py", [], ["parallel.strategy=dp", f"parallel.mesh='{MESH}','data=8'"]))
   assert [p["parallel.mesh"] for p in points] == [MESH, "data=8"]
+
+
+def test_plan_proposes_context_meshes_and_one_fits_where_data_parallelism_does_not():
+  """32 heads over 4 sequences of 8,192 tokens on a v5e:2x2 slice (16 GiB chips), compiled ahead of time: data=4
+  holds one whole sequence and its (T, T) attention per chip, over 16 GiB of temporaries; context=4 splits each
+  sequence over the 4 chips. The search skips what context parallelism refuses."""
+  try:
+    topology_devices("v5e:2x2")
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+  T = 8192
+  c = lm_config()
+  c.data.seq_len = T
+  c.model.update(dict(num_heads=32, d_model=64, max_len=T))
+  c.train.update(dict(batch_size=4, eval_batch_size=4))
+  search = lambda config: candidates(config, PlanArgs("x.py", [], ["parallel.mesh=contexts"], topology="v5e:2x2"))
+  points = search(c)
+  assert [(p["parallel.strategy"], p["parallel.mesh"]) for p in points] == [("fsdp", "context=2,fsdp=-1"),
+                                                                          ("fsdp", "context=4,fsdp=-1")]
+  records = []
+  for point in ({"parallel.strategy": "dp", "parallel.mesh": "data=4"}, points[1]):
+    records.append({"setting": plan.label(point), "config": point,
+                    **plan.compile_candidate(plan.with_values(c, point), "v5e:2x2")})
+  assert [r["status"] for r in records] == ["too big", "fits"]
+  assert [r["config"]["parallel.mesh"] for r in plan.rank(records)[0]] == ["context=4,fsdp=-1"]
+  c.train.batch_size = 1  # context=2 leaves 2 devices, which one sequence does not split over
+  assert [p["parallel.mesh"] for p in search(c)] == ["context=4,fsdp=-1"]
+  for group, values in (("model", dict(sliding_window=8)), ("model", dict(num_experts=4)),
+                        ("data", dict(seq_len=T - 2))):  # not divisible by 2 x 2
+    refused = plan.with_values(c, {f"{group}.{k}": v for k, v in values.items()})
+    with pytest.raises(UserError, match="--try parallel.mesh=contexts: none of the 4 devices' splits fits"):
+      search(refused)
