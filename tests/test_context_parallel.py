@@ -160,5 +160,5 @@ def test_plan_proposes_context_meshes_and_one_fits_where_data_parallelism_does_n
   for group, values in (("model", dict(sliding_window=8)), ("model", dict(num_experts=4)),
                         ("data", dict(seq_len=T - 2))):  # not divisible by 2 x 2
     refused = plan.with_values(c, {f"{group}.{k}": v for k, v in values.items()})
-    with pytest.raises(UserError, match="--try parallel.mesh=contexts: none of the 4 devices' splits fits"):
+    with pytest.raises(UserError, match="--try parallel.mesh=contexts: no split of the 4 device\\(s\\) fits"):
       search(refused)

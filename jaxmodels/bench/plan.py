@@ -145,7 +145,7 @@ def _expand_searches(config, points: list[dict], device_count: int) -> list[dict
     out += [{**point, **_jit_strategy(c), "parallel.mesh": mesh} for mesh in meshes]
   for search, count in found.items():
     if not count:
-      raise UserError(f"--try parallel.mesh={search}: none of the {device_count} devices' splits fits; it needs "
+      raise UserError(f"--try parallel.mesh={search}: no split of the {device_count} device(s) fits: it needs "
                       f"{_SEARCHES[search][1]}")
   return out
 
