@@ -12,7 +12,8 @@ multiplied by the loops' trip counts: `train.grad_accum_steps` micro-batches
 and, for a transformer with `model.scan_layers`, `model.num_layers` layers (under
 a `stage` mesh axis, the pipeline's iterations times a stage's layers) (an
 upper bound: the embedding, head and optimizer update run once). `--try
-parallel.mesh=stages` proposes the pipeline-parallel meshes (`stage_meshes`).
+parallel.mesh=stages` proposes the pipeline-parallel meshes (`stage_meshes`),
+`--try parallel.mesh=contexts` the context-parallel ones (`context_meshes`).
 """
 
 import dataclasses
@@ -37,8 +38,8 @@ from jaxmodels.runtime import extras, hbm, storage
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.experiment import build_experiment
 
-__all__ = ["candidates", "chip_peak_flops", "command_line", "compile_all", "compile_candidate", "default_workers",
-           "label", "loop_trips", "others", "PlanArgs", "plot", "rank", "roofline_s", "run_plan", "stage_meshes",
+__all__ = ["candidates", "chip_peak_flops", "command_line", "compile_all", "compile_candidate", "context_meshes",
+           "CONTEXT_SEARCH", "default_workers", "label", "loop_trips", "others", "PlanArgs", "plot", "rank", "roofline_s", "run_plan", "stage_meshes",
            "STAGE_SEARCH", "table", "worker", "WORKER_HOST_BYTES"]
 
 WORKER_HOST_BYTES = 4 * hbm.GiB  # host memory one ahead-of-time compile of a large step may hold
@@ -93,19 +94,59 @@ def stage_meshes(config, device_count: int) -> list[str]:
   return meshes
 
 
-def _expand_stages(config, points: list[dict], device_count: int) -> list[dict]:
-  """Each point trying `parallel.mesh=stages` replaced by one point per `stage_meshes` value (a jit strategy)."""
-  out = []
+CONTEXT_SEARCH = "contexts"  # `--try parallel.mesh=contexts`: the context splits `context_meshes` proposes
+
+
+def context_meshes(config, device_count: int) -> list[str]:
+  """The `parallel.mesh` values `--try parallel.mesh=contexts` stands for: `context=C,fsdp=-1` (each sequence
+  split over C devices, FSDP over the rest) for every C >= 2 dividing `device_count` that the config validates
+  with (the Transformer LM without sliding windows, soft caps or experts, data.seq_len divisible by 2 x C) and
+  whose other device_count / C devices split train.batch_size / train.grad_accum_steps and
+  train.eval_batch_size, fewest context devices first."""
+  t, meshes = config.train, []
+  strategy = _jit_strategy(config)
+  for c in range(2, device_count + 1):
+    rest = device_count // c
+    if device_count % c or (t.batch_size // t.grad_accum_steps) % rest or t.eval_batch_size % rest:
+      continue
+    mesh = f"context={c},fsdp=-1"
+    try:  # the refusals of context parallelism are validation's (jaxmodels.config.validate)
+      validate(with_values(config, {"parallel.mesh": mesh, **strategy}))
+    except UserError:
+      continue
+    meshes.append(mesh)
+  return meshes
+
+
+# Each search's mesh proposer, and what its meshes need (for the error where it proposes none).
+_SEARCHES = {STAGE_SEARCH: (stage_meshes, "a stage split that divides the layers and the batch (Transformer LM)"),
+             CONTEXT_SEARCH: (context_meshes, "a context split that divides data.seq_len into 2 x context chunks "
+                                              "and leaves devices that divide the batch (Transformer LM without "
+                                              "sliding windows, soft caps or experts)")}
+
+
+def _jit_strategy(config) -> dict:
+  """{} where the config's strategy is a jit one (dp, fsdp, tp), else {"parallel.strategy": "fsdp"}."""
+  return {} if config.parallel.strategy in ("dp", "fsdp", "tp") else {"parallel.strategy": "fsdp"}
+
+
+def _expand_searches(config, points: list[dict], device_count: int) -> list[dict]:
+  """Each point trying `parallel.mesh=stages` or `=contexts` replaced by one point per mesh that search's
+  function proposes for it (with a jit strategy). UserError where a search proposes none for any point."""
+  out, found = [], {}
   for point in points:
-    if point.get("parallel.mesh") != STAGE_SEARCH:
+    search = point.get("parallel.mesh")
+    if search not in _SEARCHES:
       out.append(point)
       continue
     c = with_values(config, {k: v for k, v in point.items() if k != "parallel.mesh"})
-    strategy = {} if c.parallel.strategy in ("dp", "fsdp", "tp") else {"parallel.strategy": "fsdp"}
-    out += [{**point, **strategy, "parallel.mesh": mesh} for mesh in stage_meshes(c, device_count)]
-  if not out:
-    raise UserError(f"--try parallel.mesh={STAGE_SEARCH}: no stage split of the {device_count} devices fits the "
-                    f"layers and batch (or the model is not the Transformer LM)")
+    meshes = _SEARCHES[search][0](c, device_count)
+    found[search] = found.get(search, 0) + len(meshes)
+    out += [{**point, **_jit_strategy(c), "parallel.mesh": mesh} for mesh in meshes]
+  for search, count in found.items():
+    if not count:
+      raise UserError(f"--try parallel.mesh={search}: no split of the {device_count} device(s) fits: it needs "
+                      f"{_SEARCHES[search][1]}")
   return out
 
 
@@ -116,8 +157,8 @@ def candidates(config, a: PlanArgs) -> list[dict]:
     if any("train.batch_size" in p for p in points):
       raise UserError("--global-batch and --try train.batch_size=...: give one of them")
     points = [{**p, "train.batch_size": a.global_batch} for p in points]
-  if any(p.get("parallel.mesh") == STAGE_SEARCH for p in points):
-    points = _expand_stages(config, points, len(bench.topology_devices(a.topology)) if a.topology
+  if any(p.get("parallel.mesh") in _SEARCHES for p in points):
+    points = _expand_searches(config, points, len(bench.topology_devices(a.topology)) if a.topology
                             else jax.device_count())
   for point in points:
     c = with_values(config, point)
@@ -370,8 +411,8 @@ def run_plan(config, a: PlanArgs, log=print) -> int:
         "the accelerator")
   else:
     log("no setting fits: try more FSDP (parallel.strategy=fsdp), pipeline stages (--try parallel.mesh=stages), "
-        "model.remat=full, a larger train.grad_accum_steps or a smaller batch; for long sequences, a context axis "
-        "(--try \"parallel.mesh='data=2,context=4'\": each sequence split over 4 devices)")
+        "model.remat=full, a larger train.grad_accum_steps or a smaller batch; for long sequences, context "
+        "parallelism (--try parallel.mesh=contexts: each sequence split over several devices)")
   if a.out:
     storage.path(a.out).write_text(json.dumps({"ranked_by": ranked_by, "topology": a.topology,
                                                "best": ranked[0]["config"] if ranked else None,

@@ -22,7 +22,9 @@ lists, values as in `bench compile --sweep`) ahead of time for the TPU topology
 analysis) against the chip's memory, drops those that do not fit, ranks the rest
 by XLA's estimated step time (else by FLOPs and bytes accessed per device) and
 prints the `jaxmodels train` command of the best. --global-batch sets
-train.batch_size for every candidate. Exit status 1 when nothing fits.
+train.batch_size for every candidate. --try parallel.mesh=stages (or =contexts)
+stands for every pipeline (or context) split the devices, model and batch allow.
+Exit status 1 when nothing fits.
 """
   config, path, rest = parse_experiment_args(args)
   a = parse_args(prog, rest, [("--try", dict(dest="tries", action="append", default=[])),
