@@ -4,6 +4,7 @@ error where it was silent."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import experiment
 from flax import nnx
@@ -14,6 +15,7 @@ from jaxmodels.models import TransformerConfig, TransformerLM
 from jaxmodels.optim import make_optimizer, make_schedule
 from jaxmodels.runtime.errors import UserError
 from jaxmodels.train.actions import summarize
+from jaxmodels.train import Trainer
 from jaxmodels.train.experiment import build_experiment
 
 LM = dict(d_model=16, num_heads=2, num_layers=1, d_ff=32, max_len=16, scan_layers=False)
@@ -129,3 +131,30 @@ def test_your_own_loss_trains_through_the_experiment_as_the_built_in_one():
   config.train.loss = "mae"  # a regression loss on a classifier was ignored without a word
   with pytest.raises(UserError, match=r"^train.loss=mae is a regression loss, but data.task=classify has its own"):
     build_experiment(config)
+
+
+class Dense(nnx.Module):
+  def __init__(self, width: int, rngs: nnx.Rngs):
+    self.up, self.down = nnx.Linear(4, width, rngs=rngs), nnx.Linear(width, 2, rngs=rngs)
+
+  def __call__(self, x_BD):
+    return self.down(jax.nn.relu(self.up(x_BD)))
+
+
+def test_a_trainer_resuming_another_models_checkpoint_is_told_about_its_arguments_not_command_line_flags(tmp_path):
+  # The refusal told a library user to pass --workdir or --config.checkpoint.restore_from, flags a Trainer has not.
+  def loss_fn(model, batch, rng):  # pylint: disable=unused-argument
+    err_BO = model(batch["x"]) - batch["y"]
+    return jnp.sum(err_BO**2), {"count": err_BO.shape[0]}
+
+  def batch_fn(step):
+    x = np.random.default_rng(step).normal(size=(8, 4)).astype(np.float32)
+    return {"x": x, "y": x[:, :2]}
+
+  def trainer(width):
+    return Trainer(Dense(width, nnx.Rngs(0)), optax.sgd(1e-2), loss_fn, batch_fn, workdir=str(tmp_path))
+  trainer(8).fit(steps=1)
+  with pytest.raises(UserError, match=r"saved state does not match the state built here: 3 paths shaped differently "
+                                      r".*Use a new workdir, or the module and optimizer it was saved with\.$") as e:
+    trainer(16).fit(steps=2)
+  assert "--" not in str(e.value) and "config" not in str(e.value)
