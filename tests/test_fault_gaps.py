@@ -1,13 +1,15 @@
 """Gaps found verifying issue 30 on main: faults of the kinds it lists, in commands it did not try."""
 
+import json
 import os
 import subprocess
 
 import pytest
 from conftest import experiment
 
+from jaxmodels.data.sft import read_jsonl
 from jaxmodels.runs.export import export
-from jaxmodels.runtime.errors import StorageError
+from jaxmodels.runtime.errors import StorageError, UserError
 from jaxmodels.train.loop import train_and_evaluate
 
 
@@ -33,3 +35,15 @@ def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_ha
   with pytest.raises(StorageError, match=f"^cannot write {out}: No space left on device$"):
     export(str(tmp_path / "run"), str(out))
   assert os.listdir(full_disk) == []
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named_and_one_holding_u2028_is_read(tmp_path):
+  # Old code read the whole file as text: a UnicodeDecodeError traceback for one bad byte, and a line whose JSON
+  # string holds a raw U+2028 (json.dumps(..., ensure_ascii=False) writes it so) cut in two: "not JSON".
+  good = json.dumps({"prompt": "a\u2028b", "response": "c\x85d"}, ensure_ascii=False).encode()
+  path = tmp_path / "train.jsonl"
+  path.write_bytes(good + b"\n" + good + b"\r\n")
+  assert read_jsonl(str(path)) == [{"prompt": "a\u2028b", "response": "c\x85d"}] * 2
+  path.write_bytes(good + b'\n\n{"prompt": "\xff", "response": "x"}\n')
+  with pytest.raises(UserError, match=rf"^{path} line 3: not UTF-8 text \(byte 12: b'\\xff'\)$"):
+    read_jsonl(str(path))
