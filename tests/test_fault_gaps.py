@@ -7,7 +7,9 @@ import subprocess
 import pytest
 from conftest import experiment
 
+from jaxmodels.data.chat import load_chat_template
 from jaxmodels.data.sft import read_jsonl
+from jaxmodels.data.tokenizers import from_file
 from jaxmodels.runs.export import export
 from jaxmodels.runtime.errors import StorageError, UserError
 from jaxmodels.train.loop import train_and_evaluate
@@ -47,3 +49,17 @@ def test_a_jsonl_line_that_is_not_utf8_is_named_and_one_holding_u2028_is_read(tm
   path.write_bytes(good + b'\n\n{"prompt": "\xff", "response": "x"}\n')
   with pytest.raises(UserError, match=rf"^{path} line 3: not UTF-8 text \(byte 12: b'\\xff'\)$"):
     read_jsonl(str(path))
+
+
+def test_a_binary_file_given_as_a_tokenizer_or_chat_template_is_named_in_one_line(tmp_path):
+  # Old code: a UnicodeDecodeError traceback (tokenizer.json, a .tiktoken file, a .jinja template or a tokenizer
+  # directory's chat_template.jinja), or for tokenizer_config.json "not JSON (utf-8 codec can't decode ...)".
+  binary = b"\x89PNG\r\n\x1a\n\x00"
+  for name in ("tokenizer.json", "r50k.tiktoken", "template.jinja", "dir/chat_template.jinja"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(binary)
+  for path, load in ((tmp_path / "tokenizer.json", from_file), (tmp_path / "r50k.tiktoken", from_file),
+                     (tmp_path / "template.jinja", load_chat_template), (tmp_path / "dir", load_chat_template)):
+    with pytest.raises(UserError, match=r" is not UTF-8 text \(byte 0: b'\\x89'\)$") as e:
+      load(str(path))
+    assert str(e.value).startswith(str(path))
