@@ -11,28 +11,37 @@ from jaxmodels.data.chat import load_chat_template
 from jaxmodels.data.sft import read_jsonl
 from jaxmodels.data.tokenizers import from_file
 from jaxmodels.runs.export import export
+from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import StorageError, UserError
 from jaxmodels.train.loop import train_and_evaluate
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-  """A 48 KiB tmpfs: too small for any export (root ignores permission bits, so a mount is the way to refuse)."""
-  target = tmp_path / "disk"
-  target.mkdir()
-  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(target)],
-                                         capture_output=True, check=False).returncode:
-    pytest.skip("needs permission to mount a tmpfs")
-  yield target
-  subprocess.run(["umount", str(target)], check=False)
+def mount(tmp_path):
+  """mount(options) -> a fresh tmpfs mounted with `options` ("size=48k": too small for any export; "ro": read-only,
+  as root ignores permission bits); skipped where this process may not mount."""
+  mounted = []
+
+  def make(options):
+    target = tmp_path / f"disk{len(mounted)}"
+    target.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                                           capture_output=True, check=False).returncode:
+      pytest.skip("needs permission to mount a tmpfs")
+    mounted.append(target)
+    return target
+  yield make
+  for target in mounted:
+    subprocess.run(["umount", str(target)], check=False)
 
 
-def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, full_disk):
+def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, mount):
   # Old code: "cannot write the storage: No space left on device" (no path), and OUT left holding
   # params.orbax-checkpoint-tmp/. compress, import-hf and export-hf write OUT the same way.
   config = experiment("digits_mlp")
   config.train.steps, config.train.warmup_steps, config.train.eval_every = 1, 0, 1
   train_and_evaluate(config, str(tmp_path / "run"))
+  full_disk = mount("size=48k")
   out = full_disk / "out"
   with pytest.raises(StorageError, match=f"^cannot write {out}: No space left on device$"):
     export(str(tmp_path / "run"), str(out))
@@ -63,3 +72,10 @@ def test_a_binary_file_given_as_a_tokenizer_or_chat_template_is_named_in_one_lin
     with pytest.raises(UserError, match=r" is not UTF-8 text \(byte 0: b'\\x89'\)$") as e:
       load(str(path))
     assert str(e.value).startswith(str(path))
+
+
+def test_a_file_that_cannot_be_written_is_named_not_its_temporary_sibling(mount):
+  # `jaxmodels eval` on a read-only workdir said "cannot write RUN/.eval_20.json.tmp-1069-28c7c20b: ...".
+  disk = mount("ro")
+  with pytest.raises(StorageError, match=f"^cannot write {disk}/eval_20.json: Read-only file system$"):
+    storage.write_files(disk, {"eval_20.json": "{}"})

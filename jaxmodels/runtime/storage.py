@@ -322,7 +322,10 @@ def write_files(directory, files: dict[str, str | bytes]) -> None:
   try:
     for name, data in files.items():
       with writing(d / name):
-        temps[name].write_bytes(data.encode() if isinstance(data, str) else data)
+        try:
+          temps[name].write_bytes(data.encode() if isinstance(data, str) else data)
+        except OSError as e:  # named as the file written, not its temporary sibling (.NAME.tmp-PID-HEX)
+          raise OSError(e.errno, e.strerror, os.fspath(d / name)) from None
     for name, tmp in temps.items():
       with writing(d / name):
         tmp.replace(d / name)
