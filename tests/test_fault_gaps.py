@@ -5,15 +5,15 @@ import os
 import subprocess
 
 import pytest
-from conftest import experiment
+from flax import nnx
 
 from jaxmodels.data.chat import load_chat_template
 from jaxmodels.data.sft import read_jsonl
 from jaxmodels.data.tokenizers import from_file
-from jaxmodels.runs.export import export
+from jaxmodels.models import MLP
+from jaxmodels.runs import export as export_lib
 from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import StorageError, UserError
-from jaxmodels.train.loop import train_and_evaluate
 
 
 @pytest.fixture
@@ -35,16 +35,16 @@ def mount(tmp_path):
     subprocess.run(["umount", str(target)], check=False)
 
 
-def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, mount):
+def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, mount,
+                                                                                             monkeypatch):
   # Old code: "cannot write the storage: No space left on device" (no path), and OUT left holding
-  # params.orbax-checkpoint-tmp/. compress, import-hf and export-hf write OUT the same way.
-  config = experiment("digits_mlp")
-  config.train.steps, config.train.warmup_steps, config.train.eval_every = 1, 0, 1
-  train_and_evaluate(config, str(tmp_path / "run"))
+  # params.orbax-checkpoint-tmp/. compress, import-hf and export-hf write OUT the same way (export.writing_out).
+  model = MLP((8, 8, 1), 10, hidden_sizes=(256,), rngs=nnx.Rngs(0))  # 67 KB of float32 parameters
+  monkeypatch.setattr(export_lib, "load_run_model", lambda workdir: model)  # the run's newest checkpoint
   full_disk = mount("size=48k")
   out = full_disk / "out"
   with pytest.raises(StorageError, match=f"^cannot write {out}: No space left on device$"):
-    export(str(tmp_path / "run"), str(out))
+    export_lib.export(str(tmp_path / "run"), str(out))
   assert os.listdir(full_disk) == []
 
 

@@ -30,7 +30,8 @@ from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["build_saved_model", "copy_run_files", "export", "load_model", "load_params", "load_run_model",
-           "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params", "writing_out"]
+           "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params",
+           "writing_out"]
 
 # A run's files an export keeps beside its parameters: what rebuilds the model (and its vocabulary).
 RUN_FILES = ("config.json", "model.json", "vocab.json", "chat_template.json")  # chat: data.source=sft
