@@ -176,7 +176,10 @@ def default_config() -> config_dict.ConfigDict:
   c.train.log_every = 50  # steps between train metric fetches (the only host syncs)
   c.train.eval_every = 500  # steps between evaluations; the last step always evaluates
   c.train.eval_batch_size = 256
-  c.train.loss = "mse"  # data.task=regress: mse | mae | huber (delta 1); other tasks have their own loss
+  # data.task=regress: mse | mae | huber (delta 1); other tasks have their own loss (mae or huber there: an error).
+  # Any task: your own, package.module:function, (outputs, targets) -> the loss of each target
+  # (jaxmodels/tasks/losses.py).
+  c.train.loss = "mse"
   # Eval metric top<k>_accuracy (classify, lm): the label among the k highest logits; 0 (or k >= classes): none.
   c.train.eval_top_k = 5
   # Non-finite loss: False stops the run (exit code 3) without saving; True skips those updates and counts them.

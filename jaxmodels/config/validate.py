@@ -28,7 +28,7 @@ from jaxmodels.parallel.sharding import (
 )
 from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import UserError
-from jaxmodels.tasks import LOSSES, TASKS, eval_metric_names, top_k_name
+from jaxmodels.tasks import LOSS_CHOICES, TASKS, eval_metric_names, is_loss, top_k_name
 
 __all__ = ["CHECKPOINT_RULES", "config_task", "DATA_RULES", "DTYPES", "expand_preset", "fit_to_steps", "FRACTION",
            "metric_names", "MODEL_RULES", "NON_NEGATIVE", "NON_NEGATIVE_REAL", "one_of", "OPEN_UNIT",
@@ -136,7 +136,7 @@ MODEL_RULES = {
 
 
 TRAIN_RULES = {
-    "train.loss": one_of(LOSSES),
+    "train.loss": (is_loss, LOSS_CHOICES),
     "train.steps": POSITIVE, "train.batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
     "train.optimizer": one_of(OPTIMIZERS), "train.learning_rate": POSITIVE_REAL,
     "train.schedule": one_of(SCHEDULES), "train.warmup_steps": NON_NEGATIVE, "train.end_lr_fraction": FRACTION,

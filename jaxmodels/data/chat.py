@@ -136,14 +136,14 @@ def directory_template(path: str) -> ChatTemplate | None:
   for name in ("special_tokens_map.json", CONFIG_FILE):  # the tokenizer config's tokens win, as in transformers
     if (p / name).is_file():
       try:
-        config.update(json.loads((p / name).read_text(encoding="utf-8")))
+        config.update(json.loads(storage.read_utf8(p / name)))
       except ValueError as e:
         raise UserError(f"{p / name}: not JSON ({e})") from None
   template = config.get("chat_template")
   if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
     template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
   if (p / TEMPLATE_FILE).is_file():
-    template = (p / TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = storage.read_utf8(p / TEMPLATE_FILE)
   if not isinstance(template, str):
     return None
   tokens = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
@@ -155,7 +155,7 @@ def load_chat_template(path: str) -> ChatTemplate:
   UserError for a path that is neither or a directory without a template."""
   p = storage.path(path)
   if p.is_file():
-    return ChatTemplate(p.read_text(encoding="utf-8"))
+    return ChatTemplate(storage.read_utf8(p))
   if not p.is_dir():
     raise UserError(f"chat template not found: {path} (a .jinja file or a tokenizer directory)")
   if (template := directory_template(path)) is None:

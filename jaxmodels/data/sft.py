@@ -53,10 +53,16 @@ CHAT_FILE = "chat_template.json"  # a run's chat template and special tokens, in
 
 
 def read_jsonl(path: str, what: str = "an example") -> list[dict]:
-  """The objects of a JSON Lines file (blank lines skipped); UserError naming the line that is not a JSON object."""
+  """The objects of a JSON Lines file (blank lines skipped); UserError naming the line that is not UTF-8 text or
+  not a JSON object. Lines end at a byte line end (\\n, \\r\\n), never at U+2028 or U+0085, which JSON strings
+  may hold raw (str.splitlines cut such a line in two)."""
   file = existing_file(path, "a JSON Lines file")
   records = []
-  for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+  for n, raw in enumerate(file.read_bytes().splitlines(), 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # was a traceback from reading the whole file as text
+      raise UserError(f"{path} line {n}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     if not line.strip():
       continue
     try:

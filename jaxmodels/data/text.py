@@ -42,13 +42,9 @@ def read_text(path: str) -> str:
   that are not UTF-8, or an empty file."""
   file = existing_file(path, "a text file")
   try:
-    raw = file.read_bytes()
+    text = storage.read_utf8(file, path)
   except OSError as e:
     raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
   if not text:
     raise UserError(f"{path} is empty")
   return text

@@ -38,7 +38,7 @@ def _read(path: str, binary: bool = False):
   p = storage.path(path)
   if not p.is_file():
     raise UserError(f"tokenizer file not found: {path}")
-  return p.read_bytes() if binary else p.read_text(encoding="utf-8")
+  return p.read_bytes() if binary else storage.read_utf8(p)
 
 
 

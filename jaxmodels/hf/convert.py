@@ -69,7 +69,7 @@ from jaxmodels.models.transformer import (
   scan_to_unrolled,
   unrolled_to_scan,
 )
-from jaxmodels.runs.export import load_trained_model, refuse_existing, save_params
+from jaxmodels.runs.export import load_trained_model, refuse_existing, save_params, writing_out
 from jaxmodels.runs.state import split_model
 from jaxmodels.runtime import extras, storage
 from jaxmodels.runtime.errors import UserError
@@ -250,14 +250,15 @@ def import_hf(directory: str, out: str, scan_layers: bool = True) -> str:
   c.model.family = "transformer"
   for name, value in dataclasses.asdict(config).items():
     c.model[name] = value
-  save_params(out, params, {})
-  spec = {"input_shape": [c.data.seq_len], "num_outputs": vocab_size, "task": "lm"}
-  storage.write_files(out, {"config.json": to_json(c), "model.json": json.dumps(spec)})
-  kept = storage.path(out) / HF_DIR
-  kept.mkdir()
-  (kept / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
-  copy_files(directory, kept, CARRIED_FILES)
-  storage.write_files(out, sampling_files(kept))  # the tokenizer and chat template, for `jaxmodels sample`
+  with writing_out(out):
+    save_params(out, params, {})
+    spec = {"input_shape": [c.data.seq_len], "num_outputs": vocab_size, "task": "lm"}
+    storage.write_files(out, {"config.json": to_json(c), "model.json": json.dumps(spec)})
+    kept = storage.path(out) / HF_DIR
+    kept.mkdir()
+    (kept / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
+    copy_files(directory, kept, CARRIED_FILES)
+    storage.write_files(out, sampling_files(kept))  # the tokenizer and chat template, for `jaxmodels sample`
   return out
 
 
@@ -323,11 +324,12 @@ def export_hf(model_path: str, out: str, dtype: str = "float32", max_shard_size:
   tensors = {k: v.astype(_DTYPES[dtype]) for k, v in params_to_hf(architecture.model_type, params,
                                                                    model.config).items()}
   path = storage.path(out)
-  path.mkdir(parents=True)
-  write_tensors(path, tensors, max_bytes)
   kept = _kept_dir(model_path, log)
-  hf = {**architecture.from_config(model.config, model.embed.num_embeddings),
-        **_kept_config(kept, architecture), "dtype": dtype}
-  (path / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
-  copy_files(kept, path, CARRIED_FILES)
+  with writing_out(out):
+    path.mkdir(parents=True)
+    write_tensors(path, tensors, max_bytes)
+    hf = {**architecture.from_config(model.config, model.embed.num_embeddings),
+          **_kept_config(kept, architecture), "dtype": dtype}
+    (path / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
+    copy_files(kept, path, CARRIED_FILES)
   return out

@@ -787,6 +787,8 @@ class TransformerLM(nnx.Module):
     B, T = tokens_BT.shape
     check_length(T, self.max_len)
     check_indices(tokens_BT, self.vocab_size, "token id")
+    if positions_BT is not None:  # past max_len a learned table's lookup gave NaN rows, -1 its last row
+      check_indices(positions_BT, self.max_len, "position")
     if context.size() > 1:
       if positions_BT is None:
         raise ValueError("under context parallelism the tokens come in context.load_balance order with their "

@@ -10,6 +10,8 @@ whole `train.batch_size`.
 
 import functools
 import inspect
+import math
+import numbers
 
 import optax
 
@@ -26,6 +28,16 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def _check_numbers(**checks) -> None:
+  """UserError `train.KEY=VALUE: expected WHAT` for the first keyword given as (value, test, what) whose value is
+  not a finite real passing `test`. A run's config is validated before (jaxmodels.config
+  validates every train.* key); these are the plain-argument callers' checks, where a negative or NaN rate would
+  otherwise train without a word."""
+  for key, (value, test, what) in checks.items():
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and test(value)):
+      raise UserError(f"train.{key}={value!r}: expected {what}")
+
+
 def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warmup_steps: int = 0,
                   steps: int = 1000, end_lr_fraction: float = 0.0) -> optax.Schedule:
   """Learning rate (float32 scalar) as a function of the step: linear warmup from 0 over `warmup_steps`, then
@@ -33,8 +45,11 @@ def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warm
   constant).
 
   Keyword arguments only, each the `train.*` key of its name with its default (`make_schedule_from_config` takes
-  the group). Raises UserError for an unknown schedule, or a warmup not below `steps` (cosine, linear).
+  the group). Raises UserError for an unknown schedule, a `learning_rate` not a finite number > 0, an
+  `end_lr_fraction` outside [0, 1], or a warmup not below `steps` (cosine, linear).
   """
+  _check_numbers(learning_rate=(learning_rate, lambda v: v > 0, "a finite number > 0"),
+                 end_lr_fraction=(end_lr_fraction, lambda v: 0 <= v <= 1, "a number in [0, 1]"))
   peak, end = learning_rate, learning_rate * end_lr_fraction
   if schedule not in SCHEDULES:
     raise UserError(f"train.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
@@ -64,13 +79,18 @@ def make_optimizer(*, optimizer: str = "adamw", learning_rate: float = 1e-3, sch
   norm scales (`decay_mask`), on embeddings when `decay_embeddings`; `momentum` and `nesterov` are sgd's, `b1`
   and `b2` adam's and adamw's; `grad_clip` > 0 clips the gradients' global norm first. `prune`: a transformation
   chained last, e.g. `pruning.magnitude_pruning(0.5)`. A misspelled keyword is a TypeError; an unknown optimizer
-  or schedule a UserError.
+  or schedule, or a number out of its key's range (`learning_rate` > 0, `weight_decay` and `grad_clip` >= 0,
+  `momentum`, `b1`, `b2` in [0, 1); all finite), a UserError.
 
   Fine-tuning (jaxmodels.optim.freezing): `lr_multipliers`, (regex, multiplier) pairs, scale the updates of the
   parameters whose path a regex occurs in (the first pair that matches; `train.lr_multipliers`); `trainable`, a
   trainable filter (`freezing.trainable_filter`, e.g. `train.freeze`'s patterns or a LoRA run's adapters), leaves
   the other parameters unchanged and keeps no optimizer state for them.
   """
+  _check_numbers(**{k: (x, lambda v: v >= 0, "a finite number >= 0")
+                    for k, x in (("weight_decay", weight_decay), ("grad_clip", grad_clip))},
+                 **{k: (x, lambda v: 0 <= v < 1, "a number in [0, 1)")
+                    for k, x in (("momentum", momentum), ("b1", b1), ("b2", b2))})
   lr = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
                      end_lr_fraction=end_lr_fraction)
   decay_mask_fn = functools.partial(decay_mask, decay_embeddings=decay_embeddings)

@@ -566,6 +566,9 @@ class Checkpoints:
       if targets[name] is None:
         problems += _tree_differences(trees[name], _shapes(tree))
     if problems:
+      if config_dict is None and not params_only:  # the Trainer's resume: its arguments built the state, no config
+        raise UserError(f"cannot restore {where}: its saved state does not match the state built here: "
+                        f"{'; '.join(problems)}. Use a new workdir, or the module and optimizer it was saved with.")
       changed = ("" if config_dict is None else "; config keys that changed: " + (
           "; ".join(config_differences(saved_config, config_dict, ("data.", "model.", "train."), ()))
           or "none (did the code change?)"))

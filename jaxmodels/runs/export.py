@@ -12,6 +12,7 @@ built for), plus `OUT/vocab.json` for language models. Then, anywhere:
     params = jaxmodels.load_params("exported/digits_cnn")   # the pure parameter dict
 """
 
+import contextlib
 import json
 
 import jax
@@ -29,7 +30,8 @@ from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import UserError
 
 __all__ = ["build_saved_model", "copy_run_files", "export", "load_model", "load_params", "load_run_model",
-           "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params"]
+           "load_trained_model", "load_trained_params", "refuse_existing", "RUN_FILES", "save_model", "save_params",
+           "writing_out"]
 
 # A run's files an export keeps beside its parameters: what rebuilds the model (and its vocabulary).
 RUN_FILES = ("config.json", "model.json", "vocab.json", "chat_template.json")  # chat: data.source=sft
@@ -87,8 +89,9 @@ def export(workdir, out, merge_lora: bool = True) -> str:
   """
   refuse_existing(out)
   model = load_run_model(workdir)
-  save_model(out, lora.merge_lora(model) if merge_lora else model)
-  copy_run_files(workdir, out, lora_merged=merge_lora)
+  with writing_out(out):
+    save_model(out, lora.merge_lora(model) if merge_lora else model)
+    copy_run_files(workdir, out, lora_merged=merge_lora)
   return str(out)
 
 
@@ -96,6 +99,28 @@ def refuse_existing(out) -> None:
   """UserError if `out` (local or gs://) exists: exports and conversions never write into an existing path."""
   if storage.path(out).exists():
     raise UserError(f"--out {out} already exists")
+
+
+@contextlib.contextmanager
+def writing_out(out):
+  """`storage.writing` for a command that writes the new or empty directory `out` (export, compress, import-hf,
+  export-hf): a write the storage refuses (no space, read-only, ...) is a StorageError naming `out` and the cause,
+  after what was written under `out` is removed (and `out` itself where it did not exist), so a failed write
+  leaves no half-written export for `load_model` to find."""
+  p = storage.path(out)
+  existed = p.exists()
+
+  def remove_partial():
+    if not existed:
+      p.rmtree(missing_ok=True)
+      return
+    for child in p.iterdir():
+      if child.is_dir():
+        child.rmtree()
+      else:
+        child.unlink()
+  with storage.writing(out, remove_partial):
+    yield
 
 
 def copy_run_files(workdir, out, lora_merged: bool = False) -> None:

@@ -52,7 +52,7 @@ from jaxmodels.runtime import extras
 from jaxmodels.runtime.errors import StorageError, UserError
 
 __all__ = ["abandoned_io", "check_workdir", "end_process", "file_sizes", "is_remote", "LOCK_FILE", "path",
-           "quiet_late_reports", "read_ranges", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
+           "quiet_late_reports", "read_ranges", "read_utf8", "RUN_DIRECTORIES", "storage_errors", "WorkdirLock",
            "WRITE_ERRNOS", "write_failure", "write_files", "writing"]
 
 LOCK_FILE = "LOCK"
@@ -300,6 +300,16 @@ def writing(where, on_failure=None):
     raise StorageError(message) from None
 
 
+def read_utf8(p, name=None) -> str:
+  """The text of the file `p` (local or gs://) decoded as UTF-8; UserError naming it (as `name`, default `p`) and
+  the first byte that is not UTF-8: a binary file given where text is read. OSErrors pass unchanged."""
+  raw = path(p).read_bytes()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{name or p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
 def write_files(directory, files: dict[str, str | bytes]) -> None:
   """Writes the files `files` ({name: text or bytes}) into `directory` (local or gs://), all or none.
 
@@ -312,7 +322,10 @@ def write_files(directory, files: dict[str, str | bytes]) -> None:
   try:
     for name, data in files.items():
       with writing(d / name):
-        temps[name].write_bytes(data.encode() if isinstance(data, str) else data)
+        try:
+          temps[name].write_bytes(data.encode() if isinstance(data, str) else data)
+        except OSError as e:  # named as the file written, not its temporary sibling (.NAME.tmp-PID-HEX)
+          raise OSError(e.errno, e.strerror, os.fspath(d / name)) from None
     for name, tmp in temps.items():
       with writing(d / name):
         tmp.replace(d / name)

@@ -6,13 +6,18 @@ from jaxmodels.tasks.chunked import chunked_cross_entropy, chunked_loss_sums
 from jaxmodels.tasks.losses import (
     AUC_BINS,
     AUC_LOGIT_RANGE,
+    LOSS_CHOICES,
     LOSSES,
     TASKS,
+    check_loss,
     eval_sums,
+    is_loss,
+    loss_function,
     loss_sums,
     train_metric_names,
 )
 from jaxmodels.tasks.scores import eval_metric_names, eval_scores, top_k_name
 
-__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSSES", "TASKS", "chunked_cross_entropy", "chunked_loss_sums",
-           "eval_metric_names", "eval_scores", "eval_sums", "loss_sums", "top_k_name", "train_metric_names"]
+__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "LOSS_CHOICES", "LOSSES", "TASKS", "check_loss", "chunked_cross_entropy",
+           "chunked_loss_sums", "eval_metric_names", "eval_scores", "eval_sums", "is_loss", "loss_function",
+           "loss_sums", "top_k_name", "train_metric_names"]

@@ -7,6 +7,12 @@
   regress     `train.loss` (mse | mae | huber) on float targets of any trailing shape (B, ...)
 (The copy and reverse sources are "seq2seq": token cross-entropy like "lm", plus whole-sequence exact matches.)
 
+Your own loss, for any task: `train.loss=package.module:function` (`loss_function`), called inside the compiled
+steps as `function(outputs, targets)` -> the loss of each target, the targets' shape (float32 after the call).
+`outputs` are float32: the logits (..., C) for classify, lm and seq2seq, whose targets are int class ids (...);
+for binary, multilabel and regress the outputs reshaped to the float32 targets' shape. The task's metrics
+(accuracy, confusion, R^2, ...) are unchanged.
+
 Every sum is over unmasked targets (an example for classify and binary, an
 element for multilabel and regress), so a loss is a mean per target. The eval
 sums are exact counts (int32) where they count, float32 sums otherwise; the host
@@ -17,12 +23,64 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "eval_sums", "loss_sums", "LOSSES", "TASKS", "train_metric_names"]
+from jaxmodels.runtime.errors import UserError
+from jaxmodels.runtime.imports import import_object, is_import_path
+
+__all__ = ["AUC_BINS", "AUC_LOGIT_RANGE", "check_loss", "eval_sums", "is_loss", "loss_function", "loss_sums",
+           "LOSS_CHOICES", "LOSSES", "TASKS", "train_metric_names"]
 
 TASKS = ("classify", "binary", "multilabel", "regress")
 
 
 LOSSES = ("mse", "mae", "huber")
+
+
+LOSS_CHOICES = f"one of {', '.join(LOSSES)} (data.task=regress), or package.module:function (any task)"
+
+
+def loss_function(loss: str):
+  """The function `train.loss=package.module:function` names (see the module docstring); UserError naming
+  train.loss for a path that does not import or names no function."""
+  fn = import_object(loss, "train.loss")
+  if not callable(fn):
+    raise UserError(f"train.loss={loss!r} is a {type(fn).__name__}, not a function (outputs, targets) -> losses")
+  return fn
+
+
+def is_loss(value) -> bool:
+  """Whether `value` is a valid `train.loss` (validation's rule): a built-in name, or an import path of a function
+  (one that does not import raises the UserError of `loss_function`, which says why)."""
+  if not isinstance(value, str):
+    return False
+  return callable(loss_function(value)) if is_import_path(value) else value in LOSSES
+
+
+def check_loss(loss: str, task: str, num_outputs: int, target_shape: tuple = ()) -> None:
+  """Traces `loss_sums` of `task` on two abstract examples (of `target_shape` targets each, a sequence of 3 for lm
+  and seq2seq) with `num_outputs` outputs, so that a `train.loss` function that fails or breaks the protocol is a
+  one-line UserError naming it before a run writes anything, not at its first step."""
+  lead = (2, 3) if task in ("lm", "seq2seq") else (2,)
+  if task in ("classify", "lm", "seq2seq"):
+    y = jax.ShapeDtypeStruct(lead, jnp.int32)
+  else:
+    y = jax.ShapeDtypeStruct((*lead, *target_shape), jnp.float32)
+  logits = jax.ShapeDtypeStruct((*lead, num_outputs), jnp.float32)
+  try:
+    jax.eval_shape(lambda z, t: loss_sums(task, z, t, jnp.ones(t.shape, jnp.float32), loss), logits, y)
+  except UserError as e:  # raised while tracing: JAX appended its note on traceback filtering to the message
+    raise UserError(str(e).splitlines()[0]) from None
+  except Exception as e:  # pylint: disable=broad-exception-caught  # whatever the user's function raises
+    raise UserError(f"train.loss={loss!r} fails on outputs {logits.shape} and targets {y.shape} of data.task="
+                    f"{task}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+
+
+def _own_losses(loss: str, outputs, y):
+  """`train.loss`'s function of (outputs, targets), float32; UserError unless it gives a loss per target."""
+  losses = jnp.asarray(loss_function(loss)(outputs, y))
+  if losses.shape != y.shape:
+    raise UserError(f"train.loss={loss!r} returned shape {tuple(losses.shape)} for targets of shape "
+                    f"{tuple(y.shape)}: expected the loss of each target, the targets' shape")
+  return losses.astype(jnp.float32)
 
 
 AUC_BINS = 4096  # binary ROC AUC: histogram bins of the logit over [-AUC_LOGIT_RANGE, AUC_LOGIT_RANGE]
@@ -40,21 +98,26 @@ def loss_sums(task: str, logits, y, mask, loss: str = "mse") -> dict[str, jax.Ar
   """float32 sums over unmasked targets: `loss_sum`, `correct` (regress: the absolute error) and `count`.
 
   `logits` (B, num_outputs) float; classify and lm take labels of any shape with
-  logits (*labels.shape, C); the other tasks reshape the logits to `y`'s shape.
+  logits (*labels.shape, C); the other tasks reshape the logits to `y`'s shape. `loss`: regress's built-in loss,
+  or for any task the import path of your own (the module docstring; UserError if it breaks the protocol).
   """
   logits = logits.astype(jnp.float32)
+  own = is_import_path(loss)
   if task in ("classify", "lm", "seq2seq"):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    losses = (_own_losses(loss, logits, y) if own else optax.softmax_cross_entropy_with_integer_labels(logits, y))
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
   else:
     outputs, y = logits.reshape(y.shape), y.astype(jnp.float32)
-    if task == "regress":
-      error = outputs - y
-      losses = {"mse": jnp.square(error), "mae": jnp.abs(error),
+    if own:
+      losses = _own_losses(loss, outputs, y)
+    elif task == "regress":
+      losses = {"mse": jnp.square(outputs - y), "mae": jnp.abs(outputs - y),
                 "huber": optax.huber_loss(outputs, y, delta=1.0)}[loss]
-      correct = jnp.abs(error)
     else:
       losses = optax.sigmoid_binary_cross_entropy(outputs, y)
+    if task == "regress":
+      correct = jnp.abs(outputs - y)
+    else:
       correct = ((outputs > 0) == (y > 0.5)).astype(jnp.float32)
   return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 

@@ -226,15 +226,16 @@ def compress(workdir, method: str, out, *, bits: int | None = None, activations:
   finally:
     shutil.rmtree(baseline, ignore_errors=True)
   # Accepted: from here on OUT is written.
-  export.save_model(out, after)
-  export.copy_run_files(workdir, out, lora_merged=True)
   out_path = storage.path(out)
-  if qspec:
-    (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))
-  rows = {name: {"bytes": size, **measured[name]}
-          for name, size in (("before", before_bytes), ("after", disk_bytes(out_path / "params")))}
-  shown = {k: v for k, v in options.items() if k != "exclude"}
-  result = {"method": method, "options": shown, "workdir": str(workdir), **rows}
-  (out_path / "compression.json").write_text(json.dumps(result, indent=2))
+  with export.writing_out(out):
+    export.save_model(out, after)
+    export.copy_run_files(workdir, out, lora_merged=True)
+    if qspec:
+      (out_path / quantization.SPEC_FILE).write_text(json.dumps(qspec))
+    rows = {name: {"bytes": size, **measured[name]}
+            for name, size in (("before", before_bytes), ("after", disk_bytes(out_path / "params")))}
+    shown = {k: v for k, v in options.items() if k != "exclude"}
+    result = {"method": method, "options": shown, "workdir": str(workdir), **rows}
+    (out_path / "compression.json").write_text(json.dumps(result, indent=2))
   print(format_table(rows))
   return result

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from jaxmodels import config as config_lib
-from jaxmodels import parallel
+from jaxmodels import parallel, tasks
 from jaxmodels.compress import quantization
 from jaxmodels.data import LM_SOURCES, check_batch_size, load_dataset_from_config, loader
 from jaxmodels.models import build_model, flops, lora
@@ -132,6 +132,12 @@ def build_experiment(config, devices=None) -> Experiment:
                     f"{config.data.seq_len}")
   dataset = load_dataset_from_config(config)
   t = config.train
+  if t.loss in ("mae", "huber") and dataset.task != "regress":  # was ignored without a word
+    raise UserError(f"train.loss={t.loss} is a regression loss, but data.task={dataset.task} has its own: leave "
+                    f"train.loss unset, or name your own loss as package.module:function")
+  if t.loss not in tasks.LOSSES:  # your own loss (package.module:function): its protocol, before anything is written
+    tasks.check_loss(t.loss, dataset.task, dataset.num_outputs,
+                     dataset.y_train.shape[1:] if dataset.task in ("multilabel", "regress") else ())
   if dataset.task not in ("lm", "seq2seq"):  # text windows and synthetic sequences: any number of them
     check_batch_size(t.batch_size, len(dataset.x_train))
   tx, schedule = make_optimizer_from_config(t)

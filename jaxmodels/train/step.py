@@ -96,7 +96,7 @@ def task_loss(options: StepOptions, teacher=None):
     mask = batch.get("mask", jnp.ones(batch["y"].shape, jnp.float32))
     head = None
     if (teacher is None and options.task == "lm" and 0 < options.logits_chunk < getattr(model, "vocab_size", 0)
-        and hasattr(model, "hidden_and_head")):
+        and hasattr(model, "hidden_and_head") and options.loss in tasks.LOSSES):  # your own loss: whole logits
       head = model.hidden_and_head(x, segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
                                    train=True, rngs=nnx.Rngs(dropout=rng))
     if head is not None:
