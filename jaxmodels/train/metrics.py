@@ -47,7 +47,7 @@ def _tensorboardx():
   """tensorboardX, imported without importing torch.
 
   tensorboardX's writer imports torch whenever it is installed (as with the `dev` extra), only to accept torch
-  tensors, which nothing here passes; that import was ~5 s of CPU per `jaxmodels train` process (2-core
+  tensors, which nothing here passes; that import was ~2 s of CPU per `jaxmodels train` process (2-core
   development VM). A None in sys.modules makes its `import torch` raise the ImportError it catches. Where torch
   is already imported, nothing is hidden. The writer is made on the main thread before the loop starts, when no
   other thread imports torch.
