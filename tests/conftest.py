@@ -31,6 +31,11 @@ if MAKES_CACHE:
   os.environ["JAXMODELS_TESTS_CACHE"] = tempfile.mkdtemp(prefix="jaxmodels-tests-xla-")
 CACHE_DIR = os.environ["JAXMODELS_TESTS_CACHE"]
 os.environ["JAXMODELS_CACHE_DIR"] = CACHE_DIR
+# Only `jaxmodels train` turns the cache on from JAXMODELS_CACHE_DIR; JAX's own variables turn it on in every
+# process the tests start (sample, eval, export, compress, scripts): a program one of them compiled, such as a
+# run's decode loop, is loaded by the next command that builds it. bench still turns it off where it times compiles.
+os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 from jaxmodels.runtime.compilation import enable_persistent_cache  # pylint: disable=wrong-import-position
 
 enable_persistent_cache(CACHE_DIR)

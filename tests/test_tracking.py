@@ -1,14 +1,17 @@
 """Tracking: TensorBoard scalars hold the values of metrics.jsonl; `jaxmodels plot` draws runs' curves;
 `jaxmodels eval` reproduces a run's final evaluation."""
 
+import importlib.util
 import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import experiment, read_metrics
+from conftest import ROOT, experiment, read_metrics
 from tensorboardX.proto import event_pb2
 
 from jaxmodels.runtime.errors import UserError
@@ -91,3 +94,18 @@ def test_plot_command_writes_a_png_of_curves_and_confusion(mlp_run, tmp_path):
   assert main(["jaxmodels", "plot", workdir, workdir, "--metric", "loss", "--out", str(out), "--confusion"]) == 0
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert main(["jaxmodels", "plot", workdir, "--metric", "r2", "--out", str(out)]) == 2  # no such metric
+
+
+def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (the dev extra), ~2 s of CPU in every training process;
+  the writer is made without it, and torch still imports afterwards."""
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("torch is not installed: nothing could import it")
+  script = ("import sys; from jaxmodels.train.metrics import TensorBoard; tb = TensorBoard(sys.argv[1], 0);"
+            "tb.write({'step': 1, 'split': 'train', 'loss': 1.5}); tb.close(); print('torch' in sys.modules);"
+            "import torch; print(torch.ones(2).sum().item())")
+  r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                     check=False, env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["False", "2.0"]
+  assert read_scalars(tmp_path / "tb") == {("train/loss", 1): 1.5}

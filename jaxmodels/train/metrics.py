@@ -43,11 +43,29 @@ from jaxmodels.runtime import extras, storage
 __all__ = ["MetricsLogger", "TensorBoard", "WandB"]
 
 
+def _tensorboardx():
+  """tensorboardX, imported without importing torch.
+
+  tensorboardX's writer imports torch whenever it is installed (as with the `dev` extra), only to accept torch
+  tensors, which nothing here passes; that import was ~2 s of CPU per `jaxmodels train` process (2-core
+  development VM). A None in sys.modules makes its `import torch` raise the ImportError it catches. Where torch
+  is already imported, nothing is hidden. The writer is made on the main thread before the loop starts, when no
+  other thread imports torch.
+  """
+  if "torch" in sys.modules:
+    return extras.require("tensorboardX", "TensorBoard scalars")
+  sys.modules["torch"] = None
+  try:
+    return extras.require("tensorboardX", "TensorBoard scalars")
+  finally:
+    del sys.modules["torch"]
+
+
 class TensorBoard:
   """Scalars of metric records in `workdir/tb/`, readable by `tensorboard --logdir workdir/tb`."""
 
   def __init__(self, workdir, initial_step: int):
-    writer_class = extras.require("tensorboardX", "TensorBoard scalars").SummaryWriter
+    writer_class = _tensorboardx().SummaryWriter
     self.target = storage.path(workdir) / "tb"
     self._local = tempfile.mkdtemp(prefix="jaxmodels-tb-") if storage.is_remote(self.target) else None
     # Flushed at each record (a record per log interval), not only on the writer's timer.
