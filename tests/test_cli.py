@@ -105,3 +105,15 @@ def test_launch_drops_gloos_routine_connected_lines_and_keeps_the_rest():
   finally:
     sys.stdout = stdout
   assert out.getvalue() == "".join(f"[1] {line.decode()}" for line in (lines[1], lines[3]))
+
+
+def test_commands_that_read_a_run_use_the_persistent_compilation_cache(digits_cnn_run, tmp_path):
+  """eval compiles its step once per machine: a second eval of the run (or of a run like it) loads it."""
+  workdir, _, _ = digits_cnn_run
+  cache = tmp_path / "xla"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own setting would turn the cache on for any process
+  env["JAXMODELS_CACHE_DIR"] = str(cache)
+  r = run([*JAXMODELS, "eval", "--workdir", workdir], env=env)
+  assert r.returncode == 0, r.stderr
+  assert cache.is_dir() and any(cache.iterdir()), "eval wrote nothing into JAXMODELS_CACHE_DIR"

@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-from jaxmodels.runtime import hbm, host, storage
+from jaxmodels.runtime import compilation, hbm, host, storage
 from jaxmodels.runtime.errors import Preempted, StorageError, UserError
 
 __all__ = ["COMMANDS", "entry", "INTERRUPTED", "main", "plan_hint", "READERS", "run_experiment", "USAGE"]
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
   if command in READERS:  # a checkpoint it reads may be deleted mid-read by a run saving beside it
     storage.quiet_late_reports()
     storage.abandoned_io()
+    compilation.enable_persistent_cache()  # a second eval or sample of a run loads its programs instead of compiling
   try:
     return run(f"jaxmodels {command}", args)
   except UserError as e:  # exit 2; 1 for a refused write, 3 for a non-finite loss
