@@ -647,7 +647,7 @@ class Stack(nnx.Module):
     def apply(graphdef, state, x, cache, key, i, kv, positions=positions_BT, mask=mask_B1TS):
       """One unit (see the class): (x, cache, MoE stats or None)."""
       # Scanned, the layer's weights go in fenced: each is cast to the compute dtype in its layer's iteration, not
-      # the whole stack ahead of the loop (jaxmodels.runtime.fence; 0.45 GB per chip for Llama 3.2 1B on v5e).
+      # the whole stack ahead of the loop (jaxmodels.runtime.fence; 0.45 GB a chip for Llama 3.2 1B on a v5e 2x2).
       unit = nnx.merge(graphdef, fenced(state) if self.scan_layers else state)
       blocks, stats = (list(unit) if isinstance(unit, nnx.List) else [unit]), None
       for j, block in enumerate(blocks):

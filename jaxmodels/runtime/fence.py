@@ -7,13 +7,14 @@ loop that slices a float32 stack and casts each slice (a scanned layer stack's `
 `nnx.Linear`, the chunked cross-entropy's per-chunk cast of the head), the value is the whole loop-invariant
 stack: XLA converts all of it before the loop and keeps the bfloat16 copy through the backward loop. For Llama
 3.2 1B under FSDP on a v5e 2x2 slice that copy of the 16 layers was about 0.45 GB per chip, and that of the
-embedding table (the tied head) 0.13 GB (docs/benchmarks.md, issue 35).
+embedding table (the tied head) 0.13 GB; fencing them took the step's temporaries from 3.80 to 3.39 GB per chip
+(docs/benchmarks.md, issue 35; tests/test_memory_per_layer.py checks that no such copy is left).
 
 `fenced` passes each floating array through a bitcast to the unsigned integer of its width and back, with an
 optimization barrier between them: the pass cannot narrow an integer, nor see through the barrier. Values and
 dtypes are unchanged bit for bit and no data moves (a bitcast reinterprets bytes); the derivative is the
-identity (a custom JVP). Hand-written: neither JAX nor XLA offers a per-value switch for the pass
-(`jax.lax.optimization_barrier` alone does not stop it; tests/test_memory_per_layer.py).
+identity (a custom JVP). Hand-written: neither JAX nor XLA offers a per-value switch for the pass, and
+`jax.lax.optimization_barrier` alone does not stop it (the pass narrows through it; libtpu 0.0.42.1).
 """
 
 import jax
