@@ -61,6 +61,7 @@ from jaxmodels.models.moe import MoE, MoETerms, check_moe_fields, moe_block_kwar
 from jaxmodels.models.rope import ROPE_SCALINGS, rope_frequencies
 from jaxmodels.parallel import context, pipeline
 from jaxmodels.parallel.sharding import constrain, per_shard
+from jaxmodels.runtime.fence import fenced
 
 __all__ = ["Attention", "attention", "ATTENTION_IMPLS", "BATCH", "Block", "BOOL", "check_block_fields",
            "check_heads", "check_stack_fields", "check_variant_fields", "EMBED", "FeedForward", "HEADS", "LENGTH",
@@ -356,9 +357,10 @@ def lookup(embed: nnx.Embed, ids, dtype):
   Gathering the whole table instead (as this did before) cost, for Llama 3.2's 128,256 x 2,048 table on a v5e
   2x2 slice, a 0.5 GB bfloat16 copy per chip and, in the backward pass, a 1 GB float32 gradient of the whole
   table per chip before its reduce-scatter (docs/benchmarks.md); here the gradient is a scatter into the
-  device's own columns.
+  device's own columns. The rows are fenced (jaxmodels.runtime.fence) before the cast to `dtype`: on a TPU, XLA
+  would otherwise convert the whole table to a bfloat16 compute dtype before the gather.
   """
-  return jnp.take(embed.embedding[...], ids, axis=0).astype(dtype)
+  return fenced(jnp.take(embed.embedding[...], ids, axis=0)).astype(dtype)
 
 
 def _linear(a, b, names, use_bias, dtype, param_dtype, rngs):
@@ -644,7 +646,9 @@ class Stack(nnx.Module):
 
     def apply(graphdef, state, x, cache, key, i, kv, positions=positions_BT, mask=mask_B1TS):
       """One unit (see the class): (x, cache, MoE stats or None)."""
-      unit = nnx.merge(graphdef, state)
+      # Scanned, the layer's weights go in fenced: each is cast to the compute dtype in its layer's iteration, not
+      # the whole stack ahead of the loop (jaxmodels.runtime.fence; 0.45 GB a chip for Llama 3.2 1B on a v5e 2x2).
+      unit = nnx.merge(graphdef, fenced(state) if self.scan_layers else state)
       blocks, stats = (list(unit) if isinstance(unit, nnx.List) else [unit]), None
       for j, block in enumerate(blocks):
         key_j = key if len(blocks) == 1 or key is None else jax.random.fold_in(key, j)

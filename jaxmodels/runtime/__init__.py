@@ -5,7 +5,8 @@ applied before JAX starts), `storage` (every path, local or `gs://`, and the
 workdir lock), `compilation` (the persistent compile cache, compile timings,
 recompile alarms), `hbm` (device memory: capacities, a step's bytes, OOM
 messages), `extras` (optional dependencies and the `pip install` that brings
-each) and `imports` (objects named by import path, `package.module:name`).
+each), `imports` (objects named by import path, `package.module:name`) and
+`fence` (arrays XLA cannot narrow to bfloat16 ahead of their uses).
 """
 
 from jaxmodels.runtime.errors import NonFiniteLoss, Preempted, StorageError, UserError

@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.runtime.fence import fenced
+
 __all__ = ["chunked_cross_entropy", "chunked_loss_sums"]
 
 
@@ -37,6 +39,13 @@ def _logits(h_MD, w_chunk, vocab_axis: int, dtype):
   """(M, C) float32 logits of one chunk of the head, its operands in `dtype` (the model's compute dtype)."""
   spec = "md,dc->mc" if vocab_axis == 1 else "md,cd->mc"
   return jnp.einsum(spec, h_MD.astype(dtype), w_chunk.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_of(w, start, size: int, vocab_axis: int):
+  """The head's columns [start, start + size), fenced (jaxmodels.runtime.fence): cast to the compute dtype
+  here, chunk by chunk, not the whole head ahead of the loop (for Llama 3.2 1B's tied table on a v5e 2x2
+  slice, a 0.13 GB bfloat16 copy per chip)."""
+  return fenced(_slice(w, start, size, vocab_axis))
 
 
 def _over_chunks(fn, carry, vocab: int, chunk: int):
@@ -58,7 +67,7 @@ def _forward(h_MD, w, labels_M, chunk, vocab_axis, dtype):
 
   def fold(carry, start, size):
     max_M, sum_M, label_M, argmax_M = carry
-    z_MC = _logits(h_MD, _slice(w, start, size, vocab_axis), vocab_axis, dtype)
+    z_MC = _logits(h_MD, _chunk_of(w, start, size, vocab_axis), vocab_axis, dtype)
     chunk_max_M = jnp.max(z_MC, axis=-1)
     new_max_M = jnp.maximum(max_M, chunk_max_M)
     sum_M = sum_M * jnp.exp(max_M - new_max_M) + jnp.sum(jnp.exp(z_MC - new_max_M[:, None]), axis=-1)
@@ -82,7 +91,7 @@ def _backward(chunk, vocab_axis, dtype, residuals, cotangents):
 
   def step(carry, start, size):
     dh_MD, dw = carry
-    w_chunk = _slice(w, start, size, vocab_axis)
+    w_chunk = _chunk_of(w, start, size, vocab_axis)
     z_MC = _logits(h_MD, w_chunk, vocab_axis, dtype)
     # d loss / d z = softmax(z) - onehot(label), per token scaled by its cotangent (the mask, in a masked sum).
     onehot_MC = (labels_M[:, None] - start) == jnp.arange(size)[None, :]
