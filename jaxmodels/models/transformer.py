@@ -588,6 +588,7 @@ class Stack(nnx.Module):
                pipelined=False):
     c = config
     self.pipelined = pipelined  # runs as a pipeline over a `stage` mesh axis (jaxmodels.parallel.pipeline)
+    self.casts = dtype is not None and jnp.dtype(dtype) != jnp.dtype(param_dtype)  # weights cast to compute
     block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, d_ff=c.d_ff, causal=causal, norm=c.norm,
                         mlp=c.mlp, rotary_positions=rotary_positions, implementation=c.attention_impl,
                         dropout=c.dropout, dtype=dtype, param_dtype=param_dtype,
@@ -648,7 +649,7 @@ class Stack(nnx.Module):
       """One unit (see the class): (x, cache, MoE stats or None)."""
       # Scanned, the layer's weights go in fenced: each is cast to the compute dtype in its layer's iteration, not
       # the whole stack ahead of the loop (jaxmodels.runtime.fence; 0.45 GB a chip for Llama 3.2 1B on a v5e 2x2).
-      unit = nnx.merge(graphdef, fenced(state) if self.scan_layers else state)
+      unit = nnx.merge(graphdef, fenced(state) if self.scan_layers and self.casts else state)
       blocks, stats = (list(unit) if isinstance(unit, nnx.List) else [unit]), None
       for j, block in enumerate(blocks):
         key_j = key if len(blocks) == 1 or key is None else jax.random.fold_in(key, j)
