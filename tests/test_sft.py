@@ -284,3 +284,16 @@ def test_stop_strings_end_the_decoding_loop_once_every_row_has_one(lm):
   one = sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0, stop=stops[:1])
   assert one.timing["decode_steps"] == 16 and one.completions == [cut_at(whole.completions[0], stops[:1]),
                                                                   *whole.completions[1:]]
+
+
+def test_a_stop_string_begun_before_the_loop_ends_still_cuts_first(lm):
+  """Stops "CDEF" and "D" of a completion "..CDEF..": the loop ends once "D" is decoded, but the cut after decoding
+  every step is before "C", where the longer stop string begins; the early end must not cut after it."""
+  from jaxmodels.data.tokenizers import Vocab
+  from jaxmodels.tools.sample import sample
+  vocab = Vocab("char", "".join(chr(0x100 + i) for i in range(256)))  # ids 1..256, each one character
+  text = sample((lm, vocab), ["ab"], max_new_tokens=16, temperature=0.0).completions[0]
+  j = next(j for j in range(1, 10) if text[j + 1] not in text[:j + 1] and text.find(text[j:j + 4]) == j)
+  stops = [text[j:j + 4], text[j + 1]]
+  cut = sample((lm, vocab), ["ab"], max_new_tokens=16, temperature=0.0, stop=stops)
+  assert cut.completions == [text[:j]]

@@ -287,6 +287,15 @@ def _cut(text: str, stop) -> str:
   return text[:min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
 
 
+def _cut_is_final(text: str, stop) -> bool:
+  """Whether `text` holds a stop string and no text after it could move its cut earlier: no stop string begins
+  before the cut and runs past the end (stops "CDEF" and "D": a loop that ended at "..CD" cuts before "C" if "EF"
+  follow)."""
+  end = len(_cut(text, stop))
+  return end < len(text) and not any(s.startswith(text[j:]) for s in stop
+                                     for j in range(max(0, len(text) - len(s) + 1), end))
+
+
 def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int = 0, stop=(), chat: bool = False) -> Samples:
   """Completions of `prompts` (strings; with `chat`, each a user message; or chat message lists) by the language
@@ -316,9 +325,10 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   tokens, timing = run_batch(stop_ids=tuple(tuple(int(i) for i in vocab.encode(s)) for s in stop))
   texts = [vocab.decode(t) for t in tokens]
-  if timing["decode_steps"] < max_new_tokens and not all(any(s in text for s in stop) for text in texts):
-    # A tokenizer whose decoding of a stop string's ids in context is not that string (a SentencePiece space):
-    # every step again, so the completions are those of the whole loop.
+  if timing["decode_steps"] < max_new_tokens and not all(_cut_is_final(text, stop) for text in texts):
+    # A tokenizer whose decoding of a stop string's ids in context is not that string (a SentencePiece space), or
+    # a stop string begun before the cut the loop ended at and not finished: every step again, so the completions
+    # are those of the whole loop.
     tokens, timing = run_batch()
     texts = [vocab.decode(t) for t in tokens]
   return Samples(chats, [_cut(text, stop) for text in texts], tokens, timing)
