@@ -43,16 +43,26 @@ def test_a_forward_call_refuses_known_positions_outside_max_len(positions):
     (dict(momentum=-0.5, optimizer="sgd"), r"train.momentum=-0.5: expected a number in \[0, 1\)"),
     (dict(weight_decay=float("inf")), r"train.weight_decay=inf: expected a finite number >= 0"),
     (dict(grad_clip=-1.0), r"train.grad_clip=-1.0: expected a finite number >= 0"),
+    (dict(warmup_steps=-5), r"train.warmup_steps=-5: expected an integer >= 0"),
+    (dict(steps=0, schedule="constant"), r"train.steps=0: expected a positive integer"),
 ])
 def test_plain_argument_factories_refuse_what_the_config_keys_refuse(kwargs, message):
   # The config's validation refused these; the keyword forms built an optimizer that ascended (a negative rate)
   # or wrote NaN into every parameter, without a word.
   with pytest.raises(UserError, match=f"^{message}$"):
     make_optimizer(**kwargs)
-  if set(kwargs) <= {"learning_rate", "end_lr_fraction"}:
+  if set(kwargs) <= {"learning_rate", "end_lr_fraction", "warmup_steps", "steps", "schedule"}:
     with pytest.raises(UserError, match=f"^{message}$"):
       make_schedule(**kwargs)
   make_optimizer(learning_rate=np.float32(1e-3), b1=0.0, grad_clip=0)  # NumPy numbers and the bounds are fine
+
+
+def test_plain_argument_factories_take_jax_scalars():
+  # `jnp.float32(3e-4)` is a 0-d jax.Array, not a numbers.Real: it was refused as "expected a finite number > 0".
+  _, schedule = make_optimizer(learning_rate=jnp.float32(3e-4), b1=jnp.float32(0.9), schedule="constant")
+  assert float(schedule(0)) == pytest.approx(3e-4)
+  with pytest.raises(UserError, match=r"^train.b2=Array\(True, dtype=bool\): expected a number in \[0, 1\)$"):
+    make_optimizer(b2=jnp.bool_(True))
 
 
 LOSS_MODULE = '''

@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 
+import jax.numpy as jnp
 import optax
 
 from jaxmodels.optim import freezing, pruning
@@ -34,8 +35,19 @@ def _check_numbers(**checks) -> None:
   validates every train.* key); these are the plain-argument callers' checks, where a negative or NaN rate would
   otherwise train without a word."""
   for key, (value, test, what) in checks.items():
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and test(value)):
+    if not (_is_real(value) and math.isfinite(value) and test(value)):
       raise UserError(f"train.{key}={value!r}: expected {what}")
+
+
+def _is_real(value) -> bool:
+  """A real number, not a bool: a Python or NumPy int or float, or a 0-d array of one (`jnp.float32(3e-4)`)."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, numbers.Real):
+    return True
+  dtype = getattr(value, "dtype", None)
+  return (getattr(value, "shape", None) == () and dtype is not None and dtype != bool
+          and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)))
 
 
 def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warmup_steps: int = 0,
@@ -46,10 +58,13 @@ def make_schedule(*, learning_rate: float = 1e-3, schedule: str = "cosine", warm
 
   Keyword arguments only, each the `train.*` key of its name with its default (`make_schedule_from_config` takes
   the group). Raises UserError for an unknown schedule, a `learning_rate` not a finite number > 0, an
-  `end_lr_fraction` outside [0, 1], or a warmup not below `steps` (cosine, linear).
+  `end_lr_fraction` outside [0, 1], `warmup_steps` not an integer >= 0, `steps` not a positive integer, or a
+  warmup not below `steps` (cosine, linear). Numbers may be 0-d arrays (`jnp.float32(3e-4)`).
   """
   _check_numbers(learning_rate=(learning_rate, lambda v: v > 0, "a finite number > 0"),
-                 end_lr_fraction=(end_lr_fraction, lambda v: 0 <= v <= 1, "a number in [0, 1]"))
+                 end_lr_fraction=(end_lr_fraction, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                 warmup_steps=(warmup_steps, lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+                 steps=(steps, lambda v: v > 0 and v == int(v), "a positive integer"))
   peak, end = learning_rate, learning_rate * end_lr_fraction
   if schedule not in SCHEDULES:
     raise UserError(f"train.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
