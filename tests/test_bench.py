@@ -326,3 +326,15 @@ def test_every_sweep_point_is_checked_before_the_first_compile(tmp_path):
   with pytest.raises(UserError, match=r"sweep point .*train.learning_rate=nan"):
     bench.run_compile(c, args, log=lambda _: None)
   assert not out.exists() and not (tmp_path / "h").exists()  # nothing compiled, nothing written
+
+
+def test_a_cache_directory_that_cannot_be_made_is_a_note_not_a_traceback(tmp_path, capsys):
+  # eval, export and sample turn the cache on too: JAXMODELS_CACHE_DIR under a file (or a read-only home) was a
+  # NotADirectoryError traceback, though the command needs no cache.
+  (tmp_path / "file").write_text("")
+  before = jax.config.jax_compilation_cache_dir
+  assert compilation.enable_persistent_cache(str(tmp_path / "file" / "xla")) is None
+  assert jax.config.jax_compilation_cache_dir == before
+  assert capsys.readouterr().err == (f"jaxmodels: note: no persistent compilation cache: cannot make "
+                                     f"{tmp_path / 'file' / 'xla'} (set JAXMODELS_CACHE_DIR to a writable directory): "
+                                     f"Not a directory\n")

@@ -13,6 +13,7 @@ reported a trace, lowering or compile event.
 import importlib.metadata
 import os
 import re
+import sys
 import threading
 import warnings
 
@@ -30,14 +31,20 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxmodels", "xla")
 
 
-def enable_persistent_cache(directory: str | None = None) -> str:
+def enable_persistent_cache(directory: str | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache (JAXMODELS_CACHE_DIR or ~/.cache/jaxmodels/xla).
 
   Thresholds are zero, so even the small steps of a laptop run are cached. Call
-  it before any array exists. Returns the directory.
+  it before any array exists. Returns the directory; None, after a one-line note on stderr, where the directory
+  cannot be made (a read-only home, JAXMODELS_CACHE_DIR under a file): the command runs without the cache.
   """
   directory = os.path.expanduser(directory or os.environ.get("JAXMODELS_CACHE_DIR") or DEFAULT_CACHE_DIR)
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # a cache only saves compile time: no reason to refuse to train, eval or sample
+    print(f"jaxmodels: note: no persistent compilation cache: cannot make {directory} (set JAXMODELS_CACHE_DIR to "
+          f"a writable directory): {e.strerror or e}", file=sys.stderr)
+    return None
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
