@@ -106,3 +106,17 @@ def test_export_hf_of_a_run_from_a_relative_import_from_another_directory_keeps_
   export_hf(old, "old-hf")
   assert "restore_from='exported/tiny-llama', which is not found from here" in capsys.readouterr().out
   assert not (tmp_path / "old-hf" / "tokenizer.json").exists()
+
+
+def test_export_hf_of_a_run_from_a_run_from_an_import_keeps_its_tokenizer(tuned, tmp_path):
+  # A second fine-tuning (restore_from the first run, whose restore_from is the import): export-hf looked one
+  # step back only, found no hf/ there, and wrote no tokenizer files or token ids without a word.
+  root = tuned
+  first = export(str(root / "runs" / "lora"), str(tmp_path / "first"))  # its config: restore_from the import
+  second = export(str(root / "runs" / "lora"), str(tmp_path / "second"))
+  config = json.loads((tmp_path / "second" / "config.json").read_text())
+  config["checkpoint"]["restore_from"] = first
+  (tmp_path / "second" / "config.json").write_text(json.dumps(config))
+  export_hf(second, str(tmp_path / "second-hf"), log=print)
+  assert (tmp_path / "second-hf" / "tokenizer.json").is_file()
+  assert json.loads((tmp_path / "second-hf" / "config.json").read_text())["eos_token_id"] == 1

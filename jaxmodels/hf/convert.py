@@ -274,19 +274,23 @@ def _check_shapes(expected: dict, got: dict, path: str = "") -> None:
 
 def _kept_dir(model_path: str, log):
   """The `hf/` directory import-hf kept for `model_path`: its own, else that of the import its run started from
-  (`checkpoint.restore_from` of its config.json: a fine-tuning run or its export). Runs save it absolute; a run
-  saved before that holds it as written, relative to a directory unknown here: where that path is not found,
-  `log` says the export goes without its tokenizer files and token ids."""
-  p = storage.path(model_path)
-  saved = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
-  restore_from = saved.get("checkpoint", {}).get("restore_from")
-  if (p / HF_DIR).is_dir() or not restore_from:
-    return p / HF_DIR
-  if not storage.path(restore_from).exists():
-    log(f"note: {p / 'config.json'} names checkpoint.restore_from={restore_from!r}, which is not found from here "
-        f"(a relative path: run export-hf from the directory that run started in): no tokenizer files or token ids "
-        f"of its import are written")
-  return storage.path(restore_from) / HF_DIR
+  (`checkpoint.restore_from` of its config.json: a fine-tuning run or its export), followed back through runs that
+  started from runs (a second fine-tuning). Runs save it absolute; a run saved before that holds it as written,
+  relative to a directory unknown here: where that path is not found, `log` says the export goes without its
+  tokenizer files and token ids."""
+  p, seen = storage.path(model_path), set()
+  while not (p / HF_DIR).is_dir() and str(p) not in seen:  # seen: a restore_from cycle ends the search
+    seen.add(str(p))
+    saved = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    restore_from = saved.get("checkpoint", {}).get("restore_from")
+    if not restore_from:
+      break
+    if not storage.path(restore_from).exists():
+      log(f"note: {p / 'config.json'} names checkpoint.restore_from={restore_from!r}, which is not found from "
+          f"here (a relative path: run export-hf from the directory that run started in): no tokenizer files or "
+          f"token ids of its import are written")
+    p = storage.path(restore_from)
+  return p / HF_DIR
 
 
 def _kept_config(kept, architecture: Architecture) -> dict:
