@@ -297,3 +297,18 @@ def test_a_stop_string_begun_before_the_loop_ends_still_cuts_first(lm):
   stops = [text[j:j + 4], text[j + 1]]
   cut = sample((lm, vocab), ["ab"], max_new_tokens=16, temperature=0.0, stop=stops)
   assert cut.completions == [text[:j]]
+
+
+def test_a_model_that_cannot_pad_cuts_each_prompt_length_at_its_own_steps(lm, monkeypatch):
+  """A model whose decode takes no positions (an LSTM) decodes each prompt length as its own batch; a batch that
+  ended early has 0s past its steps. They were decoded as text (char vocabulary: U+FFFD), which hid a stop string
+  begun before the cut, and the longest batch's steps decided whether to rerun."""
+  from jaxmodels.data.tokenizers import Vocab
+  from jaxmodels.tools import sample as sampling
+  monkeypatch.setattr(sampling, "_left_padded", lambda _model: False)  # the Transformer as a model that cannot pad
+  vocab = Vocab("char", "".join(chr(0x100 + i) for i in range(256)))
+  prompts = ["ab", "xyz1"]
+  first, second = sampling.sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0).completions
+  j = next(j for j in range(1, 10) if first[j + 1] not in first[:j + 1] + second and first.find(first[j:j + 4]) == j)
+  cut = sampling.sample((lm, vocab), prompts, max_new_tokens=16, temperature=0.0, stop=[first[j:j + 4], first[j + 1]])
+  assert cut.completions == [first[:j], second]

@@ -147,15 +147,15 @@ def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature
   N = `length`, or fewer where every row produced one of the token id sequences `stop_ids` (`programs`): the
   most steps a batch ran; a row's tokens after its batch's steps are 0.
   timing: prefill_s and decode_s (the compiled calls, timed after compiling), prompt_tokens (real, not padding),
-  new_tokens (those decoded), decode_steps (N), prefill_tokens_per_sec and decode_tokens_per_sec. UserError for an
-  empty prompt.
+  new_tokens (those decoded), decode_steps (N), row_steps (each row's batch's steps: its real tokens),
+  prefill_tokens_per_sec and decode_tokens_per_sec. UserError for an empty prompt.
   """
   if any(len(p) == 0 for p in prompts):
     raise UserError("a prompt encodes to no tokens: every prompt needs at least one")
   lengths = np.array([len(p) for p in prompts], np.int32)
   groups = [np.arange(len(prompts))] if _left_padded(model) else [np.flatnonzero(lengths == n)
                                                                   for n in np.unique(lengths)]
-  out = np.zeros((len(prompts), length), np.int32)
+  out, row_steps = np.zeros((len(prompts), length), np.int32), [0] * len(prompts)
   prefill_s = decode_s = 0.0
   new_tokens = steps = 0
   for g in groups:
@@ -174,9 +174,11 @@ def generate_batch(model: nnx.Module, prompts: list, length: int, *, temperature
     prefill_s, decode_s = prefill_s + t1 - t0, decode_s + time.perf_counter() - t1
     out[g], n = np.asarray(tokens), int(n)
     new_tokens, steps = new_tokens + len(g) * n, max(steps, n)
+    for i in g:
+      row_steps[i] = n
   timing = {"prefill_s": prefill_s, "decode_s": decode_s, "prompt_tokens": int(lengths.sum()),
-            "new_tokens": new_tokens, "decode_steps": steps, "prefill_tokens_per_sec": int(lengths.sum()) / prefill_s,
-            "decode_tokens_per_sec": new_tokens / decode_s}
+            "new_tokens": new_tokens, "decode_steps": steps, "row_steps": row_steps,
+            "prefill_tokens_per_sec": int(lengths.sum()) / prefill_s, "decode_tokens_per_sec": new_tokens / decode_s}
   return out[:, :steps], timing
 
 
@@ -324,8 +326,8 @@ def sample(run, prompts: list, *, max_new_tokens: int = 200, temperature: float 
   run_batch = functools.partial(generate_batch, model, [vocab.encode(p) for p in chats], max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   tokens, timing = run_batch(stop_ids=tuple(tuple(int(i) for i in vocab.encode(s)) for s in stop))
-  texts = [vocab.decode(t) for t in tokens]
-  if timing["decode_steps"] < max_new_tokens and not all(_cut_is_final(text, stop) for text in texts):
+  texts = [vocab.decode(t[:n]) for t, n in zip(tokens, timing["row_steps"])]  # past a batch's steps: 0s, no text
+  if not all(n == max_new_tokens or _cut_is_final(text, stop) for text, n in zip(texts, timing["row_steps"])):
     # A tokenizer whose decoding of a stop string's ids in context is not that string (a SentencePiece space), or
     # a stop string begun before the cut the loop ended at and not finished: every step again, so the completions
     # are those of the whole loop.
