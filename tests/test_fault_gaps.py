@@ -55,6 +55,8 @@ def test_a_jsonl_line_that_is_not_utf8_is_named_and_one_holding_u2028_is_read(tm
   path = tmp_path / "train.jsonl"
   path.write_bytes(good + b"\n" + good + b"\r\n")
   assert read_jsonl(str(path)) == [{"prompt": "a\u2028b", "response": "c\x85d"}] * 2
+  path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a byte order mark, as some editors write: read, not refused
+  assert read_jsonl(str(path)) == [{"prompt": "a\u2028b", "response": "c\x85d"}]
   path.write_bytes(good + b'\n\n{"prompt": "\xff", "response": "x"}\n')
   with pytest.raises(UserError, match=rf"^{path} line 3: not UTF-8 text \(byte 12: b'\\xff'\)$"):
     read_jsonl(str(path))

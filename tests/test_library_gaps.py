@@ -113,7 +113,7 @@ def test_your_own_loss_by_import_path_for_any_task():
   with pytest.raises(UserError, match=r"^train.loss='my_losses:fails' fails on outputs \(2, 10\) and targets \(2,\) "
                                       r"of data.task=classify: RuntimeError: boom$"):
     tasks.check_loss("my_losses:fails", "classify", 10)
-  for path, message in (("my_losses:NOT_A_FUNCTION", "is a int, not a function"),
+  for path, message in (("my_losses:NOT_A_FUNCTION", "is of type int, not a function"),
                         ("my_losses:nope", "my_losses has no attribute nope"),
                         ("no_such_module:f", "cannot import no_such_module"),
                         ("l1", "expected one of mse, mae, huber")):

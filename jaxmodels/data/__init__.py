@@ -87,7 +87,7 @@ def source_function(source: str) -> Callable[..., Dataset]:
     return SOURCES[source]
   fn = import_object(source, "data.source")
   if not callable(fn):
-    raise UserError(f"data.source={source!r} is a {type(fn).__name__}, not a function returning a dataset")
+    raise UserError(f"data.source={source!r} is of type {type(fn).__name__}, not a function returning a dataset")
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):  # a builtin without a signature

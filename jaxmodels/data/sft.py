@@ -60,7 +60,7 @@ def read_jsonl(path: str, what: str = "an example") -> list[dict]:
   records = []
   for n, raw in enumerate(file.read_bytes().splitlines(), 1):
     try:
-      line = raw.decode("utf-8")
+      line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte order mark some editors write first
     except UnicodeDecodeError as e:  # was a traceback from reading the whole file as text
       raise UserError(f"{path} line {n}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     if not line.strip():

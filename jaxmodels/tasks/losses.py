@@ -43,7 +43,7 @@ def loss_function(loss: str):
   train.loss for a path that does not import or names no function."""
   fn = import_object(loss, "train.loss")
   if not callable(fn):
-    raise UserError(f"train.loss={loss!r} is a {type(fn).__name__}, not a function (outputs, targets) -> losses")
+    raise UserError(f"train.loss={loss!r} is of type {type(fn).__name__}, not a function (outputs, targets) -> losses")
   return fn
 
 
