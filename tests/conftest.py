@@ -106,7 +106,7 @@ def pytest_sessionfinish():
 
 def pytest_collection_modifyitems(items):
   """Longest first: the files that hold `slow` tests before the others (test_docs.py, whose page tests run
-  minutes of commands, first of all), each file's slow tests first. `make test`'s two xdist workers then end on
+  minutes of commands, first of all), each file's slow tests first. `make test`'s xdist workers then end on
   short tests instead of one finishing a long test while the other idles. A file's tests stay together: its module
   fixtures are built once."""
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
