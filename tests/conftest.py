@@ -112,3 +112,22 @@ def pytest_collection_modifyitems(items):
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: (item.path.name != "test_docs.py", item.path not in slow_files, str(item.path),
                                item.get_closest_marker("slow") is None))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """A mount of a small tmpfs (`mount(size_kib, read_only=False)`); skipped where this process may not mount."""
+  mounts = []
+
+  def mount(size_kib, read_only=False, at=None):
+    target = at or tmp_path / f"tmpfs{len(mounts)}"
+    target.mkdir(exist_ok=True)
+    options = f"size={size_kib}k" + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                                           capture_output=True, check=False).returncode:
+      pytest.skip("needs permission to mount a tmpfs")
+    mounts.append(target)
+    return target
+  yield mount
+  for target in reversed(mounts):
+    subprocess.run(["umount", str(target)], check=False)

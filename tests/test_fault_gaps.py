@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 
 import pytest
 from flax import nnx
@@ -16,32 +15,13 @@ from jaxmodels.runtime import storage
 from jaxmodels.runtime.errors import StorageError, UserError
 
 
-@pytest.fixture
-def mount(tmp_path):
-  """mount(options) -> a fresh tmpfs mounted with `options` ("size=48k": too small for any export; "ro": read-only,
-  as root ignores permission bits); skipped where this process may not mount."""
-  mounted = []
-
-  def make(options):
-    target = tmp_path / f"disk{len(mounted)}"
-    target.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                                           capture_output=True, check=False).returncode:
-      pytest.skip("needs permission to mount a tmpfs")
-    mounted.append(target)
-    return target
-  yield make
-  for target in mounted:
-    subprocess.run(["umount", str(target)], check=False)
-
-
-def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, mount,
+def test_an_export_onto_a_full_disk_is_one_line_naming_out_and_leaves_nothing_half_written(tmp_path, tmpfs,
                                                                                              monkeypatch):
   # Old code: "cannot write the storage: No space left on device" (no path), and OUT left holding
   # params.orbax-checkpoint-tmp/. compress, import-hf and export-hf write OUT the same way (export.writing_out).
   model = MLP((8, 8, 1), 10, hidden_sizes=(256,), rngs=nnx.Rngs(0))  # 67 KB of float32 parameters
   monkeypatch.setattr(export_lib, "load_run_model", lambda workdir: model)  # the run's newest checkpoint
-  full_disk = mount("size=48k")
+  full_disk = tmpfs(48)
   out = full_disk / "out"
   with pytest.raises(StorageError, match=f"^cannot write {out}: No space left on device$"):
     export_lib.export(str(tmp_path / "run"), str(out))
@@ -76,8 +56,8 @@ def test_a_binary_file_given_as_a_tokenizer_or_chat_template_is_named_in_one_lin
     assert str(e.value).startswith(str(path))
 
 
-def test_a_file_that_cannot_be_written_is_named_not_its_temporary_sibling(mount):
+def test_a_file_that_cannot_be_written_is_named_not_its_temporary_sibling(tmpfs):
   # `jaxmodels eval` on a read-only workdir said "cannot write RUN/.eval_20.json.tmp-1069-28c7c20b: ...".
-  disk = mount("ro")
+  disk = tmpfs(64, read_only=True)
   with pytest.raises(StorageError, match=f"^cannot write {disk}/eval_20.json: Read-only file system$"):
     storage.write_files(disk, {"eval_20.json": "{}"})

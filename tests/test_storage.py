@@ -343,25 +343,6 @@ DIGITS = ["train", "--config", "experiments/digits_mlp.py", "--config.train.step
           "--config.train.warmup_steps=2"]
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-  """A mount of a small tmpfs (`mount(size_kib, read_only=False)`); skipped where this process may not mount."""
-  mounts = []
-
-  def mount(size_kib, read_only=False, at=None):
-    target = at or tmp_path / f"tmpfs{len(mounts)}"
-    target.mkdir(exist_ok=True)
-    options = f"size={size_kib}k" + (",ro" if read_only else "")
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                                           capture_output=True, check=False).returncode:
-      pytest.skip("needs permission to mount a tmpfs")
-    mounts.append(target)
-    return target
-  yield mount
-  for target in reversed(mounts):
-    subprocess.run(["umount", str(target)], check=False)
-
-
 def _one_line(r, prefix):
   assert r.returncode == 1, r.stdout + r.stderr
   assert r.stderr.startswith(prefix) and r.stderr.count("\n") == 1, r.stderr
