@@ -47,6 +47,16 @@ def experiment(name: str):
   return load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
 
 
+def topology_devices(topology: str = "v5e:2x2"):
+  """The devices of a TPU topology for ahead-of-time compiles (libtpu, no TPU needed); skips where there is none."""
+  from jaxmodels import bench  # pylint: disable=import-outside-toplevel
+  from jaxmodels.runtime.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    return bench.topology_devices(topology)
+  except UserError as e:
+    pytest.skip(f"no TPU topology support here: {e}")
+
+
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, experiment
+from conftest import ROOT, experiment, topology_devices
 from jax.sharding import PartitionSpec as P
 
 from jaxmodels import parallel
@@ -195,10 +195,7 @@ def test_compile_stats_of_a_plain_jitted_function():
 
 
 def test_compile_stats_ahead_of_time_for_a_tpu_topology():
-  try:
-    devices = bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  devices = topology_devices()
   matmul = lambda a, b: a @ b
   a, b = jnp.ones((512, 256)), jax.ShapeDtypeStruct((256, 128), jnp.float32)  # TPU tiles: no padding
   stats = bench.compile_stats(matmul, a, b, repeat=1, topology="v5e:2x2")
@@ -214,20 +211,14 @@ def test_compile_stats_ahead_of_time_for_a_tpu_topology():
 
 @pytest.mark.parametrize("name", ["v9z:2x2", "v5e:3x3"])
 def test_a_topology_name_libtpu_refuses_is_blamed_on_the_name_not_the_install(name):
-  try:
-    bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  topology_devices()
   with pytest.raises(UserError, match=rf"--topology {name}: .*expected GENERATION:CHIPS as v5e:2x2") as raised:
     bench.topology_devices(name)
   assert "pip install" not in str(raised.value)
 
 
 def test_topology_compile_ahead_of_time():
-  try:
-    bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  topology_devices()
   c = experiment("digits_mlp")
   c.parallel.strategy = "dp"
   record = bench.compile_point(c, repeat=1, topology="v5e:2x2")

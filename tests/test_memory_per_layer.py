@@ -13,11 +13,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from conftest import experiment
+from conftest import experiment, topology_devices
 
 from jaxmodels.bench import timing as bench
-from jaxmodels.runtime.errors import UserError
 from jaxmodels.runtime.fence import fenced
 
 
@@ -29,10 +27,7 @@ def narrowed_copies(hlo: str) -> list[str]:
 
 
 def test_bfloat16_step_holds_no_whole_bfloat16_copy_of_the_layers_or_the_head(tmp_path):
-  try:
-    bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  topology_devices()
   # 3 scanned layers, FSDP over 4 chips: weights (3, 32, 128) ... per chip, the tied table (256, 32), the
   # chunked cross-entropy on (64 chunks of 64 of the 256 byte symbols); activations (2, 64, 128) per chip, a
   # shape no argument has.

@@ -6,12 +6,11 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import experiment
+from conftest import experiment, topology_devices
 from flax import nnx
 
 from jaxmodels import parallel
 from jaxmodels.bench import plan
-from jaxmodels.bench import timing as bench
 from jaxmodels.config import validate
 from jaxmodels.models import transformer
 from jaxmodels.parallel import pipeline
@@ -124,10 +123,7 @@ def test_a_classifier_stack_refuses_a_stage_mesh():
 def test_plan_proposes_stage_meshes_and_one_fits_where_data_parallelism_does_not():
   """A 1.3 G-parameter LM on a v5e:2x2 slice (16 GiB chips): Adam's state replicated (data=4) needs over 20 GiB
   a chip, split into 4 stages a quarter of it; `bench compile` reports the schedule's bubble."""
-  try:
-    bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  topology_devices()
   c = tiny()
   c.model.update(dict(num_layers=8, d_model=4096, num_heads=32, d_ff=8192, max_len=16, remat="full"))
   c.train.update(dict(batch_size=8, eval_batch_size=8, grad_accum_steps=1))

@@ -9,7 +9,7 @@ import os
 
 import jax
 import pytest
-from conftest import ROOT, experiment
+from conftest import ROOT, experiment, topology_devices
 
 from jaxmodels import cli
 from jaxmodels.bench import plan
@@ -44,10 +44,7 @@ def small_config(batch_size: int, grad_accum_steps: int = 1):
 
 @pytest.fixture(scope="module")
 def topology():
-  try:
-    return bench.topology_devices(TOPOLOGY)
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  return topology_devices(TOPOLOGY)
 
 
 def test_xla_out_of_memory_messages_are_read():

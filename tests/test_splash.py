@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import experiment
+from conftest import experiment, topology_devices
 
 from jaxmodels.bench import timing as bench
 from jaxmodels.models.transformer import attention, splash_attention
@@ -26,10 +26,7 @@ def test_splash_in_interpret_mode_equals_xla_attention(is_causal):
 
 
 def test_train_step_compiles_ahead_of_time_for_a_v5e_with_the_splash_kernel(tmp_path):
-  try:
-    bench.topology_devices("v5e:2x2")
-  except UserError as e:
-    pytest.skip(f"no TPU topology support here: {e}")
+  topology_devices()
   c = experiment("text_transformer")
   c.model.update(dict(num_layers=2, d_model=128, num_heads=4, num_kv_heads=2, d_ff=256, attention_impl="splash"))
   c.data.seq_len = 128  # the kernel's blocks: up to 512, dividing the sequence
