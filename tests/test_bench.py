@@ -329,3 +329,16 @@ def test_a_cache_directory_that_cannot_be_made_is_a_note_not_a_traceback(tmp_pat
   assert capsys.readouterr().err == (f"jaxmodels: note: no persistent compilation cache: cannot make "
                                      f"{tmp_path / 'file' / 'xla'} (set JAXMODELS_CACHE_DIR to a writable directory): "
                                      f"Not a directory\n")
+
+
+def test_the_cache_directory_is_jaxmodels_then_jaxs_own_variable(tmp_path, monkeypatch):
+  # JAX_COMPILATION_CACHE_DIR, set by a user for JAX, was overridden by ~/.cache/jaxmodels/xla without a word.
+  monkeypatch.delenv("JAXMODELS_CACHE_DIR", raising=False)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    assert compilation.enable_persistent_cache() == str(tmp_path / "jax")
+    monkeypatch.setenv("JAXMODELS_CACHE_DIR", str(tmp_path / "ours"))
+    assert compilation.enable_persistent_cache() == str(tmp_path / "ours")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

@@ -32,13 +32,15 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxmodels", "xla")
 
 
 def enable_persistent_cache(directory: str | None = None) -> str | None:
-  """Turns on JAX's persistent compilation cache (JAXMODELS_CACHE_DIR or ~/.cache/jaxmodels/xla).
+  """Turns on JAX's persistent compilation cache in `directory`, else JAXMODELS_CACHE_DIR, else JAX's own
+  JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxmodels/xla.
 
   Thresholds are zero, so even the small steps of a laptop run are cached. Call
   it before any array exists. Returns the directory; None, after a one-line note on stderr, where the directory
   cannot be made (a read-only home, JAXMODELS_CACHE_DIR under a file): the command runs without the cache.
   """
-  directory = os.path.expanduser(directory or os.environ.get("JAXMODELS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+  directory = os.path.expanduser(directory or os.environ.get("JAXMODELS_CACHE_DIR")
+                                 or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE_DIR)
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:  # a cache only saves compile time: no reason to refuse to train, eval or sample
